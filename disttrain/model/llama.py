@@ -1,0 +1,160 @@
+"""A Llama-style decoder in plain PyTorch. The model and nothing else.
+
+Shape legend: B batch, S sequence (local shard when sequence-parallel), H hidden,
+N query heads, K kv heads, D head dim, F ffn hidden, V vocab.
+
+Each decoder layer is three addressable parts so memory policies can treat the three kinds
+of activation differently without touching this file:
+  `qkv(x)`            token-local: norm, projections, RoPE        (recomputable per token)
+  `attention_core()`  the quadratic core; saves out + lse          (never recomputed)
+  `post_attention()`  token-local: output projection, residuals, norm, SwiGLU MLP
+`forward(x)` is exactly their composition.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from planner.shapes import ModelShape
+
+from disttrain.model.attention import attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def rope_cos_sin(positions_S: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (S, D/2) for the given absolute positions."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_S.device,
+                                             dtype=torch.float32) / head_dim))
+    angles = positions_S.float()[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x_BSND: torch.Tensor, cos_SD2: torch.Tensor, sin_SD2: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved-by-halves pairs (x1, x2) of the head dim by the position angle."""
+    x1, x2 = x_BSND.chunk(2, dim=-1)
+    cos, sin = cos_SD2[None, :, None, :], sin_SD2[None, :, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        h, d = shape.hidden_size, shape.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, d
+        self.q_proj = nn.Linear(h, shape.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, shape.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, shape.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(shape.num_heads * d, h, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.gate_proj = nn.Linear(shape.hidden_size, shape.ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(shape.hidden_size, shape.ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(shape.ffn_hidden_size, shape.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.attn_norm = RMSNorm(shape.hidden_size, shape.norm_eps)
+        self.attn = Attention(shape)
+        self.mlp_norm = RMSNorm(shape.hidden_size, shape.norm_eps)
+        self.mlp = MLP(shape)
+
+    def qkv(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Token-local: returns q_BNSD, k_BKSD, v_BKSD (RoPE applied)."""
+        a = self.attn
+        b, s, _ = x_BSH.shape
+        hn = self.attn_norm(x_BSH)
+        q = apply_rope(a.q_proj(hn).view(b, s, a.num_heads, a.head_dim), cos, sin)
+        k = apply_rope(a.k_proj(hn).view(b, s, a.num_kv_heads, a.head_dim), cos, sin)
+        v = a.v_proj(hn).view(b, s, a.num_kv_heads, a.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    @staticmethod
+    def attention_core(q_BNSD, k_BKSD, v_BKSD) -> torch.Tensor:
+        """The quadratic core (causal); returns out_BNSD."""
+        return attention(q_BNSD, k_BKSD, v_BKSD, causal=True)
+
+    def post_attention(self, x_BSH: torch.Tensor, out_BNSD: torch.Tensor) -> torch.Tensor:
+        """Token-local: output projection, residual, MLP, residual."""
+        b, _, s, _ = out_BNSD.shape
+        h = x_BSH + self.attn.o_proj(out_BNSD.transpose(1, 2).reshape(b, s, -1))
+        return h + self.mlp(self.mlp_norm(h))
+
+    def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.post_attention(x_BSH, self.attention_core(*self.qkv(x_BSH, cos, sin)))
+
+
+class Llama(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.shape = shape
+        self.embed = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.num_layers))
+        self.norm = RMSNorm(shape.hidden_size, shape.norm_eps)
+        self.head = None if shape.tie_embeddings else nn.Linear(shape.hidden_size,
+                                                                shape.vocab_size, bias=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The (V, H) matrix of the output head (the embedding when tied)."""
+        return self.embed.weight if self.head is None else self.head.weight
+
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init (normal std 0.02, residual projections scaled by depth)."""
+        gen = torch.Generator().manual_seed(seed)
+        out_std = 0.02 / (2 * self.shape.num_layers) ** 0.5
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if p.dim() == 1:
+                    p.fill_(1.0)
+                    continue
+                std = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+
+    def rope(self, positions_S: torch.Tensor, dtype: torch.dtype):
+        return rope_cos_sin(positions_S, self.shape.head_dim, self.shape.rope_theta, dtype)
+
+    def hidden_states(self, tokens_BS: torch.Tensor, positions_S: torch.Tensor | None = None):
+        """Final-normed hidden states (B, S, H) for tokens at the given absolute positions."""
+        if positions_S is None:
+            positions_S = torch.arange(tokens_BS.shape[1], device=tokens_BS.device)
+        x = self.embed(tokens_BS)
+        cos, sin = self.rope(positions_S, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def forward(self, tokens_BS: torch.Tensor, positions_S: torch.Tensor | None = None):
+        """Logits (B, S, V)."""
+        return F.linear(self.hidden_states(tokens_BS, positions_S), self.output_weight)
+
+
+def build_model(shape: ModelShape, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> Llama:
+    """Build on the meta device, then materialise on `device` with a seeded init."""
+    with torch.device("meta"):
+        model = Llama(shape)
+    model = model.to_empty(device=device)
+    model.init_weights(seed)
+    return model.to(dtype)

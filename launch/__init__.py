@@ -1,0 +1,1 @@
+"""Launchers: torchrun entry and Ray Train."""

@@ -1,0 +1,1 @@
+"""Activation policies, CPU/NVMe stores and the copy engine front end."""

@@ -1,0 +1,66 @@
+"""What the user asks the planner for: the job, with each decision either fixed or left open.
+
+`None` in a field means "auto": the planner decides. The job spec (disttrain.spec) is
+translated into one of these; the planner never reads YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.hardware import HardwareSpec
+from planner.shapes import DTYPE_BYTES, ModelShape
+
+OFFLOAD_CHOICES = ("auto", "none", "cpu", "nvme")
+RECOMPUTE_CHOICES = ("auto", "none", "full", "token")
+SOLVERS = ("auto", "highs", "cbc")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanRequest:
+    model: ModelShape
+    """Model to train."""
+    hardware: HardwareSpec
+    """Cluster to train on (need not be this machine)."""
+    dtype: str = "fp32"
+    """Training dtype of parameters and activations: 'fp32' or 'bf16'."""
+    seq_len: int
+    """Tokens per sequence."""
+    micro_batch_size: int = 1
+    """Sequences per microbatch per data-parallel rank."""
+    global_batch_size: int = 1
+    """Sequences per optimizer step, whole job."""
+    dp: int | None = None
+    """Data-parallel degree (None: auto)."""
+    sp: int | None = None
+    """Sequence-parallel degree (None: auto)."""
+    sp_kind: str | None = None
+    """'ulysses' or 'ring' (None: auto)."""
+    pp: int | None = None
+    """Pipeline degree (None: auto)."""
+    num_microbatches: int | None = None
+    """Microbatches per step (None: auto)."""
+    zero_stage: int | None = None
+    """ZeRO stage 0-3 (None: auto)."""
+    activation_offload: str = "auto"
+    """'auto', 'none' (never swap), 'cpu' or 'nvme' (only that tier)."""
+    recompute: str = "auto"
+    """'auto', 'none' (never recompute), 'full' (recompute all token-local), 'token'."""
+    solver: str = "auto"
+    """'auto' (HiGHS, CBC fallback), 'highs' or 'cbc'."""
+    time_limit_s: float = 10.0
+    """Wall-time limit of each MIP solve."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype: must be one of {tuple(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.seq_len <= 0:
+            raise ValueError(f"seq_len: must be positive, got {self.seq_len}")
+        if self.activation_offload not in OFFLOAD_CHOICES:
+            raise ValueError(f"activation_offload: must be one of {OFFLOAD_CHOICES}")
+        if self.recompute not in RECOMPUTE_CHOICES:
+            raise ValueError(f"recompute: must be one of {RECOMPUTE_CHOICES}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver: must be one of {SOLVERS}, got {self.solver!r}")
+        if self.time_limit_s <= 0:
+            raise ValueError(f"time_limit_s: must be positive, got {self.time_limit_s}")

@@ -100,7 +100,7 @@ _RTX4090 = _device("RTX4090-24G", 24, 82.6, 165, 25)
 
 CLUSTER_PRESETS: dict[str, HardwareSpec] = {
     "cpu-local": HardwareSpec(
-        name="cpu-local", nodes=1, devices_per_node=2, device_name="cpu",
+        name="cpu-local", nodes=1, devices_per_node=1, device_name="cpu",
         device_memory_bytes=8 * GiB, peak_flops={"fp32": 5e10, "bf16": 2.5e10},
         host_memory_bytes=16 * GiB, host_link_bw=6.8 * GB, nvme_capacity_bytes=20 * GiB,
         nvme_read_bw=0.6 * GB, nvme_write_bw=0.8 * GB, nvme_path="/tmp/disttrain-nvme",

@@ -54,8 +54,15 @@ class _FlashAttention(torch.autograd.Function):
 
 def attention(q_BNSD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor,
               causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """Causal attention; saves exactly q, k, v, out and lse for the backward."""
-    if q_BNSD.device.type == "cpu":
+    """Causal attention; saves exactly q, k, v, out and lse for the backward.
+
+    Under autocast the three inputs are cast to the autocast dtype (RoPE may have promoted
+    q and k to the residual stream's fp32 while v is already low precision)."""
+    device = q_BNSD.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        q_BNSD, k_BKSD, v_BKSD = (t.to(dtype) for t in (q_BNSD, k_BKSD, v_BKSD))
+    if device == "cpu":
         return _FlashAttention.apply(q_BNSD, k_BKSD, v_BKSD, causal, scale)
     return F.scaled_dot_product_attention(q_BNSD, k_BKSD, v_BKSD, is_causal=causal,
                                           scale=scale, enable_gqa=k_BKSD.shape[1] != q_BNSD.shape[1])

@@ -1,0 +1,34 @@
+# disttrain: `make demo` (set-up + the quickstart job) and `make test` (set-up + tests).
+# Both create .venv once and reuse it; torch is pinned to the local CPU build through
+# constraints.txt so no install can pull a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py constraints.txt $(wildcard csrc/*.cpp)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt --upgrade pip setuptools wheel ninja
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/disttrain check examples/quickstart.yaml
+	$(VENV)/bin/disttrain plan examples/quickstart.yaml || test $$? -eq 2
+	rm -rf runs/quickstart/checkpoints
+	$(VENV)/bin/disttrain train examples/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs .pytest_cache

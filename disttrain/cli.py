@@ -1,0 +1,129 @@
+"""`disttrain` command line: check, plan, train, profile, report, bench.
+
+Exit codes: 0 success, 2 a user error (bad spec, path, size; one line on stderr, no
+traceback), 3 no feasible plan, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from disttrain.spec import SpecError, load_job
+
+EXIT_USER_ERROR = 2
+EXIT_INFEASIBLE = 3
+
+
+class NotBuiltYet(Exception):
+    """A verb (or launcher) whose implementation has not landed yet."""
+
+
+def _cmd_check(args: argparse.Namespace, console: Console) -> int:
+    job = load_job(args.spec)
+    hw = job.hardware
+    print(f"{args.spec}: ok — model {job.shape.num_params() / 1e6:,.1f}M params "
+                  f"({job.spec.model.preset or 'custom'}, {job.dtype}), seq_len "
+                  f"{job.spec.train.seq_len}, cluster {hw.name}: {hw.nodes}x"
+                  f"{hw.devices_per_node} {hw.device_name}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    job = load_job(args.spec)
+    try:
+        from planner.report import render_summary, write_report
+        from planner.search import plan_job
+    except ImportError as exc:
+        raise NotBuiltYet(f"plan: the planner is not built yet ({exc})") from None
+    plan = plan_job(job.plan_request())
+    out = Path(args.out) if args.out else job.output_dir / "plan"
+    paths = write_report(plan, out)
+    if args.json:
+        print(plan.to_json())
+    else:
+        console.print(render_summary(plan))
+        console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if plan.feasible else EXIT_INFEASIBLE
+
+
+def _cmd_train(args: argparse.Namespace, console: Console) -> int:
+    job = load_job(args.spec)
+    launcher = args.launcher or job.spec.launch.launcher
+    if launcher != "local":
+        raise NotBuiltYet(f"train: the {launcher} launcher is not built yet; use --launcher local")
+    from disttrain.trainer import Trainer  # torch import is slow: only when training
+
+    trainer = Trainer(job, console=console)
+    result = trainer.run(resume=args.resume, max_steps=args.max_steps)
+    if result.losses:
+        print(f"first loss {result.losses[0]:.4f} (step {result.first_step}), last loss "
+              f"{result.losses[-1]:.4f} (step {result.first_step + len(result.losses) - 1})")
+    return 0
+
+
+def _not_built(verb: str, issue: str):
+    def run(args: argparse.Namespace, console: Console) -> int:
+        raise NotBuiltYet(f"{verb}: not built yet ({issue})")
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="disttrain", description="Plan and run training for long sequences and huge models.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = verbs.add_parser("check", help="validate a job spec and print what it describes")
+    p.add_argument("spec", help="job spec (YAML)")
+    p.set_defaults(run=_cmd_check)
+
+    p = verbs.add_parser("plan", help="dry-run the planner: plan.json + report, no GPU needed")
+    p.add_argument("spec")
+    p.add_argument("--out", help="directory for plan.json and the report "
+                                 "(default: OUTPUT_DIR/plan)")
+    p.add_argument("--json", action="store_true", help="print plan.json instead of a summary")
+    p.set_defaults(run=_cmd_plan)
+
+    p = verbs.add_parser("train", help="train a job spec")
+    p.add_argument("spec")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--launcher", choices=("local", "torchrun", "ray"),
+                   help="override launch.launcher")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps of this invocation (resume later)")
+    p.set_defaults(run=_cmd_train)
+
+    p = verbs.add_parser("profile", help="profile the model and this machine")
+    p.add_argument("spec", nargs="?")
+    p.add_argument("--hardware", action="store_true", help="probe this machine's hardware")
+    p.set_defaults(run=_not_built("profile", "planner issue"))
+
+    p = verbs.add_parser("report", help="predicted vs measured for a finished run")
+    p.add_argument("run_dir")
+    p.set_defaults(run=_not_built("report", "activation runtime issue"))
+
+    p = verbs.add_parser("bench", help="run the benchmarks under bench/")
+    p.set_defaults(run=_not_built("bench", "benchmarks issue"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        return args.run(args, console)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except NotBuiltYet as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

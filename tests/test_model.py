@@ -1,0 +1,96 @@
+"""The Llama model: shapes, parameter counts, meta-device build, equivalence, a tiny overfit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import disttrain.model.llama as llama
+from disttrain.model import build_model
+from disttrain.model.attention import attention
+from planner.shapes import MODEL_PRESETS, ModelShape
+
+SHAPE = ModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                   ffn_hidden_size=96, vocab_size=300, max_seq_len=128)
+
+
+def test_shapes_and_param_count():
+    model = build_model(SHAPE, seed=0)
+    tokens = torch.randint(0, SHAPE.vocab_size, (3, 17))
+    assert model(tokens).shape == (3, 17, SHAPE.vocab_size)
+    assert sum(p.numel() for p in model.parameters()) == SHAPE.num_params()
+    tied = build_model(SHAPE.replace(tie_embeddings=True), seed=0)
+    assert sum(p.numel() for p in tied.parameters()) == SHAPE.replace(
+        tie_embeddings=True).num_params()
+
+
+@pytest.mark.parametrize("name,billions", [("llama2-7b", 6.74), ("llama2-13b", 13.02),
+                                           ("llama-30b", 32.53), ("llama2-70b", 68.98),
+                                           ("llama3-8b", 8.03)])
+def test_published_param_counts(name, billions):
+    assert MODEL_PRESETS[name].num_params() / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_meta_build_of_a_big_preset_allocates_nothing():
+    with torch.device("meta"):
+        model = llama.Llama(MODEL_PRESETS["llama2-70b"])
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_seeded_init_is_deterministic():
+    a, b = build_model(SHAPE, seed=3), build_model(SHAPE, seed=3)
+    c = build_model(SHAPE, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.layers[0].attn.q_proj.weight, c.layers[0].attn.q_proj.weight)
+
+
+def test_layer_parts_compose_to_forward():
+    model = build_model(SHAPE, seed=0)
+    layer = model.layers[0]
+    x = torch.randn(2, 16, SHAPE.hidden_size)
+    cos, sin = model.rope(torch.arange(16), x.dtype)
+    q, k, v = layer.qkv(x, cos, sin)
+    assert q.shape == (2, SHAPE.num_heads, 16, SHAPE.head_dim)
+    assert k.shape == v.shape == (2, SHAPE.num_kv_heads, 16, SHAPE.head_dim)
+    assert torch.equal(layer(x, cos, sin), layer.post_attention(x, layer.attention_core(q, k, v)))
+
+
+def test_attention_matches_sdpa_forward_and_backward():
+    q = torch.randn(2, 4, 32, 16, requires_grad=True)
+    k = torch.randn(2, 2, 32, 16, requires_grad=True)
+    v = torch.randn(2, 2, 32, 16, requires_grad=True)
+    out = attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_positions_shift_matches_slice():
+    """Hidden states of a suffix computed with absolute positions equal the full run's
+    causal-free token-local part: RoPE at position p depends only on p."""
+    model = build_model(SHAPE, seed=0)
+    cos_full, sin_full = model.rope(torch.arange(32), torch.float32)
+    cos_tail, sin_tail = model.rope(torch.arange(16, 32), torch.float32)
+    torch.testing.assert_close(cos_full[16:], cos_tail)
+    torch.testing.assert_close(sin_full[16:], sin_tail)
+
+
+def test_tiny_overfit():
+    torch.manual_seed(0)
+    model = build_model(SHAPE, seed=0)
+    tokens = torch.randint(0, SHAPE.vocab_size, (2, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 5.0 and loss.item() < 0.1, (first, loss.item())

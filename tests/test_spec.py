@@ -1,0 +1,123 @@
+"""Job spec validation: good specs resolve, every user error is one line naming the YAML path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY_JOB, merge, run_cli
+from disttrain.spec import SpecError, job_from_dict, load_job
+from planner.hardware import GB, GiB
+from planner.shapes import MODEL_PRESETS
+
+
+def test_preset_with_overrides_resolves():
+    job = job_from_dict(merge(TINY_JOB, {"model": {"num_layers": 3, "dtype": "bf16"}}))
+    assert job.shape.num_layers == 3
+    assert job.shape.hidden_size == MODEL_PRESETS["tiny"].hidden_size
+    assert job.dtype == "bf16"
+
+
+def test_explicit_model_and_cluster():
+    spec = merge(TINY_JOB, {
+        "model": {"preset": None, "hidden_size": 64, "num_layers": 1, "num_heads": 4,
+                  "num_kv_heads": 1, "ffn_hidden_size": 96, "vocab_size": 300},
+        "cluster": {"preset": None, "nodes": 2, "devices_per_node": 4,
+                    "device": {"name": "X", "memory_gib": 40, "peak_tflops": {"bf16": 100}},
+                    "host_memory_gib": 256, "host_link_gbps": 20, "intra_node_gbps": 100,
+                    "inter_node_gbps": 10,
+                    "nvme": {"path": "/tmp/x", "capacity_gib": 100, "read_gbps": 3,
+                             "write_gbps": 2}},
+        "launch": {"launcher": "torchrun"},
+    })
+    job = job_from_dict(spec)
+    hw = job.hardware
+    assert (hw.nodes, hw.devices_per_node, hw.world_size) == (2, 4, 8)
+    assert hw.device_memory_bytes == 40 * GiB and hw.flops("bf16") == 100e12
+    assert hw.host_link_bw == 20 * GB and hw.nvme_capacity_bytes == 100 * GiB
+    assert job.shape.kv_dim == 16
+
+
+def test_plan_request_maps_auto_to_none():
+    job = job_from_dict(merge(TINY_JOB, {"parallel": {"dp": 1, "sp": "auto"},
+                                         "memory": {"recompute": "token"}}))
+    req = job.plan_request()
+    assert req.dp == 1 and req.sp is None and req.pp is None and req.recompute == "token"
+    assert req.seq_len == 64 and req.global_batch_size == 4
+
+
+BAD = [
+    ({"train": {"seq_len": 1001}, "parallel": {"sp": 8}, "cluster": {"devices_per_node": 8},
+      "launch": {"launcher": "torchrun"}},
+     "train.seq_len: must be a positive multiple of parallel.sp (8), got 1001"),
+    ({"model": {"colour": "red"}}, "model.colour: unknown key"),
+    ({"bogus": 1}, "bogus: unknown key"),
+    ({"train": {"seq_len": 0}}, "train.seq_len:"),
+    ({"model": {"preset": "gpt-5"}}, "model.preset: unknown preset 'gpt-5'"),
+    ({"model": {"dtype": "fp16"}}, "model.dtype:"),
+    ({"model": {"num_kv_heads": 3}}, "model.num_heads: must be divisible by num_kv_heads (3)"),
+    ({"parallel": {"zero_stage": 7}}, "parallel.zero_stage:"),
+    ({"train": {"global_batch_size": 5}},
+     "train.global_batch_size: must be a multiple of micro_batch_size x dp (2 x 1), got 5"),
+    ({"train": {"seq_len": 4096}}, "train.seq_len: exceeds model.max_seq_len (1024)"),
+    ({"train": {"min_lr": 1.0}}, "train.min_lr: must be <= train.lr"),
+    ({"cluster": {"preset": "moon-base"}}, "cluster.preset: unknown preset 'moon-base'"),
+    ({"cluster": {"devices_per_node": 2}}, "launch.launcher: 'local' runs one process"),
+    ({"cluster": {"devices_per_node": 4}, "parallel": {"dp": 2, "sp": 1, "pp": 1},
+      "launch": {"launcher": "torchrun"}}, "parallel: dp*sp*pp = 2 must equal"),
+    ({"cluster": {"devices_per_node": 2}, "parallel": {"sp": 2, "sp_kind": "ulysses"},
+      "model": {"num_heads": 2, "num_kv_heads": 1}, "launch": {"launcher": "torchrun"}},
+     None),  # valid: 2 heads divisible by sp 2
+    ({"cluster": {"devices_per_node": 4}, "parallel": {"sp": 4, "sp_kind": "ulysses"},
+      "model": {"num_heads": 2, "num_kv_heads": 1}, "launch": {"launcher": "torchrun"}},
+     "parallel.sp: Ulysses needs num_heads (2) divisible by sp"),
+    ({"memory": {"activation_offload": "nvme"}, "cluster": {"preset": "1xrtx4090-24g"}},
+     "memory.activation_offload: 'nvme' needs cluster.nvme"),
+    ({"data": {"kind": "tokens"}}, "data.path: required for data.kind 'tokens'"),
+    ({"data": {"kind": "text", "path": "/nonexistent/corpus"}}, "data.path: /nonexistent"),
+    ({"cluster": {"nvme": {"path": "/tmp", "capacity_gib": 1, "read_gbps": -1,
+                           "write_gbps": 1}}}, "cluster.nvme.read_gbps:"),
+]
+
+
+@pytest.mark.parametrize("changes,expected", BAD)
+def test_bad_specs_name_the_path(changes, expected):
+    spec = merge(TINY_JOB, changes)
+    if expected is None:
+        job_from_dict(spec)
+        return
+    with pytest.raises(SpecError) as info:
+        job_from_dict(spec)
+    message = str(info.value)
+    assert message.startswith(expected), message
+    assert "\n" not in message
+
+
+def test_non_mapping_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError, match="spec: must be a mapping"):
+        job_from_dict([1, 2])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: [unclosed\n")
+    with pytest.raises(SpecError, match=r"not valid YAML \(line"):
+        load_job(bad)
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_job(tmp_path / "missing.yaml")
+
+
+def test_cli_check_exit_codes(write_spec):
+    ok = run_cli("check", write_spec())
+    assert ok.returncode == 0, ok.stderr
+    assert "ok" in ok.stdout
+    bad = run_cli("check", write_spec({"train": {"seq_len": -5}}))
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: train.seq_len:"), bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_loads(path: Path):
+    job = load_job(path)
+    assert job.spec.name == path.stem
+    assert job.shape.num_params() > 0

@@ -19,7 +19,7 @@ from torch import nn
 
 from planner.shapes import ModelShape
 
-from disttrain.model.attention import attention
+from disttrain.model.attention import LOCAL_CORE, AttentionCore
 
 
 class RMSNorm(nn.Module):
@@ -79,6 +79,8 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(shape)
         self.mlp_norm = RMSNorm(shape.hidden_size, shape.norm_eps)
         self.mlp = MLP(shape)
+        self.core: AttentionCore = LOCAL_CORE
+        """The attention core; sequence parallelism replaces it, the maths stays here."""
 
     def qkv(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Token-local: returns q_BNSD, k_BKSD, v_BKSD (RoPE applied)."""
@@ -90,10 +92,9 @@ class DecoderLayer(nn.Module):
         v = a.v_proj(hn).view(b, s, a.num_kv_heads, a.head_dim)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    @staticmethod
-    def attention_core(q_BNSD, k_BKSD, v_BKSD) -> torch.Tensor:
+    def attention_core(self, q_BNSD, k_BKSD, v_BKSD) -> torch.Tensor:
         """The quadratic core (causal); returns out_BNSD."""
-        return attention(q_BNSD, k_BKSD, v_BKSD, causal=True)
+        return self.core(q_BNSD, k_BKSD, v_BKSD)
 
     def post_attention(self, x_BSH: torch.Tensor, out_BNSD: torch.Tensor) -> torch.Tensor:
         """Token-local: output projection, residual, MLP, residual."""

@@ -1,0 +1,1 @@
+"""Parallelism applied to an unmodified model: sequence, pipeline, data/ZeRO."""

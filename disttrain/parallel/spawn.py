@@ -1,0 +1,63 @@
+"""Run a function on N local gloo ranks (tests and benchmarks): one helper, a free port each time.
+
+`fn(rank, world_size, *args)` must be importable (module level); each rank's return value is
+pickled back to the caller. A rank that raises makes `spawn_ranks` raise with its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, threads: int,
+            fn: Callable, args: tuple) -> None:
+    torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
+    path = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        result: Any = ("ok", fn(rank, world_size, *args))
+    except BaseException:  # reported to the parent, which raises
+        result = ("error", traceback.format_exc())
+    torch.save(result, path)
+    try:
+        if result[0] == "ok":
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(fn: Callable, world_size: int, *args: Any, threads: int = 1) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned gloo ranks; return results."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        crash = None
+        try:
+            mp.start_processes(_worker, args=(world_size, free_port(), out_dir, threads, fn, args),
+                               nprocs=world_size, join=True, start_method="spawn")
+        except ProcessException as exc:  # a rank died; report what every rank said
+            crash = exc
+        results = [torch.load(p, weights_only=False) if p.exists() else ("error", "no result")
+                   for p in (Path(out_dir) / f"rank{r}.pt" for r in range(world_size))]
+    errors = [f"rank {r}:\n{payload}" for r, (status, payload) in enumerate(results)
+              if status == "error"]
+    if errors or crash is not None:
+        raise RuntimeError("spawned rank failed\n" + "\n".join(errors) + f"\n{crash or ''}")
+    return [payload for _, payload in results]

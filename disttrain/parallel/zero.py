@@ -1,0 +1,295 @@
+"""Chunked, sharded model states: ZeRO stages 0-3 over the dp x sp group, with CPU chunks.
+
+Each chunk (see chunks.py) keeps an fp32 master shard, its AdamW moments and a gradient shard
+on every rank of the sharding group; the parameters of the model are views into the chunk's
+full flat buffer. Stage 3 gathers a chunk before the first unit that uses it runs (forward and
+backward, with the next unit's chunks prefetched asynchronously) and frees it after; gradients
+are reduce-scattered as soon as a whole chunk's gradients exist. Stages 0-2 keep the full
+parameters and differ in what is sharded (nothing; optimizer; optimizer and gradients).
+Chunks listed as CPU chunks keep master, moments and gradient shard in host memory; on a CPU
+machine that is the same memory, so the placement is tracked and reported as bytes by place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from disttrain.parallel.chunks import ChunkLayout, decay_mask, execution_units, pack_chunks
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZeroConfig:
+    stage: int = 3
+    """ZeRO stage 0-3."""
+    chunk_numel: int = 0
+    """Elements per chunk (0: one chunk per execution unit)."""
+    cpu_chunks: tuple[int, ...] = ()
+    """Chunk ids whose master shard and optimizer state live in host memory."""
+    num_persistent_chunks: int = 0
+    """Stage 3: the first chunks stay gathered for the whole step."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (same as the single-process trainer)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on >= 2-D parameters."""
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: must be 0-3, got {self.stage}")
+
+
+class _Chunk:
+    def __init__(self, layout: ChunkLayout, shard_size: int, rank: int, on_cpu: bool,
+                 release_full: bool):
+        self.layout = layout
+        self.on_cpu = on_cpu
+        n = layout.numel // shard_size
+        self.full = torch.zeros(layout.numel)
+        for slot in layout.slots:
+            self.full[slot.offset:slot.offset + slot.numel].copy_(slot.param.detach().flatten())
+            slot.param.data = self.full[slot.offset:slot.offset + slot.numel].view_as(slot.param)
+        # unsharded (stage 0): the full buffer is the master copy
+        self.master = self.full if shard_size == 1 and not release_full else \
+            self.full[rank * n:(rank + 1) * n].clone()
+        self.exp_avg = torch.zeros(n)
+        self.exp_avg_sq = torch.zeros(n)
+        self.grad = torch.zeros(n)
+        self.mask = decay_mask(layout)[rank * n:(rank + 1) * n]
+        self.pending = len(layout.slots)
+        self.gathered = True
+        self.work = None
+
+    @property
+    def full_bytes(self) -> int:
+        return self.layout.numel * 4
+
+
+class ZeroModelStates:
+    """Owns the model's parameters, gradients and optimizer state for one rank."""
+
+    def __init__(self, model: nn.Module, config: ZeroConfig, *,
+                 group: dist.ProcessGroup | None = None, extra_norm_group=None):
+        self.model, self.config, self.group = model, config, group
+        self.extra_norm_group = extra_norm_group  # e.g. the pp group: grad norm spans stages
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        shard_size = 1 if config.stage == 0 else self.world
+        shard_rank = 0 if config.stage == 0 else self.rank
+        layouts = pack_chunks(model, chunk_numel=config.chunk_numel, group_size=shard_size)
+        bad = [c for c in config.cpu_chunks if not 0 <= c < len(layouts)]
+        if bad:
+            raise ValueError(f"model_states.cpu_chunks: chunk {bad[0]} does not exist "
+                             f"(the model packs into {len(layouts)} chunks)")
+        self.chunks = [_Chunk(layout, shard_size, shard_rank, layout.index in config.cpu_chunks,
+                              release_full=config.stage == 3) for layout in layouts]
+        self._chunk_of = {id(s.param): c for c in self.chunks for s in c.layout.slots}
+        self.units = execution_units(model)
+        self.unit_chunks = [[c for c in self.chunks if u in c.layout.units]
+                            for u in range(len(self.units))]
+        self.step_count = 0
+        self.peak_gathered_bytes = 0
+        self.comm_bytes = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
+        self._hooks = [s.param.register_post_accumulate_grad_hook(self._on_grad)
+                       for c in self.chunks for s in c.layout.slots]
+        if config.stage == 3:
+            self._install_gather_hooks()
+            for chunk in self.chunks[config.num_persistent_chunks:]:
+                self._release(chunk)
+
+    # ---- gather / release (stage 3) -------------------------------------------------------
+    def _persistent(self, chunk: _Chunk) -> bool:
+        return self.config.stage < 3 or chunk.layout.index < self.config.num_persistent_chunks
+
+    def _gather(self, chunk: _Chunk, async_op: bool = False) -> None:
+        if chunk.gathered or chunk.work is not None:
+            return
+        chunk.full.untyped_storage().resize_(chunk.full_bytes)
+        if chunk.master.numel() == chunk.full.numel():  # unsharded: a copy (or the same tensor)
+            if chunk.master is not chunk.full:
+                chunk.full.copy_(chunk.master)
+        else:
+            chunk.work = dist.all_gather_single(chunk.full, chunk.master, group=self.group,
+                                                async_op=True)
+            self.comm_bytes["all_gather"] += chunk.master.numel() * 4 * (self.world - 1)
+        chunk.gathered = True
+        if not async_op:
+            self._wait(chunk)
+        self._track_peak()
+
+    @staticmethod
+    def _wait(chunk: _Chunk) -> None:
+        if chunk.work is not None:
+            chunk.work.wait()
+            chunk.work = None
+
+    def _release(self, chunk: _Chunk) -> None:
+        if self._persistent(chunk) or not chunk.gathered:
+            return
+        self._wait(chunk)
+        chunk.full.untyped_storage().resize_(0)
+        chunk.gathered = False
+
+    def _ensure(self, unit: int, prefetch: int | None) -> None:
+        for chunk in self.unit_chunks[unit]:
+            self._gather(chunk)
+            self._wait(chunk)
+        if prefetch is not None and 0 <= prefetch < len(self.units) and not (
+                prefetch < unit and isinstance(self.units[prefetch], nn.Embedding)):
+            for chunk in self.unit_chunks[prefetch]:
+                self._gather(chunk, async_op=True)
+
+    def _install_gather_hooks(self) -> None:
+        last = len(self.units) - 1
+        for index, unit in enumerate(self.units):
+            module = unit if isinstance(unit, nn.Module) else getattr(self.model, "norm", None)
+            if module is None:
+                continue
+            self._hooks.append(module.register_forward_pre_hook(
+                lambda m, a, i=index: self._ensure(i, i + 1)))
+            if not isinstance(module, nn.Embedding):  # its backward never reads the weight
+                self._hooks.append(module.register_full_backward_pre_hook(
+                    lambda m, g, i=index: self._ensure(i, i - 1)))
+            if index != last:
+                self._hooks.append(module.register_forward_hook(
+                    lambda m, a, o, i=index: self._release_after_forward(i)))
+
+    def _release_after_forward(self, unit: int) -> None:
+        for chunk in self.unit_chunks[unit]:
+            if max(chunk.layout.units) <= unit:
+                self._release(chunk)
+
+    # ---- gradients ---------------------------------------------------------------------------
+    def _on_grad(self, param: torch.Tensor) -> None:
+        chunk = self._chunk_of[id(param)]
+        chunk.pending -= 1
+        if chunk.pending == 0:
+            self._reduce_chunk(chunk)
+
+    def _reduce_chunk(self, chunk: _Chunk) -> None:
+        flat = torch.zeros(chunk.layout.numel)
+        for slot in chunk.layout.slots:
+            flat[slot.offset:slot.offset + slot.numel].copy_(slot.param.grad.flatten())
+            slot.param.grad = None
+        n = chunk.grad.numel()
+        if self.group is not None:
+            if self.config.stage >= 2:
+                part = torch.empty(n)
+                dist.reduce_scatter_single(part, flat, group=self.group)
+                self.comm_bytes["reduce_scatter"] += n * 4 * (self.world - 1)
+                flat = part
+            else:
+                dist.all_reduce(flat, group=self.group)
+                self.comm_bytes["all_reduce"] += 2 * flat.numel() * 4 * (self.world - 1) // self.world
+                lo = 0 if self.config.stage == 0 else self.rank * n
+                flat = flat[lo:lo + n]
+            flat /= self.world
+        chunk.grad += flat
+        chunk.pending = len(chunk.layout.slots)
+        self._release(chunk)
+
+    def finish_backward(self) -> None:
+        """Check every chunk's gradients were reduced (a parameter without a gradient in this
+        backward would leave its chunk pending: reduce it now with zeros for the missing)."""
+        for chunk in self.chunks:
+            if chunk.pending != len(chunk.layout.slots):
+                for slot in chunk.layout.slots:
+                    if slot.param.grad is None:
+                        slot.param.grad = torch.zeros_like(slot.param)
+                self._reduce_chunk(chunk)
+
+    # ---- optimizer ---------------------------------------------------------------------------
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Global L2 norm of the gradient (as torch.nn.utils.clip_grad_norm_), then clip."""
+        sumsq = torch.zeros(1, dtype=torch.float64)
+        for chunk in self.chunks:
+            sumsq += chunk.grad.double().pow(2).sum()
+        if self.group is not None and self.config.stage > 0:
+            dist.all_reduce(sumsq, group=self.group)
+        if self.extra_norm_group is not None:
+            dist.all_reduce(sumsq, group=self.extra_norm_group)
+        norm = math.sqrt(sumsq.item())
+        if max_norm > 0 and math.isfinite(max_norm):
+            coef = min(max_norm / (norm + 1e-6), 1.0)
+            for chunk in self.chunks:
+                chunk.grad.mul_(coef)
+        return norm
+
+    def step(self, lr: float) -> None:
+        """AdamW on every shard (same update as torch.optim.AdamW), then refresh parameters."""
+        self.step_count += 1
+        b1, b2 = self.config.betas
+        bc1 = 1 - b1 ** self.step_count
+        bc2_sqrt = math.sqrt(1 - b2 ** self.step_count)
+        for chunk in self.chunks:
+            p, g = chunk.master, chunk.grad
+            if self.config.weight_decay:
+                p.mul_(1 - lr * self.config.weight_decay * chunk.mask)
+            chunk.exp_avg.lerp_(g, 1 - b1)
+            chunk.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (chunk.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.config.eps)
+            p.addcdiv_(chunk.exp_avg, denom, value=-lr / bc1)
+            g.zero_()
+            if self._persistent(chunk):
+                chunk.gathered = False
+                self._gather(chunk)
+
+    # ---- accounting and state ------------------------------------------------------------
+    def _track_peak(self) -> None:
+        gathered = sum(c.full_bytes for c in self.chunks if c.gathered)
+        self.peak_gathered_bytes = max(self.peak_gathered_bytes, gathered)
+
+    def bytes_by_place(self) -> dict[str, dict[str, int]]:
+        """Resident model-state bytes of this rank: {'device'|'cpu': {category: bytes}}."""
+        out = {place: {"parameters": 0, "gradients": 0, "optimizer": 0}
+               for place in ("device", "cpu")}
+        for chunk in self.chunks:
+            place = "cpu" if chunk.on_cpu else "device"
+            out[place]["parameters"] += chunk.master.numel() * 4
+            out[place]["gradients"] += chunk.grad.numel() * 4
+            out[place]["optimizer"] += 2 * chunk.exp_avg.numel() * 4
+            if chunk.gathered and chunk.master is not chunk.full:
+                out["device"]["parameters"] += chunk.full_bytes
+        return out
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Gather every parameter's master value (collective: all ranks of the group call it)."""
+        out = {}
+        for chunk in self.chunks:
+            full = torch.empty(chunk.layout.numel)
+            if chunk.master.numel() == full.numel():
+                full.copy_(chunk.master)
+            else:
+                dist.all_gather_single(full, chunk.master, group=self.group)
+            for slot in chunk.layout.slots:
+                out[slot.name] = full[slot.offset:slot.offset + slot.numel].view(
+                    slot.param.shape).clone()
+        return out
+
+    def shard_state(self) -> dict:
+        """This rank's shard of parameters and optimizer state (for a sharded checkpoint)."""
+        return {"step": self.step_count,
+                "chunks": [{"master": c.master, "exp_avg": c.exp_avg, "exp_avg_sq": c.exp_avg_sq}
+                           for c in self.chunks]}
+
+    def load_shard_state(self, state: dict) -> None:
+        if len(state["chunks"]) != len(self.chunks):
+            raise ValueError("checkpoint: chunk count differs from this model's packing")
+        self.step_count = state["step"]
+        for chunk, saved in zip(self.chunks, state["chunks"]):
+            chunk.master.copy_(saved["master"])
+            chunk.exp_avg.copy_(saved["exp_avg"])
+            chunk.exp_avg_sq.copy_(saved["exp_avg_sq"])
+            if self._persistent(chunk):
+                chunk.gathered = False
+                self._gather(chunk)
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()

@@ -1,15 +1,19 @@
-"""Atomic single-process checkpoints: model, optimizer, schedule position, data position, RNG.
+"""Atomic, sharded checkpoints: one file per rank under `checkpoints/step_NNNNNNN/`.
 
-A checkpoint is written to a temporary name, fsync'd, then renamed, and the `latest` pointer is
-replaced the same way, so a crash at any moment leaves the previous checkpoint loadable.
-Loading uses `torch.load(weights_only=True)`.
+Each rank writes its own state (model states, optimizer, RNG) to a temporary name, fsyncs and
+renames it; once every rank has, rank 0 replaces the `latest` pointer the same way. A crash at
+any moment leaves the previous checkpoint loadable. Loading uses `torch.load(weights_only=True)`.
+The schedule and the data order are pure functions of the step, so the step is all that is
+stored of them.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -35,47 +39,48 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def save_checkpoint(ckpt_dir: Path, *, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, meta: dict) -> Path:
-    """Write checkpoint `step` (number of optimizer steps done) and point `latest` at it."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step_{step:07d}.pt"
-    state = {
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "schedule": {"step": step},
-        "data": {"next_step": step},
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        "meta": meta,
-    }
+def save_checkpoint(ckpt_dir: Path, *, step: int, state: dict, meta: dict, rank: int = 0,
+                    barrier: Callable[[], None] = lambda: None) -> Path:
+    """Write this rank's `state` for checkpoint `step` (optimizer steps done); every rank of
+    the job calls this, `barrier` synchronises them."""
+    step_dir = ckpt_dir / f"step_{step:07d}"
+    step_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"step": step, "state": state, "meta": meta,
+               "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+    path = step_dir / f"rank{rank}.pt"
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    atomic_write_bytes(ckpt_dir / LATEST, path.name.encode())
-    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-KEEP_LAST]:
-        old.unlink()
-    return path
+    barrier()
+    if rank == 0:
+        _fsync_dir(step_dir)
+        atomic_write_bytes(ckpt_dir / LATEST, step_dir.name.encode())
+        for old in sorted(ckpt_dir.glob("step_*"))[:-KEEP_LAST]:
+            shutil.rmtree(old)
+    barrier()
+    return step_dir
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The directory `latest` points at, or None when no complete checkpoint exists."""
     pointer = ckpt_dir / LATEST
     if not pointer.is_file():
         return None
     path = ckpt_dir / pointer.read_text().strip()
-    return path if path.is_file() else None
+    return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and RNG state in place; returns the checkpoint's metadata."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    py_state = state["rng"]["python"]
+def load_checkpoint(step_dir: Path, *, rank: int = 0) -> dict:
+    """This rank's payload ({'step', 'state', 'meta'}); restores the RNG state in place."""
+    path = step_dir / f"rank{rank}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {step_dir} has no shard for rank {rank}; it was "
+                                f"written by a job with another number of ranks")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    torch.set_rng_state(payload["rng"]["torch"])
+    py_state = payload["rng"]["python"]
     random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
-    return {"step": state["step"], "meta": state["meta"]}
+    return payload

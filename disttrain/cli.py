@@ -7,6 +7,8 @@ traceback), 3 no feasible plan, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,14 +52,41 @@ def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
     return 0 if plan.feasible else EXIT_INFEASIBLE
 
 
+def _torchrun(args: argparse.Namespace, nproc: int) -> int:
+    from disttrain.parallel.spawn import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "launch.torchrun", args.spec]
+    cmd += ["--plan", args.plan] if args.plan else []
+    cmd += ["--no-planner"] if args.no_planner else []
+    cmd += ["--resume"] if args.resume else []
+    cmd += ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    code = subprocess.call(cmd, env=env)
+    return code if code in (0, EXIT_USER_ERROR) else 1
+
+
 def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     job = load_job(args.spec)
     launcher = args.launcher or job.spec.launch.launcher
+    world = job.hardware.world_size
+    if launcher == "torchrun":
+        if job.hardware.nodes > 1:
+            raise SpecError(f"cluster.nodes: {job.hardware.nodes} nodes: start `torchrun "
+                            f"--nnodes {job.hardware.nodes} --nproc-per-node "
+                            f"{job.hardware.devices_per_node} -m launch.torchrun {args.spec}` "
+                            f"on every node (this command starts one node)")
+        return _torchrun(args, args.nproc or world)
     if launcher != "local":
-        raise NotBuiltYet(f"train: the {launcher} launcher is not built yet; use --launcher local")
+        raise NotBuiltYet(f"train: the {launcher} launcher is not built yet; use local or "
+                          f"torchrun")
+    from disttrain.planning import resolve_plan
     from disttrain.trainer import Trainer  # torch import is slow: only when training
 
-    trainer = Trainer(job, console=console)
+    plan = resolve_plan(job, 1, args.plan, use_planner=not args.no_planner)
+    trainer = Trainer(job, plan, console=console)
     result = trainer.run(resume=args.resume, max_steps=args.max_steps)
     if result.losses:
         print(f"first loss {result.losses[0]:.4f} (step {result.first_step}), last loss "
@@ -94,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override launch.launcher")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps of this invocation (resume later)")
+    p.add_argument("--plan", help="execute this plan.json instead of running the planner")
+    p.add_argument("--no-planner", action="store_true",
+                   help="keep every activation and resolve `auto` trivially (dp = world)")
+    p.add_argument("--nproc", type=int, help="torchrun ranks (default: the cluster's devices)")
     p.set_defaults(run=_cmd_train)
 
     p = verbs.add_parser("profile", help="profile the model and this machine")

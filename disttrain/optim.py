@@ -28,3 +28,42 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class TorchAdamWStates:
+    """Model states of an unsharded single-process run: torch's AdamW on the model itself.
+
+    Same interface as `disttrain.parallel.zero.ZeroModelStates` (finish_backward,
+    clip_grad_norm, step, bytes_by_place) so the trainer's loop does not care which it has.
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float):
+        self.model = model
+        self.optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay)
+
+    def finish_backward(self) -> None:
+        pass
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        limit = max_norm if max_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit))
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def bytes_by_place(self) -> dict[str, dict[str, int]]:
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        optim = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
+                    for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+        return {"device": {"parameters": params, "gradients": params, "optimizer": optim},
+                "cpu": {"parameters": 0, "gradients": 0, "optimizer": 0}}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -71,13 +71,14 @@ def test_accumulation_matches_one_big_microbatch(tmp_path):
     whole.batches.get = lambda step, micro=0, rank=0: (torch.cat(tokens), torch.cat(targets))
     grads = {}
     for name, trainer in (("a", accum), ("b", whole)):
-        real_step = trainer.optimizer.step
+        optimizer = trainer.runtime.states.optimizer
+        real_step = optimizer.step
 
         def capture(name=name, trainer=trainer, real_step=real_step):
             grads[name] = [p.grad.clone() for p in trainer.model.parameters()]
             real_step()
 
-        trainer.optimizer.step = capture
+        optimizer.step = capture
     loss_a, norm_a = accum.train_step(0)
     loss_b, norm_b = whole.train_step(0)
     assert loss_a == pytest.approx(loss_b, rel=1e-6)

@@ -271,13 +271,13 @@ class ZeroModelStates:
                     slot.param.shape).clone()
         return out
 
-    def shard_state(self) -> dict:
+    def state_dict(self) -> dict:
         """This rank's shard of parameters and optimizer state (for a sharded checkpoint)."""
         return {"step": self.step_count,
                 "chunks": [{"master": c.master, "exp_avg": c.exp_avg, "exp_avg_sq": c.exp_avg_sq}
                            for c in self.chunks]}
 
-    def load_shard_state(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         if len(state["chunks"]) != len(self.chunks):
             raise ValueError("checkpoint: chunk count differs from this model's packing")
         self.step_count = state["step"]

@@ -1,0 +1,105 @@
+"""Assemble what one rank runs from a plan, in one fixed order (as torchtitan does):
+
+    build model (seeded, identical on every rank)
+      -> sequence parallel (replace each layer's attention core)
+      -> activation policy (wrap each decoder layer: keep / swap / token-wise recompute)
+      -> pipeline split (this rank's stage module)
+      -> model states (torch AdamW on one rank, chunked ZeRO over dp x sp otherwise)
+
+and run one optimizer step's forward and backward over this rank's share of the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from disttrain.data import Batches
+from disttrain.model import Llama, build_model
+from disttrain.optim import TorchAdamWStates
+from disttrain.parallel.dims import ParallelDims, ParallelGroups, build_groups
+from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
+from disttrain.spec import Job
+from planner.plan import Plan
+
+
+def lm_loss(model: Llama, tokens_BS: torch.Tensor, targets_BS: torch.Tensor,
+            positions_S: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross entropy over the given tokens, computed in fp32."""
+    logits = model(tokens_BS, positions_S)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
+
+
+@dataclass
+class Runtime:
+    job: Job
+    plan: Plan
+    groups: ParallelGroups
+    model: nn.Module
+    """The full model (pp == 1) or this rank's pipeline stage."""
+    states: TorchAdamWStates | ZeroModelStates
+    accum_steps: int
+    """Microbatches this rank runs per optimizer step (pp == 1)."""
+    activation_stats: object | None = None
+    """Per-layer measurements of the activation policy, when one is applied."""
+
+    @property
+    def dims(self) -> ParallelDims:
+        return self.groups.dims
+
+    def autocast(self):
+        if self.job.dtype == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward_backward(self, step: int, batches: Batches) -> float:
+        """Forward and backward of every microbatch of `step` on this rank; returns the step's
+        loss (mean over the whole global batch, the same value on every rank)."""
+        dims, groups = self.dims, self.groups
+        total = torch.zeros(1, dtype=torch.float64)
+        for micro in range(self.accum_steps):
+            tokens, targets = batches.get(step, micro * dims.dp + groups.dp_rank)
+            with self.autocast():
+                loss = lm_loss(self.model, tokens, targets) / self.accum_steps
+            loss.backward()
+            total += loss.detach().double()
+        self.states.finish_backward()
+        if groups.dp_sp is not None:
+            dist.all_reduce(total, group=groups.dp_sp)
+            total /= dims.dp * dims.sp
+        return total.item()
+
+
+def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
+    par = plan.parallel
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dims = ParallelDims(dp=par.dp, sp=par.sp, pp=par.pp, world_size=world)
+    if par.sp > 1 or par.pp > 1:
+        raise NotImplementedError("sequence and pipeline parallelism are wired in by the "
+                                  "distributed runtime issue")
+    groups = build_groups(dims, rank)
+    tr = job.spec.train
+    torch.manual_seed(tr.seed)
+    model = build_model(job.shape, seed=tr.seed)  # fp32 master weights; bf16 = autocast
+    activation_stats = None
+    if plan.activations and not all(a.keep_all for a in plan.activations):
+        raise NotImplementedError("activation policies are wired in by the activation "
+                                  "runtime issue")
+    if world == 1 and par.zero_stage == 0:
+        states = TorchAdamWStates(model, lr=tr.lr, weight_decay=tr.weight_decay)
+    else:
+        ms = plan.model_states
+        chunk_numel = ms.chunk_size_bytes // 4
+        config = ZeroConfig(stage=par.zero_stage, chunk_numel=chunk_numel,
+                            cpu_chunks=tuple(ms.cpu_chunks),
+                            num_persistent_chunks=ms.num_persistent_chunks,
+                            weight_decay=tr.weight_decay)
+        states = ZeroModelStates(model, config, group=groups.dp_sp, extra_norm_group=groups.pp)
+    accum = tr.global_batch_size // (tr.micro_batch_size * par.dp)
+    return Runtime(job=job, plan=plan, groups=groups, model=model, states=states,
+                   accum_steps=accum, activation_stats=activation_stats)

@@ -1,0 +1,317 @@
+"""Pipeline parallelism: layer ranges per stage, stage modules cut from the unmodified model,
+and one optimizer step's 1F1B (or interleaved 1F1B) schedule over the pp process group.
+
+The schedule itself is `torch.distributed.pipelining` (it runs on gloo and on nccl); this
+file decides what each stage computes and keeps the step's numerics identical to
+single-process training: the step loss is the mean of the microbatch losses, and each
+microbatch's loss is divided by the number of microbatches *before* its backward, so
+gradients accumulate into `.grad` exactly as in single-process gradient accumulation
+(no rescaling of `.grad` after the fact, which would corrupt gradients reduced or offloaded
+by per-parameter hooks during the backward, and gradients accumulated before the step).
+
+Stages only ever exchange the hidden states (and their gradients). RoPE cos/sin are computed
+on every stage from the absolute `positions` given to `PipelineRunner.step`, so a
+sequence-parallel rank that holds a shard of the sequence passes its own positions.
+Decoder layers are called as `layer(x, cos, sin)` and nothing else is assumed of them, so
+layers wrapped by a memory policy or with a replaced attention core work unchanged.
+
+Tied embeddings: the first stage owns `embed`, the last stage keeps its own copy of the same
+(identically initialised) weight for the head; after the backward the two gradients are
+summed by an all-reduce over the pp group (middle stages contribute zeros), so both copies
+receive the full gradient and stay equal under the same optimizer.
+
+Shape legend: B batch, S sequence (local shard under sequence parallelism), H hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
+                                          ScheduleInterleaved1F1B)
+
+from disttrain.parallel.dims import ParallelGroups
+
+SCHEDULE_VIRTUAL_STAGES = {"1f1b": 1, "interleaved-1f1b": 2}
+"""Supported schedules and the number of (virtual) stages each pp rank holds."""
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def split_stages(num_layers: int, pp: int,
+                 layer_costs: Sequence[float] | None = None) -> tuple[tuple[int, int], ...]:
+    """Half-open contiguous layer ranges, one per stage, each with at least one layer.
+
+    Without costs the ranges differ in length by at most one, the earlier stages taking the
+    extra layers (the last stage also runs the head and the loss). With `layer_costs` (one
+    non-negative number per layer) the ranges minimise the largest stage cost, the
+    pipeline's bottleneck; among equally good splits the one with the longest early stages
+    is returned, so the result is deterministic.
+    """
+    if pp < 1:
+        raise ValueError(f"pp: must be >= 1, got {pp}")
+    if num_layers < pp:
+        raise ValueError(f"pp: each of the {pp} stages needs at least one layer, "
+                         f"but num_layers is {num_layers}")
+    if layer_costs is None:
+        base, extra = divmod(num_layers, pp)
+        sizes = [base + (stage < extra) for stage in range(pp)]
+    else:
+        costs = [float(c) for c in layer_costs]
+        if len(costs) != num_layers:
+            raise ValueError(f"layer_costs: need {num_layers} entries, got {len(costs)}")
+        if any(not c >= 0.0 for c in costs):  # also rejects NaN
+            raise ValueError(f"layer_costs: must be non-negative numbers, got {costs}")
+        sizes = _min_bottleneck_sizes(costs, pp)
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    return tuple(zip(bounds[:-1], bounds[1:]))
+
+
+def _min_bottleneck_sizes(costs: list[float], pp: int) -> list[int]:
+    """Stage sizes minimising the maximum stage cost (dynamic programme over suffixes)."""
+    num_layers = len(costs)
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    inf = float("inf")
+    # best[k][i]: smallest bottleneck splitting layers i.. into k stages; take[k][i]: first size.
+    best = [[inf] * (num_layers + 1) for _ in range(pp + 1)]
+    take = [[0] * (num_layers + 1) for _ in range(pp + 1)]
+    best[0][num_layers] = 0.0
+    for k in range(1, pp + 1):
+        for i in range(num_layers - k, -1, -1):
+            for size in range(num_layers - i - (k - 1), 0, -1):  # longest first wins ties
+                value = max(prefix[i + size] - prefix[i], best[k - 1][i + size])
+                if value < best[k][i]:
+                    best[k][i], take[k][i] = value, size
+    sizes, start = [], 0
+    for k in range(pp, 0, -1):
+        sizes.append(take[k][start])
+        start += sizes[-1]
+    return sizes
+
+
+class StageModule(nn.Module):
+    """The part of a `Llama` one pipeline stage runs, with the model's parameter names.
+
+    First stage: tokens_BS -> embedding -> its layers -> x_BSH.  Middle: x_BSH -> layers.
+    Last: x_BSH -> layers -> final norm -> head -> logits_BSV (the loss is the schedule's).
+    Submodules are shared with the model, not copied; `layers` is keyed by the global layer
+    index so `named_parameters()` gives the same names as the full model.
+    """
+
+    def __init__(self, model: nn.Module, stage_index: int, stages: Sequence[tuple[int, int]]):
+        super().__init__()
+        start, end = stages[stage_index]
+        self.is_first = stage_index == 0
+        self.is_last = stage_index == len(stages) - 1
+        self.rope = model.rope
+        self.embed = model.embed if self.is_first or (self.is_last and model.head is None) else None
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(start, end)})
+        self.norm = model.norm if self.is_last else None
+        self.head = model.head if self.is_last else None
+        self.positions_S: torch.Tensor | None = None
+        """Absolute positions of this rank's tokens; set by the runner before each step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.positions_S is None:
+            raise RuntimeError("StageModule: positions_S must be set before the forward")
+        if self.is_first:
+            x = self.embed(x)
+        cos, sin = self.rope(self.positions_S.to(x.device), x.dtype)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin)
+        if not self.is_last:
+            return x
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return F.linear(self.norm(x), weight)
+
+
+def build_stage_module(model: nn.Module, stage_index: int,
+                       stages: Sequence[tuple[int, int]]) -> StageModule:
+    """Cut stage `stage_index` of `stages` (half-open layer ranges covering every layer of
+    `model` in order) out of an unmodified (or layer-wrapped) Llama."""
+    num_layers = len(model.layers)
+    if not 0 <= stage_index < len(stages):
+        raise ValueError(f"stage_index: must be in [0, {len(stages)}), got {stage_index}")
+    expected = 0
+    for start, end in stages:
+        if start != expected or end <= start:
+            raise ValueError(f"parallel.stages: ranges must be contiguous, non-empty and start "
+                             f"at 0, got {tuple(stages)}")
+        expected = end
+    if expected != num_layers:
+        raise ValueError(f"parallel.stages: ranges must cover all {num_layers} layers, "
+                         f"got {tuple(stages)}")
+    return StageModule(model, stage_index, stages)
+
+
+def lm_microbatch_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy of one microbatch in fp32 (as `trainer.lm_loss`)."""
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """How one pipeline runs a step."""
+
+    num_microbatches: int
+    """Microbatches per optimizer step; the local batch must divide evenly."""
+    schedule: str = "1f1b"
+    """'1f1b' or 'interleaved-1f1b' (two virtual stages per pp rank)."""
+    stages: tuple[tuple[int, int], ...] = ()
+    """Half-open layer ranges of all pp * virtual stages; empty: `split_stages`."""
+
+    def __post_init__(self) -> None:
+        if self.num_microbatches < 1:
+            raise ValueError(f"parallel.num_microbatches: must be >= 1, "
+                             f"got {self.num_microbatches}")
+        if self.schedule not in SCHEDULE_VIRTUAL_STAGES:
+            raise ValueError(f"parallel.schedule: must be one of "
+                             f"{tuple(SCHEDULE_VIRTUAL_STAGES)}, got {self.schedule!r}")
+
+    @property
+    def virtual_stages(self) -> int:
+        return SCHEDULE_VIRTUAL_STAGES[self.schedule]
+
+
+class _CountingStage(PipelineStage):
+    """A PipelineStage that adds the bytes of every activation/gradient it sends to a
+    shared counter (the P2P ops the schedule posts; the one-time shape metadata of the
+    first step is not counted)."""
+
+    def __init__(self, *args, counter: dict[str, int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._counter = counter
+
+    def _count(self, ops: list[dist.P2POp], kind: str) -> list[dist.P2POp]:
+        self._counter[kind] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops)
+        return ops
+
+    def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
+        return self._count(super().get_fwd_send_ops(fwd_chunk_id), "activations")
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
+        return self._count(super().get_bwd_send_ops(bwd_chunk_id), "gradients")
+
+
+class PipelineRunner:
+    """Runs one optimizer step's forward and backward of this pp rank's stage(s).
+
+    Gradients are accumulated into the local stage parameters (`self.module`); zeroing
+    them and the optimizer step stay with the caller. Composes with dp/sp: all pipeline
+    communication uses `groups.pp`, the group of ranks sharing this rank's (dp, sp)
+    coordinates, so each (dp, sp) slice runs its own pipeline on its own data.
+    """
+
+    def __init__(self, model: nn.Module, groups: ParallelGroups, config: PipelineConfig, *,
+                 loss_fn: LossFn = lm_microbatch_loss):
+        pp = groups.dims.pp
+        if pp < 2 or groups.pp is None:
+            raise ValueError(f"parallel.pp: a pipeline needs pp >= 2, got {pp}")
+        num_stages = pp * config.virtual_stages
+        stages = config.stages or split_stages(len(model.layers), num_stages)
+        if len(stages) != num_stages:
+            raise ValueError(f"parallel.stages: schedule {config.schedule!r} with pp={pp} needs "
+                             f"{num_stages} ranges, got {len(stages)}")
+        self.config, self.group, self.pp, self.pp_rank = config, groups.pp, pp, groups.pp_rank
+        self.tied = model.head is None
+        self._tied_meta = (tuple(model.embed.weight.shape), model.embed.weight.dtype)
+        self.bytes_sent = {"activations": 0, "gradients": 0, "tied_grad_allreduce": 0}
+        """Bytes this rank sent in the last step, by kind (the cost model's check)."""
+        self._counter = {"activations": 0, "gradients": 0}
+        # Loop placement: rank r holds stages r, r + pp, ... (what the schedules expect).
+        indices = [v * pp + self.pp_rank for v in range(config.virtual_stages)]
+        self.stage_modules = [build_stage_module(model, i, stages) for i in indices]
+        self.module = _union(self.stage_modules)
+        """All local stage parameters under the full model's names (optimizer, ZeRO)."""
+        device = next(model.parameters()).device
+        pipe_stages = [_CountingStage(m, i, num_stages, device, group=self.group,
+                                      counter=self._counter)
+                       for m, i in zip(self.stage_modules, indices)]
+        num_micro = config.num_microbatches
+        self._loss_fn = loss_fn
+
+        def scaled_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return loss_fn(output, target) / num_micro
+
+        if config.schedule == "1f1b":
+            self.schedule = Schedule1F1B(pipe_stages[0], num_micro, loss_fn=scaled_loss,
+                                         scale_grads=False)
+        else:
+            self.schedule = ScheduleInterleaved1F1B(pipe_stages, num_micro,
+                                                    loss_fn=scaled_loss, scale_grads=False)
+        self.has_first = any(m.is_first for m in self.stage_modules)
+        self.has_last = any(m.is_last for m in self.stage_modules)
+
+    def step(self, tokens_BS: torch.Tensor | None, targets_BS: torch.Tensor | None,
+             positions_S: torch.Tensor | None = None) -> float:
+        """Forward and backward of one step; returns the step loss (mean of the microbatch
+        losses) on every rank of the pipeline. The first stage needs `tokens_BS`, the last
+        `targets_BS` (others may pass None); every stage needs the same sequence length and,
+        under sequence parallelism, this rank's absolute `positions_S`."""
+        needed = {"tokens_BS": (self.has_first, tokens_BS),
+                  "targets_BS": (self.has_last, targets_BS)}
+        for name, (required, value) in needed.items():
+            if required and value is None:
+                raise ValueError(f"{name}: required on pp rank {self.pp_rank}")
+            if required and value.shape[0] % self.config.num_microbatches:
+                raise ValueError(f"{name}: batch {value.shape[0]} is not divisible by "
+                                 f"num_microbatches={self.config.num_microbatches}")
+        if positions_S is None:
+            reference = tokens_BS if tokens_BS is not None else targets_BS
+            if reference is None:
+                raise ValueError(f"positions_S: required on pp rank {self.pp_rank} when it "
+                                 f"gets neither tokens nor targets")
+            positions_S = torch.arange(reference.shape[1])
+        for module in self.stage_modules:
+            module.positions_S = positions_S
+        for kind in self._counter:
+            self._counter[kind] = 0
+        losses: list[torch.Tensor] = []
+        args = (tokens_BS,) if self.has_first else ()
+        target = targets_BS if self.has_last else None
+        self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        self.bytes_sent.update(self._counter)
+        self.bytes_sent["tied_grad_allreduce"] = self._sync_tied_grad() if self.tied else 0
+        loss = torch.zeros((), dtype=torch.float64)
+        if self.has_last:
+            loss = torch.stack([item.detach().double() for item in losses]).sum()
+        dist.broadcast(loss, group=self.group, group_src=self.pp - 1)
+        return float(loss)
+
+    def _sync_tied_grad(self) -> int:
+        """Sum the tied embedding/head gradient of the first and last stage over the pp
+        group (middle ranks add zeros); returns the bytes this rank contributed."""
+        owner = next((m for m in self.stage_modules if m.embed is not None), None)
+        if owner is not None:
+            weight = owner.embed.weight
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            grad = weight.grad
+        else:
+            shape, dtype = self._tied_meta
+            grad = torch.zeros(shape, dtype=dtype)
+        dist.all_reduce(grad, group=self.group)
+        return grad.numel() * grad.element_size()
+
+
+def _union(stage_modules: list[StageModule]) -> nn.Module:
+    """One module holding every local stage's submodules under the full model's names."""
+    union = nn.Module()
+    layers = nn.ModuleDict()
+    for module in stage_modules:
+        for name in ("embed", "norm", "head"):
+            if getattr(module, name) is not None:
+                union.add_module(name, getattr(module, name))
+        for key, layer in module.layers.items():
+            layers[key] = layer
+    union.add_module("layers", layers)
+    return union

@@ -1,0 +1,68 @@
+"""The plan a run executes: loaded from `--plan plan.json`, or made by the planner, and checked
+against the job so a plan written for another model or cluster is refused up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from disttrain.spec import Job, SpecError
+from planner.plan import LayerActivationPlan, ModelStatePlan, ParallelPlan, Plan
+
+
+def fixed_plan(job: Job, world_size: int) -> Plan:
+    """The plan that keeps every activation and honours the spec's fixed values, resolving
+    `auto` trivially (sequence and pipeline degree 1, data parallel over all ranks, ZeRO-3 when
+    there is more than one rank). Used with `--no-plan` and by tests."""
+    par = job.spec.parallel
+    sp = 1 if par.sp == "auto" else par.sp
+    pp = 1 if par.pp == "auto" else par.pp
+    dp = world_size // (sp * pp) if par.dp == "auto" else par.dp
+    zero = (3 if world_size > 1 else 0) if par.zero_stage == "auto" else par.zero_stage
+    tr = job.spec.train
+    micro = 1 if par.num_microbatches == "auto" else par.num_microbatches
+    return Plan(
+        model=job.shape.to_dict(), dtype=job.dtype, seq_len=tr.seq_len,
+        micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,
+        parallel=ParallelPlan(dp=dp, sp=sp, sp_kind="ulysses" if par.sp_kind == "auto"
+                              else par.sp_kind, pp=pp, num_microbatches=micro,
+                              schedule="1f1b" if pp > 1 else "none", zero_stage=zero),
+        model_states=ModelStatePlan(),
+        activations=tuple(LayerActivationPlan(keep_all=True)
+                          for _ in range(job.shape.num_layers)))
+
+
+def check_plan(job: Job, plan: Plan, world_size: int, where: str = "plan") -> Plan:
+    """Refuse a plan that does not fit this job (one-line SpecError naming what differs)."""
+    if not plan.feasible:
+        raise SpecError(f"{where}: the plan is infeasible (see its 'rejected' reasons); "
+                        f"nothing to run")
+    if plan.model != job.shape.to_dict():
+        raise SpecError(f"{where}: written for another model shape than model.* of the spec")
+    if plan.parallel.world_size != world_size:
+        raise SpecError(f"{where}: dp*sp*pp = {plan.parallel.world_size} but this run has "
+                        f"{world_size} ranks")
+    if plan.activations and len(plan.activations) != job.shape.num_layers:
+        raise SpecError(f"{where}: {len(plan.activations)} activation entries for "
+                        f"{job.shape.num_layers} layers")
+    if plan.seq_len != job.spec.train.seq_len:
+        raise SpecError(f"{where}: planned for seq_len {plan.seq_len}, the spec trains "
+                        f"{job.spec.train.seq_len}")
+    return plan
+
+
+def resolve_plan(job: Job, world_size: int, plan_path: str | Path | None = None,
+                 use_planner: bool = True) -> Plan:
+    if plan_path is not None:
+        path = Path(plan_path)
+        if not path.is_file():
+            raise SpecError(f"--plan: {path} does not exist")
+        try:
+            plan = Plan.load(path)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SpecError(f"--plan: {path}: {exc}") from None
+        return check_plan(job, plan, world_size, where=f"--plan {path}")
+    if not use_planner:
+        return fixed_plan(job, world_size)
+    from planner.search import plan_job
+
+    return check_plan(job, plan_job(job.plan_request()), world_size, where="planner")

@@ -25,12 +25,18 @@ from disttrain.optim import TorchAdamWStates
 from disttrain.parallel.dims import ParallelDims, ParallelGroups, build_groups
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import Job
+from disttrain.tiling import apply_mlp_tiling, chunked_lm_loss
 from planner.plan import Plan
 
 
 def lm_loss(model: Llama, tokens_BS: torch.Tensor, targets_BS: torch.Tensor,
-            positions_S: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross entropy over the given tokens, computed in fp32."""
+            positions_S: torch.Tensor | None = None, *, loss_chunk_tokens: int = 0
+            ) -> torch.Tensor:
+    """Mean next-token cross entropy over the given tokens, computed in fp32; with
+    `loss_chunk_tokens` the logits exist only a chunk of tokens at a time."""
+    if loss_chunk_tokens:
+        hidden = model.hidden_states(tokens_BS, positions_S)
+        return chunked_lm_loss(hidden, model.output_weight, targets_BS, loss_chunk_tokens)
     logits = model(tokens_BS, positions_S)
     return F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
 
@@ -65,7 +71,9 @@ class Runtime:
         for micro in range(self.accum_steps):
             tokens, targets = batches.get(step, micro * dims.dp + groups.dp_rank)
             with self.autocast():
-                loss = lm_loss(self.model, tokens, targets) / self.accum_steps
+                loss = lm_loss(self.model, tokens, targets,
+                               loss_chunk_tokens=self.plan.tiling.loss_chunk_tokens)
+                loss = loss / self.accum_steps
             loss.backward()
             total += loss.detach().double()
         self.states.finish_backward()
@@ -86,6 +94,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
     tr = job.spec.train
     torch.manual_seed(tr.seed)
     model = build_model(job.shape, seed=tr.seed)  # fp32 master weights; bf16 = autocast
+    if plan.tiling.mlp_chunk_tokens:
+        apply_mlp_tiling(model, plan.tiling.mlp_chunk_tokens)
     activation_stats = None
     if plan.activations and not all(a.keep_all for a in plan.activations):
         raise NotImplementedError("activation policies are wired in by the activation "

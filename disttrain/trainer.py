@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch.distributed as dist
 from rich.console import Console
@@ -38,8 +39,13 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, job: Job, plan: Plan | None = None, *, console: Console | None = None):
+    def __init__(self, job: Job, plan: Plan | None = None, *, console: Console | None = None,
+                 on_step: Callable[[dict], None] | None = None,
+                 on_checkpoint: Callable[[int, Path], None] | None = None):
+        """`on_step(record)` sees every metrics record; `on_checkpoint(step, dir)` runs on every
+        rank after a checkpoint is complete (launchers use both, e.g. to report to Ray Train)."""
         self.job = job
+        self.on_step, self.on_checkpoint = on_step, on_checkpoint
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.plan = plan or fixed_plan(job, world)
@@ -67,8 +73,8 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
 
-    def _start_step(self, resume: bool) -> int:
-        latest = latest_checkpoint(self.ckpt_dir)
+    def _start_step(self, resume: bool, resume_from: Path | None = None) -> int:
+        latest = resume_from or latest_checkpoint(self.ckpt_dir)
         if not resume:
             if latest is not None:
                 raise SpecError(f"output_dir: {self.job.output_dir} already holds a run "
@@ -98,11 +104,13 @@ class Trainer:
         self.lr = lr
         return loss, grad_norm
 
-    def run(self, *, resume: bool = False, max_steps: int | None = None) -> TrainResult:
-        """Train to `train.steps` (or stop after `max_steps` steps of this invocation)."""
+    def run(self, *, resume: bool = False, max_steps: int | None = None,
+            resume_from: Path | None = None) -> TrainResult:
+        """Train to `train.steps` (or stop after `max_steps` steps of this invocation).
+        `resume_from` names a checkpoint directory to resume from instead of `latest`."""
         tr = self.job.spec.train
         out = self.job.output_dir
-        start = self._start_step(resume)
+        start = self._start_step(resume or resume_from is not None, resume_from)
         self._barrier()
         out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
@@ -134,6 +142,8 @@ class Trainer:
                     if self.runtime.activation_stats is not None:
                         record["activations"] = self.runtime.activation_stats()
                     metrics.write(record)
+                    if self.on_step is not None:
+                        self.on_step(record)
                     progress.update(task, advance=1, loss=loss, tps=tokens_per_step / dt,
                                     lr=self.lr)
                     if (step + 1) % tr.log_every == 0 and not self.console.is_terminal:
@@ -157,8 +167,12 @@ class Trainer:
     def save(self, step: int) -> Path:
         meta = {"model": self.job.shape.to_dict(), "name": self.job.spec.name,
                 "parallel": self.plan.to_dict()["parallel"]}
-        return save_checkpoint(self.ckpt_dir, step=step, state=self.runtime.states.state_dict(),
-                               meta=meta, rank=self.rank, barrier=self._barrier)
+        step_dir = save_checkpoint(self.ckpt_dir, step=step,
+                                   state=self.runtime.states.state_dict(), meta=meta,
+                                   rank=self.rank, barrier=self._barrier)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(step, step_dir)
+        return step_dir
 
     def _write_summary(self, result: TrainResult, step_times: list[float]) -> None:
         if not result.losses:

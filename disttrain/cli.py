@@ -94,6 +94,15 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from disttrain.report import write_run_report
+
+    text, path = write_run_report(args.run_dir)
+    print(text)
+    console.print(f"wrote {path}")
+    return 0
+
+
 def _not_built(verb: str, issue: str):
     def run(args: argparse.Namespace, console: Console) -> int:
         raise NotBuiltYet(f"{verb}: not built yet ({issue})")
@@ -134,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", action="store_true", help="probe this machine's hardware")
     p.set_defaults(run=_not_built("profile", "planner issue"))
 
-    p = verbs.add_parser("report", help="predicted vs measured for a finished run")
+    p = verbs.add_parser("report", help="predicted vs measured for a run directory")
     p.add_argument("run_dir")
-    p.set_defaults(run=_not_built("report", "activation runtime issue"))
+    p.set_defaults(run=_cmd_report)
 
     p = verbs.add_parser("bench", help="run the benchmarks under bench/")
     p.set_defaults(run=_not_built("bench", "benchmarks issue"))

@@ -23,8 +23,9 @@ from disttrain.data import Batches
 from disttrain.model import Llama, build_model
 from disttrain.optim import TorchAdamWStates
 from disttrain.parallel.dims import ParallelDims, ParallelGroups, build_groups
+from disttrain.parallel.pipeline import PipelineConfig, PipelineRunner
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
-from disttrain.spec import Job
+from disttrain.spec import Job, SpecError
 from disttrain.tiling import apply_mlp_tiling, chunked_lm_loss
 from planner.plan import Plan
 
@@ -50,7 +51,9 @@ class Runtime:
     """The full model (pp == 1) or this rank's pipeline stage."""
     states: TorchAdamWStates | ZeroModelStates
     accum_steps: int
-    """Microbatches this rank runs per optimizer step (pp == 1)."""
+    """Microbatches this rank runs per optimizer step."""
+    pipeline: PipelineRunner | None = None
+    """The 1F1B runner when pp > 1."""
     activation_stats: object | None = None
     """Per-layer measurements of the activation policy, when one is applied."""
 
@@ -68,7 +71,14 @@ class Runtime:
         loss (mean over the whole global batch, the same value on every rank)."""
         dims, groups = self.dims, self.groups
         total = torch.zeros(1, dtype=torch.float64)
-        for micro in range(self.accum_steps):
+        if self.pipeline is not None:
+            parts = [batches.get(step, m * dims.dp + groups.dp_rank)
+                     for m in range(self.accum_steps)]
+            tokens = torch.cat([p[0] for p in parts])
+            targets = torch.cat([p[1] for p in parts])
+            with self.autocast():
+                total += self.pipeline.step(tokens, targets)
+        for micro in range(self.accum_steps if self.pipeline is None else 0):
             tokens, targets = batches.get(step, micro * dims.dp + groups.dp_rank)
             with self.autocast():
                 loss = lm_loss(self.model, tokens, targets,
@@ -87,9 +97,9 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
     par = plan.parallel
     world = dist.get_world_size() if dist.is_initialized() else 1
     dims = ParallelDims(dp=par.dp, sp=par.sp, pp=par.pp, world_size=world)
-    if par.sp > 1 or par.pp > 1:
-        raise NotImplementedError("sequence and pipeline parallelism are wired in by the "
-                                  "distributed runtime issue")
+    if par.sp > 1:
+        raise NotImplementedError("sequence parallelism is wired in by the distributed "
+                                  "runtime issue")
     groups = build_groups(dims, rank)
     tr = job.spec.train
     torch.manual_seed(tr.seed)
@@ -100,6 +110,13 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
     if plan.activations and not all(a.keep_all for a in plan.activations):
         raise NotImplementedError("activation policies are wired in by the activation "
                                   "runtime issue")
+    pipeline = None
+    if par.pp > 1:
+        if job.shape.tie_embeddings:
+            raise SpecError("model.tie_embeddings: not supported with parallel.pp > 1 (the "
+                            "tied gradient would have to be summed across stages inside ZeRO)")
+        pipeline = PipelineRunner(model, groups, PipelineConfig.from_plan(par))
+        model = pipeline.module  # this rank's stage(s); the other stages' layers are freed
     if world == 1 and par.zero_stage == 0:
         states = TorchAdamWStates(model, lr=tr.lr, weight_decay=tr.weight_decay)
     else:
@@ -111,5 +128,9 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
                             weight_decay=tr.weight_decay)
         states = ZeroModelStates(model, config, group=groups.dp_sp, extra_norm_group=groups.pp)
     accum = tr.global_batch_size // (tr.micro_batch_size * par.dp)
+    if pipeline is not None and accum != par.num_microbatches:
+        raise SpecError(f"parallel.num_microbatches: must be global_batch_size / "
+                        f"(micro_batch_size x dp) = {accum} with a pipeline, got "
+                        f"{par.num_microbatches}")
     return Runtime(job=job, plan=plan, groups=groups, model=model, states=states,
-                   accum_steps=accum, activation_stats=activation_stats)
+                   accum_steps=accum, pipeline=pipeline, activation_stats=activation_stats)

@@ -13,13 +13,13 @@ def fixed_plan(job: Job, world_size: int) -> Plan:
     """The plan that keeps every activation and honours the spec's fixed values, resolving
     `auto` trivially (sequence and pipeline degree 1, data parallel over all ranks, ZeRO-3 when
     there is more than one rank). Used with `--no-plan` and by tests."""
-    par = job.spec.parallel
+    par, tr = job.spec.parallel, job.spec.train
     sp = 1 if par.sp == "auto" else par.sp
     pp = 1 if par.pp == "auto" else par.pp
     dp = world_size // (sp * pp) if par.dp == "auto" else par.dp
     zero = (3 if world_size > 1 else 0) if par.zero_stage == "auto" else par.zero_stage
-    tr = job.spec.train
-    micro = 1 if par.num_microbatches == "auto" else par.num_microbatches
+    accum = tr.global_batch_size // (tr.micro_batch_size * dp)
+    micro = accum if par.num_microbatches == "auto" else par.num_microbatches
     return Plan(
         model=job.shape.to_dict(), dtype=job.dtype, seq_len=tr.seq_len,
         micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,

@@ -122,3 +122,98 @@ CLUSTER_PRESETS: dict[str, HardwareSpec] = {
         host_memory_bytes=64 * GiB, nvme_capacity_bytes=0, intra_node_bw=25 * GB,
         inter_node_bw=1.25 * GB),
 }
+
+
+def _timed_host_copy(num_bytes: int = 256 * 2**20, repeats: int = 3) -> float:
+    """Host memcpy bandwidth in bytes/s (unpinned: pinned memory needs CUDA)."""
+    import time
+
+    import torch
+    src = torch.empty(num_bytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)                                   # touch the pages once
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    return repeats * num_bytes / (time.perf_counter() - start)
+
+
+def _timed_nvme(path: str, num_bytes: int = 128 * 2**20) -> tuple[float, float, int]:
+    """(write bytes/s, read bytes/s, free bytes) of `path` with an fsync'd temp file, removed after."""
+    import os
+    import shutil
+    import tempfile
+    import time
+    os.makedirs(path, exist_ok=True)
+    block = os.urandom(4 * 2**20)
+    fd, name = tempfile.mkstemp(prefix="disttrain-probe-", dir=path)
+    try:
+        start = time.perf_counter()
+        with os.fdopen(fd, "wb") as handle:
+            for _ in range(num_bytes // len(block)):
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+        write_bw = num_bytes / (time.perf_counter() - start)
+        if hasattr(os, "posix_fadvise"):             # drop the page cache so the read hits the disk
+            with open(name, "rb") as handle:
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        start = time.perf_counter()
+        with open(name, "rb", buffering=0) as handle:
+            while handle.read(len(block)):
+                pass
+        read_bw = num_bytes / (time.perf_counter() - start)
+    finally:
+        os.remove(name)
+    return write_bw, read_bw, shutil.disk_usage(path).free
+
+
+def _nvml_devices() -> list[tuple[str, int]]:
+    """(name, total bytes) per GPU through NVML; [] without the library or a driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    try:
+        devices = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            devices.append((name.decode() if isinstance(name, bytes) else name,
+                            int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)))
+        return devices
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def probe(nvme_path: str = "/tmp/disttrain-nvme", *, nvme_test_bytes: int = 128 * 2**20,
+          fallback: str = "cpu-local") -> HardwareSpec:
+    """Measure this machine: GPUs via NVML / torch, host copy, NVMe write/read on `nvme_path`.
+
+    FLOP/s and collective bandwidths are not measured here; they come from the `fallback`
+    preset (on a GPU the device's datasheet numbers belong in the job spec).
+    """
+    import os
+
+    import torch
+    base = CLUSTER_PRESETS[fallback]
+    host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    gpus = _nvml_devices()
+    if not gpus and torch.cuda.is_available():
+        gpus = [(torch.cuda.get_device_properties(i).name, torch.cuda.get_device_properties(i).total_memory)
+                for i in range(torch.cuda.device_count())]
+    host_link = _timed_host_copy()
+    write_bw, read_bw, free = _timed_nvme(nvme_path, nvme_test_bytes) if nvme_path else (0.0, 0.0, 0)
+    if gpus:
+        name, memory = gpus[0]
+        devices = len(gpus)
+    else:
+        name, memory, devices = "cpu", min(base.device_memory_bytes, host_total // 2), 1
+    return base.replace(name="probe", devices_per_node=devices, device_name=name,
+                        device_memory_bytes=int(memory), host_memory_bytes=int(host_total),
+                        host_link_bw=host_link, nvme_capacity_bytes=int(free) if nvme_path else 0,
+                        nvme_read_bw=read_bw, nvme_write_bw=write_bw, nvme_path=nvme_path)

@@ -50,8 +50,10 @@ class ParallelPlan:
             raise ValueError(f"parallel.schedule: must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage: must be 0-3, got {self.zero_stage}")
-        if self.stages and len(self.stages) != self.pp:
-            raise ValueError(f"parallel.stages: need {self.pp} ranges, got {len(self.stages)}")
+        per_rank = 2 if self.schedule == "interleaved-1f1b" else 1  # virtual stages per rank
+        if self.stages and len(self.stages) != self.pp * per_rank:
+            raise ValueError(f"parallel.stages: need {self.pp * per_rank} ranges for pp="
+                             f"{self.pp} with schedule {self.schedule!r}, got {len(self.stages)}")
 
     @property
     def world_size(self) -> int:
@@ -172,6 +174,8 @@ class Plan:
     solver: SolverInfo = field(default_factory=SolverInfo)
     rejected: tuple[dict[str, Any], ...] = ()
     """Each {'candidate': {...}, 'reason': str} for layouts that failed."""
+    notes: tuple[str, ...] = ()
+    """Planner remarks the runtime should know (e.g. KV heads replicated across sp ranks)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -203,6 +207,7 @@ class Plan:
         data["prediction"] = _build(Prediction, pred, "prediction")
         data["solver"] = _build(SolverInfo, data.get("solver", {}), "solver")
         data["rejected"] = tuple(data.get("rejected", ()))
+        data["notes"] = tuple(data.get("notes", ()))
         return cls(**data)
 
     @classmethod

@@ -71,6 +71,18 @@ def test_dp2_zero3_with_cpu_chunks_matches_single_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_pp2_1f1b_four_microbatches_matches_single_process(tmp_path):
+    ref = _reference(tmp_path)
+    spec = _spec(tmp_path, "pp2", 2, dp=1, sp=1, pp=2, zero_stage=1)
+    plan = fixed_plan(job_from_dict(spec), 2)
+    assert plan.parallel.num_microbatches == 4 and plan.parallel.schedule == "1f1b"
+    results = spawn_ranks(_worker, 2, spec, plan.to_dict())
+    assert results[0][0] == results[1][0]  # both stages report the same step loss
+    merged = {**results[0][1], **results[1][1]}  # each stage holds its own layers
+    _compare((results[0][0], merged), ref)
+
+
+@pytest.mark.slow
 def test_torchrun_cli_trains_checkpoints_and_resumes_bit_identically(tmp_path, write_spec):
     changes = {"train": {"steps": 4, "checkpoint_every": 2},
                "cluster": {"devices_per_node": 2},

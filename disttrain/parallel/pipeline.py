@@ -18,7 +18,9 @@ layers wrapped by a memory policy or with a replaced attention core work unchang
 Tied embeddings: the first stage owns `embed`, the last stage keeps its own copy of the same
 (identically initialised) weight for the head; after the backward the two gradients are
 summed by an all-reduce over the pp group (middle stages contribute zeros), so both copies
-receive the full gradient and stay equal under the same optimizer.
+receive the full gradient and stay equal under the same optimizer. This needs the tied
+gradient to still be in `.grad` after the schedule: with gradient hooks that consume it
+during the backward (ZeRO's chunk reduction) `step` raises instead of training wrongly.
 
 Shape legend: B batch, S sequence (local shard under sequence parallelism), H hidden, V vocab.
 """
@@ -35,7 +37,9 @@ from torch import nn
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
                                           ScheduleInterleaved1F1B)
 
+from disttrain.model.llama import rope_cos_sin
 from disttrain.parallel.dims import ParallelGroups
+from planner.plan import ParallelPlan
 
 SCHEDULE_VIRTUAL_STAGES = {"1f1b": 1, "interleaved-1f1b": 2}
 """Supported schedules and the number of (virtual) stages each pp rank holds."""
@@ -98,13 +102,29 @@ def _min_bottleneck_sizes(costs: list[float], pp: int) -> list[int]:
     return sizes
 
 
+class LayerRange(nn.Module):
+    """Decoder layers of one or more stages, registered under their global layer index (so
+    parameter names match the full model) and iterated in layer order (as `model.layers`
+    is, e.g. by `parallel.chunks.execution_units`)."""
+
+    def __init__(self, layers: dict[int, nn.Module]):
+        super().__init__()
+        for index in sorted(layers):
+            self.add_module(str(index), layers[index])
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
 class StageModule(nn.Module):
     """The part of a `Llama` one pipeline stage runs, with the model's parameter names.
 
     First stage: tokens_BS -> embedding -> its layers -> x_BSH.  Middle: x_BSH -> layers.
     Last: x_BSH -> layers -> final norm -> head -> logits_BSV (the loss is the schedule's).
-    Submodules are shared with the model, not copied; `layers` is keyed by the global layer
-    index so `named_parameters()` gives the same names as the full model.
+    Submodules are shared with the model, not copied, and named as in the model.
     """
 
     def __init__(self, model: nn.Module, stage_index: int, stages: Sequence[tuple[int, int]]):
@@ -112,9 +132,9 @@ class StageModule(nn.Module):
         start, end = stages[stage_index]
         self.is_first = stage_index == 0
         self.is_last = stage_index == len(stages) - 1
-        self.rope = model.rope
+        self.shape = model.shape  # for RoPE; no reference to the rest of the model is kept
         self.embed = model.embed if self.is_first or (self.is_last and model.head is None) else None
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(start, end)})
+        self.layers = LayerRange({i: model.layers[i] for i in range(start, end)})
         self.norm = model.norm if self.is_last else None
         self.head = model.head if self.is_last else None
         self.positions_S: torch.Tensor | None = None
@@ -125,8 +145,9 @@ class StageModule(nn.Module):
             raise RuntimeError("StageModule: positions_S must be set before the forward")
         if self.is_first:
             x = self.embed(x)
-        cos, sin = self.rope(self.positions_S.to(x.device), x.dtype)
-        for layer in self.layers.values():
+        cos, sin = rope_cos_sin(self.positions_S.to(x.device), self.shape.head_dim,
+                                self.shape.rope_theta, x.dtype)
+        for layer in self.layers:
             x = layer(x, cos, sin)
         if not self.is_last:
             return x
@@ -180,6 +201,12 @@ class PipelineConfig:
     @property
     def virtual_stages(self) -> int:
         return SCHEDULE_VIRTUAL_STAGES[self.schedule]
+
+    @classmethod
+    def from_plan(cls, parallel: ParallelPlan) -> "PipelineConfig":
+        """The pipeline part of a plan (its `stages` are per stage, in layer order)."""
+        return cls(num_microbatches=parallel.num_microbatches, schedule=parallel.schedule,
+                   stages=tuple(tuple(s) for s in parallel.stages))
 
 
 class _CountingStage(PipelineStage):
@@ -237,7 +264,6 @@ class PipelineRunner:
                                       counter=self._counter)
                        for m, i in zip(self.stage_modules, indices)]
         num_micro = config.num_microbatches
-        self._loss_fn = loss_fn
 
         def scaled_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return loss_fn(output, target) / num_micro
@@ -278,40 +304,56 @@ class PipelineRunner:
         losses: list[torch.Tensor] = []
         args = (tokens_BS,) if self.has_first else ()
         target = targets_BS if self.has_last else None
+        tied_before = self._tied_grad_snapshot() if self.tied else None
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
         self.bytes_sent.update(self._counter)
-        self.bytes_sent["tied_grad_allreduce"] = self._sync_tied_grad() if self.tied else 0
+        self.bytes_sent["tied_grad_allreduce"] = (self._sync_tied_grad(tied_before)
+                                                  if self.tied else 0)
         loss = torch.zeros((), dtype=torch.float64)
         if self.has_last:
             loss = torch.stack([item.detach().double() for item in losses]).sum()
         dist.broadcast(loss, group=self.group, group_src=self.pp - 1)
         return float(loss)
 
-    def _sync_tied_grad(self) -> int:
-        """Sum the tied embedding/head gradient of the first and last stage over the pp
-        group (middle ranks add zeros); returns the bytes this rank contributed."""
-        owner = next((m for m in self.stage_modules if m.embed is not None), None)
+    def _tied_owner(self) -> StageModule | None:
+        return next((m for m in self.stage_modules if m.embed is not None), None)
+
+    def _tied_grad_snapshot(self) -> torch.Tensor | None:
+        """The tied weight's gradient accumulated before this step (already summed over
+        the stages by earlier steps), so only this step's contribution is exchanged."""
+        owner = self._tied_owner()
+        if owner is None or owner.embed.weight.grad is None:
+            return None
+        return owner.embed.weight.grad.clone()
+
+    def _sync_tied_grad(self, before: torch.Tensor | None) -> int:
+        """Sum this step's tied embedding/head gradient of the first and the last stage over
+        the pp group (middle ranks add zeros); returns the bytes this rank contributed."""
+        owner = self._tied_owner()
         if owner is not None:
             weight = owner.embed.weight
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-            grad = weight.grad
+            if weight.grad is None:  # the embedding and the head always produce one
+                raise RuntimeError("tied embeddings: the embedding/head gradient was taken "
+                                   "out of .grad during the backward (by a gradient hook, "
+                                   "e.g. ZeRO); it must be summed over the pp group first")
+            delta = weight.grad if before is None else weight.grad - before
         else:
             shape, dtype = self._tied_meta
-            grad = torch.zeros(shape, dtype=dtype)
-        dist.all_reduce(grad, group=self.group)
-        return grad.numel() * grad.element_size()
+            delta = torch.zeros(shape, dtype=dtype)
+        dist.all_reduce(delta, group=self.group)
+        if owner is not None and before is not None:
+            owner.embed.weight.grad.copy_(before + delta)
+        return delta.numel() * delta.element_size()
 
 
 def _union(stage_modules: list[StageModule]) -> nn.Module:
     """One module holding every local stage's submodules under the full model's names."""
     union = nn.Module()
-    layers = nn.ModuleDict()
+    layers: dict[int, nn.Module] = {}
     for module in stage_modules:
         for name in ("embed", "norm", "head"):
             if getattr(module, name) is not None:
                 union.add_module(name, getattr(module, name))
-        for key, layer in module.layers.items():
-            layers[key] = layer
-    union.add_module("layers", layers)
+        layers.update((int(key), layer) for key, layer in module.layers.named_children())
+    union.add_module("layers", LayerRange(layers))
     return union

@@ -1,0 +1,157 @@
+"""Analytic model of one decoder layer: saved bytes and FLOPs from the shapes alone.
+
+Used when the target device is not here (planning an A800 cluster on a CPU). The byte
+counts mirror what autograd saves for `disttrain.model.DecoderLayer` (RMSNorm upcasts to
+fp32, RoPE saves only the cos/sin tables, the flash core saves q, k, v, out and an fp32
+log-sum-exp); tests check them equal to the profiler's measurements.
+
+Symbols: H hidden, KV kv width (kv heads x head dim), N query heads, F ffn hidden,
+V vocab, b bytes per element of the training dtype, S sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.shapes import DTYPE_BYTES, ModelShape
+
+FP32 = 4
+INDEX_BYTES = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedBytesPerToken:
+    """Bytes autograd saves per token of one decoder layer, split by kind."""
+
+    input_saved: float
+    """Layer-input bytes plain autograd saves (bf16 saves the fp32 upcast instead: 0)."""
+    layer_input: float
+    """Layer-input bytes a memory policy keeps for recompute (always b*H)."""
+    attention_output: float
+    """Attention output (b*H) plus the fp32 log-sum-exp (4*N)."""
+    token_local: float
+    """Everything else: norms, projections, q/k/v, the MLP's intermediates."""
+    mlp: float
+    """The part of `token_local` inside the MLP block (what MLP tiling bounds)."""
+
+    @property
+    def plain_total(self) -> float:
+        """Saved bytes of an unmodified layer (autograd keeps everything)."""
+        return self.input_saved + self.attention_output + self.token_local
+
+
+def kv_heads_per_rank(shape: ModelShape, sp: int) -> int:
+    """KV heads each Ulysses rank holds: K/sp, or 1 (replicated) when K < sp."""
+    return max(1, shape.num_kv_heads // sp) if sp > 1 else shape.num_kv_heads
+
+
+def layer_saved_bytes_per_token(shape: ModelShape, dtype: str, sp: int = 1) -> SavedBytesPerToken:
+    """Saved bytes per (local) token; with Ulysses sp, replicated KV heads cost extra."""
+    b = DTYPE_BYTES[dtype]
+    h, f = shape.hidden_size, shape.ffn_hidden_size
+    kv = kv_heads_per_rank(shape, sp) * sp * shape.head_dim if sp > 1 else shape.kv_dim
+    kv = max(kv, shape.kv_dim)
+    upcast = 0 if b == FP32 else FP32 * h        # RMSNorm's fp32 copy of its input
+    norm = upcast + FP32 + b * h                 # [fp32 copy], rsqrt, normed
+    residual = b * h if b == FP32 else 0         # mlp_norm saves its fp32 input (h itself)
+    mlp = norm + b * h + residual + 4 * b * f    # norm, normed*w, [h], gate, silu, up, product
+    qkv = norm + b * h + b * h + 2 * b * kv      # norm, normed*w, q, k, v
+    return SavedBytesPerToken(
+        input_saved=b * h if b == FP32 else 0.0, layer_input=float(b * h),
+        attention_output=float(b * h + FP32 * shape.num_heads),
+        token_local=float(qkv + mlp), mlp=float(mlp))
+
+
+def head_saved_bytes_per_token(shape: ModelShape, dtype: str) -> float:
+    """Final norm, output head and cross-entropy (fp32 log-softmax) per token, + targets."""
+    b = DTYPE_BYTES[dtype]
+    h = shape.hidden_size
+    norm_input = b * h if b == FP32 else FP32 * h
+    return norm_input + FP32 + b * h + b * h + FP32 * shape.vocab_size + INDEX_BYTES
+
+
+def model_saved_bytes(shape: ModelShape, dtype: str, batch: int, seq_len: int) -> float:
+    """Saved bytes of a plain forward + loss of the whole model on `batch` x `seq_len`."""
+    tokens = batch * seq_len
+    per_layer = layer_saved_bytes_per_token(shape, dtype)
+    rope_tables = 2 * seq_len * (shape.head_dim // 2) * DTYPE_BYTES[dtype]
+    embedding = INDEX_BYTES * tokens
+    # In bf16 nobody saves a layer's input, so a layer's output is dropped unless the next
+    # layer is fp32; the final norm's input is counted in the head term.
+    return (shape.num_layers * per_layer.plain_total * tokens + embedding
+            + head_saved_bytes_per_token(shape, dtype) * tokens + rope_tables + FP32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlopsPerToken:
+    """Forward FLOPs per token of one layer (backward is 2x for matmuls)."""
+
+    token_local: float
+    """Projections and MLP: 2 x layer parameters (what recompute re-runs)."""
+    attention: float
+    """Causal attention core: 2*S*H (QK^T and AV, half the square)."""
+
+
+def layer_flops_per_token(shape: ModelShape, seq_len: int) -> FlopsPerToken:
+    return FlopsPerToken(token_local=2.0 * shape.layer_params(),
+                         attention=2.0 * seq_len * shape.hidden_size)
+
+
+def model_flops_per_token(shape: ModelShape, seq_len: int) -> float:
+    """Forward + backward model FLOPs per token (no recompute), the MFU numerator."""
+    per_layer = layer_flops_per_token(shape, seq_len)
+    head = 2.0 * shape.vocab_size * shape.hidden_size
+    return 3.0 * (shape.num_layers * (per_layer.token_local + per_layer.attention) + head)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorLife:
+    """One tensor of a layer's forward: bytes and the op steps it is live over [start, end]."""
+
+    name: str
+    """What the tensor is."""
+    size_bytes: int
+    """Bytes of the tensor at the planned token count."""
+    start: int
+    """Op step that allocates it."""
+    end: int
+    """Last op step it is live at (inclusive)."""
+    kind: str
+    """'input', 'attention_output', 'token_local' (saved, leaves at layer end) or 'transient'."""
+
+
+def layer_tensor_lifetimes(shape: ModelShape, dtype: str, tokens: int) -> list[TensorLife]:
+    """Tensors of one layer's forward in op order, with the step each is last used at.
+
+    Saved token-local tensors live to the layer's end (then they are swapped or dropped);
+    transients die after their last consumer. The layout planner packs them into one arena.
+    """
+    b, h, f = DTYPE_BYTES[dtype], shape.hidden_size, shape.ffn_hidden_size
+    kv = shape.kv_dim
+    end = 14
+    rows = [  # name, bytes per token, start, end, kind
+        ("input", b * h, 0, end, "input"),
+        ("norm1_rsqrt", FP32, 0, end, "token_local"),
+        ("norm1_normed", b * h, 1, end, "token_local"),
+        ("norm1_out", b * h, 2, end, "token_local"),
+        ("q_proj", b * h, 3, 4, "transient"),
+        ("q_rope", b * h, 4, end, "token_local"),
+        ("k_proj", b * kv, 4, 5, "transient"),
+        ("k_rope", b * kv, 5, end, "token_local"),
+        ("v_proj", b * kv, 5, end, "token_local"),
+        ("attn_out", b * h, 6, end, "attention_output"),
+        ("attn_lse", FP32 * shape.num_heads, 6, end, "attention_output"),
+        ("o_proj", b * h, 7, 8, "transient"),
+        ("residual1", b * h, 8, end, "token_local"),
+        ("norm2_rsqrt", FP32, 8, end, "token_local"),
+        ("norm2_normed", b * h, 9, end, "token_local"),
+        ("norm2_out", b * h, 9, end, "token_local"),
+        ("gate", b * f, 10, end, "token_local"),
+        ("up", b * f, 10, end, "token_local"),
+        ("silu", b * f, 11, end, "token_local"),
+        ("product", b * f, 12, end, "token_local"),
+        ("down_proj", b * h, 13, 14, "transient"),
+        ("output", b * h, 14, end, "transient"),
+    ]
+    return [TensorLife(name=name, size_bytes=int(per_token * tokens), start=start,
+                       end=stop, kind=kind) for name, per_token, start, stop, kind in rows]

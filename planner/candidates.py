@@ -1,0 +1,249 @@
+"""Candidate parallel layouts and the per-stage problems the MIP solves for each.
+
+`enumerate_candidates` lists every (dp, sp, sp_kind, pp, microbatches, ZeRO stage) that
+divides the world size, respects head counts and the values fixed in the request, and
+keeps a reason (with numbers) for each one it rules out. `build_stages` turns one candidate
+into `StageProblem`s: fixed bytes (unchunked model states, gather buffers, the working set
+of one layer's backward, the loss chunk), chunkable states, capacities and bandwidths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.analytic import SavedBytesPerToken, layer_saved_bytes_per_token
+from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu_optimizer_s,
+                               device_optimizer_s, inflight_microbatches, layer_cost,
+                               layer_working_bytes, local_tokens, logits_working_bytes,
+                               model_state_bytes, optimizer_bytes_per_param, stage_layer_ranges,
+                               stage_params)
+from planner.mip import StageProblem
+from planner.request import PlanRequest
+from planner.shapes import DTYPE_BYTES
+
+GiB = 2**30
+LOSS_CHUNK_BUDGET = 1 * GiB
+"""Bytes the fp32 logits (+ their gradient) of one loss chunk may take."""
+MLP_TILE_SHARE = 0.05
+"""Share of device memory one MLP token tile (saved + gradients) may take."""
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def gib(num_bytes: float) -> str:
+    return f"{num_bytes / GiB:.1f} GiB"
+
+
+def _reason(cand: dict, reason: str, shortfall: float | None = None) -> dict:
+    return {"candidate": cand, "reason": reason, "shortfall_bytes": shortfall}
+
+
+def enumerate_candidates(request: PlanRequest) -> tuple[list[Candidate], list[dict], dict[Candidate, list[str]]]:
+    """(valid candidates, rejected with reasons, notes per candidate)."""
+    shape, world = request.model, request.hardware.world_size
+    candidates, rejected, notes = [], [], {}
+    for name, value in (("dp", request.dp), ("sp", request.sp), ("pp", request.pp)):
+        if value is not None and (value < 1 or world % value):
+            rejected.append(_reason({name: value}, f"{name}={value} (fixed in the request) does "
+                                    f"not divide the world size {world}"))
+            return [], rejected, notes
+    for dp in divisors(world):
+        for sp in divisors(world // dp):
+            pp = world // (dp * sp)
+            if any(fixed is not None and fixed != value for fixed, value in
+                   ((request.dp, dp), (request.sp, sp), (request.pp, pp))):
+                continue
+            kinds = [request.sp_kind] if request.sp_kind else (["ulysses"] if sp == 1 else ["ulysses", "ring"])
+            for kind in kinds:
+                base = dict(dp=dp, sp=sp, sp_kind=kind, pp=pp)
+                problem = _layout_problem(request, dp, sp, kind, pp)
+                if problem:
+                    rejected.append(_reason(base, problem))
+                    continue
+                microbatches = request.global_batch_size // (dp * request.micro_batch_size)
+                if request.num_microbatches is not None and request.num_microbatches != microbatches:
+                    rejected.append(_reason(dict(base, num_microbatches=request.num_microbatches),
+                                            f"num_microbatches={request.num_microbatches} (fixed) but global batch "
+                                            f"{request.global_batch_size} / (dp {dp} x micro batch "
+                                            f"{request.micro_batch_size}) = {microbatches}"))
+                    continue
+                stages = ([request.zero_stage] if request.zero_stage is not None
+                          else ([0, 3] if dp * sp == 1 else [0, 1, 2, 3]))
+                for zero in stages:
+                    cand = Candidate(dp=dp, sp=sp, sp_kind=kind, pp=pp,
+                                     num_microbatches=microbatches, zero_stage=zero)
+                    candidates.append(cand)
+                    if kind == "ulysses" and sp > shape.num_kv_heads:
+                        notes[cand] = [f"Ulysses sp={sp} > num_kv_heads={shape.num_kv_heads}: each rank "
+                                       f"holds one replicated KV head ({sp // shape.num_kv_heads}x copies)"]
+    return candidates, rejected, notes
+
+
+def _layout_problem(request: PlanRequest, dp: int, sp: int, kind: str, pp: int) -> str:
+    shape = request.model
+    if pp > shape.num_layers:
+        return f"pp={pp} > {shape.num_layers} layers"
+    if request.global_batch_size % (dp * request.micro_batch_size):
+        return (f"global batch {request.global_batch_size} is not a multiple of dp {dp} x "
+                f"micro batch {request.micro_batch_size}")
+    if request.seq_len % sp:
+        return f"seq_len {request.seq_len} is not divisible by sp={sp}"
+    if kind == "ulysses" and sp > 1:
+        if shape.num_heads % sp:
+            return f"Ulysses needs num_heads ({shape.num_heads}) divisible by sp={sp}"
+        if shape.num_kv_heads % sp and sp % shape.num_kv_heads:
+            return (f"Ulysses needs num_kv_heads ({shape.num_kv_heads}) and sp={sp} to divide "
+                    f"one another")
+    if kind == "ring" and sp > 1 and request.seq_len % (2 * sp):
+        return f"ring attention needs seq_len {request.seq_len} divisible by 2*sp={2 * sp}"
+    return ""
+
+
+def bytes_per_token(request: PlanRequest, cand: Candidate, measured: dict[str, float] | None
+                    ) -> SavedBytesPerToken:
+    """Analytic per-token bytes, or a profile's measured categories (+ KV replication)."""
+    ulysses_sp = cand.sp if cand.sp_kind == "ulysses" else 1
+    analytic = layer_saved_bytes_per_token(request.model, request.dtype, ulysses_sp)
+    if not measured:
+        return analytic
+    replication = analytic.token_local - layer_saved_bytes_per_token(request.model, request.dtype).token_local
+    return SavedBytesPerToken(
+        input_saved=measured["input"], layer_input=analytic.layer_input,
+        attention_output=measured["attention_output"],
+        token_local=measured["token_local"] + replication, mlp=analytic.mlp)
+
+
+def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedBytesPerToken,
+                        profile) -> LayerCost | None:
+    """Layer times from a profile taken on the target device type (None when it was not):
+    token-local parts scale with local tokens, the core with local tokens x full sequence."""
+    coeffs = getattr(profile, "time_coeffs", None) or {}
+    names = ("forward_s", "backward_s", "token_local_forward_s")
+    if (profile is None or any(n not in coeffs for n in names) or profile.dtype != request.dtype
+            or profile.device.lower() != request.hardware.device_name.lower()):
+        return None
+    tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
+    forward, backward, recompute = (profile.time_s(n, tokens, request.seq_len) for n in names)
+    return LayerCost(tokens=tokens, input_bytes=per_token.layer_input * tokens,
+                     attention_output_bytes=per_token.attention_output * tokens,
+                     token_local_bytes=per_token.token_local * tokens, mlp_bytes=per_token.mlp * tokens,
+                     plain_bytes=per_token.plain_total * tokens, forward_s=forward,
+                     backward_s=backward, recompute_s=min(recompute, forward))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSetup:
+    """A stage's MIP input plus what the step composition and report need."""
+
+    problem: StageProblem
+    layer_range: tuple[int, int]
+    head_compute_s: float
+    comm_microbatch_s: float
+    comm_step_s: float
+    fixed_optimizer_s: float
+    fixed_bytes: dict[str, float]
+    chunk_states: dict[str, float]
+    min_device_bytes: float
+
+
+def choose_tiling(request: PlanRequest, lc: LayerCost) -> tuple[int, int]:
+    """(loss_chunk_tokens, mlp_chunk_tokens): powers of two within their budgets; 0 = untiled."""
+    shape = request.model
+    per_token_logits = 2 * 4 * shape.vocab_size
+    loss_chunk = 0
+    if per_token_logits * lc.tokens > LOSS_CHUNK_BUDGET:
+        loss_chunk = 1 << max(0, int(LOSS_CHUNK_BUDGET // per_token_logits).bit_length() - 1)
+    mlp_per_token = lc.mlp_bytes / lc.tokens + 2 * DTYPE_BYTES[request.dtype] * shape.ffn_hidden_size
+    budget = MLP_TILE_SHARE * request.hardware.device_memory_bytes
+    mlp_chunk = 0
+    if mlp_per_token * lc.tokens > budget:
+        mlp_chunk = 1 << max(10, int(budget // mlp_per_token).bit_length() - 1)
+        mlp_chunk = 0 if mlp_chunk >= lc.tokens else mlp_chunk
+    return loss_chunk, mlp_chunk
+
+
+def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_token: SavedBytesPerToken,
+                 layer_override: LayerCost | None = None) -> tuple[list[StageSetup], tuple[int, int]]:
+    """One StageSetup per pipeline stage, and the (loss, mlp) tiling chosen."""
+    shape, hw, dtype = request.model, request.hardware, request.dtype
+    b, group = DTYPE_BYTES[dtype], cand.shard_group
+    lc = layer_override or layer_cost(shape, dtype, hw, cand, seq_len=request.seq_len,
+                                      micro_batch_size=request.micro_batch_size, params=params,
+                                      bytes_per_token=per_token)
+    tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
+    loss_chunk, mlp_chunk = choose_tiling(request, lc)
+    working = layer_working_bytes(lc, shape, dtype, mlp_chunk)
+    head_fwd = 2.0 * shape.vocab_size * shape.hidden_size * tokens / (hw.flops(dtype) * params.matmul_efficiency)
+    reserved = 0 if hw.device_name.lower() == "cpu" else params.reserved_bytes
+    usable = hw.device_memory_bytes * (1 - params.fragmentation) - reserved
+    per_rank = hw.devices_per_node
+    layer_params = shape.layer_params()
+    per_param_states = 2 * b + optimizer_bytes_per_param(dtype)
+    setups = []
+    for stage, (start, end) in enumerate(stage_layer_ranges(shape.num_layers, cand.pp)):
+        count, last = end - start, stage == cand.pp - 1
+        total_params = stage_params(shape, cand.pp, stage)
+        chunked = cand.zero_stage == 3
+        num_chunks = count if chunked else 0
+        fixed_states = model_state_bytes(total_params - num_chunks * layer_params, dtype,
+                                         cand.zero_stage, group)
+        buffers = working + (3 * b * layer_params if chunked else 0.0)
+        head = (logits_working_bytes(shape, tokens, loss_chunk) + 2 * b * shape.hidden_size * tokens) if last else 0.0
+        fixed = sum(fixed_states.values()) + buffers + head
+        compute = count * (lc.forward_s + lc.backward_s) + (3 * head_fwd if last else 0.0)
+        comm_mb, comm_step = comm_times(
+            shape, dtype, hw, cand, stage_layers=count, stage_num_params=total_params,
+            tokens=tokens, microbatch_compute_s=compute, attention_forward_s=lc.forward_s - lc.recompute_s,
+            last_backward_s=count * lc.backward_s, params=params)
+        chunk_device = per_param_states * layer_params / group
+        problem = StageProblem(
+            layers=(lc,) * count, inflight=inflight_microbatches(cand.pp, cand.num_microbatches, stage),
+            slots=cand.num_microbatches + cand.pp - 1, device_capacity_bytes=usable,
+            fixed_device_bytes=fixed, host_capacity_bytes=hw.host_memory_bytes / per_rank,
+            nvme_capacity_bytes=hw.nvme_capacity_bytes / per_rank, host_link_bw=hw.host_link_bw,
+            nvme_read_bw=(hw.nvme_read_bw or 1.0) / per_rank, nvme_write_bw=(hw.nvme_write_bw or 1.0) / per_rank,
+            tail_forward_window_s=head_fwd if last else 0.0,
+            tail_backward_window_s=2 * head_fwd if last else 0.0,
+            num_chunks=num_chunks, chunk_device_bytes=chunk_device, chunk_host_bytes=chunk_device,
+            chunk_link_bytes=3 * b * layer_params / group,
+            chunk_buffer_bytes=b * layer_params / group,
+            chunk_cpu_optimizer_s=cpu_optimizer_s(layer_params / group, hw, params),
+            chunk_device_optimizer_s=device_optimizer_s(layer_params / group, dtype, params),
+            allow_keep=request.recompute != "full",
+            allow_recompute=request.recompute != "none",
+            allow_cpu=request.activation_offload in ("auto", "cpu"),
+            allow_nvme=request.activation_offload in ("auto", "nvme") and hw.has_nvme,
+            token_chunks=0)
+        fixed_states_opt = device_optimizer_s(total_params - num_chunks * layer_params, dtype, params)
+        fixed_states_opt /= group if cand.zero_stage >= 1 else 1
+        can_swap = problem.allow_cpu or problem.allow_nvme
+        min_layer = 0.0 if can_swap else (min(lc.plain_bytes, lc.input_bytes + lc.attention_output_bytes)
+                                          if problem.allow_recompute else lc.plain_bytes)
+        setups.append(StageSetup(
+            problem=problem, layer_range=(start, end), head_compute_s=3 * head_fwd if last else 0.0,
+            comm_microbatch_s=comm_mb, comm_step_s=comm_step, fixed_optimizer_s=fixed_states_opt,
+            fixed_bytes=dict(fixed_states, buffers=buffers - working, working_set=working, loss=head),
+            chunk_states=model_state_bytes(num_chunks * layer_params, dtype, cand.zero_stage, group),
+            min_device_bytes=fixed + (problem.chunk_buffer_bytes if num_chunks else 0.0)
+            + problem.inflight * count * min_layer))
+    return setups, (loss_chunk, mlp_chunk)
+
+
+def memory_rejection(setups: list[StageSetup], capacity: float, usable: float) -> tuple[str, float] | None:
+    """A reason with numbers when even the leanest policy cannot fit some stage."""
+    for index, setup in enumerate(setups):
+        if setup.min_device_bytes <= usable:
+            continue
+        states = sum(v for k, v in setup.fixed_bytes.items() if k in ("parameters", "gradients", "optimizer"))
+        chunked = sum(setup.chunk_states.values()) if setup.problem.num_chunks else 0.0
+        where = f" (stage {index})" if len(setups) > 1 else ""
+        if states > usable:
+            return (f"model states alone need {gib(states)} per rank{where} > {gib(usable)} usable "
+                    f"of {gib(capacity)}", states - usable)
+        parts = ", ".join(f"{k} {gib(v)}" for k, v in setup.fixed_bytes.items() if v)
+        note = f" with all {setup.problem.num_chunks} chunks ({gib(chunked)}) on the CPU" if chunked else ""
+        return (f"needs at least {gib(setup.min_device_bytes)} per rank{where}{note} ({parts}) "
+                f"> {gib(usable)} usable of {gib(capacity)}", setup.min_device_bytes - usable)
+    return None

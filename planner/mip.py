@@ -1,0 +1,376 @@
+"""The inner problem: per-layer activation policy, chunk placement and prefetch buffers
+for one pipeline stage.
+
+Per layer: keep everything (plain layer), or keep/swap the layer input and the attention
+output, and split the token-local activations into a swapped share (to CPU or NVMe, one
+tier per layer) and a recomputed rest. Per stage: how many model-state chunks stay on the
+device (the rest live on the host, are prefetched, and get their optimizer step on the
+CPU), and one or two prefetch buffers (two overlap the fetches with compute). Constraints: device memory at the peak, host and NVMe capacity, and each layer's
+swap traffic against its neighbours' compute window (host link and NVMe separately; the
+excess is exposed time). Objective: the stage's predicted step time.
+
+`evaluate_stage` computes the same numbers for a fixed decision in plain Python: the MIP is
+checked against it by brute force, and the report uses it for the baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import pulp
+
+from planner.costmodel import LayerCost
+from planner.plan import LayerActivationPlan
+from planner.solve import SolveResult, solve_model
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageProblem:
+    """Numbers for one stage; bandwidths are per rank, bytes per rank."""
+
+    layers: tuple[LayerCost, ...]
+    """The stage's decoder layers in forward order."""
+    inflight: int
+    """Microbatches whose activations the stage holds at its peak (1F1B)."""
+    slots: int
+    """Schedule slots per step, m + p - 1."""
+    device_capacity_bytes: float
+    """Device bytes the plan may use (after reserved and fragmentation allowance)."""
+    fixed_device_bytes: float
+    """Bytes independent of the decisions: unchunked states, buffers, working set."""
+    host_capacity_bytes: float
+    """Host bytes this rank may use."""
+    nvme_capacity_bytes: float
+    """NVMe bytes this rank may use."""
+    host_link_bw: float
+    """Host<->device bytes/s of this rank."""
+    nvme_read_bw: float
+    """NVMe read bytes/s of this rank (its share of the node's)."""
+    nvme_write_bw: float
+    """NVMe write bytes/s of this rank."""
+    tail_forward_window_s: float = 0.0
+    """Compute after the last layer's forward that can hide its offload."""
+    tail_backward_window_s: float = 0.0
+    """Compute before the last layer's backward that can hide its prefetch."""
+    num_chunks: int = 0
+    """Model-state chunks the stage may place (0: states are not chunked)."""
+    chunk_device_bytes: float = 0.0
+    """Device bytes of one chunk when persistent (params, grads, optimizer shard)."""
+    chunk_host_bytes: float = 0.0
+    """Host bytes of one chunk when it lives on the CPU."""
+    chunk_link_bytes: float = 0.0
+    """Host-link bytes per microbatch of one CPU chunk (fetch fwd + bwd, grads back)."""
+    chunk_buffer_bytes: float = 0.0
+    """Bytes of one device prefetch buffer (1 buffer: fetches are exposed; 2: overlapped)."""
+    chunk_cpu_optimizer_s: float = 0.0
+    """CPU optimizer seconds per CPU chunk (overlapped with the backward)."""
+    chunk_device_optimizer_s: float = 0.0
+    """Device optimizer seconds per persistent chunk."""
+    allow_keep: bool = True
+    """Plain layers (keep everything) allowed."""
+    allow_recompute: bool = True
+    """Token-local recompute allowed (else every non-kept token is swapped)."""
+    allow_cpu: bool = True
+    """CPU tier allowed."""
+    allow_nvme: bool = True
+    """NVMe tier allowed."""
+    token_chunks: int = 0
+    """0: swap fractions continuous; K: multiples of 1/K (token chunks)."""
+
+    def __post_init__(self) -> None:
+        for name in ("inflight", "slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("host_link_bw", "nvme_read_bw", "nvme_write_bw"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("num_chunks", "token_chunks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageEvaluation:
+    """Memory and time of one stage under fixed decisions."""
+
+    feasible: bool
+    """No constraint violated."""
+    violations: tuple[str, ...]
+    """Each violated constraint, with its numbers."""
+    device_bytes: float
+    """Peak device bytes of the stage (without reserved bytes and fragmentation allowance)."""
+    host_bytes: float
+    """Host bytes: swapped activations of the in-flight microbatches + CPU chunks."""
+    nvme_bytes: float
+    """NVMe bytes: swapped activations of the in-flight microbatches."""
+    resident_bytes_per_layer: tuple[float, ...]
+    """Saved bytes each layer leaves on the device for one microbatch."""
+    compute_s: float
+    """Per microbatch: forward + backward of the stage's layers."""
+    recompute_s: float
+    """Per microbatch."""
+    exposed_swap_s: float
+    """Per microbatch: activation traffic beyond its windows."""
+    exposed_chunk_s: float
+    """Per microbatch: chunk traffic beyond the stage's compute."""
+    optimizer_s: float
+    """Per step: exposed CPU optimizer + device optimizer of persistent chunks."""
+    objective_s: float
+    """slots * (compute + recompute + exposed_swap + exposed_chunk) + optimizer."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSolution:
+    activations: tuple[LayerActivationPlan, ...]
+    """Per-layer decisions."""
+    num_persistent_chunks: int
+    """Chunks kept on the device (the stage's first ones)."""
+    num_prefetch_buffers: int
+    """0 without CPU chunks, else 1 or 2."""
+    evaluation: StageEvaluation
+    """The decisions re-evaluated by `evaluate_stage`."""
+    solve: SolveResult
+    """What the solver reported."""
+
+
+def _layer_traffic(lc: LayerCost, act: LayerActivationPlan) -> tuple[float, float, float]:
+    """(swapped bytes, resident bytes, recomputed fraction) of one layer."""
+    if act.keep_all:
+        return 0.0, lc.plain_bytes, 0.0
+    swapped = (act.swap_fraction * lc.token_local_bytes
+               + (lc.input_bytes if act.swap_input else 0.0)
+               + (lc.attention_output_bytes if act.swap_attention_output else 0.0))
+    resident = ((0.0 if act.swap_input else lc.input_bytes)
+                + (0.0 if act.swap_attention_output else lc.attention_output_bytes))
+    return swapped, resident, 1.0 - act.swap_fraction
+
+
+def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan, ...],
+                   num_persistent_chunks: int, num_prefetch_buffers: int = 2, *,
+                   tol: float = 1e-6) -> StageEvaluation:
+    """Memory, time and constraint violations of a fixed decision (the MIP's reference)."""
+    layers = problem.layers
+    if len(activations) != len(layers):
+        raise ValueError(f"activations: need {len(layers)} entries, got {len(activations)}")
+    if not 0 <= num_persistent_chunks <= problem.num_chunks:
+        raise ValueError(f"num_persistent_chunks: must be in [0, {problem.num_chunks}]")
+    traffic = [_layer_traffic(lc, act) for lc, act in zip(layers, activations)]
+    cpu_chunks = problem.num_chunks - num_persistent_chunks
+    if cpu_chunks and num_prefetch_buffers not in (1, 2):
+        raise ValueError(f"num_prefetch_buffers: must be 1 or 2 with CPU chunks, got {num_prefetch_buffers}")
+    buffers = num_prefetch_buffers if cpu_chunks else 0
+    resident = sum(r for _, r, _ in traffic)
+    device = (problem.fixed_device_bytes + problem.chunk_device_bytes * num_persistent_chunks
+              + problem.chunk_buffer_bytes * buffers + problem.inflight * resident)
+    host = problem.inflight * sum(s for (s, _, _), a in zip(traffic, activations)
+                                  if a.tier == "cpu") + cpu_chunks * problem.chunk_host_bytes
+    nvme = problem.inflight * sum(s for (s, _, _), a in zip(traffic, activations)
+                                  if a.tier == "nvme")
+    recompute = [lc.recompute_s * rf for lc, (_, _, rf) in zip(layers, traffic)]
+    exposed = 0.0
+    link_total = 0.0
+    for index, (lc, act, (swapped, _, _)) in enumerate(zip(layers, activations, traffic)):
+        last = index == len(layers) - 1
+        fwd_window = problem.tail_forward_window_s if last else layers[index + 1].forward_s
+        bwd_window = (problem.tail_backward_window_s if last
+                      else layers[index + 1].backward_s + recompute[index + 1])
+        link = swapped / problem.host_link_bw
+        link_total += link
+        nvme_bytes = swapped if act.tier == "nvme" else 0.0
+        write = nvme_bytes / problem.nvme_write_bw if nvme_bytes else 0.0
+        read = nvme_bytes / problem.nvme_read_bw if nvme_bytes else 0.0
+        exposed += max(0.0, link - fwd_window, write - fwd_window)
+        exposed += max(0.0, link - bwd_window, read - bwd_window)
+    compute = sum(lc.forward_s + lc.backward_s for lc in layers)
+    chunk_link = cpu_chunks * problem.chunk_link_bytes / problem.host_link_bw
+    window = compute if buffers >= 2 else 0.0       # one buffer: fetch, then compute
+    exposed_chunk = max(0.0, chunk_link + link_total - window) if cpu_chunks else 0.0
+    backward = sum(lc.backward_s for lc in layers)
+    optimizer = (max(0.0, cpu_chunks * problem.chunk_cpu_optimizer_s - backward)
+                 + num_persistent_chunks * problem.chunk_device_optimizer_s)
+    violations = []
+    if device > problem.device_capacity_bytes * (1 + tol):
+        violations.append(f"device {device / 2**30:.1f} GiB > {problem.device_capacity_bytes / 2**30:.1f} GiB")
+    if host > problem.host_capacity_bytes * (1 + tol) + 1:
+        violations.append(f"host {host / 2**30:.1f} GiB > {problem.host_capacity_bytes / 2**30:.1f} GiB")
+    if nvme > problem.nvme_capacity_bytes * (1 + tol) + 1:
+        violations.append(f"nvme {nvme / 2**30:.1f} GiB > {problem.nvme_capacity_bytes / 2**30:.1f} GiB")
+    for act in activations:
+        swaps = act.swap_fraction > 0 or act.swap_input or act.swap_attention_output
+        if act.keep_all and (swaps or not problem.allow_keep):
+            violations.append("keep_all layer with swaps, or keep_all not allowed")
+        if swaps and not (problem.allow_nvme if act.tier == "nvme" else problem.allow_cpu):
+            violations.append(f"tier {act.tier} not allowed")
+        if not act.keep_all and not problem.allow_recompute and act.swap_fraction < 1 - tol:
+            violations.append("recompute not allowed")
+    per_mb = compute + sum(recompute) + exposed
+    return StageEvaluation(
+        feasible=not violations, violations=tuple(violations), device_bytes=device,
+        host_bytes=host, nvme_bytes=nvme,
+        resident_bytes_per_layer=tuple(r for _, r, _ in traffic), compute_s=compute,
+        recompute_s=sum(recompute), exposed_swap_s=exposed, exposed_chunk_s=exposed_chunk,
+        optimizer_s=optimizer,
+        objective_s=problem.slots * (per_mb + exposed_chunk) + optimizer)
+
+
+BYTE_UNIT = float(2**30)
+"""Bytes (and bytes/s) enter the MIP in GiB so its coefficients stay near 1."""
+_BYTE_FIELDS = ("device_capacity_bytes", "fixed_device_bytes", "host_capacity_bytes",
+                "nvme_capacity_bytes", "host_link_bw", "nvme_read_bw", "nvme_write_bw",
+                "chunk_device_bytes", "chunk_host_bytes", "chunk_link_bytes", "chunk_buffer_bytes")
+_LAYER_BYTE_FIELDS = ("input_bytes", "attention_output_bytes", "token_local_bytes", "mlp_bytes",
+                      "plain_bytes")
+
+
+def _in_gib(problem: StageProblem) -> StageProblem:
+    """The same problem with bytes and bandwidths in GiB (seconds are unchanged)."""
+    layers = tuple(replace(lc, **{f: getattr(lc, f) / BYTE_UNIT for f in _LAYER_BYTE_FIELDS})
+                   for lc in problem.layers)
+    return replace(problem, layers=layers,
+                   **{f: getattr(problem, f) / BYTE_UNIT for f in _BYTE_FIELDS})
+
+
+def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.LpProblem, dict]:
+    """The pulp model of `problem`; `relax` drops integrality (for a bound)."""
+    problem = _in_gib(problem)
+    binary = pulp.LpContinuous if relax else pulp.LpBinary
+    integer = pulp.LpContinuous if relax else pulp.LpInteger
+    model = pulp.LpProblem("stage_activation_policy", pulp.LpMinimize)
+    count = len(problem.layers)
+    steps = problem.token_chunks or 1
+    frac_cat = integer if problem.token_chunks else pulp.LpContinuous
+
+    def binaries(name: str, allowed: bool) -> list[pulp.LpVariable]:
+        return [model.add_variable(f"{name}_{i}", 0, 1 if allowed else 0, binary) for i in range(count)]
+
+    keep = binaries("keep_all", problem.allow_keep)
+    on_nvme = binaries("tier_is_nvme", problem.allow_nvme)
+    steps_cpu = [model.add_variable(f"swap_steps_cpu_{i}", 0, steps if problem.allow_cpu else 0, frac_cat)
+                 for i in range(count)]
+    steps_nvme = [model.add_variable(f"swap_steps_nvme_{i}", 0, steps if problem.allow_nvme else 0, frac_cat)
+                  for i in range(count)]
+    input_cpu, input_nvme = binaries("input_to_cpu", problem.allow_cpu), binaries("input_to_nvme", problem.allow_nvme)
+    attn_cpu, attn_nvme = binaries("attn_out_to_cpu", problem.allow_cpu), binaries("attn_out_to_nvme", problem.allow_nvme)
+    exposed_fwd = [model.add_variable(f"exposed_offload_s_{i}", 0) for i in range(count)]
+    exposed_bwd = [model.add_variable(f"exposed_prefetch_s_{i}", 0) for i in range(count)]
+    persistent = model.add_variable("persistent_chunks", 0, problem.num_chunks, integer)
+    any_cpu_chunk = model.add_variable("any_cpu_chunk", 0, 1 if problem.num_chunks else 0, binary)
+    double_buffered = model.add_variable("double_buffered", 0, 1 if problem.num_chunks else 0, binary)
+    second_buffer = model.add_variable("second_buffer_used", 0, 1 if problem.num_chunks else 0, binary)
+    exposed_chunk = model.add_variable("exposed_chunk_s", 0)
+    exposed_opt = model.add_variable("exposed_cpu_optimizer_s", 0)
+    cpu_chunks = problem.num_chunks - persistent
+
+    swap_frac, recompute_frac, swapped, nvme_swapped, cpu_swapped, resident = [], [], [], [], [], []
+    for i, lc in enumerate(problem.layers):
+        frac = (steps_cpu[i] + steps_nvme[i]) * (1.0 / steps)
+        swap_frac.append(frac)
+        recompute_frac.append(1 - keep[i] - frac)
+        model += frac + keep[i] <= 1, f"token_shares_{i}"
+        if not problem.allow_recompute:
+            model += frac + keep[i] >= 1, f"no_recompute_{i}"
+        model += steps_nvme[i] <= steps * on_nvme[i], f"nvme_tier_tokens_{i}"
+        model += steps_cpu[i] <= steps * (1 - on_nvme[i]), f"cpu_tier_tokens_{i}"
+        for cpu_var, nvme_var, what in ((input_cpu[i], input_nvme[i], "input"),
+                                        (attn_cpu[i], attn_nvme[i], "attn_out")):
+            model += cpu_var + nvme_var <= 1 - keep[i], f"{what}_swapped_once_{i}"
+            model += nvme_var <= on_nvme[i], f"{what}_nvme_tier_{i}"
+            model += cpu_var <= 1 - on_nvme[i], f"{what}_cpu_tier_{i}"
+        cpu_bytes = (lc.token_local_bytes * (1.0 / steps) * steps_cpu[i]
+                     + lc.input_bytes * input_cpu[i] + lc.attention_output_bytes * attn_cpu[i])
+        nvme_bytes = (lc.token_local_bytes * (1.0 / steps) * steps_nvme[i]
+                      + lc.input_bytes * input_nvme[i] + lc.attention_output_bytes * attn_nvme[i])
+        cpu_swapped.append(cpu_bytes)
+        nvme_swapped.append(nvme_bytes)
+        swapped.append(cpu_bytes + nvme_bytes)
+        resident.append(lc.plain_bytes * keep[i] + lc.input_bytes * (1 - keep[i] - input_cpu[i] - input_nvme[i])
+                        + lc.attention_output_bytes * (1 - keep[i] - attn_cpu[i] - attn_nvme[i]))
+    for i, lc in enumerate(problem.layers):
+        last = i == count - 1
+        nxt = None if last else problem.layers[i + 1]
+        fwd_window = problem.tail_forward_window_s if last else nxt.forward_s
+        bwd_window = (problem.tail_backward_window_s if last
+                      else nxt.backward_s + nxt.recompute_s * recompute_frac[i + 1])
+        link = swapped[i] * (1.0 / problem.host_link_bw)
+        model += exposed_fwd[i] >= link - fwd_window, f"offload_link_window_{i}"
+        model += exposed_bwd[i] >= link - bwd_window, f"prefetch_link_window_{i}"
+        if problem.allow_nvme:
+            model += exposed_fwd[i] >= nvme_swapped[i] * (1.0 / problem.nvme_write_bw) - fwd_window, f"nvme_write_window_{i}"
+            model += exposed_bwd[i] >= nvme_swapped[i] * (1.0 / problem.nvme_read_bw) - bwd_window, f"nvme_read_window_{i}"
+    model += problem.num_chunks * any_cpu_chunk >= cpu_chunks, "buffers_when_any_cpu_chunk"
+    model += second_buffer >= double_buffered + any_cpu_chunk - 1, "second_buffer_allocated"
+    model += (problem.fixed_device_bytes + problem.chunk_device_bytes * persistent
+              + problem.chunk_buffer_bytes * (any_cpu_chunk + second_buffer)
+              + problem.inflight * pulp.lpSum(resident) <= problem.device_capacity_bytes), "device_memory"
+    model += (problem.inflight * pulp.lpSum(cpu_swapped) + problem.chunk_host_bytes * cpu_chunks
+              <= problem.host_capacity_bytes), "host_memory"
+    model += problem.inflight * pulp.lpSum(nvme_swapped) <= problem.nvme_capacity_bytes, "nvme_capacity"
+    compute = sum(lc.forward_s + lc.backward_s for lc in problem.layers)
+    backward = sum(lc.backward_s for lc in problem.layers)
+    if problem.num_chunks:
+        model += (exposed_chunk >= cpu_chunks * (problem.chunk_link_bytes / problem.host_link_bw)
+                  + pulp.lpSum(swapped) * (1.0 / problem.host_link_bw) - compute * double_buffered
+                  - problem.num_chunks * (1 - any_cpu_chunk) * 1e6), "chunk_link_window"
+        model += exposed_opt >= cpu_chunks * problem.chunk_cpu_optimizer_s - backward, "cpu_optimizer_window"
+    per_microbatch = (compute + pulp.lpSum(lc.recompute_s * recompute_frac[i]
+                                           for i, lc in enumerate(problem.layers))
+                      + pulp.lpSum(exposed_fwd) + pulp.lpSum(exposed_bwd))
+    model += (problem.slots * (per_microbatch + exposed_chunk)
+              + exposed_opt + problem.chunk_device_optimizer_s * persistent), "predicted_step_time"
+    variables = dict(keep=keep, on_nvme=on_nvme, steps_cpu=steps_cpu, steps_nvme=steps_nvme,
+                     input_cpu=input_cpu, input_nvme=input_nvme, attn_cpu=attn_cpu,
+                     attn_nvme=attn_nvme, persistent=persistent, double_buffered=double_buffered)
+    return model, variables
+
+
+def _read_decisions(problem: StageProblem, variables: dict) -> tuple[tuple[LayerActivationPlan, ...], int, int]:
+    steps = problem.token_chunks or 1
+    acts = []
+    for i in range(len(problem.layers)):
+        val = {name: (variables[name][i].value() or 0.0) for name in
+               ("keep", "on_nvme", "steps_cpu", "steps_nvme", "input_cpu", "input_nvme",
+                "attn_cpu", "attn_nvme")}
+        keep = val["keep"] > 0.5
+        frac = (val["steps_cpu"] + val["steps_nvme"]) / steps
+        frac = 0.0 if keep else min(1.0, max(0.0, round(frac, 9)))
+        tier = "nvme" if val["on_nvme"] > 0.5 else "cpu"
+        acts.append(LayerActivationPlan(
+            keep_all=keep, swap_fraction=frac, tier=tier,
+            swap_input=not keep and val["input_cpu"] + val["input_nvme"] > 0.5,
+            swap_attention_output=not keep and val["attn_cpu"] + val["attn_nvme"] > 0.5))
+    persistent = int(round(variables["persistent"].value() or 0)) if problem.num_chunks else 0
+    buffers = 0
+    if persistent < problem.num_chunks:
+        buffers = 2 if (variables["double_buffered"].value() or 0) > 0.5 else 1
+    return tuple(acts), persistent, buffers
+
+
+class NoSolution(Exception):
+    """The stage MIP returned no solution; `result` says what the solver reported."""
+
+    def __init__(self, result: SolveResult):
+        super().__init__(f"no solution: {result.status}")
+        self.result = result
+
+
+def solve_stage(problem: StageProblem, *, backend: str = "auto", time_limit_s: float = 10.0,
+                gap_rel: float = 1e-4) -> StageSolution:
+    """Solve the stage MIP; raises `NoSolution` (carrying the solver's status) when none."""
+    holder: dict = {}
+
+    def build(relax: bool) -> pulp.LpProblem:
+        model, variables = build_stage_model(problem, relax)
+        if not relax:
+            holder["variables"] = variables
+        return model
+
+    # The compute term is a constant: stop once the gap is gap_rel of it, in seconds.
+    constant = problem.slots * sum(lc.forward_s + lc.backward_s for lc in problem.layers)
+    _, result = solve_model(build, backend=backend, time_limit_s=time_limit_s, gap_rel=gap_rel,
+                            gap_abs=gap_rel * constant if gap_rel > 0 else None)
+    if not result.has_solution:
+        raise NoSolution(result)
+    acts, persistent, buffers = _read_decisions(problem, holder["variables"])
+    return StageSolution(activations=acts, num_persistent_chunks=persistent,
+                         num_prefetch_buffers=buffers,
+                         evaluation=evaluate_stage(problem, acts, persistent, buffers or 2), solve=result)

@@ -1,0 +1,267 @@
+"""Outer search: every candidate layout, pruned by bounds, the best MIP result as a Plan.
+
+Candidates that cannot fit even with every activation swapped and every chunk on the CPU
+are rejected before any solve, with the numbers; the rest are solved in order of a step-
+time lower bound (no recompute, nothing exposed), and the search stops solving once that
+bound reaches the best predicted step time found. Every rejected or pruned candidate keeps
+its reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from planner.candidates import (StageSetup, build_stages, bytes_per_token, enumerate_candidates,
+                                gib, memory_rejection, profiled_layer_cost)
+from planner.costmodel import Candidate, CostParams, StepTime, step_time, throughput
+from planner.layout import plan_memory_layout
+from planner.mip import NoSolution, StageEvaluation, StageProblem, StageSolution, solve_stage
+from planner.plan import (LayerActivationPlan, ModelStatePlan, ParallelPlan, Plan, Prediction,
+                          SolverInfo, TilingPlan)
+from planner.request import PlanRequest
+from planner.shapes import DTYPE_BYTES
+
+LAYOUT_TIME_LIMIT_S = 2.0
+"""Wall-time limit of each memory-layout MIP."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """A candidate with a solved policy for every stage."""
+
+    cand: Candidate
+    setups: tuple[StageSetup, ...]
+    solutions: tuple[StageSolution, ...]
+    tiling: tuple[int, int]
+    step: StepTime
+    worst_memory_stage: int
+
+
+def _stage_total(setup: StageSetup, ev: StageEvaluation) -> float:
+    slots = setup.problem.slots
+    return (ev.objective_s + slots * (setup.head_compute_s + setup.comm_microbatch_s)
+            + setup.comm_step_s + setup.fixed_optimizer_s)
+
+
+def compose_step(cand: Candidate, setups: tuple[StageSetup, ...], evaluations: list[StageEvaluation]) -> StepTime:
+    """Step time of the slowest stage, split into compute / recompute / exposed / bubble."""
+    worst = max(range(len(setups)), key=lambda i: _stage_total(setups[i], evaluations[i]))
+    setup, ev = setups[worst], evaluations[worst]
+    return step_time(microbatch_compute_s=ev.compute_s + setup.head_compute_s,
+                     microbatch_recompute_s=ev.recompute_s,
+                     microbatch_exposed_transfer_s=ev.exposed_swap_s + ev.exposed_chunk_s,
+                     microbatch_comm_s=setup.comm_microbatch_s, step_comm_s=setup.comm_step_s,
+                     step_optimizer_s=ev.optimizer_s + setup.fixed_optimizer_s, pp=cand.pp,
+                     num_microbatches=cand.num_microbatches)
+
+
+def _better(new: Outcome, old: Outcome, rel_tol: float = 1e-3) -> bool:
+    """Faster wins; within `rel_tol` (the MIP gap's scale) the simpler layout wins."""
+    if abs(new.step.total - old.step.total) > rel_tol * old.step.total:
+        return new.step.total < old.step.total
+    simplicity = lambda o: (o.cand.zero_stage, o.cand.pp, o.cand.sp)  # noqa: E731
+    return simplicity(new) < simplicity(old)
+
+
+def _lower_bound(setups: list[StageSetup]) -> float:
+    return max(s.problem.slots * (sum(lc.forward_s + lc.backward_s for lc in s.problem.layers)
+                                  + s.head_compute_s + s.comm_microbatch_s) + s.comm_step_s
+               for s in setups)
+
+
+def _infeasible_reason(problem: StageProblem, setup: StageSetup, index: int, status: str) -> tuple[str, float]:
+    """Explain a stage the MIP found no solution for, naming the capacity that runs out."""
+    count, lc = len(problem.layers), problem.layers[0] if problem.layers else None
+    room = problem.device_capacity_bytes - setup.min_device_bytes
+    fits = 0
+    if problem.num_chunks and problem.chunk_device_bytes > 0:
+        fits = max(0, min(problem.num_chunks, int(room // problem.chunk_device_bytes)))
+    host_states = (problem.num_chunks - fits) * problem.chunk_host_bytes
+    kept = problem.inflight * count * ((lc.input_bytes + lc.attention_output_bytes) if lc else 0.0)
+    host = problem.host_capacity_bytes if problem.allow_cpu or problem.num_chunks else 0.0
+    nvme = problem.nvme_capacity_bytes if problem.allow_nvme else 0.0
+    where = f"stage {index}: "
+    if host_states > problem.host_capacity_bytes:
+        return (f"{where}only {fits} of {problem.num_chunks} model-state chunks fit on the device; the "
+                f"other {problem.num_chunks - fits} need {gib(host_states)} of host memory > "
+                f"{gib(problem.host_capacity_bytes)} per rank (solver: {status})",
+                host_states - problem.host_capacity_bytes)
+    spill = max(0.0, host_states + kept - host - nvme)
+    return (f"{where}device minimum {gib(setup.min_device_bytes)} of {gib(problem.device_capacity_bytes)} "
+            f"usable leaves room for {fits} persistent chunks; swapping kept activations needs up to "
+            f"{gib(kept)} besides {gib(host_states)} of states, with {gib(host)} host + {gib(nvme)} NVMe "
+            f"per rank (solver: {status})", spill)
+
+
+def search(request: PlanRequest, *, profile=None, params: CostParams | None = None,
+           gap_rel: float = 1e-3) -> tuple[Outcome | None, list[dict], dict]:
+    """Run the outer search; (best outcome or None, rejected, summary of the solves).
+
+    A `profile` supplies measured bytes per token, and layer times when it was taken on the
+    target's device type; otherwise both come from the analytic model.
+    """
+    measured_bytes = dict(profile.bytes_per_token) if profile is not None else None
+    params = params or CostParams()
+    hw = request.hardware
+    usable = hw.device_memory_bytes * (1 - params.fragmentation) - (
+        0 if hw.device_name.lower() == "cpu" else params.reserved_bytes)
+    candidates, rejected, notes = enumerate_candidates(request)
+    ranked = []
+    for cand in candidates:
+        per_token = bytes_per_token(request, cand, measured_bytes)
+        setups, tiling = build_stages(request, cand, params, per_token,
+                                      profiled_layer_cost(request, cand, per_token, profile))
+        why = memory_rejection(setups, hw.device_memory_bytes, usable)
+        if why:
+            rejected.append({"candidate": cand.to_dict(), "reason": why[0], "shortfall_bytes": why[1]})
+            continue
+        ranked.append((_lower_bound(setups), cand, tuple(setups), tiling))
+    ranked.sort(key=lambda item: item[0])
+    best: Outcome | None = None
+    cache: dict[StageProblem, StageSolution | NoSolution] = {}
+    summary = {"solves": 0, "backend": "none", "statuses": [], "gaps": [], "notes": notes}
+    for bound, cand, setups, tiling in ranked:
+        if best is not None and bound >= best.step.total:
+            rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": None,
+                             "reason": f"pruned: step-time lower bound {bound:.3g} s >= best plan's "
+                                       f"{best.step.total:.3g} s"})
+            continue
+        solutions, failure = [], None
+        for index, setup in enumerate(setups):
+            if setup.problem not in cache:
+                try:
+                    cache[setup.problem] = solve_stage(setup.problem, backend=request.solver,
+                                                       time_limit_s=request.time_limit_s, gap_rel=gap_rel)
+                except NoSolution as exc:
+                    cache[setup.problem] = exc
+                summary["solves"] += 1
+            result = cache[setup.problem]
+            solve = result.result if isinstance(result, NoSolution) else result.solve
+            summary["backend"] = solve.backend
+            if isinstance(result, NoSolution):
+                failure = _infeasible_reason(setup.problem, setup, index, solve.status)
+                break
+            solutions.append(result)
+        if failure:
+            rejected.append({"candidate": cand.to_dict(), "reason": failure[0], "shortfall_bytes": failure[1]})
+            continue
+        evaluations = [s.evaluation for s in solutions]
+        step = compose_step(cand, setups, evaluations)
+        worst_mem = max(range(len(setups)), key=lambda i: evaluations[i].device_bytes)
+        outcome = Outcome(cand=cand, setups=setups, solutions=tuple(solutions), tiling=tiling,
+                          step=step, worst_memory_stage=worst_mem)
+        if best is None or _better(outcome, best):
+            if best is not None:
+                rejected.append({"candidate": best.cand.to_dict(), "shortfall_bytes": None,
+                                 "reason": f"not chosen: {best.step.total:.4g} s per step vs {step.total:.4g} s"})
+            best = outcome
+        else:
+            tie = " (within 0.1%: the simpler layout is kept)" if step.total <= best.step.total else ""
+            rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": None,
+                             "reason": f"not chosen: {step.total:.4g} s per step vs {best.step.total:.4g} s{tie}"})
+    if best is not None:
+        summary["notes"] = {**notes, best.cand: notes.get(best.cand, []) + sorted(
+            {s.solve.note for s in best.solutions if s.solve.note})}
+        summary["statuses"] = [s.solve.status for s in best.solutions]
+        summary["gaps"] = [s.solve.gap for s in best.solutions]
+    return best, rejected, summary
+
+
+def _bytes_by_category(outcome: Outcome, capacity: float, params: CostParams, cpu: bool) -> dict[str, int]:
+    index = outcome.worst_memory_stage
+    setup, solution = outcome.setups[index], outcome.solutions[index]
+    ev, problem = solution.evaluation, setup.problem
+    share = solution.num_persistent_chunks / problem.num_chunks if problem.num_chunks else 0.0
+    cats = {k: setup.fixed_bytes[k] + setup.chunk_states[k] * share
+            for k in ("parameters", "gradients", "optimizer")}
+    cats["activations"] = problem.inflight * sum(ev.resident_bytes_per_layer)
+    cats["working_set"] = setup.fixed_bytes["working_set"]
+    cats["buffers"] = (setup.fixed_bytes["buffers"] + setup.fixed_bytes["loss"]
+                       + problem.chunk_buffer_bytes * solution.num_prefetch_buffers)
+    cats["reserved"] = 0 if cpu else params.reserved_bytes
+    cats["fragmentation"] = capacity * params.fragmentation
+    return {k: int(round(v)) for k, v in cats.items()}
+
+
+def _status_text(statuses: list[str]) -> str:
+    if not statuses:
+        return "not-run"
+    unique = sorted(set(statuses))
+    return unique[0] if len(unique) == 1 else "; ".join(f"{s} x{statuses.count(s)}" for s in unique)
+
+
+def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = None,
+             with_layout: bool = True) -> Plan:
+    """Plan `request`: the fastest feasible layout and policy, or feasible=False with reasons.
+
+    `profile` is a `planner.profiler.LayerProfile` for the same shape and dtype: its measured
+    bytes replace the analytic ones, and its fitted times do too when it was taken on the
+    target's device type. None plans from the analytic model alone.
+    """
+    start = time.perf_counter()
+    params = params or CostParams()
+    best, rejected, summary = search(request, profile=profile, params=params)
+    hw, shape = request.hardware, request.model
+    ordered = sorted(rejected, key=lambda r: (r["shortfall_bytes"] is None, r["shortfall_bytes"] or 0.0))
+    common = dict(model=shape.to_dict(), dtype=request.dtype, seq_len=request.seq_len,
+                  micro_batch_size=request.micro_batch_size, global_batch_size=request.global_batch_size,
+                  rejected=tuple(ordered))
+    profile_dict = profile.to_dict() if profile is not None else {"source": "analytic"}
+    if best is None:
+        return Plan(feasible=False, **common,
+                    prediction=Prediction(hardware=hw.to_dict(), profile=profile_dict),
+                    solver=SolverInfo(backend=summary["backend"], status="no feasible candidate",
+                                      solve_time_s=time.perf_counter() - start))
+    cand = best.cand
+    activations: list[LayerActivationPlan] = []
+    cpu_chunks: list[int] = []
+    for setup, solution in zip(best.setups, best.solutions):
+        activations.extend(solution.activations)
+        first, last = setup.layer_range
+        if setup.problem.num_chunks:
+            cpu_chunks.extend(range(first + solution.num_persistent_chunks, last))
+    b = DTYPE_BYTES[request.dtype]
+    chunked = cand.zero_stage == 3
+    states = ModelStatePlan(
+        chunk_size_bytes=shape.layer_params() * b if chunked else 0,
+        num_chunks=shape.num_layers if chunked else 0,
+        num_persistent_chunks=(shape.num_layers - len(cpu_chunks)) if chunked else 0,
+        num_prefetch_buffers=max(s.num_prefetch_buffers for s in best.solutions),
+        cpu_chunks=tuple(cpu_chunks), optimizer_on="device")
+    worst = best.solutions[best.worst_memory_stage].evaluation
+    cpu = hw.device_name.lower() == "cpu"
+    categories = _bytes_by_category(best, hw.device_memory_bytes, params, cpu)
+    tokens_per_s, mfu = throughput(shape, hw, request.dtype, seq_len=request.seq_len,
+                                   global_batch_size=request.global_batch_size, step_s=best.step.total)
+    tokens = best.setups[0].problem.layers[0].tokens if best.setups[0].problem.layers else 0
+    layout = None
+    if with_layout:
+        stage0 = best.solutions[0].activations
+        layout = plan_memory_layout(shape, request.dtype, tokens, stage0,
+                                    time_limit_s=min(LAYOUT_TIME_LIMIT_S, request.time_limit_s),
+                                    backend=request.solver)
+    gaps = [g for g in summary["gaps"] if math.isfinite(g)]
+    return Plan(
+        feasible=True, **common,
+        parallel=ParallelPlan(dp=cand.dp, sp=cand.sp, sp_kind=cand.sp_kind, pp=cand.pp,
+                              num_microbatches=cand.num_microbatches,
+                              schedule="1f1b" if cand.pp > 1 else "none", zero_stage=cand.zero_stage,
+                              stages=tuple(s.layer_range for s in best.setups)),
+        model_states=states, activations=tuple(activations),
+        tiling=TilingPlan(loss_chunk_tokens=best.tiling[0], mlp_chunk_tokens=best.tiling[1]),
+        memory_layout=layout,
+        prediction=Prediction(
+            per_rank_peak_bytes=sum(categories.values()), bytes_by_category=categories,
+            host_bytes=int(max(s.evaluation.host_bytes for s in best.solutions)),
+            nvme_bytes=int(max(s.evaluation.nvme_bytes for s in best.solutions)),
+            activation_bytes_per_layer=tuple(int(round(r)) for s in best.solutions
+                                             for r in s.evaluation.resident_bytes_per_layer),
+            step_time_s=best.step.total, time_breakdown=best.step.to_dict(),
+            tokens_per_s=tokens_per_s, mfu=mfu, hardware=hw.to_dict(), profile=profile_dict),
+        solver=SolverInfo(backend=summary["backend"], status=_status_text(summary["statuses"]),
+                          objective=best.step.total, solve_time_s=time.perf_counter() - start,
+                          gap=max(gaps) if len(gaps) == len(summary["gaps"]) else 1.0),
+        notes=tuple(summary["notes"].get(cand, ())) + (
+            f"{summary['solves']} stage MIPs solved; worst device use {gib(worst.device_bytes)}",))

@@ -1,0 +1,111 @@
+"""Run a pulp model on HiGHS (CBC as fallback) and read back what the solver really said.
+
+At a time limit CBC still reports LpStatus "Optimal"; only `problem.sol_status` tells
+"Solution Found" from "Optimal Solution Found", so that is what is read here. The gap comes
+from HiGHS' own `mip_gap`; for CBC it is measured against the LP relaxation (a valid
+lower bound), which the caller's builder produces with `relax=True`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import pulp
+
+BACKENDS = ("auto", "highs", "cbc")
+SOLUTION_FOUND = (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolveResult:
+    """What one solve returned."""
+
+    backend: str
+    """'highs' or 'cbc'."""
+    status: str
+    """pulp.LpSolution text of `problem.sol_status`, e.g. 'Solution Found'."""
+    has_solution: bool
+    """A feasible integer solution is available (optimal or not)."""
+    proven_optimal: bool
+    """The solver proved optimality (within its gap tolerance)."""
+    infeasible: bool
+    """The solver proved there is no solution."""
+    objective: float
+    """Objective of the returned solution (inf when none)."""
+    gap: float
+    """Relative gap to the best bound (0 when proven optimal at gap 0; inf when unknown)."""
+    solve_time_s: float
+    """Wall time of the solve (including the relaxation bound for CBC)."""
+    note: str = ""
+    """Why the backend differs from the one asked for (HiGHS failing over to CBC), if it does."""
+
+
+def highs_available() -> bool:
+    return pulp.HiGHS(msg=False).available()
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"solver: must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "highs" if highs_available() else "cbc"
+    if backend == "highs" and not highs_available():
+        raise ValueError("solver: 'highs' requested but highspy is not importable")
+    return backend
+
+
+def _solver(backend: str, time_limit_s: float, gap_rel: float, gap_abs: float | None):
+    if backend == "highs":
+        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap_rel, gapAbs=gap_abs,
+                          threads=1)
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, math.ceil(time_limit_s)),
+                             gapRel=gap_rel, gapAbs=gap_abs, threads=1)
+
+
+def solve_model(build: Callable[[bool], pulp.LpProblem], *, backend: str = "auto",
+                time_limit_s: float = 10.0, gap_rel: float = 1e-4, gap_abs: float | None = None
+                ) -> tuple[pulp.LpProblem, SolveResult]:
+    """Build the model (`build(relax=False)`), solve it and report status, objective, gap.
+
+    pulp hands HiGHS the objective without its constant term, so HiGHS' own relative gap is
+    relative to the variable part; the gap reported here is (objective - bound) over the
+    whole objective, and `gap_abs` (seconds, say) lets the solve stop on that scale.
+    """
+    if time_limit_s <= 0:
+        raise ValueError(f"time_limit_s: must be positive, got {time_limit_s}")
+    name = resolve_backend(backend)
+    start = time.perf_counter()
+    problem, note = build(False), ""
+    try:
+        problem.solve(_solver(name, time_limit_s, gap_rel, gap_abs))
+    except pulp.PulpSolverError as exc:
+        if backend != "auto" or name != "highs":
+            raise
+        note, name = f"HiGHS failed ({exc}); solved with CBC", "cbc"
+        problem = build(False)
+        problem.solve(_solver(name, time_limit_s, gap_rel, gap_abs))
+    code = problem.sol_status
+    has_solution = code in SOLUTION_FOUND
+    objective = pulp.value(problem.objective) if has_solution else math.inf
+    objective = float(objective or 0.0) if has_solution else math.inf
+    gap = math.inf
+    if has_solution and name == "highs":
+        info = problem.solverModel.getInfo()
+        gap = 0.0
+        if problem.isMIP():
+            distance = float(info.objective_function_value) - float(info.mip_dual_bound)
+            gap = max(0.0, distance) / max(abs(objective), 1e-12) if math.isfinite(distance) else math.inf
+    elif has_solution:
+        relaxed = build(True)
+        relaxed.solve(_solver(name, time_limit_s, gap_rel, gap_abs))
+        if relaxed.sol_status == pulp.LpSolutionOptimal:
+            bound = float(pulp.value(relaxed.objective) or 0.0)
+            gap = max(0.0, objective - bound) / max(abs(objective), 1e-12)
+    return problem, SolveResult(
+        backend=name, status=pulp.LpSolution[code], has_solution=has_solution,
+        proven_optimal=code == pulp.LpSolutionOptimal,
+        infeasible=code == pulp.LpSolutionInfeasible, objective=objective, gap=gap,
+        solve_time_s=time.perf_counter() - start, note=note)

@@ -1,0 +1,153 @@
+"""Cost-model formulas against hand-computed cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.analytic import layer_flops_per_token, layer_saved_bytes_per_token, model_flops_per_token
+from planner.costmodel import (Candidate, CostParams, bubble_fraction, comm_times, group_bandwidth,
+                               inflight_microbatches, layer_cost, layer_working_bytes, model_state_bytes,
+                               ring_p2p_bytes, shard_group_span, stage_layer_ranges, stage_params,
+                               step_time, throughput, ulysses_alltoall_bytes, zero_step_bytes)
+from planner.hardware import GB, CLUSTER_PRESETS, HardwareSpec
+from planner.shapes import MODEL_PRESETS, ModelShape
+
+SHAPE = ModelShape(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
+                   vocab_size=100)
+HW = HardwareSpec(name="t", nodes=2, devices_per_node=4, device_memory_bytes=10**10,
+                  peak_flops={"fp32": 1e12, "bf16": 4e12}, host_memory_bytes=10**11,
+                  host_link_bw=10 * GB, intra_node_bw=100 * GB, inter_node_bw=10 * GB)
+
+
+def test_layer_params_by_hand():
+    # q,o: 64*64 each; k,v: 64*32 each; MLP 3*64*128; two norms 2*64
+    assert SHAPE.layer_params() == 2 * 4096 + 2 * 2048 + 3 * 8192 + 128 == 36992
+
+
+def test_model_states_by_zero_stage():
+    n = 1000
+    assert model_state_bytes(n, "bf16", 0, 8) == {"parameters": 2000, "gradients": 2000, "optimizer": 12000}
+    assert model_state_bytes(n, "bf16", 1, 8) == {"parameters": 2000, "gradients": 2000, "optimizer": 1500}
+    assert model_state_bytes(n, "bf16", 2, 8) == {"parameters": 2000, "gradients": 250, "optimizer": 1500}
+    assert model_state_bytes(n, "bf16", 3, 8) == {"parameters": 250, "gradients": 250, "optimizer": 1500}
+    # fp32 training has no separate master copy: Adam m and v only
+    assert model_state_bytes(n, "fp32", 3, 4) == {"parameters": 1000, "gradients": 1000, "optimizer": 2000}
+
+
+def test_llama2_7b_states_alone_exceed_one_a800_without_zero():
+    shape = MODEL_PRESETS["llama2-7b"]
+    total = sum(model_state_bytes(shape.num_params(), "bf16", 0, 1).values())
+    assert total == 16 * shape.num_params()
+    assert total > 80 * 2**30
+
+
+def test_pipeline_bubble_and_inflight():
+    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)
+    assert bubble_fraction(1, 8) == 0
+    assert [inflight_microbatches(4, 8, s) for s in range(4)] == [4, 3, 2, 1]
+    assert [inflight_microbatches(4, 2, s) for s in range(4)] == [2, 2, 2, 1]
+
+
+def test_step_time_composition():
+    st = step_time(microbatch_compute_s=1.0, microbatch_recompute_s=0.5, microbatch_exposed_transfer_s=0.25,
+                   microbatch_comm_s=0.25, step_comm_s=0.5, step_optimizer_s=0.1, pp=4, num_microbatches=8)
+    assert st.compute == 8.0 and st.recompute == 4.0 and st.exposed_transfer == 2.0
+    assert st.exposed_communication == 8 * 0.25 + 0.5
+    assert st.bubble == 3 * 2.0
+    assert st.total == pytest.approx(8 * 2.0 + 0.5 + 6.0 + 0.1)
+    # bubble share of the schedule part equals (p - 1) / (m + p - 1)
+    assert st.bubble / (st.bubble + 8 * 2.0) == pytest.approx(bubble_fraction(4, 8))
+
+
+def test_communication_volumes_by_hand():
+    tokens = 1000
+    # Ulysses sp=2: q (64) + out (64) + k, v (2 * 32) per token, bf16, half leaves the rank
+    assert ulysses_alltoall_bytes(SHAPE, "bf16", tokens, 2) == (128 + 64) * 1000 * 2 * 1 / 2
+    # sp=4 > 2 kv heads: each rank holds one replicated KV head, so k, v are 4 heads * 16 wide
+    assert ulysses_alltoall_bytes(SHAPE, "bf16", tokens, 4) == (128 + 128) * 1000 * 2 * 3 / 4
+    assert ulysses_alltoall_bytes(SHAPE, "bf16", tokens, 1) == 0
+    # ring: K and V of the local block (2 * 32 per token, fp32) passed sp - 1 = 3 times
+    assert ring_p2p_bytes(SHAPE, "fp32", tokens, 4) == 3 * 1000 * 64 * 4
+    per_mb, per_step = zero_step_bytes(1000, "bf16", 3, 8, 4)
+    assert (per_mb, per_step) == (3 * 2000 * 7 / 8, 0.0)
+    assert zero_step_bytes(1000, "bf16", 0, 8, 4) == (0.0, 2 * 2000 * 7 / 8)
+    assert zero_step_bytes(1000, "bf16", 2, 1, 4) == (0.0, 0.0)
+
+
+def test_group_span_and_bandwidth():
+    params = CostParams(comm_efficiency=1.0)
+    # grid (dp, pp, sp): dp=2, pp=2, sp=2 -> dp x sp group members {0, 1, 4, 5}: span 6 > 4 per node
+    cand = Candidate(dp=2, sp=2, sp_kind="ring", pp=2, num_microbatches=4, zero_stage=3)
+    assert shard_group_span(cand) == 6
+    assert group_bandwidth(HW, 6, params) == 10 * GB
+    assert group_bandwidth(HW, 2, params) == 100 * GB
+
+
+def test_layer_cost_times_by_hand():
+    params = CostParams(matmul_efficiency=0.5, attention_efficiency=0.25, attention_backward_factor=2.5)
+    cand = Candidate(dp=1, sp=2, sp_kind="ring", pp=1, num_microbatches=1, zero_stage=0)
+    lc = layer_cost(SHAPE, "fp32", HW, cand, seq_len=2048, micro_batch_size=1, params=params)
+    tokens = 1024
+    tl = 2 * 36992 * tokens / (1e12 * 0.5)
+    attn = 2 * 2048 * 64 * tokens / (1e12 * 0.25)
+    assert lc.tokens == tokens
+    assert lc.forward_s == pytest.approx(tl + attn)
+    assert lc.backward_s == pytest.approx(2 * tl + 2.5 * attn)
+    assert lc.recompute_s == pytest.approx(tl)
+    per_token = layer_saved_bytes_per_token(SHAPE, "fp32")
+    assert lc.token_local_bytes == per_token.token_local * tokens
+    assert lc.plain_bytes == per_token.plain_total * tokens
+
+
+def test_saved_bytes_formula_by_hand():
+    # fp32, H=64, KV=32, N=4, F=128 (see analytic.py): input 4H, attention out 4H + 4N,
+    # token-local: two norms (rsqrt 4 + normed 4H), their weighted outputs (2 * 4H), q (4H),
+    # k and v (2 * 4KV), the residual h the MLP norm saves (4H), gate/silu/up/product (4 * 4F)
+    per = layer_saved_bytes_per_token(SHAPE, "fp32")
+    assert per.input_saved == 256 and per.attention_output == 256 + 16
+    assert per.token_local == 2 * (4 + 256) + 2 * 256 + 256 + 2 * 128 + 256 + 4 * 4 * 128
+    bf16 = layer_saved_bytes_per_token(SHAPE, "bf16")
+    assert bf16.input_saved == 0          # RMSNorm saves its fp32 copy instead
+    # norms: fp32 copy (4H) + rsqrt + bf16 normed (2H); weighted outputs, q, k, v; no h
+    assert bf16.token_local == 2 * (256 + 4 + 128) + 2 * 128 + 128 + 2 * 64 + 4 * 2 * 128
+
+
+def test_working_set_shrinks_with_mlp_tiling():
+    cand = Candidate(dp=1, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=0)
+    lc = layer_cost(SHAPE, "bf16", HW, cand, seq_len=4096, micro_batch_size=1, params=CostParams())
+    untiled = layer_working_bytes(lc, SHAPE, "bf16", 0)
+    tiled = layer_working_bytes(lc, SHAPE, "bf16", 1024)
+    expected_cut = (lc.mlp_bytes + 4096 * 2 * 2 * 128) * (1 - 1024 / 4096)
+    assert untiled - tiled == pytest.approx(expected_cut)
+
+
+def test_stages_and_params():
+    assert stage_layer_ranges(10, 4) == ((0, 3), (3, 6), (6, 8), (8, 10))
+    shape = MODEL_PRESETS["llama2-7b"]
+    total = sum(stage_params(shape, 4, s) for s in range(4))
+    assert total == shape.num_params()
+
+
+def test_throughput_and_mfu_by_hand():
+    shape = SHAPE
+    flops = model_flops_per_token(shape, 512)
+    per_layer = layer_flops_per_token(shape, 512)
+    assert flops == 3 * (4 * (per_layer.token_local + per_layer.attention) + 2 * 100 * 64)
+    tps, mfu = throughput(shape, HW, "fp32", seq_len=512, global_batch_size=8, step_s=2.0)
+    assert tps == 512 * 8 / 2.0
+    assert mfu == pytest.approx(flops * tps / (1e12 * 8))
+
+
+def test_ulysses_comm_is_exposed_ring_overlaps():
+    params = CostParams(comm_efficiency=1.0)
+    shape, hw = MODEL_PRESETS["llama2-7b"], CLUSTER_PRESETS["8xa800-80g"]
+    common = dict(stage_layers=32, stage_num_params=0, tokens=8192, microbatch_compute_s=100.0,
+                  last_backward_s=50.0, params=params)
+    uly = Candidate(dp=1, sp=8, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=0)
+    per_mb, _ = comm_times(shape, "bf16", hw, uly, attention_forward_s=1.0, **common)
+    assert per_mb == pytest.approx(2 * 32 * ulysses_alltoall_bytes(shape, "bf16", 8192, 8) / hw.intra_node_bw)
+    ring = Candidate(dp=1, sp=8, sp_kind="ring", pp=1, num_microbatches=1, zero_stage=0)
+    hidden, _ = comm_times(shape, "bf16", hw, ring, attention_forward_s=1.0, **common)
+    assert hidden == 0.0                   # K/V passing fits under the block's attention
+    exposed, _ = comm_times(shape, "bf16", hw, ring, attention_forward_s=0.0, **common)
+    assert exposed == pytest.approx(32 * 3 * ring_p2p_bytes(shape, "bf16", 8192, 8) / hw.intra_node_bw)

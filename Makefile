@@ -19,10 +19,10 @@ $(STAMP): setup.py constraints.txt $(wildcard csrc/*.cpp)
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/quickstart
 	$(VENV)/bin/disttrain check examples/quickstart.yaml
-	$(VENV)/bin/disttrain plan examples/quickstart.yaml || test $$? -eq 2
-	rm -rf runs/quickstart/checkpoints
-	$(VENV)/bin/disttrain train examples/quickstart.yaml
+	$(VENV)/bin/disttrain plan examples/quickstart.yaml
+	$(VENV)/bin/disttrain train examples/quickstart.yaml --plan runs/quickstart/plan/plan.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -41,7 +41,14 @@ def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
         from planner.search import plan_job
     except ImportError as exc:
         raise NotBuiltYet(f"plan: the planner is not built yet ({exc})") from None
-    plan = plan_job(job.plan_request())
+    profile = None
+    if args.profile:
+        from disttrain.profiling import load_profile
+
+        if not Path(args.profile).is_file():
+            raise SpecError(f"--profile: {args.profile} does not exist")
+        profile = load_profile(Path(args.profile))
+    plan = plan_job(job.plan_request(), profile)
     out = Path(args.out) if args.out else job.output_dir / "plan"
     paths = write_report(plan, out)
     if args.json:
@@ -94,6 +101,37 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace, console: Console) -> int:
+    if args.hardware:
+        from planner.hardware import probe
+
+        nvme = "/tmp/disttrain-nvme"
+        if args.spec:
+            job = load_job(args.spec)
+            nvme = job.hardware.nvme_path or nvme
+        hw = probe(nvme_path=nvme)
+        for key, value in hw.to_dict().items():
+            print(f"{key}: {value}")
+        return 0
+    if not args.spec:
+        raise SpecError("profile: give a job spec, or --hardware")
+    job = load_job(args.spec)
+    from disttrain.profiling import describe, profile_job_layer, save_profile
+
+    try:
+        lens = tuple(int(x) for x in args.seq_lens.split(",")) if args.seq_lens else None
+    except ValueError:
+        raise SpecError(f"--seq-lens: comma-separated integers, got {args.seq_lens!r}") from None
+    if lens and min(lens) <= 0:
+        raise SpecError(f"--seq-lens: must be positive, got {args.seq_lens}")
+    profile = profile_job_layer(job, lens)
+    out = Path(args.out) if args.out else job.output_dir / "profile.json"
+    save_profile(profile, out)
+    print(describe(profile, job.spec.train.seq_len, job.spec.train.micro_batch_size))
+    console.print(f"wrote {out}; plan with it: disttrain plan {args.spec} --profile {out}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace, console: Console) -> int:
     from disttrain.report import write_run_report
 
@@ -123,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for plan.json and the report "
                                  "(default: OUTPUT_DIR/plan)")
     p.add_argument("--json", action="store_true", help="print plan.json instead of a summary")
+    p.add_argument("--profile", help="a layer profile from `disttrain profile` (replaces the "
+                                     "analytic byte and time model)")
     p.set_defaults(run=_cmd_plan)
 
     p = verbs.add_parser("train", help="train a job spec")
@@ -138,10 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, help="torchrun ranks (default: the cluster's devices)")
     p.set_defaults(run=_cmd_train)
 
-    p = verbs.add_parser("profile", help="profile the model and this machine")
+    p = verbs.add_parser("profile", help="profile one layer of the model, or this machine")
     p.add_argument("spec", nargs="?")
     p.add_argument("--hardware", action="store_true", help="probe this machine's hardware")
-    p.set_defaults(run=_not_built("profile", "planner issue"))
+    p.add_argument("--seq-lens", help="comma-separated sequence lengths to profile at")
+    p.add_argument("--out", help="where to write the profile JSON "
+                                 "(default: OUTPUT_DIR/profile.json)")
+    p.set_defaults(run=_cmd_profile)
 
     p = verbs.add_parser("report", help="predicted vs measured for a run directory")
     p.add_argument("run_dir")

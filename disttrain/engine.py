@@ -24,6 +24,8 @@ from disttrain.model import Llama, build_model
 from disttrain.optim import TorchAdamWStates
 from disttrain.parallel.dims import ParallelDims, ParallelGroups, build_groups
 from disttrain.parallel.pipeline import PipelineConfig, PipelineRunner
+from disttrain.parallel.sequence import apply_sequence_parallel, shard_sequence
+from disttrain.parallel.sp_core import SequenceParallelCore
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import Job, SpecError
 from disttrain.tiling import apply_mlp_tiling, chunked_lm_loss
@@ -54,6 +56,8 @@ class Runtime:
     """Microbatches this rank runs per optimizer step."""
     pipeline: PipelineRunner | None = None
     """The 1F1B runner when pp > 1."""
+    sp_core: SequenceParallelCore | None = None
+    """The sequence-parallel attention core shared by every layer when sp > 1."""
     activation_stats: object | None = None
     """Per-layer measurements of the activation policy, when one is applied."""
 
@@ -66,22 +70,44 @@ class Runtime:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _microbatch(self, batches: Batches, step: int, micro: int):
+        """This rank's (tokens, targets, positions) of microbatch `micro`: data-parallel rank
+        r takes global microbatch micro * dp + r; sequence-parallel ranks take their shard."""
+        tokens, targets = batches.get(step, micro * self.dims.dp + self.groups.dp_rank)
+        if self.dims.sp == 1:
+            return tokens, targets, None
+        return shard_sequence(tokens, targets, self.groups.sp_rank, self.dims.sp,
+                              self.plan.parallel.sp_kind)
+
+    def communication_bytes(self) -> dict[str, int]:
+        """Bytes this rank sent in the last step, by collective kind (reset on read)."""
+        out: dict[str, int] = {}
+        if self.sp_core is not None:
+            out.update({f"sp_{k}": v for k, v in self.sp_core.reset_comm_bytes().items()})
+        if self.pipeline is not None:
+            out.update({f"pp_{k}": v for k, v in self.pipeline.bytes_sent.items()})
+        comm = getattr(self.states, "comm_bytes", None)
+        if comm is not None:
+            out.update({f"zero_{k}": v for k, v in comm.items()})
+            for key in comm:
+                comm[key] = 0
+        return out
+
     def forward_backward(self, step: int, batches: Batches) -> float:
         """Forward and backward of every microbatch of `step` on this rank; returns the step's
         loss (mean over the whole global batch, the same value on every rank)."""
         dims, groups = self.dims, self.groups
         total = torch.zeros(1, dtype=torch.float64)
         if self.pipeline is not None:
-            parts = [batches.get(step, m * dims.dp + groups.dp_rank)
-                     for m in range(self.accum_steps)]
+            parts = [self._microbatch(batches, step, m) for m in range(self.accum_steps)]
             tokens = torch.cat([p[0] for p in parts])
             targets = torch.cat([p[1] for p in parts])
             with self.autocast():
-                total += self.pipeline.step(tokens, targets)
+                total += self.pipeline.step(tokens, targets, parts[0][2])
         for micro in range(self.accum_steps if self.pipeline is None else 0):
-            tokens, targets = batches.get(step, micro * dims.dp + groups.dp_rank)
+            tokens, targets, positions = self._microbatch(batches, step, micro)
             with self.autocast():
-                loss = lm_loss(self.model, tokens, targets,
+                loss = lm_loss(self.model, tokens, targets, positions,
                                loss_chunk_tokens=self.plan.tiling.loss_chunk_tokens)
                 loss = loss / self.accum_steps
             loss.backward()
@@ -97,13 +123,11 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
     par = plan.parallel
     world = dist.get_world_size() if dist.is_initialized() else 1
     dims = ParallelDims(dp=par.dp, sp=par.sp, pp=par.pp, world_size=world)
-    if par.sp > 1:
-        raise NotImplementedError("sequence parallelism is wired in by the distributed "
-                                  "runtime issue")
     groups = build_groups(dims, rank)
     tr = job.spec.train
     torch.manual_seed(tr.seed)
     model = build_model(job.shape, seed=tr.seed)  # fp32 master weights; bf16 = autocast
+    sp_core = apply_sequence_parallel(model, groups.sp, par.sp_kind) if par.sp > 1 else None
     if plan.tiling.mlp_chunk_tokens:
         apply_mlp_tiling(model, plan.tiling.mlp_chunk_tokens)
     activation_stats = None
@@ -133,4 +157,5 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
                         f"(micro_batch_size x dp) = {accum} with a pipeline, got "
                         f"{par.num_microbatches}")
     return Runtime(job=job, plan=plan, groups=groups, model=model, states=states,
-                   accum_steps=accum, pipeline=pipeline, activation_stats=activation_stats)
+                   accum_steps=accum, pipeline=pipeline, sp_core=sp_core,
+                   activation_stats=activation_stats)

@@ -138,7 +138,8 @@ class Trainer:
                               "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                               "step_time_s": dt, "peak_bytes": peak_rss_bytes(),
                               "rank": self.rank,
-                              "model_state_bytes": self.runtime.states.bytes_by_place()}
+                              "model_state_bytes": self.runtime.states.bytes_by_place(),
+                              "comm_bytes": self.runtime.communication_bytes()}
                     if self.runtime.activation_stats is not None:
                         record["activations"] = self.runtime.activation_stats()
                     metrics.write(record)

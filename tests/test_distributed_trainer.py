@@ -83,6 +83,31 @@ def test_pp2_1f1b_four_microbatches_matches_single_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ulysses", "ring"])
+def test_sp2_matches_single_process(tmp_path, kind):
+    ref = _reference(tmp_path)
+    spec = _spec(tmp_path, kind, 2, dp=1, sp=2, pp=1, sp_kind=kind, zero_stage=2)
+    for result in spawn_ranks(_worker, 2, spec, fixed_plan(job_from_dict(spec), 2).to_dict()):
+        _compare(result, ref)
+
+
+@pytest.mark.slow
+def test_dp2_sp2_and_pp2_sp2_on_four_ranks_match_single_process(tmp_path):
+    ref = _reference(tmp_path)
+    for name, parallel in (("dp2sp2", dict(dp=2, sp=2, pp=1, sp_kind="ring", zero_stage=3)),
+                           ("pp2sp2", dict(dp=1, sp=2, pp=2, sp_kind="ulysses",
+                                           zero_stage=3))):
+        spec = _spec(tmp_path, name, 4, **parallel)
+        results = spawn_ranks(_worker, 4, spec, fixed_plan(job_from_dict(spec), 4).to_dict())
+        if parallel["pp"] == 1:
+            for result in results:
+                _compare(result, ref)
+        else:  # ranks (pp, sp): stage 0 holds ranks 0-1, stage 1 ranks 2-3
+            merged = {**results[0][1], **results[2][1]}
+            _compare((results[0][0], merged), ref)
+
+
+@pytest.mark.slow
 def test_torchrun_cli_trains_checkpoints_and_resumes_bit_identically(tmp_path, write_spec):
     changes = {"train": {"steps": 4, "checkpoint_every": 2},
                "cluster": {"devices_per_node": 2},

@@ -193,10 +193,12 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
         head = (logits_working_bytes(shape, tokens, loss_chunk) + 2 * b * shape.hidden_size * tokens) if last else 0.0
         fixed = sum(fixed_states.values()) + buffers + head
         compute = count * (lc.forward_s + lc.backward_s) + (3 * head_fwd if last else 0.0)
+        resident = (shape.vocab_size * shape.hidden_size if stage == 0 else 0) + (
+            shape.embedding_params() - shape.vocab_size * shape.hidden_size if last else 0)
         comm_mb, comm_step = comm_times(
             shape, dtype, hw, cand, stage_layers=count, stage_num_params=total_params,
             tokens=tokens, microbatch_compute_s=compute, attention_forward_s=lc.forward_s - lc.recompute_s,
-            last_backward_s=count * lc.backward_s, params=params)
+            last_backward_s=count * lc.backward_s, params=params, backward_resident_params=resident)
         chunk_device = per_param_states * layer_params / group
         problem = StageProblem(
             layers=(lc,) * count, inflight=inflight_microbatches(cand.pp, cand.num_microbatches, stage),

@@ -179,12 +179,18 @@ def group_bandwidth(hw: HardwareSpec, span: int, params: CostParams) -> float:
 
 
 def shard_group_span(cand: Candidate) -> int:
-    """Rank-id span of the dp x sp group on the (dp, pp, sp) grid."""
-    return (cand.dp - 1) * cand.pp * cand.sp + cand.sp
+    """Rank-id span of the dp x sp group on the runtime's (pp, dp, sp) grid: consecutive."""
+    return cand.dp * cand.sp
+
+
+def pipeline_group_span(cand: Candidate) -> int:
+    """Rank-id span of a pp group on the (pp, dp, sp) grid: stages are dp*sp ranks apart."""
+    return (cand.pp - 1) * cand.dp * cand.sp + 1
 
 
 def ulysses_alltoall_bytes(shape: ModelShape, dtype: str, tokens: int, sp: int) -> float:
-    """Bytes one rank sends per layer forward: q, k, v in and the output back."""
+    """Bytes one rank sends per layer forward: q, k, v in and the output back. The runtime's
+    backward sends twice this (dout, q, k, v, out in; dq, dk, dv back)."""
     if sp <= 1:
         return 0.0
     kv = max(shape.kv_dim, kv_heads_per_rank(shape, sp) * sp * shape.head_dim)
@@ -198,20 +204,37 @@ def ring_p2p_bytes(shape: ModelShape, dtype: str, tokens: int, sp: int) -> float
     return (sp - 1) * tokens * 2 * shape.kv_dim * DTYPE_BYTES[dtype]
 
 
-def zero_step_bytes(num_params: int, dtype: str, zero_stage: int, group: int,
-                    num_microbatches: int) -> tuple[float, float]:
-    """(per-microbatch, per-step) collective bytes one rank moves for ZeRO / data parallel.
+def ring_p2p_backward_bytes(shape: ModelShape, dtype: str, tokens: int, sp: int) -> float:
+    """Bytes one rank sends per layer backward: K/V passed sp - 1 times again, and the fp32
+    dK/dV totals that travel behind them, sp hops (the last one home)."""
+    if sp <= 1:
+        return 0.0
+    return ring_p2p_bytes(shape, dtype, tokens, sp) + sp * tokens * 2 * shape.kv_dim * FP32
 
-    Stage 3 gathers parameters in forward and backward and reduce-scatters gradients every
-    microbatch; stages 1-2 reduce-scatter gradients and all-gather parameters once per
-    step; stage 0 all-reduces gradients once per step (2x a reduce-scatter).
+
+def zero_step_bytes(num_params: int, dtype: str, zero_stage: int, group: int,
+                    num_microbatches: int, *, backward_resident_params: int = 0
+                    ) -> tuple[float, float]:
+    """(per-microbatch, per-step) collective bytes one rank sends for ZeRO / data parallel,
+    as the runtime (disttrain.parallel.zero) moves them.
+
+    Stage 3 gathers parameters in the forward and again in the backward, except the
+    `backward_resident_params` that are not gathered twice (the embedding, whose backward
+    never reads its weight, and the final norm + head, kept from forward to backward), and
+    reduce-scatters gradients every microbatch; stage 2 reduce-scatters every microbatch and
+    all-gathers parameters once per step; stage 1 reduce-scatters and all-gathers once per step;
+    stage 0 all-reduces once per step (2x a reduce-scatter). The runtime's model states and
+    their collectives are fp32 whatever the training dtype (bf16 trains under autocast).
     """
+    del num_microbatches  # per-microbatch volumes are returned per microbatch
     if group <= 1:
         return 0.0, 0.0
-    volume = num_params * DTYPE_BYTES[dtype] * (group - 1) / group
+    vol = (group - 1) / group * FP32
     if zero_stage == 3:
-        return 3 * volume, 0.0
-    return 0.0, 2 * volume
+        return (3 * num_params - backward_resident_params) * vol, 0.0
+    if zero_stage == 2:
+        return num_params * vol, num_params * vol
+    return 0.0, 2 * num_params * vol
 
 
 def logits_working_bytes(shape: ModelShape, tokens: int, loss_chunk_tokens: int) -> float:
@@ -278,24 +301,27 @@ def step_time(*, microbatch_compute_s: float, microbatch_recompute_s: float,
 def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate, *,
                stage_layers: int, stage_num_params: int, tokens: int,
                microbatch_compute_s: float, attention_forward_s: float,
-               last_backward_s: float, params: CostParams) -> tuple[float, float]:
+               last_backward_s: float, params: CostParams,
+               backward_resident_params: int = 0) -> tuple[float, float]:
     """(exposed per microbatch, exposed per step) communication seconds for one stage."""
     b = DTYPE_BYTES[dtype]
     sp_bw = group_bandwidth(hw, cand.sp, params)
     per_mb = 0.0
-    if cand.sp_kind == "ulysses":   # all-to-all sits on the critical path, fwd and bwd
-        per_mb += 2 * stage_layers * ulysses_alltoall_bytes(shape, dtype, tokens, cand.sp) / sp_bw
+    if cand.sp_kind == "ulysses":   # all-to-all on the critical path: 1x fwd, 2x bwd
+        per_mb += 3 * stage_layers * ulysses_alltoall_bytes(shape, dtype, tokens, cand.sp) / sp_bw
     else:                           # ring p2p overlaps its block's attention compute
         ring_fwd = ring_p2p_bytes(shape, dtype, tokens, cand.sp) / sp_bw
+        ring_bwd = ring_p2p_backward_bytes(shape, dtype, tokens, cand.sp) / sp_bw
         per_mb += stage_layers * (max(0.0, ring_fwd - attention_forward_s)
-                                  + max(0.0, 2 * ring_fwd - params.attention_backward_factor
+                                  + max(0.0, ring_bwd - params.attention_backward_factor
                                         * attention_forward_s))
     if cand.pp > 1:                 # activations forward, their gradients backward
-        pp_bw = group_bandwidth(hw, cand.sp * cand.pp, params)
+        pp_bw = group_bandwidth(hw, pipeline_group_span(cand), params)
         per_mb += 2 * tokens * shape.hidden_size * b / pp_bw
     zero_bw = group_bandwidth(hw, shard_group_span(cand), params)
     zero_mb, zero_step = zero_step_bytes(stage_num_params, dtype, cand.zero_stage,
-                                         cand.shard_group, cand.num_microbatches)
+                                         cand.shard_group, cand.num_microbatches,
+                                         backward_resident_params=backward_resident_params)
     per_mb += max(0.0, zero_mb / zero_bw - microbatch_compute_s)
     per_step = max(0.0, zero_step / zero_bw - last_backward_s)
     return per_mb, per_step

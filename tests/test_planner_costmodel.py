@@ -8,7 +8,8 @@ from planner.analytic import layer_flops_per_token, layer_saved_bytes_per_token,
 from planner.costmodel import (Candidate, CostParams, bubble_fraction, comm_times, group_bandwidth,
                                inflight_microbatches, layer_cost, layer_working_bytes, model_state_bytes,
                                ring_p2p_bytes, shard_group_span, stage_layer_ranges, stage_params,
-                               step_time, throughput, ulysses_alltoall_bytes, zero_step_bytes)
+                               step_time, throughput, ulysses_alltoall_bytes, zero_step_bytes,
+                               pipeline_group_span, ring_p2p_backward_bytes)
 from planner.hardware import GB, CLUSTER_PRESETS, HardwareSpec
 from planner.shapes import MODEL_PRESETS, ModelShape
 
@@ -68,17 +69,26 @@ def test_communication_volumes_by_hand():
     assert ulysses_alltoall_bytes(SHAPE, "bf16", tokens, 1) == 0
     # ring: K and V of the local block (2 * 32 per token, fp32) passed sp - 1 = 3 times
     assert ring_p2p_bytes(SHAPE, "fp32", tokens, 4) == 3 * 1000 * 64 * 4
+    # the runtime's model states are fp32: 4 bytes per parameter, 7/8 of it leaves the rank
     per_mb, per_step = zero_step_bytes(1000, "bf16", 3, 8, 4)
-    assert (per_mb, per_step) == (3 * 2000 * 7 / 8, 0.0)
-    assert zero_step_bytes(1000, "bf16", 0, 8, 4) == (0.0, 2 * 2000 * 7 / 8)
+    assert (per_mb, per_step) == (3 * 4000 * 7 / 8, 0.0)
+    assert zero_step_bytes(1000, "bf16", 3, 8, 4, backward_resident_params=100) == (
+        (3000 - 100) * 4 * 7 / 8, 0.0)
+    assert zero_step_bytes(1000, "fp32", 2, 8, 4) == (4000 * 7 / 8, 4000 * 7 / 8)
+    assert zero_step_bytes(1000, "fp32", 1, 8, 4) == (0.0, 2 * 4000 * 7 / 8)
+    assert zero_step_bytes(1000, "bf16", 0, 8, 4) == (0.0, 2 * 4000 * 7 / 8)
     assert zero_step_bytes(1000, "bf16", 2, 1, 4) == (0.0, 0.0)
+    # ring backward: K/V again plus fp32 dK/dV totals, sp hops
+    assert ring_p2p_backward_bytes(SHAPE, "fp32", tokens, 4) == (3 + 4) * 1000 * 64 * 4
 
 
 def test_group_span_and_bandwidth():
     params = CostParams(comm_efficiency=1.0)
     # grid (dp, pp, sp): dp=2, pp=2, sp=2 -> dp x sp group members {0, 1, 4, 5}: span 6 > 4 per node
+    # grid (pp, dp, sp): the dp x sp group is 4 consecutive ranks; stages are 4 ranks apart
     cand = Candidate(dp=2, sp=2, sp_kind="ring", pp=2, num_microbatches=4, zero_stage=3)
-    assert shard_group_span(cand) == 6
+    assert shard_group_span(cand) == 4
+    assert pipeline_group_span(cand) == 5
     assert group_bandwidth(HW, 6, params) == 10 * GB
     assert group_bandwidth(HW, 2, params) == 100 * GB
 
@@ -145,9 +155,11 @@ def test_ulysses_comm_is_exposed_ring_overlaps():
                   last_backward_s=50.0, params=params)
     uly = Candidate(dp=1, sp=8, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=0)
     per_mb, _ = comm_times(shape, "bf16", hw, uly, attention_forward_s=1.0, **common)
-    assert per_mb == pytest.approx(2 * 32 * ulysses_alltoall_bytes(shape, "bf16", 8192, 8) / hw.intra_node_bw)
+    # 1x forward + 2x backward (the backward re-sends q, k, v and out with dout)
+    assert per_mb == pytest.approx(3 * 32 * ulysses_alltoall_bytes(shape, "bf16", 8192, 8) / hw.intra_node_bw)
     ring = Candidate(dp=1, sp=8, sp_kind="ring", pp=1, num_microbatches=1, zero_stage=0)
     hidden, _ = comm_times(shape, "bf16", hw, ring, attention_forward_s=1.0, **common)
     assert hidden == 0.0                   # K/V passing fits under the block's attention
     exposed, _ = comm_times(shape, "bf16", hw, ring, attention_forward_s=0.0, **common)
-    assert exposed == pytest.approx(32 * 3 * ring_p2p_bytes(shape, "bf16", 8192, 8) / hw.intra_node_bw)
+    fwd_bwd = ring_p2p_bytes(shape, "bf16", 8192, 8) + ring_p2p_backward_bytes(shape, "bf16", 8192, 8)
+    assert exposed == pytest.approx(32 * fwd_bwd / hw.intra_node_bw)

@@ -46,7 +46,7 @@ class ZeroConfig:
 
 class _Chunk:
     def __init__(self, layout: ChunkLayout, shard_size: int, rank: int, on_cpu: bool,
-                 release_full: bool):
+                 stage: int):
         self.layout = layout
         self.on_cpu = on_cpu
         n = layout.numel // shard_size
@@ -54,13 +54,17 @@ class _Chunk:
         for slot in layout.slots:
             self.full[slot.offset:slot.offset + slot.numel].copy_(slot.param.detach().flatten())
             slot.param.data = self.full[slot.offset:slot.offset + slot.numel].view_as(slot.param)
-        # unsharded (stage 0): the full buffer is the master copy
-        self.master = self.full if shard_size == 1 and not release_full else \
-            self.full[rank * n:(rank + 1) * n].clone()
+        mine = slice(rank * n, (rank + 1) * n)
+        # Stages 0-2 keep the full parameters: the master shard is this rank's slice of them.
+        # Stage 3 frees the full buffer between uses, so its master is a copy.
+        self.master = self.full[mine].clone() if stage == 3 else self.full[mine]
+        # Stages 0-1 accumulate full gradients during the backward and reduce once per step;
+        # this rank's gradient shard is then its slice. Stages 2-3 keep only the shard.
+        self.full_grad = torch.zeros(layout.numel) if stage <= 1 else None
+        self.grad = self.full_grad[mine] if stage <= 1 else torch.zeros(n)
         self.exp_avg = torch.zeros(n)
         self.exp_avg_sq = torch.zeros(n)
-        self.grad = torch.zeros(n)
-        self.mask = decay_mask(layout)[rank * n:(rank + 1) * n]
+        self.mask = decay_mask(layout)[mine]
         self.pending = len(layout.slots)
         self.gathered = True
         self.work = None
@@ -87,7 +91,7 @@ class ZeroModelStates:
             raise ValueError(f"model_states.cpu_chunks: chunk {bad[0]} does not exist "
                              f"(the model packs into {len(layouts)} chunks)")
         self.chunks = [_Chunk(layout, shard_size, shard_rank, layout.index in config.cpu_chunks,
-                              release_full=config.stage == 3) for layout in layouts]
+                              config.stage) for layout in layouts]
         self._chunk_of = {id(s.param): c for c in self.chunks for s in c.layout.slots}
         self.units = execution_units(model)
         self.unit_chunks = [[c for c in self.chunks if u in c.layout.units]
@@ -172,36 +176,51 @@ class ZeroModelStates:
             self._reduce_chunk(chunk)
 
     def _reduce_chunk(self, chunk: _Chunk) -> None:
-        flat = torch.zeros(chunk.layout.numel)
-        for slot in chunk.layout.slots:
-            flat[slot.offset:slot.offset + slot.numel].copy_(slot.param.grad.flatten())
-            slot.param.grad = None
-        n = chunk.grad.numel()
-        if self.group is not None:
-            if self.config.stage >= 2:
-                part = torch.empty(n)
+        """A chunk's gradients of this microbatch are complete: stages 0-1 add them to the
+        full local gradient; stages 2-3 reduce-scatter them into the shard now."""
+        if chunk.full_grad is not None:
+            for slot in chunk.layout.slots:
+                chunk.full_grad[slot.offset:slot.offset + slot.numel] += slot.param.grad.flatten()
+                slot.param.grad = None
+        else:
+            flat = torch.zeros(chunk.layout.numel)
+            for slot in chunk.layout.slots:
+                flat[slot.offset:slot.offset + slot.numel].copy_(slot.param.grad.flatten())
+                slot.param.grad = None
+            if self.group is not None:
+                part = torch.empty(chunk.grad.numel())
                 dist.reduce_scatter_single(part, flat, group=self.group)
-                self.comm_bytes["reduce_scatter"] += n * 4 * (self.world - 1)
-                flat = part
-            else:
-                dist.all_reduce(flat, group=self.group)
-                self.comm_bytes["all_reduce"] += 2 * flat.numel() * 4 * (self.world - 1) // self.world
-                lo = 0 if self.config.stage == 0 else self.rank * n
-                flat = flat[lo:lo + n]
-            flat /= self.world
-        chunk.grad += flat
+                self.comm_bytes["reduce_scatter"] += part.numel() * 4 * (self.world - 1)
+                flat = part.div_(self.world)
+            chunk.grad += flat
         chunk.pending = len(chunk.layout.slots)
         self._release(chunk)
 
     def finish_backward(self) -> None:
-        """Check every chunk's gradients were reduced (a parameter without a gradient in this
-        backward would leave its chunk pending: reduce it now with zeros for the missing)."""
+        """End of a step's backward (all microbatches): reduce what is still local.
+
+        A parameter without a gradient in this step would leave its chunk pending: it is
+        reduced with zeros for the missing gradients. Stage 0 all-reduces the full gradients,
+        stage 1 reduce-scatters them (once per step, as the cost model assumes)."""
         for chunk in self.chunks:
             if chunk.pending != len(chunk.layout.slots):
                 for slot in chunk.layout.slots:
                     if slot.param.grad is None:
                         slot.param.grad = torch.zeros_like(slot.param)
                 self._reduce_chunk(chunk)
+        if self.group is None or self.config.stage >= 2:
+            return
+        for chunk in self.chunks:
+            if self.config.stage == 0:
+                dist.all_reduce(chunk.full_grad, group=self.group)
+                self.comm_bytes["all_reduce"] += (2 * chunk.full_bytes * (self.world - 1)
+                                                  // self.world)
+            else:
+                part = torch.empty(chunk.grad.numel())
+                dist.reduce_scatter_single(part, chunk.full_grad, group=self.group)
+                self.comm_bytes["reduce_scatter"] += part.numel() * 4 * (self.world - 1)
+                chunk.grad.copy_(part)
+            chunk.grad.div_(self.world)
 
     # ---- optimizer ---------------------------------------------------------------------------
     def clip_grad_norm(self, max_norm: float) -> float:
@@ -234,7 +253,7 @@ class ZeroModelStates:
             chunk.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (chunk.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.config.eps)
             p.addcdiv_(chunk.exp_avg, denom, value=-lr / bc1)
-            g.zero_()
+            (chunk.full_grad if chunk.full_grad is not None else g).zero_()
             if self._persistent(chunk):
                 chunk.gathered = False
                 self._gather(chunk)
@@ -250,11 +269,15 @@ class ZeroModelStates:
                for place in ("device", "cpu")}
         for chunk in self.chunks:
             place = "cpu" if chunk.on_cpu else "device"
-            out[place]["parameters"] += chunk.master.numel() * 4
-            out[place]["gradients"] += chunk.grad.numel() * 4
             out[place]["optimizer"] += 2 * chunk.exp_avg.numel() * 4
-            if chunk.gathered and chunk.master is not chunk.full:
-                out["device"]["parameters"] += chunk.full_bytes
+            if self.config.stage == 3:  # master shard + gathered full buffers (transient)
+                out[place]["parameters"] += chunk.master.numel() * 4
+                out["device"]["parameters"] += chunk.full_bytes if chunk.gathered else 0
+                out[place]["gradients"] += chunk.grad.numel() * 4
+            else:  # the full parameters (the master is a slice of them)
+                out[place]["parameters"] += chunk.full_bytes
+                grads = chunk.full_grad if chunk.full_grad is not None else chunk.grad
+                out[place]["gradients"] += grads.numel() * 4
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

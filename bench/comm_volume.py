@@ -1,0 +1,141 @@
+"""Communication bytes and model-state bytes per rank: cost model vs runtime, side by side.
+
+For each parallel layout on 2 gloo ranks (tiny model, fp32), one training step runs through
+the real runtime (`disttrain.engine`); the bytes each collective kind sent and the model-state
+bytes the runtime holds are compared with what the planner's cost model predicts for the same
+layout. Prints a table; `tests/test_comm_volume.py` asserts the errors stay under 1%.
+
+    .venv/bin/python bench/comm_volume.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from disttrain.parallel.spawn import spawn_ranks  # noqa: E402
+from disttrain.spec import job_from_dict  # noqa: E402
+from planner.costmodel import (model_state_bytes, ring_p2p_backward_bytes,  # noqa: E402
+                               ring_p2p_bytes, ulysses_alltoall_bytes, zero_step_bytes)
+from planner.plan import ParallelPlan, Plan  # noqa: E402
+
+SEQ, MICRO, GLOBAL = 64, 1, 4
+LAYOUTS = {  # name: (dp, sp, sp_kind, pp, zero_stage)
+    "dp2 zero0": (2, 1, "ulysses", 1, 0),
+    "dp2 zero1": (2, 1, "ulysses", 1, 1),
+    "dp2 zero2": (2, 1, "ulysses", 1, 2),
+    "dp2 zero3": (2, 1, "ulysses", 1, 3),
+    "sp2 ulysses zero3": (1, 2, "ulysses", 1, 3),
+    "sp2 ring zero2": (1, 2, "ring", 1, 2),
+    "pp2 zero0": (1, 1, "ulysses", 2, 0),
+}
+
+
+def job_spec() -> dict:
+    return {"name": "comm", "model": {"preset": "tiny"},
+            "train": {"seq_len": SEQ, "micro_batch_size": MICRO, "global_batch_size": GLOBAL,
+                      "steps": 1},
+            "data": {"kind": "synthetic"},
+            "cluster": {"preset": "cpu-local", "devices_per_node": 2},
+            "launch": {"launcher": "torchrun"}, "output_dir": "/tmp/disttrain-comm-bench"}
+
+
+def plan_for(job, dp, sp, sp_kind, pp, zero) -> Plan:
+    micro = GLOBAL // (MICRO * dp)
+    return Plan(model=job.shape.to_dict(), seq_len=SEQ, micro_batch_size=MICRO,
+                global_batch_size=GLOBAL,
+                parallel=ParallelPlan(dp=dp, sp=sp, sp_kind=sp_kind, pp=pp, zero_stage=zero,
+                                      num_microbatches=micro,
+                                      schedule="1f1b" if pp > 1 else "none"))
+
+
+def predicted(job, dp, sp, sp_kind, pp, zero) -> tuple[dict[str, float], dict[str, float]]:
+    """(bytes sent per collective kind, model-state bytes) the cost model expects per rank."""
+    shape, micro = job.shape, GLOBAL // (MICRO * dp)
+    tokens = MICRO * SEQ // sp
+    comm: dict[str, float] = {}
+    if sp > 1 and sp_kind == "ulysses":
+        comm["sp_all_to_all"] = micro * shape.num_layers * 3 * ulysses_alltoall_bytes(
+            shape, "fp32", tokens, sp)
+    if sp > 1 and sp_kind == "ring":
+        comm["sp_p2p"] = micro * shape.num_layers * (
+            ring_p2p_bytes(shape, "fp32", tokens, sp)
+            + ring_p2p_backward_bytes(shape, "fp32", tokens, sp))
+    if pp > 1:  # stage 0 sends activations, stage 1 their gradients: the same bytes
+        comm["pp_sent"] = micro * tokens * shape.hidden_size * 4
+    group = dp * sp
+    params = shape.num_params() if pp == 1 else None
+    if group > 1 and params is not None:
+        resident = shape.embedding_params()  # embedding + final norm + head
+        per_mb, per_step = zero_step_bytes(params, "fp32", zero, group, micro,
+                                           backward_resident_params=resident)
+        comm["zero"] = micro * per_mb + per_step
+    states = model_state_bytes(params, "fp32", zero, group) if params is not None else {}
+    return comm, states
+
+
+def _worker(rank, world, spec, layouts):
+    import torch.distributed as dist
+
+    from disttrain.data import build_batches
+    from disttrain.engine import build_runtime
+
+    job = job_from_dict(spec)
+    batches = build_batches("synthetic", None, vocab_size=job.shape.vocab_size, seq_len=SEQ,
+                            micro_batch_size=MICRO, seed=0)
+    out = {}
+    for name, layout in layouts.items():
+        runtime = build_runtime(job, plan_for(job, *layout), rank=rank)
+        runtime.communication_bytes()  # discard what construction sent
+        runtime.forward_backward(0, batches)
+        runtime.states.clip_grad_norm(1.0)
+        runtime.states.step(1e-3)
+        comm = runtime.communication_bytes()
+        measured = {}
+        for key, value in comm.items():
+            if key.startswith("zero_"):
+                measured["zero"] = measured.get("zero", 0) + value
+            elif key in ("pp_activations", "pp_gradients"):
+                measured["pp_sent"] = measured.get("pp_sent", 0) + value
+            elif key.startswith("sp_"):
+                measured[key] = value
+        states = {c: sum(p[c] for p in runtime.states.bytes_by_place().values())
+                  for c in ("parameters", "gradients", "optimizer")}
+        out[name] = (measured, states)
+        dist.barrier()
+    return out
+
+
+def measure(layouts: dict = LAYOUTS) -> list[dict]:
+    spec = job_spec()
+    job = job_from_dict(spec)
+    results = spawn_ranks(_worker, 2, spec, layouts)
+    rows = []
+    for name, layout in layouts.items():
+        comm_pred, state_pred = predicted(job, *layout)
+        measured_comm, measured_states = results[0][name]
+        for kind, value in sorted(comm_pred.items()):
+            rows.append({"layout": name, "quantity": f"sent: {kind}", "predicted": value,
+                         "measured": measured_comm.get(kind, 0)})
+        for kind, value in state_pred.items():
+            rows.append({"layout": name, "quantity": f"state: {kind}", "predicted": value,
+                         "measured": measured_states[kind]})
+    for row in rows:
+        row["error"] = (row["measured"] - row["predicted"]) / row["predicted"] \
+            if row["predicted"] else float(row["measured"] != 0)
+    return rows
+
+
+def main() -> None:
+    rows = measure()
+    print(f"{'layout':<20} {'quantity':<22} {'predicted':>12} {'measured':>12} {'error':>8}")
+    for r in rows:
+        print(f"{r['layout']:<20} {r['quantity']:<22} {r['predicted']:>12,.0f} "
+              f"{r['measured']:>12,.0f} {r['error']:>+8.2%}")
+    print(f"worst |error|: {max(abs(r['error']) for r in rows):.3%} over {len(rows)} rows")
+
+
+if __name__ == "__main__":
+    main()

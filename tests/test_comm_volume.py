@@ -1,0 +1,22 @@
+"""The cost model's communication and model-state bytes equal what the runtime measures."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import comm_volume  # noqa: E402
+
+
+@pytest.mark.slow
+def test_predicted_bytes_match_measured_for_every_layout():
+    rows = comm_volume.measure()
+    kinds = {(r["layout"], r["quantity"]) for r in rows}
+    assert ("sp2 ring zero2", "sent: sp_p2p") in kinds and ("pp2 zero0", "sent: pp_sent") in kinds
+    for row in rows:
+        assert row["measured"] > 0, row
+        assert abs(row["error"]) < 0.01, row

@@ -47,6 +47,8 @@ setup(
         "test": ["pytest"],
         "ray": ["ray[train]==2.60.0"],
         "gpu": ["nvidia-ml-py"],
+        # the stacks a plan can be exported to (`disttrain plan --emit`) and benchmarked against
+        "peers": ["deepspeed==0.19.8", "megatron-core==0.16.1"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

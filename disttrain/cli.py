@@ -56,6 +56,17 @@ def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
     else:
         console.print(render_summary(plan))
         console.print("wrote " + ", ".join(str(p) for p in paths))
+    if args.emit and plan.feasible:
+        from planner.export import export_plan, summary_lines
+
+        try:
+            result = export_plan(plan, args.emit, out)
+        except ValueError as exc:
+            raise SpecError(f"--emit {args.emit}: {exc}") from None
+        stream = sys.stderr if args.json else sys.stdout
+        print("\n".join(summary_lines(result)) + f"\nwrote {result.path}", file=stream)
+    elif args.emit:
+        print(f"--emit {args.emit}: nothing written, the plan is infeasible", file=sys.stderr)
     return 0 if plan.feasible else EXIT_INFEASIBLE
 
 
@@ -79,6 +90,12 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
     job = load_job(args.spec)
     launcher = args.launcher or job.spec.launch.launcher
     world = job.hardware.world_size
+    if args.address is not None and launcher != "ray":
+        raise SpecError("--address: only used with --launcher ray")
+    if launcher == "ray":
+        from launch.ray import run_ray
+
+        return run_ray(job, args)
     if launcher == "torchrun":
         if job.hardware.nodes > 1:
             raise SpecError(f"cluster.nodes: {job.hardware.nodes} nodes: start `torchrun "
@@ -163,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print plan.json instead of a summary")
     p.add_argument("--profile", help="a layer profile from `disttrain profile` (replaces the "
                                      "analytic byte and time model)")
+    p.add_argument("--emit", choices=("deepspeed", "megatron"),
+                   help="also write the closest DeepSpeed config / Megatron-core arguments beside "
+                        "plan.json and print what of the plan they cannot express")
     p.set_defaults(run=_cmd_plan)
 
     p = verbs.add_parser("train", help="train a job spec")
@@ -175,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="execute this plan.json instead of running the planner")
     p.add_argument("--no-planner", action="store_true",
                    help="keep every activation and resolve `auto` trivially (dp = world)")
-    p.add_argument("--nproc", type=int, help="torchrun ranks (default: the cluster's devices)")
+    p.add_argument("--nproc", type=int, help="torchrun ranks or Ray workers (default: the "
+                                             "cluster's devices)")
+    p.add_argument("--address", help="Ray cluster to join with --launcher ray (default: "
+                                     "launch.ray_address, else an embedded Ray on 127.0.0.1)")
     p.set_defaults(run=_cmd_train)
 
     p = verbs.add_parser("profile", help="profile one layer of the model, or this machine")

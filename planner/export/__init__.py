@@ -146,6 +146,16 @@ def evaluate_plan(plan: Plan, *, layer_adjust: LayerAdjust | None = None,
                     step_time_s=step.total)
 
 
+def whole_layer_recompute(layers: set[int]) -> LayerAdjust:
+    """Layer costs of stack-style checkpointing: the layers in `layers` recompute their whole
+    forward (attention core included) and keep nothing but their input."""
+    def adjust(index: int, lc: LayerCost) -> LayerCost:
+        if index not in layers:
+            return lc
+        return dataclasses.replace(lc, recompute_s=lc.forward_s, attention_output_bytes=0.0)
+    return adjust
+
+
 def choose_nearest(alternatives: list[Alternative], params: CostParams | None = None
                    ) -> tuple[Alternative, PlanCost, tuple[tuple[str, PlanCost], ...]]:
     """The fastest alternative that fits (the leanest on device memory when none fits)."""

@@ -21,9 +21,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from planner.costmodel import CostParams, LayerCost
+from planner.costmodel import CostParams
 from planner.export import (Alternative, ExportResult, choose_nearest, costs_record, evaluate_plan,
-                            layer_ranges)
+                            layer_ranges, whole_layer_recompute)
 from planner.mip import StageProblem
 from planner.plan import LayerActivationPlan, Plan
 from planner.shapes import DTYPE_BYTES, ModelShape
@@ -39,16 +39,6 @@ def _cpu_ranks(plan: Plan) -> bool:
 
 def _checkpointed(plan: Plan) -> list[int]:
     return [i for i, act in enumerate(plan.activations) if not act.keep_all]
-
-
-def _whole_layer_recompute(layers: set[int]):
-    """A checkpointed DeepSpeed layer recomputes everything, attention core included, and
-    keeps nothing but its input."""
-    def adjust(index: int, lc: LayerCost) -> LayerCost:
-        if index not in layers:
-            return lc
-        return dataclasses.replace(lc, recompute_s=lc.forward_s, attention_output_bytes=0.0)
-    return adjust
 
 
 def _nvme_states(problem: StageProblem) -> StageProblem:
@@ -124,7 +114,7 @@ def alternatives(plan: Plan) -> list[Alternative]:
     """Every DeepSpeed-expressible variant of `plan`: cpu_checkpointing on/off x offload tier."""
     parallel, layout_notes = _parallel(plan)
     checkpointed = _checkpointed(plan)
-    adjust = _whole_layer_recompute(set(checkpointed))
+    adjust = whole_layer_recompute(set(checkpointed))
     hardware = plan.prediction.hardware
     tiers = ["none"]
     if parallel.zero_stage == 3 and plan.model_states.num_chunks:

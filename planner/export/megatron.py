@@ -25,8 +25,8 @@ from typing import Any
 import yaml
 
 from planner.costmodel import CostParams, LayerCost, optimizer_bytes_per_param
-from planner.export import (Alternative, ExportResult, choose_nearest, costs_record, evaluate_plan,
-                            layer_ranges)
+from planner.export import (Alternative, ExportResult, LayerAdjust, ProblemAdjust, choose_nearest,
+                            costs_record, evaluate_plan, layer_ranges, whole_layer_recompute)
 from planner.mip import StageProblem
 from planner.plan import LayerActivationPlan, Plan
 from planner.shapes import DTYPE_BYTES, ModelShape
@@ -44,7 +44,7 @@ def _stage_counts(plan: Plan) -> list[int]:
     return [end - start for start, end in stages]
 
 
-def _extra_qkv_bytes(shape: ModelShape, dtype: str):
+def _extra_qkv_bytes(shape: ModelShape, dtype: str) -> LayerAdjust:
     """Megatron's selective recompute keeps q, k, v (saved by the attention core; offloaded with
     it when `core_attn` is in offload_modules), which the plan's token-local recompute rebuilds
     from the layer input: count them with the attention output, which is kept or swapped alike."""
@@ -52,14 +52,6 @@ def _extra_qkv_bytes(shape: ModelShape, dtype: str):
 
     def adjust(index: int, lc: LayerCost) -> LayerCost:
         return dataclasses.replace(lc, attention_output_bytes=lc.attention_output_bytes + per_token * lc.tokens)
-    return adjust
-
-
-def _whole_layer(layers: set[int]):
-    def adjust(index: int, lc: LayerCost) -> LayerCost:
-        if index not in layers:
-            return lc
-        return dataclasses.replace(lc, recompute_s=lc.forward_s, attention_output_bytes=0.0)
     return adjust
 
 
@@ -82,7 +74,7 @@ def _activation_options(plan: Plan) -> list[tuple[str, tuple, Any, dict[str, Any
         chosen = {s + i for s, e in stages for i in range(min(count, e - s))}
         full = tuple(LayerActivationPlan() if i in chosen else KEEP for i in range(n))
         options.append((f"full recompute of the first {count} layers per stage (block)", full,
-                        _whole_layer(chosen), {"recompute_granularity": "full", "recompute_method": "block",
+                        whole_layer_recompute(chosen), {"recompute_granularity": "full", "recompute_method": "block",
                                                "recompute_num_layers": count}))
     swapped = sum(1 for a in acts if not a.keep_all and a.swap_fraction >= 0.5)
     if plan.parallel.pp == 1 and 0 < swapped:
@@ -96,7 +88,7 @@ def _activation_options(plan: Plan) -> list[tuple[str, tuple, Any, dict[str, Any
     return options
 
 
-def _optimizer_offload(plan: Plan, fraction: float):
+def _optimizer_offload(plan: Plan, fraction: float) -> ProblemAdjust:
     """Optimizer states (a `fraction` of them) on CPU; parameters and gradients stay."""
     b = DTYPE_BYTES[plan.dtype]
     opt = optimizer_bytes_per_param(plan.dtype)
@@ -220,7 +212,8 @@ def command_line(sections: dict[str, dict[str, Any]]) -> list[str]:
     seen: set[str] = set()
     for section, fields in sections.items():
         for key, value in fields.items():
-            if key in skip or key in seen:
+            if key in skip or key in seen or (key == "num_query_groups"
+                                              and value == fields.get("num_attention_heads")):
                 continue
             seen.add(key)
             flag = renames.get(key, "--" + key.replace("_", "-"))
@@ -245,8 +238,9 @@ def _header(plan: Plan, missing: list[str], record: dict[str, Any]) -> str:
     full, near = record["full_plan"], record["nearest_expressible"]
     lines += ["", "Predicted by the planner's cost model (per rank, busiest stage):"]
     for label, cost in (("full plan", full), ("nearest expressible", near)):
+        verdict = "fits" if cost["fits"] else "does NOT fit: " + "; ".join(cost["violations"])
         lines.append(f"  {label}: step {cost['step_time_s']:.4g} s, device {cost['device_gib']:.2f} GiB, "
-                     f"host {cost['host_gib']:.2f} GiB, {'fits' if cost['fits'] else 'does NOT fit'}")
+                     f"host {cost['host_gib']:.2f} GiB, nvme {cost['nvme_gib']:.2f} GiB, {verdict}")
     lines.append(f"  nearest = {near['name']}")
     return "\n".join("# " + line if line else "#" for line in lines) + "\n"
 

@@ -18,8 +18,8 @@ def _ext_modules():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return [], {}
-    ext = CppExtension("offload._copy_engine", sources, extra_compile_args=["-O3", "-std=c++17"])
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    ext = CppExtension("offload._copy_engine", sources, extra_compile_args=["-O3"])
+    return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _ext_modules()

@@ -29,6 +29,9 @@ from disttrain.parallel.sp_core import SequenceParallelCore
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import Job, SpecError
 from disttrain.tiling import apply_mlp_tiling, chunked_lm_loss
+from offload import (ActivationRuntime, CopyEngineConfig, apply_activation_policy, create_engine,
+                     open_stores)
+from planner.analytic import layer_saved_bytes_per_token
 from planner.plan import Plan
 
 
@@ -58,8 +61,19 @@ class Runtime:
     """The 1F1B runner when pp > 1."""
     sp_core: SequenceParallelCore | None = None
     """The sequence-parallel attention core shared by every layer when sp > 1."""
-    activation_stats: object | None = None
-    """Per-layer measurements of the activation policy, when one is applied."""
+    activations: ActivationRuntime | None = None
+    """The activation policy's runtime (stores, per-layer measurements), when one is applied."""
+    copy_engine: str | None = None
+    """Which copy engine the stores use (C++ or the Python fallback), for the run log."""
+
+    def activation_stats(self) -> dict | None:
+        """Per-layer measured bytes and tokens of the last step, or None (keep-all)."""
+        return None if self.activations is None else self.activations.step_metrics()
+
+    def close(self) -> None:
+        """Release stores (NVMe files are removed)."""
+        if self.activations is not None:
+            self.activations.close()
 
     @property
     def dims(self) -> ParallelDims:
@@ -130,10 +144,9 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
     sp_core = apply_sequence_parallel(model, groups.sp, par.sp_kind) if par.sp > 1 else None
     if plan.tiling.mlp_chunk_tokens:
         apply_mlp_tiling(model, plan.tiling.mlp_chunk_tokens)
-    activation_stats = None
+    activations, copy_engine = None, None
     if plan.activations and not all(a.keep_all for a in plan.activations):
-        raise NotImplementedError("activation policies are wired in by the activation "
-                                  "runtime issue")
+        activations, copy_engine = _apply_activations(job, plan, model, rank)
     pipeline = None
     if par.pp > 1:
         if job.shape.tie_embeddings:
@@ -158,4 +171,37 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
                         f"{par.num_microbatches}")
     return Runtime(job=job, plan=plan, groups=groups, model=model, states=states,
                    accum_steps=accum, pipeline=pipeline, sp_core=sp_core,
-                   activation_stats=activation_stats)
+                   activations=activations, copy_engine=copy_engine)
+
+
+def store_budgets(job: Job, plan: Plan) -> dict[str, int]:
+    """Bytes each swap tier must hold on this rank: per layer, the swapped tokens' token-local
+    bytes plus a swapped input / attention output, for every microbatch in flight (pp stages
+    hold up to pp of them), with 25% + 64 MiB of headroom for alignment and copies in flight."""
+    par = plan.parallel
+    per_token = layer_saved_bytes_per_token(job.shape, plan.dtype, par.sp)
+    tokens = plan.micro_batch_size * plan.seq_len // par.sp
+    inflight = min(par.pp, par.num_microbatches) if par.pp > 1 else 1
+    need = {"cpu": 0.0, "nvme": 0.0}
+    for layer in plan.activations:
+        if layer.keep_all:
+            continue
+        need[layer.tier] += tokens * (layer.swap_fraction * per_token.token_local
+                                      + layer.swap_input * per_token.layer_input
+                                      + layer.swap_attention_output * per_token.attention_output)
+    return {tier: int(1.25 * inflight * b) + 64 * 2**20 for tier, b in need.items()}
+
+
+def _apply_activations(job: Job, plan: Plan, model: nn.Module, rank: int
+                       ) -> tuple[ActivationRuntime, str]:
+    """Wrap each decoder layer with the plan's keep / swap / token-wise recompute policy."""
+    engine = create_engine(CopyEngineConfig(backend="auto"))
+    budgets = store_budgets(job, plan)
+    nvme_path = job.hardware.nvme_path or None
+    try:
+        stores = open_stores(plan.activations, engine=engine, cpu_budget_bytes=budgets["cpu"],
+                             nvme_path=nvme_path, nvme_budget_bytes=budgets["nvme"],
+                             run_id=job.spec.name, rank=rank)
+    except (ValueError, OSError) as exc:  # no NVMe path, not enough free space, ...
+        raise SpecError(str(exc).splitlines()[0]) from None
+    return apply_activation_policy(model, plan.activations, stores=stores), engine.describe()

@@ -63,12 +63,13 @@ def compare(run_dir: Path) -> tuple[Plan, list[Row]]:
             measured = max(sum(s[place][category] for place in s) for s in states)
             rows.append(Row(f"model states: {category} (max rank)",
                             pred.bytes_by_category.get(category), measured, "B"))
-    activations = rank0[-1].get("activations")
+    activations = (rank0[-1].get("activations") or {}).get("layers")
     if activations and pred.activation_bytes_per_layer:
-        for index, (predicted, layer) in enumerate(zip(pred.activation_bytes_per_layer,
-                                                       activations)):
-            rows.append(Row(f"layer {index} resident saved bytes", predicted,
-                            layer.get("resident_saved_bytes"), "B"))
+        for layer in activations:
+            index = layer["layer"]
+            if index < len(pred.activation_bytes_per_layer):
+                rows.append(Row(f"layer {index} saved bytes kept ({layer['policy']})",
+                                pred.activation_bytes_per_layer[index], layer["bytes_kept"], "B"))
     rows.append(Row("peak RSS, process (max rank; reference)", None,
                     max(recs[-1]["peak_bytes"] for recs in per_rank.values() if recs), "B"))
     return plan, rows

@@ -51,6 +51,8 @@ class Trainer:
         self.plan = plan or fixed_plan(job, world)
         self.runtime = build_runtime(job, self.plan, rank=self.rank)
         self.console = console or Console(stderr=True, soft_wrap=True, quiet=self.rank != 0)
+        if self.runtime.copy_engine is not None:
+            self.console.print(self.runtime.copy_engine)
         tr = job.spec.train
         self.batches = build_batches(job.spec.data.kind, job.data_path,
                                      vocab_size=job.shape.vocab_size, seq_len=tr.seq_len,
@@ -140,8 +142,9 @@ class Trainer:
                               "rank": self.rank,
                               "model_state_bytes": self.runtime.states.bytes_by_place(),
                               "comm_bytes": self.runtime.communication_bytes()}
-                    if self.runtime.activation_stats is not None:
-                        record["activations"] = self.runtime.activation_stats()
+                    activations = self.runtime.activation_stats()
+                    if activations is not None:
+                        record["activations"] = activations
                     metrics.write(record)
                     if self.on_step is not None:
                         self.on_step(record)
@@ -156,11 +159,13 @@ class Trainer:
                         self.save(done)
         except KeyboardInterrupt:
             metrics.close()
+            self.runtime.close()
             self.console.print(f"interrupted; last checkpoint: "
                                f"{latest_checkpoint(self.ckpt_dir) or 'none'}; continue with "
                                f"--resume")
             raise
         metrics.close()
+        self.runtime.close()
         if self.rank == 0:
             self._write_summary(result, step_times)
         return result

@@ -33,7 +33,10 @@ def divisors(n: int) -> list[int]:
 
 
 def gib(num_bytes: float) -> str:
-    return f"{num_bytes / GiB:.1f} GiB"
+    """Bytes in GiB, or MiB below 1 GiB so small jobs' reasons still carry the numbers."""
+    if abs(num_bytes) >= GiB:
+        return f"{num_bytes / GiB:.1f} GiB"
+    return f"{num_bytes / 2**20:.1f} MiB"
 
 
 def _reason(cand: dict, reason: str, shortfall: float | None = None) -> dict:
@@ -153,8 +156,9 @@ def choose_tiling(request: PlanRequest, lc: LayerCost) -> tuple[int, int]:
     shape = request.model
     per_token_logits = 2 * 4 * shape.vocab_size
     loss_chunk = 0
-    if per_token_logits * lc.tokens > LOSS_CHUNK_BUDGET:
-        loss_chunk = 1 << max(0, int(LOSS_CHUNK_BUDGET // per_token_logits).bit_length() - 1)
+    loss_budget = min(LOSS_CHUNK_BUDGET, MLP_TILE_SHARE * request.hardware.device_memory_bytes)
+    if per_token_logits * lc.tokens > loss_budget:
+        loss_chunk = 1 << max(0, int(loss_budget // per_token_logits).bit_length() - 1)
     mlp_per_token = lc.mlp_bytes / lc.tokens + 2 * DTYPE_BYTES[request.dtype] * shape.ffn_hidden_size
     budget = MLP_TILE_SHARE * request.hardware.device_memory_bytes
     mlp_chunk = 0

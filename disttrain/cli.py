@@ -48,6 +48,12 @@ def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
         if not Path(args.profile).is_file():
             raise SpecError(f"--profile: {args.profile} does not exist")
         profile = load_profile(Path(args.profile))
+    elif args.launcher == "ray":  # profile on a worker of the cluster (the training devices)
+        from launch.ray import profile_on_ray
+
+        profile = profile_on_ray(job, args.address or job.spec.launch.ray_address)
+    elif args.address is not None:
+        raise SpecError("--address: only used with --launcher ray")
     plan = plan_job(job.plan_request(), profile)
     out = Path(args.out) if args.out else job.output_dir / "plan"
     paths = write_report(plan, out)
@@ -183,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit", choices=("deepspeed", "megatron"),
                    help="also write the closest DeepSpeed config / Megatron-core arguments beside "
                         "plan.json and print what of the plan they cannot express")
+    p.add_argument("--launcher", choices=("local", "ray"), default="local",
+                   help="ray: profile one layer on a Ray worker first, then plan with it")
+    p.add_argument("--address", help="Ray cluster to profile on with --launcher ray (default: "
+                                     "launch.ray_address, else an embedded Ray on 127.0.0.1)")
     p.set_defaults(run=_cmd_plan)
 
     p = verbs.add_parser("train", help="train a job spec")

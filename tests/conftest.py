@@ -13,6 +13,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Any Ray a test starts (or imports) binds loopback only: Ray reads this when it is imported.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 TINY_JOB = {
     "name": "t",
     "model": {"preset": "tiny"},

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from planner.analytic import SavedBytesPerToken, layer_saved_bytes_per_token
 from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu_optimizer_s,
                                device_optimizer_s, inflight_microbatches, layer_cost,
-                               layer_working_bytes, local_tokens, logits_working_bytes,
+                               local_tokens, tiled_layer_cost, working_base_bytes, logits_working_bytes,
                                model_state_bytes, optimizer_bytes_per_param, stage_layer_ranges,
                                stage_params)
 from planner.mip import StageProblem
@@ -169,19 +169,22 @@ def choose_tiling(request: PlanRequest, lc: LayerCost) -> tuple[int, int]:
 
 
 def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_token: SavedBytesPerToken,
-                 layer_override: LayerCost | None = None) -> tuple[list[StageSetup], tuple[int, int]]:
-    """One StageSetup per pipeline stage, and the (loss, mlp) tiling chosen."""
+                 layer_override: LayerCost | None = None, tiling: tuple[int, int] | None = None
+                 ) -> tuple[list[StageSetup], tuple[int, int]]:
+    """One StageSetup per pipeline stage, and the (loss, mlp) tiling: chosen, or `tiling`."""
     shape, hw, dtype = request.model, request.hardware, request.dtype
     b, group = DTYPE_BYTES[dtype], cand.shard_group
     lc = layer_override or layer_cost(shape, dtype, hw, cand, seq_len=request.seq_len,
                                       micro_batch_size=request.micro_batch_size, params=params,
                                       bytes_per_token=per_token)
     tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
-    loss_chunk, mlp_chunk = choose_tiling(request, lc)
-    working = layer_working_bytes(lc, shape, dtype, mlp_chunk)
+    loss_chunk, mlp_chunk = tiling if tiling is not None else choose_tiling(request, lc)
+    working = working_base_bytes(lc, shape, dtype, mlp_chunk)
+    lc = tiled_layer_cost(lc, shape, dtype, mlp_chunk)
     head_fwd = 2.0 * shape.vocab_size * shape.hidden_size * tokens / (hw.flops(dtype) * params.matmul_efficiency)
     reserved = 0 if hw.device_name.lower() == "cpu" else params.reserved_bytes
     usable = hw.device_memory_bytes * (1 - params.fragmentation) - reserved
+    usable -= max(4096.0, 1e-6 * usable)  # the solver's feasibility tolerance (~1e-7 GiB)
     per_rank = hw.devices_per_node
     layer_params = shape.layer_params()
     per_param_states = 2 * b + optimizer_bytes_per_param(dtype)
@@ -193,7 +196,7 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
         num_chunks = count if chunked else 0
         fixed_states = model_state_bytes(total_params - num_chunks * layer_params, dtype,
                                          cand.zero_stage, group)
-        buffers = working + (3 * b * layer_params if chunked else 0.0)
+        buffers = 3 * b * layer_params if chunked else 0.0
         head = (logits_working_bytes(shape, tokens, loss_chunk) + 2 * b * shape.hidden_size * tokens) if last else 0.0
         fixed = sum(fixed_states.values()) + buffers + head
         compute = count * (lc.forward_s + lc.backward_s) + (3 * head_fwd if last else 0.0)
@@ -207,7 +210,7 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
         problem = StageProblem(
             layers=(lc,) * count, inflight=inflight_microbatches(cand.pp, cand.num_microbatches, stage),
             slots=cand.num_microbatches + cand.pp - 1, device_capacity_bytes=usable,
-            fixed_device_bytes=fixed, host_capacity_bytes=hw.host_memory_bytes / per_rank,
+            fixed_device_bytes=fixed, working_base_bytes=working, host_capacity_bytes=hw.host_memory_bytes / per_rank,
             nvme_capacity_bytes=hw.nvme_capacity_bytes / per_rank, host_link_bw=hw.host_link_bw,
             nvme_read_bw=(hw.nvme_read_bw or 1.0) / per_rank, nvme_write_bw=(hw.nvme_write_bw or 1.0) / per_rank,
             tail_forward_window_s=head_fwd if last else 0.0,
@@ -224,17 +227,28 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             token_chunks=0)
         fixed_states_opt = device_optimizer_s(total_params - num_chunks * layer_params, dtype, params)
         fixed_states_opt /= group if cand.zero_stage >= 1 else 1
-        can_swap = problem.allow_cpu or problem.allow_nvme
-        min_layer = 0.0 if can_swap else (min(lc.plain_bytes, lc.input_bytes + lc.attention_output_bytes)
-                                          if problem.allow_recompute else lc.plain_bytes)
+        leanest = _leanest_activation_bytes(problem, lc, count)
         setups.append(StageSetup(
             problem=problem, layer_range=(start, end), head_compute_s=3 * head_fwd if last else 0.0,
             comm_microbatch_s=comm_mb, comm_step_s=comm_step, fixed_optimizer_s=fixed_states_opt,
-            fixed_bytes=dict(fixed_states, buffers=buffers - working, working_set=working, loss=head),
+            fixed_bytes=dict(fixed_states, buffers=buffers, working_set=working, loss=head),
             chunk_states=model_state_bytes(num_chunks * layer_params, dtype, cand.zero_stage, group),
-            min_device_bytes=fixed + (problem.chunk_buffer_bytes if num_chunks else 0.0)
-            + problem.inflight * count * min_layer))
+            min_device_bytes=fixed + working + (problem.chunk_buffer_bytes if num_chunks else 0.0)
+            + leanest))
     return setups, (loss_chunk, mlp_chunk)
+
+
+def _leanest_activation_bytes(problem: StageProblem, lc: LayerCost, count: int) -> float:
+    """A lower bound of the stage's activation bytes on the device (resident for the in-flight
+    microbatches + what a non-kept layer rebuilds in its backward). Mixing kept and non-kept
+    layers is linear in their number, so the bound is the better of all-kept and all-not."""
+    options = [problem.inflight * count * lc.plain_bytes] if problem.allow_keep else []
+    if problem.allow_cpu or problem.allow_nvme:
+        options.append(lc.token_local_bytes)
+    elif problem.allow_recompute:
+        options.append(problem.inflight * count * (lc.input_bytes + lc.attention_output_bytes)
+                       + lc.token_local_bytes)
+    return min(options) if options and count else 0.0
 
 
 def memory_rejection(setups: list[StageSetup], capacity: float, usable: float) -> tuple[str, float] | None:

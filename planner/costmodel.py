@@ -11,7 +11,7 @@ forward + backward on the slowest stage (1F1B), so the bubble is (p - 1)/(m + p 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.analytic import (FP32, SavedBytesPerToken, kv_heads_per_rank,
                               layer_flops_per_token, layer_saved_bytes_per_token,
@@ -243,16 +243,37 @@ def logits_working_bytes(shape: ModelShape, tokens: int, loss_chunk_tokens: int)
     return 2 * FP32 * shape.vocab_size * chunk
 
 
-def layer_working_bytes(lc: LayerCost, shape: ModelShape, dtype: str, mlp_chunk_tokens: int
-                        ) -> float:
-    """Transient peak while one layer runs backward: its token-local tensors materialised
-    (the MLP part only for one token tile when tiled), plus activation gradients."""
-    tile = min(1.0, mlp_chunk_tokens / lc.tokens) if mlp_chunk_tokens else 1.0
-    materialised = lc.token_local_bytes - lc.mlp_bytes * (1 - tile)
+def mlp_intermediate_bytes(shape: ModelShape, dtype: str, tokens: int) -> float:
+    """MLP intermediates autograd saves (gate, silu, up, product): what MLP tiling removes from
+    the saved set (a tiled MLP saves its input only and rebuilds a tile at a time)."""
+    return 4.0 * DTYPE_BYTES[dtype] * shape.ffn_hidden_size * tokens
+
+
+def tiled_layer_cost(lc: LayerCost, shape: ModelShape, dtype: str, mlp_chunk_tokens: int
+                     ) -> LayerCost:
+    """The layer's saved bytes when its MLP runs tiled over `mlp_chunk_tokens` (0: unchanged).
+    The runtime tiles every layer's MLP, kept or not, so plain and token-local bytes shrink."""
+    if not mlp_chunk_tokens or mlp_chunk_tokens >= lc.tokens:
+        return lc
+    cut = mlp_intermediate_bytes(shape, dtype, lc.tokens)
+    return replace(lc, token_local_bytes=lc.token_local_bytes - cut,
+                   mlp_bytes=lc.mlp_bytes - cut, plain_bytes=lc.plain_bytes - cut)
+
+
+def working_base_bytes(lc: LayerCost, shape: ModelShape, dtype: str, mlp_chunk_tokens: int
+                       ) -> float:
+    """Transient bytes of any layer's backward whatever its policy: the activation gradients
+    (dx, dy, dq, dk, dv), the MLP's intermediate gradients and, when tiled, one tile's rebuilt
+    intermediates. What a non-kept layer rebuilds on top (its token-local tensors, swapped
+    input / attention output) and the next layer's prefetch depend on the policy: the stage
+    MIP adds them (`planner.mip`)."""
+    tiled = bool(mlp_chunk_tokens) and mlp_chunk_tokens < lc.tokens
+    tile = mlp_chunk_tokens / lc.tokens if tiled else 1.0
     b = DTYPE_BYTES[dtype]
-    grads = lc.tokens * b * (3 * shape.hidden_size + 2 * shape.kv_dim)   # dx, dy, dq, dk, dv
+    grads = lc.tokens * b * (3 * shape.hidden_size + 2 * shape.kv_dim)
     mlp_grads = lc.tokens * b * 2 * shape.ffn_hidden_size * tile
-    return materialised + lc.input_bytes + lc.attention_output_bytes + grads + mlp_grads
+    rebuilt = mlp_intermediate_bytes(shape, dtype, lc.tokens) * tile if tiled else 0.0
+    return grads + mlp_grads + rebuilt
 
 
 @dataclass(frozen=True, kw_only=True)

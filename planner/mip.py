@@ -37,7 +37,7 @@ class StageProblem:
     device_capacity_bytes: float
     """Device bytes the plan may use (after reserved and fragmentation allowance)."""
     fixed_device_bytes: float
-    """Bytes independent of the decisions: unchunked states, buffers, working set."""
+    """Bytes independent of the decisions: unchunked states, gather buffers, the loss."""
     host_capacity_bytes: float
     """Host bytes this rank may use."""
     nvme_capacity_bytes: float
@@ -48,6 +48,10 @@ class StageProblem:
     """NVMe read bytes/s of this rank (its share of the node's)."""
     nvme_write_bw: float
     """NVMe write bytes/s of this rank."""
+    working_base_bytes: float = 0.0
+    """Transient bytes of every layer's backward (activation gradients, one MLP tile). A
+    non-kept layer's backward adds its rebuilt token-local tensors and its swapped input /
+    attention output, and the previous layer's swapped bytes are being prefetched meanwhile."""
     tail_forward_window_s: float = 0.0
     """Compute after the last layer's forward that can hide its offload."""
     tail_backward_window_s: float = 0.0
@@ -99,6 +103,8 @@ class StageEvaluation:
     """Each violated constraint, with its numbers."""
     device_bytes: float
     """Peak device bytes of the stage (without reserved bytes and fragmentation allowance)."""
+    working_bytes: float
+    """The largest transient backward working set of the stage's layers (part of device_bytes)."""
     host_bytes: float
     """Host bytes: swapped activations of the in-flight microbatches + CPU chunks."""
     nvme_bytes: float
@@ -145,6 +151,15 @@ def _layer_traffic(lc: LayerCost, act: LayerActivationPlan) -> tuple[float, floa
     return swapped, resident, 1.0 - act.swap_fraction
 
 
+def _rebuilt_bytes(lc: LayerCost, act: LayerActivationPlan) -> float:
+    """What a non-kept layer's backward brings back at once: every token-local tensor (fetched
+    or recomputed) and its swapped input / attention output."""
+    if act.keep_all:
+        return 0.0
+    return (lc.token_local_bytes + (lc.input_bytes if act.swap_input else 0.0)
+            + (lc.attention_output_bytes if act.swap_attention_output else 0.0))
+
+
 def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan, ...],
                    num_persistent_chunks: int, num_prefetch_buffers: int = 2, *,
                    tol: float = 1e-6) -> StageEvaluation:
@@ -160,8 +175,11 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
         raise ValueError(f"num_prefetch_buffers: must be 1 or 2 with CPU chunks, got {num_prefetch_buffers}")
     buffers = num_prefetch_buffers if cpu_chunks else 0
     resident = sum(r for _, r, _ in traffic)
+    working = max(problem.working_base_bytes + _rebuilt_bytes(lc, act)
+                  + (traffic[i - 1][0] if i else 0.0)
+                  for i, (lc, act) in enumerate(zip(layers, activations))) if layers else 0.0
     device = (problem.fixed_device_bytes + problem.chunk_device_bytes * num_persistent_chunks
-              + problem.chunk_buffer_bytes * buffers + problem.inflight * resident)
+              + problem.chunk_buffer_bytes * buffers + problem.inflight * resident + working)
     host = problem.inflight * sum(s for (s, _, _), a in zip(traffic, activations)
                                   if a.tier == "cpu") + cpu_chunks * problem.chunk_host_bytes
     nvme = problem.inflight * sum(s for (s, _, _), a in zip(traffic, activations)
@@ -205,7 +223,7 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
             violations.append("recompute not allowed")
     per_mb = compute + sum(recompute) + exposed
     return StageEvaluation(
-        feasible=not violations, violations=tuple(violations), device_bytes=device,
+        feasible=not violations, violations=tuple(violations), device_bytes=device, working_bytes=working,
         host_bytes=host, nvme_bytes=nvme,
         resident_bytes_per_layer=tuple(r for _, r, _ in traffic), compute_s=compute,
         recompute_s=sum(recompute), exposed_swap_s=exposed, exposed_chunk_s=exposed_chunk,
@@ -215,7 +233,7 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
 
 BYTE_UNIT = float(2**30)
 """Bytes (and bytes/s) enter the MIP in GiB so its coefficients stay near 1."""
-_BYTE_FIELDS = ("device_capacity_bytes", "fixed_device_bytes", "host_capacity_bytes",
+_BYTE_FIELDS = ("device_capacity_bytes", "fixed_device_bytes", "working_base_bytes", "host_capacity_bytes",
                 "nvme_capacity_bytes", "host_link_bw", "nvme_read_bw", "nvme_write_bw",
                 "chunk_device_bytes", "chunk_host_bytes", "chunk_link_bytes", "chunk_buffer_bytes")
 _LAYER_BYTE_FIELDS = ("input_bytes", "attention_output_bytes", "token_local_bytes", "mlp_bytes",
@@ -240,8 +258,14 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
     steps = problem.token_chunks or 1
     frac_cat = integer if problem.token_chunks else pulp.LpContinuous
 
+    def flag(name: str, allowed: bool) -> pulp.LpVariable:
+        # pulp resets a binary's bounds to [0, 1]: a forbidden choice is fixed after creation.
+        var = model.add_variable(name, 0, 1, binary)
+        var.upBound = 1 if allowed else 0
+        return var
+
     def binaries(name: str, allowed: bool) -> list[pulp.LpVariable]:
-        return [model.add_variable(f"{name}_{i}", 0, 1 if allowed else 0, binary) for i in range(count)]
+        return [flag(f"{name}_{i}", allowed) for i in range(count)]
 
     keep = binaries("keep_all", problem.allow_keep)
     on_nvme = binaries("tier_is_nvme", problem.allow_nvme)
@@ -254,11 +278,12 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
     exposed_fwd = [model.add_variable(f"exposed_offload_s_{i}", 0) for i in range(count)]
     exposed_bwd = [model.add_variable(f"exposed_prefetch_s_{i}", 0) for i in range(count)]
     persistent = model.add_variable("persistent_chunks", 0, problem.num_chunks, integer)
-    any_cpu_chunk = model.add_variable("any_cpu_chunk", 0, 1 if problem.num_chunks else 0, binary)
-    double_buffered = model.add_variable("double_buffered", 0, 1 if problem.num_chunks else 0, binary)
-    second_buffer = model.add_variable("second_buffer_used", 0, 1 if problem.num_chunks else 0, binary)
+    any_cpu_chunk = flag("any_cpu_chunk", bool(problem.num_chunks))
+    double_buffered = flag("double_buffered", bool(problem.num_chunks))
+    second_buffer = flag("second_buffer_used", bool(problem.num_chunks))
     exposed_chunk = model.add_variable("exposed_chunk_s", 0)
     exposed_opt = model.add_variable("exposed_cpu_optimizer_s", 0)
+    working = model.add_variable("working_set", 0)
     cpu_chunks = problem.num_chunks - persistent
 
     swap_frac, recompute_frac, swapped, nvme_swapped, cpu_swapped, resident = [], [], [], [], [], []
@@ -286,6 +311,10 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         resident.append(lc.plain_bytes * keep[i] + lc.input_bytes * (1 - keep[i] - input_cpu[i] - input_nvme[i])
                         + lc.attention_output_bytes * (1 - keep[i] - attn_cpu[i] - attn_nvme[i]))
     for i, lc in enumerate(problem.layers):
+        model += (working >= problem.working_base_bytes + lc.token_local_bytes * (1 - keep[i])
+                  + lc.input_bytes * (input_cpu[i] + input_nvme[i])
+                  + lc.attention_output_bytes * (attn_cpu[i] + attn_nvme[i])
+                  + (swapped[i - 1] if i else 0)), f"backward_working_set_{i}"
         last = i == count - 1
         nxt = None if last else problem.layers[i + 1]
         fwd_window = problem.tail_forward_window_s if last else nxt.forward_s
@@ -301,7 +330,7 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
     model += second_buffer >= double_buffered + any_cpu_chunk - 1, "second_buffer_allocated"
     model += (problem.fixed_device_bytes + problem.chunk_device_bytes * persistent
               + problem.chunk_buffer_bytes * (any_cpu_chunk + second_buffer)
-              + problem.inflight * pulp.lpSum(resident) <= problem.device_capacity_bytes), "device_memory"
+              + problem.inflight * pulp.lpSum(resident) + working <= problem.device_capacity_bytes), "device_memory"
     model += (problem.inflight * pulp.lpSum(cpu_swapped) + problem.chunk_host_bytes * cpu_chunks
               <= problem.host_capacity_bytes), "host_memory"
     model += problem.inflight * pulp.lpSum(nvme_swapped) <= problem.nvme_capacity_bytes, "nvme_capacity"
@@ -345,6 +374,28 @@ def _read_decisions(problem: StageProblem, variables: dict) -> tuple[tuple[Layer
     return tuple(acts), persistent, buffers
 
 
+def prefer_keep(problem: StageProblem, activations: tuple[LayerActivationPlan, ...],
+                num_persistent_chunks: int, num_prefetch_buffers: int
+                ) -> tuple[LayerActivationPlan, ...]:
+    """Turn non-kept layers into plain ones while the result stays feasible and no slower.
+
+    Swapping whose copies hide fully under compute costs no predicted time, so the solver may
+    return it when memory is ample (a tie, or within its gap); the runtime's copies still use
+    memory bandwidth and copy threads. Among equally fast policies the plainest is kept."""
+    if not problem.allow_keep:
+        return activations
+    acts = list(activations)
+    best = evaluate_stage(problem, tuple(acts), num_persistent_chunks, num_prefetch_buffers)
+    for i in reversed(range(len(acts))):
+        if acts[i].keep_all:
+            continue
+        trial = tuple(acts[:i] + [LayerActivationPlan(keep_all=True)] + acts[i + 1:])
+        ev = evaluate_stage(problem, trial, num_persistent_chunks, num_prefetch_buffers)
+        if ev.feasible and ev.objective_s <= best.objective_s * (1 + 1e-9):
+            acts, best = list(trial), ev
+    return tuple(acts)
+
+
 class NoSolution(Exception):
     """The stage MIP returned no solution; `result` says what the solver reported."""
 
@@ -371,6 +422,7 @@ def solve_stage(problem: StageProblem, *, backend: str = "auto", time_limit_s: f
     if not result.has_solution:
         raise NoSolution(result)
     acts, persistent, buffers = _read_decisions(problem, holder["variables"])
+    acts = prefer_keep(problem, acts, persistent, buffers or 2)
     return StageSolution(activations=acts, num_persistent_chunks=persistent,
                          num_prefetch_buffers=buffers,
                          evaluation=evaluate_stage(problem, acts, persistent, buffers or 2), solve=result)

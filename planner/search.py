@@ -177,7 +177,7 @@ def _bytes_by_category(outcome: Outcome, capacity: float, params: CostParams, cp
     cats = {k: setup.fixed_bytes[k] + setup.chunk_states[k] * share
             for k in ("parameters", "gradients", "optimizer")}
     cats["activations"] = problem.inflight * sum(ev.resident_bytes_per_layer)
-    cats["working_set"] = setup.fixed_bytes["working_set"]
+    cats["working_set"] = ev.working_bytes
     cats["buffers"] = (setup.fixed_bytes["buffers"] + setup.fixed_bytes["loss"]
                        + problem.chunk_buffer_bytes * solution.num_prefetch_buffers)
     cats["reserved"] = 0 if cpu else params.reserved_bytes

@@ -8,7 +8,10 @@ lower bound), which the caller's builder produces with `relax=True`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -65,6 +68,21 @@ def _solver(backend: str, time_limit_s: float, gap_rel: float, gap_abs: float | 
                              gapRel=gap_rel, gapAbs=gap_abs, threads=1)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send file descriptor 1 to stderr for the solve: highspy >= 1.16 prints a banner from C++
+    when a solver is created, even with output off, and stdout may carry JSON (`plan --json`)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def solve_model(build: Callable[[bool], pulp.LpProblem], *, backend: str = "auto",
                 time_limit_s: float = 10.0, gap_rel: float = 1e-4, gap_abs: float | None = None
                 ) -> tuple[pulp.LpProblem, SolveResult]:
@@ -80,7 +98,8 @@ def solve_model(build: Callable[[bool], pulp.LpProblem], *, backend: str = "auto
     start = time.perf_counter()
     problem, note = build(False), ""
     try:
-        problem.solve(_solver(name, time_limit_s, gap_rel, gap_abs))
+        with _stdout_to_stderr():
+            problem.solve(_solver(name, time_limit_s, gap_rel, gap_abs))
     except pulp.PulpSolverError as exc:
         if backend != "auto" or name != "highs":
             raise

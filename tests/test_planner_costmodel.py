@@ -6,10 +6,11 @@ import pytest
 
 from planner.analytic import layer_flops_per_token, layer_saved_bytes_per_token, model_flops_per_token
 from planner.costmodel import (Candidate, CostParams, bubble_fraction, comm_times, group_bandwidth,
-                               inflight_microbatches, layer_cost, layer_working_bytes, model_state_bytes,
+                               inflight_microbatches, layer_cost, model_state_bytes,
                                ring_p2p_bytes, shard_group_span, stage_layer_ranges, stage_params,
                                step_time, throughput, ulysses_alltoall_bytes, zero_step_bytes,
-                               pipeline_group_span, ring_p2p_backward_bytes)
+                               pipeline_group_span, ring_p2p_backward_bytes, tiled_layer_cost,
+                               working_base_bytes)
 from planner.hardware import GB, CLUSTER_PRESETS, HardwareSpec
 from planner.shapes import MODEL_PRESETS, ModelShape
 
@@ -122,13 +123,20 @@ def test_saved_bytes_formula_by_hand():
     assert bf16.token_local == 2 * (256 + 4 + 128) + 2 * 128 + 128 + 2 * 64 + 4 * 2 * 128
 
 
-def test_working_set_shrinks_with_mlp_tiling():
+def test_mlp_tiling_shrinks_saved_bytes_and_working_set():
     cand = Candidate(dp=1, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=0)
     lc = layer_cost(SHAPE, "bf16", HW, cand, seq_len=4096, micro_batch_size=1, params=CostParams())
-    untiled = layer_working_bytes(lc, SHAPE, "bf16", 0)
-    tiled = layer_working_bytes(lc, SHAPE, "bf16", 1024)
-    expected_cut = (lc.mlp_bytes + 4096 * 2 * 2 * 128) * (1 - 1024 / 4096)
-    assert untiled - tiled == pytest.approx(expected_cut)
+    tiled = tiled_layer_cost(lc, SHAPE, "bf16", 1024)
+    intermediates = 4096 * 4 * 2 * 128        # gate, silu, up, product: 4 x bf16 x F per token
+    for field in ("token_local_bytes", "mlp_bytes", "plain_bytes"):
+        assert getattr(lc, field) - getattr(tiled, field) == intermediates
+    assert tiled.input_bytes == lc.input_bytes and tiled.forward_s == lc.forward_s
+    assert tiled_layer_cost(lc, SHAPE, "bf16", 0) is lc
+    assert tiled_layer_cost(lc, SHAPE, "bf16", 4096) is lc    # one tile: untiled
+    grads = 4096 * 2 * (3 * 64 + 2 * SHAPE.kv_dim)
+    assert working_base_bytes(lc, SHAPE, "bf16", 0) == grads + 4096 * 2 * 2 * 128
+    # one tile's intermediates rebuilt (4F) and their gradients (2F), a quarter of the tokens
+    assert working_base_bytes(lc, SHAPE, "bf16", 1024) == grads + 1024 * 2 * 6 * 128
 
 
 def test_stages_and_params():

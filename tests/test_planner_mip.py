@@ -4,6 +4,7 @@ time-limit path (status read from `sol_status`, never assumed optimal)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import random
 
 import pulp
@@ -34,6 +35,7 @@ def random_problem(seed: int, num_layers: int = 2) -> StageProblem:
     return StageProblem(
         layers=tuple(layers), inflight=rng.choice([1, 2]), slots=rng.choice([2, 3]),
         device_capacity_bytes=rng.uniform(0.15, 0.9) * total_plain * 2, fixed_device_bytes=rng.uniform(0, 2) * GIB,
+        working_base_bytes=rng.uniform(0, 2) * GIB,
         host_capacity_bytes=rng.uniform(5, 40) * GIB, nvme_capacity_bytes=rng.uniform(0, 60) * GIB,
         host_link_bw=rng.uniform(2, 10) * GIB, nvme_read_bw=rng.uniform(0.5, 3) * GIB,
         nvme_write_bw=rng.uniform(0.5, 3) * GIB,
@@ -155,9 +157,40 @@ def test_highs_failure_falls_back_to_cbc(monkeypatch):
 
     monkeypatch.setattr(solve_module, "_solver", solver)
     monkeypatch.setattr(solve_module, "highs_available", lambda: True)
-    problem = random_problem(0)
+    problem = next(p for p in map(random_problem, range(12)) if brute_force(p) < float("inf"))
     solution = solve_stage(problem, backend="auto", gap_rel=0.0)
     assert solution.solve.backend == "cbc" and "simulated HiGHS crash" in solution.solve.note
     assert solution.solve.objective == pytest.approx(brute_force(problem), rel=1e-6)
     with pytest.raises(pulp.PulpSolverError):
         solve_stage(problem, backend="highs")
+
+
+def test_working_set_counts_what_a_layer_rebuilds_not_what_it_keeps():
+    problem = random_problem(0)
+    first, second = problem.layers
+    keep = LayerActivationPlan(keep_all=True)
+    swap = LayerActivationPlan(swap_fraction=0.5, tier="cpu", swap_input=True)
+    base = problem.working_base_bytes
+    assert evaluate_stage(problem, (keep, keep), 0, 1).working_bytes == base
+    swapped_first = 0.5 * first.token_local_bytes + first.input_bytes
+    ev = evaluate_stage(problem, (swap, keep), 0, 1)
+    assert ev.working_bytes == pytest.approx(base + max(first.token_local_bytes + first.input_bytes,
+                                                        swapped_first))  # 2nd: 1st's prefetch
+    ev = evaluate_stage(problem, (swap, swap), 0, 1)
+    second_rebuilt = second.token_local_bytes + second.input_bytes
+    assert ev.working_bytes == pytest.approx(base + max(first.token_local_bytes + first.input_bytes,
+                                                        second_rebuilt + swapped_first))
+
+
+@pytest.mark.parametrize("allowed", ["cpu", "nvme"])
+def test_tier_restrictions_hold(allowed):
+    # With plenty of both tiers, a tight device forces swapping: only the allowed tier is used.
+    problem = random_problem(1)
+    problem = replace(problem, allow_cpu=allowed == "cpu", allow_nvme=allowed == "nvme",
+                      host_capacity_bytes=1000 * GIB, nvme_capacity_bytes=1000 * GIB,
+                      allow_keep=False, allow_recompute=False,
+                      device_capacity_bytes=problem.fixed_device_bytes + 40 * GIB)
+    solution = solve_stage(problem, gap_rel=0.0)
+    assert solution.evaluation.feasible, solution.evaluation.violations
+    assert {a.tier for a in solution.activations} == {allowed}
+    assert all(a.swap_fraction == 1.0 for a in solution.activations)

@@ -57,6 +57,10 @@ class PlanCost:
     """NVMe bytes per rank."""
     step_time_s: float
     """Predicted optimizer-step time."""
+    activation_bytes: float = 0.0
+    """Resident saved activations of the busiest stage (its in-flight microbatches)."""
+    working_bytes: float = 0.0
+    """The busiest stage's largest transient backward working set."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(fits=self.fits, violations=list(self.violations),
@@ -119,7 +123,8 @@ def evaluate_plan(plan: Plan, *, layer_adjust: LayerAdjust | None = None,
     profile = LayerProfile.from_dict(profile_dict) if "time_coeffs" in profile_dict else None
     per_token = bytes_per_token(request, cand, measured)
     setups, _ = build_stages(request, cand, params, per_token,
-                             profiled_layer_cost(request, cand, per_token, profile))
+                             profiled_layer_cost(request, cand, per_token, profile),
+                             tiling=(plan.tiling.loss_chunk_tokens, plan.tiling.mlp_chunk_tokens))
     if len(plan.activations) != request.model.num_layers:
         raise ValueError(f"activations: need {request.model.num_layers} entries, "
                          f"got {len(plan.activations)}")
@@ -138,12 +143,15 @@ def evaluate_plan(plan: Plan, *, layer_adjust: LayerAdjust | None = None,
         evaluations.append(evaluate_stage(problem, plan.activations[first:last], persistent, buffers))
         adjusted.append(dataclasses.replace(setup, problem=problem))
     step = compose_step(cand, tuple(adjusted), evaluations)
+    busiest = max(zip(adjusted, evaluations), key=lambda pair: pair[1].device_bytes)
     violations = tuple(sorted({v for ev in evaluations for v in ev.violations}))
     return PlanCost(fits=not violations, violations=violations,
                     device_bytes=max(ev.device_bytes for ev in evaluations),
                     host_bytes=max(ev.host_bytes for ev in evaluations),
                     nvme_bytes=max(ev.nvme_bytes for ev in evaluations),
-                    step_time_s=step.total)
+                    step_time_s=step.total,
+                    activation_bytes=busiest[0].problem.inflight * sum(busiest[1].resident_bytes_per_layer),
+                    working_bytes=busiest[1].working_bytes)
 
 
 def whole_layer_recompute(layers: set[int]) -> LayerAdjust:

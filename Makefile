@@ -30,5 +30,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache

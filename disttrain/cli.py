@@ -164,6 +164,22 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+BENCHES = ("peers", "fidelity", "estimators", "long_sequence", "overlap", "comm_volume",
+           "activation_bytes", "copy_engine")
+"""bench/run_all.py's names (bench/ is not part of the installed package)."""
+
+
+def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    """Run bench/run_all.py of this source tree (the benchmarks are not part of the package)."""
+    runner = Path(__file__).resolve().parents[1] / "bench" / "run_all.py"
+    if not runner.is_file():
+        console.print(f"[red]error[/]: bench: {runner} not found (run from a source checkout)")
+        return 2
+    argv = [sys.executable, str(runner)] + ["--quick"] * args.quick + ["--no-docs"] * args.no_docs
+    argv += ["--only", *args.only] if args.only else []
+    return subprocess.run(argv, check=False).returncode
+
+
 def _not_built(verb: str, issue: str):
     def run(args: argparse.Namespace, console: Console) -> int:
         raise NotBuiltYet(f"{verb}: not built yet ({issue})")
@@ -223,8 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(run=_cmd_report)
 
-    p = verbs.add_parser("bench", help="run the benchmarks under bench/")
-    p.set_defaults(run=_not_built("bench", "benchmarks issue"))
+    p = verbs.add_parser("bench", help="run the benchmarks under bench/ and rewrite their "
+                                       "docs sections")
+    p.add_argument("--quick", action="store_true", help="smallest configuration of each")
+    p.add_argument("--no-docs", action="store_true", help="print only, leave docs/ alone")
+    p.add_argument("--only", nargs="+", choices=BENCHES)
+    p.set_defaults(run=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,65 @@
+"""The benchmarks under bench/ run end to end on their smallest configuration (CI catches
+breakage; the numbers themselves are not checked here)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import docs_sections  # noqa: E402
+
+
+def test_sections_are_rewritten_in_place(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    docs_sections.write_section("fidelity", "first", path)
+    docs_sections.write_section("peers", "P", path)
+    docs_sections.write_section("fidelity", "second", path)
+    text = path.read_text()
+    assert "second" in text and "first" not in text and text.count("bench:fidelity:begin") == 1
+    assert text.index("bench:peers:begin") < text.index("bench:fidelity:begin")
+    with pytest.raises(ValueError, match="name"):
+        docs_sections.write_section("nope", "x", path)
+
+
+@pytest.mark.slow
+def test_peers_smallest_run_agrees_on_loss():
+    import peers
+
+    rows = peers.measure([256], steps=2, budget_mib=64)
+    assert {r["system"] for r in rows} == set(peers.SYSTEMS) | {peers.AMPLE}  # plain fits
+    assert all("error" not in r and r["peak_rss"] > 0 and r["step_s"] > 0 for r in rows)
+    assert "| disttrain | 256 |" in peers.report(rows, 64, 1024, 2)
+
+
+@pytest.mark.slow
+def test_fidelity_smallest_grid():
+    import fidelity
+
+    result = fidelity.measure([256], steps=2, layouts={"dp2 z3": fidelity.LAYOUTS["dp2 z3"]},
+                              policies={"swap cpu": fidelity.POLICIES["swap cpu"]},
+                              sweep={"dp2 z0": fidelity.SWEEP["dp2 z0"]})
+    errors = {r["quantity"]: r["error"] for r in result["rows"]}
+    assert set(errors) == {"activations", "model states", "step time", "comm"}
+    assert all(math.isfinite(e) for e in errors.values())
+    assert "Planner choice" in fidelity.report(result, 2)
+
+
+@pytest.mark.slow
+def test_estimators_tables_and_copy_engine_io(tmp_path):
+    pytest.importorskip("deepspeed", reason="deepspeed not installed (extra 'peers')")
+    import estimators
+
+    est = estimators.estimator_rows()
+    assert all(r["ds3"] > 0 and r["ours3"] > 0 for r in est)
+    meas = estimators.measured_rows(stages=(3,))
+    assert meas[0]["measured"] > 0
+    io, notes = estimators.io_rows(tmp_path, 4 * 2**20, repeats=1, deepspeed_aio=False)
+    assert any("copy engine" in what for what, _ in io) or any("skipped" in n for n in notes)
+    assert "## Estimators" in estimators.report(est, meas, io, notes, 4 * 2**20, tmp_path)

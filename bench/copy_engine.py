@@ -47,6 +47,23 @@ def drop_cache(path: Path) -> None:
     os.close(fd)
 
 
+def open_engine_file(path: Path) -> tuple[int, int]:
+    """(buffered fd, O_DIRECT fd or -1 where the filesystem refuses it) of a new file."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        return fd, os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError:
+        return fd, -1
+
+
+def durable_write(engine, fd: int, direct: int, src: torch.Tensor, path: Path):
+    """A callable writing `src` through `engine` and syncing it to the disk."""
+    def write() -> None:
+        engine.write_file(fd, direct, 0, src, str(path)).wait()
+        os.fsync(fd)
+    return write
+
+
 def file_rows(engines: dict, directory: Path, nbytes: int, repeats: int) -> list[tuple[str, float]]:
     src = aligned_empty(nbytes)
     src.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
@@ -54,15 +71,8 @@ def file_rows(engines: dict, directory: Path, nbytes: int, repeats: int) -> list
     rows = []
     for name, engine in engines.items():
         path = directory / f"bench-{name}.bin"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            direct = os.open(path, os.O_RDWR | os.O_DIRECT)
-        except OSError:
-            direct = -1
-
-        def write() -> None:
-            engine.write_file(fd, direct, 0, src, str(path)).wait()
-            os.fsync(fd)
+        fd, direct = open_engine_file(path)
+        write = durable_write(engine, fd, direct, src, path)
 
         rows.append((f"file write, {name} engine{' (O_DIRECT)' if direct >= 0 else ''}",
                      nbytes / best_of(repeats, write)))

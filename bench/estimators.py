@@ -119,7 +119,7 @@ def io_rows(directory: Path, nbytes: int, repeats: int = 3, *, deepspeed_aio: bo
     """(rows of (what, GB/s), notes): copy engine and DeepSpeed aio, write (fsync) and cold read."""
     import torch
 
-    from copy_engine import aligned_empty, best_of
+    from copy_engine import aligned_empty, best_of, durable_write, open_engine_file
 
     notes: list[str] = []
     src = aligned_empty(nbytes)
@@ -133,15 +133,8 @@ def io_rows(directory: Path, nbytes: int, repeats: int = 3, *, deepspeed_aio: bo
     else:
         engine = create_engine(CopyEngineConfig(backend="auto"))
         path = directory / "bench-engine.bin"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            direct = os.open(path, os.O_RDWR | os.O_DIRECT)
-        except OSError:
-            direct = -1
-
-        def write() -> None:
-            engine.write_file(fd, direct, 0, src, str(path)).wait()
-            os.fsync(fd)
+        fd, direct = open_engine_file(path)
+        write = durable_write(engine, fd, direct, src, path)
 
         def read() -> None:
             engine.read_file(fd, direct, 0, dst, str(path)).wait()

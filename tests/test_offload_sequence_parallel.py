@@ -9,7 +9,6 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from disttrain.model import build_model
 from disttrain.parallel.sequence import apply_sequence_parallel, shard_sequence, sp_loss_and_grad_reduce
@@ -19,6 +18,7 @@ from offload.policy import apply_activation_policy
 from offload.stores import open_stores
 from planner.plan import LayerActivationPlan as Layer
 from planner.shapes import MODEL_PRESETS
+from lm_batches import lm_loss, random_batch
 
 SHAPE = MODEL_PRESETS["tiny"]
 KINDS = ("ulysses", "ring")
@@ -28,13 +28,7 @@ BUDGET = 16 << 20
 
 
 def _batch(seq_len: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(11)
-    tokens = torch.randint(0, SHAPE.vocab_size, (2, seq_len + 1), generator=gen)
-    return tokens[:, :-1], tokens[:, 1:]
-
-
-def _loss(model, tokens, targets, positions=None) -> torch.Tensor:
-    return F.cross_entropy(model(tokens, positions).flatten(0, 1), targets.flatten())
+    return random_batch(SHAPE.vocab_size, seed=11, seq_len=seq_len)
 
 
 def _worker(rank: int, world: int) -> dict:
@@ -48,7 +42,7 @@ def _worker(rank: int, world: int) -> dict:
                                  nvme_budget_bytes=BUDGET, run_id=kind, rank=rank)
             with apply_activation_policy(model, PLANS, stores=stores) as runtime:
                 tokens, targets, positions = shard_sequence(*_batch(), rank, world, kind)
-                loss = _loss(model, tokens, targets, positions)
+                loss = lm_loss(model, tokens, targets, positions)
                 loss.backward()
                 loss = sp_loss_and_grad_reduce(model, loss, dist.group.WORLD)
                 metrics = runtime.step_metrics()
@@ -67,7 +61,7 @@ def sp2() -> list[dict]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_policy_on_sequence_parallel_core_matches_single_process(sp2, kind):
     model = build_model(SHAPE, seed=3)
-    loss = _loss(model, *_batch())
+    loss = lm_loss(model, *_batch())
     loss.backward()
     for rank, res in enumerate(sp2):
         got = res[kind]

@@ -19,6 +19,7 @@ from disttrain.parallel.sequence import (apply_sequence_parallel, build_sequence
 from disttrain.parallel.spawn import spawn_ranks
 from disttrain.parallel.ulysses import ulysses_kv_repeat
 from planner.shapes import MODEL_PRESETS
+from lm_batches import lm_loss, random_batch
 
 SHAPE = MODEL_PRESETS["tiny"]
 KINDS = ("ulysses", "ring")
@@ -52,13 +53,7 @@ def _core_worker(rank: int, world: int) -> dict:
 
 
 def _batch(seq_len: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, SHAPE.vocab_size, (2, seq_len + 1), generator=gen)
-    return tokens[:, :-1], tokens[:, 1:]
-
-
-def _loss(model, tokens, targets, positions=None) -> torch.Tensor:
-    return F.cross_entropy(model(tokens, positions).flatten(0, 1), targets.flatten())
+    return random_batch(SHAPE.vocab_size, seed=7, seq_len=seq_len)
 
 
 def _model_worker(rank: int, world: int) -> dict:
@@ -67,7 +62,7 @@ def _model_worker(rank: int, world: int) -> dict:
         model = build_model(SHAPE, seed=3)
         core = apply_sequence_parallel(model, dist.group.WORLD, kind)
         tokens, targets, positions = shard_sequence(*_batch(), rank, world, kind)
-        loss = _loss(model, tokens, targets, positions)
+        loss = lm_loss(model, tokens, targets, positions)
         loss.backward()
         loss = sp_loss_and_grad_reduce(model, loss, dist.group.WORLD)
         results[kind] = dict(loss=loss, grads={n: p.grad for n, p in model.named_parameters()},
@@ -126,7 +121,7 @@ def test_cores_match_full_attention_sp4(sp4_cores):
 @pytest.mark.parametrize("kind", KINDS)
 def test_model_loss_and_grads_match_single_process(sp2, kind):
     model = build_model(SHAPE, seed=3)
-    loss = _loss(model, *_batch())
+    loss = lm_loss(model, *_batch())
     loss.backward()
     for rank, res in enumerate(sp2):
         got = res["model"][kind]

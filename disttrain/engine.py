@@ -23,7 +23,8 @@ from disttrain.data import Batches
 from disttrain.model import Llama, build_model
 from disttrain.optim import TorchAdamWStates
 from disttrain.parallel.dims import ParallelDims, ParallelGroups, build_groups
-from disttrain.parallel.pipeline import PipelineConfig, PipelineRunner
+from disttrain.parallel.chunks import num_layer_chunks, pack_chunks, plan_chunk_ids
+from disttrain.parallel.pipeline import PipelineConfig, PipelineRunner, split_stages
 from disttrain.parallel.sequence import apply_sequence_parallel, shard_sequence
 from disttrain.parallel.sp_core import SequenceParallelCore
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
@@ -33,6 +34,7 @@ from offload import (ActivationRuntime, CopyEngineConfig, apply_activation_polic
                      open_stores)
 from planner.analytic import layer_saved_bytes_per_token
 from planner.plan import Plan
+from planner.shapes import DTYPE_BYTES
 
 
 def lm_loss(model: Llama, tokens_BS: torch.Tensor, targets_BS: torch.Tensor,
@@ -147,6 +149,7 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
     activations, copy_engine = None, None
     if plan.activations and not all(a.keep_all for a in plan.activations):
         activations, copy_engine = _apply_activations(job, plan, model, rank)
+    first_chunk_ids = _first_chunk_ids(model, plan)  # before the split: needs every layer
     pipeline = None
     if par.pp > 1:
         if job.shape.tie_embeddings:
@@ -157,11 +160,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
     if world == 1 and par.zero_stage == 0:
         states = TorchAdamWStates(model, lr=tr.lr, weight_decay=tr.weight_decay)
     else:
-        ms = plan.model_states
-        chunk_numel = ms.chunk_size_bytes // 4
-        config = ZeroConfig(stage=par.zero_stage, chunk_numel=chunk_numel,
-                            cpu_chunks=tuple(ms.cpu_chunks),
-                            num_persistent_chunks=ms.num_persistent_chunks,
+        config = ZeroConfig(stage=par.zero_stage, chunk_numel=_chunk_numel(plan),
+                            cpu_chunks=_local_cpu_chunks(model, plan, first_chunk_ids),
                             weight_decay=tr.weight_decay)
         states = ZeroModelStates(model, config, group=groups.dp_sp, extra_norm_group=groups.pp)
     accum = tr.global_batch_size // (tr.micro_batch_size * par.dp)
@@ -172,6 +172,48 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
     return Runtime(job=job, plan=plan, groups=groups, model=model, states=states,
                    accum_steps=accum, pipeline=pipeline, sp_core=sp_core,
                    activations=activations, copy_engine=copy_engine)
+
+
+def _chunk_numel(plan: Plan) -> int:
+    """Parameters per chunk: the plan counts a chunk's bytes in the training dtype (one
+    layer's bytes), the runtime's states are fp32 whatever the dtype."""
+    return plan.model_states.chunk_size_bytes // DTYPE_BYTES[plan.dtype]
+
+
+def _first_chunk_ids(model: nn.Module, plan: Plan) -> dict[int, int]:
+    """{first decoder layer of each pipeline (virtual) stage: plan id of its first chunk}.
+
+    The plan numbers the decoder-layer chunks in execution order over the whole model,
+    packing restarting at each stage (`planner.plan.ModelStatePlan`); the embedding, final
+    norm and head are in none of them."""
+    par, ms = plan.parallel, plan.model_states
+    chunk_numel = _chunk_numel(plan)
+    num_layers = len(model.layers)
+    if par.pp > 1:
+        config = PipelineConfig.from_plan(par)
+        stages = config.stages or split_stages(num_layers, par.pp * config.virtual_stages)
+    else:
+        stages = ((0, num_layers),)
+    first, total = {}, 0
+    for start, end in stages:
+        first[start] = total
+        total += num_layer_chunks(list(model.layers)[start:end], chunk_numel)
+    if ms.num_chunks and ms.num_chunks != total:
+        raise SpecError(f"plan.model_states.num_chunks: {ms.num_chunks}, but the decoder layers "
+                        f"pack into {total} chunks of {ms.chunk_size_bytes} bytes")
+    bad = [c for c in ms.cpu_chunks if not 0 <= c < total]
+    if bad:
+        raise SpecError(f"plan.model_states.cpu_chunks: chunk {bad[0]} does not exist (the "
+                        f"decoder layers pack into {total} chunks)")
+    return first
+
+
+def _local_cpu_chunks(model: nn.Module, plan: Plan, first_ids: dict[int, int]) -> tuple[int, ...]:
+    """Indices into this rank's packing of the plan's CPU chunks held by this rank."""
+    ids = plan_chunk_ids(pack_chunks(model, chunk_numel=_chunk_numel(plan), group_size=1),
+                         first_ids)
+    cpu = set(plan.model_states.cpu_chunks)
+    return tuple(index for index, plan_id in ids.items() if plan_id in cpu)
 
 
 def store_budgets(job: Job, plan: Plan) -> dict[str, int]:

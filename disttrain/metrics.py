@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 from pathlib import Path
 
 REQUIRED_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_bytes")
 
 
 def peak_rss_bytes() -> int:
-    """High-water mark of this process's resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """High-water mark of this process's own resident memory: VmHWM of /proc/self/status.
+
+    Not `ru_maxrss` where /proc exists: Linux carries that across exec, so a spawned rank or
+    a benchmark's child process would report its parent's high-water mark when larger.
+    Without /proc (not Linux), `ru_maxrss` it is (KiB on Linux, bytes on macOS)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
 
 
 class MetricsWriter:

@@ -84,14 +84,22 @@ class LayerActivationPlan:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelStatePlan:
-    """How parameters, gradients and optimizer states are chunked and placed."""
+    """How parameters, gradients and optimizer states are chunked and placed.
+
+    Chunks hold the decoder layers' states: their parameters packed whole, in execution order,
+    into chunks of `chunk_size_bytes`, packing restarting at each pipeline stage, numbered
+    from 0 over the whole model in that order. With one layer's bytes (what the planner
+    writes) or 0, chunk i is decoder layer i. The embedding, final norm and output head are in
+    no chunk: their states always stay on the device (sharded over dp x sp at ZeRO-3), the
+    planner's fixed bytes."""
 
     chunk_size_bytes: int = 0
-    """Bytes of parameters per chunk (0: one chunk per layer)."""
+    """Bytes of parameters per chunk, in the plan's dtype (0: one chunk per layer)."""
     num_chunks: int = 0
-    """Number of chunks the model's parameters pack into."""
+    """Number of chunks the decoder layers pack into (0: not stated, not checked)."""
     num_persistent_chunks: int = 0
-    """Chunks that stay on the device for the whole step."""
+    """Chunks whose states stay on the device (sharded, gathered when used): those not in
+    `cpu_chunks`."""
     num_prefetch_buffers: int = 0
     """Device buffers for gathering / prefetching non-persistent chunks."""
     cpu_chunks: tuple[int, ...] = ()

@@ -29,9 +29,11 @@ class ZeroConfig:
     chunk_numel: int = 0
     """Elements per chunk (0: one chunk per execution unit)."""
     cpu_chunks: tuple[int, ...] = ()
-    """Chunk ids whose master shard and optimizer state live in host memory."""
-    num_persistent_chunks: int = 0
-    """Stage 3: the first chunks stay gathered for the whole step."""
+    """Indices (into this rank's `pack_chunks`) of the chunks whose master shard, gradient
+    shard and optimizer state live in host memory; the engine maps the plan's ids here."""
+    num_gathered_chunks: int = 0
+    """Stage 3: the first chunks stay gathered (full parameters) for the whole step. Not the
+    plan's `num_persistent_chunks`, which counts chunks kept on the device (sharded)."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas (same as the single-process trainer)."""
     eps: float = 1e-8
@@ -66,6 +68,7 @@ class _Chunk:
         self.exp_avg_sq = torch.zeros(n)
         self.mask = decay_mask(layout)[mine]
         self.pending = len(layout.slots)
+        self.backwards_owed = 0  # forwards (microbatches) that used it, gradients not reduced
         self.gathered = True
         self.work = None
 
@@ -103,12 +106,12 @@ class ZeroModelStates:
                        for c in self.chunks for s in c.layout.slots]
         if config.stage == 3:
             self._install_gather_hooks()
-            for chunk in self.chunks[config.num_persistent_chunks:]:
+            for chunk in self.chunks[config.num_gathered_chunks:]:
                 self._release(chunk)
 
     # ---- gather / release (stage 3) -------------------------------------------------------
     def _persistent(self, chunk: _Chunk) -> bool:
-        return self.config.stage < 3 or chunk.layout.index < self.config.num_persistent_chunks
+        return self.config.stage < 3 or chunk.layout.index < self.config.num_gathered_chunks
 
     def _gather(self, chunk: _Chunk, async_op: bool = False) -> None:
         if chunk.gathered or chunk.work is not None:
@@ -140,13 +143,24 @@ class ZeroModelStates:
         chunk.gathered = False
 
     def _ensure(self, unit: int, prefetch: int | None) -> None:
+        """Gather `unit`'s chunks (and start gathering `prefetch`'s). In the backward
+        (prefetch < unit) only chunks some forward still owes gradients to: one whose
+        gradients were already reduced and released (the head's, before the final norm's
+        backward) is not needed again, and gathering it would leave it gathered until the
+        next forward."""
+        backward = prefetch is not None and prefetch < unit
         for chunk in self.unit_chunks[unit]:
+            if backward and not chunk.backwards_owed:
+                continue
             self._gather(chunk)
             self._wait(chunk)
+            if not backward and unit == min(chunk.layout.units) and torch.is_grad_enabled():
+                chunk.backwards_owed += 1  # once per forward, at the chunk's first unit
         if prefetch is not None and 0 <= prefetch < len(self.units) and not (
-                prefetch < unit and isinstance(self.units[prefetch], nn.Embedding)):
+                backward and isinstance(self.units[prefetch], nn.Embedding)):
             for chunk in self.unit_chunks[prefetch]:
-                self._gather(chunk, async_op=True)
+                if not backward or chunk.backwards_owed:
+                    self._gather(chunk, async_op=True)
 
     def _install_gather_hooks(self) -> None:
         last = len(self.units) - 1
@@ -194,6 +208,7 @@ class ZeroModelStates:
                 flat = part.div_(self.world)
             chunk.grad += flat
         chunk.pending = len(chunk.layout.slots)
+        chunk.backwards_owed = max(0, chunk.backwards_owed - 1)
         self._release(chunk)
 
     def finish_backward(self) -> None:
@@ -208,6 +223,7 @@ class ZeroModelStates:
                     if slot.param.grad is None:
                         slot.param.grad = torch.zeros_like(slot.param)
                 self._reduce_chunk(chunk)
+            chunk.backwards_owed = 0  # every backward of the step has run
         if self.group is None or self.config.stage >= 2:
             return
         for chunk in self.chunks:

@@ -3,23 +3,71 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from disttrain.model.llama import DecoderLayer, rope_cos_sin
+from disttrain.model.llama import DecoderLayer, RMSNorm, rope_cos_sin
 from disttrain.spec import Job
 from planner.profiler import LayerProfile, profile_layer
+from planner.shapes import ModelShape
 
 DEFAULT_SEQ_LENS = (128, 256, 512, 1024)
+HEAD_PROFILE_MAX_BYTES = 1 << 30
+"""The head is timed only when its fp32 logits, their gradient and softmax fit in this."""
+
+
+def rank_conditions(job: Job) -> tuple[int | None, int]:
+    """(torch threads per rank, ranks sharing this machine's cores) for a CPU job, as the
+    launchers run them (`OMP_NUM_THREADS` = cores // ranks per node, at least 1; spawned
+    test/bench ranks use 1 thread); (None, 1) when the job's device is not the CPU."""
+    hw = job.hardware
+    if hw.device_name.lower() != "cpu":
+        return None, 1
+    cores = os.cpu_count() or 1
+    ranks = hw.devices_per_node
+    return max(1, cores // ranks), max(1, min(ranks, cores))
+
+
+class _Head(torch.nn.Module):
+    """Final norm + output projection + mean cross entropy in fp32, as the runtime's
+    untiled `lm_loss`; fixed random targets per shape."""
+
+    def __init__(self, shape: ModelShape, seed: int):
+        super().__init__()
+        self.norm = RMSNorm(shape.hidden_size, shape.norm_eps)
+        self.weight = torch.nn.Parameter(torch.randn(shape.vocab_size, shape.hidden_size) * 0.02)
+        self.vocab, self.seed = shape.vocab_size, seed
+        self._targets: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        key = tuple(x_BSH.shape[:2])
+        if key not in self._targets:
+            gen = torch.Generator().manual_seed(self.seed)
+            self._targets[key] = torch.randint(self.vocab, key, generator=gen)
+        logits = F.linear(self.norm(x_BSH), self.weight.to(x_BSH.dtype))
+        return F.cross_entropy(logits.float().flatten(0, 1), self._targets[key].flatten())
 
 
 def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
-                      cache_dir: Path | None = None) -> LayerProfile:
-    """Profile one decoder layer of the job's model on this machine's CPU/device."""
+                      cache_dir: Path | None = None, *, threads: int | None = None,
+                      concurrent: int | None = None, with_head: bool = True,
+                      with_optimizer: bool = True) -> LayerProfile:
+    """Profile one decoder layer of the job's model on this machine's CPU/device.
+
+    Timed the way the job's ranks run (`rank_conditions`: their torch threads, and as many
+    processes side by side as ranks share the cores) unless `threads` / `concurrent` say
+    otherwise; with the head + loss and the per-parameter clip + AdamW update.
+    """
     shape = job.shape
     lens = seq_lens or tuple(s for s in DEFAULT_SEQ_LENS if s <= job.spec.train.seq_len) or (
         job.spec.train.seq_len,)
+    batch = job.spec.train.micro_batch_size
+    rank_threads, rank_concurrent = rank_conditions(job)
+    threads = threads or rank_threads
+    concurrent = concurrent or rank_concurrent
     torch.manual_seed(job.spec.train.seed)
     with torch.device("meta"):
         layer = DecoderLayer(shape)
@@ -30,9 +78,14 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
     def rope(positions: torch.Tensor, dtype: torch.dtype):
         return rope_cos_sin(positions, shape.head_dim, shape.rope_theta, dtype)
 
+    head = None
+    if with_head and 3 * 4 * shape.vocab_size * batch * max(lens) <= HEAD_PROFILE_MAX_BYTES:
+        head = _Head(shape, job.spec.train.seed)
     return profile_layer(layer, rope, shape.hidden_size, list(lens), job.dtype,
-                         batch=job.spec.train.micro_batch_size, shape_dict=shape.to_dict(),
-                         cache_dir=cache_dir, device="cpu")
+                         batch=batch, shape_dict=shape.to_dict(),
+                         cache_dir=cache_dir, device="cpu", threads=threads,
+                         concurrent=concurrent, head=head,
+                         optimizer_numel=shape.layer_params() if with_optimizer else 0)
 
 
 def describe(profile: LayerProfile, seq_len: int, micro_batch: int) -> str:
@@ -44,8 +97,13 @@ def describe(profile: LayerProfile, seq_len: int, micro_batch: int) -> str:
                                                    for k, v in profile.bytes_per_token.items()),
              f"at seq_len {seq_len} x batch {micro_batch}: " + ", ".join(
                  f"{k} {v / 2**20:,.1f} MiB" for k, v in saved.items())]
+    lines.append(f"measured with {profile.threads or '?'} torch thread(s) per process, "
+                 f"{profile.concurrent} process(es) side by side")
     for name in profile.time_coeffs:
         lines.append(f"time {name}: {profile.time_s(name, tokens, seq_len) * 1e3:,.1f} ms")
+    if profile.optimizer_s_per_param:
+        lines.append(f"clip + AdamW: {profile.optimizer_s_per_param * 1e9:,.2f} ns per parameter "
+                     f"({1 / profile.optimizer_s_per_param / 1e6:,.0f} M params/s)")
     return "\n".join(lines)
 
 

@@ -46,6 +46,13 @@ class HardwareSpec:
     """Collective bandwidth between devices of one node, bytes/s per device."""
     inter_node_bw: float
     """Collective bandwidth between nodes, bytes/s per device."""
+    intra_node_latency_s: float = 0.0
+    """Fixed cost of one collective call between devices of one node, seconds (what a call
+    of a few bytes takes; 0: not measured / negligible)."""
+    intra_node_collective_bw: dict[str, float] = field(default_factory=dict)
+    """Achieved bandwidth (bytes one rank sends per second) by collective kind
+    ('all_to_all', 'reduce_scatter', 'all_gather', 'all_reduce') between devices of one
+    node, where measured; empty: `intra_node_bw` for every kind."""
 
     def __post_init__(self) -> None:
         for name in ("nodes", "devices_per_node", "device_memory_bytes", "host_memory_bytes"):
@@ -54,6 +61,11 @@ class HardwareSpec:
         for name in ("host_link_bw", "intra_node_bw", "inter_node_bw"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.intra_node_latency_s < 0:
+            raise ValueError(f"intra_node_latency_s: must be >= 0, got {self.intra_node_latency_s}")
+        bad = {k: v for k, v in self.intra_node_collective_bw.items() if v <= 0}
+        if bad:
+            raise ValueError(f"intra_node_collective_bw: must be positive, got {bad}")
         if self.nvme_capacity_bytes < 0:
             raise ValueError(f"nvme_capacity_bytes: must be >= 0, got {self.nvme_capacity_bytes}")
         if self.nvme_capacity_bytes and (self.nvme_read_bw <= 0 or self.nvme_write_bw <= 0):
@@ -94,6 +106,11 @@ def _device(name, memory_gib, fp32_tflops, bf16_tflops, host_link_gbps):
 # Gen5 ≈ 50 GB/s); intra-node = NVLink per-GPU bus bandwidth (A800 capped at 400 GB/s);
 # inter-node = one 200 Gb/s (A800) or 400 Gb/s (H100) NIC per GPU. The cpu-local numbers were
 # measured on this project's 2-core CI machine (shared/FACTS.md); `probe` measures them anew.
+_CPU_LOCAL_COLLECTIVES = {"all_to_all": 1.2 * GB, "reduce_scatter": 0.35 * GB,
+                          "all_gather": 0.7 * GB, "all_reduce": 1.0 * GB}
+"""gloo between 2 local 1-thread processes (`timed_collectives`, 64 KiB-16 MiB, 5 runs): bytes
+one rank sends per second. One fit over all kinds gives ~0.95 GB/s (= intra_node_bw 1.2 x
+comm_efficiency 0.8) and ~0.25 ms per call; gloo's CPU reduce-scatter is ~3x slower."""
 _A800 = _device("A800-80G", 80, 19.5, 312, 25)
 _H100 = _device("H100-80G", 80, 67, 989, 50)
 _RTX4090 = _device("RTX4090-24G", 24, 82.6, 165, 25)
@@ -104,7 +121,8 @@ CLUSTER_PRESETS: dict[str, HardwareSpec] = {
         device_memory_bytes=8 * GiB, peak_flops={"fp32": 5e10, "bf16": 2.5e10},
         host_memory_bytes=16 * GiB, host_link_bw=6.8 * GB, nvme_capacity_bytes=20 * GiB,
         nvme_read_bw=0.6 * GB, nvme_write_bw=0.8 * GB, nvme_path="/tmp/disttrain-nvme",
-        intra_node_bw=1.2 * GB, inter_node_bw=1.2 * GB),
+        intra_node_bw=1.2 * GB, inter_node_bw=1.2 * GB, intra_node_latency_s=2.5e-4,
+        intra_node_collective_bw=dict(_CPU_LOCAL_COLLECTIVES)),
     "1xa800-80g": HardwareSpec(
         name="1xa800-80g", nodes=1, devices_per_node=1, **_A800,
         host_memory_bytes=1024 * GiB, nvme_capacity_bytes=3500 * GiB, nvme_read_bw=6.5 * GB,
@@ -168,6 +186,135 @@ def _timed_nvme(path: str, num_bytes: int = 128 * 2**20) -> tuple[float, float, 
     return write_bw, read_bw, shutil.disk_usage(path).free
 
 
+COLLECTIVE_KINDS = ("all_to_all", "reduce_scatter", "all_gather", "all_reduce")
+"""The collectives the runtime issues (Ulysses, ZeRO, data parallel), timed by `probe`."""
+COLLECTIVE_SIZES = (64 * 2**10, 512 * 2**10, 4 * 2**20, 16 * 2**20)
+"""Input bytes per call of the timed collectives: from latency-bound to bandwidth-bound."""
+
+
+def collective_sent_bytes(kind: str, num_bytes: int, world: int) -> float:
+    """Bytes one rank sends in one call on `num_bytes` of (full) input, as the cost model
+    counts them: (w-1)/w of the input, twice that for an all-reduce (reduce-scatter +
+    all-gather)."""
+    share = num_bytes * (world - 1) / world
+    return 2 * share if kind == "all_reduce" else share
+
+
+def fit_latency_bandwidth(sent: list[float], seconds: list[float]) -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) of t = latency + sent / bandwidth, both >= 0, fitted by
+    least squares on relative error (small calls weigh as much as large ones)."""
+    import numpy as np
+    x, t = np.asarray(sent, float), np.asarray(seconds, float)
+    if len(x) == 0 or (t <= 0).any():
+        raise ValueError("fit_latency_bandwidth: need positive times")
+    w = 1.0 / t
+    best, best_res = None, np.inf
+    for cols in ((0, 1), (1,), (0,)):
+        design = np.stack([np.ones_like(x), x], axis=1)[:, cols] * w[:, None]
+        sol, *_ = np.linalg.lstsq(design, t * w, rcond=None)
+        if (sol < 0).any():
+            continue
+        coef = [0.0, 0.0]
+        for c, v in zip(cols, sol):
+            coef[c] = float(v)
+        res = float((((coef[0] + coef[1] * x) - t) * w) @ (((coef[0] + coef[1] * x) - t) * w))
+        if res < best_res:
+            best, best_res = coef, res
+    latency, per_byte = best
+    if per_byte <= 0:                                # all latency: take the largest call's rate
+        per_byte = max(t[x.argmax()] - latency, 1e-12) / x.max()
+    return latency, 1.0 / per_byte
+
+
+def _collective_worker(rank: int, world: int, port: int, threads: int, sizes: tuple[int, ...],
+                       repeats: int, queue) -> None:
+    """One rank of `timed_collectives`: median seconds per (kind, input bytes), rank 0 reports."""
+    import os
+    import statistics
+    import time
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")   # loopback only
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=60))
+        out = {}
+        for size in sizes:
+            numel = size // 4 // world * world
+            full, other = torch.ones(numel), torch.empty(numel)
+            part = torch.ones(numel // world)
+            ops = {"all_to_all": lambda: dist.all_to_all_single(other, full),
+                   "reduce_scatter": lambda: dist.reduce_scatter_single(part, full),
+                   "all_gather": lambda: dist.all_gather_single(other, part),
+                   "all_reduce": lambda: dist.all_reduce(full)}
+            for kind in COLLECTIVE_KINDS:
+                ops[kind]()                          # warm-up (connections, buffers)
+                times = []
+                for _ in range(repeats):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    ops[kind]()
+                    times.append(time.perf_counter() - start)
+                out[(kind, numel * 4)] = statistics.median(times)
+        dist.barrier()
+        if rank == 0:
+            queue.put(("ok", out))
+        dist.destroy_process_group()
+    except Exception as exc:  # reported to the caller, which falls back
+        queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+
+
+def timed_collectives(world: int = 2, *, threads: int | None = None,
+                      sizes: tuple[int, ...] = COLLECTIVE_SIZES, repeats: int = 5,
+                      timeout_s: float = 120.0) -> dict:
+    """Time gloo collectives between `world` local processes on loopback.
+
+    Each process runs `threads` torch threads (default: this machine's cores / world, as the
+    launchers give each rank). Returns {"samples": {(kind, input bytes): median s},
+    "latency_s", "bandwidth": one latency + bandwidth (bytes one rank sends per second) fit
+    over every kind and size, "by_kind": {kind: (latency_s, bandwidth)}, "threads", "world"}.
+    """
+    import multiprocessing as mp
+    import os
+    import socket
+    if world < 2:
+        raise ValueError(f"world: need at least 2 processes, got {world}")
+    threads = threads or max(1, (os.cpu_count() or 1) // world)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_collective_worker, daemon=True,
+                         args=(r, world, port, threads, tuple(sizes), repeats, queue))
+             for r in range(world)]
+    for proc in procs:
+        proc.start()
+    try:
+        status, payload = queue.get(timeout=timeout_s)
+    except Exception:  # queue.Empty: a rank hung or died
+        status, payload = "error", f"no result within {timeout_s:.0f} s"
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+    if status != "ok":
+        raise RuntimeError(f"timed collectives failed: {payload}")
+    sent = [collective_sent_bytes(kind, size, world) for kind, size in payload]
+    latency, bandwidth = fit_latency_bandwidth(sent, list(payload.values()))
+    per_kind = {}
+    for kind in COLLECTIVE_KINDS:
+        rows = [(collective_sent_bytes(k, n, world), t) for (k, n), t in payload.items() if k == kind]
+        per_kind[kind] = fit_latency_bandwidth([r[0] for r in rows], [r[1] for r in rows])
+    return {"samples": payload, "latency_s": latency, "bandwidth": bandwidth,
+            "by_kind": per_kind, "threads": threads, "world": world}
+
+
 def _nvml_devices() -> list[tuple[str, int]]:
     """(name, total bytes) per GPU through NVML; [] without the library or a driver."""
     try:
@@ -191,12 +338,18 @@ def _nvml_devices() -> list[tuple[str, int]]:
 
 
 def probe(nvme_path: str = "/tmp/disttrain-nvme", *, nvme_test_bytes: int = 128 * 2**20,
-          fallback: str = "cpu-local") -> HardwareSpec:
-    """Measure this machine: GPUs via NVML / torch, host copy, NVMe write/read on `nvme_path`.
+          fallback: str = "cpu-local", collectives: bool = True) -> HardwareSpec:
+    """Measure this machine: GPUs via NVML / torch, host copy, NVMe write/read on `nvme_path`,
+    and (`collectives`, CPU only) gloo collectives between 2 local processes on loopback.
 
-    FLOP/s and collective bandwidths are not measured here; they come from the `fallback`
-    preset (on a GPU the device's datasheet numbers belong in the job spec).
+    FLOP/s and inter-node bandwidth are not measured; they come from the `fallback` preset
+    (on a GPU the device's datasheet numbers belong in the job spec). The measured collective
+    fit sets `intra_node_latency_s`, `intra_node_collective_bw` (achieved, per kind) and
+    `intra_node_bw` (nominal: the achieved all-kinds bandwidth / the cost model's default
+    `comm_efficiency`, so the cost model's effective bandwidth is the measured one). When the
+    timed collective fails, the fallback preset's collective numbers stay (logged).
     """
+    import logging
     import os
 
     import torch
@@ -213,7 +366,19 @@ def probe(nvme_path: str = "/tmp/disttrain-nvme", *, nvme_test_bytes: int = 128 
         devices = len(gpus)
     else:
         name, memory, devices = "cpu", min(base.device_memory_bytes, host_total // 2), 1
+    comm = {}
+    if collectives and not gpus:
+        from planner.costmodel import CostParams     # lazy: costmodel imports this module
+        try:
+            fit = timed_collectives(2)
+        except (RuntimeError, OSError, ValueError) as exc:
+            logging.getLogger(__name__).warning("probe: collectives not measured (%s); "
+                                                "keeping %s's", exc, fallback)
+        else:
+            comm = dict(intra_node_bw=fit["bandwidth"] / CostParams().comm_efficiency,
+                        intra_node_latency_s=fit["latency_s"],
+                        intra_node_collective_bw={k: bw for k, (_, bw) in fit["by_kind"].items()})
     return base.replace(name="probe", devices_per_node=devices, device_name=name,
                         device_memory_bytes=int(memory), host_memory_bytes=int(host_total),
                         host_link_bw=host_link, nvme_capacity_bytes=int(free) if nvme_path else 0,
-                        nvme_read_bw=read_bw, nvme_write_bw=write_bw, nvme_path=nvme_path)
+                        nvme_read_bw=read_bw, nvme_write_bw=write_bw, nvme_path=nvme_path, **comm)

@@ -15,12 +15,22 @@ and parameters and the rope tables are left out (they are not per-token activati
 bytes allocated beyond the saved ones bound the forward's transient peak from above.
 Byte counts are fitted linear in tokens, times linear + quadratic, so a profile taken at a
 few short lengths extrapolates to long sequences.
+
+Times are taken the way the ranks will run: with their torch thread count (`threads`) and,
+on a CPU node whose cores the ranks share, with `concurrent - 1` forked twins running the
+same measurements in step (`Lockstep`): one rank alone on a 2-core machine runs a layer up
+to 2x faster than each of two ranks side by side. An optional `head` callable (final norm +
+output head + loss) is timed at the same token counts, and the runtime's gradient clip +
+AdamW update is timed per parameter, so the planner need not guess the parts of a step
+outside the decoder layers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +39,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from planner.lockstep import Lockstep, Solo
+
+log = logging.getLogger(__name__)
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CATEGORIES = ("input", "attention_output", "token_local")
 
@@ -56,6 +69,11 @@ class LayerMeasurement:
     transient_upper_bound_bytes: int
     """Bytes the forward's ops allocate beyond what autograd saves: an upper bound on the
     transient peak (frees are not tracked)."""
+    head_forward_s: float = 0.0
+    """Forward wall time of the head (final norm, output projection, loss) on the same
+    tokens; 0: not measured."""
+    head_backward_s: float = 0.0
+    """Backward wall time of the head; 0: not measured."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +92,14 @@ class LayerProfile:
     """Per timing name, [c0, c1, c2] of c0 + c1*tokens + c2*tokens*seq_len."""
     measurements: list[LayerMeasurement] = field(default_factory=list)
     """Raw runs the fit came from."""
+    threads: int = 0
+    """torch threads of the measuring process (0: not recorded)."""
+    concurrent: int = 1
+    """Processes that ran the same layer at the same time on this machine's cores (the
+    ranks that will share them); 1: measured alone."""
+    optimizer_s_per_param: float = 0.0
+    """Seconds per parameter of the runtime's gradient clip + AdamW update over fp32 shards,
+    under the same threads and concurrency; 0: not measured."""
 
     def saved_bytes(self, tokens: int) -> dict[str, float]:
         return {name: slope * tokens for name, slope in self.bytes_per_token.items()}
@@ -92,9 +118,11 @@ class LayerProfile:
         return cls(**data)
 
 
-def profile_key(shape_dict: dict[str, Any], dtype: str, device: str) -> str:
-    """Stable cache key for a (shape, dtype, device) triple."""
-    text = json.dumps({"shape": shape_dict, "dtype": dtype, "device": device}, sort_keys=True)
+def profile_key(shape_dict: dict[str, Any], dtype: str, device: str, **conditions: Any) -> str:
+    """Stable cache key for a (shape, dtype, device) triple and the measuring conditions
+    (threads, concurrency, ...): a profile taken alone is not one taken beside other ranks."""
+    text = json.dumps({"shape": shape_dict, "dtype": dtype, "device": device, **conditions},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -175,10 +203,12 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def run_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tuple],
               hidden_size: int, seq_len: int, dtype: str, batch: int = 1,
-              seed: int = 0, repeats: int = 2) -> LayerMeasurement:
+              seed: int = 0, repeats: int = 2, *,
+              head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LayerMeasurement:
     """One measured forward + backward of `layer` at `seq_len` tokens per sequence.
 
-    A warm-up pass runs first; each time is the fastest of `repeats` runs.
+    A warm-up pass runs first; each time is the fastest of `repeats` runs. `head` maps the
+    layer output (B, S, H) to a scalar loss; it is timed forward and backward too.
     """
     torch_dtype = TORCH_DTYPES[dtype]
     gen = torch.Generator().manual_seed(seed)
@@ -201,12 +231,44 @@ def run_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tuple],
         for name, value in zip(times, (t_qkv, t_core, t_post, forward_s, backward_s)):
             times[name].append(value)
     layer.zero_grad(set_to_none=True)
+    if head is not None:
+        times.update(head_fwd=[], head_bwd=[])
+        h = x.detach().clone().requires_grad_()
+        head(h).backward()                           # warm-up
+        for _ in range(max(1, repeats)):
+            forward_s, loss = _timed(lambda: head(h))
+            backward_s, _ = _timed(loss.backward)
+            times["head_fwd"].append(forward_s)
+            times["head_bwd"].append(backward_s)
     best = {name: min(values) for name, values in times.items()}
     return LayerMeasurement(
         seq_len=seq_len, batch=batch, saved_bytes=saved, num_saved_tensors=count,
         forward_s=best["fwd"], backward_s=best["bwd"],
         token_local_forward_s=best["qkv"] + best["post"], attention_forward_s=best["core"],
-        transient_upper_bound_bytes=max(0, allocated - sum(saved.values())))
+        transient_upper_bound_bytes=max(0, allocated - sum(saved.values())),
+        head_forward_s=best.get("head_fwd", 0.0), head_backward_s=best.get("head_bwd", 0.0))
+
+
+def measure_optimizer_s_per_param(numel: int, *, repeats: int = 5) -> float:
+    """Seconds per parameter of the runtime's per-shard update: the gradient's squared norm
+    (for clipping), the clip scale, AdamW (moments, bias-corrected step), the gradient reset,
+    all on fp32 flat tensors of `numel` elements (one chunk's shard)."""
+    numel = max(1, int(numel))
+    p, g, m = (torch.randn(numel) for _ in range(3))
+    v = torch.rand(numel)
+
+    def update() -> None:
+        g.double().pow(2).sum()
+        g.mul_(0.5)
+        m.lerp_(g, 0.1)
+        v.mul_(0.95).addcmul_(g, g, value=0.05)
+        denom = (v.sqrt() / 0.9).add_(1e-8)
+        p.addcdiv_(m, denom, value=-1e-3)
+        g.copy_(p).mul_(1e-3)                        # the next step's gradient (and reset)
+
+    update()
+    times = [_timed(update)[0] for _ in range(max(1, repeats))]
+    return min(times) / numel
 
 
 def _nonnegative_fit(design: np.ndarray, values: np.ndarray) -> list[float]:
@@ -228,9 +290,10 @@ def _nonnegative_fit(design: np.ndarray, values: np.ndarray) -> list[float]:
 
 
 def fit_profile(measurements: list[LayerMeasurement], *, key: str, device: str,
-                dtype: str) -> LayerProfile:
+                dtype: str, **extra: Any) -> LayerProfile:
     """Least-squares fits: bytes = slope * tokens; time = c0 + c1*tokens + c2*tokens*seq
-    with non-negative coefficients (timing noise must not extrapolate to negative time)."""
+    with non-negative coefficients (timing noise must not extrapolate to negative time);
+    head times c0 + c1*tokens. `extra`: further LayerProfile fields (threads, ...)."""
     if not measurements:
         raise ValueError("measurements: need at least one run to fit")
     tokens = np.array([m.seq_len * m.batch for m in measurements], dtype=float)
@@ -244,29 +307,84 @@ def fit_profile(measurements: list[LayerMeasurement], *, key: str, device: str,
     for name in ("forward_s", "backward_s", "token_local_forward_s", "attention_forward_s"):
         values = np.array([getattr(m, name) for m in measurements], dtype=float)
         coeffs[name] = _nonnegative_fit(design, values)
+    for name in ("head_forward_s", "head_backward_s"):  # token-local: linear, no seq term
+        rows = [i for i, m in enumerate(measurements) if getattr(m, name) > 0]
+        if rows:
+            values = np.array([getattr(measurements[i], name) for i in rows], dtype=float)
+            coeffs[name] = _nonnegative_fit(design[rows, :2], values) + [0.0]
     return LayerProfile(key=key, device=device, dtype=dtype, bytes_per_token=slopes,
-                        time_coeffs=coeffs, measurements=list(measurements))
+                        time_coeffs=coeffs, measurements=list(measurements), **extra)
 
 
 def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tuple],
                   hidden_size: int, seq_lens: list[int] | tuple[int, ...], dtype: str,
                   batch: int = 1, *, shape_dict: dict[str, Any] | None = None,
-                  cache_dir: str | Path | None = None, device: str = "cpu") -> LayerProfile:
-    """Profile `layer` at each of `seq_lens`; read/write a JSON cache when `cache_dir` is set."""
+                  cache_dir: str | Path | None = None, device: str = "cpu",
+                  threads: int | None = None, concurrent: int = 1,
+                  head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  optimizer_numel: int = 0, repeats: int | None = None,
+                  twin_timeout_s: float = 300.0) -> LayerProfile:
+    """Profile `layer` at each of `seq_lens`; read/write a JSON cache when `cache_dir` is set.
+
+    `threads`: torch threads while measuring (None: this process's current count), as each
+    rank will run. `concurrent`: ranks that will share this machine's cores; `concurrent - 1`
+    forked twins run the same measurements in step with this process (`Lockstep`); each
+    time is the fastest of `repeats` (default 2 alone, 5 side by side: contention makes
+    single runs noisier). `head`: (B, S, H) -> scalar loss, timed too.
+    `optimizer_numel` > 0: time the clip + AdamW update on shards of that many parameters.
+    All of these are part of the cache key. A twin that dies, or a step that waits for the
+    others longer than `twin_timeout_s`, makes it measure alone (recorded, not cached).
+    """
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype: must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
     if not seq_lens:
         raise ValueError("seq_lens: need at least one sequence length")
+    if concurrent < 1:
+        raise ValueError(f"concurrent: must be >= 1, got {concurrent}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads: must be >= 1, got {threads}")
+    before = torch.get_num_threads()
+    threads = threads or before
     key_source = dict(shape_dict or {"hidden_size": hidden_size}, seq_lens=list(seq_lens),
                       batch=batch)
-    key = profile_key(key_source, dtype, device)
+    key = profile_key(key_source, dtype, device, threads=threads, concurrent=concurrent,
+                      head=head is not None, optimizer_numel=int(optimizer_numel))
     cache_path = Path(cache_dir) / f"profile-{key}.json" if cache_dir else None
     if cache_path is not None and cache_path.exists():
         return LayerProfile.from_dict(json.loads(cache_path.read_text()))
     layer.to(TORCH_DTYPES[dtype])
-    runs = [run_layer(layer, rope_fn, hidden_size, s, dtype, batch) for s in seq_lens]
-    profile = fit_profile(runs, key=key, device=device, dtype=dtype)
-    if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_text(json.dumps(profile.to_dict(), indent=1))
+    repeats = repeats or (2 if concurrent == 1 else 5)
+
+    def steps(barrier: Any) -> tuple[list[LayerMeasurement], float]:
+        """The measurements; every process (this one and its twins) runs them in step."""
+        torch.set_num_threads(threads)
+        runs = []
+        for s in seq_lens:
+            barrier.wait()
+            runs.append(run_layer(layer, rope_fn, hidden_size, s, dtype, batch,
+                                  repeats=repeats, head=head))
+        barrier.wait()
+        opt = measure_optimizer_s_per_param(optimizer_numel) if optimizer_numel > 0 else 0.0
+        barrier.wait()
+        return runs, opt
+
+    cache = cache_path
+    torch.set_num_threads(threads)
+    try:
+        try:
+            with Lockstep(concurrent - 1, steps, timeout_s=twin_timeout_s) as twins:
+                runs, opt = steps(Solo() if twins.barrier is None else twins.barrier)
+                measured_concurrent = 1 + twins.active
+        except threading.BrokenBarrierError:        # a twin died or hung: measure alone
+            log.warning("profile: a twin process died or hung; measured alone instead of "
+                        "%d side by side (not cached)", concurrent)
+            runs, opt = steps(Solo())
+            measured_concurrent, cache = 1, None
+    finally:
+        torch.set_num_threads(before)
+    profile = fit_profile(runs, key=key, device=device, dtype=dtype, threads=threads,
+                          concurrent=measured_concurrent, optimizer_s_per_param=opt)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(profile.to_dict(), indent=1))
     return profile

@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 import types
 
+import pytest
+
 import planner.hardware as hardware
 
 
 def test_probe_measures_and_removes_its_file(tmp_path):
-    spec = hardware.probe(nvme_path=str(tmp_path), nvme_test_bytes=8 * 2**20)
+    spec = hardware.probe(nvme_path=str(tmp_path), nvme_test_bytes=8 * 2**20, collectives=False)
     assert spec.name == "probe"
     assert spec.host_link_bw > 1e8 and spec.nvme_write_bw > 1e6 and spec.nvme_read_bw > 1e6
     assert spec.nvme_capacity_bytes > 0 and spec.nvme_path == str(tmp_path)
@@ -41,3 +43,61 @@ def test_nvml_devices_are_read(monkeypatch):
     fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 * 2**30)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     assert hardware._nvml_devices() == [("A800-SXM4-80GB", 80 * 2**30)] * 2
+
+
+def test_fit_latency_bandwidth_recovers_known_values():
+    sent = [2**k for k in range(14, 25, 2)]
+    times = [2e-4 + n / 0.5e9 for n in sent]
+    latency, bw = hardware.fit_latency_bandwidth(sent, times)
+    assert latency == pytest.approx(2e-4, rel=1e-6) and bw == pytest.approx(0.5e9, rel=1e-6)
+    # noise that would make a free fit's latency negative is clamped to zero
+    latency, bw = hardware.fit_latency_bandwidth([1e6, 2e6], [0.9e-3, 2.0e-3])
+    assert latency >= 0 and bw > 0
+
+
+def test_sent_bytes_convention_matches_the_cost_model():
+    assert hardware.collective_sent_bytes("all_to_all", 8, 2) == 4
+    assert hardware.collective_sent_bytes("reduce_scatter", 8, 4) == 6
+    assert hardware.collective_sent_bytes("all_reduce", 8, 2) == 8   # reduce-scatter + all-gather
+
+
+def test_timed_collectives_between_two_local_processes():
+    fit = hardware.timed_collectives(2, threads=1, sizes=(64 * 2**10, 2**20), repeats=2)
+    assert set(fit["samples"]) == {(k, n) for k in hardware.COLLECTIVE_KINDS for n in (64 * 2**10, 2**20)}
+    assert all(t > 0 for t in fit["samples"].values())
+    assert fit["latency_s"] >= 0 and 1e6 < fit["bandwidth"] < 1e12
+    assert set(fit["by_kind"]) == set(hardware.COLLECTIVE_KINDS)
+    with pytest.raises(ValueError):
+        hardware.timed_collectives(1)
+
+
+def test_probe_takes_the_measured_collectives(tmp_path, monkeypatch):
+    from planner.costmodel import CostParams
+    fake = {"latency_s": 3e-4, "bandwidth": 0.8e9, "by_kind": {k: (1e-4, 0.5e9) for k in hardware.COLLECTIVE_KINDS}}
+    monkeypatch.setattr(hardware, "timed_collectives", lambda world: fake)
+    spec = hardware.probe(nvme_path=str(tmp_path), nvme_test_bytes=2**20)
+    assert spec.intra_node_latency_s == 3e-4
+    assert spec.intra_node_bw * CostParams().comm_efficiency == pytest.approx(0.8e9)
+    assert spec.intra_node_collective_bw == {k: 0.5e9 for k in hardware.COLLECTIVE_KINDS}
+
+    def broken(world):
+        raise RuntimeError("no loopback")
+    monkeypatch.setattr(hardware, "timed_collectives", broken)
+    spec = hardware.probe(nvme_path=str(tmp_path), nvme_test_bytes=2**20)
+    preset = hardware.CLUSTER_PRESETS["cpu-local"]
+    assert (spec.intra_node_bw, spec.intra_node_collective_bw) == (preset.intra_node_bw,
+                                                                   preset.intra_node_collective_bw)
+
+
+def test_collective_fields_validated_and_optional():
+    preset = hardware.CLUSTER_PRESETS["cpu-local"]
+    assert set(preset.intra_node_collective_bw) == set(hardware.COLLECTIVE_KINDS)
+    assert preset.intra_node_latency_s > 0
+    with pytest.raises(ValueError, match="intra_node_latency_s"):
+        preset.replace(intra_node_latency_s=-1.0)
+    with pytest.raises(ValueError, match="intra_node_collective_bw"):
+        preset.replace(intra_node_collective_bw={"all_to_all": 0.0})
+    old = {k: v for k, v in preset.to_dict().items()
+           if k not in ("intra_node_latency_s", "intra_node_collective_bw")}
+    loaded = hardware.HardwareSpec.from_dict(old)      # plans written before these fields
+    assert loaded.intra_node_latency_s == 0.0 and loaded.intra_node_collective_bw == {}

@@ -118,15 +118,43 @@ def bytes_per_token(request: PlanRequest, cand: Candidate, measured: dict[str, f
         token_local=measured["token_local"] + replication, mlp=analytic.mlp)
 
 
+def _profile_applies(request: PlanRequest, profile, names: tuple[str, ...]) -> bool:
+    """The profile was taken on the target's device type and dtype and has these timings."""
+    coeffs = getattr(profile, "time_coeffs", None) or {}
+    return (profile is not None and all(n in coeffs for n in names) and profile.dtype == request.dtype
+            and profile.device.lower() == request.hardware.device_name.lower())
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfiledTiming:
+    """Parts of a step outside the decoder layers, measured by the profile on the target."""
+
+    head_forward_s: float
+    """Final norm + output head + loss forward of one microbatch on one rank."""
+    head_backward_s: float
+    """Its backward."""
+    optimizer_s_per_param: float
+    """Clip + AdamW seconds per parameter of a rank's shard (0: not measured)."""
+
+
+def profiled_timing(request: PlanRequest, cand: Candidate, profile) -> ProfiledTiming | None:
+    """Head and optimizer times from a profile taken on the target device type, else None."""
+    if not _profile_applies(request, profile, ("head_forward_s", "head_backward_s")):
+        return None
+    tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
+    return ProfiledTiming(
+        head_forward_s=profile.time_s("head_forward_s", tokens, request.seq_len),
+        head_backward_s=profile.time_s("head_backward_s", tokens, request.seq_len),
+        optimizer_s_per_param=getattr(profile, "optimizer_s_per_param", 0.0) or 0.0)
+
+
 def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedBytesPerToken,
                         profile) -> LayerCost | None:
     """Layer times from a profile taken on the target device type (None when it was not):
     token-local parts scale with local tokens, the core with local tokens x full sequence."""
-    coeffs = getattr(profile, "time_coeffs", None) or {}
-    names = ("forward_s", "backward_s", "token_local_forward_s")
-    if (profile is None or any(n not in coeffs for n in names) or profile.dtype != request.dtype
-            or profile.device.lower() != request.hardware.device_name.lower()):
+    if not _profile_applies(request, profile, ("forward_s", "backward_s", "token_local_forward_s")):
         return None
+    names = ("forward_s", "backward_s", "token_local_forward_s")
     tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
     forward, backward, recompute = (profile.time_s(n, tokens, request.seq_len) for n in names)
     return LayerCost(tokens=tokens, input_bytes=per_token.layer_input * tokens,
@@ -169,9 +197,10 @@ def choose_tiling(request: PlanRequest, lc: LayerCost) -> tuple[int, int]:
 
 
 def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_token: SavedBytesPerToken,
-                 layer_override: LayerCost | None = None, tiling: tuple[int, int] | None = None
-                 ) -> tuple[list[StageSetup], tuple[int, int]]:
-    """One StageSetup per pipeline stage, and the (loss, mlp) tiling: chosen, or `tiling`."""
+                 layer_override: LayerCost | None = None, tiling: tuple[int, int] | None = None,
+                 timing: ProfiledTiming | None = None) -> tuple[list[StageSetup], tuple[int, int]]:
+    """One StageSetup per pipeline stage, and the (loss, mlp) tiling: chosen, or `tiling`.
+    `timing` replaces the analytic head and optimizer times with measured ones."""
     shape, hw, dtype = request.model, request.hardware, request.dtype
     b, group = DTYPE_BYTES[dtype], cand.shard_group
     lc = layer_override or layer_cost(shape, dtype, hw, cand, seq_len=request.seq_len,
@@ -182,6 +211,17 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
     working = working_base_bytes(lc, shape, dtype, mlp_chunk)
     lc = tiled_layer_cost(lc, shape, dtype, mlp_chunk)
     head_fwd = 2.0 * shape.vocab_size * shape.hidden_size * tokens / (hw.flops(dtype) * params.matmul_efficiency)
+    head_bwd = 2 * head_fwd
+    if timing is not None:  # measured untiled; a tiled loss recomputes its logits in backward
+        head_fwd = timing.head_forward_s
+        head_bwd = timing.head_backward_s + (head_fwd if loss_chunk else 0.0)
+    per_param_s = timing.optimizer_s_per_param if timing is not None else 0.0
+
+    def opt_s(numel: float, on_cpu: bool) -> float:
+        if per_param_s:
+            return numel * per_param_s
+        return cpu_optimizer_s(numel, hw, params) if on_cpu else device_optimizer_s(numel, dtype, params)
+
     reserved = 0 if hw.device_name.lower() == "cpu" else params.reserved_bytes
     usable = hw.device_memory_bytes * (1 - params.fragmentation) - reserved
     usable -= max(4096.0, 1e-6 * usable)  # the solver's feasibility tolerance (~1e-7 GiB)
@@ -199,13 +239,14 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
         buffers = 3 * b * layer_params if chunked else 0.0
         head = (logits_working_bytes(shape, tokens, loss_chunk) + 2 * b * shape.hidden_size * tokens) if last else 0.0
         fixed = sum(fixed_states.values()) + buffers + head
-        compute = count * (lc.forward_s + lc.backward_s) + (3 * head_fwd if last else 0.0)
+        compute = count * (lc.forward_s + lc.backward_s) + (head_fwd + head_bwd if last else 0.0)
         resident = (shape.vocab_size * shape.hidden_size if stage == 0 else 0) + (
             shape.embedding_params() - shape.vocab_size * shape.hidden_size if last else 0)
         comm_mb, comm_step = comm_times(
             shape, dtype, hw, cand, stage_layers=count, stage_num_params=total_params,
             tokens=tokens, microbatch_compute_s=compute, attention_forward_s=lc.forward_s - lc.recompute_s,
-            last_backward_s=count * lc.backward_s, params=params, backward_resident_params=resident)
+            params=params, backward_resident_params=resident,
+            stage_units=count + (1 if stage == 0 else 0) + (1 if last else 0))
         chunk_device = per_param_states * layer_params / group
         problem = StageProblem(
             layers=(lc,) * count, inflight=inflight_microbatches(cand.pp, cand.num_microbatches, stage),
@@ -214,22 +255,22 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             nvme_capacity_bytes=hw.nvme_capacity_bytes / per_rank, host_link_bw=hw.host_link_bw,
             nvme_read_bw=(hw.nvme_read_bw or 1.0) / per_rank, nvme_write_bw=(hw.nvme_write_bw or 1.0) / per_rank,
             tail_forward_window_s=head_fwd if last else 0.0,
-            tail_backward_window_s=2 * head_fwd if last else 0.0,
+            tail_backward_window_s=head_bwd if last else 0.0,
             num_chunks=num_chunks, chunk_device_bytes=chunk_device, chunk_host_bytes=chunk_device,
             chunk_link_bytes=3 * b * layer_params / group,
             chunk_buffer_bytes=b * layer_params / group,
-            chunk_cpu_optimizer_s=cpu_optimizer_s(layer_params / group, hw, params),
-            chunk_device_optimizer_s=device_optimizer_s(layer_params / group, dtype, params),
+            chunk_cpu_optimizer_s=opt_s(layer_params / group, True),
+            chunk_device_optimizer_s=opt_s(layer_params / group, False),
             allow_keep=request.recompute != "full",
             allow_recompute=request.recompute != "none",
             allow_cpu=request.activation_offload in ("auto", "cpu"),
             allow_nvme=request.activation_offload in ("auto", "nvme") and hw.has_nvme,
             token_chunks=0)
-        fixed_states_opt = device_optimizer_s(total_params - num_chunks * layer_params, dtype, params)
-        fixed_states_opt /= group if cand.zero_stage >= 1 else 1
+        fixed_states_opt = opt_s((total_params - num_chunks * layer_params)
+                                 / (group if cand.zero_stage >= 1 else 1), False)
         leanest = _leanest_activation_bytes(problem, lc, count)
         setups.append(StageSetup(
-            problem=problem, layer_range=(start, end), head_compute_s=3 * head_fwd if last else 0.0,
+            problem=problem, layer_range=(start, end), head_compute_s=head_fwd + head_bwd if last else 0.0,
             comm_microbatch_s=comm_mb, comm_step_s=comm_step, fixed_optimizer_s=fixed_states_opt,
             fixed_bytes=dict(fixed_states, buffers=buffers, working_set=working, loss=head),
             chunk_states=model_state_bytes(num_chunks * layer_params, dtype, cand.zero_stage, group),

@@ -319,32 +319,86 @@ def step_time(*, microbatch_compute_s: float, microbatch_recompute_s: float,
                     bubble=(pp - 1) * per_mb, optimizer=step_optimizer_s)
 
 
+def collective_bw(hw: HardwareSpec, span: int, params: CostParams, kind: str) -> float:
+    """Achieved bytes/s of one collective kind: measured on the node (`probe`) when the group
+    stays inside it, else the nominal group bandwidth x efficiency."""
+    if span <= hw.devices_per_node and kind in hw.intra_node_collective_bw:
+        return hw.intra_node_collective_bw[kind]
+    return group_bandwidth(hw, span, params)
+
+
+def comm_overlaps_compute(hw: HardwareSpec) -> bool:
+    """Whether collectives run beside compute: on GPUs (NCCL kernels, copy engines) they do;
+    on a CPU node gloo's threads share the cores the ranks compute on, and the measured step
+    shows no overlap, so every collective second is exposed."""
+    return hw.device_name.lower() != "cpu"
+
+
+def zero_collectives(num_params: int, zero_stage: int, group: int, units: int, *,
+                     backward_resident_params: int = 0) -> list[tuple[str, float, float, int, int]]:
+    """(kind, bytes per microbatch, bytes per step, calls per microbatch, calls per step) of
+    the runtime's ZeRO collectives for `num_params` packed into `units` chunks; their byte
+    sums are `zero_step_bytes`."""
+    if group <= 1:
+        return []
+    vol = (group - 1) / group * FP32
+    if zero_stage == 3:
+        gathers = (2 * num_params - backward_resident_params) * vol
+        return [("all_gather", gathers, 0.0, 2 * units, 0),
+                ("reduce_scatter", num_params * vol, 0.0, units, 0)]
+    if zero_stage == 2:
+        return [("reduce_scatter", num_params * vol, 0.0, units, 0),
+                ("all_gather", 0.0, num_params * vol, 0, units)]
+    if zero_stage == 1:
+        return [("reduce_scatter", 0.0, num_params * vol, 0, units),
+                ("all_gather", 0.0, num_params * vol, 0, units)]
+    return [("all_reduce", 0.0, 2 * num_params * vol, 0, units)]
+
+
 def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate, *,
                stage_layers: int, stage_num_params: int, tokens: int,
-               microbatch_compute_s: float, attention_forward_s: float,
-               last_backward_s: float, params: CostParams,
-               backward_resident_params: int = 0) -> tuple[float, float]:
-    """(exposed per microbatch, exposed per step) communication seconds for one stage."""
+               microbatch_compute_s: float, attention_forward_s: float, params: CostParams,
+               backward_resident_params: int = 0, stage_units: int | None = None
+               ) -> tuple[float, float]:
+    """(exposed per microbatch, exposed per step) communication seconds for one stage.
+
+    Each call costs the node's measured latency (`hw.intra_node_latency_s`) on top of its bytes
+    over the kind's bandwidth. Where collectives overlap compute (GPUs), ring K/V passing hides
+    under its block's attention and ZeRO-3's prefetched all-gathers under the stage's compute;
+    reduce-scatters, Ulysses all-to-alls and the once-per-step collectives of stages 0-2 (run
+    after the backward) are on the critical path either way. `stage_units`: ZeRO chunks of
+    the stage (default: its layers + embedding / head)."""
     b = DTYPE_BYTES[dtype]
-    sp_bw = group_bandwidth(hw, cand.sp, params)
+    overlap = comm_overlaps_compute(hw)
+    latency = hw.intra_node_latency_s
     per_mb = 0.0
-    if cand.sp_kind == "ulysses":   # all-to-all on the critical path: 1x fwd, 2x bwd
-        per_mb += 3 * stage_layers * ulysses_alltoall_bytes(shape, dtype, tokens, cand.sp) / sp_bw
-    else:                           # ring p2p overlaps its block's attention compute
+    if cand.sp > 1 and cand.sp_kind == "ulysses":   # 1x fwd, 2x bwd; 2 calls each way
+        a2a = ulysses_alltoall_bytes(shape, dtype, tokens, cand.sp)
+        per_mb += stage_layers * (3 * a2a / collective_bw(hw, cand.sp, params, "all_to_all")
+                                  + 4 * latency)
+    elif cand.sp > 1:                                # ring: sp-1 hops fwd, 2sp-1 bwd
+        sp_bw = collective_bw(hw, cand.sp, params, "send")
         ring_fwd = ring_p2p_bytes(shape, dtype, tokens, cand.sp) / sp_bw
         ring_bwd = ring_p2p_backward_bytes(shape, dtype, tokens, cand.sp) / sp_bw
-        per_mb += stage_layers * (max(0.0, ring_fwd - attention_forward_s)
-                                  + max(0.0, ring_bwd - params.attention_backward_factor
-                                        * attention_forward_s))
+        fwd_window = attention_forward_s if overlap else 0.0
+        bwd_window = params.attention_backward_factor * fwd_window
+        per_mb += stage_layers * (max(0.0, ring_fwd - fwd_window) + max(0.0, ring_bwd - bwd_window)
+                                  + (3 * cand.sp - 2) * latency)
     if cand.pp > 1:                 # activations forward, their gradients backward
-        pp_bw = group_bandwidth(hw, pipeline_group_span(cand), params)
-        per_mb += 2 * tokens * shape.hidden_size * b / pp_bw
-    zero_bw = group_bandwidth(hw, shard_group_span(cand), params)
-    zero_mb, zero_step = zero_step_bytes(stage_num_params, dtype, cand.zero_stage,
-                                         cand.shard_group, cand.num_microbatches,
-                                         backward_resident_params=backward_resident_params)
-    per_mb += max(0.0, zero_mb / zero_bw - microbatch_compute_s)
-    per_step = max(0.0, zero_step / zero_bw - last_backward_s)
+        span = pipeline_group_span(cand)
+        per_mb += 2 * (tokens * shape.hidden_size * b / collective_bw(hw, span, params, "send")
+                       + latency)
+    span = shard_group_span(cand)
+    units = stage_units if stage_units is not None else stage_layers + 2
+    per_step = 0.0
+    for kind, mb_bytes, step_bytes, mb_calls, step_calls in zero_collectives(
+            stage_num_params, cand.zero_stage, cand.shard_group, units,
+            backward_resident_params=backward_resident_params):
+        bw = collective_bw(hw, span, params, kind)
+        mb_s, step_s = mb_bytes / bw + mb_calls * latency, step_bytes / bw + step_calls * latency
+        hidden = overlap and kind == "all_gather"
+        per_mb += max(0.0, mb_s - microbatch_compute_s) if hidden else mb_s
+        per_step += step_s          # after the backward (stages 0-2), before the update
     return per_mb, per_step
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Group
 from rich.table import Table
 
-from planner.candidates import build_stages, bytes_per_token
+from planner.candidates import build_stages, bytes_per_token, profiled_layer_cost, profiled_timing
 from planner.costmodel import Candidate, CostParams
 from planner.hardware import HardwareSpec
 from planner.mip import evaluate_stage
@@ -45,14 +45,28 @@ def _request(plan: Plan) -> tuple[PlanRequest, Candidate]:
     return request, cand
 
 
+def plan_stages(plan: Plan, params: CostParams) -> tuple[PlanRequest, Candidate, list]:
+    """The stage set-ups `plan` was solved on: its request and layout, its profile's bytes and
+    times (when taken on the target's device type) and its tiling."""
+    from planner.profiler import LayerProfile  # torch: only when re-costing a plan
+
+    request, cand = _request(plan)
+    profile_dict = plan.prediction.profile
+    profile = LayerProfile.from_dict(profile_dict) if "time_coeffs" in profile_dict else None
+    per_token = bytes_per_token(request, cand, profile_dict.get("bytes_per_token"))
+    setups, _ = build_stages(request, cand, params, per_token,
+                             profiled_layer_cost(request, cand, per_token, profile),
+                             tiling=(plan.tiling.loss_chunk_tokens, plan.tiling.mlp_chunk_tokens),
+                             timing=profiled_timing(request, cand, profile))
+    return request, cand, setups
+
+
 def evaluate_baselines(plan: Plan, params: CostParams | None = None) -> list[dict]:
     """Each baseline policy on the plan's layout: fits?, peak device bytes, step time."""
     if not plan.feasible:
         return []
     params = params or CostParams()
-    request, cand = _request(plan)
-    measured = plan.prediction.profile.get("bytes_per_token")
-    setups, _ = build_stages(request, cand, params, bytes_per_token(request, cand, measured))
+    _, cand, setups = plan_stages(plan, params)
     cpu_chunks = set(plan.model_states.cpu_chunks)
     rows = []
     for name, act in BASELINES.items():

@@ -160,7 +160,7 @@ def test_ulysses_comm_is_exposed_ring_overlaps():
     params = CostParams(comm_efficiency=1.0)
     shape, hw = MODEL_PRESETS["llama2-7b"], CLUSTER_PRESETS["8xa800-80g"]
     common = dict(stage_layers=32, stage_num_params=0, tokens=8192, microbatch_compute_s=100.0,
-                  last_backward_s=50.0, params=params)
+                  params=params)
     uly = Candidate(dp=1, sp=8, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=0)
     per_mb, _ = comm_times(shape, "bf16", hw, uly, attention_forward_s=1.0, **common)
     # 1x forward + 2x backward (the backward re-sends q, k, v and out with dout)
@@ -171,3 +171,29 @@ def test_ulysses_comm_is_exposed_ring_overlaps():
     exposed, _ = comm_times(shape, "bf16", hw, ring, attention_forward_s=0.0, **common)
     fwd_bwd = ring_p2p_bytes(shape, "bf16", 8192, 8) + ring_p2p_backward_bytes(shape, "bf16", 8192, 8)
     assert exposed == pytest.approx(32 * fwd_bwd / hw.intra_node_bw)
+
+
+def test_cpu_collectives_are_exposed_and_pay_latency_per_call():
+    # On a CPU node gloo shares the cores: ring passing and ZeRO gathers hide under nothing,
+    # each call costs the measured latency, and each kind its measured bandwidth.
+    hw = CLUSTER_PRESETS["cpu-local"].replace(devices_per_node=2)
+    params = CostParams()
+    common = dict(stage_num_params=10**6, tokens=512, microbatch_compute_s=100.0,
+                  attention_forward_s=100.0, params=params)
+    ring = Candidate(dp=1, sp=2, sp_kind="ring", pp=1, num_microbatches=1, zero_stage=0)
+    per_mb, _ = comm_times(SHAPE, "fp32", hw, ring, stage_layers=4, **common)
+    p2p = ring_p2p_bytes(SHAPE, "fp32", 512, 2) + ring_p2p_backward_bytes(SHAPE, "fp32", 512, 2)
+    assert per_mb == pytest.approx(4 * (p2p / (hw.intra_node_bw * params.comm_efficiency)
+                                        + 4 * hw.intra_node_latency_s))
+    z3 = Candidate(dp=2, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=3)
+    per_mb, per_step = comm_times(SHAPE, "fp32", hw, z3, stage_layers=4, stage_units=6, **common)
+    bw = hw.intra_node_collective_bw
+    vol = 10**6 * 4 / 2
+    assert per_step == 0.0
+    assert per_mb == pytest.approx(2 * vol / bw["all_gather"] + vol / bw["reduce_scatter"]
+                                   + 18 * hw.intra_node_latency_s)
+    z1 = Candidate(dp=2, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=1)
+    per_mb, per_step = comm_times(SHAPE, "fp32", hw, z1, stage_layers=4, stage_units=6, **common)
+    assert per_mb == 0.0
+    assert per_step == pytest.approx(vol / bw["all_gather"] + vol / bw["reduce_scatter"]
+                                     + 12 * hw.intra_node_latency_s)

@@ -122,3 +122,34 @@ def test_profile_times_used_on_the_same_device_type():
     assert plan.prediction.time_breakdown["compute"] == pytest.approx(layers_compute, rel=0.05)
     other = plan_job(req, LayerProfile(**{**profile.__dict__, "device": "A800-80G"}), with_layout=False)
     assert other.prediction.time_breakdown["compute"] < layers_compute / 10     # analytic times
+
+
+class _StubProfile:
+    """A CPU profile with known head and optimizer times (the parts outside the layers)."""
+
+    device, dtype, optimizer_s_per_param = "cpu", "fp32", 1e-6
+    time_coeffs = {"forward_s": [0.01, 0, 0], "backward_s": [0.02, 0, 0],
+                   "token_local_forward_s": [0.005, 0, 0], "head_forward_s": [0.03, 0, 0],
+                   "head_backward_s": [0.05, 0, 0]}
+    bytes_per_token = None
+
+    def time_s(self, name, tokens, seq_len):
+        return self.time_coeffs[name][0]
+
+
+def test_profiled_head_and_optimizer_times_enter_the_step():
+    from planner.candidates import build_stages, bytes_per_token, profiled_layer_cost, profiled_timing
+    from planner.costmodel import Candidate, CostParams
+
+    req = request(model=MODEL_PRESETS["tiny"], hardware=CLUSTER_PRESETS["cpu-local"], dtype="fp32",
+                  seq_len=256)
+    cand = Candidate(dp=1, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=0)
+    profile, per_token = _StubProfile(), bytes_per_token(req, cand, None)
+    timing = profiled_timing(req, cand, profile)
+    assert (timing.head_forward_s, timing.head_backward_s) == (0.03, 0.05)
+    (setup,), _ = build_stages(req, cand, CostParams(), per_token,
+                               profiled_layer_cost(req, cand, per_token, profile), timing=timing)
+    assert setup.head_compute_s == pytest.approx(0.08)
+    assert setup.fixed_optimizer_s == pytest.approx(req.model.num_params() * 1e-6)
+    other_device = type("P", (_StubProfile,), {"device": "A800-80G"})()
+    assert profiled_timing(req, cand, other_device) is None   # measured elsewhere: analytic

@@ -23,12 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from planner.candidates import build_stages, bytes_per_token, profiled_layer_cost
 from planner.costmodel import CostParams, LayerCost
 from planner.mip import StageProblem, evaluate_stage
 from planner.plan import Plan
-from planner.profiler import LayerProfile
-from planner.report import _request
+from planner.report import plan_stages
 from planner.search import compose_step
 
 GiB = 2**30
@@ -117,14 +115,7 @@ def evaluate_plan(plan: Plan, *, layer_adjust: LayerAdjust | None = None,
     if not plan.feasible:
         raise ValueError("plan.feasible: an infeasible plan has no layout to cost or export")
     params = params or CostParams()
-    request, cand = _request(plan)
-    profile_dict = plan.prediction.profile
-    measured = profile_dict.get("bytes_per_token")
-    profile = LayerProfile.from_dict(profile_dict) if "time_coeffs" in profile_dict else None
-    per_token = bytes_per_token(request, cand, measured)
-    setups, _ = build_stages(request, cand, params, per_token,
-                             profiled_layer_cost(request, cand, per_token, profile),
-                             tiling=(plan.tiling.loss_chunk_tokens, plan.tiling.mlp_chunk_tokens))
+    request, cand, setups = plan_stages(plan, params)
     if len(plan.activations) != request.model.num_layers:
         raise ValueError(f"activations: need {request.model.num_layers} entries, "
                          f"got {len(plan.activations)}")

@@ -38,6 +38,8 @@ POLICIES = {  # name: (device budget MiB, memory section)
     "swap cpu": (40, {"activation_offload": "cpu", "recompute": "none"}),
     "recompute": (40, {"activation_offload": "none", "recompute": "token"}),
 }
+SWEEP_ROUNDS = 2
+"""Runs of each planner-choice configuration, alternating, pooled (step times are noisy)."""
 SWEEP = {"dp2 z0": {"dp": 2, "sp": 1, "pp": 1, "zero_stage": 0},
          "dp2 z3": LAYOUTS["dp2 z3"],
          "sp2 ulysses z0": {"dp": 1, "sp": 2, "sp_kind": "ulysses", "pp": 1, "zero_stage": 0},
@@ -105,9 +107,29 @@ def fidelity_worker(rank: int, world: int, configs: list[tuple[str, dict, object
         places = runtime.states.bytes_by_place()
         kept = sum(layer["bytes_kept"] for layer in stats["layers"]) if stats else float("nan")
         out[name] = {"activations": kept, "model states": sum(places["device"].values()),
-                     "step time": statistics.median(times[1:] or times), "comm": comm[-1]}
+                     "step time": statistics.median(times[1:] or times), "comm": comm[-1],
+                     "step times": times[1:] or times}
         runtime.close()
         dist.barrier()
+    return out
+
+
+def run_fresh(configs: list, repeated: list, rounds: int = SWEEP_ROUNDS) -> dict:
+    """Each configuration in freshly spawned ranks (no run-order effects: a process that ran
+    one configuration runs the next slower on these 2 cores); the `repeated` ones (the
+    planner-choice sweep) `rounds` times, round-robin, their step times pooled."""
+    out = {}
+    for config in configs:
+        if config not in repeated:
+            out[config[0]] = spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]
+    pooled: dict[str, list[float]] = {c[0]: [] for c in repeated}
+    for _ in range(rounds):
+        for config in repeated:
+            result = spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]
+            pooled[config[0]] += result.pop("step times")
+            out[config[0]] = result
+    for name, times in pooled.items():
+        out[name]["step time"] = statistics.median(times)
     return out
 
 
@@ -152,7 +174,7 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
     free_spec = config_spec(sweep_seq, 1024, {}, {}, steps)
     free_plan = _plan(free_spec, profile)[1]
     configs.append(("sweep planner", free_spec, free_plan))
-    measured = spawn_ranks(fidelity_worker, 2, configs)[0]
+    measured = run_fresh(configs, [c for c in configs if c[0].startswith("sweep ")])
     rows = []
     for name, (job, plan) in meta.items():
         pred = predicted(job, plan)

@@ -165,7 +165,7 @@ class Job:
             dp=fixed(par.dp), sp=fixed(par.sp), sp_kind=fixed(par.sp_kind), pp=fixed(par.pp),
             num_microbatches=fixed(par.num_microbatches), zero_stage=fixed(par.zero_stage),
             activation_offload=mem.activation_offload, recompute=mem.recompute,
-            solver=pl.solver, time_limit_s=pl.time_limit_s)
+            grad_clip=tr.grad_clip, solver=pl.solver, time_limit_s=pl.time_limit_s)
 
 
 def load_job(path: str | Path) -> Job:

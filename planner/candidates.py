@@ -265,7 +265,9 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             allow_recompute=request.recompute != "none",
             allow_cpu=request.activation_offload in ("auto", "cpu"),
             allow_nvme=request.activation_offload in ("auto", "nvme") and hw.has_nvme,
-            token_chunks=0)
+            token_chunks=0,
+            # clipping waits for the global norm; on a CPU node no core is idle to hide it
+            cpu_optimizer_overlap=not request.grad_clip and hw.device_name.lower() != "cpu")
         fixed_states_opt = opt_s((total_params - num_chunks * layer_params)
                                  / (group if cand.zero_stage >= 1 else 1), False)
         leanest = _leanest_activation_bytes(problem, lc, count)

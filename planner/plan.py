@@ -171,6 +171,8 @@ class Plan:
     seq_len: int = 0
     micro_batch_size: int = 1
     global_batch_size: int = 1
+    grad_clip: float = 0.0
+    """The job's gradient clipping (0: none): with clipping the CPU optimizer is not overlapped."""
     parallel: ParallelPlan = field(default_factory=ParallelPlan)
     model_states: ModelStatePlan = field(default_factory=ModelStatePlan)
     activations: tuple[LayerActivationPlan, ...] = ()

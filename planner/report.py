@@ -39,7 +39,7 @@ def _request(plan: Plan) -> tuple[PlanRequest, Candidate]:
     request = PlanRequest(model=ModelShape(**plan.model),
                           hardware=HardwareSpec.from_dict(plan.prediction.hardware),
                           dtype=plan.dtype, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
-                          global_batch_size=plan.global_batch_size)
+                          global_batch_size=plan.global_batch_size, grad_clip=plan.grad_clip)
     cand = Candidate(dp=par.dp, sp=par.sp, sp_kind=par.sp_kind, pp=par.pp,
                      num_microbatches=par.num_microbatches, zero_stage=par.zero_stage)
     return request, cand

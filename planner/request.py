@@ -46,6 +46,9 @@ class PlanRequest:
     """'auto', 'none' (never swap), 'cpu' or 'nvme' (only that tier)."""
     recompute: str = "auto"
     """'auto', 'none' (never recompute), 'full' (recompute all token-local), 'token'."""
+    grad_clip: float = 0.0
+    """Gradient clipping threshold (0: none). Clipping needs the global gradient norm before
+    any update, so the runtime's CPU optimizer then waits for the end of the backward."""
     solver: str = "auto"
     """'auto' (HiGHS, CBC fallback), 'highs' or 'cbc'."""
     time_limit_s: float = 10.0

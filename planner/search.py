@@ -208,6 +208,7 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
     ordered = sorted(rejected, key=lambda r: (r["shortfall_bytes"] is None, r["shortfall_bytes"] or 0.0))
     common = dict(model=shape.to_dict(), dtype=request.dtype, seq_len=request.seq_len,
                   micro_batch_size=request.micro_batch_size, global_batch_size=request.global_batch_size,
+                  grad_clip=request.grad_clip,
                   rejected=tuple(ordered))
     profile_dict = profile.to_dict() if profile is not None else {"source": "analytic"}
     if best is None:

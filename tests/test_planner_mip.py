@@ -194,3 +194,13 @@ def test_tier_restrictions_hold(allowed):
     assert solution.evaluation.feasible, solution.evaluation.violations
     assert {a.tier for a in solution.activations} == {allowed}
     assert all(a.swap_fraction == 1.0 for a in solution.activations)
+
+
+def test_cpu_optimizer_is_exposed_when_it_cannot_overlap():
+    problem = replace(random_problem(2), chunk_cpu_optimizer_s=3.0)
+    keep = (LayerActivationPlan(keep_all=True),) * 2
+    backward = sum(lc.backward_s for lc in problem.layers)
+    overlapped = evaluate_stage(problem, keep, 0, 2).optimizer_s
+    assert overlapped == pytest.approx(max(0.0, 2 * 3.0 - backward))
+    serial = evaluate_stage(replace(problem, cpu_optimizer_overlap=False), keep, 0, 2).optimizer_s
+    assert serial == pytest.approx(2 * 3.0) and serial > overlapped

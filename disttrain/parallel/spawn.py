@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import traceback
 from datetime import timedelta
@@ -43,6 +44,13 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, threads: int,
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    if result[0] == "ok":
+        # The result is on disk and every rank got this far: leave without the interpreter's
+        # teardown, where a library's still-joinable C++ thread (seen with DeepSpeed ZeRO-3
+        # offload) can abort the process ("terminate called without an active exception").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def spawn_ranks(fn: Callable, world_size: int, *args: Any, threads: int = 1) -> list[Any]:

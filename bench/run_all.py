@@ -1,7 +1,8 @@
 """Run every benchmark and regenerate the docs sections they own (`make bench`,
 `disttrain bench`): docs/benchmarks.md (peers, fidelity, estimators) and
-docs/activation_runtime.md (long_sequence, overlap); comm_volume, activation_bytes and
-copy_engine only print. Each runs in its own process (high-water marks stay its own).
+docs/activation_runtime.md (long_sequence, overlap); comm_volume, activation_bytes,
+copy_engine and cpu_optimizer_overlap only print. Each runs in its own process (high-water
+marks stay its own).
 `--quick` runs the smallest configuration of each, `--no-docs` only prints.
 
     .venv/bin/python bench/run_all.py [--quick] [--no-docs] [--only peers fidelity ...]
@@ -29,6 +30,8 @@ BENCHES = {
     "comm_volume": ("comm_volume.py", [], [], None),
     "activation_bytes": ("activation_bytes.py", [], ["--seq", "128", "256"], None),
     "copy_engine": ("copy_engine.py", [], ["--size-mib", "16", "--repeats", "1"], None),
+    "cpu_optimizer_overlap": ("cpu_optimizer_overlap.py", [],
+                              ["--num-layers", "2", "--steps", "3"], None),
 }
 """Scripts without a docs flag write their section unless given `--no-docs` (peers, fidelity,
 estimators), or print only."""

@@ -165,7 +165,7 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 
 BENCHES = ("peers", "fidelity", "estimators", "long_sequence", "overlap", "comm_volume",
-           "activation_bytes", "copy_engine")
+           "activation_bytes", "copy_engine", "cpu_optimizer_overlap")
 """bench/run_all.py's names (bench/ is not part of the installed package)."""
 
 

@@ -134,8 +134,38 @@ class Runtime:
             total /= dims.dp * dims.sp
         return total.item()
 
+    def train_step(self, step: int, batches: Batches, lr: float) -> tuple[float, float]:
+        """One optimizer step (0-based `step`) at learning rate `lr`: forward and backward,
+        gradient clipping to `train.grad_clip`, update. Returns (loss, gradient norm)."""
+        grad_clip = self.job.spec.train.grad_clip
+        if isinstance(self.states, ZeroModelStates):  # CPU chunks may update during the backward
+            self.states.begin_step(lr, num_microbatches=self.accum_steps, grad_clip=grad_clip)
+        loss = self.forward_backward(step, batches)
+        grad_norm = self.states.clip_grad_norm(grad_clip)
+        self.states.step(lr)
+        return loss, grad_norm
 
-def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
+    def optimizer_stats(self) -> dict | None:
+        """Seconds of the last step's optimizer work, overlapped and exposed (ZeRO only)."""
+        if isinstance(self.states, ZeroModelStates):
+            return self.states.optimizer_stats()
+        return None
+
+    def optimizer_note(self) -> str | None:
+        """Why CPU chunks' optimizer step will not overlap the backward, when it could have."""
+        states, grad_clip = self.states, self.job.spec.train.grad_clip
+        if (isinstance(states, ZeroModelStates) and states.config.cpu_chunks
+                and states.config.overlap_cpu_optimizer and grad_clip > 0):
+            return (f"CPU chunks' optimizer step runs after the backward, not overlapped with "
+                    f"it: train.grad_clip = {grad_clip} needs the global gradient norm before "
+                    f"any update (set it to 0 to overlap)")
+        return None
+
+
+def build_runtime(job: Job, plan: Plan, *, rank: int = 0,
+                  overlap_cpu_optimizer: bool = True) -> Runtime:
+    """What `rank` runs under `plan`; `overlap_cpu_optimizer=False` updates CPU chunks after
+    the backward instead of during it (`ZeroConfig.overlap_cpu_optimizer`, for comparison)."""
     par = plan.parallel
     world = dist.get_world_size() if dist.is_initialized() else 1
     dims = ParallelDims(dp=par.dp, sp=par.sp, pp=par.pp, world_size=world)
@@ -162,7 +192,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0) -> Runtime:
     else:
         config = ZeroConfig(stage=par.zero_stage, chunk_numel=_chunk_numel(plan),
                             cpu_chunks=_local_cpu_chunks(model, plan, first_chunk_ids),
-                            weight_decay=tr.weight_decay)
+                            weight_decay=tr.weight_decay,
+                            overlap_cpu_optimizer=overlap_cpu_optimizer)
         states = ZeroModelStates(model, config, group=groups.dp_sp, extra_norm_group=groups.pp)
     accum = tr.global_batch_size // (tr.micro_batch_size * par.dp)
     if pipeline is not None and accum != par.num_microbatches:

@@ -62,8 +62,34 @@ class TorchAdamWStates:
                 "cpu": {"parameters": 0, "gradients": 0, "optimizer": 0}}
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """Parameters and AdamW moments by parameter name, and the step count, for a checkpoint
+        (disttrain.checkpoint): the live tensors, so a checkpoint saves from and loads into
+        them in place; moments the optimizer has not created yet are fresh zeros."""
+        out: dict = {"optim.step": torch.tensor(0)}
+        for name, param in self.model.named_parameters():
+            state = self.optimizer.state.get(param, {})
+            out[f"model.{name}"] = param.detach()
+            for moment in ("exp_avg", "exp_avg_sq"):
+                out[f"optim.{name}.{moment}"] = state.get(moment, torch.zeros_like(param))
+            if "step" in state:
+                out["optim.step"] = torch.tensor(int(state["step"]))
+        return out
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Take a `state_dict()` a checkpoint was loaded into; the moments are used as they are
+        (as `torch.optim.Optimizer.load_state_dict` does)."""
+        step = int(state["optim.step"])
+        # torch's AdamW keeps `step` as a float32 scalar tensor (float64 when that is the default
+        # dtype): the same dtype keeps its bias corrections bit for bit.
+        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                saved = state[f"model.{name}"]
+                if saved.data_ptr() != param.data_ptr():
+                    param.copy_(saved)
+                if step == 0:
+                    self.optimizer.state.pop(param, None)
+                    continue
+                self.optimizer.state[param] = {
+                    "step": torch.tensor(float(step), dtype=dtype),
+                    **{m: state[f"optim.{name}.{m}"] for m in ("exp_avg", "exp_avg_sq")}}

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from disttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from disttrain.checkpoint import (latest_checkpoint, load_checkpoint, read_checkpoint_meta,
+                                  save_checkpoint)
 from disttrain.data import build_batches
 from disttrain.engine import build_runtime
 from disttrain.metrics import MetricsWriter, peak_rss_bytes
@@ -53,6 +54,8 @@ class Trainer:
         self.console = console or Console(stderr=True, soft_wrap=True, quiet=self.rank != 0)
         if self.runtime.copy_engine is not None:
             self.console.print(self.runtime.copy_engine)
+        if (note := self.runtime.optimizer_note()) is not None:
+            self.console.print(note)
         tr = job.spec.train
         self.batches = build_batches(job.spec.data.kind, job.data_path,
                                      vocab_size=job.shape.vocab_size, seq_len=tr.seq_len,
@@ -85,24 +88,30 @@ class Trainer:
             return 0
         if latest is None:
             raise SpecError(f"--resume: no checkpoint under {self.ckpt_dir}")
-        payload = load_checkpoint(latest, rank=self.rank)
-        if payload["meta"].get("model") != self.job.shape.to_dict():
+        try:
+            meta = read_checkpoint_meta(latest)["meta"]
+        except FileNotFoundError as exc:
+            raise SpecError(f"--resume: {exc}") from None
+        expected = json.loads(json.dumps(self._checkpoint_meta()))  # as meta.json holds it
+        if meta.get("model") != expected["model"]:
             raise SpecError(f"--resume: checkpoint {latest} was written for another model shape")
-        if payload["meta"].get("parallel") != self.plan.to_dict()["parallel"]:
+        if meta.get("parallel") != expected["parallel"]:
             raise SpecError(f"--resume: checkpoint {latest} was written with another parallel "
-                            f"layout ({payload['meta'].get('parallel')})")
-        self.runtime.states.load_state_dict(payload["state"])
-        self.console.print(f"resumed from {latest} (step {payload['step']})")
-        return payload["step"]
+                            f"layout ({meta.get('parallel')})")
+        t0 = time.perf_counter()
+        state = self.runtime.states.state_dict()
+        step = load_checkpoint(latest, state, rank=self.rank)["step"]
+        self.runtime.states.load_state_dict(state)
+        self.console.print(f"resumed from {latest} (step {step}; loaded in "
+                           f"{time.perf_counter() - t0:.2f} s)")
+        return step
 
     def train_step(self, step: int) -> tuple[float, float]:
         """One optimizer step (0-based `step`); returns (loss, grad_norm)."""
         tr = self.job.spec.train
         lr = lr_at(step, lr=tr.lr, min_lr=tr.min_lr, warmup_steps=tr.warmup_steps,
                    total_steps=tr.steps)
-        loss = self.runtime.forward_backward(step, self.batches)
-        grad_norm = self.runtime.states.clip_grad_norm(tr.grad_clip)
-        self.runtime.states.step(lr)
+        loss, grad_norm = self.runtime.train_step(step, self.batches, lr)
         self.lr = lr
         return loss, grad_norm
 
@@ -145,6 +154,9 @@ class Trainer:
                     activations = self.runtime.activation_stats()
                     if activations is not None:
                         record["activations"] = activations
+                    optimizer = self.runtime.optimizer_stats()
+                    if optimizer is not None:  # seconds, overlapped with the backward or not
+                        record["optimizer"] = optimizer
                     metrics.write(record)
                     if self.on_step is not None:
                         self.on_step(record)
@@ -170,12 +182,17 @@ class Trainer:
             self._write_summary(result, step_times)
         return result
 
-    def save(self, step: int) -> Path:
-        meta = {"model": self.job.shape.to_dict(), "name": self.job.spec.name,
+    def _checkpoint_meta(self) -> dict:
+        return {"model": self.job.shape.to_dict(), "name": self.job.spec.name,
                 "parallel": self.plan.to_dict()["parallel"]}
+
+    def save(self, step: int) -> Path:
+        t0 = time.perf_counter()
         step_dir = save_checkpoint(self.ckpt_dir, step=step,
-                                   state=self.runtime.states.state_dict(), meta=meta,
+                                   state=self.runtime.states.state_dict(),
+                                   meta=self._checkpoint_meta(),
                                    rank=self.rank, barrier=self._barrier)
+        self.console.print(f"checkpoint {step_dir} saved in {time.perf_counter() - t0:.2f} s")
         if self.on_checkpoint is not None:
             self.on_checkpoint(step, step_dir)
         return step_dir

@@ -1,9 +1,10 @@
 """What each Ray Train worker runs (`launch.ray` starts them): the ordinary `Trainer`, with its
 metrics and checkpoints reported to Ray Train.
 
-Checkpoints: the trainer writes `output_dir/checkpoints/step_NNNNNNN/rank{r}.pt` on every rank;
-each rank then reports a directory holding only its own shard (hard-linked into a staging
-directory, so nothing is copied twice), and Ray Train merges the ranks' directories into one
+Checkpoints: the ranks write one DCP checkpoint, `output_dir/checkpoints/step_NNNNNNN/`
+(disttrain.checkpoint); each rank then reports a directory holding only the files it wrote
+(hard-linked into a staging directory, so nothing is copied twice; rank 0's include DCP's
+`.metadata` and `meta.json`), and Ray Train merges the ranks' directories into one
 checkpoint directory in its storage. On a restart every worker resumes from
 `ray.train.get_checkpoint()` (the last *committed* checkpoint: one reported just before a crash
 may be missing, which is harmless since the trainer reads the step from the checkpoint and the
@@ -21,10 +22,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from disttrain.checkpoint import latest_checkpoint
+from disttrain.checkpoint import checkpoint_step, latest_checkpoint, rank_files
 from disttrain.spec import Job, TrainSection
 from disttrain.trainer import Trainer
 from planner.plan import Plan
@@ -70,15 +70,15 @@ class RayReporter:
     def on_checkpoint(self, step: int, step_dir: Path) -> None:
         import ray.train
 
-        shard = f"rank{self.rank}.pt"
         stage = self.stage_dir / f"rank{self.rank}" / step_dir.name
         if stage.exists():
             shutil.rmtree(stage)
         stage.mkdir(parents=True)
-        try:
-            os.link(step_dir / shard, stage / shard)
-        except OSError:  # no hard links here (other filesystem): copy instead
-            shutil.copy2(step_dir / shard, stage / shard)
+        for path in rank_files(step_dir, self.rank):
+            try:
+                os.link(path, stage / path.name)
+            except OSError:  # no hard links here (other filesystem): copy instead
+                shutil.copy2(path, stage / path.name)
         try:
             ray.train.report({**self.last, "step": step},
                              checkpoint=ray.train.Checkpoint.from_directory(str(stage)),
@@ -100,7 +100,7 @@ def _record_worker(output_dir: Path, rank: int, world: int) -> None:
 
 def _latest_in_output_dir(ckpt_dir: Path, rank: int) -> Path | None:
     """Rank 0's latest complete checkpoint, by name on every rank (a rank on another node
-    finds its own shard under the same name in its own output_dir)."""
+    finds it under the same name: output_dir is on a filesystem every node sees)."""
     name: list = [None]
     if rank == 0:
         latest = latest_checkpoint(ckpt_dir)
@@ -128,14 +128,8 @@ def train_worker(loop_config: dict) -> None:
         _run(trainer, config, Path(path))
 
 
-def checkpoint_step(step_dir: Path, rank: int = 0) -> int:
-    """The step stored inside a checkpoint (memory-mapped: the tensors are not read)."""
-    return torch.load(step_dir / f"rank{rank}.pt", map_location="cpu", mmap=True,
-                      weights_only=True)["step"]
-
-
 def _run(trainer: Trainer, config: WorkerConfig, resume_from: Path | None) -> None:
     start = 0 if resume_from is None or config.stop_step is None else \
-        checkpoint_step(resume_from, trainer.rank)
+        checkpoint_step(resume_from)
     max_steps = None if config.stop_step is None else max(0, config.stop_step - start)
     trainer.run(resume_from=resume_from, max_steps=max_steps)

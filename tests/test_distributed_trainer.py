@@ -122,4 +122,4 @@ def test_torchrun_cli_trains_checkpoints_and_resumes_bit_identically(tmp_path, w
     assert read(tmp_path / "split" / "metrics.jsonl") == read(tmp_path / "full" / "metrics.jsonl")
     assert (tmp_path / "full" / "metrics.rank1.jsonl").exists()
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints" / "step_0000004").iterdir()) \
-        == ["rank0.pt", "rank1.pt"]
+        == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]  # one DCP checkpoint

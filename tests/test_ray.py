@@ -146,8 +146,9 @@ def test_ray_two_workers_match_torchrun_ranks(tmp_path, ray_env, reference):
     assert sorted(w["rank"] for w in _workers(out)) == [0, 1]
     committed = sorted((out / "ray").glob("*/step_0000008"))
     assert len(committed) == 1
-    assert sorted(p.name for p in committed[0].glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
-    assert not any((out / ".ray_stage").rglob("*.pt"))  # staging links removed after upload
+    assert sorted(p.name for p in committed[0].iterdir()) == [  # every rank's DCP files
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
+    assert not any(p.is_file() for p in (out / ".ray_stage").rglob("*"))  # links removed
     again = _run(_train_cmd(spec))  # the launcher refuses to overwrite a run, before Ray
     assert again.returncode == 2 and again.stderr.startswith("error: output_dir:")
 

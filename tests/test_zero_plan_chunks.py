@@ -29,7 +29,9 @@ SHAPE = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidd
 
 
 def _spec(host_mib: float) -> dict:
-    """A dp2 ZeRO-3 job whose host memory holds only some of the four layer chunks."""
+    """A dp2 ZeRO-3 job whose 4 MiB device holds only some of the four layer chunks (on a CPU
+    node the planner keeps every chunk it can on the device: the CPU optimizer has no idle
+    core to hide under) and whose host memory holds the rest."""
     return {"name": "zero3-chunks", "model": {"dtype": "fp32", **SHAPE},
             "train": {"seq_len": 64, "micro_batch_size": 1, "global_batch_size": 2, "steps": 2,
                       "lr": 1e-3, "min_lr": 1e-3, "seed": 0, "grad_clip": 1.0,
@@ -38,7 +40,7 @@ def _spec(host_mib: float) -> dict:
             "parallel": {"dp": 2, "sp": 1, "pp": 1, "zero_stage": 3},
             "memory": {"activation_offload": "none", "recompute": "none"},
             "cluster": {"preset": "cpu-local", "devices_per_node": 2,
-                        "device": {"name": "cpu", "memory_gib": 64 / 1024,
+                        "device": {"name": "cpu", "memory_gib": 4 / 1024,
                                    "peak_tflops": {"fp32": 0.05, "bf16": 0.025}},
                         "host_memory_gib": host_mib / 1024},
             "launch": {"launcher": "torchrun"}, "output_dir": "/tmp/disttrain-zero3-chunks"}

@@ -8,11 +8,15 @@ are reduce-scattered as soon as a whole chunk's gradients exist. Stages 0-2 keep
 parameters and differ in what is sharded (nothing; optimizer; optimizer and gradients).
 Chunks listed as CPU chunks keep master, moments and gradient shard in host memory; on a CPU
 machine that is the same memory, so the placement is tracked and reported as bytes by place.
+Told the step's learning rate before its backward (`begin_step`), a CPU chunk's AdamW update
+runs on a worker thread (cpu_optim.py) as soon as its gradient shard is final, overlapped with
+the rest of the backward; `step` then updates the other chunks and waits for those.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from disttrain.parallel.chunks import ChunkLayout, decay_mask, execution_units, pack_chunks
+from disttrain.parallel.cpu_optim import EarlyCpuUpdates, adamw_
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +45,9 @@ class ZeroConfig:
     """AdamW epsilon."""
     weight_decay: float = 0.0
     """Decoupled weight decay on >= 2-D parameters."""
+    overlap_cpu_optimizer: bool = True
+    """Update CPU chunks on a worker thread during the backward once their gradients are final
+    (needs `begin_step`; never with gradient clipping). Off: every chunk updates in `step`."""
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -102,6 +110,8 @@ class ZeroModelStates:
         self.step_count = 0
         self.peak_gathered_bytes = 0
         self.comm_bytes = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
+        self._early = EarlyCpuUpdates()
+        self._optimizer_stats: dict = {}
         self._hooks = [s.param.register_post_accumulate_grad_hook(self._on_grad)
                        for c in self.chunks for s in c.layout.slots]
         if config.stage == 3:
@@ -185,6 +195,10 @@ class ZeroModelStates:
     # ---- gradients ---------------------------------------------------------------------------
     def _on_grad(self, param: torch.Tensor) -> None:
         chunk = self._chunk_of[id(param)]
+        if self._early.started(chunk.layout.index):
+            raise RuntimeError(f"ZeRO: chunk {chunk.layout.index} got a gradient after its "
+                               f"optimizer update started: the step ran more backward passes "
+                               f"than begin_step's num_microbatches")
         chunk.pending -= 1
         if chunk.pending == 0:
             self._reduce_chunk(chunk)
@@ -210,13 +224,16 @@ class ZeroModelStates:
         chunk.pending = len(chunk.layout.slots)
         chunk.backwards_owed = max(0, chunk.backwards_owed - 1)
         self._release(chunk)
+        if self._early.reduced(chunk.layout.index) and chunk.full_grad is None:
+            self._grad_final(chunk)  # stages 2-3: its last microbatch's shard is in
 
     def finish_backward(self) -> None:
         """End of a step's backward (all microbatches): reduce what is still local.
 
         A parameter without a gradient in this step would leave its chunk pending: it is
         reduced with zeros for the missing gradients. Stage 0 all-reduces the full gradients,
-        stage 1 reduce-scatters them (once per step, as the cost model assumes)."""
+        stage 1 reduce-scatters them (once per step, as the cost model assumes). Every
+        gradient shard is then final: CPU chunks not yet updating start now (`begin_step`)."""
         for chunk in self.chunks:
             if chunk.pending != len(chunk.layout.slots):
                 for slot in chunk.layout.slots:
@@ -224,23 +241,42 @@ class ZeroModelStates:
                         slot.param.grad = torch.zeros_like(slot.param)
                 self._reduce_chunk(chunk)
             chunk.backwards_owed = 0  # every backward of the step has run
-        if self.group is None or self.config.stage >= 2:
-            return
         for chunk in self.chunks:
-            if self.config.stage == 0:
+            if self.group is not None and self.config.stage == 0:
                 dist.all_reduce(chunk.full_grad, group=self.group)
                 self.comm_bytes["all_reduce"] += (2 * chunk.full_bytes * (self.world - 1)
                                                   // self.world)
-            else:
+                chunk.grad.div_(self.world)
+            elif self.group is not None and self.config.stage == 1:
                 part = torch.empty(chunk.grad.numel())
                 dist.reduce_scatter_single(part, chunk.full_grad, group=self.group)
                 self.comm_bytes["reduce_scatter"] += part.numel() * 4 * (self.world - 1)
                 chunk.grad.copy_(part)
-            chunk.grad.div_(self.world)
+                chunk.grad.div_(self.world)
+            self._grad_final(chunk)
+
+    def _grad_final(self, chunk: _Chunk) -> None:
+        """`chunk`'s gradient shard will not change before the step: a CPU chunk of an
+        announced step starts its update on the worker thread (once)."""
+        if chunk.on_cpu:
+            step = self.step_count + 1
+            self._early.start(chunk.layout.index, lambda lr: self._update(chunk, lr, step))
 
     # ---- optimizer ---------------------------------------------------------------------------
+    def begin_step(self, lr: float, *, num_microbatches: int, grad_clip: float = 0.0) -> None:
+        """Announce the next step before its backward: its learning rate, the backward passes
+        (microbatches) each chunk gets, and the clipping norm `clip_grad_norm` will use. CPU
+        chunks then update as soon as their gradient shard is final. Not when clipping: the
+        update needs the global norm first, so that step updates every chunk in `step`."""
+        if num_microbatches < 1:
+            raise ValueError(f"num_microbatches: must be >= 1, got {num_microbatches}")
+        clipping = grad_clip > 0 and math.isfinite(grad_clip)
+        overlap = self.config.overlap_cpu_optimizer and not clipping
+        self._early.announced = (lr, num_microbatches) if overlap else None
+
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Global L2 norm of the gradient (as torch.nn.utils.clip_grad_norm_), then clip."""
+        """Global L2 norm of the gradient (as torch.nn.utils.clip_grad_norm_), then clip.
+        Only reads the shards, so CPU chunks may be updating meanwhile (they read them too)."""
         sumsq = torch.zeros(1, dtype=torch.float64)
         for chunk in self.chunks:
             sumsq += chunk.grad.double().pow(2).sum()
@@ -250,29 +286,43 @@ class ZeroModelStates:
             dist.all_reduce(sumsq, group=self.extra_norm_group)
         norm = math.sqrt(sumsq.item())
         if max_norm > 0 and math.isfinite(max_norm):
+            if self._early.started():
+                raise RuntimeError("ZeRO: clipping after CPU chunks started their update "
+                                   "(begin_step was told grad_clip=0)")
             coef = min(max_norm / (norm + 1e-6), 1.0)
             for chunk in self.chunks:
                 chunk.grad.mul_(coef)
         return norm
 
     def step(self, lr: float) -> None:
-        """AdamW on every shard (same update as torch.optim.AdamW), then refresh parameters."""
+        """AdamW on every shard (same update as torch.optim.AdamW), then refresh parameters.
+        CPU chunks already updating (`begin_step`) are waited for after the others."""
+        if self._early.started() and self._early.announced[0] != lr:
+            raise RuntimeError(f"ZeRO: step(lr={lr}), but begin_step announced "
+                               f"lr={self._early.announced[0]}")
         self.step_count += 1
-        b1, b2 = self.config.betas
-        bc1 = 1 - b1 ** self.step_count
-        bc2_sqrt = math.sqrt(1 - b2 ** self.step_count)
+        seconds = {True: 0.0, False: 0.0}  # on_cpu -> seconds of updates run here
         for chunk in self.chunks:
-            p, g = chunk.master, chunk.grad
-            if self.config.weight_decay:
-                p.mul_(1 - lr * self.config.weight_decay * chunk.mask)
-            chunk.exp_avg.lerp_(g, 1 - b1)
-            chunk.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (chunk.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.config.eps)
-            p.addcdiv_(chunk.exp_avg, denom, value=-lr / bc1)
-            (chunk.full_grad if chunk.full_grad is not None else g).zero_()
+            if not self._early.started(chunk.layout.index):
+                start = time.perf_counter()
+                self._update(chunk, lr, self.step_count)
+                seconds[chunk.on_cpu] += time.perf_counter() - start
+        self._optimizer_stats = self._early.finish(sync_cpu_s=seconds[True],
+                                                   device_s=seconds[False])
+        for chunk in self.chunks:
+            (chunk.full_grad if chunk.full_grad is not None else chunk.grad).zero_()
             if self._persistent(chunk):
                 chunk.gathered = False
                 self._gather(chunk)
+
+    def _update(self, chunk: _Chunk, lr: float, step: int) -> None:
+        adamw_(chunk.master, chunk.grad, chunk.exp_avg, chunk.exp_avg_sq, chunk.mask, lr=lr,
+               step=step, betas=self.config.betas, eps=self.config.eps,
+               weight_decay=self.config.weight_decay)
+
+    def optimizer_stats(self) -> dict:
+        """The last step's optimizer seconds, overlapped and exposed (`EarlyCpuUpdates.finish`)."""
+        return dict(self._optimizer_stats)
 
     # ---- accounting and state ------------------------------------------------------------
     def _track_peak(self) -> None:
@@ -311,19 +361,28 @@ class ZeroModelStates:
         return out
 
     def state_dict(self) -> dict:
-        """This rank's shard of parameters and optimizer state (for a sharded checkpoint)."""
-        return {"step": self.step_count,
-                "chunks": [{"master": c.master, "exp_avg": c.exp_avg, "exp_avg_sq": c.exp_avg_sq}
-                           for c in self.chunks]}
+        """This rank's part of each parameter and its AdamW moments by name, and the step count:
+        views (`FlatShard`s) a checkpoint saves from and loads into in place."""
+        from disttrain.checkpoint import packed_shards  # here: checkpoints are not ZeRO's concern
+
+        out: dict = {"optim.step": torch.tensor(self.step_count)}
+        for chunk in self.chunks:
+            size = chunk.master.numel()
+            first = 0 if size == chunk.layout.numel else self.rank * size
+            slots = [(s.name, tuple(s.param.shape), s.offset) for s in chunk.layout.slots]
+            out.update(packed_shards(slots, first, {
+                "model.{}": chunk.master, "optim.{}.exp_avg": chunk.exp_avg,
+                "optim.{}.exp_avg_sq": chunk.exp_avg_sq}))
+        return out
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["chunks"]) != len(self.chunks):
-            raise ValueError("checkpoint: chunk count differs from this model's packing")
-        self.step_count = state["step"]
-        for chunk, saved in zip(self.chunks, state["chunks"]):
-            chunk.master.copy_(saved["master"])
-            chunk.exp_avg.copy_(saved["exp_avg"])
-            chunk.exp_avg_sq.copy_(saved["exp_avg_sq"])
+        """Take a `state_dict()` a checkpoint was loaded into; refresh gathered parameters."""
+        self.step_count = int(state["optim.step"])
+        for key, live in self.state_dict().items():
+            saved = getattr(state[key], "local", state[key])
+            if key != "optim.step" and saved.data_ptr() != live.local.data_ptr():
+                live.local.copy_(saved)
+        for chunk in self.chunks:
             if self._persistent(chunk):
                 chunk.gathered = False
                 self._gather(chunk)
@@ -332,3 +391,4 @@ class ZeroModelStates:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+

@@ -13,15 +13,14 @@ from disttrain.parallel.chunks import pack_chunks
 from disttrain.parallel.spawn import spawn_ranks
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from planner.shapes import MODEL_PRESETS
+from lm_batches import random_batch
 
 SHAPE = MODEL_PRESETS["tiny"].replace(num_layers=3, vocab_size=128)
 LR, WD, CLIP, STEPS = 1e-2, 0.1, 0.5, 3
 
 
 def _batch(step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 * step + index)
-    tokens = torch.randint(0, SHAPE.vocab_size, (1, 33), generator=gen)
-    return tokens[:, :-1], tokens[:, 1:]
+    return random_batch(SHAPE.vocab_size, seed=1000 * step + index, seq_len=32, batch=1)
 
 
 def _loss(model, tokens, targets):

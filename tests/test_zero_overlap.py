@@ -27,15 +27,14 @@ from disttrain.planning import fixed_plan
 from disttrain.spec import job_from_dict
 from planner.plan import ModelStatePlan, Plan
 from planner.shapes import MODEL_PRESETS
+from lm_batches import random_batch
 
 SHAPE = MODEL_PRESETS["tiny"].replace(num_layers=3, vocab_size=128)
 LR, WD, STEPS, CHUNK = 1e-2, 0.1, 3, 30_000
 
 
 def _batch(step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 * step + index)
-    tokens = torch.randint(0, SHAPE.vocab_size, (1, 33), generator=gen)
-    return tokens[:, :-1], tokens[:, 1:]
+    return random_batch(SHAPE.vocab_size, seed=1000 * step + index, seq_len=32, batch=1)
 
 
 def _train(rank: int, world: int, *, stage: int, overlap: bool, grad_clip: float,

@@ -17,7 +17,7 @@ runs. Measured per run: peak RSS per rank (VmHWM), the runtime's own tracked byt
 has them (disttrain: model states + peak resident saved activations), median step time after
 the first (warm-up) step, first-step loss (asserted equal across systems).
 
-    .venv/bin/python bench/peers.py [--seq 2048 4096 8192 16384] [--steps 3] [--budget-mib 64]
+    .venv/bin/python bench/peers.py [--seq 2048 4096 8192 16384] [--steps 3] [--budget-mib 128]
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ SHAPE = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hid
              vocab_size=8192, max_seq_len=65536)
 """The model of every run: a 4-layer Llama, 8K vocabulary (small enough for 2 CPU cores)."""
 GLOBAL_BATCH, LR, SEED = 2, 1e-3, 0
+BUDGET_MIB = 128.0
+"""disttrain's per-rank device budget: what its plan may hold besides the swap stores (the
+planner's peak includes the backward working set, so 16K tokens need ~100 MiB here)."""
 AMPLE, AMPLE_MIB = "disttrain-ample", 4096.0
 """disttrain planned for a per-rank budget where keeping everything fits."""
 LOSS_RTOL = 1e-4  # first-step losses of the three systems must agree to this relative tolerance
@@ -242,7 +245,7 @@ def run_one(system: str, seq_len: int, steps: int, budget_mib: float, profile) -
             "step_s": statistics.median(times[1:] or times), "plan": plan_text}
 
 
-def measure(seq_lens: list[int], steps: int = 3, budget_mib: float = 64,
+def measure(seq_lens: list[int], steps: int = 3, budget_mib: float = BUDGET_MIB,
             systems: tuple[str, ...] = SYSTEMS, log=print, *, ample_mib: float = AMPLE_MIB,
             rss_budget_mib: float = 1024.0) -> list[dict]:
     """Run every system at every length; assert first-step losses agree per length. Where plain
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--budget-mib", type=float, default=64.0,
+    parser.add_argument("--budget-mib", type=float, default=BUDGET_MIB,
                         help="per-rank device memory the planner plans disttrain for")
     parser.add_argument("--rss-budget-mib", type=float, default=1024.0,
                         help="per-rank RSS budget for 'longest sequence that fits'")

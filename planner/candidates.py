@@ -15,7 +15,7 @@ from planner.analytic import SavedBytesPerToken, layer_saved_bytes_per_token
 from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu_optimizer_s,
                                device_optimizer_s, inflight_microbatches, layer_cost,
                                local_tokens, tiled_layer_cost, working_base_bytes, logits_working_bytes,
-                               model_state_bytes, optimizer_bytes_per_param, stage_layer_ranges,
+                               model_state_bytes, optimizer_bytes_per_param, overlaps_compute, stage_layer_ranges,
                                stage_params)
 from planner.mip import StageProblem
 from planner.request import PlanRequest
@@ -152,9 +152,9 @@ def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedB
                         profile) -> LayerCost | None:
     """Layer times from a profile taken on the target device type (None when it was not):
     token-local parts scale with local tokens, the core with local tokens x full sequence."""
-    if not _profile_applies(request, profile, ("forward_s", "backward_s", "token_local_forward_s")):
-        return None
     names = ("forward_s", "backward_s", "token_local_forward_s")
+    if not _profile_applies(request, profile, names):
+        return None
     tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
     forward, backward, recompute = (profile.time_s(n, tokens, request.seq_len) for n in names)
     return LayerCost(tokens=tokens, input_bytes=per_token.layer_input * tokens,
@@ -162,6 +162,17 @@ def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedB
                      token_local_bytes=per_token.token_local * tokens, mlp_bytes=per_token.mlp * tokens,
                      plain_bytes=per_token.plain_total * tokens, forward_s=forward,
                      backward_s=backward, recompute_s=min(recompute, forward))
+
+
+def profiled_stages(request: PlanRequest, cand: Candidate, params: CostParams, profile,
+                    measured_bytes: dict[str, float] | None,
+                    tiling: tuple[int, int] | None = None) -> tuple[list[StageSetup], tuple[int, int]]:
+    """`build_stages` with what a profile gives: its bytes per token (`measured_bytes`), and
+    its layer, head and optimizer times when it was taken on the target's device type."""
+    per_token = bytes_per_token(request, cand, measured_bytes)
+    return build_stages(request, cand, params, per_token,
+                        profiled_layer_cost(request, cand, per_token, profile), tiling=tiling,
+                        timing=profiled_timing(request, cand, profile))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,7 +278,7 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             allow_nvme=request.activation_offload in ("auto", "nvme") and hw.has_nvme,
             token_chunks=0,
             # clipping waits for the global norm; on a CPU node no core is idle to hide it
-            cpu_optimizer_overlap=not request.grad_clip and hw.device_name.lower() != "cpu")
+            cpu_optimizer_overlap=not request.grad_clip and overlaps_compute(hw))
         fixed_states_opt = opt_s((total_params - num_chunks * layer_params)
                                  / (group if cand.zero_stage >= 1 else 1), False)
         leanest = _leanest_activation_bytes(problem, lc, count)

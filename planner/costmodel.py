@@ -226,15 +226,10 @@ def zero_step_bytes(num_params: int, dtype: str, zero_stage: int, group: int,
     stage 0 all-reduces once per step (2x a reduce-scatter). The runtime's model states and
     their collectives are fp32 whatever the training dtype (bf16 trains under autocast).
     """
-    del num_microbatches  # per-microbatch volumes are returned per microbatch
-    if group <= 1:
-        return 0.0, 0.0
-    vol = (group - 1) / group * FP32
-    if zero_stage == 3:
-        return (3 * num_params - backward_resident_params) * vol, 0.0
-    if zero_stage == 2:
-        return num_params * vol, num_params * vol
-    return 0.0, 2 * num_params * vol
+    del dtype, num_microbatches  # fp32 states; per-microbatch volumes are per microbatch
+    parts = zero_collectives(num_params, zero_stage, group, units=0,
+                             backward_resident_params=backward_resident_params)
+    return sum(p[1] for p in parts), sum(p[2] for p in parts)
 
 
 def logits_working_bytes(shape: ModelShape, tokens: int, loss_chunk_tokens: int) -> float:
@@ -327,18 +322,19 @@ def collective_bw(hw: HardwareSpec, span: int, params: CostParams, kind: str) ->
     return group_bandwidth(hw, span, params)
 
 
-def comm_overlaps_compute(hw: HardwareSpec) -> bool:
-    """Whether collectives run beside compute: on GPUs (NCCL kernels, copy engines) they do;
-    on a CPU node gloo's threads share the cores the ranks compute on, and the measured step
-    shows no overlap, so every collective second is exposed."""
+def overlaps_compute(hw: HardwareSpec) -> bool:
+    """Whether side work (collectives, the CPU chunks' optimizer) runs beside compute: on GPUs
+    (NCCL kernels, copy engines, an idle host CPU) it does; on a CPU node gloo's threads and
+    the optimizer thread share the cores the ranks compute on, and measured steps show no
+    overlap (`bench/cpu_optimizer_overlap.py`), so every such second is exposed."""
     return hw.device_name.lower() != "cpu"
 
 
 def zero_collectives(num_params: int, zero_stage: int, group: int, units: int, *,
                      backward_resident_params: int = 0) -> list[tuple[str, float, float, int, int]]:
     """(kind, bytes per microbatch, bytes per step, calls per microbatch, calls per step) of
-    the runtime's ZeRO collectives for `num_params` packed into `units` chunks; their byte
-    sums are `zero_step_bytes`."""
+    the runtime's ZeRO collectives for `num_params` packed into `units` chunks (one call per
+    chunk and collective); `zero_step_bytes` sums their bytes."""
     if group <= 1:
         return []
     vol = (group - 1) / group * FP32
@@ -369,7 +365,7 @@ def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
     after the backward) are on the critical path either way. `stage_units`: ZeRO chunks of
     the stage (default: its layers + embedding / head)."""
     b = DTYPE_BYTES[dtype]
-    overlap = comm_overlaps_compute(hw)
+    overlap = overlaps_compute(hw)
     latency = hw.intra_node_latency_s
     per_mb = 0.0
     if cand.sp > 1 and cand.sp_kind == "ulysses":   # 1x fwd, 2x bwd; 2 calls each way

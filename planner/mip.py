@@ -206,8 +206,8 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
     window = compute if buffers >= 2 else 0.0       # one buffer: fetch, then compute
     exposed_chunk = max(0.0, chunk_link + link_total - window) if cpu_chunks else 0.0
     backward = sum(lc.backward_s for lc in layers)
-    window = backward if problem.cpu_optimizer_overlap else 0.0
-    optimizer = (max(0.0, cpu_chunks * problem.chunk_cpu_optimizer_s - window)
+    opt_window = backward if problem.cpu_optimizer_overlap else 0.0
+    optimizer = (max(0.0, cpu_chunks * problem.chunk_cpu_optimizer_s - opt_window)
                  + num_persistent_chunks * problem.chunk_device_optimizer_s)
     violations = []
     if device > problem.device_capacity_bytes * (1 + tol):
@@ -343,8 +343,8 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         model += (exposed_chunk >= cpu_chunks * (problem.chunk_link_bytes / problem.host_link_bw)
                   + pulp.lpSum(swapped) * (1.0 / problem.host_link_bw) - compute * double_buffered
                   - problem.num_chunks * (1 - any_cpu_chunk) * 1e6), "chunk_link_window"
-        window = backward if problem.cpu_optimizer_overlap else 0.0
-        model += exposed_opt >= cpu_chunks * problem.chunk_cpu_optimizer_s - window, "cpu_optimizer_window"
+        opt_window = backward if problem.cpu_optimizer_overlap else 0.0
+        model += exposed_opt >= cpu_chunks * problem.chunk_cpu_optimizer_s - opt_window, "cpu_optimizer_window"
     per_microbatch = (compute + pulp.lpSum(lc.recompute_s * recompute_frac[i]
                                            for i, lc in enumerate(problem.layers))
                       + pulp.lpSum(exposed_fwd) + pulp.lpSum(exposed_bwd))

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Group
 from rich.table import Table
 
-from planner.candidates import build_stages, bytes_per_token, profiled_layer_cost, profiled_timing
+from planner.candidates import profiled_stages
 from planner.costmodel import Candidate, CostParams
 from planner.hardware import HardwareSpec
 from planner.mip import evaluate_stage
@@ -53,11 +53,8 @@ def plan_stages(plan: Plan, params: CostParams) -> tuple[PlanRequest, Candidate,
     request, cand = _request(plan)
     profile_dict = plan.prediction.profile
     profile = LayerProfile.from_dict(profile_dict) if "time_coeffs" in profile_dict else None
-    per_token = bytes_per_token(request, cand, profile_dict.get("bytes_per_token"))
-    setups, _ = build_stages(request, cand, params, per_token,
-                             profiled_layer_cost(request, cand, per_token, profile),
-                             tiling=(plan.tiling.loss_chunk_tokens, plan.tiling.mlp_chunk_tokens),
-                             timing=profiled_timing(request, cand, profile))
+    setups, _ = profiled_stages(request, cand, params, profile, profile_dict.get("bytes_per_token"),
+                                tiling=(plan.tiling.loss_chunk_tokens, plan.tiling.mlp_chunk_tokens))
     return request, cand, setups
 
 

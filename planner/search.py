@@ -13,8 +13,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from planner.candidates import (StageSetup, build_stages, bytes_per_token, enumerate_candidates,
-                                gib, memory_rejection, profiled_layer_cost, profiled_timing)
+from planner.candidates import (StageSetup, enumerate_candidates, gib, memory_rejection,
+                                profiled_stages)
 from planner.costmodel import Candidate, CostParams, StepTime, step_time, throughput
 from planner.layout import plan_memory_layout
 from planner.mip import NoSolution, StageEvaluation, StageProblem, StageSolution, solve_stage
@@ -110,10 +110,7 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
     candidates, rejected, notes = enumerate_candidates(request)
     ranked = []
     for cand in candidates:
-        per_token = bytes_per_token(request, cand, measured_bytes)
-        setups, tiling = build_stages(request, cand, params, per_token,
-                                      profiled_layer_cost(request, cand, per_token, profile),
-                                      timing=profiled_timing(request, cand, profile))
+        setups, tiling = profiled_stages(request, cand, params, profile, measured_bytes)
         why = memory_rejection(setups, hw.device_memory_bytes, usable)
         if why:
             rejected.append({"candidate": cand.to_dict(), "reason": why[0], "shortfall_bytes": why[1]})

@@ -36,9 +36,6 @@ class ZeroConfig:
     cpu_chunks: tuple[int, ...] = ()
     """Indices (into this rank's `pack_chunks`) of the chunks whose master shard, gradient
     shard and optimizer state live in host memory; the engine maps the plan's ids here."""
-    num_gathered_chunks: int = 0
-    """Stage 3: the first chunks stay gathered (full parameters) for the whole step. Not the
-    plan's `num_persistent_chunks`, which counts chunks kept on the device (sharded)."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas (same as the single-process trainer)."""
     eps: float = 1e-8
@@ -116,12 +113,14 @@ class ZeroModelStates:
                        for c in self.chunks for s in c.layout.slots]
         if config.stage == 3:
             self._install_gather_hooks()
-            for chunk in self.chunks[config.num_gathered_chunks:]:
+            for chunk in self.chunks:
                 self._release(chunk)
 
     # ---- gather / release (stage 3) -------------------------------------------------------
-    def _persistent(self, chunk: _Chunk) -> bool:
-        return self.config.stage < 3 or chunk.layout.index < self.config.num_gathered_chunks
+    @property
+    def _keeps_full(self) -> bool:
+        """Stages 0-2 keep every chunk's full parameters; stage 3 gathers them when used."""
+        return self.config.stage < 3
 
     def _gather(self, chunk: _Chunk, async_op: bool = False) -> None:
         if chunk.gathered or chunk.work is not None:
@@ -146,7 +145,7 @@ class ZeroModelStates:
             chunk.work = None
 
     def _release(self, chunk: _Chunk) -> None:
-        if self._persistent(chunk) or not chunk.gathered:
+        if self._keeps_full or not chunk.gathered:
             return
         self._wait(chunk)
         chunk.full.untyped_storage().resize_(0)
@@ -311,7 +310,7 @@ class ZeroModelStates:
                                                    device_s=seconds[False])
         for chunk in self.chunks:
             (chunk.full_grad if chunk.full_grad is not None else chunk.grad).zero_()
-            if self._persistent(chunk):
+            if self._keeps_full:
                 chunk.gathered = False
                 self._gather(chunk)
 
@@ -383,7 +382,7 @@ class ZeroModelStates:
             if key != "optim.step" and saved.data_ptr() != live.local.data_ptr():
                 live.local.copy_(saved)
         for chunk in self.chunks:
-            if self._persistent(chunk):
+            if self._keeps_full:
                 chunk.gathered = False
                 self._gather(chunk)
 

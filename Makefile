@@ -15,7 +15,7 @@ $(STAMP): setup.py constraints.txt $(wildcard csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt --upgrade pip setuptools wheel ninja
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt --no-build-isolation -e '.[test,ray,peers]'
+	$(PIP) install -c constraints.txt --no-build-isolation -e '.[test,hf,ray,peers,gpu]'
 	touch $(STAMP)
 
 demo: $(STAMP)

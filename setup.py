@@ -44,7 +44,9 @@ setup(
         "highspy",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "transformers", "safetensors", "tokenizers", "datasets", "tensorboard"],
+        # Hugging Face checkpoints, tokenizers and documents (`model.hf`, `data.kind: documents`)
+        "hf": ["transformers", "safetensors", "tokenizers", "datasets"],
         "ray": ["ray[train]==2.60.0"],
         "gpu": ["nvidia-ml-py"],
         # the stacks a plan can be exported to (`disttrain plan --emit`) and benchmarked against

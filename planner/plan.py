@@ -21,10 +21,12 @@ TIERS = ("cpu", "nvme")
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelPlan:
-    """Parallel degrees and schedule; dp * sp * pp == world size."""
+    """Parallel degrees and schedule; dp * tp * sp * pp == world size."""
 
     dp: int = 1
     """Data-parallel degree."""
+    tp: int = 1
+    """Tensor-parallel degree (innermost axis of the rank grid: a TP group stays in a node)."""
     sp: int = 1
     """Sequence-parallel degree."""
     sp_kind: str = "ulysses"
@@ -41,7 +43,7 @@ class ParallelPlan:
     """Half-open decoder-layer range [start, end) of each pipeline stage."""
 
     def __post_init__(self) -> None:
-        for name in ("dp", "sp", "pp", "num_microbatches"):
+        for name in ("dp", "tp", "sp", "pp", "num_microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
         if self.sp_kind not in SP_KINDS:
@@ -57,7 +59,7 @@ class ParallelPlan:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.sp * self.pp
+        return self.dp * self.tp * self.sp * self.pp
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +118,9 @@ class TilingPlan:
     """Tokens per chunk of the output head + loss (0: whole sequence at once)."""
     mlp_chunk_tokens: int = 0
     """Tokens per chunk of the MLP in forward and backward (0: untiled)."""
+    rebuild_tile_tokens: int = 0
+    """Tokens per tile in which a non-kept layer's backward rebuilds (recomputes or swaps in)
+    its token-local tensors and runs their backward (0: the whole local sequence at once)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -188,12 +188,13 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0,
         pipeline = PipelineRunner(model, groups, PipelineConfig.from_plan(par))
         model = pipeline.module  # this rank's stage(s); the other stages' layers are freed
     if world == 1 and par.zero_stage == 0:
-        states = TorchAdamWStates(model, lr=tr.lr, weight_decay=tr.weight_decay)
+        states = TorchAdamWStates(model, lr=tr.lr, weight_decay=tr.weight_decay,
+                                  betas=tr.adam_betas, eps=tr.adam_eps)
     else:
         config = ZeroConfig(stage=par.zero_stage, chunk_numel=_chunk_numel(plan),
                             cpu_chunks=_local_cpu_chunks(model, plan, first_chunk_ids),
-                            weight_decay=tr.weight_decay,
-                            overlap_cpu_optimizer=overlap_cpu_optimizer)
+                            weight_decay=tr.weight_decay, betas=tr.adam_betas,
+                            eps=tr.adam_eps, overlap_cpu_optimizer=overlap_cpu_optimizer)
         states = ZeroModelStates(model, config, group=groups.dp_sp, extra_norm_group=groups.pp)
     accum = tr.global_batch_size // (tr.micro_batch_size * par.dp)
     if pipeline is not None and accum != par.num_microbatches:

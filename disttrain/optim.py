@@ -8,13 +8,15 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8
+                    ) -> torch.optim.AdamW:
     """AdamW (torch's foreach implementation); no decay on norms (1-D parameters)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -37,9 +39,11 @@ class TorchAdamWStates:
     clip_grad_norm, step, bytes_by_place) so the trainer's loop does not care which it has.
     """
 
-    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float):
+    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
         self.model = model
-        self.optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay)
+        self.optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas,
+                                         eps=eps)
 
     def finish_backward(self) -> None:
         pass

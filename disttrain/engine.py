@@ -30,8 +30,8 @@ from disttrain.parallel.sp_core import SequenceParallelCore
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import Job, SpecError
 from disttrain.tiling import apply_mlp_tiling, chunked_lm_loss
-from offload import (ActivationRuntime, CopyEngineConfig, apply_activation_policy, create_engine,
-                     open_stores)
+from offload import (ActivationRuntime, ActivationRuntimeConfig, CopyEngineConfig,
+                     apply_activation_policy, create_engine, open_stores)
 from planner.analytic import layer_saved_bytes_per_token
 from planner.plan import Plan
 from planner.shapes import DTYPE_BYTES
@@ -278,4 +278,6 @@ def _apply_activations(job: Job, plan: Plan, model: nn.Module, rank: int
                              run_id=job.spec.name, rank=rank)
     except (ValueError, OSError) as exc:  # no NVMe path, not enough free space, ...
         raise SpecError(str(exc).splitlines()[0]) from None
-    return apply_activation_policy(model, plan.activations, stores=stores), engine.describe()
+    config = ActivationRuntimeConfig(rebuild_tile_tokens=plan.tiling.rebuild_tile_tokens)
+    return (apply_activation_policy(model, plan.activations, stores=stores, config=config),
+            engine.describe())

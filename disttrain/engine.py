@@ -32,6 +32,7 @@ from disttrain.spec import Job, SpecError
 from disttrain.tiling import apply_mlp_tiling, chunked_lm_loss
 from offload import (ActivationRuntime, ActivationRuntimeConfig, CopyEngineConfig,
                      apply_activation_policy, create_engine, open_stores)
+from offload.host_memory import return_freed_host_memory
 from planner.analytic import layer_saved_bytes_per_token
 from planner.plan import Plan
 from planner.shapes import DTYPE_BYTES
@@ -171,6 +172,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0,
     dims = ParallelDims(dp=par.dp, sp=par.sp, pp=par.pp, world_size=world)
     groups = build_groups(dims, rank)
     tr = job.spec.train
+    if not torch.cuda.is_available():  # host memory is the device memory: give freed blocks back
+        return_freed_host_memory()
     torch.manual_seed(tr.seed)
     model = build_model(job.shape, seed=tr.seed)  # fp32 master weights; bf16 = autocast
     sp_core = apply_sequence_parallel(model, groups.sp, par.sp_kind) if par.sp > 1 else None

@@ -6,9 +6,11 @@ threshold come from the heap, and freed heap memory stays mapped (it counts in t
 resident set) until the top of the heap is trimmed. A training step allocates and frees
 many MiB-sized activation tensors, so on a CPU node, where host memory *is* the device
 memory, that cache adds to the peak. Fixing both thresholds (which also stops the dynamic
-adjustment) returns every freed block of `threshold_bytes` or more at once.
-Measured on bench/peers.py's model at 8K tokens, sp2, recompute everything: peak RSS per
-rank 640 MiB with glibc's defaults, 539 MiB with the thresholds at 64 KiB.
+adjustment) returns every freed block of `threshold_bytes` or more at once. The price is a
+page fault (and zeroing) per page of every such block at its next use: a low threshold buys
+the lowest peak with the most CPU time. 1 MiB keeps the large per-token tensors (activations,
+logits tiles) out of the heap while small ones are still recycled: between a 64 KiB
+threshold (lower peak, more CPU per step) and no mmap at all (higher peak, less CPU).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-DEFAULT_THRESHOLD_BYTES = 64 << 10
+DEFAULT_THRESHOLD_BYTES = 1 << 20
 
 
 def return_freed_host_memory(threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> bool:

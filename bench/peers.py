@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import threading
@@ -60,6 +61,10 @@ LOSS_RTOL = 1e-5
 """Losses of every step must agree across systems to this relative tolerance."""
 ALST = ("alst-sp2", "alst-dp2")
 SYSTEMS = ("disttrain", *ALST, "plain", "ds-z3-ckpt", "disttrain-planner")
+FAIRNESS = "alst-sp2-malloc"
+"""ALST sp2 with glibc's mmap/trim thresholds at 1 MiB through the environment, as disttrain's
+runtime sets them in-process (not in the default sweep: run with --systems)."""
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 CPU_NODE_TILES = dict(loss_chunk_tokens=256, mlp_chunk_tokens=0, rebuild_tile_tokens=1024)
 """The CPU-node plan's tiles: head+loss 256 tokens, rebuild 1024 (the MLP then needs no tiling
 of its own: the rebuild tile bounds it)."""
@@ -145,6 +150,14 @@ def run_one(system: str, seq_len: int, steps: int, budget_mib: float, profile) -
         ranks = spawn_ranks(deepspeed_worker, 2, seq_len, steps, COMMON)
     elif system in ALST:
         ranks = spawn_ranks(alst_worker, 2, int(system[-1]), seq_len, steps, COMMON)
+    elif system == FAIRNESS:  # the spawned ranks read the variables when glibc starts
+        saved = {k: os.environ.get(k) for k in MALLOC_ENV}
+        os.environ.update(MALLOC_ENV)
+        try:
+            ranks = spawn_ranks(alst_worker, 2, 2, seq_len, steps, COMMON)
+        finally:
+            for key, value in saved.items():
+                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
     else:
         job, plan = plan_for(seq_len, budget_mib, steps, profile)
         if system == "disttrain":
@@ -246,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="longest length of the plain and ds-z3-ckpt rows")
     parser.add_argument("--planner-max-seq", type=int, default=4096,
                         help="longest length of the disttrain-planner row")
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS),
+                        choices=(*SYSTEMS, FAIRNESS))
     parser.add_argument("--no-docs", action="store_true", help="print only")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()

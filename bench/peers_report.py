@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from docs_sections import fmt_mib, md_table
-from peers import (ADAM_BETAS, ADAM_EPS, ALST, BUDGET_MIB, CPU_NODE_TILES, GLOBAL_BATCH,
-                   LOSS_RTOL, SHAPE, SYSTEMS, check_losses)
+from peers import (ADAM_BETAS, ADAM_EPS, ALST, BUDGET_MIB, CPU_NODE_TILES, FAIRNESS,
+                   GLOBAL_BATCH, LOSS_RTOL, SHAPE, SYSTEMS, check_losses)
 from peers_alst import TILE_TOKENS
 from peers_breakdown import CATEGORIES
 
@@ -114,7 +114,10 @@ def report(rows: list[dict], search: list[dict], args, seconds: float) -> str:
     fits = md_table(["system", "slope B/token", "intercept MiB", f"fitted len at {rss:.0f} MiB"],
                     [[s, f"{fit(rows, s)[0]:,.0f}", fmt_mib(fit(rows, s)[1]),
                       f"{fitted_len(rows, s, rss):,.0f}"] for s in SYSTEMS
-                     if any(r["system"] == s for r in rows)])
+                     if any(r["system"] == s for r in rows)] + [
+                        [FAIRNESS, f"{fit(rows, FAIRNESS)[0]:,.0f}", fmt_mib(fit(rows, FAIRNESS)[1]),
+                         f"{fitted_len(rows, FAIRNESS, rss):,.0f}"]
+                        for _ in range(any(r["system"] == FAIRNESS for r in rows))])
     verdict = "\n".join(f"- {'MET' if ok else 'NOT MET' if ok is not None else 'UNDECIDED'}: "
                         f"{name} — {why}" for name, ok, why in targets(rows, search, rss))
     norms = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,6 @@ from disttrain.model import Llama, build_model
 from disttrain.optim import TorchAdamWStates
 from disttrain.parallel.dims import ParallelDims, ParallelGroups, build_groups
 from disttrain.parallel.chunks import num_layer_chunks, pack_chunks, plan_chunk_ids
-from disttrain.parallel.pipeline import PipelineConfig, PipelineRunner, split_stages
 from disttrain.parallel.sequence import apply_sequence_parallel, shard_sequence
 from disttrain.parallel.sp_core import SequenceParallelCore
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
@@ -36,6 +36,9 @@ from offload.host_memory import return_freed_host_memory
 from planner.analytic import layer_saved_bytes_per_token
 from planner.plan import Plan
 from planner.shapes import DTYPE_BYTES
+
+if TYPE_CHECKING:  # imported where pp > 1: torch.distributed.pipelining adds ~75 MiB of RSS
+    from disttrain.parallel.pipeline import PipelineRunner
 
 
 def lm_loss(model: Llama, tokens_BS: torch.Tensor, targets_BS: torch.Tensor,
@@ -188,6 +191,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0,
         if job.shape.tie_embeddings:
             raise SpecError("model.tie_embeddings: not supported with parallel.pp > 1 (the "
                             "tied gradient would have to be summed across stages inside ZeRO)")
+        from disttrain.parallel.pipeline import PipelineConfig, PipelineRunner
+
         pipeline = PipelineRunner(model, groups, PipelineConfig.from_plan(par))
         model = pipeline.module  # this rank's stage(s); the other stages' layers are freed
     if world == 1 and par.zero_stage == 0:
@@ -225,6 +230,8 @@ def _first_chunk_ids(model: nn.Module, plan: Plan) -> dict[int, int]:
     chunk_numel = _chunk_numel(plan)
     num_layers = len(model.layers)
     if par.pp > 1:
+        from disttrain.parallel.pipeline import PipelineConfig, split_stages
+
         config = PipelineConfig.from_plan(par)
         stages = config.stages or split_stages(num_layers, par.pp * config.virtual_stages)
     else:

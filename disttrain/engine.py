@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disttrain.data import Batches
+from disttrain.device import CPU, Device
 from disttrain.model import Llama, build_model
 from disttrain.optim import TorchAdamWStates
 from disttrain.parallel.dims import ParallelDims, ParallelGroups, build_groups
@@ -78,6 +79,11 @@ class Runtime:
             self.activations.close()
 
     @property
+    def device(self) -> torch.device:
+        """Where this rank's parameters (and so its batches) live."""
+        return next(self.model.parameters()).device
+
+    @property
     def dims(self) -> ParallelDims:
         return self.groups.dims
 
@@ -89,7 +95,8 @@ class Runtime:
     def _microbatch(self, batches: Batches, step: int, micro: int):
         """This rank's (tokens, targets, positions) of microbatch `micro`: data-parallel rank
         r takes global microbatch micro * dp + r; sequence-parallel ranks take their shard."""
-        tokens, targets = batches.get(step, micro * self.dims.dp + self.groups.dp_rank)
+        tokens, targets = (t.to(self.device) for t in
+                           batches.get(step, micro * self.dims.dp + self.groups.dp_rank))
         if self.dims.sp == 1:
             return tokens, targets, None
         return shard_sequence(tokens, targets, self.groups.sp_rank, self.dims.sp,
@@ -113,7 +120,7 @@ class Runtime:
         """Forward and backward of every microbatch of `step` on this rank; returns the step's
         loss (mean over the whole global batch, the same value on every rank)."""
         dims, groups = self.dims, self.groups
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
         if self.pipeline is not None:
             parts = [self._microbatch(batches, step, m) for m in range(self.accum_steps)]
             tokens = torch.cat([p[0] for p in parts])
@@ -162,8 +169,8 @@ class Runtime:
         return None
 
 
-def build_runtime(job: Job, plan: Plan, *, rank: int = 0,
-                  overlap_cpu_optimizer: bool = True) -> Runtime:
+def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer: bool = True,
+                  device: Device = CPU) -> Runtime:
     """What `rank` runs under `plan`; `overlap_cpu_optimizer=False` updates CPU chunks after
     the backward instead of during it (`ZeroConfig.overlap_cpu_optimizer`, for comparison)."""
     par = plan.parallel
@@ -172,7 +179,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0,
     groups = build_groups(dims, rank)
     tr = job.spec.train
     torch.manual_seed(tr.seed)
-    model = build_model(job.shape, seed=tr.seed)  # fp32 master weights; bf16 = autocast
+    # fp32 master weights (bf16 = autocast), on the rank's device
+    model = build_model(job.shape, seed=tr.seed, device=device.torch_device)
     sp_core = apply_sequence_parallel(model, groups.sp, par.sp_kind) if par.sp > 1 else None
     if plan.tiling.mlp_chunk_tokens:
         apply_mlp_tiling(model, plan.tiling.mlp_chunk_tokens)

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from disttrain.checkpoint import (latest_checkpoint, load_checkpoint, read_checkpoint_meta,
                                   save_checkpoint)
 from disttrain.data import build_batches
+from disttrain.device import CPU, Device
 from disttrain.engine import build_runtime
 from disttrain.metrics import MetricsWriter, peak_rss_bytes
 from disttrain.optim import lr_at
@@ -42,15 +43,18 @@ class TrainResult:
 class Trainer:
     def __init__(self, job: Job, plan: Plan | None = None, *, console: Console | None = None,
                  on_step: Callable[[dict], None] | None = None,
-                 on_checkpoint: Callable[[int, Path], None] | None = None):
+                 on_checkpoint: Callable[[int, Path], None] | None = None,
+                 device: Device = CPU):
         """`on_step(record)` sees every metrics record; `on_checkpoint(step, dir)` runs on every
-        rank after a checkpoint is complete (launchers use both, e.g. to report to Ray Train)."""
+        rank after a checkpoint is complete (launchers use both, e.g. to report to Ray Train).
+        `device` is this rank's (`disttrain.device`; the launcher picks it)."""
         self.job = job
+        self.device = device
         self.on_step, self.on_checkpoint = on_step, on_checkpoint
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.plan = plan or fixed_plan(job, world)
-        self.runtime = build_runtime(job, self.plan, rank=self.rank)
+        self.runtime = build_runtime(job, self.plan, rank=self.rank, device=device)
         self.console = console or Console(stderr=True, soft_wrap=True, quiet=self.rank != 0)
         if self.runtime.copy_engine is not None:
             self.console.print(self.runtime.copy_engine)
@@ -148,7 +152,7 @@ class Trainer:
                     record = {"step": step + 1, "loss": loss, "lr": self.lr,
                               "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                               "step_time_s": dt, "peak_bytes": peak_rss_bytes(),
-                              "rank": self.rank,
+                              **self.device.memory_record(), "rank": self.rank,
                               "model_state_bytes": self.runtime.states.bytes_by_place(),
                               "comm_bytes": self.runtime.communication_bytes()}
                     activations = self.runtime.activation_stats()
@@ -207,7 +211,8 @@ class Trainer:
                    "first_loss": result.losses[0], "last_loss": result.losses[-1],
                    "median_step_time_s": median,
                    "tokens_per_s": tr.global_batch_size * tr.seq_len / median,
-                   "peak_bytes": peak_rss_bytes(), "num_params": self.job.shape.num_params(),
+                   "peak_bytes": peak_rss_bytes(), **self.device.memory_record(),
+                   "device": str(self.device), "num_params": self.job.shape.num_params(),
                    "parallel": self.plan.to_dict()["parallel"],
                    "checkpoint": str(latest_checkpoint(self.ckpt_dir))}
         (self.job.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -31,8 +31,8 @@ from disttrain.parallel.sp_core import SequenceParallelCore
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import Job, SpecError
 from disttrain.tiling import apply_mlp_tiling, chunked_lm_loss
-from offload import (ActivationRuntime, CopyEngineConfig, apply_activation_policy, create_engine,
-                     open_stores)
+from offload import (ActivationRuntime, CopyEngineConfig, StoreBudgetError,
+                     apply_activation_policy, create_engine, open_stores)
 from planner.analytic import layer_saved_bytes_per_token
 from planner.plan import Plan
 from planner.shapes import DTYPE_BYTES
@@ -282,7 +282,8 @@ def _apply_activations(job: Job, plan: Plan, model: nn.Module, rank: int
     try:
         stores = open_stores(plan.activations, engine=engine, cpu_budget_bytes=budgets["cpu"],
                              nvme_path=nvme_path, nvme_budget_bytes=budgets["nvme"],
-                             run_id=job.spec.name, rank=rank)
-    except (ValueError, OSError) as exc:  # no NVMe path, not enough free space, ...
+                             run_id=job.spec.name, rank=rank,
+                             device=Device.from_torch(next(model.parameters()).device))
+    except (ValueError, OSError, StoreBudgetError) as exc:  # no NVMe path, too little space
         raise SpecError(str(exc).splitlines()[0]) from None
     return apply_activation_policy(model, plan.activations, stores=stores), engine.describe()

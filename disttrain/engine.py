@@ -7,11 +7,16 @@
       -> model states (torch AdamW on one rank, chunked ZeRO over dp x sp otherwise)
 
 and run one optimizer step's forward and backward over this rank's share of the global batch.
+
+`model.dtype: bf16` is mixed precision without autocast: the model states turn the parameters
+into bf16 compute copies of fp32 masters (their AdamW runs on the masters), so every layer
+computes, saves and passes on bf16; RMSNorm statistics, the attention's log-sum-exp, RoPE
+angles and the loss run in fp32 inside the model. Gradients are reduced in
+`train.grad_reduce_dtype` and accumulated in fp32.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +41,8 @@ from offload import (ActivationRuntime, CopyEngineConfig, StoreBudgetError,
 from planner.analytic import layer_saved_bytes_per_token
 from planner.plan import Plan
 from planner.shapes import DTYPE_BYTES
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def lm_loss(model: Llama, tokens_BS: torch.Tensor, targets_BS: torch.Tensor,
@@ -87,11 +94,6 @@ class Runtime:
     def dims(self) -> ParallelDims:
         return self.groups.dims
 
-    def autocast(self):
-        if self.job.dtype == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _microbatch(self, batches: Batches, step: int, micro: int):
         """This rank's (tokens, targets, positions) of microbatch `micro`: data-parallel rank
         r takes global microbatch micro * dp + r; sequence-parallel ranks take their shard."""
@@ -125,14 +127,12 @@ class Runtime:
             parts = [self._microbatch(batches, step, m) for m in range(self.accum_steps)]
             tokens = torch.cat([p[0] for p in parts])
             targets = torch.cat([p[1] for p in parts])
-            with self.autocast():
-                total += self.pipeline.step(tokens, targets, parts[0][2])
+            total += self.pipeline.step(tokens, targets, parts[0][2])
         for micro in range(self.accum_steps if self.pipeline is None else 0):
             tokens, targets, positions = self._microbatch(batches, step, micro)
-            with self.autocast():
-                loss = lm_loss(self.model, tokens, targets, positions,
-                               loss_chunk_tokens=self.plan.tiling.loss_chunk_tokens)
-                loss = loss / self.accum_steps
+            loss = lm_loss(self.model, tokens, targets, positions,
+                           loss_chunk_tokens=self.plan.tiling.loss_chunk_tokens)
+            loss = loss / self.accum_steps
             loss.backward()
             total += loss.detach().double()
         self.states.finish_backward()
@@ -179,7 +179,7 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
     groups = build_groups(dims, rank)
     tr = job.spec.train
     torch.manual_seed(tr.seed)
-    # fp32 master weights (bf16 = autocast), on the rank's device
+    # fp32 on the rank's device: the model states make the bf16 compute copies
     model = build_model(job.shape, seed=tr.seed, device=device.torch_device)
     sp_core = apply_sequence_parallel(model, groups.sp, par.sp_kind) if par.sp > 1 else None
     if plan.tiling.mlp_chunk_tokens:
@@ -195,13 +195,23 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
                             "tied gradient would have to be summed across stages inside ZeRO)")
         pipeline = PipelineRunner(model, groups, PipelineConfig.from_plan(par))
         model = pipeline.module  # this rank's stage(s); the other stages' layers are freed
+    compute_dtype = TORCH_DTYPES[job.dtype]
+    if plan.model_states.optimizer_on != "device":
+        raise SpecError(f"plan.model_states.optimizer_on: only 'device' runs (each chunk "
+                        f"updates where its master lives: cpu_chunks on the host), got "
+                        f"{plan.model_states.optimizer_on!r}")
     if world == 1 and par.zero_stage == 0:
-        states = TorchAdamWStates(model, lr=tr.lr, weight_decay=tr.weight_decay)
+        states = TorchAdamWStates(model, lr=tr.lr, weight_decay=tr.weight_decay,
+                                  compute_dtype=compute_dtype)
     else:
         config = ZeroConfig(stage=par.zero_stage, chunk_numel=_chunk_numel(plan),
                             cpu_chunks=_local_cpu_chunks(model, plan, first_chunk_ids),
                             weight_decay=tr.weight_decay,
-                            overlap_cpu_optimizer=overlap_cpu_optimizer)
+                            overlap_cpu_optimizer=overlap_cpu_optimizer,
+                            compute_dtype=compute_dtype,
+                            reduce_dtype=TORCH_DTYPES[tr.grad_reduce_dtype]
+                            if compute_dtype != torch.float32 else torch.float32,
+                            prefetch=0 if plan.model_states.num_prefetch_buffers == 1 else 1)
         states = ZeroModelStates(model, config, group=groups.dp_sp, extra_norm_group=groups.pp)
     accum = tr.global_batch_size // (tr.micro_batch_size * par.dp)
     if pipeline is not None and accum != par.num_microbatches:
@@ -215,7 +225,7 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
 
 def _chunk_numel(plan: Plan) -> int:
     """Parameters per chunk: the plan counts a chunk's bytes in the training dtype (one
-    layer's bytes), the runtime's states are fp32 whatever the dtype."""
+    layer's bytes)."""
     return plan.model_states.chunk_size_bytes // DTYPE_BYTES[plan.dtype]
 
 

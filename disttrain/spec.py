@@ -63,6 +63,9 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     """Max global gradient norm (0: no clipping)."""
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype gradients are reduced in across ranks under `model.dtype: bf16` (they are
+    accumulated in fp32 either way); fp32 runs reduce in fp32."""
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(0, ge=0)
     """Steps between checkpoints (0: only at the end)."""

@@ -289,3 +289,49 @@ def test_zero3_two_rank_run_exports_to_transformers(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(logits_of(reloaded, TOKENS), logits_of(ours, TOKENS),
                                rtol=0, atol=1e-5)
+
+
+def test_example_makes_a_model_that_trains_and_exports(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+
+    script = ROOT / "examples" / "make_tiny_hf_model.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "tiny-hf")], check=True,
+                   capture_output=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    raw = yaml.safe_load((ROOT / "examples" / "hf-finetune.yaml").read_text())
+    raw["train"].update(steps=1, warmup_steps=0, checkpoint_every=0)
+    raw["output_dir"] = str(tmp_path / "run")
+    job = job_from_dict(raw, base_dir=tmp_path)
+    assert job.shape.rope_scaling == "llama3" and job.hf.family == "llama"
+    tok = load_tokenizer(job.hf.path)
+    assert job.shape.vocab_size == tok.vocab_size and tok.encode("a")[0] == tok.bos_id
+    trainer = Trainer(job)
+    trainer.run()
+    export_hf(tmp_path / "run", tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = TOKENS % job.shape.vocab_size
+    torch.testing.assert_close(logits_of(reloaded, tokens), logits_of(trainer.model, tokens),
+                               rtol=0, atol=1e-5)
+
+
+def _losses_worker(rank, world, raw, plan_dict):
+    return Trainer(job_from_dict(raw), Plan.from_dict(plan_dict)).run().losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,parallel", [
+    ("llama3", {"dp": 1, "sp": 1, "pp": 2, "zero_stage": 1}),  # the stages' own RoPE tables
+    ("qwen2", {"dp": 1, "sp": 2, "pp": 1, "sp_kind": "ring", "zero_stage": 2}),  # q/k/v biases
+], ids=["pp2-llama3", "sp2-ring-qwen2"])
+def test_hf_model_under_pp_and_sp_matches_single_process(tmp_path, family, parallel):
+    hf_dir = make_hf_dir(tmp_path / "hf", family)
+    reference = Trainer(job_from_dict(spec(hf_dir, tmp_path / "ref"))).run().losses
+    raw = spec(hf_dir, tmp_path / "par", cluster={"devices_per_node": 2}, parallel=parallel,
+               launch={"launcher": "torchrun"})
+    plan = fixed_plan(job_from_dict(raw), 2)
+    for losses in spawn_ranks(_losses_worker, 2, raw, plan.to_dict()):
+        assert losses == pytest.approx(reference, rel=1e-5, abs=0)

@@ -190,6 +190,23 @@ def test_plan_uses_the_shape_of_the_config(tmp_path):
     assert job.shape.qkv_bias and job.shape.rope_theta == 1e6 and job.shape.max_seq_len == 128
     plan = plan_job(job.plan_request())
     assert plan.feasible and plan.model == job.shape.to_dict()
+    hf_params = AutoModelForCausalLM.from_pretrained(hf_dir).num_parameters()
+    assert job.shape.num_params() == hf_params == sum(
+        p.numel() for p in build_model(job.shape).parameters())
+
+
+def test_shape_options_round_trip_and_stay_out_of_plain_shapes():
+    from planner.shapes import MODEL_PRESETS, ModelShape
+
+    tiny = MODEL_PRESETS["tiny"]
+    assert "qkv_bias" not in tiny.to_dict() and "rope_scaling" not in tiny.to_dict()
+    shape = tiny.replace(qkv_bias=True, rope_scaling="llama3", rope_scaling_factor=8.0,
+                         rope_original_max_seq_len=512)
+    assert ModelShape(**json.loads(json.dumps(shape.to_dict()))) == shape
+    with pytest.raises(ValueError, match="rope_scaling: must be 'none' or 'llama3'"):
+        tiny.replace(rope_scaling="yarn")
+    with pytest.raises(ValueError, match="rope_scaling: llama3 needs"):
+        tiny.replace(rope_scaling="llama3")
 
 
 def _edit_config(hf_dir: Path, **changes) -> None:

@@ -1,4 +1,4 @@
-"""`disttrain` command line: check, plan, train, profile, report, bench.
+"""`disttrain` command line: check, plan, train, profile, report, export, bench.
 
 Exit codes: 0 success, 2 a user error (bad spec, path, size; one line on stderr, no
 traceback), 3 no feasible plan, 130 interrupted.
@@ -28,7 +28,7 @@ def _cmd_check(args: argparse.Namespace, console: Console) -> int:
     job = load_job(args.spec)
     hw = job.hardware
     print(f"{args.spec}: ok — model {job.shape.num_params() / 1e6:,.1f}M params "
-                  f"({job.spec.model.preset or 'custom'}, {job.dtype}), seq_len "
+                  f"({job.spec.model.preset or (f'hf {job.hf.family}' if job.hf else 'custom')}, {job.dtype}), seq_len "
                   f"{job.spec.train.seq_len}, cluster {hw.name}: {hw.nodes}x"
                   f"{hw.devices_per_node} {hw.device_name}")
     return 0
@@ -172,6 +172,17 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from disttrain.hf_export import export_hf  # torch import is slow: only when exporting
+
+    result = export_hf(Path(args.run_dir), Path(args.hf), step=args.step, dtype=args.dtype)
+    copied = f" + {', '.join(result.copied)}" if result.copied else ""
+    print(f"exported {result.step_dir} to {result.out}: model.safetensors, config.json{copied}")
+    if result.note:
+        print(f"note: {result.note}", file=sys.stderr)
+    return 0
+
+
 BENCHES = ("peers", "fidelity", "estimators", "long_sequence", "overlap", "comm_volume",
            "activation_bytes", "copy_engine", "cpu_optimizer_overlap")
 """bench/run_all.py's names (bench/ is not part of the installed package)."""
@@ -246,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("report", help="predicted vs measured for a run directory")
     p.add_argument("run_dir")
     p.set_defaults(run=_cmd_report)
+
+    p = verbs.add_parser("export", help="write a run's checkpoint as a Hugging Face model "
+                                        "directory (any dp/sp/pp/ZeRO layout)")
+    p.add_argument("run_dir", help="the run's output_dir (holds checkpoints/)")
+    p.add_argument("--step", type=int, help="checkpoint step to export (default: the latest)")
+    p.add_argument("--hf", required=True, metavar="OUT",
+                   help="directory to write model.safetensors + config.json (+ tokenizer) into")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of the exported weights")
+    p.set_defaults(run=_cmd_export)
 
     p = verbs.add_parser("bench", help="run the benchmarks under bench/ and rewrite their "
                                        "docs sections")

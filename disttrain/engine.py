@@ -1,6 +1,6 @@
 """Assemble what one rank runs from a plan, in one fixed order (as torchtitan does):
 
-    build model (seeded, identical on every rank)
+    build model (seeded, identical on every rank; model.hf: its weights loaded)
       -> sequence parallel (replace each layer's attention core)
       -> activation policy (wrap each decoder layer: keep / swap / token-wise recompute)
       -> pipeline split (this rank's stage module)
@@ -181,6 +181,10 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
     torch.manual_seed(tr.seed)
     # fp32 on the rank's device: the model states make the bf16 compute copies
     model = build_model(job.shape, seed=tr.seed, device=device.torch_device)
+    if job.hf is not None:  # model.hf: start from its weights (every rank reads them)
+        from disttrain.model.hf import load_hf_weights
+
+        load_hf_weights(model, job.hf.path)
     sp_core = apply_sequence_parallel(model, groups.sp, par.sp_kind) if par.sp > 1 else None
     if plan.tiling.mlp_chunk_tokens:
         apply_mlp_tiling(model, plan.tiling.mlp_chunk_tokens)

@@ -34,6 +34,10 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     preset: str | None = None
     """Name of a published shape (see planner.shapes.MODEL_PRESETS); explicit fields override it."""
+    hf: str | None = None
+    """A Hugging Face model directory (config.json + *.safetensors; relative to the spec file):
+    the shape comes from its config.json and training starts from its weights. Excludes
+    preset and the shape fields."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Training dtype."""
     hidden_size: int | None = Field(None, gt=0)
@@ -173,7 +177,9 @@ class Job:
         self.spec = spec
         self.base_dir = base_dir
         self.launch = launch
-        self.shape = _model_shape(spec.model)
+        self.hf = _hf_source(spec, base_dir)
+        """The model.hf directory read and checked (disttrain.model.hf_config.HfSource), or None."""
+        self.shape = self.hf.shape if self.hf is not None else _model_shape(spec.model)
         self.hardware = _hardware(spec.cluster, base_dir)
         if launch is not None:
             self.hardware = _launched_hardware(spec.cluster, self.hardware, launch)
@@ -284,6 +290,18 @@ def _model_shape(section: ModelSection) -> ModelShape:
         raise SpecError(f"model.{exc}") from None
 
 
+def _hf_source(spec: JobSpec, base_dir: Path):
+    if spec.model.hf is None:
+        return None
+    given = [f for f in ("preset", *_SHAPE_FIELDS) if getattr(spec.model, f) is not None]
+    if given:
+        raise SpecError(f"model.{given[0]}: not allowed with model.hf (the shape comes from its "
+                        f"config.json)")
+    from disttrain.model.hf_config import read_hf_source  # imports torch: only when used
+
+    return read_hf_source(_resolve(spec.model.hf, base_dir), seq_len=spec.train.seq_len)
+
+
 def _hardware(section: ClusterSection, base_dir: Path) -> HardwareSpec:
     if section.preset == "probe":
         from planner.hardware import probe  # measured on this machine
@@ -382,7 +400,7 @@ def _cross_checks(spec: JobSpec, shape: ModelShape, hw: HardwareSpec,
     if tr.global_batch_size % (tr.micro_batch_size * dp):
         raise SpecError(f"train.global_batch_size: must be a multiple of micro_batch_size x dp "
                         f"({tr.micro_batch_size} x {dp}), got {tr.global_batch_size}")
-    if tr.seq_len > shape.max_seq_len:
+    if tr.seq_len > shape.max_seq_len and spec.model.hf is None:  # model.hf: checked there
         raise SpecError(f"train.seq_len: exceeds model.max_seq_len ({shape.max_seq_len}), got "
                         f"{tr.seq_len}; raise model.max_seq_len to train longer sequences")
     if tr.min_lr > tr.lr:

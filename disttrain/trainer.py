@@ -187,8 +187,10 @@ class Trainer:
         return result
 
     def _checkpoint_meta(self) -> dict:
+        hf = self.job.hf  # for `disttrain export`: the source's config and tokenizer files
         return {"model": self.job.shape.to_dict(), "name": self.job.spec.name,
-                "parallel": self.plan.to_dict()["parallel"]}
+                "parallel": self.plan.to_dict()["parallel"],
+                **({"hf": {"path": str(hf.path.resolve()), "config": hf.config}} if hf else {})}
 
     def save(self, step: int) -> Path:
         t0 = time.perf_counter()

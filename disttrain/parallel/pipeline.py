@@ -37,7 +37,7 @@ from torch import nn
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
                                           ScheduleInterleaved1F1B)
 
-from disttrain.model.llama import rope_cos_sin
+from disttrain.model.llama import rope_tables
 from disttrain.parallel.dims import ParallelGroups
 from planner.plan import ParallelPlan
 
@@ -145,8 +145,7 @@ class StageModule(nn.Module):
             raise RuntimeError("StageModule: positions_S must be set before the forward")
         if self.is_first:
             x = self.embed(x)
-        cos, sin = rope_cos_sin(self.positions_S.to(x.device), self.shape.head_dim,
-                                self.shape.rope_theta, x.dtype)
+        cos, sin = rope_tables(self.shape, self.positions_S.to(x.device), x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
         if not self.is_last:

@@ -184,7 +184,19 @@ class Job:
             dp=fixed(par.dp), sp=fixed(par.sp), sp_kind=fixed(par.sp_kind), pp=fixed(par.pp),
             num_microbatches=fixed(par.num_microbatches), zero_stage=fixed(par.zero_stage),
             activation_offload=mem.activation_offload, recompute=mem.recompute,
-            grad_clip=tr.grad_clip, solver=pl.solver, time_limit_s=pl.time_limit_s)
+            grad_clip=tr.grad_clip, solver=pl.solver, time_limit_s=pl.time_limit_s,
+            attention_fraction=self.attention_fraction())
+
+    def attention_fraction(self) -> float | None:
+        """Packed documents: the measured share of full causal attention document masking
+        leaves (tokenizes the data once, cached); None for other data (one document per
+        sequence is assumed)."""
+        if self.spec.data.kind != "documents":
+            return None
+        from disttrain.data.packing import build_document_batches  # data imports this module
+
+        train, _ = build_document_batches(self, progress=False)
+        return train.attention_fraction()
 
 
 def load_job(path: str | Path) -> Job:

@@ -182,9 +182,11 @@ class Trainer:
                     progress.update(task, advance=1, loss=loss, tps=tokens_per_step / dt,
                                     lr=self.lr)
                     if (step + 1) % tr.log_every == 0 and not self.console.is_terminal:
+                        valid = (f" valid_loss {record['valid_loss']:.4f}"
+                                 if "valid_loss" in record else "")
                         self.console.print(f"step {step + 1}/{tr.steps} loss {loss:.4f} "
                                            f"grad_norm {grad_norm:.3f} lr {self.lr:.2e} "
-                                           f"{tokens_per_step / dt:,.0f} tok/s")
+                                           f"{tokens_per_step / dt:,.0f} tok/s{valid}")
                     done = step + 1
                     if (tr.checkpoint_every and done % tr.checkpoint_every == 0) or done == tr.steps:
                         self.save(done)

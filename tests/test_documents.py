@@ -198,3 +198,29 @@ def test_bundled_example_corpus_matches_its_script(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "examples" / "make_corpus.py"), str(out)],
                    check=True, capture_output=True)
     assert out.read_text() == (ROOT / "examples" / "data" / "corpus.jsonl").read_text()
+
+
+def test_spec_fields_and_the_planners_attention_fraction(tmp_path):
+    from conftest import TINY_JOB, merge
+    from disttrain.data.packing import build_document_batches
+    from disttrain.spec import SpecError, job_from_dict
+
+    path = _jsonl(tmp_path / "d.jsonl")
+    spec = merge(TINY_JOB, {"train": {"seq_len": 16},
+                            "data": {"kind": "documents", "path": str(path),
+                                     "cache_dir": str(tmp_path / "cache")}})
+    job = job_from_dict(spec)
+    train, valid = build_document_batches(job, progress=False)
+    assert valid is None
+    fraction = job.plan_request().attention_fraction
+    assert fraction == pytest.approx(train.attention_fraction()) and 0 < fraction < 1
+    assert job_from_dict(TINY_JOB).plan_request().attention_fraction is None  # one doc/row
+    bad = {"train.eval_every": {"train": {"eval_every": 2}},
+           "data.pad_to_multiple_of": {"data": {"kind": "text", "pad_to_multiple_of": 8,
+                                                "cache_dir": None, "path": None}},
+           "data.tokenizer: not used with data.ids_field": {
+               "data": {"ids_field": "ids", "tokenizer": str(tmp_path)}},
+           "data.valid_fraction": {"data": {"valid_fraction": 1.5}}}
+    for field, change in bad.items():
+        with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+            job_from_dict(merge(spec, change))

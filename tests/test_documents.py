@@ -224,3 +224,28 @@ def test_spec_fields_and_the_planners_attention_fraction(tmp_path):
     for field, change in bad.items():
         with pytest.raises(SpecError, match=field.replace(".", r"\.")):
             job_from_dict(merge(spec, change))
+
+
+@pytest.mark.slow  # importing transformers takes ~20 s here
+def test_transformers_autotokenizer_path_without_tokenizer_json(tmp_path):
+    """A directory with only slow-tokenizer files (vocab.json + merges.txt) goes through
+    transformers.AutoTokenizer (local files only); its EOS ends each document."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    directory = tmp_path / "bpe"
+    directory.mkdir()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TEXTS, vocab_size=300, special_tokens=["<|endoftext|>"])
+    bpe.save_model(str(directory))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"}))
+    assert not (directory / "tokenizer.json").exists()
+    docs = _docs(tmp_path, tokenizer_dir=directory)
+    ref = GPT2TokenizerFast(vocab_file=str(directory / "vocab.json"),
+                            merges_file=str(directory / "merges.txt"))
+    eos = ref.convert_tokens_to_ids("<|endoftext|>")
+    assert docs.eos_id == eos
+    for i, text in enumerate(TEXTS):
+        got = docs.tokens[docs.offsets[i]:docs.offsets[i + 1]].tolist()
+        assert got == ref.encode(text) + [eos]

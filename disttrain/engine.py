@@ -25,13 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from disttrain.data import Batches
+from disttrain.data.packing import IGNORE, DocumentBatches
 from disttrain.device import CPU, Device
+from disttrain.model.documents import documents_scope
 from disttrain.model import Llama, build_model
 from disttrain.optim import TorchAdamWStates
 from disttrain.parallel.dims import ParallelDims, ParallelGroups, build_groups
 from disttrain.parallel.chunks import num_layer_chunks, pack_chunks, plan_chunk_ids
 from disttrain.parallel.pipeline import PipelineConfig, PipelineRunner, split_stages
-from disttrain.parallel.sequence import apply_sequence_parallel, shard_sequence
+from disttrain.parallel.sequence import apply_sequence_parallel, sequence_positions, shard_sequence
 from disttrain.parallel.sp_core import SequenceParallelCore
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import Job, SpecError
@@ -46,15 +48,18 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def lm_loss(model: Llama, tokens_BS: torch.Tensor, targets_BS: torch.Tensor,
-            positions_S: torch.Tensor | None = None, *, loss_chunk_tokens: int = 0
-            ) -> torch.Tensor:
-    """Mean next-token cross entropy over the given tokens, computed in fp32; with
-    `loss_chunk_tokens` the logits exist only a chunk of tokens at a time."""
+            positions_S: torch.Tensor | None = None, *, loss_chunk_tokens: int = 0,
+            reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross entropy over the given tokens, computed in fp32 ('mean' over them, or
+    the 'sum' over tokens whose target is not IGNORE); with `loss_chunk_tokens` the logits
+    exist only a chunk of tokens at a time."""
     if loss_chunk_tokens:
         hidden = model.hidden_states(tokens_BS, positions_S)
-        return chunked_lm_loss(hidden, model.output_weight, targets_BS, loss_chunk_tokens)
+        return chunked_lm_loss(hidden, model.output_weight, targets_BS, loss_chunk_tokens,
+                               reduction=reduction)
     logits = model(tokens_BS, positions_S)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
+    return F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten(),
+                           ignore_index=IGNORE, reduction=reduction)
 
 
 @dataclass
@@ -96,13 +101,39 @@ class Runtime:
 
     def _microbatch(self, batches: Batches, step: int, micro: int):
         """This rank's (tokens, targets, positions) of microbatch `micro`: data-parallel rank
-        r takes global microbatch micro * dp + r; sequence-parallel ranks take their shard."""
+        r takes global microbatch micro * dp + r; sequence-parallel ranks take their shard.
+        Packed documents add a fourth item: the document ids of the whole (unsharded) row."""
+        if isinstance(batches, DocumentBatches):
+            return self._document_microbatch(batches, step, micro)
         tokens, targets = (t.to(self.device) for t in
                            batches.get(step, micro * self.dims.dp + self.groups.dp_rank))
         if self.dims.sp == 1:
             return tokens, targets, None
         return shard_sequence(tokens, targets, self.groups.sp_rank, self.dims.sp,
                               self.plan.parallel.sp_kind)
+
+    def _document_microbatch(self, batches: DocumentBatches, step: int, micro: int):
+        """(tokens, targets, positions) on this rank's device; the document ids stay on the
+        host (the cores read the document bounds from them)."""
+        packed = batches.get_packed(step, micro * self.dims.dp + self.groups.dp_rank)
+        tokens, targets, positions = (t.to(self.device) for t in
+                                      (packed.tokens, packed.targets, packed.positions))
+        if self.dims.sp == 1:
+            return tokens, targets, positions, packed.doc_ids
+        index = sequence_positions(tokens.shape[1], self.groups.sp_rank, self.dims.sp,
+                                   self.plan.parallel.sp_kind).to(self.device)
+        return tokens[:, index], targets[:, index], positions[index], packed.doc_ids
+
+    def _valid_token_scale(self, parts: list) -> tuple[float, int]:
+        """(loss scale, global valid tokens): each rank's summed token losses times the scale,
+        averaged over dp x sp as gradients are, give the mean over the valid tokens of the
+        whole global batch. One all-reduce of the count per step."""
+        count = torch.tensor([sum(int((p[1] != IGNORE).sum()) for p in parts)],
+                             dtype=torch.float64, device=self.device)
+        if self.groups.dp_sp is not None:
+            dist.all_reduce(count, group=self.groups.dp_sp)
+        total = int(count.item())
+        return self.dims.dp * self.dims.sp / max(total, 1), total
 
     def communication_bytes(self) -> dict[str, int]:
         """Bytes this rank sent in the last step, by collective kind (reset on read)."""
@@ -123,12 +154,15 @@ class Runtime:
         loss (mean over the whole global batch, the same value on every rank)."""
         dims, groups = self.dims, self.groups
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
-        if self.pipeline is not None:
+        if isinstance(batches, DocumentBatches):
+            total += self._document_forward_backward(step, batches)
+        elif self.pipeline is not None:
             parts = [self._microbatch(batches, step, m) for m in range(self.accum_steps)]
             tokens = torch.cat([p[0] for p in parts])
             targets = torch.cat([p[1] for p in parts])
             total += self.pipeline.step(tokens, targets, parts[0][2])
-        for micro in range(self.accum_steps if self.pipeline is None else 0):
+        for micro in range(self.accum_steps if self.pipeline is None
+                           and not isinstance(batches, DocumentBatches) else 0):
             tokens, targets, positions = self._microbatch(batches, step, micro)
             loss = lm_loss(self.model, tokens, targets, positions,
                            loss_chunk_tokens=self.plan.tiling.loss_chunk_tokens)
@@ -140,6 +174,41 @@ class Runtime:
             dist.all_reduce(total, group=groups.dp_sp)
             total /= dims.dp * dims.sp
         return total.item()
+
+    def _document_forward_backward(self, step: int, batches: DocumentBatches) -> float:
+        """Packed documents: every core masks across documents, the loss is the mean over
+        the valid tokens of the global batch (a rank with none contributes zero)."""
+        parts = [self._microbatch(batches, step, m) for m in range(self.accum_steps)]
+        scale, _ = self._valid_token_scale(parts)
+        if self.pipeline is not None:
+            return self.pipeline.step(
+                torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                documents=[(p[2], p[3]) for p in parts], loss_scale=scale)
+        total = 0.0
+        for tokens, targets, positions, doc_ids in parts:
+            with documents_scope(doc_ids):
+                loss = lm_loss(self.model, tokens, targets, positions, reduction="sum",
+                               loss_chunk_tokens=self.plan.tiling.loss_chunk_tokens) * scale
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    @torch.no_grad()
+    def eval_loss(self, batches: DocumentBatches, step: int = 0) -> float:
+        """Mean loss over the valid tokens of global batch `step` of `batches` (forward only;
+        the same value on every rank)."""
+        if self.pipeline is not None:
+            raise SpecError("train.eval_every: validation is not supported with parallel.pp > 1")
+        parts = [self._microbatch(batches, step, m) for m in range(self.accum_steps)]
+        scale, _ = self._valid_token_scale(parts)
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for tokens, targets, positions, doc_ids in parts:
+            with documents_scope(doc_ids):
+                total += float(lm_loss(self.model, tokens, targets, positions,
+                                       reduction="sum") * scale)
+        if self.groups.dp_sp is not None:
+            dist.all_reduce(total, group=self.groups.dp_sp)
+        return total.item() / (self.dims.dp * self.dims.sp)
 
     def train_step(self, step: int, batches: Batches, lr: float) -> tuple[float, float]:
         """One optimizer step (0-based `step`) at learning rate `lr`: forward and backward,

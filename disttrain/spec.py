@@ -74,14 +74,33 @@ class TrainSection(_Section):
     checkpoint_every: int = Field(0, ge=0)
     """Steps between checkpoints (0: only at the end)."""
     log_every: int = Field(1, gt=0)
+    log_to: list[Literal["jsonl", "tensorboard"]] = ["jsonl"]
+    """Where step metrics go: metrics.jsonl always; 'tensorboard' adds event files under
+    <output_dir>/tensorboard."""
+    eval_every: int = Field(0, ge=0)
+    """Steps between validation losses on the held-out split (data.valid_fraction); 0: never."""
 
 
 class DataSection(_Section):
-    kind: Literal["synthetic", "text", "tokens"] = "synthetic"
-    """synthetic tokens, byte-level text files, or a .npy/.bin memmap of token ids."""
+    kind: Literal["synthetic", "text", "tokens", "documents"] = "synthetic"
+    """synthetic tokens, byte-level text files, a .npy/.bin memmap of token ids, or
+    documents (jsonl / parquet / saved dataset) packed with their boundaries kept."""
     path: str | None = None
-    """File or directory (text) or token file; relative to the spec file. Text defaults to
-    the bundled corpus."""
+    """File or directory (text, documents) or token file; relative to the spec file. Text
+    defaults to the bundled corpus."""
+    text_field: str = Field("text", min_length=1)
+    """documents: the record field holding the text."""
+    ids_field: str | None = Field(None, min_length=1)
+    """documents: a record field holding token ids instead (no tokenizer then)."""
+    tokenizer: str | None = None
+    """documents: a Hugging Face tokenizer directory; default model.hf's directory, else
+    disttrain's byte tokenizer."""
+    cache_dir: str | None = None
+    """documents: where tokenized documents are cached (default ~/.cache/disttrain/documents)."""
+    pad_to_multiple_of: int = Field(0, ge=0)
+    """documents: pad every document to a multiple of this many tokens (0: no padding)."""
+    valid_fraction: float = Field(0.0, ge=0, lt=1)
+    """documents: share of documents held out for the validation loss (train.eval_every)."""
 
 
 class DeviceSection(_Section):
@@ -200,7 +219,19 @@ class Job:
             dp=fixed(par.dp), sp=fixed(par.sp), sp_kind=fixed(par.sp_kind), pp=fixed(par.pp),
             num_microbatches=fixed(par.num_microbatches), zero_stage=fixed(par.zero_stage),
             activation_offload=mem.activation_offload, recompute=mem.recompute,
-            grad_clip=tr.grad_clip, solver=pl.solver, time_limit_s=pl.time_limit_s)
+            grad_clip=tr.grad_clip, solver=pl.solver, time_limit_s=pl.time_limit_s,
+            attention_fraction=self.attention_fraction())
+
+    def attention_fraction(self) -> float | None:
+        """Packed documents: the measured share of full causal attention document masking
+        leaves (tokenizes the data once, cached); None for other data (one document per
+        sequence is assumed)."""
+        if self.spec.data.kind != "documents":
+            return None
+        from disttrain.data.packing import build_document_batches  # data imports this module
+
+        train, _ = build_document_batches(self, progress=False)
+        return train.attention_fraction()
 
 
 def load_job(path: str | Path, launch: LaunchContext | None = None) -> Job:
@@ -411,8 +442,9 @@ def _cross_checks(spec: JobSpec, shape: ModelShape, hw: HardwareSpec,
     if spec.data.kind == "text" and shape.vocab_size < 259:
         raise SpecError(f"model.vocab_size: byte-level text needs at least 259 token ids, "
                         f"got {shape.vocab_size}")
-    if spec.data.kind == "tokens" and spec.data.path is None:
-        raise SpecError("data.path: required for data.kind 'tokens'")
+    if spec.data.kind in ("tokens", "documents") and spec.data.path is None:
+        raise SpecError(f"data.path: required for data.kind '{spec.data.kind}'")
+    _document_checks(spec, shape)
     if spec.memory.activation_offload == "nvme" and not hw.has_nvme:
         raise SpecError("memory.activation_offload: 'nvme' needs cluster.nvme (this cluster has "
                         "no NVMe tier)")
@@ -423,6 +455,38 @@ def _cross_checks(spec: JobSpec, shape: ModelShape, hw: HardwareSpec,
     if (launch is None and spec.launch.ray_address is not None
             and spec.launch.launcher != "ray"):
         raise SpecError("launch.ray_address: only used with launch.launcher: ray")
+
+
+def _document_checks(spec: JobSpec, shape: ModelShape) -> None:
+    data, tr = spec.data, spec.train
+    if data.kind != "documents":
+        for name in ("ids_field", "tokenizer", "cache_dir"):
+            if getattr(data, name) is not None:
+                raise SpecError(f"data.{name}: only used with data.kind: documents")
+        if data.pad_to_multiple_of or data.valid_fraction:
+            name = "pad_to_multiple_of" if data.pad_to_multiple_of else "valid_fraction"
+            raise SpecError(f"data.{name}: only used with data.kind: documents")
+    if data.ids_field is not None and data.tokenizer is not None:
+        raise SpecError("data.tokenizer: not used with data.ids_field (ids are tokenized "
+                        "already); set one of them")
+    if tr.eval_every and not data.valid_fraction:
+        raise SpecError("train.eval_every: needs a held-out split (data.valid_fraction > 0)")
+    if (data.kind == "documents" and data.tokenizer is None and data.ids_field is None
+            and getattr(spec.model, "hf", None) is None and shape.vocab_size < 259):
+        raise SpecError(f"model.vocab_size: documents with the byte tokenizer need at least "
+                        f"259 token ids, got {shape.vocab_size}")
+
+
+def document_tokenizer_dir(job: "Job") -> Path | None:
+    """data.tokenizer, else model.hf's directory (when the model comes from one), else None
+    (byte tokenizer)."""
+    data = job.spec.data
+    if data.ids_field is not None:
+        return None
+    if data.tokenizer is not None:
+        return _resolve(data.tokenizer, job.base_dir)
+    hf = getattr(job.spec.model, "hf", None)
+    return _resolve(str(hf), job.base_dir) if hf else None
 
 
 def _data_path(section: DataSection, base_dir: Path) -> Path | None:

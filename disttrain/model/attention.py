@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from disttrain.model.documents import current_documents, document_bounds, piece_blocks
+
 _aten = torch.ops.aten
 
 
@@ -85,6 +87,45 @@ def _sum_kv_groups(d_BNSD: torch.Tensor, num_kv: int) -> torch.Tensor:
     return d_BNSD if n == num_kv else d_BNSD.view(b, num_kv, n // num_kv, s, d).sum(2)
 
 
+def document_attention_forward(q_BNSD: torch.Tensor, k_BKSD: torch.Tensor,
+                               v_BKSD: torch.Tensor, doc_ids_BS: torch.Tensor,
+                               scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention where a token sees only earlier tokens of its own document.
+
+    `doc_ids_BS` labels every token of the (whole, global-order) sequence; each document is
+    a contiguous run. The CPU flash kernel has no variable-length mode, so every document of
+    every row is one causal kernel call: memory stays O(document), never O(S^2)."""
+    out = torch.empty_like(q_BNSD)
+    b, n, s, _ = q_BNSD.shape
+    lse = None  # the kernel's lse dtype (fp32, or fp64 for fp64 inputs)
+    for row in range(b):
+        for blk in piece_blocks(document_bounds(doc_ids_BS[row]), 0, s, 0, s):
+            o, l = flash_attention_forward(q_BNSD[row:row + 1, :, blk.q], k_BKSD[row:row + 1, :, blk.k],
+                                           v_BKSD[row:row + 1, :, blk.k], causal=True, scale=scale)
+            if lse is None:
+                lse = torch.empty(b, n, s, dtype=l.dtype, device=l.device)
+            out[row:row + 1, :, blk.q] = o
+            lse[row:row + 1, :, blk.q] = l
+    return out, lse
+
+
+def document_attention_backward(dout_BNSD, q_BNSD, k_BKSD, v_BKSD, out_BNSD, lse_BNS,
+                                doc_ids_BS: torch.Tensor, scale: float | None = None):
+    """(dq, dk, dv) of `document_attention_forward`, one kernel call per document."""
+    dq, dk, dv = (torch.zeros_like(t) for t in (q_BNSD, k_BKSD, v_BKSD))
+    s = q_BNSD.shape[2]
+    for row in range(q_BNSD.shape[0]):
+        r = slice(row, row + 1)
+        for blk in piece_blocks(document_bounds(doc_ids_BS[row]), 0, s, 0, s):
+            g = flash_attention_backward(dout_BNSD[r, :, blk.q], q_BNSD[r, :, blk.q],
+                                         k_BKSD[r, :, blk.k], v_BKSD[r, :, blk.k],
+                                         out_BNSD[r, :, blk.q],
+                                         lse_BNS[r, :, blk.q].contiguous(), causal=True,
+                                         scale=scale)
+            dq[r, :, blk.q], dk[r, :, blk.k], dv[r, :, blk.k] = g
+    return dq, dk, dv
+
+
 class AttentionCore:
     """Causal attention over this rank's tokens as an explicit forward/backward pair.
 
@@ -93,13 +134,24 @@ class AttentionCore:
     without rerunning the forward. Memory policies keep or swap `saved` and recompute q, k, v;
     sequence-parallel cores (Ulysses, ring) subclass this with the same contract. Calling the
     core runs it under autograd.
+
+    Packed documents: inside `documents_scope(doc_ids)` (see `disttrain.model.documents`)
+    every core masks across document boundaries; the document ids join `saved` (a small int
+    tensor, kept or swapped with the rest), so the backward needs no ambient state.
     """
 
     def forward(self, q_BNSD, k_BKSD, v_BKSD) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        docs = current_documents()
+        if docs is not None:
+            out, lse = document_attention_forward(q_BNSD, k_BKSD, v_BKSD, docs)
+            return out, (out, lse, docs)
         out, lse = flash_attention_forward(q_BNSD, k_BKSD, v_BKSD, causal=True)
         return out, (out, lse)
 
     def backward(self, dout_BNSD, q_BNSD, k_BKSD, v_BKSD, saved):
+        if len(saved) == 3:
+            out, lse, docs = saved
+            return document_attention_backward(dout_BNSD, q_BNSD, k_BKSD, v_BKSD, out, lse, docs)
         out, lse = saved
         return flash_attention_backward(dout_BNSD, q_BNSD, k_BKSD, v_BKSD, out, lse, causal=True)
 
@@ -110,7 +162,8 @@ class AttentionCore:
             # precision: give the kernel one dtype.
             dtype = torch.get_autocast_dtype(device)
             q_BNSD, k_BKSD, v_BKSD = (t.to(dtype) for t in (q_BNSD, k_BKSD, v_BKSD))
-        if device not in ("cpu", "cuda") and type(self) is AttentionCore:  # no lse kernel
+        if (device not in ("cpu", "cuda") and type(self) is AttentionCore  # no lse kernel
+                and current_documents() is None):
             return F.scaled_dot_product_attention(q_BNSD, k_BKSD, v_BKSD, is_causal=True,
                                                   enable_gqa=k_BKSD.shape[1] != q_BNSD.shape[1])
         return _CoreFunction.apply(self, q_BNSD, k_BKSD, v_BKSD)

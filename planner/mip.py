@@ -82,6 +82,13 @@ class StageProblem:
     """0: swap fractions continuous; K: multiples of 1/K (token chunks)."""
     cpu_optimizer_overlap: bool = True
     """The CPU chunks' optimizer runs beside the backward (False: after it, exposed)."""
+    rebuild_fraction: float = 1.0
+    """Share of the local tokens a non-kept layer's backward rebuilds at once (sequence-tiled
+    rebuild: rebuild_tile_tokens / tokens; 1 = whole sequence). q, k, v are rebuilt whole
+    (the attention core's backward needs them all)."""
+    page_cache_reads: bool = False
+    """NVMe reads are buffered through the page cache in the device's own memory (CPU nodes):
+    a prefetched NVMe layer occupies its bytes twice while it is read."""
 
     def __post_init__(self) -> None:
         for name in ("inflight", "slots"):
@@ -153,12 +160,19 @@ def _layer_traffic(lc: LayerCost, act: LayerActivationPlan) -> tuple[float, floa
     return swapped, resident, 1.0 - act.swap_fraction
 
 
-def _rebuilt_bytes(lc: LayerCost, act: LayerActivationPlan) -> float:
-    """What a non-kept layer's backward brings back at once: every token-local tensor (fetched
-    or recomputed) and its swapped input / attention output."""
+def rebuilt_token_local_bytes(lc: LayerCost, fraction: float) -> float:
+    """Token-local bytes a non-kept layer's backward holds at once when it rebuilds `fraction`
+    of its tokens at a time: q, k, v whole, the rest one tile."""
+    qkv = min(lc.qkv_bytes, lc.token_local_bytes)
+    return qkv + (lc.token_local_bytes - qkv) * min(1.0, fraction)
+
+
+def _rebuilt_bytes(lc: LayerCost, act: LayerActivationPlan, fraction: float = 1.0) -> float:
+    """What a non-kept layer's backward brings back at once: its token-local tensors (fetched
+    or recomputed; a tile of them when tiled) and its swapped input / attention output."""
     if act.keep_all:
         return 0.0
-    return (lc.token_local_bytes + (lc.input_bytes if act.swap_input else 0.0)
+    return (rebuilt_token_local_bytes(lc, fraction) + (lc.input_bytes if act.swap_input else 0.0)
             + (lc.attention_output_bytes if act.swap_attention_output else 0.0))
 
 
@@ -177,8 +191,10 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
         raise ValueError(f"num_prefetch_buffers: must be 1 or 2 with CPU chunks, got {num_prefetch_buffers}")
     buffers = num_prefetch_buffers if cpu_chunks else 0
     resident = sum(r for _, r, _ in traffic)
-    working = max(problem.working_base_bytes + _rebuilt_bytes(lc, act)
-                  + (traffic[i - 1][0] if i else 0.0)
+    cache = [s if (problem.page_cache_reads and a.tier == "nvme") else 0.0
+             for (s, _, _), a in zip(traffic, activations)]
+    working = max(problem.working_base_bytes + _rebuilt_bytes(lc, act, problem.rebuild_fraction)
+                  + (traffic[i - 1][0] + cache[i - 1] if i else 0.0)
                   for i, (lc, act) in enumerate(zip(layers, activations))) if layers else 0.0
     device = (problem.fixed_device_bytes + problem.chunk_device_bytes * num_persistent_chunks
               + problem.chunk_buffer_bytes * buffers + problem.inflight * resident + working)
@@ -240,7 +256,7 @@ _BYTE_FIELDS = ("device_capacity_bytes", "fixed_device_bytes", "working_base_byt
                 "nvme_capacity_bytes", "host_link_bw", "nvme_read_bw", "nvme_write_bw",
                 "chunk_device_bytes", "chunk_host_bytes", "chunk_link_bytes", "chunk_buffer_bytes")
 _LAYER_BYTE_FIELDS = ("input_bytes", "attention_output_bytes", "token_local_bytes", "mlp_bytes",
-                      "plain_bytes")
+                      "plain_bytes", "qkv_bytes")
 
 
 def _in_gib(problem: StageProblem) -> StageProblem:
@@ -314,10 +330,12 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         resident.append(lc.plain_bytes * keep[i] + lc.input_bytes * (1 - keep[i] - input_cpu[i] - input_nvme[i])
                         + lc.attention_output_bytes * (1 - keep[i] - attn_cpu[i] - attn_nvme[i]))
     for i, lc in enumerate(problem.layers):
-        model += (working >= problem.working_base_bytes + lc.token_local_bytes * (1 - keep[i])
+        cache = (nvme_swapped[i - 1] if i and problem.page_cache_reads else 0)
+        model += (working >= problem.working_base_bytes
+                  + rebuilt_token_local_bytes(lc, problem.rebuild_fraction) * (1 - keep[i])
                   + lc.input_bytes * (input_cpu[i] + input_nvme[i])
                   + lc.attention_output_bytes * (attn_cpu[i] + attn_nvme[i])
-                  + (swapped[i - 1] if i else 0)), f"backward_working_set_{i}"
+                  + (swapped[i - 1] if i else 0) + cache), f"backward_working_set_{i}"
         last = i == count - 1
         nxt = None if last else problem.layers[i + 1]
         fwd_window = problem.tail_forward_window_s if last else nxt.forward_s

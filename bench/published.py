@@ -91,6 +91,13 @@ def layout_text(plan) -> str:
             f"m{par.num_microbatches}")
 
 
+def free_request(job):
+    """The spec's request with tp left to the planner unless the spec fixes it (until the spec
+    has `parallel.tp`, disttrain.spec passes tp=1 for the runtime's sake)."""
+    fixed_tp = getattr(job.spec.parallel, "tp", "auto")
+    return dataclasses.replace(job.plan_request(), tp=None if fixed_tp == "auto" else fixed_tp)
+
+
 def plan_one(request) -> dict:
     start = time.perf_counter()
     plan = plan_job(request)
@@ -114,7 +121,7 @@ def measure(names: list[str]) -> list[dict]:
         if names and name not in names:
             continue
         job = load_job(path)
-        request = job.plan_request()
+        request = free_request(job)
         pub = PUBLISHED[name]
         free = plan_one(request)
         fixed = None

@@ -390,12 +390,19 @@ def _with_rebuild(setup: "StageSetup", tile: int, tokens: int) -> "StageSetup":
     """The set-up with its MIP rebuilding non-kept layers `tile` tokens at a time (0: all)."""
     fraction = min(1.0, tile / tokens) if tile else 1.0
     problem = replace(setup.problem, rebuild_fraction=fraction)
-    count = len(problem.layers)
-    leanest = _leanest_activation_bytes(problem, problem.layers[0], count) if count else 0.0
-    fixed = problem.fixed_device_bytes
+    leanest = _leanest(problem, fraction)
     return replace(setup, problem=problem, leanest_activation_bytes=leanest,
-                   min_device_bytes=fixed + problem.working_base_bytes
-                   + (problem.chunk_buffer_bytes if problem.num_chunks else 0.0) + leanest)
+                   min_device_bytes=_min_device(problem, leanest))
+
+
+def _leanest(problem: StageProblem, fraction: float) -> float:
+    count = len(problem.layers)
+    return _leanest_activation_bytes(problem, problem.layers[0], count, fraction) if count else 0.0
+
+
+def _min_device(problem: StageProblem, leanest: float) -> float:
+    return (problem.fixed_device_bytes + problem.working_base_bytes
+            + (problem.chunk_buffer_bytes if problem.num_chunks else 0.0) + leanest)
 
 
 def _choose_rebuild_tile(setups: list, tokens: int, usable: float, fixed: int | None) -> int:
@@ -405,18 +412,20 @@ def _choose_rebuild_tile(setups: list, tokens: int, usable: float, fixed: int | 
         return fixed
     tiles = rebuild_tiles(tokens)
     for tile in tiles:
-        if all(_with_rebuild(s, tile, tokens).min_device_bytes <= REBUILD_HEADROOM * usable
+        fraction = min(1.0, tile / tokens) if tile else 1.0
+        if all(_min_device(s.problem, _leanest(s.problem, fraction)) <= REBUILD_HEADROOM * usable
                for s in setups):
             return tile
     return tiles[-1]
 
 
-def _leanest_activation_bytes(problem: StageProblem, lc: LayerCost, count: int) -> float:
+def _leanest_activation_bytes(problem: StageProblem, lc: LayerCost, count: int,
+                              fraction: float | None = None) -> float:
     """A lower bound of the stage's activation bytes on the device (resident for the in-flight
     microbatches + what a non-kept layer rebuilds in its backward). Mixing kept and non-kept
     layers is linear in their number, so the bound is the better of all-kept and all-not."""
     options = [problem.inflight * count * lc.plain_bytes] if problem.allow_keep else []
-    rebuilt = rebuilt_token_local_bytes(lc, problem.rebuild_fraction)
+    rebuilt = rebuilt_token_local_bytes(lc, problem.rebuild_fraction if fraction is None else fraction)
     if problem.allow_cpu or problem.allow_nvme:
         options.append(rebuilt)
     elif problem.allow_recompute:

@@ -250,6 +250,9 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
         objective_s=problem.slots * (per_mb + exposed_chunk) + optimizer)
 
 
+SYMMETRY_MIN_LAYERS = 16
+"""Stages with at least this many layers get symmetry-breaking order constraints (identical
+layers make the branch-and-bound explore every permutation of one policy)."""
 BYTE_UNIT = float(2**30)
 """Bytes (and bytes/s) enter the MIP in GiB so its coefficients stay near 1."""
 _BYTE_FIELDS = ("device_capacity_bytes", "fixed_device_bytes", "working_base_bytes", "host_capacity_bytes",
@@ -347,6 +350,12 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         if problem.allow_nvme:
             model += exposed_fwd[i] >= nvme_swapped[i] * (1.0 / problem.nvme_write_bw) - fwd_window, f"nvme_write_window_{i}"
             model += exposed_bwd[i] >= nvme_swapped[i] * (1.0 / problem.nvme_read_bw) - bwd_window, f"nvme_read_window_{i}"
+    if count >= SYMMETRY_MIN_LAYERS:
+        # identical layers: any permutation of a policy is (nearly) as good, so order the
+        # kept layers last (their activations are the first the backward consumes)
+        for i in range(count - 1):
+            if problem.layers[i] == problem.layers[i + 1]:
+                model += keep[i] <= keep[i + 1], f"symmetry_keep_{i}"
     model += problem.num_chunks * any_cpu_chunk >= cpu_chunks, "buffers_when_any_cpu_chunk"
     model += second_buffer >= double_buffered + any_cpu_chunk - 1, "second_buffer_allocated"
     model += (problem.fixed_device_bytes + problem.chunk_device_bytes * persistent

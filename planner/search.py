@@ -29,7 +29,10 @@ from planner.shapes import DTYPE_BYTES
 LAYOUT_TIME_LIMIT_S = 2.0
 """Wall-time limit of each memory-layout MIP."""
 SEARCH_BUDGET_S = 6.0
-"""Once a plan is found, no new stage MIP starts after this many seconds of solving."""
+"""Once a plan is found, no new stage MIP starts after this many seconds of solving, and
+each solve is limited to what is left of it (at least MIN_SOLVE_S): the solver's status and
+gap then say how good the returned policy is."""
+MIN_SOLVE_S = 1.5
 
 
 def _quick_upper_bound(ranked: list) -> float:
@@ -164,8 +167,11 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
         for index, setup in enumerate(setups):
             if setup.problem not in cache:
                 try:
+                    # the whole search stays near its budget: a late solve gets what is left
+                    left = max(MIN_SOLVE_S, SEARCH_BUDGET_S - (time.perf_counter() - start))
                     cache[setup.problem] = solve_stage(setup.problem, backend=request.solver,
-                                                       time_limit_s=request.time_limit_s, gap_rel=gap_rel)
+                                                       time_limit_s=min(request.time_limit_s, left),
+                                                       gap_rel=gap_rel)
                 except NoSolution as exc:
                     cache[setup.problem] = exc
                 summary["solves"] += 1

@@ -30,7 +30,8 @@ def collective_seconds(hw: HardwareSpec, kind: str, sent_bytes: float, group: in
                        inter_latency_s: float) -> float:
     """Seconds of `calls` collectives of `kind` whose bytes one rank sends sum to
     `sent_bytes` ((g-1)/g of the buffer; twice that for an all-reduce), over a group of
-    `group` ranks `stride` apart. `intra_bw` / `inter_bw` are achieved bytes/s per rank."""
+    `group` ranks `stride` apart. `intra_bw` / `inter_bw` are achieved bytes/s one rank
+    sends (NVLink: half its bidirectional datasheet figure)."""
     if group <= 1:
         return 0.0
     span = group * stride

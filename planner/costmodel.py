@@ -291,8 +291,13 @@ def bubble_fraction(pp: int, num_microbatches: int, virtual: int = 1) -> float:
 
 
 def group_bandwidth(hw: HardwareSpec, span: int, params: CostParams) -> float:
-    """Collective bandwidth of a group whose ranks span `span` consecutive rank ids."""
-    nominal = hw.intra_node_bw if span <= hw.devices_per_node else hw.inter_node_bw
+    """Collective bandwidth (bytes one rank sends per second) of a group whose ranks span
+    `span` consecutive rank ids. GPU intra-node figures are NVLink datasheet numbers, which
+    count both directions: a rank sends at half of them."""
+    if span <= hw.devices_per_node:
+        nominal = hw.intra_node_bw / (1 if hw.device_name.lower() == "cpu" else 2)
+    else:
+        nominal = hw.inter_node_bw
     return nominal * params.comm_efficiency
 
 

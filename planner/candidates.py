@@ -426,8 +426,9 @@ def _leanest_activation_bytes(problem: StageProblem, lc: LayerCost, count: int,
     layers is linear in their number, so the bound is the better of all-kept and all-not."""
     options = [problem.inflight * count * lc.plain_bytes] if problem.allow_keep else []
     rebuilt = rebuilt_token_local_bytes(lc, problem.rebuild_fraction if fraction is None else fraction)
-    if problem.allow_cpu or problem.allow_nvme:
-        options.append(rebuilt)
+    if problem.allow_cpu or problem.allow_nvme:    # + the previous layer fetched meanwhile
+        # the previous layer's input and attention output are resident or being fetched
+        options.append(rebuilt + (lc.input_bytes + lc.attention_output_bytes if count > 1 else 0.0))
     elif problem.allow_recompute:
         options.append(problem.inflight * count * (lc.input_bytes + lc.attention_output_bytes)
                        + rebuilt)
@@ -447,8 +448,8 @@ def memory_rejection(setups: list[StageSetup], capacity: float, usable: float) -
                     f"of {gib(capacity)}", states - usable)
         items = dict(setup.fixed_bytes, activations=setup.leanest_activation_bytes,
                      prefetch_buffer=setup.problem.chunk_buffer_bytes if setup.problem.num_chunks else 0.0)
-        parts = ", ".join(f"{k} {gib(v)}" for k, v in items.items() if v)
+        parts = " + ".join(f"{k} {gib(v)}" for k, v in items.items() if v)
         note = f" with all {setup.problem.num_chunks} chunks ({gib(chunked)}) on the CPU" if chunked else ""
-        return (f"needs at least {gib(setup.min_device_bytes)} per rank{where}{note} ({parts}) "
+        return (f"needs at least {gib(setup.min_device_bytes)} per rank{where}{note} = {parts} "
                 f"> {gib(usable)} usable of {gib(capacity)}", setup.min_device_bytes - usable)
     return None

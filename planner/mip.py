@@ -167,6 +167,23 @@ def rebuilt_token_local_bytes(lc: LayerCost, fraction: float) -> float:
     return qkv + (lc.token_local_bytes - qkv) * min(1.0, fraction)
 
 
+def tile_scale(lc: LayerCost, fraction: float) -> float:
+    """Share of a layer's token-local bytes resident at once under a tiled rebuild."""
+    if lc.token_local_bytes <= 0:
+        return 1.0
+    return rebuilt_token_local_bytes(lc, fraction) / lc.token_local_bytes
+
+
+def _prefetched_bytes(lc: LayerCost, act: LayerActivationPlan, fraction: float) -> float:
+    """Swapped bytes of a layer resident while they are fetched ahead of its backward: its
+    swapped input and attention output whole, its swapped token-local share one tile."""
+    if act.keep_all:
+        return 0.0
+    return (act.swap_fraction * lc.token_local_bytes * tile_scale(lc, fraction)
+            + (lc.input_bytes if act.swap_input else 0.0)
+            + (lc.attention_output_bytes if act.swap_attention_output else 0.0))
+
+
 def _rebuilt_bytes(lc: LayerCost, act: LayerActivationPlan, fraction: float = 1.0) -> float:
     """What a non-kept layer's backward brings back at once: its token-local tensors (fetched
     or recomputed; a tile of them when tiled) and its swapped input / attention output."""
@@ -191,10 +208,11 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
         raise ValueError(f"num_prefetch_buffers: must be 1 or 2 with CPU chunks, got {num_prefetch_buffers}")
     buffers = num_prefetch_buffers if cpu_chunks else 0
     resident = sum(r for _, r, _ in traffic)
-    cache = [s if (problem.page_cache_reads and a.tier == "nvme") else 0.0
-             for (s, _, _), a in zip(traffic, activations)]
+    ahead = [_prefetched_bytes(lc, a, problem.rebuild_fraction) for lc, a in zip(layers, activations)]
+    cache = [p if (problem.page_cache_reads and a.tier == "nvme") else 0.0
+             for p, a in zip(ahead, activations)]
     working = max(problem.working_base_bytes + _rebuilt_bytes(lc, act, problem.rebuild_fraction)
-                  + (traffic[i - 1][0] + cache[i - 1] if i else 0.0)
+                  + (ahead[i - 1] + cache[i - 1] if i else 0.0)
                   for i, (lc, act) in enumerate(zip(layers, activations))) if layers else 0.0
     device = (problem.fixed_device_bytes + problem.chunk_device_bytes * num_persistent_chunks
               + problem.chunk_buffer_bytes * buffers + problem.inflight * resident + working)
@@ -309,6 +327,7 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
     cpu_chunks = problem.num_chunks - persistent
 
     swap_frac, recompute_frac, swapped, nvme_swapped, cpu_swapped, resident = [], [], [], [], [], []
+    ahead, ahead_nvme = [], []
     for i, lc in enumerate(problem.layers):
         frac = (steps_cpu[i] + steps_nvme[i]) * (1.0 / steps)
         swap_frac.append(frac)
@@ -330,15 +349,21 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         cpu_swapped.append(cpu_bytes)
         nvme_swapped.append(nvme_bytes)
         swapped.append(cpu_bytes + nvme_bytes)
+        scale = tile_scale(lc, problem.rebuild_fraction)
+        tl_ahead = lc.token_local_bytes * scale * (1.0 / steps)
+        ahead_nvme.append(tl_ahead * steps_nvme[i] + lc.input_bytes * input_nvme[i]
+                          + lc.attention_output_bytes * attn_nvme[i])
+        ahead.append(tl_ahead * (steps_cpu[i] + steps_nvme[i]) + lc.input_bytes * (input_cpu[i] + input_nvme[i])
+                     + lc.attention_output_bytes * (attn_cpu[i] + attn_nvme[i]))
         resident.append(lc.plain_bytes * keep[i] + lc.input_bytes * (1 - keep[i] - input_cpu[i] - input_nvme[i])
                         + lc.attention_output_bytes * (1 - keep[i] - attn_cpu[i] - attn_nvme[i]))
     for i, lc in enumerate(problem.layers):
-        cache = (nvme_swapped[i - 1] if i and problem.page_cache_reads else 0)
+        cache = (ahead_nvme[i - 1] if i and problem.page_cache_reads else 0)
         model += (working >= problem.working_base_bytes
                   + rebuilt_token_local_bytes(lc, problem.rebuild_fraction) * (1 - keep[i])
                   + lc.input_bytes * (input_cpu[i] + input_nvme[i])
                   + lc.attention_output_bytes * (attn_cpu[i] + attn_nvme[i])
-                  + (swapped[i - 1] if i else 0) + cache), f"backward_working_set_{i}"
+                  + (ahead[i - 1] if i else 0) + cache), f"backward_working_set_{i}"
         last = i == count - 1
         nxt = None if last else problem.layers[i + 1]
         fwd_window = problem.tail_forward_window_s if last else nxt.forward_s

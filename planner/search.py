@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from planner.candidates import (StageSetup, enumerate_candidates, gib, memory_rejection,
                                 profiled_stages)
 from planner.analytic import noncausal_flops_ratio
-from planner.costmodel import (Candidate, CostParams, StepTime, stage_layer_ranges, step_time,
-                               throughput)
+from planner.costmodel import (Candidate, CostParams, StepTime, model_state_bytes,
+                               stage_layer_ranges, step_time, throughput)
 from planner.heuristic import quick_stage_bound
 from planner.layout import plan_memory_layout
 from planner.mip import NoSolution, StageEvaluation, StageProblem, StageSolution, solve_stage
@@ -32,7 +32,18 @@ SEARCH_BUDGET_S = 6.0
 """Once a plan is found, no new stage MIP starts after this many seconds of solving, and
 each solve is limited to what is left of it (at least MIN_SOLVE_S): the solver's status and
 gap then say how good the returned policy is."""
-MIN_SOLVE_S = 1.5
+MIN_SOLVE_S = 3.0
+SOLVE_CAP = True
+
+
+def _unchunked_states_bytes(request: PlanRequest, cand: Candidate) -> float:
+    """Device bytes of model states of the lightest stage when they cannot be chunked to the
+    CPU (ZeRO 0-2): a bound that rejects layouts before their stages are built."""
+    if cand.zero_stage == 3:
+        return 0.0
+    shape = request.model
+    lightest = (shape.num_layers // cand.pp) * shape.layer_params() / cand.tp
+    return sum(model_state_bytes(lightest, request.dtype, cand.zero_stage, cand.shard_group).values())
 
 
 def _quick_upper_bound(ranked: list) -> float:
@@ -125,7 +136,7 @@ def _infeasible_reason(problem: StageProblem, setup: StageSetup, index: int, sta
 
 
 def search(request: PlanRequest, *, profile=None, params: CostParams | None = None,
-           gap_rel: float = 1e-3) -> tuple[Outcome | None, list[dict], dict]:
+           gap_rel: float = 5e-3) -> tuple[Outcome | None, list[dict], dict]:
     """Run the outer search; (best outcome or None, rejected, summary of the solves).
 
     A `profile` supplies measured bytes per token, and layer times when it was taken on the
@@ -139,6 +150,13 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
     candidates, rejected, notes = enumerate_candidates(request)
     ranked = []
     for cand in candidates:
+        states = _unchunked_states_bytes(request, cand)
+        if states > usable:      # ZeRO 0-2 states never leave the device: no stage fits
+            rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": states - usable,
+                             "reason": f"model states alone need {gib(states)} per rank > "
+                                       f"{gib(usable)} usable of {gib(hw.device_memory_bytes)} "
+                                       f"(lightest stage, ZeRO-{cand.zero_stage} keeps them on the device)"})
+            continue
         setups, tiling = profiled_stages(request, cand, params, profile, measured_bytes)
         why = memory_rejection(setups, hw.device_memory_bytes, usable)
         if why:
@@ -170,7 +188,7 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
                     # the whole search stays near its budget: a late solve gets what is left
                     left = max(MIN_SOLVE_S, SEARCH_BUDGET_S - (time.perf_counter() - start))
                     cache[setup.problem] = solve_stage(setup.problem, backend=request.solver,
-                                                       time_limit_s=min(request.time_limit_s, left),
+                                                       time_limit_s=min(request.time_limit_s, left if SOLVE_CAP else request.time_limit_s),
                                                        gap_rel=gap_rel)
                 except NoSolution as exc:
                     cache[setup.problem] = exc

@@ -85,3 +85,14 @@ def test_infeasible_reason_parts_add_up():
              re.findall(r"[a-z_]+ ([\d.]+) (GiB|MiB)", reason.split(" = ", 1)[1].split(" > ")[0])]
     assert len(parts) >= 4 and "activations" in reason
     assert sum(parts) == pytest.approx(total, rel=0.02)
+
+
+def test_interleaved_schedule_is_planned_with_its_chunks():
+    job = load_job(published.SPECS / "megatron-70b-768xh100.yaml")
+    request = dataclasses.replace(published.free_request(job), tp=8, pp=2, dp=48, sp=1)
+    plan = plan_job(request, with_layout=False)
+    one_f_one_b = plan_job(dataclasses.replace(request, schedule="1f1b"), with_layout=False)
+    assert plan.feasible and one_f_one_b.feasible
+    assert plan.parallel.schedule == "interleaved-1f1b" and len(plan.parallel.stages) == 4
+    assert plan.prediction.time_breakdown["bubble"] < one_f_one_b.prediction.time_breakdown["bubble"]
+    assert len(plan.activations) == 84

@@ -112,8 +112,23 @@ _CPU_LOCAL_COLLECTIVES = {"all_to_all": 1.2 * GB, "reduce_scatter": 0.35 * GB,
 one rank sends per second. One fit over all kinds gives ~0.95 GB/s (= intra_node_bw 1.2 x
 comm_efficiency 0.8) and ~0.25 ms per call; gloo's CPU reduce-scatter is ~3x slower."""
 _A800 = _device("A800-80G", 80, 19.5, 312, 25)
+_A100_40 = _device("A100-40G", 40, 19.5, 312, 25)
+_A100_80 = _device("A100-80G", 80, 19.5, 312, 25)
 _H100 = _device("H100-80G", 80, 67, 989, 50)
+_H100_96 = _device("H100-96G-HBM2e", 96, 67, 989, 50)
+_H200 = _device("H200-141G", 141, 67, 989, 50)
+_B200 = _device("B200-180G", 180, 80, 2250, 50)
 _RTX4090 = _device("RTX4090-24G", 24, 82.6, 165, 25)
+
+
+def _hgx(name: str, device: dict, *, host_gib: int, nvme_gib: int, nvme_read_gbps: float,
+         nvme_write_gbps: float, nvlink_gbps: float, nic_gbps: float) -> HardwareSpec:
+    """An 8-GPU NVLink server: NVLink per-GPU figure (both directions, as datasheets
+    quote it), one NIC per GPU (bytes/s one way)."""
+    return HardwareSpec(name=name, nodes=1, devices_per_node=8, **device,
+                        host_memory_bytes=host_gib * GiB, nvme_capacity_bytes=nvme_gib * GiB,
+                        nvme_read_bw=nvme_read_gbps * GB, nvme_write_bw=nvme_write_gbps * GB,
+                        nvme_path="/nvme", intra_node_bw=nvlink_gbps * GB, inter_node_bw=nic_gbps * GB)
 
 CLUSTER_PRESETS: dict[str, HardwareSpec] = {
     "cpu-local": HardwareSpec(
@@ -135,6 +150,22 @@ CLUSTER_PRESETS: dict[str, HardwareSpec] = {
         name="8xh100-80g", nodes=1, devices_per_node=8, **_H100,
         host_memory_bytes=2048 * GiB, nvme_capacity_bytes=28000 * GiB, nvme_read_bw=25 * GB,
         nvme_write_bw=12 * GB, nvme_path="/nvme", intra_node_bw=900 * GB, inter_node_bw=50 * GB),
+    # DGX A100 (NVLink 3: 600 GB/s, 8 x 200 Gb/s HDR), DGX H100 / H200 (NVLink 4: 900 GB/s,
+    # 8 x 400 Gb/s NDR), HGX B200 (NVLink 5: 1.8 TB/s, 8 x 400 Gb/s) datasheets.
+    "8xa100-40g": _hgx("8xa100-40g", _A100_40, host_gib=1024, nvme_gib=15000, nvme_read_gbps=25,
+                       nvme_write_gbps=12, nvlink_gbps=600, nic_gbps=25),
+    "8xa100-80g": _hgx("8xa100-80g", _A100_80, host_gib=2048, nvme_gib=30000, nvme_read_gbps=25,
+                       nvme_write_gbps=12, nvlink_gbps=600, nic_gbps=25),
+    "8xh100-96g": _hgx("8xh100-96g", _H100_96, host_gib=2048, nvme_gib=28000, nvme_read_gbps=25,
+                       nvme_write_gbps=12, nvlink_gbps=900, nic_gbps=50),
+    "8xh200-141g": _hgx("8xh200-141g", _H200, host_gib=2048, nvme_gib=28000, nvme_read_gbps=25,
+                        nvme_write_gbps=12, nvlink_gbps=900, nic_gbps=50),
+    "8xb200-180g": _hgx("8xb200-180g", _B200, host_gib=4096, nvme_gib=28000, nvme_read_gbps=25,
+                        nvme_write_gbps=12, nvlink_gbps=1800, nic_gbps=50),
+    "8xrtx4090-24g": HardwareSpec(
+        name="8xrtx4090-24g", nodes=1, devices_per_node=8, **_RTX4090,
+        host_memory_bytes=512 * GiB, nvme_capacity_bytes=4000 * GiB, nvme_read_bw=7 * GB,
+        nvme_write_bw=5 * GB, nvme_path="/nvme", intra_node_bw=25 * GB, inter_node_bw=12.5 * GB),
     "1xrtx4090-24g": HardwareSpec(
         name="1xrtx4090-24g", nodes=1, devices_per_node=1, **_RTX4090,
         host_memory_bytes=64 * GiB, nvme_capacity_bytes=0, intra_node_bw=25 * GB,

@@ -95,11 +95,11 @@ class Trainer:
         expected = json.loads(json.dumps(self._checkpoint_meta()))  # as meta.json holds it
         if meta.get("model") != expected["model"]:
             raise SpecError(f"--resume: checkpoint {latest} was written for another model shape")
-        if meta.get("parallel") != expected["parallel"]:
+        if _without_tp(meta.get("parallel")) != _without_tp(expected["parallel"]):
             raise SpecError(f"--resume: checkpoint {latest} was written with another parallel "
                             f"layout ({meta.get('parallel')})")
         t0 = time.perf_counter()
-        state = self.runtime.states.state_dict()
+        state = self.runtime.checkpoint_state()
         step = load_checkpoint(latest, state, rank=self.rank)["step"]
         self.runtime.states.load_state_dict(state)
         self.console.print(f"resumed from {latest} (step {step}; loaded in "
@@ -189,7 +189,7 @@ class Trainer:
     def save(self, step: int) -> Path:
         t0 = time.perf_counter()
         step_dir = save_checkpoint(self.ckpt_dir, step=step,
-                                   state=self.runtime.states.state_dict(),
+                                   state=self.runtime.checkpoint_state(),
                                    meta=self._checkpoint_meta(),
                                    rank=self.rank, barrier=self._barrier)
         self.console.print(f"checkpoint {step_dir} saved in {time.perf_counter() - t0:.2f} s")
@@ -216,3 +216,8 @@ class Trainer:
             f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
             f"{summary['tokens_per_s']:,.0f} tok/s (median step {median * 1e3:.0f} ms), "
             f"peak RSS {summary['peak_bytes'] / 2**20:.0f} MiB; metrics in {self.metrics_path}")
+
+
+def _without_tp(parallel: dict | None) -> dict:
+    """A checkpoint's layout but its tp degree: keys are full-shaped, so tp may change."""
+    return {k: v for k, v in (parallel or {}).items() if k != "tp"}

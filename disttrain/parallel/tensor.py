@@ -74,10 +74,11 @@ class TensorParallel:
             self.comm_bytes[kind] = 0
         return before
 
-    def _count(self, kind: str, shard: torch.Tensor) -> None:
-        """Ring volume: all-gather / reduce-scatter send (tp-1) shards, all-reduce twice that."""
-        factor = 2 if kind == "all_reduce" else 1
-        self.comm_bytes[kind] += factor * (self.size - 1) * shard.numel() * shard.element_size()
+    def _count(self, kind: str, t: torch.Tensor) -> None:
+        """Ring volume: an all-gather / reduce-scatter of shard `t` sends (tp-1) shards; an
+        all-reduce of `t` sends 2 (tp-1)/tp of it."""
+        nbytes = t.numel() * t.element_size() * (self.size - 1)
+        self.comm_bytes[kind] += 2 * nbytes // self.size if kind == "all_reduce" else nbytes
 
     def gather_hidden(self, x_Th: torch.Tensor) -> torch.Tensor:
         """(..., h) shards of the tp ranks -> (..., H), shard r at features [r*h, (r+1)*h)."""

@@ -1,6 +1,7 @@
 """Assemble what one rank runs from a plan, in one fixed order (as torchtitan does):
 
     build model (seeded, identical on every rank; model.hf: its weights loaded)
+      -> tensor parallel (keep this rank's shard of every parameter)
       -> sequence parallel (replace each layer's attention core)
       -> activation policy (wrap each decoder layer: keep / swap / token-wise recompute)
       -> pipeline split (this rank's stage module)
@@ -35,6 +36,8 @@ from disttrain.parallel.chunks import num_layer_chunks, pack_chunks, plan_chunk_
 from disttrain.parallel.pipeline import PipelineConfig, PipelineRunner, split_stages
 from disttrain.parallel.sequence import apply_sequence_parallel, sequence_positions, shard_sequence
 from disttrain.parallel.sp_core import SequenceParallelCore
+from disttrain.parallel.tensor import (apply_tensor_parallel, tp_checkpoint_state,
+                                       vocab_parallel_lm_loss)
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import Job, SpecError
 from disttrain.tiling import apply_mlp_tiling, chunked_lm_loss
@@ -53,6 +56,11 @@ def lm_loss(model: Llama, tokens_BS: torch.Tensor, targets_BS: torch.Tensor,
     """Next-token cross entropy over the given tokens, computed in fp32 ('mean' over them, or
     the 'sum' over tokens whose target is not IGNORE); with `loss_chunk_tokens` the logits
     exist only a chunk of tokens at a time."""
+    tp = getattr(model, "tensor_parallel", None)
+    if tp is not None:  # sharded hidden states, vocabulary-parallel head and loss
+        assert reduction == "mean", "tp > 1 with packed documents is refused in build_runtime"
+        return vocab_parallel_lm_loss(tp, model.hidden_states(tokens_BS, positions_S),
+                                      model.output_weight, targets_BS, loss_chunk_tokens)
     if loss_chunk_tokens:
         hidden = model.hidden_states(tokens_BS, positions_S)
         return chunked_lm_loss(hidden, model.output_weight, targets_BS, loss_chunk_tokens,
@@ -142,12 +150,22 @@ class Runtime:
             out.update({f"sp_{k}": v for k, v in self.sp_core.reset_comm_bytes().items()})
         if self.pipeline is not None:
             out.update({f"pp_{k}": v for k, v in self.pipeline.bytes_sent.items()})
+        tp = getattr(self.model, "tensor_parallel", None)
+        if tp is not None:
+            out.update({f"tp_{k}": v for k, v in tp.reset_comm_bytes().items()})
         comm = getattr(self.states, "comm_bytes", None)
         if comm is not None:
             out.update({f"zero_{k}": v for k, v in comm.items()})
             for key in comm:
                 comm[key] = 0
         return out
+
+    def checkpoint_state(self) -> dict:
+        """The model states' `state_dict()` under full-shape keys: a tensor-parallel rank's
+        shards become blocks of the whole parameters (a tp2 checkpoint loads at tp1)."""
+        tp = getattr(self.model, "tensor_parallel", None)
+        state = self.states.state_dict()
+        return state if tp is None else tp_checkpoint_state(state, tp)
 
     def forward_backward(self, step: int, batches: Batches) -> float:
         """Forward and backward of every microbatch of `step` on this rank; returns the step's
@@ -244,7 +262,7 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
     the backward instead of during it (`ZeroConfig.overlap_cpu_optimizer`, for comparison)."""
     par = plan.parallel
     world = dist.get_world_size() if dist.is_initialized() else 1
-    dims = ParallelDims(dp=par.dp, sp=par.sp, pp=par.pp, world_size=world)
+    dims = ParallelDims(dp=par.dp, sp=par.sp, pp=par.pp, tp=par.tp, world_size=world)
     groups = build_groups(dims, rank)
     tr = job.spec.train
     torch.manual_seed(tr.seed)
@@ -254,6 +272,19 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
         from disttrain.model.hf import load_hf_weights
 
         load_hf_weights(model, job.hf.path)
+    if par.tp > 1:
+        if par.pp > 1:
+            raise SpecError("parallel.tp: not yet supported together with parallel.pp > 1")
+        if job.spec.data.kind == "documents":
+            raise SpecError("parallel.tp: not yet supported with data.kind documents (the "
+                            "vocabulary-parallel loss has no ignored targets yet)")
+        if job.shape.qkv_bias:
+            raise SpecError("parallel.tp: not yet supported for models with q/k/v bias "
+                            "(model.hf Qwen2)")
+    try:
+        apply_tensor_parallel(model, groups.tp)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
     sp_core = apply_sequence_parallel(model, groups.sp, par.sp_kind) if par.sp > 1 else None
     if plan.tiling.mlp_chunk_tokens:
         apply_mlp_tiling(model, plan.tiling.mlp_chunk_tokens)
@@ -285,7 +316,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
                             reduce_dtype=TORCH_DTYPES[tr.grad_reduce_dtype]
                             if compute_dtype != torch.float32 else torch.float32,
                             prefetch=0 if plan.model_states.num_prefetch_buffers == 1 else 1)
-        states = ZeroModelStates(model, config, group=groups.dp_sp, extra_norm_group=groups.pp)
+        states = ZeroModelStates(model, config, group=groups.dp_sp,  # norm spans pp (or tp)
+                                 extra_norm_group=groups.tp if par.tp > 1 else groups.pp)
     accum = tr.global_batch_size // (tr.micro_batch_size * par.dp)
     if pipeline is not None and accum != par.num_microbatches:
         raise SpecError(f"parallel.num_microbatches: must be global_batch_size / "

@@ -143,6 +143,8 @@ class ParallelSection(_Section):
     sp: Union[int, Auto] = "auto"
     sp_kind: Literal["ulysses", "ring", "auto"] = "auto"
     pp: Union[int, Auto] = "auto"
+    tp: Union[int, Auto] = "auto"
+    """Tensor-parallel degree (innermost, inside a node); auto: the planner's choice."""
     num_microbatches: Union[int, Auto] = "auto"
     zero_stage: Union[Literal[0, 1, 2, 3], Auto] = "auto"
 
@@ -401,21 +403,34 @@ def _launched_hardware(section: ClusterSection, hw: HardwareSpec,
     return hw.replace(**changes) if changes else hw
 
 
+def tensor_parallel_error(shape: ModelShape, tp: int) -> str | None:
+    """Why `shape` cannot be split over `tp` tensor-parallel ranks (None when it can): heads,
+    kv heads, ffn, vocabulary and hidden features are each divided among the tp ranks."""
+    for name in ("num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size", "hidden_size"):
+        if getattr(shape, name) % tp:
+            return f"model.{name} ({getattr(shape, name)}) must be divisible by tp, got {tp}"
+    return None
+
+
 def _cross_checks(spec: JobSpec, shape: ModelShape, hw: HardwareSpec,
                   launch: LaunchContext | None = None) -> None:
     tr, par = spec.train, spec.parallel
     world = hw.world_size
-    for name in ("dp", "sp", "pp", "num_microbatches"):
+    for name in ("dp", "sp", "pp", "tp", "num_microbatches"):
         value = getattr(par, name)
         if value != "auto" and value < 1:
             raise SpecError(f"parallel.{name}: must be >= 1 or auto, got {value}")
-    fixed = {n: getattr(par, n) for n in ("dp", "sp", "pp") if getattr(par, n) != "auto"}
+    fixed = {n: getattr(par, n) for n in ("dp", "sp", "pp", "tp") if getattr(par, n) != "auto"}
     product = 1
     for v in fixed.values():
         product *= v
-    if len(fixed) == 3 and product != world:
-        raise SpecError(f"parallel: dp*sp*pp = {product} must equal the cluster's world size "
+    if all(n in fixed for n in ("dp", "sp", "pp")) and product != world:
+        label = "dp*sp*pp*tp" if "tp" in fixed else "dp*sp*pp"
+        raise SpecError(f"parallel: {label} = {product} must equal the cluster's world size "
                         f"({hw.nodes} nodes x {hw.devices_per_node} devices = {world})")
+    tp = 1 if par.tp == "auto" else par.tp
+    if tensor_parallel_error(shape, tp):
+        raise SpecError(f"parallel.tp: {tensor_parallel_error(shape, tp)}")
     if world % product:
         raise SpecError(f"parallel: fixed degrees {fixed} multiply to {product}, which does not "
                         f"divide the world size {world}")
@@ -426,6 +441,10 @@ def _cross_checks(spec: JobSpec, shape: ModelShape, hw: HardwareSpec,
         if par.sp_kind == "ulysses" and shape.num_heads % par.sp:
             raise SpecError(f"parallel.sp: Ulysses needs num_heads ({shape.num_heads}) divisible "
                             f"by sp, got {par.sp}; use sp_kind: ring or another sp")
+        if par.sp_kind == "ulysses" and (shape.num_heads // tp) % par.sp:
+            raise SpecError(f"parallel.sp: Ulysses needs the heads left after tensor parallelism "
+                            f"(num_heads / tp = {shape.num_heads // tp}) divisible by sp, got "
+                            f"{par.sp}; use sp_kind: ring or a smaller tp or sp")
     if par.pp != "auto" and par.pp > shape.num_layers:
         raise SpecError(f"parallel.pp: must be <= model.num_layers ({shape.num_layers}), "
                         f"got {par.pp}")

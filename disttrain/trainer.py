@@ -112,7 +112,7 @@ class Trainer:
                                f"{_layout(expected['parallel'])}; parameters and optimizer "
                                f"state are resharded")
         t0 = time.perf_counter()
-        state = self.runtime.states.state_dict()
+        state = self.runtime.checkpoint_state()
         step = load_checkpoint(latest, state, rank=self.rank)["step"]
         self.runtime.states.load_state_dict(state)
         self.console.print(f"resumed from {latest} (step {step}; loaded in "
@@ -223,7 +223,7 @@ class Trainer:
     def save(self, step: int) -> Path:
         t0 = time.perf_counter()
         step_dir = save_checkpoint(self.ckpt_dir, step=step,
-                                   state=self.runtime.states.state_dict(),
+                                   state=self.runtime.checkpoint_state(),
                                    meta=self._checkpoint_meta(),
                                    rank=self.rank, barrier=self._barrier)
         self.console.print(f"checkpoint {step_dir} saved in {time.perf_counter() - t0:.2f} s")
@@ -254,5 +254,5 @@ class Trainer:
 
 
 def _layout(parallel: dict) -> str:
-    keys = ("dp", "sp", "sp_kind", "pp", "zero_stage")
+    keys = ("dp", "tp", "sp", "sp_kind", "pp", "zero_stage")
     return " ".join(f"{k}={parallel[k]}" for k in keys if k in parallel)

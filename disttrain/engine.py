@@ -41,8 +41,9 @@ from disttrain.parallel.tensor import (apply_tensor_parallel, tp_checkpoint_stat
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import Job, SpecError
 from disttrain.tiling import apply_mlp_tiling, chunked_lm_loss
-from offload import (ActivationRuntime, CopyEngineConfig, StoreBudgetError,
-                     apply_activation_policy, create_engine, open_stores)
+from offload import (ActivationRuntime, ActivationRuntimeConfig, CopyEngineConfig,
+                     StoreBudgetError, apply_activation_policy, create_engine, open_stores)
+from offload.host_memory import return_freed_host_memory
 from planner.analytic import layer_saved_bytes_per_token
 from planner.plan import Plan
 from planner.shapes import DTYPE_BYTES
@@ -265,6 +266,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
     dims = ParallelDims(dp=par.dp, sp=par.sp, pp=par.pp, tp=par.tp, world_size=world)
     groups = build_groups(dims, rank)
     tr = job.spec.train
+    if not torch.cuda.is_available():  # host memory is the device memory: give freed blocks back
+        return_freed_host_memory()
     torch.manual_seed(tr.seed)
     # fp32 on the rank's device: the model states make the bf16 compute copies
     model = build_model(job.shape, seed=tr.seed, device=device.torch_device)
@@ -306,11 +309,13 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
                         f"{plan.model_states.optimizer_on!r}")
     if world == 1 and par.zero_stage == 0:
         states = TorchAdamWStates(model, lr=tr.lr, weight_decay=tr.weight_decay,
-                                  compute_dtype=compute_dtype)
+                                  compute_dtype=compute_dtype, betas=tr.adam_betas,
+                                  eps=tr.adam_eps)
     else:
         config = ZeroConfig(stage=par.zero_stage, chunk_numel=_chunk_numel(plan),
                             cpu_chunks=_local_cpu_chunks(model, plan, first_chunk_ids),
-                            weight_decay=tr.weight_decay,
+                            weight_decay=tr.weight_decay, betas=tr.adam_betas,
+                            eps=tr.adam_eps,
                             overlap_cpu_optimizer=overlap_cpu_optimizer,
                             compute_dtype=compute_dtype,
                             reduce_dtype=TORCH_DTYPES[tr.grad_reduce_dtype]
@@ -401,4 +406,6 @@ def _apply_activations(job: Job, plan: Plan, model: nn.Module, rank: int
                              device=Device.from_torch(next(model.parameters()).device))
     except (ValueError, OSError, StoreBudgetError) as exc:  # no NVMe path, too little space
         raise SpecError(str(exc).splitlines()[0]) from None
-    return apply_activation_policy(model, plan.activations, stores=stores), engine.describe()
+    config = ActivationRuntimeConfig(rebuild_tile_tokens=plan.tiling.rebuild_tile_tokens)
+    return (apply_activation_policy(model, plan.activations, stores=stores, config=config),
+            engine.describe())

@@ -65,6 +65,10 @@ class TrainSection(_Section):
     min_lr: float = Field(3e-5, ge=0)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.1, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2), each in [0, 1)."""
+    adam_eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
     grad_clip: float = Field(1.0, ge=0)
     """Max global gradient norm (0: no clipping)."""
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
@@ -457,6 +461,8 @@ def _cross_checks(spec: JobSpec, shape: ModelShape, hw: HardwareSpec,
                         f"{tr.seq_len}; raise model.max_seq_len to train longer sequences")
     if tr.min_lr > tr.lr:
         raise SpecError(f"train.min_lr: must be <= train.lr ({tr.lr}), got {tr.min_lr}")
+    if not all(0.0 <= b < 1.0 for b in tr.adam_betas):
+        raise SpecError(f"train.adam_betas: each must be in [0, 1), got {list(tr.adam_betas)}")
     if tr.warmup_steps > tr.steps:
         raise SpecError(f"train.warmup_steps: must be <= train.steps ({tr.steps}), "
                         f"got {tr.warmup_steps}")

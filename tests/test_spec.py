@@ -68,6 +68,8 @@ BAD = [
      "train.global_batch_size: must be a multiple of micro_batch_size x dp (2 x 1), got 5"),
     ({"train": {"seq_len": 4096}}, "train.seq_len: exceeds model.max_seq_len (1024)"),
     ({"train": {"min_lr": 1.0}}, "train.min_lr: must be <= train.lr"),
+    ({"train": {"adam_betas": [0.9, 1.0]}}, "train.adam_betas: each must be in [0, 1)"),
+    ({"train": {"adam_eps": 0}}, "train.adam_eps:"),
     ({"cluster": {"preset": "moon-base"}}, "cluster.preset: unknown preset 'moon-base'"),
     ({"cluster": {"devices_per_node": 2}}, "launch.launcher: 'local' runs one process"),
     ({"cluster": {"devices_per_node": 4}, "parallel": {"dp": 2, "sp": 1, "pp": 1},

@@ -219,7 +219,13 @@ class NvmeStore:
         self._after_copy = (cf.ThreadPoolExecutor(1, thread_name_prefix="nvme-after-d2h")
                             if _on_cuda(device) else None)
         root = Path(config.path)
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise PermissionError(13, "not writable")
+        except OSError as err:
+            raise StoreBudgetError(f"nvme store: cannot write to {root} ({err.strerror or err}); "
+                                   f"the plan swaps up to {config.budget_bytes} bytes there") from None
         sweep_stale(root)
         check_free_space(root, config.budget_bytes)
         self.directory = root / f"{DIR_PREFIX}{config.run_id}-rank{config.rank}"

@@ -226,8 +226,9 @@ class NvmeStore:
             if not os.access(root, os.W_OK | os.X_OK):
                 raise PermissionError(13, "not writable")
         except OSError as err:
-            raise StoreBudgetError(f"nvme store: cannot write to {root} ({err.strerror or err}); "
-                                   f"the plan swaps up to {config.budget_bytes} bytes there") from None
+            raise StoreBudgetError(
+                f"nvme store: cannot write to {root} ({err.strerror or err}); the plan swaps "
+                f"up to {config.budget_bytes} bytes there") from None
         sweep_stale(root)
         check_free_space(root, config.budget_bytes)
         self.directory = root / f"{DIR_PREFIX}{config.run_id}-rank{config.rank}"

@@ -137,3 +137,15 @@ def test_cuda_copy_stream_events_pinned_memory_and_peaks():
     record = device.memory_record()
     assert record["device_max_allocated_bytes"] >= x.nbytes
     assert record["device_max_reserved_bytes"] >= record["device_max_allocated_bytes"]
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")
+def test_gpu_check_without_a_gpu_claims_nothing():
+    import subprocess
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert (done.returncode, done.stdout) == (0, "no GPU: nothing checked\n"), done.stderr

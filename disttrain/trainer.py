@@ -10,6 +10,7 @@ the same model. Batches are a pure function of (seed, step, microbatch), which m
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from disttrain.metrics import MetricsWriter, TensorBoardWriter, peak_rss_bytes
 from disttrain.optim import lr_at
 from disttrain.planning import fixed_plan
 from disttrain.spec import Job, SpecError
+from offload import StoreIOError
 from planner.analytic import model_flops_per_token
 from planner.plan import Plan
 
@@ -204,6 +206,11 @@ class Trainer:
                                f"{latest_checkpoint(self.ckpt_dir) or 'none'}; continue with "
                                f"--resume")
             raise
+        except StoreIOError as exc:  # e.g. the NVMe disk filled up under the run
+            metrics.close()
+            message = self._store_failure(exc)
+            self.runtime.close()  # removes the swap files
+            raise SpecError(message) from None
         metrics.close()
         if board is not None:
             board.close()
@@ -211,6 +218,20 @@ class Trainer:
         if self.rank == 0:
             self._write_summary(result, step_times)
         return result
+
+    def _store_failure(self, exc: StoreIOError) -> str:
+        """One line for a swap read/write that failed mid-run: the store's path, the bytes the
+        plan needs there and has, and the checkpoint a `--resume` continues from."""
+        stores = self.runtime.activations.stores if self.runtime.activations else {}
+        need = ""
+        for store in stores.values():
+            if store.tier == "nvme" and str(store.file) in str(exc):
+                free = shutil.disk_usage(store.config.path).free
+                need = (f"; the plan swaps up to {store.config.budget_bytes} bytes to "
+                        f"{store.config.path} ({free} bytes free now)")
+        return (f"activation swap failed: {str(exc).splitlines()[0]}{need}; swap files removed; "
+                f"last checkpoint: {latest_checkpoint(self.ckpt_dir) or 'none'} (continue "
+                f"with --resume once there is room)")
 
     def _checkpoint_meta(self) -> dict:
         # the layout is recorded (a resume on another one reshards); data order depends only

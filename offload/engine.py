@@ -154,7 +154,8 @@ class CopyEngine:
         else:
             cum = 0
             for start, length in zip(starts, lengths):
-                part_full, part_buf = full.narrow(dim, start, length), buffer.narrow(dim, cum, length)
+                part_full = full.narrow(dim, start, length)
+                part_buf = buffer.narrow(dim, cum, length)
                 (part_buf if to_buffer else part_full).copy_(
                     part_full if to_buffer else part_buf, non_blocking=True)
                 cum += length

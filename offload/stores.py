@@ -54,6 +54,8 @@ class StoredTensor:
     buffer: torch.Tensor | None = field(default=None, repr=False)
     device_buffer: torch.Tensor | None = field(default=None, repr=False)
     """CUDA stores: the tensor read back to the device (valid until `release`)."""
+    upload: CopyHandle | None = None
+    """CUDA NVMe store: the host-to-device copy out of `buffer` (which lives until it ran)."""
     released: bool = False
 
 
@@ -219,7 +221,14 @@ class NvmeStore:
         self._after_copy = (cf.ThreadPoolExecutor(1, thread_name_prefix="nvme-after-d2h")
                             if _on_cuda(device) else None)
         root = Path(config.path)
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise PermissionError(13, "not writable")
+        except OSError as err:
+            raise StoreBudgetError(
+                f"nvme store: cannot write to {root} ({err.strerror or err}); the plan swaps "
+                f"up to {config.budget_bytes} bytes there") from None
         sweep_stale(root)
         check_free_space(root, config.budget_bytes)
         self.directory = root / f"{DIR_PREFIX}{config.run_id}-rank{config.rank}"
@@ -318,15 +327,16 @@ class NvmeStore:
         if not _on_cuda(self.device):
             return host
         if stored.device_buffer is None:
-            stored.device_buffer, h2d = copy_to_device(self.device, self.engine, host)
-            wait_ready(self.device, h2d)
+            stored.device_buffer, stored.upload = copy_to_device(self.device, self.engine, host)
+            wait_ready(self.device, stored.upload)
         return stored.device_buffer
 
     def release(self, stored: StoredTensor) -> None:
         """Give the file range back; `stored` can no longer be read."""
         self._check(stored)
         stored.released = True
-        for handle in (stored.write, stored.read):
+        # the pinned read buffer goes back to torch's host cache: no copy may still read it
+        for handle in (stored.write, stored.read, stored.upload):
             if handle is not None:
                 _wait(handle, "nvme store")
         stored.buffer = stored.device_buffer = None

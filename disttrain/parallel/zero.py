@@ -256,9 +256,9 @@ class ZeroModelStates:
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global L2 norm of the gradient (as torch.nn.utils.clip_grad_norm_), then clip.
         Only reads the shards, so CPU chunks may be updating meanwhile (they read them too)."""
-        sumsq = torch.zeros(1, dtype=torch.float64)
-        for chunk in self.chunks:
-            sumsq += chunk.grad.double().pow(2).sum()
+        sumsq = torch.zeros(1, dtype=torch.float64, device=self.chunks[0].full.device)
+        for chunk in self.chunks:  # a CPU chunk's shard may live off the compute device
+            sumsq += chunk.grad.double().pow(2).sum().to(sumsq.device)
         if self.group is not None and self.config.stage > 0:
             dist.all_reduce(sumsq, group=self.group)
         if self.extra_norm_group is not None:
@@ -345,7 +345,7 @@ class ZeroModelStates:
         """Gather every parameter's master value (collective: all ranks of the group call it)."""
         out = {}
         for chunk in self.chunks:
-            full = torch.empty(chunk.layout.numel)
+            full = torch.empty(chunk.layout.numel, device=chunk.master.device)
             if chunk.master.numel() == full.numel():
                 full.copy_(chunk.master)
             else:

@@ -300,7 +300,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
         if job.shape.tie_embeddings:
             raise SpecError("model.tie_embeddings: not supported with parallel.pp > 1 (the "
                             "tied gradient would have to be summed across stages inside ZeRO)")
-        pipeline = PipelineRunner(model, groups, PipelineConfig.from_plan(par))
+        pipeline = PipelineRunner(model, groups, PipelineConfig.from_plan(par),
+                                  loss_chunk_tokens=plan.tiling.loss_chunk_tokens)
         model = pipeline.module  # this rank's stage(s); the other stages' layers are freed
     compute_dtype = TORCH_DTYPES[job.dtype]
     if plan.model_states.optimizer_on != "device":

@@ -19,8 +19,12 @@ Tied embeddings: the first stage owns `embed`, the last stage keeps its own copy
 (identically initialised) weight for the head; after the backward the two gradients are
 summed by an all-reduce over the pp group (middle stages contribute zeros), so both copies
 receive the full gradient and stay equal under the same optimizer. This needs the tied
-gradient to still be in `.grad` after the schedule: with gradient hooks that consume it
-during the backward (ZeRO's chunk reduction) `step` raises instead of training wrongly.
+gradient to still be in `.grad` after the schedule: ZeRO leaves it there (`deferred_grads`)
+and reduces it after the step; other hooks that consume it make `step` raise instead.
+
+With `loss_chunk_tokens` the last stage returns the final-normed hidden states and the loss
+runs the output head over token chunks (`disttrain.tiling.chunked_lm_loss`): no full
+(tokens x vocab) logits on the last stage, as the plan's `tiling.loss_chunk_tokens` says.
 
 Shape legend: B batch, S sequence (local shard under sequence parallelism), H hidden, V vocab.
 """
@@ -40,6 +44,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
 from disttrain.model.documents import documents_scope
 from disttrain.model.llama import rope_tables
 from disttrain.parallel.dims import ParallelGroups
+from disttrain.tiling import chunked_lm_loss
 from planner.plan import ParallelPlan
 
 SCHEDULE_VIRTUAL_STAGES = {"1f1b": 1, "interleaved-1f1b": 2}
@@ -124,7 +129,8 @@ class StageModule(nn.Module):
     """The part of a `Llama` one pipeline stage runs, with the model's parameter names.
 
     First stage: tokens_BS -> embedding -> its layers -> x_BSH.  Middle: x_BSH -> layers.
-    Last: x_BSH -> layers -> final norm -> head -> logits_BSV (the loss is the schedule's).
+    Last: x_BSH -> layers -> final norm -> head -> logits_BSV (the loss is the schedule's);
+    with `loss_chunk_tokens` it stops at the final norm (the loss applies the head in tiles).
     Submodules are shared with the model, not copied, and named as in the model.
     """
 
@@ -144,6 +150,8 @@ class StageModule(nn.Module):
         """Packed documents: (positions_S, doc_ids) of each microbatch of the step, in order;
         set by the runner (a stage runs its microbatches' forwards in microbatch order)."""
         self._next_microbatch = 0
+        self.loss_chunk_tokens = 0
+        """> 0: the last stage returns hidden states; the loss tiles the head (the runner)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         positions, doc_ids = self.positions_S, None
@@ -162,8 +170,13 @@ class StageModule(nn.Module):
                 x = layer(x, cos, sin)
         if not self.is_last:
             return x
-        weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(self.norm(x), weight)
+        if self.loss_chunk_tokens:
+            return self.norm(x)
+        return F.linear(self.norm(x), self.output_weight)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
 
 
 def build_stage_module(model: nn.Module, stage_index: int,
@@ -250,7 +263,7 @@ class PipelineRunner:
     """
 
     def __init__(self, model: nn.Module, groups: ParallelGroups, config: PipelineConfig, *,
-                 loss_fn: LossFn = lm_microbatch_loss):
+                 loss_fn: LossFn = lm_microbatch_loss, loss_chunk_tokens: int = 0):
         pp = groups.dims.pp
         if pp < 2 or groups.pp is None:
             raise ValueError(f"parallel.pp: a pipeline needs pp >= 2, got {pp}")
@@ -275,9 +288,19 @@ class PipelineRunner:
                                       counter=self._counter)
                        for m, i in zip(self.stage_modules, indices)]
         num_micro = config.num_microbatches
+        last = next((m for m in self.stage_modules if m.is_last), None)
+        if loss_chunk_tokens > 0 and last is not None:
+            last.loss_chunk_tokens = loss_chunk_tokens
+
+            def loss_fn(hidden_BSH: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+                return chunked_lm_loss(hidden_BSH, last.output_weight, targets_BS,
+                                       loss_chunk_tokens)
 
         def scaled_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             if self.loss_scale is not None:  # packed documents: summed, valid-token scaled
+                if loss_chunk_tokens > 0 and last is not None:
+                    return chunked_lm_loss(output, last.output_weight, target,
+                                           loss_chunk_tokens, reduction="sum") * self.loss_scale
                 return F.cross_entropy(output.float().flatten(0, 1), target.flatten(),
                                        reduction="sum") * self.loss_scale
             return loss_fn(output, target) / num_micro

@@ -8,159 +8,33 @@ backward, with the next unit's chunks prefetched asynchronously) and frees it af
 are reduce-scattered as soon as a whole chunk's gradients exist. Stages 0-2 keep the full
 parameters and differ in what is sharded (nothing; optimizer; optimizer and gradients).
 
-Mixed precision (as FSDP2's MixedPrecisionPolicy / DeepSpeed bf16): the backward produces
-gradients in the compute dtype; they are reduced in `ZeroConfig.reduce_dtype` and accumulated
-over microbatches in fp32; AdamW updates the fp32 master, whose value is then copied (cast)
-into the compute parameters: stages 0-2 refresh the full buffer (an all-gather in the compute
-dtype), stage 3 a persistent compute-dtype shard that later gathers read (ZeRO-3's
-"parameter partition"; in fp32 it is the master itself).
-
-    per rank, N parameters, group g     fp32 run       bf16 run
-    compute parameters (stages 0-2)     4N (= master)  2N full + fp32 master shard
-    compute parameters (stage 3)        4N/g (= master) 2N/g shard + fp32 master shard
-    gradients (stages 0-1 | 2-3)        4N | 4N/g      4N | 4N/g (fp32 accumulation)
-    moments                             8N/g (8N at stage 0)
-
+Mixed precision (FSDP2 MixedPrecisionPolicy / DeepSpeed bf16; docs/design.md, "Model states
+and mixed precision"): compute-dtype gradients are reduced in `reduce_dtype` and accumulated
+in fp32; AdamW updates the fp32 master, then its value is cast into the compute parameters
+(stages 0-2: the full buffer, re-gathered; stage 3: the compute shard gathers read).
 Chunks listed as CPU chunks keep master, moments and gradient shard in host memory; on a CPU
 machine that is the same memory, so the placement is tracked and reported as bytes by place.
 Told the step's learning rate before its backward (`begin_step`), a CPU chunk's AdamW update
 runs on a worker thread (cpu_optim.py) as soon as its gradient shard is final, overlapped with
 the rest of the backward; `step` then updates the other chunks and waits for those.
-On CUDA the gathers and reduce-scatters run on a side stream (`_SideStream`) ordered after
-the compute that produced their inputs, so they overlap the next unit's compute.
+On CUDA the collectives run on a side stream (shards.py) overlapping the compute.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from disttrain.parallel.chunks import ChunkLayout, decay_ranges, execution_units, pack_chunks
+from disttrain.parallel.chunks import execution_units, pack_chunks
 from disttrain.parallel.cpu_optim import EarlyCpuUpdates, adamw_
+from disttrain.parallel.shards import FP32, ChunkShards as _Chunk, SideStream as _SideStream
+from disttrain.parallel.shards import ZeroConfig
 
-FP32 = torch.float32
-
-
-@dataclass(frozen=True, kw_only=True)
-class ZeroConfig:
-    stage: int = 3
-    """ZeRO stage 0-3."""
-    chunk_numel: int = 0
-    """Elements per chunk (0: one chunk per execution unit)."""
-    cpu_chunks: tuple[int, ...] = ()
-    """Indices (into this rank's `pack_chunks`) of the chunks whose master shard, gradient
-    shard and optimizer state live in host memory; the engine maps the plan's ids here."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas (same as the single-process trainer)."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay on >= 2-D parameters."""
-    overlap_cpu_optimizer: bool = True
-    """Update CPU chunks on a worker thread during the backward once their gradients are final
-    (needs `begin_step`; never with gradient clipping). Off: every chunk updates in `step`."""
-    compute_dtype: torch.dtype = FP32
-    """Dtype of the parameters the model computes with and gathers in (fp32 or bf16)."""
-    reduce_dtype: torch.dtype = FP32
-    """Dtype gradients are reduced in over the group (accumulated in fp32 either way)."""
-    prefetch: int = 1
-    """Stage 3: execution units gathered ahead of the one running (0 or 1)."""
-
-    def __post_init__(self) -> None:
-        if self.stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage: must be 0-3, got {self.stage}")
-        for name in ("compute_dtype", "reduce_dtype"):
-            if getattr(self, name) not in (FP32, torch.bfloat16):
-                raise ValueError(f"{name}: must be torch.float32 or torch.bfloat16, "
-                                 f"got {getattr(self, name)}")
-        if self.prefetch not in (0, 1):
-            raise ValueError(f"prefetch: must be 0 or 1, got {self.prefetch}")
-
-
-class _SideStream:
-    """Where collectives run. On CUDA: one side stream that first waits for the compute
-    stream (the inputs are ready), and that the compute stream waits for (`join`, or an
-    event per gather) before it reads the results — FSDP2's all-gather / reduce-scatter
-    streams. Elsewhere (CPU, gloo) a no-op: collectives run on the calling thread."""
-
-    def __init__(self, device: torch.device):
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    @contextlib.contextmanager
-    def after_compute(self):
-        if self.stream is None:
-            yield
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        with torch.cuda.stream(self.stream):
-            yield
-
-    def event(self):
-        """An event marking the work queued on the side stream so far (None off CUDA)."""
-        return None if self.stream is None else self.stream.record_event()
-
-    def keep(self, tensor: torch.Tensor) -> None:
-        """`tensor` (allocated on the compute stream) is used by the side stream: its memory
-        must not be reused before the side stream's work is done."""
-        if self.stream is not None:
-            tensor.record_stream(self.stream)
-
-    def join(self) -> None:
-        if self.stream is not None:
-            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-
-
-class _Chunk:
-    def __init__(self, layout: ChunkLayout, shard_size: int, rank: int, on_cpu: bool,
-                 stage: int, compute_dtype: torch.dtype):
-        self.layout = layout
-        self.on_cpu = on_cpu
-        n = layout.numel // shard_size
-        device = layout.slots[0].param.device
-        home = torch.device("cpu") if on_cpu else device  # where master, moments, shard live
-        self.full = torch.zeros(layout.numel, dtype=compute_dtype, device=device)
-        init = self.full if compute_dtype == FP32 else torch.zeros(layout.numel, device=device)
-        for slot in layout.slots:
-            part = slice(slot.offset, slot.offset + slot.numel)
-            init[part].copy_(slot.param.detach().flatten())  # the fp32 initial values
-            if init is not self.full:
-                self.full[part].copy_(init[part])
-            slot.param.data = self.full[part].view_as(slot.param)
-        mine = slice(rank * n, (rank + 1) * n)
-        # fp32 stages 0-2 keep the full parameters: the master shard is this rank's slice of
-        # them. Otherwise it is a copy: stage 3 frees the full buffer between uses, and in
-        # bf16 the full buffer holds the rounded compute copy.
-        shares = stage < 3 and compute_dtype == FP32 and home == device
-        self.master = self.full[mine] if shares else init[mine].to(home, copy=True)
-        # Stage 3 gathers from a persistent compute-dtype shard on the device (the master
-        # itself in fp32 off CPU chunks), refreshed after each update.
-        self.shard = None
-        if stage == 3:
-            self.shard = (self.master if compute_dtype == FP32 and home == device
-                          else self.master.to(device, compute_dtype, copy=True))
-        # Stages 0-1 accumulate full gradients during the backward and reduce once per step;
-        # this rank's gradient shard is then its slice. Stages 2-3 keep only the shard.
-        # Gradients accumulate in fp32 whatever the compute dtype.
-        self.full_grad = torch.zeros(layout.numel, device=device) if stage <= 1 else None
-        self.grad = self.full_grad[mine] if stage <= 1 else torch.zeros(n, device=home)
-        self.exp_avg = torch.zeros(n, device=home)
-        self.exp_avg_sq = torch.zeros(n, device=home)
-        self.decay = decay_ranges(layout, mine.start, mine.stop)
-        self.pending = len(layout.slots)
-        self.backwards_owed = 0  # forwards (microbatches) that used it, gradients not reduced
-        self.gathered = True
-        self.work = None
-        self.event = None  # CUDA: the side-stream gather this chunk's users wait for
-
-    @property
-    def full_bytes(self) -> int:
-        return self.layout.numel * self.full.element_size()
+__all__ = ["ZeroConfig", "ZeroModelStates"]
 
 
 class ZeroModelStates:
@@ -382,9 +256,9 @@ class ZeroModelStates:
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global L2 norm of the gradient (as torch.nn.utils.clip_grad_norm_), then clip.
         Only reads the shards, so CPU chunks may be updating meanwhile (they read them too)."""
-        sumsq = torch.zeros(1, dtype=torch.float64)
-        for chunk in self.chunks:
-            sumsq += chunk.grad.double().pow(2).sum()
+        sumsq = torch.zeros(1, dtype=torch.float64, device=self.chunks[0].full.device)
+        for chunk in self.chunks:  # a CPU chunk's shard may live off the compute device
+            sumsq += chunk.grad.double().pow(2).sum().to(sumsq.device)
         if self.group is not None and self.config.stage > 0:
             dist.all_reduce(sumsq, group=self.group)
         if self.extra_norm_group is not None:
@@ -471,7 +345,7 @@ class ZeroModelStates:
         """Gather every parameter's master value (collective: all ranks of the group call it)."""
         out = {}
         for chunk in self.chunks:
-            full = torch.empty(chunk.layout.numel)
+            full = torch.empty(chunk.layout.numel, device=chunk.master.device)
             if chunk.master.numel() == full.numel():
                 full.copy_(chunk.master)
             else:

@@ -181,6 +181,26 @@ def test_export_of_a_preset_run_is_a_llama(tmp_path, write_spec):
     bad = run_cli("export", run, "--step", "5", "--hf", tmp_path / "out2")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --step:"), bad.stderr
 
+    export_hf(run, tmp_path / "bf16", dtype="bf16")  # weights rounded once, config says so
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.model.embed_tokens.weight,
+                               trainer.model.embed.weight.detach().bfloat16(), rtol=0, atol=0)
+
+
+def test_bf16_checkpoint_loads_into_fp32_master_weights(tmp_path):
+    hf_dir = tmp_path / "hf"
+    make_hf_dir(tmp_path / "fp32", "mistral")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fp32").to(torch.bfloat16).save_pretrained(
+        hf_dir)
+    job = job_from_dict(spec(hf_dir, tmp_path / "run"))
+    ours = build_model(job.shape)
+    load_hf_weights(ours, hf_dir)
+    assert ours.embed.weight.dtype == torch.float32
+    theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits_of(ours, TOKENS), logits_of(theirs, TOKENS),
+                               rtol=0, atol=1e-5)
+
 
 def test_plan_uses_the_shape_of_the_config(tmp_path):
     from planner.search import plan_job

@@ -301,11 +301,18 @@ def load_checkpoint(step_dir: Path, state: dict, *, rank: int = 0) -> dict:
     Returns the checkpoint's {'step', 'meta'}."""
     info = read_checkpoint_meta(step_dir)
     keys = {"torch": f"rng.rank{rank}.torch", "python": f"rng.rank{rank}.python"}
-    full = {**state, keys["torch"]: torch.empty_like(torch.get_rng_state()), keys["python"]: None}
-    _run_dcp(dcp.load, full, storage_reader=FileSystemReader(step_dir), planner=_LoadPlanner())
+    reader = FileSystemReader(step_dir)
+    # a resume on more ranks than wrote the checkpoint: the new ranks keep their own RNG
+    # (training draws no random numbers; the data order is a function of the step)
+    has_rng = keys["torch"] in reader.read_metadata().state_dict_metadata
+    full = dict(state)
+    if has_rng:
+        full.update({keys["torch"]: torch.empty_like(torch.get_rng_state()), keys["python"]: None})
+    _run_dcp(dcp.load, full, storage_reader=reader, planner=_LoadPlanner())
     state.update({key: full[key] for key in state})
-    torch.set_rng_state(full[keys["torch"]])
-    random.setstate(full[keys["python"]])
+    if has_rng:
+        torch.set_rng_state(full[keys["torch"]])
+        random.setstate(full[keys["python"]])
     return info
 
 

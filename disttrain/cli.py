@@ -36,11 +36,8 @@ def _cmd_check(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
     job = load_job(args.spec)
-    try:
-        from planner.report import render_summary, write_report
-        from planner.search import plan_job
-    except ImportError as exc:
-        raise NotBuiltYet(f"plan: the planner is not built yet ({exc})") from None
+    from planner.report import render_summary, write_report  # an ImportError here is a bug or
+    from planner.search import plan_job                      # a broken install: reported as such
     profile = None
     if args.profile:
         from disttrain.profiling import load_profile
@@ -93,8 +90,15 @@ def _torchrun(args: argparse.Namespace, nproc: int) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from disttrain.device import require_local_gpus
+    from disttrain.spec import LaunchContext
+
     job = load_job(args.spec)
     launcher = args.launcher or job.spec.launch.launcher
+    if launcher != job.spec.launch.launcher or (args.nproc and launcher != "local"):
+        # the command line decides the launcher and (--nproc) the processes per node
+        job = load_job(args.spec, launch=LaunchContext(
+            launcher, devices_per_node=args.nproc if launcher != "local" else 1))
     world = job.hardware.world_size
     if args.address is not None and launcher != "ray":
         raise SpecError("--address: only used with --launcher ray")
@@ -108,15 +112,19 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
                             f"--nnodes {job.hardware.nodes} --nproc-per-node "
                             f"{job.hardware.devices_per_node} -m launch.torchrun {args.spec}` "
                             f"on every node (this command starts one node)")
+        require_local_gpus(job.hardware, args.nproc or world)  # before any process starts
         return _torchrun(args, args.nproc or world)
     if launcher != "local":
         raise NotBuiltYet(f"train: the {launcher} launcher is not built yet; use local or "
                           f"torchrun")
+    from disttrain.device import job_device
     from disttrain.planning import resolve_plan
     from disttrain.trainer import Trainer  # torch import is slow: only when training
 
+    device = job_device(job.hardware, local_rank=0)  # a GPU job without a GPU stops here
+    device.set_current()
     plan = resolve_plan(job, 1, args.plan, use_planner=not args.no_planner)
-    trainer = Trainer(job, plan, console=console)
+    trainer = Trainer(job, plan, console=console, device=device)
     result = trainer.run(resume=args.resume, max_steps=args.max_steps)
     if result.losses:
         print(f"first loss {result.losses[0]:.4f} (step {result.first_step}), last loss "

@@ -8,8 +8,10 @@ Decisions the planner can make (`parallel.*`, `memory.*`) accept `auto`.
 
 from __future__ import annotations
 
+import difflib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -65,18 +67,40 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     """Max global gradient norm (0: no clipping)."""
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype gradients are reduced in across ranks under `model.dtype: bf16` (they are
+    accumulated in fp32 either way); fp32 runs reduce in fp32."""
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(0, ge=0)
     """Steps between checkpoints (0: only at the end)."""
     log_every: int = Field(1, gt=0)
+    log_to: list[Literal["jsonl", "tensorboard"]] = ["jsonl"]
+    """Where step metrics go: metrics.jsonl always; 'tensorboard' adds event files under
+    <output_dir>/tensorboard."""
+    eval_every: int = Field(0, ge=0)
+    """Steps between validation losses on the held-out split (data.valid_fraction); 0: never."""
 
 
 class DataSection(_Section):
-    kind: Literal["synthetic", "text", "tokens"] = "synthetic"
-    """synthetic tokens, byte-level text files, or a .npy/.bin memmap of token ids."""
+    kind: Literal["synthetic", "text", "tokens", "documents"] = "synthetic"
+    """synthetic tokens, byte-level text files, a .npy/.bin memmap of token ids, or
+    documents (jsonl / parquet / saved dataset) packed with their boundaries kept."""
     path: str | None = None
-    """File or directory (text) or token file; relative to the spec file. Text defaults to
-    the bundled corpus."""
+    """File or directory (text, documents) or token file; relative to the spec file. Text
+    defaults to the bundled corpus."""
+    text_field: str = Field("text", min_length=1)
+    """documents: the record field holding the text."""
+    ids_field: str | None = Field(None, min_length=1)
+    """documents: a record field holding token ids instead (no tokenizer then)."""
+    tokenizer: str | None = None
+    """documents: a Hugging Face tokenizer directory; default model.hf's directory, else
+    disttrain's byte tokenizer."""
+    cache_dir: str | None = None
+    """documents: where tokenized documents are cached (default ~/.cache/disttrain/documents)."""
+    pad_to_multiple_of: int = Field(0, ge=0)
+    """documents: pad every document to a multiple of this many tokens (0: no padding)."""
+    valid_fraction: float = Field(0.0, ge=0, lt=1)
+    """documents: share of documents held out for the validation loss (train.eval_every)."""
 
 
 class DeviceSection(_Section):
@@ -85,11 +109,19 @@ class DeviceSection(_Section):
     peak_tflops: dict[Literal["fp32", "bf16"], float]
 
 
+NVME_DEFAULT_READ_GBPS = 2.0
+NVME_DEFAULT_WRITE_GBPS = 1.0
+"""Stated defaults for an NVMe tier given without bandwidths and no preset NVMe numbers to
+inherit: a conservative PCIe Gen3 x4 SSD (datasheets give ~3 GB/s reads, ~1.5-3 GB/s writes)."""
+
+
 class NvmeSection(_Section):
     path: str
     capacity_gib: float = Field(ge=0)
-    read_gbps: float = Field(gt=0)
-    write_gbps: float = Field(gt=0)
+    read_gbps: float | None = Field(None, gt=0)
+    """GB/s; default: the preset's NVMe read bandwidth, else NVME_DEFAULT_READ_GBPS."""
+    write_gbps: float | None = Field(None, gt=0)
+    """GB/s; default: the preset's NVMe write bandwidth, else NVME_DEFAULT_WRITE_GBPS."""
 
 
 class ClusterSection(_Section):
@@ -144,17 +176,33 @@ class JobSpec(_Section):
     """Where metrics, checkpoints and plans go; relative to the current directory."""
 
 
+@dataclass(frozen=True)
+class LaunchContext:
+    """What started this process when a launcher did (torchrun, Ray): the launch, not the
+    spec, decides the launcher and the world size; the spec's cluster is refused only where it
+    truly conflicts (an explicit `cluster.nodes` / `cluster.devices_per_node` that differs)."""
+
+    launcher: Literal["local", "torchrun", "ray"]
+    nodes: int | None = None
+    """Nodes of the launch (None: the spec's)."""
+    devices_per_node: int | None = None
+    """Processes per node of the launch (None: the spec's)."""
+
+
 class Job:
     """A validated spec with everything derived from it resolved once."""
 
-    def __init__(self, spec: JobSpec, base_dir: Path):
+    def __init__(self, spec: JobSpec, base_dir: Path, launch: LaunchContext | None = None):
         self.spec = spec
         self.base_dir = base_dir
+        self.launch = launch
         self.hf = _hf_source(spec, base_dir)
         """The model.hf directory read and checked (disttrain.model.hf_config.HfSource), or None."""
         self.shape = self.hf.shape if self.hf is not None else _model_shape(spec.model)
         self.hardware = _hardware(spec.cluster, base_dir)
-        _cross_checks(spec, self.shape, self.hardware)
+        if launch is not None:
+            self.hardware = _launched_hardware(spec.cluster, self.hardware, launch)
+        _cross_checks(spec, self.shape, self.hardware, launch)
         self.data_path = _data_path(spec.data, base_dir)
         self.output_dir = Path(spec.output_dir.replace("${name}", spec.name))
 
@@ -171,11 +219,24 @@ class Job:
             dp=fixed(par.dp), sp=fixed(par.sp), sp_kind=fixed(par.sp_kind), pp=fixed(par.pp),
             num_microbatches=fixed(par.num_microbatches), zero_stage=fixed(par.zero_stage),
             activation_offload=mem.activation_offload, recompute=mem.recompute,
-            grad_clip=tr.grad_clip, solver=pl.solver, time_limit_s=pl.time_limit_s)
+            grad_clip=tr.grad_clip, solver=pl.solver, time_limit_s=pl.time_limit_s,
+            attention_fraction=self.attention_fraction())
+
+    def attention_fraction(self) -> float | None:
+        """Packed documents: the measured share of full causal attention document masking
+        leaves (tokenizes the data once, cached); None for other data (one document per
+        sequence is assumed)."""
+        if self.spec.data.kind != "documents":
+            return None
+        from disttrain.data.packing import build_document_batches  # data imports this module
+
+        train, _ = build_document_batches(self, progress=False)
+        return train.attention_fraction()
 
 
-def load_job(path: str | Path) -> Job:
-    """Read, validate and resolve a job spec; raises SpecError with a one-line message."""
+def load_job(path: str | Path, launch: LaunchContext | None = None) -> Job:
+    """Read, validate and resolve a job spec (as started by `launch`, default: as the spec
+    says); raises SpecError with a one-line message."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
@@ -185,10 +246,11 @@ def load_job(path: str | Path) -> Job:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise SpecError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return job_from_dict(raw, base_dir=path.resolve().parent)
+    return job_from_dict(raw, base_dir=path.resolve().parent, launch=launch)
 
 
-def job_from_dict(raw: object, base_dir: Path = Path(".")) -> Job:
+def job_from_dict(raw: object, base_dir: Path = Path("."),
+                  launch: LaunchContext | None = None) -> Job:
     if not isinstance(raw, dict):
         raise SpecError("spec: must be a mapping of sections (name, model, train, ...)")
     try:
@@ -196,7 +258,7 @@ def job_from_dict(raw: object, base_dir: Path = Path(".")) -> Job:
     except ValidationError as exc:
         raise SpecError(_first_error(exc)) from None
     try:
-        return Job(spec, base_dir)
+        return Job(spec, base_dir, launch)
     except SpecError:
         raise
     except ValueError as exc:  # a shape or hardware rule from the planner's dataclasses
@@ -209,13 +271,31 @@ def _first_error(exc: ValidationError) -> str:
     path = ".".join(loc) or "spec"
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"{path}: unknown key"
+        known = _known_keys(loc[:-1])
+        what = "section" if len(loc) == 1 else "key"
+        close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6) if loc else []
+        hint = f"; did you mean {close[0]!r}?" if close else (
+            f"; known: {', '.join(known)}" if known else "")
+        return f"{path}: unknown {what}{hint}"
     if kind == "missing":
         return f"{path}: required field is missing"
     msg = err["msg"]
     if "input" in err and kind not in ("model_type", "dict_type"):
         return f"{path}: {msg}, got {err['input']!r}"
     return f"{path}: {msg}"
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    """The field names of the spec section at `loc` (a path of field names from the top)."""
+    model: type[BaseModel] | None = JobSpec
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return []
+        candidates = (field.annotation, *get_args(field.annotation))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
+                     None)
+    return list(model.model_fields) if model else []
 
 
 _SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
@@ -284,10 +364,14 @@ def _hardware(section: ClusterSection, base_dir: Path) -> HardwareSpec:
         if getattr(section, f) is not None:
             over[key] = getattr(section, f) * GB
     if section.nvme is not None:
-        over.update(nvme_path=str(_resolve(section.nvme.path, base_dir)),
-                    nvme_capacity_bytes=int(section.nvme.capacity_gib * GiB),
-                    nvme_read_bw=section.nvme.read_gbps * GB,
-                    nvme_write_bw=section.nvme.write_gbps * GB)
+        nvme = section.nvme
+        read = nvme.read_gbps * GB if nvme.read_gbps else \
+            base.get("nvme_read_bw") or NVME_DEFAULT_READ_GBPS * GB
+        write = nvme.write_gbps * GB if nvme.write_gbps else \
+            base.get("nvme_write_bw") or NVME_DEFAULT_WRITE_GBPS * GB
+        over.update(nvme_path=str(_resolve(nvme.path, base_dir)),
+                    nvme_capacity_bytes=int(nvme.capacity_gib * GiB),
+                    nvme_read_bw=read, nvme_write_bw=write)
     merged = {**base, **over}
     if section.preset is not None and over:
         merged["name"] = f"{base['name']}+overrides"
@@ -301,7 +385,25 @@ def _hardware(section: ClusterSection, base_dir: Path) -> HardwareSpec:
         raise SpecError(f"cluster.{exc}") from None
 
 
-def _cross_checks(spec: JobSpec, shape: ModelShape, hw: HardwareSpec) -> None:
+def _launched_hardware(section: ClusterSection, hw: HardwareSpec,
+                       launch: LaunchContext) -> HardwareSpec:
+    """The cluster with the launch's nodes and processes per node; an explicit spec value that
+    differs is a conflict (a preset's device count is only a default)."""
+    changes = {}
+    for name, value in (("nodes", launch.nodes), ("devices_per_node", launch.devices_per_node)):
+        if value is None or value == getattr(hw, name):
+            continue
+        explicit = getattr(section, name)
+        if explicit is not None:
+            raise SpecError(f"cluster.{name}: {explicit}, but {launch.launcher} started {value} "
+                            f"({'nodes' if name == 'nodes' else 'processes per node'}); remove "
+                            f"cluster.{name} (the launch decides) or launch {explicit}")
+        changes[name] = value
+    return hw.replace(**changes) if changes else hw
+
+
+def _cross_checks(spec: JobSpec, shape: ModelShape, hw: HardwareSpec,
+                  launch: LaunchContext | None = None) -> None:
     tr, par = spec.train, spec.parallel
     world = hw.world_size
     for name in ("dp", "sp", "pp", "num_microbatches"):
@@ -343,16 +445,51 @@ def _cross_checks(spec: JobSpec, shape: ModelShape, hw: HardwareSpec) -> None:
     if spec.data.kind == "text" and shape.vocab_size < 259:
         raise SpecError(f"model.vocab_size: byte-level text needs at least 259 token ids, "
                         f"got {shape.vocab_size}")
-    if spec.data.kind == "tokens" and spec.data.path is None:
-        raise SpecError("data.path: required for data.kind 'tokens'")
+    if spec.data.kind in ("tokens", "documents") and spec.data.path is None:
+        raise SpecError(f"data.path: required for data.kind '{spec.data.kind}'")
+    _document_checks(spec, shape)
     if spec.memory.activation_offload == "nvme" and not hw.has_nvme:
         raise SpecError("memory.activation_offload: 'nvme' needs cluster.nvme (this cluster has "
                         "no NVMe tier)")
-    if spec.launch.launcher == "local" and world != 1:
+    launcher = launch.launcher if launch is not None else spec.launch.launcher
+    if launcher == "local" and world != 1:
         raise SpecError(f"launch.launcher: 'local' runs one process but the cluster has {world} "
                         f"devices; use torchrun or ray, or set cluster.devices_per_node: 1")
-    if spec.launch.ray_address is not None and spec.launch.launcher != "ray":
+    if (launch is None and spec.launch.ray_address is not None
+            and spec.launch.launcher != "ray"):
         raise SpecError("launch.ray_address: only used with launch.launcher: ray")
+
+
+def _document_checks(spec: JobSpec, shape: ModelShape) -> None:
+    data, tr = spec.data, spec.train
+    if data.kind != "documents":
+        for name in ("ids_field", "tokenizer", "cache_dir"):
+            if getattr(data, name) is not None:
+                raise SpecError(f"data.{name}: only used with data.kind: documents")
+        if data.pad_to_multiple_of or data.valid_fraction:
+            name = "pad_to_multiple_of" if data.pad_to_multiple_of else "valid_fraction"
+            raise SpecError(f"data.{name}: only used with data.kind: documents")
+    if data.ids_field is not None and data.tokenizer is not None:
+        raise SpecError("data.tokenizer: not used with data.ids_field (ids are tokenized "
+                        "already); set one of them")
+    if tr.eval_every and not data.valid_fraction:
+        raise SpecError("train.eval_every: needs a held-out split (data.valid_fraction > 0)")
+    if (data.kind == "documents" and data.tokenizer is None and data.ids_field is None
+            and getattr(spec.model, "hf", None) is None and shape.vocab_size < 259):
+        raise SpecError(f"model.vocab_size: documents with the byte tokenizer need at least "
+                        f"259 token ids, got {shape.vocab_size}")
+
+
+def document_tokenizer_dir(job: "Job") -> Path | None:
+    """data.tokenizer, else model.hf's directory (when the model comes from one), else None
+    (byte tokenizer)."""
+    data = job.spec.data
+    if data.ids_field is not None:
+        return None
+    if data.tokenizer is not None:
+        return _resolve(data.tokenizer, job.base_dir)
+    hf = getattr(job.spec.model, "hf", None)
+    return _resolve(str(hf), job.base_dir) if hf else None
 
 
 def _data_path(section: DataSection, base_dir: Path) -> Path | None:

@@ -17,15 +17,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+IGNORE = -100
+"""Target of a token that predicts nothing (cross_entropy's ignore_index): no loss, no gradient."""
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum over tokens of cross_entropy(h @ W^T, target); saves only h and W."""
+    """sum over tokens of cross_entropy(h @ W^T, target), IGNORE targets skipped; saves only
+    h and W."""
 
     @staticmethod
     def forward(ctx, hidden_TH, weight_VH, targets_T, chunk):
         total = torch.zeros((), dtype=torch.float32, device=hidden_TH.device)
         for start in range(0, hidden_TH.shape[0], chunk):
             logits = F.linear(hidden_TH[start:start + chunk], weight_VH).float()
-            total += F.cross_entropy(logits, targets_T[start:start + chunk], reduction="sum")
+            total += F.cross_entropy(logits, targets_T[start:start + chunk], reduction="sum",
+                                     ignore_index=IGNORE)
         ctx.save_for_backward(hidden_TH, weight_VH, targets_T)
         ctx.chunk = chunk
         return total
@@ -39,9 +45,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden_TH.shape[0], ctx.chunk):
             h = hidden_TH[start:start + ctx.chunk]
             logits = F.linear(h, weight_VH).float()
-            # d(sum CE)/d(logits) = softmax - onehot
+            # d(sum CE)/d(logits) = softmax - onehot on valid tokens, 0 on IGNORE ones
             dlogits = torch.softmax(logits, dim=-1)
-            dlogits[torch.arange(h.shape[0], device=h.device), targets_T[start:start + ctx.chunk]] -= 1
+            targets = targets_T[start:start + ctx.chunk]
+            valid = targets != IGNORE
+            rows = torch.arange(h.shape[0], device=h.device)
+            dlogits[rows[valid], targets[valid]] -= 1
+            dlogits[~valid] = 0
             dlogits *= grad_total
             if grad_hidden is not None:
                 grad_hidden[start:start + ctx.chunk] = (dlogits @ weight_VH.float()).to(h.dtype)
@@ -53,14 +63,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_lm_loss(hidden_BSH: torch.Tensor, weight_VH: torch.Tensor, targets_BS: torch.Tensor,
-                    chunk_tokens: int) -> torch.Tensor:
-    """Mean next-token cross entropy of `hidden @ weight^T` without materialising the full
-    logits: at most `chunk_tokens` x V of them exist at a time, forward and backward."""
+                    chunk_tokens: int, *, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross entropy of `hidden @ weight^T` without materialising the full
+    logits: at most `chunk_tokens` x V of them exist at a time, forward and backward.
+    'mean' over all tokens, or 'sum' over the tokens whose target is not IGNORE."""
     if chunk_tokens <= 0:
         raise ValueError(f"tiling.loss_chunk_tokens: must be positive, got {chunk_tokens}")
     hidden_TH = hidden_BSH.flatten(0, 1)
     targets_T = targets_BS.flatten()
     total = _ChunkedLinearCrossEntropy.apply(hidden_TH, weight_VH, targets_T, chunk_tokens)
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"reduction: must be 'mean' or 'sum', got {reduction!r}")
     return total / targets_T.numel()
 
 

@@ -315,35 +315,14 @@ def timed_collectives(world: int = 2, *, threads: int | None = None,
             "by_kind": per_kind, "threads": threads, "world": world}
 
 
-def _nvml_devices() -> list[tuple[str, int]]:
-    """(name, total bytes) per GPU through NVML; [] without the library or a driver."""
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return []
-    try:
-        devices = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            devices.append((name.decode() if isinstance(name, bytes) else name,
-                            int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)))
-        return devices
-    finally:
-        pynvml.nvmlShutdown()
-
-
 def probe(nvme_path: str = "/tmp/disttrain-nvme", *, nvme_test_bytes: int = 128 * 2**20,
           fallback: str = "cpu-local", collectives: bool = True) -> HardwareSpec:
     """Measure this machine: GPUs via NVML / torch, host copy, NVMe write/read on `nvme_path`,
     and (`collectives`, CPU only) gloo collectives between 2 local processes on loopback.
 
-    FLOP/s and inter-node bandwidth are not measured; they come from the `fallback` preset
-    (on a GPU the device's datasheet numbers belong in the job spec). The measured collective
+    On the CPU, FLOP/s and inter-node bandwidth are not measured; they come from the `fallback`
+    preset. On a GPU node `planner.probe_gpu` replaces them and the host link with GPU numbers
+    (datasheet or timed matmul, pinned H2D/D2H, NCCL between the GPUs). The measured collective
     fit sets `intra_node_latency_s`, `intra_node_collective_bw` (achieved, per kind) and
     `intra_node_bw` (nominal: the achieved all-kinds bandwidth / the cost model's default
     `comm_efficiency`, so the cost model's effective bandwidth is the measured one). When the
@@ -355,7 +334,9 @@ def probe(nvme_path: str = "/tmp/disttrain-nvme", *, nvme_test_bytes: int = 128 
     import torch
     base = CLUSTER_PRESETS[fallback]
     host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    gpus = _nvml_devices()
+    from planner.probe_gpu import gpu_fields, nvml_devices  # GPU-only measurements
+
+    gpus = nvml_devices()
     if not gpus and torch.cuda.is_available():
         gpus = [(torch.cuda.get_device_properties(i).name, torch.cuda.get_device_properties(i).total_memory)
                 for i in range(torch.cuda.device_count())]
@@ -378,7 +359,10 @@ def probe(nvme_path: str = "/tmp/disttrain-nvme", *, nvme_test_bytes: int = 128 
             comm = dict(intra_node_bw=fit["bandwidth"] / CostParams().comm_efficiency,
                         intra_node_latency_s=fit["latency_s"],
                         intra_node_collective_bw={k: bw for k, (_, bw) in fit["by_kind"].items()})
-    return base.replace(name="probe", devices_per_node=devices, device_name=name,
-                        device_memory_bytes=int(memory), host_memory_bytes=int(host_total),
-                        host_link_bw=host_link, nvme_capacity_bytes=int(free) if nvme_path else 0,
-                        nvme_read_bw=read_bw, nvme_write_bw=write_bw, nvme_path=nvme_path, **comm)
+    fields = dict(name="probe", devices_per_node=devices, device_name=name,
+                  device_memory_bytes=int(memory), host_memory_bytes=int(host_total),
+                  host_link_bw=host_link, nvme_capacity_bytes=int(free) if nvme_path else 0,
+                  nvme_read_bw=read_bw, nvme_write_bw=write_bw, nvme_path=nvme_path, **comm)
+    if gpus and torch.cuda.is_available():  # FLOP/s, pinned copies, NCCL: measured on the GPUs
+        fields.update(gpu_fields(name, devices, collectives=collectives))
+    return base.replace(**fields)

@@ -53,6 +53,10 @@ class PlanRequest:
     """'auto' (HiGHS, CBC fallback), 'highs' or 'cbc'."""
     time_limit_s: float = 10.0
     """Wall-time limit of each MIP solve."""
+    attention_fraction: float | None = None
+    """Packed documents: mean over packed sequences of sum(doc_len^2) / seq_len^2, the share
+    of a full causal seq_len x seq_len attention that document masking leaves (measured on
+    the tokenized data). None: no data statistics, assume one document per sequence (1.0)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -67,3 +71,6 @@ class PlanRequest:
             raise ValueError(f"solver: must be one of {SOLVERS}, got {self.solver!r}")
         if self.time_limit_s <= 0:
             raise ValueError(f"time_limit_s: must be positive, got {self.time_limit_s}")
+        if self.attention_fraction is not None and not 0 < self.attention_fraction <= 1:
+            raise ValueError(f"attention_fraction: must be in (0, 1], got "
+                             f"{self.attention_fraction}")

@@ -1,20 +1,38 @@
 """Chunked, sharded model states: ZeRO stages 0-3 over the dp x sp group, with CPU chunks.
 
-Each chunk (see chunks.py) keeps an fp32 master shard, its AdamW moments and a gradient shard
-on every rank of the sharding group; the parameters of the model are views into the chunk's
-full flat buffer. Stage 3 gathers a chunk before the first unit that uses it runs (forward and
+Each chunk (see chunks.py) keeps, on every rank of the sharding group, an fp32 master shard,
+its fp32 AdamW moments and an fp32 gradient shard; the model's parameters are views into the
+chunk's full flat buffer in the compute dtype (`ZeroConfig.compute_dtype`: fp32, or bf16 for
+mixed precision). Stage 3 gathers a chunk before the first unit that uses it runs (forward and
 backward, with the next unit's chunks prefetched asynchronously) and frees it after; gradients
 are reduce-scattered as soon as a whole chunk's gradients exist. Stages 0-2 keep the full
 parameters and differ in what is sharded (nothing; optimizer; optimizer and gradients).
+
+Mixed precision (as FSDP2's MixedPrecisionPolicy / DeepSpeed bf16): the backward produces
+gradients in the compute dtype; they are reduced in `ZeroConfig.reduce_dtype` and accumulated
+over microbatches in fp32; AdamW updates the fp32 master, whose value is then copied (cast)
+into the compute parameters: stages 0-2 refresh the full buffer (an all-gather in the compute
+dtype), stage 3 a persistent compute-dtype shard that later gathers read (ZeRO-3's
+"parameter partition"; in fp32 it is the master itself).
+
+    per rank, N parameters, group g     fp32 run       bf16 run
+    compute parameters (stages 0-2)     4N (= master)  2N full + fp32 master shard
+    compute parameters (stage 3)        4N/g (= master) 2N/g shard + fp32 master shard
+    gradients (stages 0-1 | 2-3)        4N | 4N/g      4N | 4N/g (fp32 accumulation)
+    moments                             8N/g (8N at stage 0)
+
 Chunks listed as CPU chunks keep master, moments and gradient shard in host memory; on a CPU
 machine that is the same memory, so the placement is tracked and reported as bytes by place.
 Told the step's learning rate before its backward (`begin_step`), a CPU chunk's AdamW update
 runs on a worker thread (cpu_optim.py) as soon as its gradient shard is final, overlapped with
 the rest of the backward; `step` then updates the other chunks and waits for those.
+On CUDA the gathers and reduce-scatters run on a side stream (`_SideStream`) ordered after
+the compute that produced their inputs, so they overlap the next unit's compute.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -23,8 +41,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from disttrain.parallel.chunks import ChunkLayout, decay_mask, execution_units, pack_chunks
+from disttrain.parallel.chunks import ChunkLayout, decay_ranges, execution_units, pack_chunks
 from disttrain.parallel.cpu_optim import EarlyCpuUpdates, adamw_
+
+FP32 = torch.float32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,41 +65,102 @@ class ZeroConfig:
     overlap_cpu_optimizer: bool = True
     """Update CPU chunks on a worker thread during the backward once their gradients are final
     (needs `begin_step`; never with gradient clipping). Off: every chunk updates in `step`."""
+    compute_dtype: torch.dtype = FP32
+    """Dtype of the parameters the model computes with and gathers in (fp32 or bf16)."""
+    reduce_dtype: torch.dtype = FP32
+    """Dtype gradients are reduced in over the group (accumulated in fp32 either way)."""
+    prefetch: int = 1
+    """Stage 3: execution units gathered ahead of the one running (0 or 1)."""
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: must be 0-3, got {self.stage}")
+        for name in ("compute_dtype", "reduce_dtype"):
+            if getattr(self, name) not in (FP32, torch.bfloat16):
+                raise ValueError(f"{name}: must be torch.float32 or torch.bfloat16, "
+                                 f"got {getattr(self, name)}")
+        if self.prefetch not in (0, 1):
+            raise ValueError(f"prefetch: must be 0 or 1, got {self.prefetch}")
+
+
+class _SideStream:
+    """Where collectives run. On CUDA: one side stream that first waits for the compute
+    stream (the inputs are ready), and that the compute stream waits for (`join`, or an
+    event per gather) before it reads the results — FSDP2's all-gather / reduce-scatter
+    streams. Elsewhere (CPU, gloo) a no-op: collectives run on the calling thread."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def after_compute(self):
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def event(self):
+        """An event marking the work queued on the side stream so far (None off CUDA)."""
+        return None if self.stream is None else self.stream.record_event()
+
+    def keep(self, tensor: torch.Tensor) -> None:
+        """`tensor` (allocated on the compute stream) is used by the side stream: its memory
+        must not be reused before the side stream's work is done."""
+        if self.stream is not None:
+            tensor.record_stream(self.stream)
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
 
 class _Chunk:
     def __init__(self, layout: ChunkLayout, shard_size: int, rank: int, on_cpu: bool,
-                 stage: int):
+                 stage: int, compute_dtype: torch.dtype):
         self.layout = layout
         self.on_cpu = on_cpu
         n = layout.numel // shard_size
-        self.full = torch.zeros(layout.numel)
+        device = layout.slots[0].param.device
+        home = torch.device("cpu") if on_cpu else device  # where master, moments, shard live
+        self.full = torch.zeros(layout.numel, dtype=compute_dtype, device=device)
+        init = self.full if compute_dtype == FP32 else torch.zeros(layout.numel, device=device)
         for slot in layout.slots:
-            self.full[slot.offset:slot.offset + slot.numel].copy_(slot.param.detach().flatten())
-            slot.param.data = self.full[slot.offset:slot.offset + slot.numel].view_as(slot.param)
+            part = slice(slot.offset, slot.offset + slot.numel)
+            init[part].copy_(slot.param.detach().flatten())  # the fp32 initial values
+            if init is not self.full:
+                self.full[part].copy_(init[part])
+            slot.param.data = self.full[part].view_as(slot.param)
         mine = slice(rank * n, (rank + 1) * n)
-        # Stages 0-2 keep the full parameters: the master shard is this rank's slice of them.
-        # Stage 3 frees the full buffer between uses, so its master is a copy.
-        self.master = self.full[mine].clone() if stage == 3 else self.full[mine]
+        # fp32 stages 0-2 keep the full parameters: the master shard is this rank's slice of
+        # them. Otherwise it is a copy: stage 3 frees the full buffer between uses, and in
+        # bf16 the full buffer holds the rounded compute copy.
+        shares = stage < 3 and compute_dtype == FP32 and home == device
+        self.master = self.full[mine] if shares else init[mine].to(home, copy=True)
+        # Stage 3 gathers from a persistent compute-dtype shard on the device (the master
+        # itself in fp32 off CPU chunks), refreshed after each update.
+        self.shard = None
+        if stage == 3:
+            self.shard = (self.master if compute_dtype == FP32 and home == device
+                          else self.master.to(device, compute_dtype, copy=True))
         # Stages 0-1 accumulate full gradients during the backward and reduce once per step;
         # this rank's gradient shard is then its slice. Stages 2-3 keep only the shard.
-        self.full_grad = torch.zeros(layout.numel) if stage <= 1 else None
-        self.grad = self.full_grad[mine] if stage <= 1 else torch.zeros(n)
-        self.exp_avg = torch.zeros(n)
-        self.exp_avg_sq = torch.zeros(n)
-        self.mask = decay_mask(layout)[mine]
+        # Gradients accumulate in fp32 whatever the compute dtype.
+        self.full_grad = torch.zeros(layout.numel, device=device) if stage <= 1 else None
+        self.grad = self.full_grad[mine] if stage <= 1 else torch.zeros(n, device=home)
+        self.exp_avg = torch.zeros(n, device=home)
+        self.exp_avg_sq = torch.zeros(n, device=home)
+        self.decay = decay_ranges(layout, mine.start, mine.stop)
         self.pending = len(layout.slots)
         self.backwards_owed = 0  # forwards (microbatches) that used it, gradients not reduced
         self.gathered = True
         self.work = None
+        self.event = None  # CUDA: the side-stream gather this chunk's users wait for
 
     @property
     def full_bytes(self) -> int:
-        return self.layout.numel * 4
+        return self.layout.numel * self.full.element_size()
 
 
 class ZeroModelStates:
@@ -99,7 +180,8 @@ class ZeroModelStates:
             raise ValueError(f"model_states.cpu_chunks: chunk {bad[0]} does not exist "
                              f"(the model packs into {len(layouts)} chunks)")
         self.chunks = [_Chunk(layout, shard_size, shard_rank, layout.index in config.cpu_chunks,
-                              config.stage) for layout in layouts]
+                              config.stage, config.compute_dtype) for layout in layouts]
+        self._side = _SideStream(self.chunks[0].full.device)
         self._chunk_of = {id(s.param): c for c in self.chunks for s in c.layout.slots}
         self.units = execution_units(model)
         self.unit_chunks = [[c for c in self.chunks if u in c.layout.units]
@@ -123,16 +205,23 @@ class ZeroModelStates:
         return self.config.stage < 3
 
     def _gather(self, chunk: _Chunk, async_op: bool = False) -> None:
+        """Fill the chunk's full compute-dtype buffer from the shards: stage 3 from the
+        persistent compute shard, stages 0-2 (after an update) from the fp32 master, cast."""
         if chunk.gathered or chunk.work is not None:
             return
-        chunk.full.untyped_storage().resize_(chunk.full_bytes)
-        if chunk.master.numel() == chunk.full.numel():  # unsharded: a copy (or the same tensor)
-            if chunk.master is not chunk.full:
-                chunk.full.copy_(chunk.master)
-        else:
-            chunk.work = dist.all_gather_single(chunk.full, chunk.master, group=self.group,
-                                                async_op=True)
-            self.comm_bytes["all_gather"] += chunk.master.numel() * 4 * (self.world - 1)
+        chunk.full.untyped_storage().resize_(chunk.full_bytes)  # on the compute stream
+        source = chunk.shard if chunk.shard is not None else chunk.master
+        with self._side.after_compute():
+            source = source.to(chunk.full.device, chunk.full.dtype)  # no copy when it is
+            if source.numel() == chunk.full.numel():  # unsharded: a copy (or the same tensor)
+                if source.data_ptr() != chunk.full.data_ptr():
+                    chunk.full.copy_(source)
+            else:
+                chunk.work = (dist.all_gather_single(chunk.full, source, group=self.group,
+                                                     async_op=True), source)
+                self.comm_bytes["all_gather"] += (source.numel() * source.element_size()
+                                                  * (self.world - 1))
+            chunk.event = self._side.event()
         chunk.gathered = True
         if not async_op:
             self._wait(chunk)
@@ -141,8 +230,11 @@ class ZeroModelStates:
     @staticmethod
     def _wait(chunk: _Chunk) -> None:
         if chunk.work is not None:
-            chunk.work.wait()
-            chunk.work = None
+            chunk.work[0].wait()
+            chunk.work = None  # the gather's source (a cast copy) may go now
+        if chunk.event is not None:
+            torch.cuda.current_stream(chunk.full.device).wait_event(chunk.event)
+            chunk.event = None
 
     def _release(self, chunk: _Chunk) -> None:
         if self._keeps_full or not chunk.gathered:
@@ -165,6 +257,8 @@ class ZeroModelStates:
             self._wait(chunk)
             if not backward and unit == min(chunk.layout.units) and torch.is_grad_enabled():
                 chunk.backwards_owed += 1  # once per forward, at the chunk's first unit
+        if not self.config.prefetch and prefetch is not None:
+            prefetch = -1  # gather each unit's chunks only when it runs
         if prefetch is not None and 0 <= prefetch < len(self.units) and not (
                 backward and isinstance(self.units[prefetch], nn.Embedding)):
             for chunk in self.unit_chunks[prefetch]:
@@ -205,21 +299,25 @@ class ZeroModelStates:
     def _reduce_chunk(self, chunk: _Chunk) -> None:
         """A chunk's gradients of this microbatch are complete: stages 0-1 add them to the
         full local gradient; stages 2-3 reduce-scatter them into the shard now."""
-        if chunk.full_grad is not None:
+        if chunk.full_grad is not None:  # fp32 accumulation of compute-dtype gradients
             for slot in chunk.layout.slots:
                 chunk.full_grad[slot.offset:slot.offset + slot.numel] += slot.param.grad.flatten()
                 slot.param.grad = None
         else:
-            flat = torch.zeros(chunk.layout.numel)
-            for slot in chunk.layout.slots:
-                flat[slot.offset:slot.offset + slot.numel].copy_(slot.param.grad.flatten())
-                slot.param.grad = None
-            if self.group is not None:
-                part = torch.empty(chunk.grad.numel())
-                dist.reduce_scatter_single(part, flat, group=self.group)
-                self.comm_bytes["reduce_scatter"] += part.numel() * 4 * (self.world - 1)
-                flat = part.div_(self.world)
-            chunk.grad += flat
+            with self._side.after_compute():
+                flat = torch.zeros(chunk.layout.numel, dtype=self.config.reduce_dtype,
+                                   device=chunk.full.device)
+                for slot in chunk.layout.slots:
+                    flat[slot.offset:slot.offset + slot.numel].copy_(slot.param.grad.flatten())
+                    self._side.keep(slot.param.grad)
+                    slot.param.grad = None
+                if self.group is not None:
+                    part = torch.empty(chunk.grad.numel(), dtype=flat.dtype, device=flat.device)
+                    dist.reduce_scatter_single(part, flat, group=self.group)
+                    self.comm_bytes["reduce_scatter"] += (part.numel() * part.element_size()
+                                                          * (self.world - 1))
+                    flat = part.to(FP32).div_(self.world)
+                chunk.grad += flat.to(chunk.grad.device, FP32)
         chunk.pending = len(chunk.layout.slots)
         chunk.backwards_owed = max(0, chunk.backwards_owed - 1)
         self._release(chunk)
@@ -240,19 +338,27 @@ class ZeroModelStates:
                         slot.param.grad = torch.zeros_like(slot.param)
                 self._reduce_chunk(chunk)
             chunk.backwards_owed = 0  # every backward of the step has run
+        reduce_dtype = self.config.reduce_dtype
         for chunk in self.chunks:
             if self.group is not None and self.config.stage == 0:
-                dist.all_reduce(chunk.full_grad, group=self.group)
-                self.comm_bytes["all_reduce"] += (2 * chunk.full_bytes * (self.world - 1)
-                                                  // self.world)
+                sent = chunk.full_grad.to(reduce_dtype)  # the same tensor in fp32
+                dist.all_reduce(sent, group=self.group)
+                self.comm_bytes["all_reduce"] += (2 * sent.numel() * sent.element_size()
+                                                  * (self.world - 1) // self.world)
+                if sent is not chunk.full_grad:
+                    chunk.full_grad.copy_(sent)
                 chunk.grad.div_(self.world)
             elif self.group is not None and self.config.stage == 1:
-                part = torch.empty(chunk.grad.numel())
-                dist.reduce_scatter_single(part, chunk.full_grad, group=self.group)
-                self.comm_bytes["reduce_scatter"] += part.numel() * 4 * (self.world - 1)
+                part = torch.empty(chunk.grad.numel(), dtype=reduce_dtype,
+                                   device=chunk.full_grad.device)
+                dist.reduce_scatter_single(part, chunk.full_grad.to(reduce_dtype),
+                                           group=self.group)
+                self.comm_bytes["reduce_scatter"] += (part.numel() * part.element_size()
+                                                      * (self.world - 1))
                 chunk.grad.copy_(part)
                 chunk.grad.div_(self.world)
             self._grad_final(chunk)
+        self._side.join()  # the gradient shards are read next (norm, update)
 
     def _grad_final(self, chunk: _Chunk) -> None:
         """`chunk`'s gradient shard will not change before the step: a CPU chunk of an
@@ -315,9 +421,13 @@ class ZeroModelStates:
                 self._gather(chunk)
 
     def _update(self, chunk: _Chunk, lr: float, step: int) -> None:
-        adamw_(chunk.master, chunk.grad, chunk.exp_avg, chunk.exp_avg_sq, chunk.mask, lr=lr,
+        """AdamW on the fp32 master shard; stage 3 then refreshes its compute-dtype shard
+        (stages 0-2 refresh the full parameters in `step`)."""
+        adamw_(chunk.master, chunk.grad, chunk.exp_avg, chunk.exp_avg_sq, chunk.decay, lr=lr,
                step=step, betas=self.config.betas, eps=self.config.eps,
                weight_decay=self.config.weight_decay)
+        if chunk.shard is not None and chunk.shard is not chunk.master:
+            chunk.shard.copy_(chunk.master)
 
     def optimizer_stats(self) -> dict:
         """The last step's optimizer seconds, overlapped and exposed (`EarlyCpuUpdates.finish`)."""
@@ -329,20 +439,32 @@ class ZeroModelStates:
         self.peak_gathered_bytes = max(self.peak_gathered_bytes, gathered)
 
     def bytes_by_place(self) -> dict[str, dict[str, int]]:
-        """Resident model-state bytes of this rank: {'device'|'cpu': {category: bytes}}."""
+        """Resident model-state bytes of this rank: {'device'|'cpu': {category: bytes}}.
+        `parameters`: the compute parameters (stage 3: its compute shard + the chunks
+        gathered now); `optimizer`: the moments and, when it is a separate copy in a bf16
+        run, the fp32 master; `gradients`: the fp32 gradient buffers."""
         out = {place: {"parameters": 0, "gradients": 0, "optimizer": 0}
                for place in ("device", "cpu")}
+        mixed = self.config.compute_dtype != FP32
+
+        def nbytes(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
         for chunk in self.chunks:
             place = "cpu" if chunk.on_cpu else "device"
-            out[place]["optimizer"] += 2 * chunk.exp_avg.numel() * 4
-            if self.config.stage == 3:  # master shard + gathered full buffers (transient)
-                out[place]["parameters"] += chunk.master.numel() * 4
+            out[place]["optimizer"] += nbytes(chunk.exp_avg) + nbytes(chunk.exp_avg_sq)
+            grads = chunk.full_grad if chunk.full_grad is not None else chunk.grad
+            out["device" if chunk.full_grad is not None else place]["gradients"] += nbytes(grads)
+            if chunk.shard is not None:  # stage 3: compute shard + gathered full buffer
                 out["device"]["parameters"] += chunk.full_bytes if chunk.gathered else 0
-                out[place]["gradients"] += chunk.grad.numel() * 4
-            else:  # the full parameters (the master is a slice of them)
-                out[place]["parameters"] += chunk.full_bytes
-                grads = chunk.full_grad if chunk.full_grad is not None else chunk.grad
-                out[place]["gradients"] += grads.numel() * 4
+                if chunk.shard is not chunk.master:
+                    out["device"]["parameters"] += nbytes(chunk.shard)
+            else:
+                out["device"]["parameters"] += chunk.full_bytes
+            shares_full = (chunk.master.untyped_storage().data_ptr()
+                           == chunk.full.untyped_storage().data_ptr())
+            if not shares_full or not self._keeps_full:
+                out[place]["optimizer" if mixed else "parameters"] += nbytes(chunk.master)
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -382,6 +504,8 @@ class ZeroModelStates:
             if key != "optim.step" and saved.data_ptr() != live.local.data_ptr():
                 live.local.copy_(saved)
         for chunk in self.chunks:
+            if chunk.shard is not None and chunk.shard is not chunk.master:
+                chunk.shard.copy_(chunk.master)
             if self._keeps_full:
                 chunk.gathered = False
                 self._gather(chunk)

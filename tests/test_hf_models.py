@@ -328,30 +328,44 @@ def test_zero3_two_rank_run_exports_to_transformers(tmp_path):
                                rtol=0, atol=1e-5)
 
 
-def test_example_makes_a_model_that_trains_and_exports(tmp_path):
+def _example_worker(rank, world, raw, base_dir, plan_dict):
+    trainer = Trainer(job_from_dict(raw, base_dir=Path(base_dir)), Plan.from_dict(plan_dict))
+    trainer.run()
+    return trainer.runtime.states.full_state_dict()
+
+
+@pytest.mark.slow
+def test_example_makes_a_model_that_fine_tunes_with_a_swapping_plan_and_exports(tmp_path):
+    """examples/: make the model, plan (it swaps), train on 2 ranks (sp 2 ring, packed
+    documents), export, reload in transformers."""
     import subprocess
     import sys
 
     import yaml
 
     from conftest import ROOT
+    from disttrain.planning import resolve_plan
 
-    script = ROOT / "examples" / "make_tiny_hf_model.py"
-    subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "tiny-hf")], check=True,
+    script, example = ROOT / "examples" / "make_tiny_hf_model.py", ROOT / "examples"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "model")], check=True,
                    capture_output=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
-    raw = yaml.safe_load((ROOT / "examples" / "hf-finetune.yaml").read_text())
-    raw["train"].update(steps=1, warmup_steps=0, checkpoint_every=0)
+    raw = yaml.safe_load((example / "hf-finetune.yaml").read_text())
+    raw["model"]["hf"] = str(tmp_path / "model")
+    raw["train"].update(steps=2, checkpoint_every=0)
     raw["output_dir"] = str(tmp_path / "run")
-    job = job_from_dict(raw, base_dir=tmp_path)
+    job = job_from_dict(raw, base_dir=example)
     assert job.shape.rope_scaling == "llama3" and job.hf.family == "llama"
     tok = load_tokenizer(job.hf.path)
     assert job.shape.vocab_size == tok.vocab_size and tok.encode("a")[0] == tok.bos_id
-    trainer = Trainer(job)
-    trainer.run()
+    plan = resolve_plan(job, 2)
+    assert plan.parallel.sp == 2 and any(a.swap_fraction > 0 for a in plan.activations)
+    full, _ = spawn_ranks(_example_worker, 2, raw, str(example), plan.to_dict())
     export_hf(tmp_path / "run", tmp_path / "out")
+    ours = build_model(job.shape)
+    ours.load_state_dict(full)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokens = TOKENS % job.shape.vocab_size
-    torch.testing.assert_close(logits_of(reloaded, tokens), logits_of(trainer.model, tokens),
+    torch.testing.assert_close(logits_of(reloaded, tokens), logits_of(ours, tokens),
                                rtol=0, atol=1e-5)
 
 

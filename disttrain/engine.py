@@ -298,8 +298,10 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
     pipeline = None
     if par.pp > 1:
         if job.shape.tie_embeddings:
-            raise SpecError("model.tie_embeddings: not supported with parallel.pp > 1 (the "
-                            "tied gradient would have to be summed across stages inside ZeRO)")
+            field = ("model.hf: config.json tie_word_embeddings" if job.hf is not None
+                     else "model.tie_embeddings")
+            raise SpecError(f"{field}: not supported with parallel.pp > 1 (the tied gradient "
+                            f"would have to be summed across stages inside ZeRO)")
         pipeline = PipelineRunner(model, groups, PipelineConfig.from_plan(par),
                                   loss_chunk_tokens=plan.tiling.loss_chunk_tokens)
         model = pipeline.module  # this rank's stage(s); the other stages' layers are freed

@@ -336,9 +336,12 @@ def _hf_source(spec: JobSpec, base_dir: Path):
     if given:
         raise SpecError(f"model.{given[0]}: not allowed with model.hf (the shape comes from its "
                         f"config.json)")
-    from disttrain.model.hf_config import read_hf_source  # imports torch: only when used
+    from disttrain.model.hf_config import HfConfigError, read_hf_source  # imports torch
 
-    return read_hf_source(_resolve(spec.model.hf, base_dir), seq_len=spec.train.seq_len)
+    try:
+        return read_hf_source(_resolve(spec.model.hf, base_dir), seq_len=spec.train.seq_len)
+    except HfConfigError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def _hardware(section: ClusterSection, base_dir: Path) -> HardwareSpec:

@@ -1,13 +1,12 @@
 """Make a small local Hugging Face-format Llama to fine-tune with examples/hf-finetune.yaml.
 
-Nothing is downloaded: a byte-level BPE tokenizer is trained with the `tokenizers` library on
-disttrain's bundled corpus, and a Llama 3-style model (llama3 RoPE scaling, grouped-query
-attention) with random weights is built from `transformers.LlamaConfig`. Writes
+Nothing is downloaded: a byte-level BPE tokenizer (BOS added in front, as Llama 3's) is trained
+with the `tokenizers` library on disttrain's bundled corpus, and a Llama 3-style model (llama3
+RoPE scaling, grouped-query attention) with random weights is built from
+`transformers.LlamaConfig`. Writes OUT/ with config.json, generation_config.json,
+model.safetensors, tokenizer.json, tokenizer_config.json and special_tokens_map.json.
 
-    OUT/model/       config.json, model.safetensors, tokenizer.json, tokenizer_config.json, ...
-    OUT/tokens.npy   the corpus tokenized with that tokenizer (paragraphs joined by EOS)
-
-Usage: python examples/make_tiny_hf_model.py [--out examples/tiny-hf] [--seed 0]
+Usage: python examples/make_tiny_hf_model.py [--out examples/tiny-hf-model] [--seed 0]
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -56,20 +54,15 @@ def make_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalL
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "tiny-hf")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "tiny-hf-model")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    docs = corpus_documents()
-    tokenizer = make_tokenizer(docs)
+    tokenizer = make_tokenizer(corpus_documents())
     model = make_model(tokenizer, args.seed)
-    model_dir = args.out / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    ids = [i for doc in docs for i in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]]
-    np.save(args.out / "tokens.npy", np.asarray(ids, dtype=np.int32))
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
     params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {model_dir} ({params / 1e6:.2f}M params, vocab {len(tokenizer)}) and "
-          f"{args.out / 'tokens.npy'} ({len(ids)} tokens)")
+    print(f"wrote {args.out} ({params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)})")
 
 
 if __name__ == "__main__":

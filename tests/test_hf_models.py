@@ -181,6 +181,26 @@ def test_export_of_a_preset_run_is_a_llama(tmp_path, write_spec):
     bad = run_cli("export", run, "--step", "5", "--hf", tmp_path / "out2")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --step:"), bad.stderr
 
+    export_hf(run, tmp_path / "bf16", dtype="bf16")  # weights rounded once, config says so
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.model.embed_tokens.weight,
+                               trainer.model.embed.weight.detach().bfloat16(), rtol=0, atol=0)
+
+
+def test_bf16_checkpoint_loads_into_fp32_master_weights(tmp_path):
+    hf_dir = tmp_path / "hf"
+    make_hf_dir(tmp_path / "fp32", "mistral")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fp32").to(torch.bfloat16).save_pretrained(
+        hf_dir)
+    job = job_from_dict(spec(hf_dir, tmp_path / "run"))
+    ours = build_model(job.shape)
+    load_hf_weights(ours, hf_dir)
+    assert ours.embed.weight.dtype == torch.float32
+    theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits_of(ours, TOKENS), logits_of(theirs, TOKENS),
+                               rtol=0, atol=1e-5)
+
 
 def test_plan_uses_the_shape_of_the_config(tmp_path):
     from planner.search import plan_job
@@ -308,30 +328,44 @@ def test_zero3_two_rank_run_exports_to_transformers(tmp_path):
                                rtol=0, atol=1e-5)
 
 
-def test_example_makes_a_model_that_trains_and_exports(tmp_path):
+def _example_worker(rank, world, raw, base_dir, plan_dict):
+    trainer = Trainer(job_from_dict(raw, base_dir=Path(base_dir)), Plan.from_dict(plan_dict))
+    trainer.run()
+    return trainer.runtime.states.full_state_dict()
+
+
+@pytest.mark.slow
+def test_example_makes_a_model_that_fine_tunes_with_a_swapping_plan_and_exports(tmp_path):
+    """examples/: make the model, plan (it swaps), train on 2 ranks (sp 2 ring, packed
+    documents), export, reload in transformers."""
     import subprocess
     import sys
 
     import yaml
 
     from conftest import ROOT
+    from disttrain.planning import resolve_plan
 
-    script = ROOT / "examples" / "make_tiny_hf_model.py"
-    subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "tiny-hf")], check=True,
+    script, example = ROOT / "examples" / "make_tiny_hf_model.py", ROOT / "examples"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "model")], check=True,
                    capture_output=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
-    raw = yaml.safe_load((ROOT / "examples" / "hf-finetune.yaml").read_text())
-    raw["train"].update(steps=1, warmup_steps=0, checkpoint_every=0)
+    raw = yaml.safe_load((example / "hf-finetune.yaml").read_text())
+    raw["model"]["hf"] = str(tmp_path / "model")
+    raw["train"].update(steps=2, checkpoint_every=0)
     raw["output_dir"] = str(tmp_path / "run")
-    job = job_from_dict(raw, base_dir=tmp_path)
+    job = job_from_dict(raw, base_dir=example)
     assert job.shape.rope_scaling == "llama3" and job.hf.family == "llama"
     tok = load_tokenizer(job.hf.path)
     assert job.shape.vocab_size == tok.vocab_size and tok.encode("a")[0] == tok.bos_id
-    trainer = Trainer(job)
-    trainer.run()
+    plan = resolve_plan(job, 2)
+    assert plan.parallel.sp == 2 and any(a.swap_fraction > 0 for a in plan.activations)
+    full, _ = spawn_ranks(_example_worker, 2, raw, str(example), plan.to_dict())
     export_hf(tmp_path / "run", tmp_path / "out")
+    ours = build_model(job.shape)
+    ours.load_state_dict(full)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokens = TOKENS % job.shape.vocab_size
-    torch.testing.assert_close(logits_of(reloaded, tokens), logits_of(trainer.model, tokens),
+    torch.testing.assert_close(logits_of(reloaded, tokens), logits_of(ours, tokens),
                                rtol=0, atol=1e-5)
 
 
@@ -346,9 +380,14 @@ def _losses_worker(rank, world, raw, plan_dict):
 ], ids=["pp2-llama3", "sp2-ring-qwen2"])
 def test_hf_model_under_pp_and_sp_matches_single_process(tmp_path, family, parallel):
     hf_dir = make_hf_dir(tmp_path / "hf", family)
-    reference = Trainer(job_from_dict(spec(hf_dir, tmp_path / "ref"))).run().losses
+    single = Trainer(job_from_dict(spec(hf_dir, tmp_path / "ref")))
+    reference = single.run().losses
     raw = spec(hf_dir, tmp_path / "par", cluster={"devices_per_node": 2}, parallel=parallel,
                launch={"launcher": "torchrun"})
     plan = fixed_plan(job_from_dict(raw), 2)
     for losses in spawn_ranks(_losses_worker, 2, raw, plan.to_dict()):
         assert losses == pytest.approx(reference, rel=1e-5, abs=0)
+    export_hf(tmp_path / "par", tmp_path / "out")  # the pipeline / sequence-parallel checkpoint
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits_of(reloaded, TOKENS), logits_of(single.model, TOKENS),
+                               rtol=0, atol=1e-4)  # fp32 reduction order of the parallel run

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from disttrain.model.hf_config import (FIELD, HfSource, config_from_shape, hf_names,
-                                       read_hf_source, safetensors_files)
+from disttrain.model.hf_config import (FIELD, HfConfigError, HfSource, config_from_shape,
+                                       hf_names, read_hf_source, safetensors_files)
 from disttrain.spec import SpecError
 from planner.shapes import ModelShape
 
-__all__ = ["HfSource", "HfTokenizer", "TOKENIZER_FILES", "config_from_shape",
+__all__ = ["HfConfigError", "HfSource", "HfTokenizer", "TOKENIZER_FILES", "config_from_shape",
            "hf_state_dict", "load_hf_weights", "load_tokenizer", "read_hf_source"]
 
 
@@ -35,7 +35,10 @@ def load_hf_weights(model: nn.Module, path: Path) -> None:
     names = hf_names(model.shape)
     params = dict(model.named_parameters())
     assert set(params) == set(names), sorted(set(params) ^ set(names))
-    files = safetensors_files(path)
+    try:
+        files = safetensors_files(path)
+    except HfConfigError as exc:  # checked at spec time; the directory changed since
+        raise SpecError(str(exc)) from None
     by_file: dict[Path, list[str]] = {}
     for ours in names:
         by_file.setdefault(files[names[ours]], []).append(ours)

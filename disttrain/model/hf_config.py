@@ -2,11 +2,12 @@
 
 A supported config maps onto disttrain's Llama-family model exactly; any field whose value
 would make the HF model compute something else (another RoPE scaling, an activation other
-than SiLU, a sliding window that cuts into the training sequence, ...) is refused with a
-SpecError naming `model.hf` and the config field — never a silently different model.
+than SiLU, a sliding window that cuts into the training sequence, ...) is refused with an
+HfConfigError naming `model.hf` and the config field — never a silently different model.
 
-Also reads the safetensors headers (8-byte length + JSON; no tensor bytes, no torch) so a
-shape mismatch between config.json and the weights is caught when the spec is loaded.
+HfConfigError is a ValueError; the spec turns it into its SpecError (so this module does not
+import the spec). Also reads the safetensors headers (8-byte length + JSON: no tensor bytes, no
+torch) so a shape mismatch between config.json and the weights is caught when the spec loads.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from disttrain.spec import SpecError
 from planner.shapes import ModelShape
 
 FIELD = "model.hf"
@@ -55,13 +55,17 @@ class HfSource:
         return self.config["model_type"]
 
 
-def _err(message: str) -> SpecError:
-    return SpecError(f"{FIELD}: {message}")
+class HfConfigError(ValueError):
+    """A model.hf directory that cannot be used: one line starting with the YAML path."""
+
+
+def _err(message: str) -> HfConfigError:
+    return HfConfigError(f"{FIELD}: {message}")
 
 
 def read_hf_source(path: Path, *, seq_len: int) -> HfSource:
     """Read and check `path`/config.json and the safetensors headers for training sequences of
-    `seq_len` tokens; raises SpecError naming the field that is not supported."""
+    `seq_len` tokens; raises HfConfigError naming the field that is not supported."""
     if not path.is_dir():
         raise _err(f"{path} is not a directory")
     config_path = path / "config.json"
@@ -77,7 +81,7 @@ def read_hf_source(path: Path, *, seq_len: int) -> HfSource:
 
 
 def shape_from_config(config: dict, *, seq_len: int) -> ModelShape:
-    """The ModelShape of a supported HF config (SpecError otherwise)."""
+    """The ModelShape of a supported HF config (HfConfigError otherwise)."""
     family = config.get("model_type")
     if family not in FAMILIES:
         supported = ", ".join(f"{k} ({v})" for k, v in FAMILIES.items())
@@ -110,7 +114,7 @@ def shape_from_config(config: dict, *, seq_len: int) -> ModelShape:
 
 
 def _check_unsupported(family: str, cfg: dict, seq_len: int) -> None:
-    def refuse(key: str, supported: str) -> SpecError:
+    def refuse(key: str, supported: str) -> HfConfigError:
         return _err(f"config.json {key} = {cfg[key]!r} is not supported; supported: {supported}")
 
     if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
@@ -178,7 +182,7 @@ def _check_seq_len(shape: ModelShape, seq_len: int) -> None:
     if seq_len <= shape.max_seq_len:
         return
     if shape.rope_scaling == "none":
-        raise SpecError(f"train.seq_len: {seq_len} exceeds max_position_embeddings "
+        raise HfConfigError(f"train.seq_len: {seq_len} exceeds max_position_embeddings "
                         f"({shape.max_seq_len}) of the {FIELD} config.json and the model has "
                         f"no RoPE scaling; train at most {shape.max_seq_len} tokens")
     print(f"warning: train.seq_len {seq_len} exceeds max_position_embeddings "

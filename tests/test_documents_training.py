@@ -131,6 +131,7 @@ def test_documents_loss_on_layouts_resume_and_tensorboard(tmp_path):
             results = [_run(spec, plan, resume=True)]
         else:
             results = spawn_ranks(_worker, world, spec, plan.to_dict(), None, True)
-        for losses, params, _ in results:
+        for losses, params, valid in results:
             assert losses == pytest.approx(ref_losses[2:], **TOL), name
+            assert valid[-1] == pytest.approx(ref_valid[-1], **TOL), name  # ZeRO-3 eval
             _assert_params(params, ref_params)

@@ -119,23 +119,31 @@ def test_without_documents_the_documents_differ():
     assert abs(loss.item() - ref_loss.item()) > 1e-4
 
 
-@pytest.mark.parametrize("policy", ["recompute", "swap_half_cpu", "swap_all_and_outputs"])
+@pytest.mark.parametrize("policy", ["recompute", "swap_half_cpu", "swap_all_and_outputs",
+                                    "swap_all_nvme"])
 def test_swap_and_token_recompute_keep_documents(policy, tmp_path):
+    """The document ids travel in the core's saved tensors: kept, or swapped with the
+    attention output (an int tensor in the CPU or NVMe store)."""
     from offload.engine import CopyEngineConfig, create_engine
     from offload.policy import apply_activation_policy
-    from offload.stores import CpuStore, CpuStoreConfig
+    from offload.stores import CpuStore, CpuStoreConfig, NvmeStore, NvmeStoreConfig
 
     layers = {"recompute": Layer(swap_fraction=0.0),
               "swap_half_cpu": Layer(swap_fraction=0.5),
               "swap_all_and_outputs": Layer(swap_fraction=1.0, swap_input=True,
-                                            swap_attention_output=True)}[policy]
+                                            swap_attention_output=True),
+              "swap_all_nvme": Layer(swap_fraction=1.0, tier="nvme", swap_input=True,
+                                     swap_attention_output=True)}[policy]
     ref_loss, ref_grads = _packed_model_reference()
     engine = create_engine(CopyEngineConfig(backend="python"))
     try:
         model = build_model(SHAPE, seed=3)
+        nvme = NvmeStoreConfig(path=str(tmp_path / "nvme"), budget_bytes=64 << 20,
+                               run_id="docs")
         runtime = apply_activation_policy(
             model, [layers] * SHAPE.num_layers,
-            stores={"cpu": CpuStore(CpuStoreConfig(budget_bytes=64 << 20), engine)})
+            stores={"cpu": CpuStore(CpuStoreConfig(budget_bytes=64 << 20), engine),
+                    "nvme": NvmeStore(nvme, engine)})
         loss = _packed_loss(model, *packed_row(SHAPE.vocab_size))
         loss.backward()
         runtime.close()

@@ -1,6 +1,6 @@
 """Training on packed documents through the trainer: the loss is the mean over the valid tokens
 of the global batch on any layout (dp x sp, ranks whose tokens are all masked included), a
-run resumes on another layout, and TensorBoard gets the step metrics."""
+run resumes on another layout, pp2 trains the same, and TensorBoard gets the step metrics."""
 
 from __future__ import annotations
 
@@ -117,6 +117,13 @@ def test_documents_loss_on_layouts_resume_and_tensorboard(tmp_path):
         assert valid[1] == pytest.approx(ref_valid[1], **TOL)
         _assert_params(params, ref_params)
 
+    # pp2 (1F1B over 4 microbatches; validation is not supported with a pipeline)
+    spec = _spec(tmp_path, "pp2", 2, dp=1, sp=1, pp=2, zero_stage=1)
+    spec["train"]["eval_every"] = 0
+    for losses, _, _ in spawn_ranks(_worker, 2, spec,
+                                    fixed_plan(job_from_dict(spec), 2).to_dict()):
+        assert losses == pytest.approx(ref_losses, **TOL)
+
     # trained 2 steps on dp2 (ZeRO-2), resumed on 1 rank and on sp2 (Ulysses)
     spec = _spec(tmp_path, "dp2", 2, dp=2, sp=1, pp=1, zero_stage=2)
     first = spawn_ranks(_worker, 2, spec, fixed_plan(job_from_dict(spec), 2).to_dict(), 2)
@@ -131,6 +138,7 @@ def test_documents_loss_on_layouts_resume_and_tensorboard(tmp_path):
             results = [_run(spec, plan, resume=True)]
         else:
             results = spawn_ranks(_worker, world, spec, plan.to_dict(), None, True)
-        for losses, params, _ in results:
+        for losses, params, valid in results:
             assert losses == pytest.approx(ref_losses[2:], **TOL), name
+            assert valid[-1] == pytest.approx(ref_valid[-1], **TOL), name  # ZeRO-3 eval
             _assert_params(params, ref_params)

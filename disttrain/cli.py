@@ -51,8 +51,24 @@ def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
         profile = profile_on_ray(job, args.address or job.spec.launch.ray_address)
     elif args.address is not None:
         raise SpecError("--address: only used with --launcher ray")
-    plan = plan_job(job.plan_request(), profile)
     out = Path(args.out) if args.out else job.output_dir / "plan"
+    from planner.trial import corrections_path, load_corrections
+
+    corrections_file = corrections_path(args.profile, out)
+    corrections = load_corrections(corrections_file)  # measured by earlier --trial runs
+    plan = plan_job(job.plan_request(), profile, corrections=corrections)
+    if args.trial and plan.feasible:
+        from disttrain.trial import trial_and_rerank
+
+        plan, rows = trial_and_rerank(
+            job, plan, args.trial, steps=args.trial_steps, corrections_file=corrections_file,
+            applied=corrections,
+            plan_fn=lambda r: plan_job(r, profile, corrections=corrections, with_layout=False))
+        for row in rows:
+            print(f"trial {row['layout']}: predicted {row['predicted_s']:.3f} s, measured "
+                  f"{row['measured_s']:.3f} s ({row['error']:+.0%})", file=sys.stderr)
+        print(f"trial: chose {rows[min(range(len(rows)), key=lambda i: rows[i]['measured_s'])]['layout']}"
+              f"; corrections in {corrections_file}", file=sys.stderr)
     paths = write_report(plan, out)
     if args.json:
         print(plan.to_json())
@@ -226,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "plan.json and print what of the plan they cannot express")
     p.add_argument("--launcher", choices=("local", "ray"), default="local",
                    help="ray: profile one layer on a Ray worker first, then plan with it")
+    p.add_argument("--trial", type=int, default=0, metavar="K",
+                   help="run the K best plans a few steps on this machine, keep the fastest "
+                        "measured, store measured/predicted corrections beside the profile")
+    p.add_argument("--trial-steps", type=int, default=3, metavar="N",
+                   help="timed steps per trial (after one warm-up step)")
     p.add_argument("--address", help="Ray cluster to profile on with --launcher ray (default: "
                                      "launch.ray_address, else an embedded Ray on 127.0.0.1)")
     p.set_defaults(run=_cmd_plan)

@@ -24,6 +24,7 @@ from planner.mip import NoSolution, StageEvaluation, StageProblem, StageSolution
 from planner.plan import (LayerActivationPlan, ModelStatePlan, ParallelPlan, Plan, Prediction,
                           SolverInfo, TilingPlan)
 from planner.request import PlanRequest
+from planner.trial import layout_key
 from planner.shapes import DTYPE_BYTES
 
 LAYOUT_TIME_LIMIT_S = 2.0
@@ -46,7 +47,7 @@ def _unchunked_states_bytes(request: PlanRequest, cand: Candidate) -> float:
     return sum(model_state_bytes(lightest, request.dtype, cand.zero_stage, cand.shard_group).values())
 
 
-def _quick_upper_bound(ranked: list) -> float:
+def _quick_upper_bound(ranked: list, corrections: dict[str, float]) -> float:
     """The best step time of simple policies over every ranked candidate (inf: none fits):
     a feasible plan's time, so layouts whose lower bound exceeds it need no MIP."""
     best = math.inf
@@ -55,7 +56,8 @@ def _quick_upper_bound(ranked: list) -> float:
             continue
         evaluations = [quick_stage_bound(s.problem) for s in setups]
         if all(ev is not None for ev in evaluations):
-            best = min(best, compose_step(cand, setups, evaluations).total)
+            factor = corrections.get(layout_key(cand), 1.0)
+            best = min(best, factor * compose_step(cand, setups, evaluations).total)
     return best
 
 
@@ -135,8 +137,16 @@ def _infeasible_reason(problem: StageProblem, setup: StageSetup, index: int, sta
             f"(solver: {status})", max(1.0, 0.01 * setup.min_device_bytes))
 
 
+def _corrected(step: StepTime, factor: float) -> StepTime:
+    """A step time scaled by a measured correction (every part alike)."""
+    if factor == 1.0:
+        return step
+    return StepTime(**{k: v * factor for k, v in step.to_dict().items()})
+
+
 def search(request: PlanRequest, *, profile=None, params: CostParams | None = None,
-           gap_rel: float = 5e-3) -> tuple[Outcome | None, list[dict], dict]:
+           gap_rel: float = 5e-3, corrections: dict[str, float] | None = None
+           ) -> tuple[Outcome | None, list[dict], dict]:
     """Run the outer search; (best outcome or None, rejected, summary of the solves).
 
     A `profile` supplies measured bytes per token, and layer times when it was taken on the
@@ -162,12 +172,13 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
         if why:
             rejected.append({"candidate": cand.to_dict(), "reason": why[0], "shortfall_bytes": why[1]})
             continue
-        ranked.append((_lower_bound(cand, setups), cand, tuple(setups), tiling))
+        factor = min(1.0, (corrections or {}).get(layout_key(cand), 1.0))
+        ranked.append((factor * _lower_bound(cand, setups), cand, tuple(setups), tiling))
     ranked.sort(key=lambda item: item[0])
     best: Outcome | None = None
     cache: dict[StageProblem, StageSolution | NoSolution] = {}
     summary = {"solves": 0, "backend": "none", "statuses": [], "gaps": [], "notes": notes}
-    upper = _quick_upper_bound(ranked)
+    upper = _quick_upper_bound(ranked, corrections or {})
     start = time.perf_counter()
     for bound, cand, setups, tiling in ranked:
         target = min(upper, best.step.total) if best is not None else upper
@@ -204,7 +215,8 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
             rejected.append({"candidate": cand.to_dict(), "reason": failure[0], "shortfall_bytes": failure[1]})
             continue
         evaluations = [s.evaluation for s in solutions]
-        step = compose_step(cand, setups, evaluations)
+        step = _corrected(compose_step(cand, setups, evaluations),
+                          (corrections or {}).get(layout_key(cand), 1.0))
         worst_mem = max(range(len(setups)), key=lambda i: evaluations[i].device_bytes)
         outcome = Outcome(cand=cand, setups=setups, solutions=tuple(solutions), tiling=tiling,
                           step=step, worst_memory_stage=worst_mem)
@@ -260,7 +272,7 @@ def _status_text(statuses: list[str]) -> str:
 
 
 def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = None,
-             with_layout: bool = True) -> Plan:
+             with_layout: bool = True, corrections: dict[str, float] | None = None) -> Plan:
     """Plan `request`: the fastest feasible layout and policy, or feasible=False with reasons.
 
     `profile` is a `planner.profiler.LayerProfile` for the same shape and dtype: its measured
@@ -269,7 +281,8 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
     """
     start = time.perf_counter()
     params = params or CostParams()
-    best, rejected, summary = search(request, profile=profile, params=params)
+    best, rejected, summary = search(request, profile=profile, params=params,
+                                     corrections=corrections)
     hw, shape = request.hardware, request.model
     ordered = sorted(rejected, key=lambda r: (r["shortfall_bytes"] is None, r["shortfall_bytes"] or 0.0))
     common = dict(model=shape.to_dict(), dtype=request.dtype, seq_len=request.seq_len,

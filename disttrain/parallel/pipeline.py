@@ -137,6 +137,9 @@ class StageModule(nn.Module):
         self.layers = LayerRange({i: model.layers[i] for i in range(start, end)})
         self.norm = model.norm if self.is_last else None
         self.head = model.head if self.is_last else None
+        self.tensor_parallel = getattr(model, "tensor_parallel", None)
+        """Under tensor parallelism the last stage returns the normed hidden shard and the
+        loss function applies the vocabulary-parallel head."""
         self.positions_S: torch.Tensor | None = None
         """Absolute positions of this rank's tokens; set by the runner before each step."""
 
@@ -151,6 +154,8 @@ class StageModule(nn.Module):
             x = layer(x, cos, sin)
         if not self.is_last:
             return x
+        if self.tensor_parallel is not None:
+            return self.norm(x)
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(self.norm(x), weight)
 

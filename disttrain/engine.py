@@ -36,8 +36,8 @@ from disttrain.parallel.chunks import num_layer_chunks, pack_chunks, plan_chunk_
 from disttrain.parallel.pipeline import PipelineConfig, PipelineRunner, split_stages
 from disttrain.parallel.sequence import apply_sequence_parallel, sequence_positions, shard_sequence
 from disttrain.parallel.sp_core import SequenceParallelCore
-from disttrain.parallel.tensor import (apply_tensor_parallel, tp_checkpoint_state,
-                                       vocab_parallel_lm_loss)
+from disttrain.parallel.tensor import (TensorParallel, apply_tensor_parallel,
+                                       tp_checkpoint_state, vocab_parallel_lm_loss)
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import Job, SpecError
 from disttrain.tiling import apply_mlp_tiling, chunked_lm_loss
@@ -89,6 +89,8 @@ class Runtime:
     """The activation policy's runtime (stores, per-layer measurements), when one is applied."""
     copy_engine: str | None = None
     """Which copy engine the stores use (C++ or the Python fallback), for the run log."""
+    tensor_parallel: TensorParallel | None = None
+    """The tp group and its communication counter when tp > 1."""
 
     def activation_stats(self) -> dict | None:
         """Per-layer measured bytes and tokens of the last step, or None (keep-all)."""
@@ -151,7 +153,7 @@ class Runtime:
             out.update({f"sp_{k}": v for k, v in self.sp_core.reset_comm_bytes().items()})
         if self.pipeline is not None:
             out.update({f"pp_{k}": v for k, v in self.pipeline.bytes_sent.items()})
-        tp = getattr(self.model, "tensor_parallel", None)
+        tp = self.tensor_parallel
         if tp is not None:
             out.update({f"tp_{k}": v for k, v in tp.reset_comm_bytes().items()})
         comm = getattr(self.states, "comm_bytes", None)
@@ -164,7 +166,7 @@ class Runtime:
     def checkpoint_state(self) -> dict:
         """The model states' `state_dict()` under full-shape keys: a tensor-parallel rank's
         shards become blocks of the whole parameters (a tp2 checkpoint loads at tp1)."""
-        tp = getattr(self.model, "tensor_parallel", None)
+        tp = self.tensor_parallel
         state = self.states.state_dict()
         return state if tp is None else tp_checkpoint_state(state, tp)
 
@@ -276,8 +278,6 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
 
         load_hf_weights(model, job.hf.path)
     if par.tp > 1:
-        if par.pp > 1:
-            raise SpecError("parallel.tp: not yet supported together with parallel.pp > 1")
         if job.spec.data.kind == "documents":
             raise SpecError("parallel.tp: not yet supported with data.kind documents (the "
                             "vocabulary-parallel loss has no ignored targets yet)")
@@ -285,7 +285,7 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
             raise SpecError("parallel.tp: not yet supported for models with q/k/v bias "
                             "(model.hf Qwen2)")
     try:
-        apply_tensor_parallel(model, groups.tp)
+        tp = apply_tensor_parallel(model, groups.tp)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     sp_core = apply_sequence_parallel(model, groups.sp, par.sp_kind) if par.sp > 1 else None
@@ -302,8 +302,13 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
                      else "model.tie_embeddings")
             raise SpecError(f"{field}: not supported with parallel.pp > 1 (the tied gradient "
                             f"would have to be summed across stages inside ZeRO)")
+
+        def tp_loss(hidden, targets):  # the last stage's vocabulary-parallel head and loss
+            return vocab_parallel_lm_loss(tp, hidden, pipeline.module.head.weight, targets,
+                                          plan.tiling.loss_chunk_tokens)
         pipeline = PipelineRunner(model, groups, PipelineConfig.from_plan(par),
-                                  loss_chunk_tokens=plan.tiling.loss_chunk_tokens)
+                                  loss_chunk_tokens=plan.tiling.loss_chunk_tokens,
+                                  **({"loss_fn": tp_loss} if tp is not None else {}))
         model = pipeline.module  # this rank's stage(s); the other stages' layers are freed
     compute_dtype = TORCH_DTYPES[job.dtype]
     if plan.model_states.optimizer_on != "device":
@@ -324,8 +329,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
                             reduce_dtype=TORCH_DTYPES[tr.grad_reduce_dtype]
                             if compute_dtype != torch.float32 else torch.float32,
                             prefetch=0 if plan.model_states.num_prefetch_buffers == 1 else 1)
-        states = ZeroModelStates(model, config, group=groups.dp_sp,  # norm spans pp (or tp)
-                                 extra_norm_group=groups.tp if par.tp > 1 else groups.pp)
+        states = ZeroModelStates(model, config, group=groups.dp_sp,  # norm spans pp and tp
+                                 extra_norm_group=groups.pp_tp)
     accum = tr.global_batch_size // (tr.micro_batch_size * par.dp)
     if pipeline is not None and accum != par.num_microbatches:
         raise SpecError(f"parallel.num_microbatches: must be global_batch_size / "
@@ -333,7 +338,7 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
                         f"{par.num_microbatches}")
     return Runtime(job=job, plan=plan, groups=groups, model=model, states=states,
                    accum_steps=accum, pipeline=pipeline, sp_core=sp_core,
-                   activations=activations, copy_engine=copy_engine)
+                   activations=activations, copy_engine=copy_engine, tensor_parallel=tp)
 
 
 def _chunk_numel(plan: Plan) -> int:

@@ -33,7 +33,7 @@ def test_tp_is_the_innermost_axis():
 def _groups_worker(rank, world, dp, sp, pp, tp=1):
     groups = build_groups(ParallelDims(dp=dp, sp=sp, pp=pp, tp=tp, world_size=world), rank)
     sums = {}
-    for axis in ("sp", "dp", "dp_sp", "pp", "tp"):
+    for axis in ("sp", "dp", "dp_sp", "pp", "tp", "pp_tp"):
         group = getattr(groups, axis)
         value = torch.tensor([float(rank)])
         if group is not None:
@@ -57,7 +57,7 @@ def test_groups_on_four_gloo_ranks():
 def test_tp_groups_on_four_gloo_ranks():
     results = spawn_ranks(_groups_worker, 4, 1, 2, 1, 2)
     for rank, (ranks, sums) in enumerate(results):
-        assert ranks["tp"] == ([0, 1] if rank < 2 else [2, 3])
+        assert ranks["tp"] == ranks["pp_tp"] == ([0, 1] if rank < 2 else [2, 3])
         assert ranks["sp"] == ranks["dp_sp"] == ([0, 2] if rank % 2 == 0 else [1, 3])
         assert ranks["dp"] == ranks["pp"] == [rank]
         for axis in ("sp", "dp", "dp_sp", "pp", "tp"):

@@ -61,6 +61,8 @@ class ParallelGroups:
     pp: dist.ProcessGroup | None = None
     tp: dist.ProcessGroup | None = None
     """The tensor-parallel group: ranks holding different shards of the same layers."""
+    pp_tp: dist.ProcessGroup | None = None
+    """Ranks of one (dp, sp) slice: together they hold every parameter once (gradient norm)."""
     ranks: dict[str, list[int]] = field(default_factory=dict)
     """Global ranks of each of this rank's groups, by axis name."""
 
@@ -100,6 +102,7 @@ def build_groups(dims: ParallelDims, rank: int) -> ParallelGroups:
         "dp_sp": [grid[p, :, :, t].flatten().tolist() for p in range(pp) for t in range(tp)],
         "pp": [grid[:, d, s, t].tolist() for d in range(dp) for s in range(sp) for t in range(tp)],
         "tp": [grid[p, d, s, :].tolist() for p in range(pp) for d in range(dp) for s in range(sp)],
+        "pp_tp": [grid[:, d, s, :].flatten().tolist() for d in range(dp) for s in range(sp)],
     }
     for axis, members in axes.items():
         for ranks in members:

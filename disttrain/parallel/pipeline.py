@@ -144,6 +144,9 @@ class StageModule(nn.Module):
         self.layers = LayerRange({i: model.layers[i] for i in range(start, end)})
         self.norm = model.norm if self.is_last else None
         self.head = model.head if self.is_last else None
+        self.tensor_parallel = getattr(model, "tensor_parallel", None)
+        """Under tensor parallelism the last stage returns the normed hidden shard and the
+        loss function applies the vocabulary-parallel head."""
         self.positions_S: torch.Tensor | None = None
         """Absolute positions of this rank's tokens; set by the runner before each step."""
         self.documents: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -170,7 +173,7 @@ class StageModule(nn.Module):
                 x = layer(x, cos, sin)
         if not self.is_last:
             return x
-        if self.loss_chunk_tokens:
+        if self.tensor_parallel is not None or self.loss_chunk_tokens:
             return self.norm(x)
         return F.linear(self.norm(x), self.output_weight)
 
@@ -289,7 +292,8 @@ class PipelineRunner:
                        for m, i in zip(self.stage_modules, indices)]
         num_micro = config.num_microbatches
         last = next((m for m in self.stage_modules if m.is_last), None)
-        if loss_chunk_tokens > 0 and last is not None:
+        if loss_chunk_tokens > 0 and last is not None and last.tensor_parallel is None:
+            # (under tp the given loss_fn tiles the vocabulary-parallel head itself)
             last.loss_chunk_tokens = loss_chunk_tokens
 
             def loss_fn(hidden_BSH: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:

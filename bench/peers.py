@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -176,14 +177,22 @@ def check_losses(rows: list[dict], seq_len: int) -> float:
 
 
 def measure(seq_lens: list[int], steps: int = 3, budget_mib: float = BUDGET_MIB,
-            systems: tuple[str, ...] = SYSTEMS, log=print, *,
-            planner_max_seq: int = 16384) -> list[dict]:
-    """Run every system at every length (length-major); assert every step's loss agrees."""
+            systems: tuple[str, ...] = SYSTEMS, log=print, *, planner_max_seq: int = 16384,
+            after_alst=None, on_length=None, extras_max_seq: int = 1 << 30) -> list[dict]:
+    """Run every system at every length (length-major); assert every step's loss agrees.
+    `after_alst(rows)` is called once, after ALST's runs at the longest length (the extra rows
+    of that length then run while it works); `on_length(rows)` after each length. The extra
+    rows (plain, ds-z3-ckpt) run up to `extras_max_seq`."""
     profile = layer_profile(max(seq_lens))
     rows = []
     for seq_len in seq_lens:
         for system in systems:
-            if system == "disttrain-planner" and seq_len > planner_max_seq:
+            if after_alst is not None and seq_len == max(seq_lens) and system not in (
+                    "disttrain", *ALST):
+                after_alst(rows)
+                after_alst = None
+            if (system == "disttrain-planner" and seq_len > planner_max_seq) or (
+                    system in ("plain", "ds-z3-ckpt") and seq_len > extras_max_seq):
                 continue
             t0 = time.perf_counter()
             row = run_one(system, seq_len, steps, budget_mib, profile)
@@ -193,6 +202,8 @@ def measure(seq_lens: list[int], steps: int = 3, budget_mib: float = BUDGET_MIB,
                 f"{fmt_mib(row['peak_rss'])} MiB step {row['step_s']:.2f} s {row['plan']}"))
                 + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
         check_losses(rows, seq_len)
+        if on_length is not None:
+            on_length(rows)
     return rows
 
 
@@ -231,16 +242,40 @@ def main(argv: list[str] | None = None) -> int:
                         help="disttrain runs for the longest length under the RSS budget (the "
                              "first at 2x ALST's fitted best: it decides the target)")
     parser.add_argument("--search-steps", type=int, default=1)
+    parser.add_argument("--extras-max-seq", type=int, default=8192,
+                        help="longest length of the plain and ds-z3-ckpt rows")
+    parser.add_argument("--planner-max-seq", type=int, default=4096,
+                        help="longest length of the disttrain-planner row")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--no-docs", action="store_true", help="print only")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    rows = measure(args.seq, args.steps, args.budget_mib, tuple(args.systems))
-    search = []
-    target = alst_best_fitted_len(rows, args.rss_budget_mib)
-    if args.search_runs and target:
-        search = longest_under(args.rss_budget_mib, int(np.ceil(2 * target / 2048)) * 2048,
-                               args.search_steps, args.budget_mib, args.search_runs)
+    search: list[dict] = []
+    threads: list[threading.Thread] = []
+
+    def start_search(rows: list[dict]) -> None:
+        """Search disttrain's longest length in the background once ALST's fit is known:
+        only the extra rows of the longest length run beside it (their times are no target)."""
+        target = alst_best_fitted_len(rows, args.rss_budget_mib)
+        if args.search_runs and target:
+            seq = int(np.ceil(2 * target / 2048)) * 2048
+            threads.append(threading.Thread(target=lambda: search.extend(longest_under(
+                args.rss_budget_mib, seq, args.search_steps, args.budget_mib,
+                args.search_runs))))
+            threads[-1].start()
+
+    def partial(rows: list[dict]) -> None:  # a long sweep leaves its rows in the docs as it goes
+        if not args.no_docs:
+            write_section("peers", report(rows, [], args, time.perf_counter() - t0)
+                          + "\n_Partial: the sweep was still running when this was written._\n")
+
+    rows = measure(args.seq, args.steps, args.budget_mib, tuple(args.systems),
+                   planner_max_seq=args.planner_max_seq, after_alst=start_search,
+                   on_length=partial, extras_max_seq=args.extras_max_seq)
+    if not threads:
+        start_search(rows)
+    for thread in threads:
+        thread.join()
     text = report(rows, search, args, time.perf_counter() - t0)
     print(text)
     if not args.no_docs:

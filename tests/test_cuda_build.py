@@ -4,6 +4,7 @@ error; skipped only where nvcc is absent), and the torch binding of their kernel
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sysconfig
@@ -33,12 +34,24 @@ def test_cuda_source_compiles_with_nvcc(source, tmp_path):
 
 
 @pytest.mark.slow
+def _cuda_include() -> Path:
+    """The toolkit's include dir: CUDA_HOME / CUDA_PATH, nvcc's own tree, or /usr/local/cuda
+    (`nvcc` on PATH may be a wrapper script outside the toolkit, as on these machines)."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             Path(NVCC).resolve().parents[1], "/usr/local/cuda"]
+    for home in filter(None, homes):
+        if (Path(home) / "include" / "cuda_runtime.h").is_file():
+            return Path(home) / "include"
+    pytest.fail(f"nvcc is {NVCC}, but no CUDA toolkit include dir with cuda_runtime.h was found "
+                f"(set CUDA_HOME)")
+
+
 @pytest.mark.skipif(NVCC is None, reason="no CUDA toolkit (nvcc) here")
 def test_cuda_binding_compiles_against_torch_headers(tmp_path):
     """Syntax and types of the binding against this torch's headers and the CUDA toolkit's.
     A CPU wheel of torch ships the c10/cuda headers but not the one CMake generates
     (c10/cuda/impl/cuda_cmake_macros.h, only export macros): a copy of its content is given."""
-    cuda_include = Path(NVCC).resolve().parents[1] / "include"
+    cuda_include = _cuda_include()
     generated = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
     torch_include = Path(cpp_extension.include_paths()[0])
     if not (torch_include / "c10/cuda/impl/cuda_cmake_macros.h").is_file():

@@ -65,7 +65,10 @@ def probe_plan_run(out_dir: Path, steps: int, seq_len: int) -> list[tuple[str, b
     from disttrain.spec import load_job
     from disttrain.trainer import Trainer
 
-    spec = {"name": "gpu-check", "model": {"preset": "tiny", "dtype": "bf16"},
+    spec = {"name": "gpu-check",
+            "model": {"hidden_size": 1024, "num_layers": 4, "num_heads": 8, "num_kv_heads": 8,
+                      "ffn_hidden_size": 2816, "vocab_size": 32000, "max_seq_len": seq_len,
+                      "dtype": "bf16"},
             "train": {"seq_len": seq_len, "micro_batch_size": 1, "global_batch_size": 1,
                       "steps": steps, "checkpoint_every": 0, "log_every": steps},
             "data": {"kind": "synthetic"},

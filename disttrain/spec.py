@@ -394,8 +394,17 @@ def document_tokenizer_dir(job: "Job") -> Path | None:
         return None
     if data.tokenizer is not None:
         return _resolve(data.tokenizer, job.base_dir)
-    hf = getattr(job.spec.model, "hf", None)
-    return _resolve(str(hf), job.base_dir) if hf else None
+    hf = getattr(job.spec.model, "hf", None)  # model.hf: another part of issue 13
+    if not hf:
+        return None
+    from disttrain.data.documents import HF_TOKENIZER_FILES  # data imports this module
+
+    directory = _resolve(str(hf), job.base_dir)
+    if not any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
+        raise SpecError(f"data.tokenizer: not set, and model.hf ({directory}) holds no "
+                        f"tokenizer files ({', '.join(HF_TOKENIZER_FILES)}); set "
+                        f"data.tokenizer to a tokenizer directory")
+    return directory
 
 
 def _data_path(section: DataSection, base_dir: Path) -> Path | None:

@@ -37,7 +37,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
                    "added_tokens.json", "config.json", "generation_config.json")
 """Files of a tokenizer directory that enter the cache key (those present)."""
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+"""A tokenizer directory holds at least one of these."""
 
 
 def default_cache_dir() -> Path:
@@ -74,9 +75,9 @@ def load_tokenizer(directory: Path | None) -> DocumentTokenizer:
             _encode_batch=lambda texts: [byte_tokenizer.encode(t) for t in texts])
     if not directory.is_dir():
         raise DataError(f"data.tokenizer: {directory} is not a directory")
-    if not any((directory / f).is_file() for f in _HF_TOKENIZER_FILES):
+    if not any((directory / f).is_file() for f in HF_TOKENIZER_FILES):
         raise DataError(f"data.tokenizer: {directory} holds no tokenizer files (one of "
-                        f"{', '.join(_HF_TOKENIZER_FILES)})")
+                        f"{', '.join(HF_TOKENIZER_FILES)})")
     digest = hashlib.sha256()
     for name in TOKENIZER_FILES:
         if (directory / name).is_file():
@@ -269,8 +270,9 @@ def tokenize_documents(path: Path, *, text_field: str = "text", ids_field: str |
                          progress=progress)
     docs = _open_cache(final)
     if vocab_size is not None and docs.tokens.size and int(docs.tokens.max()) >= vocab_size:
-        raise DataError(f"{field_name}: token id {int(docs.tokens.max())} >= model.vocab_size "
-                        f"({vocab_size}); the tokenizer does not fit the model")
+        where = "data.ids_field" if ids_field else "data.tokenizer"
+        raise DataError(f"{where}: token id {int(docs.tokens.max())} >= model.vocab_size "
+                        f"({vocab_size}); the tokens do not fit the model")
     return docs
 
 

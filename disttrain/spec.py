@@ -386,27 +386,6 @@ def _document_checks(spec: JobSpec, shape: ModelShape) -> None:
                         f"259 token ids, got {shape.vocab_size}")
 
 
-def document_tokenizer_dir(job: "Job") -> Path | None:
-    """data.tokenizer, else model.hf's directory (when the model comes from one), else None
-    (byte tokenizer)."""
-    data = job.spec.data
-    if data.ids_field is not None:
-        return None
-    if data.tokenizer is not None:
-        return _resolve(data.tokenizer, job.base_dir)
-    hf = getattr(job.spec.model, "hf", None)  # model.hf: another part of issue 13
-    if not hf:
-        return None
-    from disttrain.data.documents import HF_TOKENIZER_FILES  # data imports this module
-
-    directory = _resolve(str(hf), job.base_dir)
-    if not any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
-        raise SpecError(f"data.tokenizer: not set, and model.hf ({directory}) holds no "
-                        f"tokenizer files ({', '.join(HF_TOKENIZER_FILES)}); set "
-                        f"data.tokenizer to a tokenizer directory")
-    return directory
-
-
 def _data_path(section: DataSection, base_dir: Path) -> Path | None:
     if section.path is None:
         return None

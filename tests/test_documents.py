@@ -256,7 +256,8 @@ def test_tokenizer_defaults_to_the_model_hf_directory(tmp_path):
     part of issue 13), refused with a field-naming error when it has no tokenizer files."""
     from types import SimpleNamespace
 
-    from disttrain.spec import SpecError, document_tokenizer_dir
+    from disttrain.data.documents import document_tokenizer_dir
+    from disttrain.spec import SpecError
 
     directory, _ = _word_tokenizer_dir(tmp_path)
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from disttrain.data import tokenizer as byte_tokenizer
 from disttrain.data.sources import DataError
+from disttrain.spec import _resolve
 
 CACHE_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -126,6 +127,25 @@ def _special_id(directory: Path, kind: str, token_to_id) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def document_tokenizer_dir(job) -> Path | None:
+    """data.tokenizer, else model.hf's directory (when the model comes from one), else None
+    (byte tokenizer)."""
+    data = job.spec.data
+    if data.ids_field is not None:
+        return None
+    if data.tokenizer is not None:
+        return _resolve(data.tokenizer, job.base_dir)
+    hf = getattr(job.spec.model, "hf", None)  # model.hf: another part of issue 13
+    if not hf:
+        return None
+    directory = _resolve(str(hf), job.base_dir)
+    if not any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
+        raise DataError(f"data.tokenizer: not set, and model.hf ({directory}) holds no "
+                        f"tokenizer files ({', '.join(HF_TOKENIZER_FILES)}); set "
+                        f"data.tokenizer to a tokenizer directory")
+    return directory
 
 
 # -- reading records -------------------------------------------------------------------------

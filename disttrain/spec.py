@@ -507,18 +507,6 @@ def _document_checks(spec: JobSpec, shape: ModelShape) -> None:
                         f"259 token ids, got {shape.vocab_size}")
 
 
-def document_tokenizer_dir(job: "Job") -> Path | None:
-    """data.tokenizer, else model.hf's directory (when the model comes from one), else None
-    (byte tokenizer)."""
-    data = job.spec.data
-    if data.ids_field is not None:
-        return None
-    if data.tokenizer is not None:
-        return _resolve(data.tokenizer, job.base_dir)
-    hf = getattr(job.spec.model, "hf", None)
-    return _resolve(str(hf), job.base_dir) if hf else None
-
-
 def _data_path(section: DataSection, base_dir: Path) -> Path | None:
     if section.path is None:
         return None

@@ -65,6 +65,8 @@ class Trainer:
         if (note := self.runtime.optimizer_note()) is not None:
             self.console.print(note)
         tr = job.spec.train
+        if tr.eval_every and self.plan.parallel.pp > 1:
+            raise SpecError("train.eval_every: validation is not supported with parallel.pp > 1")
         self.valid_batches = None
         if job.spec.data.kind == "documents":
             self.batches, self.valid_batches = build_document_batches(job,

@@ -249,3 +249,26 @@ def test_transformers_autotokenizer_path_without_tokenizer_json(tmp_path):
     for i, text in enumerate(TEXTS):
         got = docs.tokens[docs.offsets[i]:docs.offsets[i + 1]].tolist()
         assert got == ref.encode(text) + [eos]
+
+
+def test_tokenizer_defaults_to_the_model_hf_directory(tmp_path):
+    """data.tokenizer unset: model.hf's directory (read defensively: the field is another
+    part of issue 13), refused with a field-naming error when it has no tokenizer files."""
+    from types import SimpleNamespace
+
+    from disttrain.data.documents import document_tokenizer_dir
+    from disttrain.spec import SpecError
+
+    directory, _ = _word_tokenizer_dir(tmp_path)
+
+    def job(hf, tokenizer=None):
+        data = SimpleNamespace(ids_field=None, tokenizer=tokenizer)
+        return SimpleNamespace(spec=SimpleNamespace(data=data, model=SimpleNamespace(hf=hf)),
+                               base_dir=tmp_path)
+
+    assert document_tokenizer_dir(job(str(directory))) == directory
+    assert document_tokenizer_dir(job(None)) is None  # byte tokenizer
+    assert document_tokenizer_dir(job(None, tokenizer="tok")) == tmp_path / "tok"
+    (tmp_path / "weights_only").mkdir()
+    with pytest.raises(SpecError, match="data.tokenizer: not set, and model.hf"):
+        document_tokenizer_dir(job("weights_only"))

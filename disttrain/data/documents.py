@@ -31,13 +31,15 @@ import numpy as np
 
 from disttrain.data import tokenizer as byte_tokenizer
 from disttrain.data.sources import DataError
+from disttrain.spec import _resolve
 
 CACHE_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
                    "added_tokens.json", "config.json", "generation_config.json")
 """Files of a tokenizer directory that enter the cache key (those present)."""
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+"""A tokenizer directory holds at least one of these."""
 
 
 def default_cache_dir() -> Path:
@@ -74,9 +76,9 @@ def load_tokenizer(directory: Path | None) -> DocumentTokenizer:
             _encode_batch=lambda texts: [byte_tokenizer.encode(t) for t in texts])
     if not directory.is_dir():
         raise DataError(f"data.tokenizer: {directory} is not a directory")
-    if not any((directory / f).is_file() for f in _HF_TOKENIZER_FILES):
+    if not any((directory / f).is_file() for f in HF_TOKENIZER_FILES):
         raise DataError(f"data.tokenizer: {directory} holds no tokenizer files (one of "
-                        f"{', '.join(_HF_TOKENIZER_FILES)})")
+                        f"{', '.join(HF_TOKENIZER_FILES)})")
     digest = hashlib.sha256()
     for name in TOKENIZER_FILES:
         if (directory / name).is_file():
@@ -125,6 +127,25 @@ def _special_id(directory: Path, kind: str, token_to_id) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def document_tokenizer_dir(job) -> Path | None:
+    """data.tokenizer, else model.hf's directory (when the model comes from one), else None
+    (byte tokenizer)."""
+    data = job.spec.data
+    if data.ids_field is not None:
+        return None
+    if data.tokenizer is not None:
+        return _resolve(data.tokenizer, job.base_dir)
+    hf = getattr(job.spec.model, "hf", None)  # model.hf: another part of issue 13
+    if not hf:
+        return None
+    directory = _resolve(str(hf), job.base_dir)
+    if not any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
+        raise DataError(f"data.tokenizer: not set, and model.hf ({directory}) holds no "
+                        f"tokenizer files ({', '.join(HF_TOKENIZER_FILES)}); set "
+                        f"data.tokenizer to a tokenizer directory")
+    return directory
 
 
 # -- reading records -------------------------------------------------------------------------
@@ -269,8 +290,9 @@ def tokenize_documents(path: Path, *, text_field: str = "text", ids_field: str |
                          progress=progress)
     docs = _open_cache(final)
     if vocab_size is not None and docs.tokens.size and int(docs.tokens.max()) >= vocab_size:
-        raise DataError(f"{field_name}: token id {int(docs.tokens.max())} >= model.vocab_size "
-                        f"({vocab_size}); the tokenizer does not fit the model")
+        where = "data.ids_field" if ids_field else "data.tokenizer"
+        raise DataError(f"{where}: token id {int(docs.tokens.max())} >= model.vocab_size "
+                        f"({vocab_size}); the tokens do not fit the model")
     return docs
 
 

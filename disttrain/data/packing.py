@@ -144,8 +144,8 @@ def split_documents(num_documents: int, valid_fraction: float, seed: int
 def build_document_batches(job, *, progress: bool = True
                            ) -> tuple[DocumentBatches, DocumentBatches | None]:
     """(training batches, validation batches or None) of a `data.kind: documents` job."""
-    from disttrain.data.documents import tokenize_documents
-    from disttrain.spec import _resolve, document_tokenizer_dir
+    from disttrain.data.documents import document_tokenizer_dir, tokenize_documents
+    from disttrain.spec import _resolve
 
     data, tr = job.spec.data, job.spec.train
     docs = tokenize_documents(

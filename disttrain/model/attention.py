@@ -99,13 +99,14 @@ def document_attention_forward(q_BNSD: torch.Tensor, k_BKSD: torch.Tensor,
     b, n, s, _ = q_BNSD.shape
     lse = None  # the kernel's lse dtype (fp32, or fp64 for fp64 inputs)
     for row in range(b):
+        r = slice(row, row + 1)
         for blk in piece_blocks(document_bounds(doc_ids_BS[row]), 0, s, 0, s):
-            o, l = flash_attention_forward(q_BNSD[row:row + 1, :, blk.q], k_BKSD[row:row + 1, :, blk.k],
-                                           v_BKSD[row:row + 1, :, blk.k], causal=True, scale=scale)
+            o, l = flash_attention_forward(q_BNSD[r, :, blk.q], k_BKSD[r, :, blk.k],
+                                           v_BKSD[r, :, blk.k], causal=True, scale=scale)
             if lse is None:
                 lse = torch.empty(b, n, s, dtype=l.dtype, device=l.device)
-            out[row:row + 1, :, blk.q] = o
-            lse[row:row + 1, :, blk.q] = l
+            out[r, :, blk.q] = o
+            lse[r, :, blk.q] = l
     return out, lse
 
 

@@ -14,9 +14,10 @@ gets the one head its query heads share, and the replicas' gradients are summed 
 `forward` returns, so a runtime that keeps the attention output holds it once) and the
 log-sum-exp in the *head* layout the kernel produced (+ the document ids of the whole
 sequence under `documents_scope`: after the all-to-all a rank holds every token of its heads,
-so document masking is the local core's, one causal kernel call per document). The backward therefore moves dout,
-q, k, v and out to the head layout in one all-to-all (q, k, v are recomputed token-wise by
-the runtime, never kept head-sharded) and dq, dk, dv back in a second one.
+so document masking is the local core's, one causal kernel call per document). The
+backward therefore moves dout, q, k, v and out to the head layout in one all-to-all (q, k, v
+are recomputed token-wise by the runtime, never kept head-sharded) and dq, dk, dv back in a
+second one.
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ def _fmt(value: float | None, unit: str) -> str:
 def render_markdown(run_dir: Path, plan: Plan, rows: list[Row]) -> str:
     par = plan.parallel
     lines = [f"# Run report: {run_dir.name}", "",
-             f"Plan: dp {par.dp} × sp {par.sp} ({par.sp_kind}) × pp {par.pp}, ZeRO-{par.zero_stage}, "
+             f"Plan: dp {par.dp} × tp {par.tp} × sp {par.sp} ({par.sp_kind}) × pp {par.pp}, "
+             f"ZeRO-{par.zero_stage}, "
              f"{sum(not a.keep_all for a in plan.activations)} of {len(plan.activations)} layers "
              f"under a token-wise policy.", "",
              "| quantity | predicted | measured | error |", "|---|---|---|---|"]

@@ -90,6 +90,8 @@ MISSING = {
     "the runtime's parallelize_module does not, so TP8 pays them in full",
     "megatron-70b-768xh100": "TP collectives as above; the free choice (ZeRO-3 over 384 ranks) "
     "is not a layout anyone published at this scale",
+    "tt-llama2-70b-64xa100": "torchtitan runs FSDP64 with full activation checkpointing; the free "
+    "plan avoids most recompute with tp2 x sp2, a layout not published for this job",
     "tt-llama3-8b-64xa100": "torchtitan's selective activation checkpointing recomputes part of "
     "every layer; disttrain keeps everything when it fits (no equivalent policy to fix)",
     "tt-llama3-8b-64xa100-fixed-dp": "as tt-llama3-8b-64xa100",

@@ -29,7 +29,7 @@ from planner.shapes import DTYPE_BYTES
 
 LAYOUT_TIME_LIMIT_S = 2.0
 """Wall-time limit of each memory-layout MIP."""
-SEARCH_BUDGET_S = 6.0
+SEARCH_BUDGET_S = 5.0
 """Once a plan is found, no new stage MIP starts after this many seconds of solving, and
 each solve is limited to what is left of it (at least MIN_SOLVE_S): the solver's status and
 gap then say how good the returned policy is."""

@@ -81,3 +81,26 @@ def test_interleaved_schedule_bubble_and_inflight():
     assert inflight_microbatches(4, 8, 0, virtual=2) == 6
     assert inflight_microbatches(4, 8, 3, virtual=2) == 3
     assert inflight_microbatches(4, 2, 0, virtual=2) == 2
+
+
+def test_page_cache_and_tiled_rebuild_in_the_working_set():
+    from dataclasses import replace
+
+    from planner.costmodel import LayerCost
+    from planner.mip import StageProblem, evaluate_stage
+    from planner.plan import LayerActivationPlan
+
+    lc = LayerCost(tokens=1000, input_bytes=100.0, attention_output_bytes=100.0,
+                   token_local_bytes=1000.0, mlp_bytes=500.0, plain_bytes=1200.0, forward_s=1.0,
+                   backward_s=2.0, recompute_s=0.5, qkv_bytes=200.0)
+    problem = StageProblem(layers=(lc, lc), inflight=1, slots=1, device_capacity_bytes=1e9,
+                           fixed_device_bytes=0.0, host_capacity_bytes=1e9, nvme_capacity_bytes=1e9,
+                           host_link_bw=1e9, nvme_read_bw=1e9, nvme_write_bw=1e9)
+    acts = (LayerActivationPlan(swap_fraction=1.0, tier="nvme"),) * 2
+    whole = evaluate_stage(problem, acts, 0).working_bytes
+    assert whole == 1000.0 + 1000.0             # rebuilt layer 1 + layer 0 being prefetched
+    cached = evaluate_stage(replace(problem, page_cache_reads=True), acts, 0).working_bytes
+    assert cached == whole + 1000.0             # the read also sits in the page cache
+    tiled = evaluate_stage(replace(problem, rebuild_fraction=0.25), acts, 0).working_bytes
+    # q, k, v whole (200) + a quarter of the rest (200), for the rebuilt and the prefetched layer
+    assert tiled == 2 * (200.0 + 0.25 * 800.0)

@@ -223,7 +223,7 @@ class Job:
             model=self.shape, hardware=self.hardware, dtype=self.dtype, seq_len=tr.seq_len,
             micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,
             dp=fixed(par.dp), sp=fixed(par.sp), sp_kind=fixed(par.sp_kind), pp=fixed(par.pp),
-            tp=fixed(getattr(par, "tp", 1)),  # 1 until the spec grows parallel.tp (issue 15)
+            tp=fixed(par.tp),
             grad_reduce_dtype=getattr(tr, "grad_reduce_dtype", "fp32"),
             num_microbatches=fixed(par.num_microbatches), zero_stage=fixed(par.zero_stage),
             activation_offload=mem.activation_offload, recompute=mem.recompute,

@@ -233,18 +233,39 @@ def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
     return per_mb, per_step
 
 
+TP_COLLECTIVES = {"forward": {"all_gather": 2, "reduce_scatter": 2},
+                  "backward": {"all_gather": 4, "reduce_scatter": 2}}
+"""Hidden-wide tensor-parallel collectives of one decoder layer, by direction, as the runtime
+(disttrain/parallel/tensor.py) runs them: forward, an all-gather of the feature-sharded input
+before q/k/v and before gate/up and a reduce-scatter after o and down; backward, the saved input
+shard gathered again and the output gradient gathered for o and down (4 all-gathers), and the
+input gradients of q/k/v and gate/up reduce-scattered (2)."""
+
+
 def tp_comm_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int, tp: int,
-                    params: CostParams) -> float:
-    """Exposed seconds of one layer's tensor-parallel collectives in one direction (forward,
-    or backward): Megatron-style sequence parallelism all-gathers the token-sharded input
-    before the attention and the MLP and reduce-scatters their outputs (4 collectives of
-    tokens x hidden in the training dtype, over the intra-node TP group; the runtime's
-    `parallelize_module` does not overlap them with compute)."""
+                    params: CostParams, direction: str = "forward") -> float:
+    """Exposed seconds of one layer's tensor-parallel collectives in one `direction`
+    ('forward' or 'backward'; `TP_COLLECTIVES`) over the intra-node TP group: tokens x hidden
+    in the training dtype each; the runtime does not overlap them with compute."""
     if tp <= 1:
         return 0.0
     sent = tokens * shape.hidden_size * DTYPE_BYTES[dtype] * (tp - 1) / tp
-    seconds = 0.0
-    for kind in ("all_gather", "reduce_scatter"):
-        seconds += 2 * (sent / collective_bw(hw, tp, params, kind)
+    return sum(count * (sent / collective_bw(hw, tp, params, kind)
                         + call_latency(hw, params.gpu_collective_latency_s))
-    return seconds
+               for kind, count in TP_COLLECTIVES[direction].items())
+
+
+def tp_step_bytes(shape: ModelShape, dtype: str, tokens: int, tp: int, *,
+                  recomputed_mlp: bool = False) -> int:
+    """Bytes one rank's tensor-parallel collectives send in one forward + backward of `tokens`
+    tokens (the runtime's count, docs/design.md "Tensor parallelism"): per layer the
+    `TP_COLLECTIVES` (+2 when a tiled MLP reruns its forward in the backward), the embedding 2
+    and the head 3 hidden-wide collectives in the training dtype; one fp32 all-reduce per token
+    for each RMSNorm forward and backward (2 per layer + the final norm) and 3 for the loss."""
+    if tp <= 1:
+        return 0
+    per_layer = sum(sum(kinds.values()) for kinds in TP_COLLECTIVES.values())
+    units = (per_layer + 2 * recomputed_mlp) * shape.num_layers + 5
+    unit = tokens * shape.hidden_size * DTYPE_BYTES[dtype] * (tp - 1) // tp
+    norms = 2 * (2 * shape.num_layers + 1)
+    return units * unit + (norms + 3) * 2 * tokens * 4 * (tp - 1) // tp

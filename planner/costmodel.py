@@ -22,7 +22,7 @@ from planner.analytic import (FP32, SavedBytesPerToken, kv_heads_per_rank,
 from planner.collectives import (call_latency, collective_bw, comm_times,  # noqa: F401
                                  group_bandwidth, overlaps_compute, pipeline_group_span,
                                  ring_p2p_backward_bytes, ring_p2p_bytes, shard_group_span,
-                                 tp_comm_seconds, ulysses_alltoall_bytes, zero_collectives,
+                                 tp_comm_seconds, tp_step_bytes, ulysses_alltoall_bytes, zero_collectives,
                                  zero_step_bytes)
 from planner.costtypes import Candidate, CostParams, LayerCost, local_tokens  # noqa: F401
 from planner.efficiency import (DeviceFamily, MEMORY_EFFICIENCY, attention_efficiency,
@@ -81,14 +81,15 @@ def layer_cost(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
     else:
         tl_f, tl_b, attn_f, attn_b = _family_layer_times(family, shape, dtype, hw, cand, tokens,
                                                          seq_len, micro_batch_size)
-    comm = tp_comm_seconds(shape, dtype, hw, tokens, tp, params)
+    comm_f = tp_comm_seconds(shape, dtype, hw, tokens, tp, params, "forward")
+    comm_b = tp_comm_seconds(shape, dtype, hw, tokens, tp, params, "backward")
     return LayerCost(
         tokens=tokens, input_bytes=per_token.layer_input * tokens / tp,
         attention_output_bytes=per_token.attention_output * tokens / tp,
         token_local_bytes=per_token.token_local * tokens / tp, mlp_bytes=per_token.mlp * tokens / tp,
-        plain_bytes=per_token.plain_total * tokens / tp, forward_s=tl_f + attn_f + comm,
+        plain_bytes=per_token.plain_total * tokens / tp, forward_s=tl_f + attn_f + comm_f,
         qkv_bytes=qkv_bytes_per_token(shape, dtype, ulysses_sp) * tokens / tp,
-        backward_s=tl_b + attn_b + comm, recompute_s=tl_f + comm)
+        backward_s=tl_b + attn_b + comm_b, recompute_s=tl_f + comm_f)
 
 
 def head_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int, tp: int,

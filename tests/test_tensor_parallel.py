@@ -17,6 +17,7 @@ from disttrain.parallel.tensor import apply_tensor_parallel, gather_full_paramet
 from disttrain.spec import tensor_parallel_error
 from disttrain.tiling import apply_mlp_tiling
 from lm_batches import random_batch
+from planner.collectives import tp_step_bytes
 from planner.shapes import ModelShape
 
 SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -43,17 +44,6 @@ def _tp_worker(rank, world, shape, loss_chunk_tokens, mlp_chunk_tokens):
             tp.reset_comm_bytes())
 
 
-def tp_step_bytes(shape, tokens: int, tp: int, *, recomputed_mlp: bool = False) -> int:
-    """Bytes one rank's tp collectives send for one fp32 forward + backward (docs/design.md,
-    "Tensor parallelism"): per layer 4 hidden-wide collectives forward and 6 backward, the
-    embedding 2, the head 3 (+2 per layer when a tiled MLP reruns its forward in backward);
-    one fp32 all-reduce per token for each RMSNorm forward and backward, 3 for the loss."""
-    unit = tokens * shape.hidden_size * 4 * (tp - 1) // tp
-    units = (10 + 2 * recomputed_mlp) * shape.num_layers + 5
-    norms = 2 * (2 * shape.num_layers + 1)
-    return units * unit + (norms + 3) * 2 * tokens * 4 * (tp - 1) // tp
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("shape,loss_chunk,mlp_chunk", [(SHAPE, 0, 0), (TIED, 8, 8)],
                          ids=["plain", "tied-chunked-loss-tiled-mlp"])
@@ -67,7 +57,8 @@ def test_tp2_matches_single_process_loss_and_gradients(shape, loss_chunk, mlp_ch
             torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=0, msg=name)
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6,
                                        msg=name)
-        assert sum(comm.values()) == tp_step_bytes(shape, 2 * 16, 2, recomputed_mlp=bool(mlp_chunk))
+        assert sum(comm.values()) == tp_step_bytes(shape, "fp32", 2 * 16, 2,
+                                                   recomputed_mlp=bool(mlp_chunk))
 
 
 def test_tensor_parallel_divisibility_errors_name_the_field():

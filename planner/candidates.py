@@ -90,6 +90,10 @@ def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedB
     tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
     forward, backward, recompute = (profile.time_s(n, tokens, request.seq_len) / cand.tp
                                     for n in names)
+    if request.attention_fraction is not None:  # packed documents: the core shrinks
+        core_forward = max(forward - recompute, 0.0) * (1 - request.attention_fraction)
+        forward -= core_forward
+        backward -= min(backward - recompute, CostParams.attention_backward_factor * core_forward)
     ulysses_sp = cand.sp if cand.sp_kind == "ulysses" else 1
     tp = cand.tp
     return LayerCost(tokens=tokens, input_bytes=per_token.layer_input * tokens / tp,
@@ -184,7 +188,8 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
     one_pool = cpu_node and params.single_pool_on_cpu
     lc = layer_override or layer_cost(shape, dtype, hw, cand, seq_len=request.seq_len,
                                       micro_batch_size=request.micro_batch_size, params=params,
-                                      bytes_per_token=per_token)
+                                      bytes_per_token=per_token,
+                                      attention_fraction=request.attention_fraction or 1.0)
     tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
     if tiling is not None:
         loss_chunk, mlp_chunk, fixed_rebuild = (tuple(tiling) + (0, 0, 0))[:3]

@@ -60,12 +60,15 @@ def _family_layer_times(family: DeviceFamily, shape: ModelShape, dtype: str, hw:
 
 def layer_cost(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate, *,
                seq_len: int, micro_batch_size: int, params: CostParams,
-               bytes_per_token: SavedBytesPerToken | None = None) -> LayerCost:
+               bytes_per_token: SavedBytesPerToken | None = None,
+               attention_fraction: float = 1.0) -> LayerCost:
     """Bytes and times of one layer for one microbatch on one rank. GPUs of a known family:
     efficiency curves by GEMM shape and sequence length (`planner.efficiency`); CPU and
     unknown devices: analytic FLOPs at the flat `params` efficiencies. Tensor parallelism
     divides bytes and FLOPs by tp and adds its collectives to forward, backward and the
-    recompute (which re-runs the forward's gathers)."""
+    recompute (which re-runs the forward's gathers). Packed documents: the attention core's
+    time is `attention_fraction` of the full causal core's (sum of squared document lengths
+    over the squared sequence length)."""
     tokens = local_tokens(seq_len, micro_batch_size, cand.sp)
     ulysses_sp = cand.sp if cand.sp_kind == "ulysses" else 1
     per_token = bytes_per_token or layer_saved_bytes_per_token(shape, dtype, ulysses_sp)
@@ -81,6 +84,7 @@ def layer_cost(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
     else:
         tl_f, tl_b, attn_f, attn_b = _family_layer_times(family, shape, dtype, hw, cand, tokens,
                                                          seq_len, micro_batch_size)
+    attn_f, attn_b = attn_f * attention_fraction, attn_b * attention_fraction
     comm_f = tp_comm_seconds(shape, dtype, hw, tokens, tp, params, "forward")
     comm_b = tp_comm_seconds(shape, dtype, hw, tokens, tp, params, "backward")
     return LayerCost(

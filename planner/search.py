@@ -350,5 +350,14 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
         solver=SolverInfo(backend=summary["backend"], status=_status_text(summary["statuses"]),
                           objective=best.step.total, solve_time_s=time.perf_counter() - start,
                           gap=max(gaps) if len(gaps) == len(summary["gaps"]) else 1.0),
-        notes=tuple(summary["notes"].get(cand, ())) + (
+        notes=tuple(summary["notes"].get(cand, ())) + (_attention_note(request),
             f"{summary['solves']} stage MIPs solved; worst device use {gib(worst.device_bytes)}",))
+
+
+def _attention_note(request: PlanRequest) -> str:
+    """What the attention core was priced as: packed documents' measured share, or one
+    document per sequence (MFU is reported over the full causal sequence either way)."""
+    if request.attention_fraction is None:
+        return "attention priced as one document per sequence (no packed-document statistics)"
+    return (f"packed documents: attention priced at {request.attention_fraction:.3f} of a full "
+            f"causal sequence (sum of squared document lengths / seq_len^2)")

@@ -111,6 +111,12 @@ def test_layer_cost_times_by_hand():
     per_token = layer_saved_bytes_per_token(SHAPE, "fp32")
     assert lc.token_local_bytes == per_token.token_local * tokens
     assert lc.plain_bytes == per_token.plain_total * tokens
+    # packed documents: only the attention core shrinks, to the documents' share
+    packed = layer_cost(SHAPE, "fp32", HW, cand, seq_len=2048, micro_batch_size=1, params=params,
+                        attention_fraction=0.25)
+    assert packed.forward_s == pytest.approx(tl + 0.25 * attn)
+    assert packed.backward_s == pytest.approx(2 * tl + 2.5 * 0.25 * attn)
+    assert packed.recompute_s == pytest.approx(tl)
 
 
 def test_saved_bytes_formula_by_hand():

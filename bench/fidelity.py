@@ -26,13 +26,17 @@ from peers import describe_plan, job_spec, layer_profile  # noqa: E402
 
 from disttrain.parallel.spawn import spawn_ranks  # noqa: E402
 from disttrain.spec import job_from_dict  # noqa: E402
+from planner import costmodel  # noqa: E402
 from planner.costmodel import ulysses_alltoall_bytes, zero_step_bytes, ring_p2p_backward_bytes, \
     ring_p2p_bytes  # noqa: E402
 
 LAYOUTS = {  # name: parallel section
     "dp2 z3": {"dp": 2, "sp": 1, "pp": 1, "zero_stage": 3},
     "sp2 ulysses z2": {"dp": 1, "sp": 2, "sp_kind": "ulysses", "pp": 1, "zero_stage": 2},
+    "tp2 z3": {"dp": 1, "sp": 1, "pp": 1, "tp": 2, "zero_stage": 3},
 }
+"""tp2 needs the planner's side of issue 15 (tp in the search, `tp_step_bytes`); without it the
+planned layout has no tp and the configuration is listed as not run, with that reason."""
 POLICIES = {  # name: (device budget MiB, memory section)
     "keep": (1024, {"activation_offload": "none", "recompute": "none"}),
     "swap cpu": (40, {"activation_offload": "cpu", "recompute": "none"}),
@@ -65,10 +69,14 @@ def predicted_comm(job, plan) -> float:
                                              + ring_p2p_backward_bytes(shape, "fp32", tokens, par.sp))
     if par.pp > 1:
         total += micro * tokens * shape.hidden_size * 4
+    tp = getattr(par, "tp", 1)
+    if tp > 1:  # the planner's TP volume per microbatch (issue 15); NaN until it exists
+        tp_bytes = getattr(costmodel, "tp_step_bytes", None)
+        total += micro * tp_bytes(shape, "fp32", tokens, tp) if tp_bytes else float("nan")
     group = par.dp * par.sp
     if group > 1 and par.pp == 1:
-        per_mb, per_step = zero_step_bytes(shape.num_params(), "fp32", par.zero_stage, group, micro,
-                                           backward_resident_params=shape.embedding_params())
+        per_mb, per_step = zero_step_bytes(shape.num_params() // tp, "fp32", par.zero_stage, group,
+                                           micro, backward_resident_params=shape.embedding_params() // tp)
         total += micro * per_mb + per_step
     return total
 
@@ -141,6 +149,14 @@ def _plan(spec: dict, profile):
     return job, plan_job(job.plan_request(), profile, with_layout=False)
 
 
+def _planner_has_tp() -> bool:
+    import dataclasses
+
+    from planner.request import PlanRequest
+
+    return "tp" in {f.name for f in dataclasses.fields(PlanRequest)}
+
+
 def _reason(plan) -> str:
     return plan.rejected[0]["reason"] if plan.rejected else "no candidate"
 
@@ -155,9 +171,18 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
             for pname, (budget, memory) in policies.items():
                 name = f"{seq} {lname} {pname}"
                 spec = config_spec(seq, budget, parallel, memory, steps)
+                if parallel.get("tp", 1) > 1 and not _planner_has_tp():
+                    skipped.append(f"{name}: not run, the planner has no tensor parallelism on "
+                                   f"this branch (issue 15's planner side: PlanRequest.tp)")
+                    continue
                 job, plan = _plan({**spec, "name": f"fid-{len(configs)}"}, profile)
                 if not plan.feasible:
                     skipped.append(f"{name} (budget {budget} MiB): infeasible, {_reason(plan)}")
+                    continue
+                if plan.parallel.tp != parallel.get("tp", 1):
+                    skipped.append(f"{name}: the planner planned tp={plan.parallel.tp} for a spec "
+                                   f"fixing tp={parallel['tp']} (its tensor parallelism, issue "
+                                   f"15, is not on this branch)")
                     continue
                 configs.append((name, spec, plan))
                 meta[name] = (job, plan)

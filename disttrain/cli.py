@@ -1,4 +1,4 @@
-"""`disttrain` command line: check, plan, train, profile, report, bench.
+"""`disttrain` command line: check, plan, train, profile, report, export, bench.
 
 Exit codes: 0 success, 2 a user error (bad spec, path, size; one line on stderr, no
 traceback), 3 no feasible plan, 130 interrupted.
@@ -28,7 +28,7 @@ def _cmd_check(args: argparse.Namespace, console: Console) -> int:
     job = load_job(args.spec)
     hw = job.hardware
     print(f"{args.spec}: ok — model {job.shape.num_params() / 1e6:,.1f}M params "
-                  f"({job.spec.model.preset or 'custom'}, {job.dtype}), seq_len "
+                  f"({job.spec.model.preset or (f'hf {job.hf.family}' if job.hf else 'custom')}, {job.dtype}), seq_len "
                   f"{job.spec.train.seq_len}, cluster {hw.name}: {hw.nodes}x"
                   f"{hw.devices_per_node} {hw.device_name}")
     return 0
@@ -36,11 +36,8 @@ def _cmd_check(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
     job = load_job(args.spec)
-    try:
-        from planner.report import render_summary, write_report
-        from planner.search import plan_job
-    except ImportError as exc:
-        raise NotBuiltYet(f"plan: the planner is not built yet ({exc})") from None
+    from planner.report import render_summary, write_report  # an ImportError here is a bug or
+    from planner.search import plan_job                      # a broken install: reported as such
     profile = None
     if args.profile:
         from disttrain.profiling import load_profile
@@ -93,8 +90,15 @@ def _torchrun(args: argparse.Namespace, nproc: int) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from disttrain.device import require_local_gpus
+    from disttrain.spec import LaunchContext
+
     job = load_job(args.spec)
     launcher = args.launcher or job.spec.launch.launcher
+    if launcher != job.spec.launch.launcher or (args.nproc and launcher != "local"):
+        # the command line decides the launcher and (--nproc) the processes per node
+        job = load_job(args.spec, launch=LaunchContext(
+            launcher, devices_per_node=args.nproc if launcher != "local" else 1))
     world = job.hardware.world_size
     if args.address is not None and launcher != "ray":
         raise SpecError("--address: only used with --launcher ray")
@@ -108,15 +112,19 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
                             f"--nnodes {job.hardware.nodes} --nproc-per-node "
                             f"{job.hardware.devices_per_node} -m launch.torchrun {args.spec}` "
                             f"on every node (this command starts one node)")
+        require_local_gpus(job.hardware, args.nproc or world)  # before any process starts
         return _torchrun(args, args.nproc or world)
     if launcher != "local":
         raise NotBuiltYet(f"train: the {launcher} launcher is not built yet; use local or "
                           f"torchrun")
+    from disttrain.device import job_device
     from disttrain.planning import resolve_plan
     from disttrain.trainer import Trainer  # torch import is slow: only when training
 
+    device = job_device(job.hardware, local_rank=0)  # a GPU job without a GPU stops here
+    device.set_current()
     plan = resolve_plan(job, 1, args.plan, use_planner=not args.no_planner)
-    trainer = Trainer(job, plan, console=console)
+    trainer = Trainer(job, plan, console=console, device=device)
     result = trainer.run(resume=args.resume, max_steps=args.max_steps)
     if result.losses:
         print(f"first loss {result.losses[0]:.4f} (step {result.first_step}), last loss "
@@ -161,6 +169,17 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
     text, path = write_run_report(args.run_dir)
     print(text)
     console.print(f"wrote {path}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from disttrain.hf_export import export_hf  # torch import is slow: only when exporting
+
+    result = export_hf(Path(args.run_dir), Path(args.hf), step=args.step, dtype=args.dtype)
+    copied = f" + {', '.join(result.copied)}" if result.copied else ""
+    print(f"exported {result.step_dir} to {result.out}: model.safetensors, config.json{copied}")
+    if result.note:
+        print(f"note: {result.note}", file=sys.stderr)
     return 0
 
 
@@ -238,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("report", help="predicted vs measured for a run directory")
     p.add_argument("run_dir")
     p.set_defaults(run=_cmd_report)
+
+    p = verbs.add_parser("export", help="write a run's checkpoint as a Hugging Face model "
+                                        "directory (any dp/sp/pp/ZeRO layout)")
+    p.add_argument("run_dir", help="the run's output_dir (holds checkpoints/)")
+    p.add_argument("--step", type=int, help="checkpoint step to export (default: the latest)")
+    p.add_argument("--hf", required=True, metavar="OUT",
+                   help="directory to write model.safetensors + config.json (+ tokenizer) into")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of the exported weights")
+    p.set_defaults(run=_cmd_export)
 
     p = verbs.add_parser("bench", help="run the benchmarks under bench/ and rewrite their "
                                        "docs sections")

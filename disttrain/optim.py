@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module | list[nn.Parameter], *, lr: float, weight_decay: float
+def build_optimizer(model: nn.Module | list[nn.Parameter], *, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8
                     ) -> torch.optim.AdamW:
     """AdamW (torch's foreach implementation) over a model's (or a list of) parameters; no
     decay on norms (1-D parameters)."""
@@ -17,7 +18,7 @@ def build_optimizer(model: nn.Module | list[nn.Parameter], *, lr: float, weight_
     no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -46,7 +47,8 @@ class TorchAdamWStates:
     """
 
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
         self.model = model
         self.mixed = compute_dtype != torch.float32
         self._masters: dict[str, nn.Parameter] = {}
@@ -61,7 +63,7 @@ class TorchAdamWStates:
             self._hooks.append(param.register_post_accumulate_grad_hook(
                 lambda p, m=master: self._accumulate(p, m)))
         self.optimizer = build_optimizer(list(self._masters.values()), lr=lr,
-                                         weight_decay=weight_decay)
+                                         weight_decay=weight_decay, betas=betas, eps=eps)
 
     @staticmethod
     def _accumulate(param: torch.Tensor, master: nn.Parameter) -> None:

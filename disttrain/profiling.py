@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from disttrain.model.llama import DecoderLayer, RMSNorm, rope_cos_sin
+from disttrain.model.llama import DecoderLayer, RMSNorm, rope_tables
 from disttrain.spec import Job
 from planner.profiler import TORCH_DTYPES, LayerProfile, profile_layer
 from planner.shapes import ModelShape
@@ -77,7 +77,7 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
         torch.nn.init.normal_(p, std=0.02)
 
     def rope(positions: torch.Tensor, dtype: torch.dtype):
-        return rope_cos_sin(positions, shape.head_dim, shape.rope_theta, dtype)
+        return rope_tables(shape, positions, dtype)
 
     head = None
     if with_head and 3 * 4 * shape.vocab_size * batch * max(lens) <= HEAD_PROFILE_MAX_BYTES:

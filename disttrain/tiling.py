@@ -17,50 +17,77 @@ import torch.nn.functional as F
 from torch import nn
 
 
+IGNORE = -100
+"""Target of a token that predicts nothing (cross_entropy's ignore_index): no loss, no gradient."""
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum over tokens of cross_entropy(h @ W^T, target); saves only h and W."""
+    """sum over tokens of cross_entropy(h @ W^T, target), IGNORE targets skipped, in one pass
+    over the logits.
+
+    Each tile's logits are computed once: the forward takes the tile's loss and, when a
+    gradient is wanted, at once its gradients (d/dlogits = softmax - onehot on valid tokens,
+    0 on IGNORE ones, then d/dh = dlogits @ W and d/dW += dlogits^T @ h). The backward only
+    scales the two stored gradients by the incoming one (a scalar), so it reruns nothing; what
+    stays alive between the passes is d/dh (the size of h, which a two-pass version would keep
+    instead) and d/dW.
+    """
 
     @staticmethod
-    def forward(ctx, hidden_TH, weight_VH, targets_T, chunk):
+    def forward(ctx, hidden_TH, weight_VH, targets_T, chunk, with_grad):
         total = torch.zeros((), dtype=torch.float32, device=hidden_TH.device)
+        want_h = with_grad and ctx.needs_input_grad[0]
+        want_w = with_grad and ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden_TH) if want_h else None
+        grad_weight = torch.zeros(weight_VH.shape, dtype=torch.float32,
+                                  device=weight_VH.device) if want_w else None
         for start in range(0, hidden_TH.shape[0], chunk):
-            logits = F.linear(hidden_TH[start:start + chunk], weight_VH).float()
-            total += F.cross_entropy(logits, targets_T[start:start + chunk], reduction="sum")
-        ctx.save_for_backward(hidden_TH, weight_VH, targets_T)
-        ctx.chunk = chunk
+            h = hidden_TH[start:start + chunk]
+            t = targets_T[start:start + chunk]
+            logits = F.linear(h, weight_VH).float()
+            total += F.cross_entropy(logits, t, reduction="sum", ignore_index=IGNORE)
+            if not (want_h or want_w):
+                continue
+            dlogits = torch.softmax(logits, dim=-1)  # d(sum CE)/d(logits) = softmax - onehot
+            del logits
+            valid = t != IGNORE
+            rows = torch.arange(h.shape[0], device=h.device)
+            dlogits[rows[valid], t[valid]] -= 1
+            dlogits[~valid] = 0
+            if want_h:
+                grad_hidden[start:start + chunk] = (dlogits @ weight_VH.float()).to(h.dtype)
+            if want_w:
+                grad_weight += dlogits.t() @ h.float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight_VH.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden_TH, weight_VH, targets_T = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden_TH) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight_VH.shape, dtype=torch.float32,
-                                  device=weight_VH.device) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden_TH.shape[0], ctx.chunk):
-            h = hidden_TH[start:start + ctx.chunk]
-            logits = F.linear(h, weight_VH).float()
-            # d(sum CE)/d(logits) = softmax - onehot
-            dlogits = torch.softmax(logits, dim=-1)
-            dlogits[torch.arange(h.shape[0], device=h.device), targets_T[start:start + ctx.chunk]] -= 1
-            dlogits *= grad_total
-            if grad_hidden is not None:
-                grad_hidden[start:start + ctx.chunk] = (dlogits @ weight_VH.float()).to(h.dtype)
-            if grad_weight is not None:
-                grad_weight += dlogits.t() @ h.float()
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight_VH.dtype)
-        return grad_hidden, grad_weight, None, None
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
 
 
 def chunked_lm_loss(hidden_BSH: torch.Tensor, weight_VH: torch.Tensor, targets_BS: torch.Tensor,
-                    chunk_tokens: int) -> torch.Tensor:
-    """Mean next-token cross entropy of `hidden @ weight^T` without materialising the full
-    logits: at most `chunk_tokens` x V of them exist at a time, forward and backward."""
+                    chunk_tokens: int, *, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross entropy of `hidden @ weight^T` without materialising the full
+    logits: at most `chunk_tokens` x V of them exist at a time, and only in the forward (the
+    gradients are taken there, one pass). 'mean' over all tokens, or 'sum' over the tokens
+    whose target is not IGNORE."""
     if chunk_tokens <= 0:
         raise ValueError(f"tiling.loss_chunk_tokens: must be positive, got {chunk_tokens}")
     hidden_TH = hidden_BSH.flatten(0, 1)
     targets_T = targets_BS.flatten()
-    total = _ChunkedLinearCrossEntropy.apply(hidden_TH, weight_VH, targets_T, chunk_tokens)
+    total = _ChunkedLinearCrossEntropy.apply(hidden_TH, weight_VH, targets_T, chunk_tokens,
+                                             torch.is_grad_enabled())
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"reduction: must be 'mean' or 'sum', got {reduction!r}")
     return total / targets_T.numel()
 
 

@@ -33,7 +33,12 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_hooks
 
+from offload import tiled_rebuild as tiles
 from offload.stores import StoredTensor
+from offload.tiled_rebuild import core_input as _core_input
+from offload.tiled_rebuild import forward_autocast as _forward_autocast
+from offload.tiled_rebuild import grad as _grad
+from offload.tiled_rebuild import slice_grads as _slice_grads
 
 
 
@@ -116,6 +121,8 @@ class CallRecord:
     autocast: tuple[str, bool, torch.dtype] | None = None
     resident: int = 0
     inflight_bytes: int = 0
+    rebuild_tile: int = 0
+    """Tokens per tile of the recomputed range's token-local work (0: all at once)."""
     on_backward: Callable[["CallRecord"], None] | None = None
     done_backward: Callable[["CallRecord"], None] | None = None
 
@@ -190,16 +197,6 @@ class Packer:
         return self.call.fetch(packed[1])
 
 
-def _forward_autocast(call: CallRecord) -> torch.autocast:
-    """The autocast state the layer's forward ran under, for recomputing it exactly."""
-    device, enabled, dtype = call.autocast
-    return torch.autocast(device_type=device, dtype=dtype, enabled=enabled)
-
-
-def _grad(outputs, inputs, grads):
-    return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
-
-
 def _token_major(t_BHSD: torch.Tensor) -> torch.Tensor:
     """(B, heads, S, D) -> (1, heads, B*S, D): a view for the (B, S, heads, D) memory layout
     the model's q/k/v and the local core's output have, a copy otherwise."""
@@ -243,16 +240,28 @@ class LayerFunction(torch.autograd.Function):
             qkv_sw = [_core_input(call, t.detach()) for t in qkv_sw]  # only the edges keep the graph
             call.qkv_sw = [Held(t, store) for t in qkv_sw]
             call.stored.extend(h.stored for h in call.qkv_sw)
+        tile = call.rebuild_tile
         with torch.no_grad():
-            parts = [qkv_sw] if n else []
-            if n < num_tokens:
-                parts.append([_core_input(call, t) for t in layer.qkv(x[:, n:], cos[n:], sin[n:])])
-            q, k, v = (_batch_major(_cat_tokens([p[i] for p in parts]), batch) for i in range(3))
-            del parts
+            if tile and n < num_tokens:  # token-local work a tile at a time (tiled_rebuild)
+                joined = tiles.qkv_no_grad(call, x, cos, sin, n, num_tokens, tile,
+                                           qkv_sw if n else None)
+                q, k, v = (_batch_major(t, batch) for t in joined)
+                del joined
+            else:
+                parts = [qkv_sw] if n else []
+                if n < num_tokens:
+                    parts.append([_core_input(call, t)
+                                  for t in layer.qkv(x[:, n:], cos[n:], sin[n:])])
+                q, k, v = (_batch_major(_cat_tokens([p[i] for p in parts]), batch)
+                           for i in range(3))
+                del parts
             out_BNSD, saved = layer.core.forward(q, k, v)  # the attention core: its only run
             del q, k, v
             out = _token_major(out_BNSD)
-            y_rc = layer.post_attention(x[:, n:], out[:, :, n:]) if n < num_tokens else None
+            y_rc = None
+            if n < num_tokens:
+                y_rc = (tiles.post_attention_no_grad(call, x, out, n, num_tokens, tile) if tile
+                        else layer.post_attention(x[:, n:], out[:, :, n:]))
         attn_store = store if plan.swap_attention_output else None
         call.saved = [Held(t, attn_store) for t in saved]
         in_saved = [i for i, t in enumerate(saved) if t is out_BNSD]
@@ -318,7 +327,11 @@ class LayerFunction(torch.autograd.Function):
             dout[:, :, :n] = dout_sw
             add(gp)
         recompute_s = 0.0
-        if n < num_tokens:  # recomputed slice: rerun post_attention and qkv on those tokens
+        tile = call.rebuild_tile
+        if tile and n < num_tokens:  # recomputed slice, a tile at a time (tiled_rebuild)
+            recompute_s += tiles.post_attention_backward(call, x, out, dy, dx, dout, add, n,
+                                                         num_tokens, tile)
+        elif n < num_tokens:  # recomputed slice: rerun post_attention and qkv on those tokens
             t0 = time.perf_counter()
             with torch.enable_grad(), _forward_autocast(call):
                 x_rc = x[:, n:].detach().requires_grad_()
@@ -335,12 +348,19 @@ class LayerFunction(torch.autograd.Function):
                 x_rc = x[:, n:].detach().requires_grad_()
                 qkv_rc = layer.qkv(x_rc, cos[n:], sin[n:])
             recompute_s += time.perf_counter() - t0
-        call.stats["recompute_s"] = recompute_s  # the extra forward work only
-        parts = [[h.get(call) for h in call.qkv_sw]] if n else []
-        if n < num_tokens:
-            parts.append([_core_input(call, q.detach()) for q in qkv_rc])
-        q, k, v = (_batch_major(_cat_tokens([p[i] for p in parts]), batch) for i in range(3))
-        del parts
+        if tile and n < num_tokens:
+            t0 = time.perf_counter()
+            joined = tiles.qkv_no_grad(call, x, cos, sin, n, num_tokens, tile,
+                                       [h.get(call) for h in call.qkv_sw] if n else None)
+            recompute_s += time.perf_counter() - t0
+            q, k, v = (_batch_major(t, batch) for t in joined)
+            del joined
+        else:
+            parts = [[h.get(call) for h in call.qkv_sw]] if n else []
+            if n < num_tokens:
+                parts.append([_core_input(call, q.detach()) for q in qkv_rc])
+            q, k, v = (_batch_major(_cat_tokens([p[i] for p in parts]), batch) for i in range(3))
+            del parts
         grads = layer.core.backward(_batch_major(dout, batch), q, k, v, saved)  # no forward rerun
         grads = [_token_major(g) for g in grads]
         del q, k, v, dout, saved
@@ -349,25 +369,17 @@ class LayerFunction(torch.autograd.Function):
                                _slice_grads(grads, 0, n, call.qkv_dtypes))
             dx[:, :n] += dx_sw
             add(gp)
-        if n < num_tokens:
+        if tile and n < num_tokens:
+            recompute_s += tiles.qkv_backward(call, x, cos, sin, grads, dx, add, n, num_tokens,
+                                              tile)
+        elif n < num_tokens:
             dx_rc, *gp = _grad(list(qkv_rc), [x_rc, *params],
                                _slice_grads(grads, n, num_tokens, [q.dtype for q in qkv_rc]))
             dx[:, n:] += dx_rc
             add(gp)
+        call.stats["recompute_s"] = recompute_s  # the extra forward work only
         call.done_backward(call)
         return (None, dx.view(dy_BSH.shape), None, None, *param_grads)
-
-
-def _core_input(call: CallRecord, t: torch.Tensor) -> torch.Tensor:
-    """What the core is fed, as `AttentionCore.__call__` does: one dtype under autocast
-    (RoPE may have promoted q and k to fp32)."""
-    _, enabled, dtype = call.autocast
-    return t.to(dtype) if enabled else t
-
-
-def _slice_grads(grads, start: int, stop: int, dtypes) -> list[torch.Tensor]:
-    """Token range [start, stop) of token-major (dq, dk, dv), in the qkv outputs' dtypes."""
-    return [g[:, :, start:stop].to(dtype) for g, dtype in zip(grads, dtypes)]
 
 
 def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:

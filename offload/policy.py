@@ -36,8 +36,14 @@ class ActivationRuntimeConfig:
     """Layers whose swap copies may still run while the next layer computes (2 = double buffering)."""
     measure_keep_all: bool = True
     """Count the saved bytes of keep-all layers through a saved-tensor hook (no copies)."""
+    rebuild_tile_tokens: int = 0
+    """A non-kept layer recomputes its token-local tensors (forward and backward) this many
+    tokens at a time (`plan.tiling.rebuild_tile_tokens`; 0: the whole local sequence)."""
 
     def __post_init__(self) -> None:
+        if self.rebuild_tile_tokens < 0:
+            raise ValueError(f"tiling.rebuild_tile_tokens: must be >= 0, "
+                             f"got {self.rebuild_tile_tokens}")
         if self.max_inflight_layers < 1:
             raise ValueError(f"activation_runtime.max_inflight_layers: must be >= 1, "
                              f"got {self.max_inflight_layers}")
@@ -165,6 +171,7 @@ class ActivationRuntime:
         call = CallRecord(index=index, layer=layer, plan=plan, store=store,
                           num_swap=num_swap_tokens(batch * seq, plan.swap_fraction),
                           num_tokens=batch * seq, params=params,
+                          rebuild_tile=self.config.rebuild_tile_tokens,
                           on_backward=self._before_backward, done_backward=self._after_backward)
         self._limit_inflight(call)
         cos_T, sin_T = self._rope_rows(cos, sin, batch)

@@ -143,6 +143,12 @@ def model_flops_per_token(shape: ModelShape, seq_len: int) -> float:
     return 3.0 * (shape.num_layers * (per_layer.token_local + per_layer.attention) + head)
 
 
+def noncausal_flops_ratio(shape: ModelShape, seq_len: int) -> float:
+    """Model FLOPs per token counting full (non-causal) attention over the causal count."""
+    causal = model_flops_per_token(shape, seq_len)
+    return (causal + 3.0 * shape.num_layers * layer_flops_per_token(shape, seq_len).attention) / causal
+
+
 @dataclass(frozen=True, kw_only=True)
 class TensorLife:
     """One tensor of a layer's forward: bytes and the op steps it is live over [start, end]."""

@@ -30,12 +30,18 @@ def test_sections_are_rewritten_in_place(tmp_path):
 
 @pytest.mark.slow
 def test_peers_smallest_run_agrees_on_loss():
-    import peers
+    import argparse
 
-    rows = peers.measure([256], steps=2, budget_mib=64)
-    assert {r["system"] for r in rows} == set(peers.SYSTEMS) | {peers.AMPLE}  # plain fits
+    import peers
+    from peers_report import report
+
+    rows = peers.measure([256], steps=3, budget_mib=64)  # asserts every step's loss agrees
+    assert {r["system"] for r in rows} == set(peers.SYSTEMS)
     assert all("error" not in r and r["peak_rss"] > 0 and r["step_s"] > 0 for r in rows)
-    assert "| disttrain | 256 |" in peers.report(rows, 64, 1024, 2)
+    assert all(len(r["losses"]) == 3 for r in rows)
+    text = report(rows, [], argparse.Namespace(rss_budget_mib=1024.0, steps=3), 1.0)
+    assert "| disttrain | 256 |" in text and "| alst-sp2 | 256 |" in text
+    assert "MET: losses equal at every step" in text
 
 
 @pytest.mark.slow

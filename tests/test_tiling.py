@@ -28,6 +28,31 @@ def test_chunked_loss_matches_full_logits(chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_chunked_loss_is_one_pass_and_scales_by_the_incoming_gradient():
+    """The logits matmul runs once per tile (forward only); a loss scale applied after the
+    loss (gradient accumulation) still reaches both gradients."""
+    torch.manual_seed(1)
+    hidden = torch.randn(1, 40, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (1, 40))
+    ref = F.cross_entropy(F.linear(hidden, weight).flatten(0, 1), targets.flatten()) * 0.25
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    calls = []
+    orig = F.linear
+    try:
+        F.linear = lambda *a: calls.append(1) or orig(*a)
+        loss = chunked_lm_loss(hidden, weight, targets, 16) * 0.25
+        forward_calls = len(calls)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+    finally:
+        F.linear = orig
+    assert forward_calls == len(calls) == 3  # ceil(40 / 16) tiles, none rerun in backward
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_lm_loss(hidden, weight, targets, 16) * 0.25, ref)
+
+
 def test_chunked_loss_keeps_no_full_logits():
     hidden = torch.randn(1, 256, 16, requires_grad=True)
     weight = torch.randn(300, 16, requires_grad=True)

@@ -41,7 +41,8 @@ from torch import nn
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
                                           ScheduleInterleaved1F1B)
 
-from disttrain.model.llama import rope_cos_sin
+from disttrain.model.documents import documents_scope
+from disttrain.model.llama import rope_tables
 from disttrain.parallel.dims import ParallelGroups
 from disttrain.tiling import chunked_lm_loss
 from planner.plan import ParallelPlan
@@ -145,18 +146,28 @@ class StageModule(nn.Module):
         self.head = model.head if self.is_last else None
         self.positions_S: torch.Tensor | None = None
         """Absolute positions of this rank's tokens; set by the runner before each step."""
+        self.documents: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        """Packed documents: (positions_S, doc_ids) of each microbatch of the step, in order;
+        set by the runner (a stage runs its microbatches' forwards in microbatch order)."""
+        self._next_microbatch = 0
         self.loss_chunk_tokens = 0
         """> 0: the last stage returns hidden states; the loss tiles the head (the runner)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.positions_S is None:
+        positions, doc_ids = self.positions_S, None
+        if self.documents is not None:
+            index = self._next_microbatch
+            if x.device.type != "meta":  # the schedule's shape inference is not a microbatch
+                self._next_microbatch += 1
+            positions, doc_ids = self.documents[min(index, len(self.documents) - 1)]
+        if positions is None:
             raise RuntimeError("StageModule: positions_S must be set before the forward")
         if self.is_first:
             x = self.embed(x)
-        cos, sin = rope_cos_sin(self.positions_S.to(x.device), self.shape.head_dim,
-                                self.shape.rope_theta, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        cos, sin = rope_tables(self.shape, positions.to(x.device), x.dtype)
+        with documents_scope(doc_ids):
+            for layer in self.layers:
+                x = layer(x, cos, sin)
         if not self.is_last:
             return x
         if self.loss_chunk_tokens:
@@ -286,7 +297,17 @@ class PipelineRunner:
                                        loss_chunk_tokens)
 
         def scaled_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            if self.loss_scale is not None:  # packed documents: summed, valid-token scaled
+                if loss_chunk_tokens > 0 and last is not None:
+                    return chunked_lm_loss(output, last.output_weight, target,
+                                           loss_chunk_tokens, reduction="sum") * self.loss_scale
+                return F.cross_entropy(output.float().flatten(0, 1), target.flatten(),
+                                       reduction="sum") * self.loss_scale
             return loss_fn(output, target) / num_micro
+
+        self.loss_scale: float | None = None
+        """Set per step with packed documents: each microbatch's loss is its summed token
+        losses times this (the engine's valid-token normalisation)."""
 
         if config.schedule == "1f1b":
             self.schedule = Schedule1F1B(pipe_stages[0], num_micro, loss_fn=scaled_loss,
@@ -298,11 +319,25 @@ class PipelineRunner:
         self.has_last = any(m.is_last for m in self.stage_modules)
 
     def step(self, tokens_BS: torch.Tensor | None, targets_BS: torch.Tensor | None,
-             positions_S: torch.Tensor | None = None) -> float:
+             positions_S: torch.Tensor | None = None, *,
+             documents: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+             loss_scale: float | None = None) -> float:
         """Forward and backward of one step; returns the step loss (mean of the microbatch
         losses) on every rank of the pipeline. The first stage needs `tokens_BS`, the last
         `targets_BS` (others may pass None); every stage needs the same sequence length and,
-        under sequence parallelism, this rank's absolute `positions_S`."""
+        under sequence parallelism, this rank's absolute `positions_S`.
+
+        Packed documents: `documents` gives each microbatch's (positions_S, doc_ids) and
+        `loss_scale` replaces the mean: the step loss is the sum over microbatches of
+        (summed token losses x loss_scale), IGNORE targets skipped."""
+        if documents is not None:
+            if len(documents) != self.config.num_microbatches:
+                raise ValueError(f"documents: need one entry per microbatch "
+                                 f"({self.config.num_microbatches}), got {len(documents)}")
+            positions_S = documents[0][0]
+        for module in self.stage_modules:
+            module.documents, module._next_microbatch = documents, 0
+        self.loss_scale = loss_scale
         needed = {"tokens_BS": (self.has_first, tokens_BS),
                   "targets_BS": (self.has_last, targets_BS)}
         for name, (required, value) in needed.items():

@@ -1,0 +1,38 @@
+"""Host allocator setting for CPU nodes: freed tensors go back to the OS.
+
+glibc's malloc serves large blocks from mmap only above a threshold that it raises
+dynamically (up to 32 MiB) each time such a block is freed; after that, blocks below the
+threshold come from the heap, and freed heap memory stays mapped (it counts in the process's
+resident set) until the top of the heap is trimmed. A training step allocates and frees
+many MiB-sized activation tensors, so on a CPU node, where host memory *is* the device
+memory, that cache adds to the peak. Fixing both thresholds (which also stops the dynamic
+adjustment) returns every freed block of `threshold_bytes` or more at once. The price is a
+page fault (and zeroing) per page of every such block at its next use: a low threshold buys
+the lowest peak with the most CPU time. 1 MiB keeps the large per-token tensors (activations,
+logits tiles) out of the heap while small ones are still recycled: between a 64 KiB
+threshold (lower peak, more CPU per step) and no mmap at all (higher peak, less CPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+DEFAULT_THRESHOLD_BYTES = 1 << 20
+
+
+def return_freed_host_memory(threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> bool:
+    """Set glibc's mmap and trim thresholds to `threshold_bytes`; False where the C library
+    has no `mallopt` (not glibc), True when both were set."""
+    if threshold_bytes <= 0:
+        raise ValueError(f"threshold_bytes: must be positive, got {threshold_bytes}")
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes)) and bool(
+        mallopt(M_TRIM_THRESHOLD, threshold_bytes))

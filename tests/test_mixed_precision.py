@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from conftest import TINY_JOB, merge
 from disttrain.data import build_batches
+from disttrain.device import Device
 from disttrain.engine import build_runtime
 from disttrain.model import build_model
 from disttrain.optim import build_optimizer
@@ -93,7 +94,7 @@ def _plan(job, *, dp: int, zero_stage: int, policy: str = "keep", sp: int = 1) -
                 activations=(POLICIES[policy],) * job.shape.num_layers)
 
 
-def run(rank: int, world: int, configs: list[tuple]) -> dict:
+def run(rank: int, world: int, configs: list[tuple], device_kind: str = "cpu") -> dict:
     """Train STEPS steps per (zero_stage, policy, grad_reduce_dtype[, sp]); losses, norms,
     masters. With sp the world is sequence-parallel (Ulysses) instead of data-parallel."""
     out = {}
@@ -101,7 +102,7 @@ def run(rank: int, world: int, configs: list[tuple]) -> dict:
         stage, policy, reduce, sp = (*config, 1)[:4]
         job = job_from_dict(merge(SPEC, {"train": {"grad_reduce_dtype": reduce}}))
         runtime = build_runtime(job, _plan(job, dp=world, zero_stage=stage, policy=policy,
-                                           sp=sp), rank=rank)
+                                           sp=sp), rank=rank, device=Device(device_kind, rank))
         batches, losses, norms = _batches(job), [], []
         for step in range(STEPS):
             loss, norm = runtime.train_step(step, batches, LR)
@@ -116,7 +117,7 @@ def run(rank: int, world: int, configs: list[tuple]) -> dict:
         assert all(p.dtype == torch.bfloat16 for p in runtime.model.parameters())
         assert all(m.dtype == torch.float32 for m in masters.values())
         runtime.close()
-        out[config] = (losses, norms, masters)
+        out[config] = (losses, norms, {k: v.cpu() for k, v in masters.items()})
     return out
 
 
@@ -154,3 +155,12 @@ def test_zero_stages_on_two_ranks_match_plain_bf16(ref):
         for rank_result in results:
             _check(rank_result[config], ref, tol, master_tol=(2 if split else 2.5) * tol)
         assert results[0][config][0] == results[1][config][0]  # one loss on every rank
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_zero3_bf16_on_a_gpu_matches_plain_bf16(ref):
+    """ZeRO-3 in one process on CUDA: gathers and gradient copies on the side stream, bf16
+    matmuls of the GPU (rounded unlike the CPU's: the split tolerance)."""
+    result = run(0, 1, [(3, "keep", "fp32")], device_kind="cuda")[(3, "keep", "fp32")]
+    _check(result, ref, BF16_REDUCE_TOL, master_tol=2 * BF16_REDUCE_TOL)

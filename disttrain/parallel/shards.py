@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from disttrain.device import Device
 from disttrain.parallel.chunks import ChunkLayout, decay_ranges
 
 FP32 = torch.float32
@@ -60,23 +61,27 @@ class SideStream:
     """Where collectives run. On CUDA: one side stream that first waits for the compute
     stream (the inputs are ready), and that the compute stream waits for (`join`, or an
     event per gather) before it reads the results — FSDP2's all-gather / reduce-scatter
-    streams. Elsewhere (CPU, gloo) a no-op: collectives run on the calling thread."""
+    streams, through the device interface (disttrain/device.py). Elsewhere (CPU, gloo) a
+    no-op: collectives run on the calling thread."""
 
     def __init__(self, device: torch.device):
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.device = Device.from_torch(device)
+        self.stream = torch.cuda.Stream(device) if self.device.is_cuda else None
 
     @contextlib.contextmanager
     def after_compute(self):
-        if self.stream is None:
-            yield
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        with torch.cuda.stream(self.stream):
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with self.device.stream(self.stream):
             yield
 
     def event(self):
         """An event marking the work queued on the side stream so far (None off CUDA)."""
-        return None if self.stream is None else self.stream.record_event()
+        return None if self.stream is None else self.device.record_event(self.stream)
+
+    def wait(self, event) -> None:
+        """Make the compute (current) stream wait for `event` (no-op for None)."""
+        self.device.wait_event(event)
 
     def keep(self, tensor: torch.Tensor) -> None:
         """`tensor` (allocated on the compute stream) is used by the side stream: its memory

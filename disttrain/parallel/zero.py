@@ -101,14 +101,12 @@ class ZeroModelStates:
             self._wait(chunk)
         self._track_peak()
 
-    @staticmethod
-    def _wait(chunk: _Chunk) -> None:
+    def _wait(self, chunk: _Chunk) -> None:
         if chunk.work is not None:
             chunk.work[0].wait()
             chunk.work = None  # the gather's source (a cast copy) may go now
-        if chunk.event is not None:
-            torch.cuda.current_stream(chunk.full.device).wait_event(chunk.event)
-            chunk.event = None
+        self._side.wait(chunk.event)
+        chunk.event = None
 
     def _release(self, chunk: _Chunk) -> None:
         if self._keeps_full or not chunk.gathered:

@@ -14,7 +14,7 @@ from disttrain.model import build_model
 from disttrain.parallel.sequence import apply_sequence_parallel, shard_sequence, sp_loss_and_grad_reduce
 from disttrain.parallel.spawn import spawn_ranks
 from offload.engine import CopyEngineConfig, create_engine
-from offload.policy import apply_activation_policy
+from offload.policy import ActivationRuntimeConfig, apply_activation_policy
 from offload.stores import open_stores
 from planner.plan import LayerActivationPlan as Layer
 from planner.shapes import MODEL_PRESETS
@@ -22,6 +22,8 @@ from lm_batches import lm_loss, random_batch
 
 SHAPE = MODEL_PRESETS["tiny"]
 KINDS = ("ulysses", "ring")
+TILES = (0, 16)
+"""Rebuild tiles: whole local sequence, and tiles of 16 tokens (sequence-tiled rebuild)."""
 PLANS = [Layer(swap_fraction=0.3, tier="nvme", swap_attention_output=True),
          Layer(swap_fraction=1.0, swap_input=True)]
 BUDGET = 16 << 20
@@ -35,18 +37,19 @@ def _worker(rank: int, world: int) -> dict:
     engine = create_engine(CopyEngineConfig(backend="python"))  # no JIT build in the children
     results = {}
     with tempfile.TemporaryDirectory() as nvme:
-        for kind in KINDS:
+        for kind, tile in ((k, t) for k in KINDS for t in TILES):
             model = build_model(SHAPE, seed=3)
             apply_sequence_parallel(model, dist.group.WORLD, kind)
             stores = open_stores(PLANS, engine=engine, cpu_budget_bytes=BUDGET, nvme_path=nvme,
-                                 nvme_budget_bytes=BUDGET, run_id=kind, rank=rank)
-            with apply_activation_policy(model, PLANS, stores=stores) as runtime:
+                                 nvme_budget_bytes=BUDGET, run_id=f"{kind}{tile}", rank=rank)
+            config = ActivationRuntimeConfig(rebuild_tile_tokens=tile)
+            with apply_activation_policy(model, PLANS, stores=stores, config=config) as runtime:
                 tokens, targets, positions = shard_sequence(*_batch(), rank, world, kind)
                 loss = lm_loss(model, tokens, targets, positions)
                 loss.backward()
                 loss = sp_loss_and_grad_reduce(model, loss, dist.group.WORLD)
                 metrics = runtime.step_metrics()
-            results[kind] = dict(loss=loss, grads={n: p.grad for n, p in model.named_parameters()},
+            results[kind, tile] = dict(loss=loss, grads={n: p.grad for n, p in model.named_parameters()},
                                  recomputed=[m["tokens_recomputed"] for m in metrics["layers"]])
     engine.shutdown()
     return results
@@ -58,13 +61,14 @@ def sp2() -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_policy_on_sequence_parallel_core_matches_single_process(sp2, kind):
+def test_policy_on_sequence_parallel_core_matches_single_process(sp2, kind, tile):
     model = build_model(SHAPE, seed=3)
     loss = lm_loss(model, *_batch())
     loss.backward()
     for rank, res in enumerate(sp2):
-        got = res[kind]
+        got = res[kind, tile]
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
         for name, p in model.named_parameters():
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-8,

@@ -1,5 +1,6 @@
 """One distribution: the disttrain, planner, offload and launch packages + the copy engine."""
 
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -8,17 +9,28 @@ ROOT = Path(__file__).parent
 
 
 def _ext_modules():
-    """The C++ copy engine, built at install when torch is importable (it always is under
-    `make`, which installs torch first and builds without isolation). Without it the runtime
-    JIT-builds the same source or falls back to Python threads, and says which it uses."""
+    """The copy engine, built at install when torch is importable (it always is under `make`,
+    which installs torch first and builds without isolation): a `CUDAExtension` with the CUDA
+    token-slice copies (csrc/*.cu + their binding, -DDISTTRAIN_WITH_CUDA) when torch has CUDA
+    and nvcc exists, else the C++ engine alone (`CppExtension`; the binding compiles to
+    nothing). Without a built module the runtime JIT-builds the same sources or falls back to
+    Python threads, and says which it uses."""
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     if not sources:
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         return [], {}
-    ext = CppExtension("offload._copy_engine", sources, extra_compile_args=["-O3"])
+    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and Path(CUDA_HOME, "bin", "nvcc").is_file())
+    if torch.version.cuda and nvcc and cuda_sources:
+        ext = CUDAExtension("offload._copy_engine", sources + cuda_sources,
+                            define_macros=[("DISTTRAIN_WITH_CUDA", None)],
+                            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    else:
+        ext = CppExtension("offload._copy_engine", sources, extra_compile_args=["-O3"])
     return [ext], {"build_ext": BuildExtension}
 
 

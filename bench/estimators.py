@@ -1,6 +1,7 @@
 """Estimators and I/O side by side with DeepSpeed.
 
-1. Model-state memory per device: disttrain's `planner.costmodel.model_state_bytes` against
+1. Model-state memory per device: what disttrain's runtime holds (`planner.analytic.model_state_bytes`,
+   measured equal in tests/test_precision_bytes.py) against
    DeepSpeed's estimators (ZeRO-3: the no-offload row `estimate_zero3_model_states_mem_needs_all_cold`
    prints, i.e. `estimate_zero3_model_states_mem_needs(..., cpu_offload=False)`; ZeRO-2:
    `estimate_zero2_model_states_mem_needs(..., cpu_offload=False)`) for the shipped presets
@@ -31,7 +32,7 @@ from docs_sections import md_table, write_section  # noqa: E402
 from peers import SHAPE  # noqa: E402
 
 from disttrain.parallel.spawn import spawn_ranks  # noqa: E402
-from planner.costmodel import model_state_bytes  # noqa: E402
+from planner.analytic import model_state_bytes  # noqa: E402
 from planner.shapes import MODEL_PRESETS, ModelShape  # noqa: E402
 
 GiB = 2**30
@@ -205,8 +206,9 @@ def report(est: list[dict], meas: list[dict], io: list[tuple[str, float]], notes
     return (f"## Estimators and I/O\n\n`bench/estimators.py`. Model states per device, bf16 "
             f"training with Adam, no offload. DeepSpeed's estimators assume mixed precision "
             f"(18 bytes/param sharded at ZeRO-3 plus 4 bytes x the largest layer; ZeRO-2 keeps 2 "
-            f"bytes/param of parameters unsharded); disttrain counts bf16 params and grads and fp32 "
-            f"Adam m, v and master (16 bytes/param) over the dp x sp group and no gather buffer.\n\n"
+            f"bytes/param of parameters unsharded); disttrain's runtime holds bf16 parameters, fp32 "
+            f"gradients (fp32 accumulation) and fp32 Adam m, v and master (18 bytes/param) over the "
+            f"dp x sp group; its ZeRO-3 gather buffers (two units) are not in this table.\n\n"
             f"{t1}\n\nMeasured on CPU (model of the peers section, "
             f"{ModelShape(**SHAPE).num_params() / 1e6:.2f}M params, fp32, dp=2, after one step; "
             f"DeepSpeed's estimators assume mixed precision, so they overstate fp32 by design):\n\n"

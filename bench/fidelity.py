@@ -26,18 +26,24 @@ from peers import describe_plan, job_spec, layer_profile  # noqa: E402
 
 from disttrain.parallel.spawn import spawn_ranks  # noqa: E402
 from disttrain.spec import job_from_dict  # noqa: E402
+from planner import costmodel  # noqa: E402
 from planner.costmodel import ulysses_alltoall_bytes, zero_step_bytes, ring_p2p_backward_bytes, \
     ring_p2p_bytes  # noqa: E402
 
 LAYOUTS = {  # name: parallel section
     "dp2 z3": {"dp": 2, "sp": 1, "pp": 1, "zero_stage": 3},
     "sp2 ulysses z2": {"dp": 1, "sp": 2, "sp_kind": "ulysses", "pp": 1, "zero_stage": 2},
+    "tp2 z3": {"dp": 1, "sp": 1, "pp": 1, "tp": 2, "zero_stage": 3},
 }
+"""tp2 needs the planner's side of issue 15 (tp in the search, `tp_step_bytes`); without it the
+planned layout has no tp and the configuration is listed as not run, with that reason."""
 POLICIES = {  # name: (device budget MiB, memory section)
     "keep": (1024, {"activation_offload": "none", "recompute": "none"}),
     "swap cpu": (40, {"activation_offload": "cpu", "recompute": "none"}),
     "recompute": (40, {"activation_offload": "none", "recompute": "token"}),
 }
+TRIAL_K = 3
+"""Plans `--trial` runs in the planner-choice check."""
 SWEEP_ROUNDS = 2
 """Runs of each planner-choice configuration, alternating, pooled (step times are noisy)."""
 SWEEP = {"dp2 z0": {"dp": 2, "sp": 1, "pp": 1, "zero_stage": 0},
@@ -65,10 +71,14 @@ def predicted_comm(job, plan) -> float:
                                              + ring_p2p_backward_bytes(shape, "fp32", tokens, par.sp))
     if par.pp > 1:
         total += micro * tokens * shape.hidden_size * 4
+    tp = getattr(par, "tp", 1)
+    if tp > 1:  # the planner's TP volume per microbatch (issue 15); NaN until it exists
+        tp_bytes = getattr(costmodel, "tp_step_bytes", None)
+        total += micro * tp_bytes(shape, "fp32", tokens, tp) if tp_bytes else float("nan")
     group = par.dp * par.sp
     if group > 1 and par.pp == 1:
-        per_mb, per_step = zero_step_bytes(shape.num_params(), "fp32", par.zero_stage, group, micro,
-                                           backward_resident_params=shape.embedding_params())
+        per_mb, per_step = zero_step_bytes(shape.num_params() // tp, "fp32", par.zero_stage, group,
+                                           micro, backward_resident_params=shape.embedding_params() // tp)
         total += micro * per_mb + per_step
     return total
 
@@ -141,6 +151,14 @@ def _plan(spec: dict, profile):
     return job, plan_job(job.plan_request(), profile, with_layout=False)
 
 
+def _planner_has_tp() -> bool:
+    import dataclasses
+
+    from planner.request import PlanRequest
+
+    return "tp" in {f.name for f in dataclasses.fields(PlanRequest)}
+
+
 def _reason(plan) -> str:
     return plan.rejected[0]["reason"] if plan.rejected else "no candidate"
 
@@ -155,9 +173,18 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
             for pname, (budget, memory) in policies.items():
                 name = f"{seq} {lname} {pname}"
                 spec = config_spec(seq, budget, parallel, memory, steps)
+                if parallel.get("tp", 1) > 1 and not _planner_has_tp():
+                    skipped.append(f"{name}: not run, the planner has no tensor parallelism on "
+                                   f"this branch (issue 15's planner side: PlanRequest.tp)")
+                    continue
                 job, plan = _plan({**spec, "name": f"fid-{len(configs)}"}, profile)
                 if not plan.feasible:
                     skipped.append(f"{name} (budget {budget} MiB): infeasible, {_reason(plan)}")
+                    continue
+                if plan.parallel.tp != parallel.get("tp", 1):
+                    skipped.append(f"{name}: the planner planned tp={plan.parallel.tp} for a spec "
+                                   f"fixing tp={parallel['tp']} (its tensor parallelism, issue "
+                                   f"15, is not on this branch)")
                     continue
                 configs.append((name, spec, plan))
                 meta[name] = (job, plan)
@@ -193,7 +220,36 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
     choice["gap"] = choice["planner_s"] / choice["best_s"] - 1
     choice["sweep_gap"] = (None if choice["same_layout_sweep_s"] is None
                            else choice["same_layout_sweep_s"] / choice["best_s"] - 1)
+    choice.update(trial_choice(free_spec, free_plan, profile, configs, sweep_names, times))
     return {"rows": rows, "choice": choice, "skipped": skipped}
+
+
+def trial_choice(free_spec: dict, free_plan, profile, configs: list, sweep_names: list,
+                 times: dict) -> dict:
+    """`disttrain plan --trial K` on the sweep: the planner's K best plans, each measured (its
+    sweep run when the sweep has its layout, else a fresh run), the fastest kept; its gap to
+    the fastest layout of the sweep."""
+    from planner.search import plan_job
+    from planner.trial import layout_key, top_plans
+
+    by_key = {layout_key(plan.parallel): times[name] for name, _, plan in configs
+              if name in sweep_names}
+    plans = top_plans(job_from_dict(free_spec).plan_request(), TRIAL_K,
+                      lambda r: plan_job(r, profile, with_layout=False), first=free_plan)
+    measured = {}
+    for plan in plans:
+        key = layout_key(plan.parallel)
+        if key not in by_key:
+            config = (f"trial {key}", free_spec, plan)
+            by_key[key] = spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]["step time"]
+        measured[key] = (plan.prediction.step_time_s, by_key[key])
+    chosen = min(measured, key=lambda k: measured[k][1])
+    return {"trial_k": TRIAL_K, "trial_rows": measured, "trial": chosen,
+            "trial_s": measured[chosen][1], "trial_gap": measured[chosen][1] / choice_best(times) - 1}
+
+
+def choice_best(times: dict) -> float:
+    return min(times.values())
 
 
 def _fmt(qty: str, v: float) -> str:
@@ -230,7 +286,20 @@ def report(result: dict, steps: int) -> str:
                 "" if choice["same_layout_sweep_s"] is None else
                 f"; the same layout measured {choice['same_layout_sweep_s']:.3f} s in its sweep "
                 f"run, {choice['sweep_gap']:+.1%} vs the fastest (the difference between the two "
-                f"runs of one layout is run-to-run noise on this shared machine)") + "\n")
+                f"runs of one layout is run-to-run noise on this shared machine)") + _trial_text(choice) + "\n")
+
+
+def _trial_text(choice: dict) -> str:
+    if "trial" not in choice:
+        return ""
+    rows = md_table(["layout", "predicted s", "measured s", "error"],
+                    [[k, f"{p:.3f}", f"{m:.3f}", f"{p / m - 1:+.0%}"]
+                     for k, (p, m) in choice["trial_rows"].items()])
+    verdict = "MET" if choice["trial_gap"] <= 0.05 else "NOT MET"
+    return (f"\n\nWith `disttrain plan --trial {choice['trial_k']}` (the planner's "
+            f"{choice['trial_k']} best plans measured, the fastest kept):\n\n{rows}\n\n- trial "
+            f"choice {choice['trial']}: {choice['trial_s']:.3f} s, {choice['trial_gap']:+.1%} vs the "
+            f"fastest of the sweep — {verdict} (target within 5%)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,10 +32,11 @@ BENCHES = {
     "copy_engine": ("copy_engine.py", [], ["--size-mib", "16", "--repeats", "1"], None),
     "cpu_optimizer_overlap": ("cpu_optimizer_overlap.py", [],
                               ["--num-layers", "2", "--steps", "3"], None),
+    "published": ("published.py", [], ["--only", "megatron-1p7b-48xh100"], None),
 }
 """Scripts without a docs flag write their section unless given `--no-docs` (peers, fidelity,
 estimators), or print only."""
-WRITES_BY_DEFAULT = ("peers", "fidelity", "estimators")
+WRITES_BY_DEFAULT = ("peers", "fidelity", "estimators", "published")
 
 
 def command(name: str, *, quick: bool, docs: bool) -> list[str]:

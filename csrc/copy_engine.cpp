@@ -337,9 +337,19 @@ class CopyEngine {
 
 }  // namespace
 
+#ifdef DISTTRAIN_WITH_CUDA
+void bind_cuda(pybind11::module& m);  // csrc/copy_engine_cuda.cpp
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "disttrain async copy engine: thread pool for file I/O and token-slice copies";
   m.def("abi_version", [] { return kAbiVersion; });
+#ifdef DISTTRAIN_WITH_CUDA
+  bind_cuda(m);  // gather_d2h, scatter_h2d, pack_slices
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
   pybind11::class_<Handle>(m, "Handle")
       .def("wait", &Handle::wait, "Block until done; raise RuntimeError if a part failed")
       .def("done", &Handle::done)

@@ -13,8 +13,10 @@
 // Completion is an event recorded on the side stream; the compute stream waits on it only
 // where the data is needed (cudaStreamWaitEvent), never on the whole side stream.
 //
-// Pure CUDA runtime API (no torch headers): compile-checked with nvcc in the test suite;
-// the torch binding belongs in a CUDAExtension built where a CUDA torch is installed.
+// Pure CUDA runtime API (no torch headers): compile-checked with nvcc in the test suite.
+// The torch binding is csrc/copy_engine_cuda.cpp, built with this file into the same
+// extension (setup.py's CUDAExtension, -DDISTTRAIN_WITH_CUDA) where torch has CUDA and nvcc
+// exists. Events are optional (nullptr: the caller orders the streams itself).
 
 #include <cuda_runtime.h>
 
@@ -90,7 +92,7 @@ cudaError_t disttrain_gather_d2h_async(const void* device_full, void* pinned_pac
                                        const int64_t* starts, const int64_t* lengths,
                                        int num_ranges, cudaEvent_t ready,
                                        cudaStream_t side_stream, cudaEvent_t done) {
-  cudaError_t err = cudaStreamWaitEvent(side_stream, ready, 0);
+  cudaError_t err = ready ? cudaStreamWaitEvent(side_stream, ready, 0) : cudaSuccess;
   if (err != cudaSuccess) return err;
   int64_t total = 0;
   for (int i = 0; i < num_ranges; ++i) total += lengths[i];
@@ -107,7 +109,7 @@ cudaError_t disttrain_gather_d2h_async(const void* device_full, void* pinned_pac
     }
     cum += lengths[i];
   }
-  return cudaEventRecord(done, side_stream);
+  return done ? cudaEventRecord(done, side_stream) : cudaSuccess;
 }
 
 // Pinned host buffer -> device tensor ranges (the prefetch before a layer's backward).
@@ -131,7 +133,7 @@ cudaError_t disttrain_scatter_h2d_async(const void* pinned_packed, void* device_
     }
     cum += lengths[i];
   }
-  return cudaEventRecord(done, side_stream);
+  return done ? cudaEventRecord(done, side_stream) : cudaSuccess;
 }
 
 // Device-side pack (to_packed=1) or unpack (0) between a tensor's ranges and a contiguous

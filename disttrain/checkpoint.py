@@ -91,22 +91,33 @@ def flat_range_blocks(shape: tuple[int, ...], start: int, stop: int) -> list[Blo
 @dataclass
 class FlatShard:
     """This rank's part of a named tensor of `shape`: elements [start, start + local.numel())
-    of its row-major flattening, held in `local` (1-D; saved from and loaded into in place)."""
+    of its row-major flattening, held in `local` (1-D; saved from and loaded into in place).
+    Under tensor parallelism `shape` is a block of a larger tensor, `full_shape`, at offsets
+    `origin` (the rank's tp shard); the checkpoint key then has the full shape."""
 
     shape: tuple[int, ...]
     start: int
     local: torch.Tensor
+    origin: tuple[int, ...] = ()
+    full_shape: tuple[int, ...] | None = None
     _pieces: dict[tuple[int, ...], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
+    def global_shape(self) -> tuple[int, ...]:
+        """Shape of the checkpoint key."""
+        return self.shape if self.full_shape is None else self.full_shape
+
+    @property
     def pieces(self) -> dict[tuple[int, ...], torch.Tensor]:
-        """{block offsets: the view of `local` shaped as that block}."""
+        """{block offsets in the key's tensor: the view of `local` shaped as that block}."""
         if self._pieces is None:
             self._pieces, pos = {}, 0
             stop = self.start + self.local.numel()
+            origin = self.origin or (0,) * len(self.shape)
             for offsets, sizes in flat_range_blocks(self.shape, self.start, stop):
                 count = math.prod(sizes)
-                self._pieces[offsets] = self.local[pos:pos + count].view(sizes)
+                key = tuple(o + g for o, g in zip(offsets, origin))
+                self._pieces[key] = self.local[pos:pos + count].view(sizes)
                 pos += count
         return self._pieces
 
@@ -146,7 +157,7 @@ class _SavePlanner(DefaultSavePlanner):
                     index=MetadataIndex(key, offsets), type=WriteItemType.SHARD,
                     tensor_data=TensorWriteData(
                         chunk=chunk, properties=TensorProperties.create_from_tensor(piece),
-                        size=torch.Size(shard.shape))))
+                        size=torch.Size(shard.global_shape))))
         self.plan = SavePlan(items)
         return self.plan
 
@@ -176,9 +187,9 @@ class _LoadPlanner(DefaultLoadPlanner):
             if not isinstance(shard, FlatShard):
                 continue
             md = stored.get(key)
-            if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != shard.shape:
+            if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != shard.global_shape:
                 raise ValueError(f"checkpoint: {key} is {getattr(md, 'size', 'missing')}, "
-                                 f"expected {shard.shape}")
+                                 f"expected {shard.global_shape}")
             chunks = [ChunkStorageMetadata(offsets=torch.Size(o), sizes=p.shape)
                       for o, p in shard.pieces.items()]
             items += create_read_items_for_chunk_list(key, md, chunks)
@@ -301,11 +312,18 @@ def load_checkpoint(step_dir: Path, state: dict, *, rank: int = 0) -> dict:
     Returns the checkpoint's {'step', 'meta'}."""
     info = read_checkpoint_meta(step_dir)
     keys = {"torch": f"rng.rank{rank}.torch", "python": f"rng.rank{rank}.python"}
-    full = {**state, keys["torch"]: torch.empty_like(torch.get_rng_state()), keys["python"]: None}
-    _run_dcp(dcp.load, full, storage_reader=FileSystemReader(step_dir), planner=_LoadPlanner())
+    reader = FileSystemReader(step_dir)
+    # a resume on more ranks than wrote the checkpoint: the new ranks keep their own RNG
+    # (training draws no random numbers; the data order is a function of the step)
+    has_rng = keys["torch"] in reader.read_metadata().state_dict_metadata
+    full = dict(state)
+    if has_rng:
+        full.update({keys["torch"]: torch.empty_like(torch.get_rng_state()), keys["python"]: None})
+    _run_dcp(dcp.load, full, storage_reader=reader, planner=_LoadPlanner())
     state.update({key: full[key] for key in state})
-    torch.set_rng_state(full[keys["torch"]])
-    random.setstate(full[keys["python"]])
+    if has_rng:
+        torch.set_rng_state(full[keys["torch"]])
+        random.setstate(full[keys["python"]])
     return info
 
 

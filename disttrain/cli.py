@@ -1,4 +1,4 @@
-"""`disttrain` command line: check, plan, train, profile, report, bench.
+"""`disttrain` command line: check, plan, train, profile, report, export, bench.
 
 Exit codes: 0 success, 2 a user error (bad spec, path, size; one line on stderr, no
 traceback), 3 no feasible plan, 130 interrupted.
@@ -28,7 +28,7 @@ def _cmd_check(args: argparse.Namespace, console: Console) -> int:
     job = load_job(args.spec)
     hw = job.hardware
     print(f"{args.spec}: ok — model {job.shape.num_params() / 1e6:,.1f}M params "
-                  f"({job.spec.model.preset or 'custom'}, {job.dtype}), seq_len "
+                  f"({job.spec.model.preset or (f'hf {job.hf.family}' if job.hf else 'custom')}, {job.dtype}), seq_len "
                   f"{job.spec.train.seq_len}, cluster {hw.name}: {hw.nodes}x"
                   f"{hw.devices_per_node} {hw.device_name}")
     return 0
@@ -36,11 +36,8 @@ def _cmd_check(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
     job = load_job(args.spec)
-    try:
-        from planner.report import render_summary, write_report
-        from planner.search import plan_job
-    except ImportError as exc:
-        raise NotBuiltYet(f"plan: the planner is not built yet ({exc})") from None
+    from planner.report import render_summary, write_report  # an ImportError here is a bug or
+    from planner.search import plan_job                      # a broken install: reported as such
     profile = None
     if args.profile:
         from disttrain.profiling import load_profile
@@ -54,8 +51,24 @@ def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
         profile = profile_on_ray(job, args.address or job.spec.launch.ray_address)
     elif args.address is not None:
         raise SpecError("--address: only used with --launcher ray")
-    plan = plan_job(job.plan_request(), profile)
     out = Path(args.out) if args.out else job.output_dir / "plan"
+    from planner.trial import corrections_path, load_corrections
+
+    corrections_file = corrections_path(args.profile, out)
+    corrections = load_corrections(corrections_file)  # measured by earlier --trial runs
+    plan = plan_job(job.plan_request(), profile, corrections=corrections)
+    if args.trial and plan.feasible:
+        from disttrain.trial import trial_and_rerank
+
+        plan, rows = trial_and_rerank(
+            job, plan, args.trial, steps=args.trial_steps, corrections_file=corrections_file,
+            applied=corrections,
+            plan_fn=lambda r: plan_job(r, profile, corrections=corrections, with_layout=False))
+        for row in rows:
+            print(f"trial {row['layout']}: predicted {row['predicted_s']:.3f} s, measured "
+                  f"{row['measured_s']:.3f} s ({row['error']:+.0%})", file=sys.stderr)
+        print(f"trial: chose {rows[min(range(len(rows)), key=lambda i: rows[i]['measured_s'])]['layout']}"
+              f"; corrections in {corrections_file}", file=sys.stderr)
     paths = write_report(plan, out)
     if args.json:
         print(plan.to_json())
@@ -93,8 +106,15 @@ def _torchrun(args: argparse.Namespace, nproc: int) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from disttrain.device import require_local_gpus
+    from disttrain.spec import LaunchContext
+
     job = load_job(args.spec)
     launcher = args.launcher or job.spec.launch.launcher
+    if launcher != job.spec.launch.launcher or (args.nproc and launcher != "local"):
+        # the command line decides the launcher and (--nproc) the processes per node
+        job = load_job(args.spec, launch=LaunchContext(
+            launcher, devices_per_node=args.nproc if launcher != "local" else 1))
     world = job.hardware.world_size
     if args.address is not None and launcher != "ray":
         raise SpecError("--address: only used with --launcher ray")
@@ -108,15 +128,19 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
                             f"--nnodes {job.hardware.nodes} --nproc-per-node "
                             f"{job.hardware.devices_per_node} -m launch.torchrun {args.spec}` "
                             f"on every node (this command starts one node)")
+        require_local_gpus(job.hardware, args.nproc or world)  # before any process starts
         return _torchrun(args, args.nproc or world)
     if launcher != "local":
         raise NotBuiltYet(f"train: the {launcher} launcher is not built yet; use local or "
                           f"torchrun")
+    from disttrain.device import job_device
     from disttrain.planning import resolve_plan
     from disttrain.trainer import Trainer  # torch import is slow: only when training
 
+    device = job_device(job.hardware, local_rank=0)  # a GPU job without a GPU stops here
+    device.set_current()
     plan = resolve_plan(job, 1, args.plan, use_planner=not args.no_planner)
-    trainer = Trainer(job, plan, console=console)
+    trainer = Trainer(job, plan, console=console, device=device)
     result = trainer.run(resume=args.resume, max_steps=args.max_steps)
     if result.losses:
         print(f"first loss {result.losses[0]:.4f} (step {result.first_step}), last loss "
@@ -164,6 +188,17 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from disttrain.hf_export import export_hf  # torch import is slow: only when exporting
+
+    result = export_hf(Path(args.run_dir), Path(args.hf), step=args.step, dtype=args.dtype)
+    copied = f" + {', '.join(result.copied)}" if result.copied else ""
+    print(f"exported {result.step_dir} to {result.out}: model.safetensors, config.json{copied}")
+    if result.note:
+        print(f"note: {result.note}", file=sys.stderr)
+    return 0
+
+
 BENCHES = ("peers", "fidelity", "estimators", "long_sequence", "overlap", "comm_volume",
            "activation_bytes", "copy_engine", "cpu_optimizer_overlap")
 """bench/run_all.py's names (bench/ is not part of the installed package)."""
@@ -207,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "plan.json and print what of the plan they cannot express")
     p.add_argument("--launcher", choices=("local", "ray"), default="local",
                    help="ray: profile one layer on a Ray worker first, then plan with it")
+    p.add_argument("--trial", type=int, default=0, metavar="K",
+                   help="run the K best plans a few steps on this machine, keep the fastest "
+                        "measured, store measured/predicted corrections beside the profile")
+    p.add_argument("--trial-steps", type=int, default=3, metavar="N",
+                   help="timed steps per trial (after one warm-up step)")
     p.add_argument("--address", help="Ray cluster to profile on with --launcher ray (default: "
                                      "launch.ray_address, else an embedded Ray on 127.0.0.1)")
     p.set_defaults(run=_cmd_plan)
@@ -238,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("report", help="predicted vs measured for a run directory")
     p.add_argument("run_dir")
     p.set_defaults(run=_cmd_report)
+
+    p = verbs.add_parser("export", help="write a run's checkpoint as a Hugging Face model "
+                                        "directory (any dp/sp/pp/ZeRO layout)")
+    p.add_argument("run_dir", help="the run's output_dir (holds checkpoints/)")
+    p.add_argument("--step", type=int, help="checkpoint step to export (default: the latest)")
+    p.add_argument("--hf", required=True, metavar="OUT",
+                   help="directory to write model.safetensors + config.json (+ tokenizer) into")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of the exported weights")
+    p.set_defaults(run=_cmd_export)
 
     p = verbs.add_parser("bench", help="run the benchmarks under bench/ and rewrite their "
                                        "docs sections")

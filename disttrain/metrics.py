@@ -53,3 +53,40 @@ class MetricsWriter:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+TENSORBOARD_SCALARS = {"loss": "train/loss", "valid_loss": "valid/loss", "lr": "train/lr",
+                       "grad_norm": "train/grad_norm", "tokens_per_s": "perf/tokens_per_s",
+                       "mfu": "perf/mfu", "step_time_s": "perf/step_time_s",
+                       "peak_bytes": "memory/peak_bytes"}
+"""Record key -> TensorBoard tag of the scalars `TensorBoardWriter` writes."""
+
+
+class TensorBoardWriter:
+    """The same records as metrics.jsonl, as TensorBoard scalars (`train.log_to: tensorboard`).
+
+    Per-layer activation bytes (the activation runtime's `bytes_kept` and swapped bytes) go
+    to `activations/layer<i>/<name>`."""
+
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = log_dir
+        self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, record: dict) -> None:
+        step = int(record["step"])
+        for key, tag in TENSORBOARD_SCALARS.items():
+            if isinstance(record.get(key), (int, float)):
+                self._writer.add_scalar(tag, float(record[key]), step)
+        for stats in (record.get("activations") or {}).get("layers", []):
+            layer = stats["layer"]
+            for name in ("bytes_kept", "bytes_swapped_cpu", "bytes_swapped_nvme",
+                         "peak_resident_bytes"):
+                if isinstance(stats.get(name), (int, float)):
+                    self._writer.add_scalar(f"activations/layer{layer}/{name}",
+                                            float(stats[name]), step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()

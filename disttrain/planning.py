@@ -16,7 +16,8 @@ def fixed_plan(job: Job, world_size: int) -> Plan:
     par, tr = job.spec.parallel, job.spec.train
     sp = 1 if par.sp == "auto" else par.sp
     pp = 1 if par.pp == "auto" else par.pp
-    dp = world_size // (sp * pp) if par.dp == "auto" else par.dp
+    tp = 1 if par.tp == "auto" else par.tp
+    dp = world_size // (sp * pp * tp) if par.dp == "auto" else par.dp
     zero = (3 if world_size > 1 else 0) if par.zero_stage == "auto" else par.zero_stage
     accum = tr.global_batch_size // (tr.micro_batch_size * dp)
     micro = accum if par.num_microbatches == "auto" else par.num_microbatches
@@ -24,7 +25,7 @@ def fixed_plan(job: Job, world_size: int) -> Plan:
         model=job.shape.to_dict(), dtype=job.dtype, seq_len=tr.seq_len,
         micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,
         parallel=ParallelPlan(dp=dp, sp=sp, sp_kind="ulysses" if par.sp_kind == "auto"
-                              else par.sp_kind, pp=pp, num_microbatches=micro,
+                              else par.sp_kind, pp=pp, tp=tp, num_microbatches=micro,
                               schedule="1f1b" if pp > 1 else "none", zero_stage=zero),
         model_states=ModelStatePlan(),
         activations=tuple(LayerActivationPlan(keep_all=True)
@@ -39,8 +40,11 @@ def check_plan(job: Job, plan: Plan, world_size: int, where: str = "plan") -> Pl
     if plan.model != job.shape.to_dict():
         raise SpecError(f"{where}: written for another model shape than model.* of the spec")
     if plan.parallel.world_size != world_size:
-        raise SpecError(f"{where}: dp*sp*pp = {plan.parallel.world_size} but this run has "
+        raise SpecError(f"{where}: dp*sp*pp*tp = {plan.parallel.world_size} but this run has "
                         f"{world_size} ranks")
+    if job.spec.parallel.tp not in ("auto", plan.parallel.tp):
+        raise SpecError(f"{where}: planned for tp {plan.parallel.tp}, the spec fixes parallel.tp "
+                        f"= {job.spec.parallel.tp}")
     if plan.activations and len(plan.activations) != job.shape.num_layers:
         raise SpecError(f"{where}: {len(plan.activations)} activation entries for "
                         f"{job.shape.num_layers} layers")

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from disttrain.model.llama import DecoderLayer, RMSNorm, rope_cos_sin
+from disttrain.model.llama import DecoderLayer, RMSNorm, rope_tables
 from disttrain.spec import Job
-from planner.profiler import LayerProfile, profile_layer
+from planner.profiler import TORCH_DTYPES, LayerProfile, profile_layer
 from planner.shapes import ModelShape
 
 DEFAULT_SEQ_LENS = (128, 256, 512, 1024)
@@ -33,7 +33,8 @@ def rank_conditions(job: Job) -> tuple[int | None, int]:
 
 class _Head(torch.nn.Module):
     """Final norm + output projection + mean cross entropy in fp32, as the runtime's
-    untiled `lm_loss`; fixed random targets per shape."""
+    untiled `lm_loss`; fixed random targets per shape. Cast to the training dtype with the
+    layer (bf16: bf16 weights, no autocast, as the runtime computes)."""
 
     def __init__(self, shape: ModelShape, seed: int):
         super().__init__()
@@ -47,7 +48,7 @@ class _Head(torch.nn.Module):
         if key not in self._targets:
             gen = torch.Generator().manual_seed(self.seed)
             self._targets[key] = torch.randint(self.vocab, key, generator=gen)
-        logits = F.linear(self.norm(x_BSH), self.weight.to(x_BSH.dtype))
+        logits = F.linear(self.norm(x_BSH), self.weight)
         return F.cross_entropy(logits.float().flatten(0, 1), self._targets[key].flatten())
 
 
@@ -76,11 +77,11 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
         torch.nn.init.normal_(p, std=0.02)
 
     def rope(positions: torch.Tensor, dtype: torch.dtype):
-        return rope_cos_sin(positions, shape.head_dim, shape.rope_theta, dtype)
+        return rope_tables(shape, positions, dtype)
 
     head = None
     if with_head and 3 * 4 * shape.vocab_size * batch * max(lens) <= HEAD_PROFILE_MAX_BYTES:
-        head = _Head(shape, job.spec.train.seed)
+        head = _Head(shape, job.spec.train.seed).to(TORCH_DTYPES[job.dtype])
     return profile_layer(layer, rope, shape.hidden_size, list(lens), job.dtype,
                          batch=batch, shape_dict=shape.to_dict(),
                          cache_dir=cache_dir, device="cpu", threads=threads,

@@ -72,6 +72,13 @@ def compare(run_dir: Path) -> tuple[Plan, list[Row]]:
                                 pred.activation_bytes_per_layer[index], layer["bytes_kept"], "B"))
     rows.append(Row("peak RSS, process (max rank; reference)", None,
                     max(recs[-1]["peak_bytes"] for recs in per_rank.values() if recs), "B"))
+    last = [recs[-1] for recs in per_rank.values() if recs]
+    if all("device_max_allocated_bytes" in r for r in last):  # CUDA runs (disttrain.device)
+        rows.append(Row("peak device memory allocated (max rank)",
+                        pred.per_rank_peak_bytes or None,
+                        max(r["device_max_allocated_bytes"] for r in last), "B"))
+        rows.append(Row("peak device memory reserved (max rank; allocator cache)", None,
+                        max(r["device_max_reserved_bytes"] for r in last), "B"))
     return plan, rows
 
 
@@ -88,7 +95,8 @@ def _fmt(value: float | None, unit: str) -> str:
 def render_markdown(run_dir: Path, plan: Plan, rows: list[Row]) -> str:
     par = plan.parallel
     lines = [f"# Run report: {run_dir.name}", "",
-             f"Plan: dp {par.dp} × sp {par.sp} ({par.sp_kind}) × pp {par.pp}, ZeRO-{par.zero_stage}, "
+             f"Plan: dp {par.dp} × tp {par.tp} × sp {par.sp} ({par.sp_kind}) × pp {par.pp}, "
+             f"ZeRO-{par.zero_stage}, "
              f"{sum(not a.keep_all for a in plan.activations)} of {len(plan.activations)} layers "
              f"under a token-wise policy.", "",
              "| quantity | predicted | measured | error |", "|---|---|---|---|"]

@@ -17,14 +17,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+IGNORE = -100
+"""Target of a token that predicts nothing (cross_entropy's ignore_index): no loss, no gradient."""
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum over tokens of cross_entropy(h @ W^T, target), in one pass over the logits.
+    """sum over tokens of cross_entropy(h @ W^T, target), IGNORE targets skipped, in one pass
+    over the logits.
 
     Each tile's logits are computed once: the forward takes the tile's loss and, when a
-    gradient is wanted, at once its gradients (d/dlogits = softmax - onehot, then
-    d/dh = dlogits @ W and d/dW += dlogits^T @ h). The backward only scales the two stored
-    gradients by the incoming one (a scalar), so it reruns nothing; what stays alive between
-    the passes is d/dh (the size of h, which a two-pass version would keep instead) and d/dW.
+    gradient is wanted, at once its gradients (d/dlogits = softmax - onehot on valid tokens,
+    0 on IGNORE ones, then d/dh = dlogits @ W and d/dW += dlogits^T @ h). The backward only
+    scales the two stored gradients by the incoming one (a scalar), so it reruns nothing; what
+    stays alive between the passes is d/dh (the size of h, which a two-pass version would keep
+    instead) and d/dW.
     """
 
     @staticmethod
@@ -39,12 +45,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden_TH[start:start + chunk]
             t = targets_T[start:start + chunk]
             logits = F.linear(h, weight_VH).float()
-            total += F.cross_entropy(logits, t, reduction="sum")
+            total += F.cross_entropy(logits, t, reduction="sum", ignore_index=IGNORE)
             if not (want_h or want_w):
                 continue
             dlogits = torch.softmax(logits, dim=-1)  # d(sum CE)/d(logits) = softmax - onehot
             del logits
-            dlogits[torch.arange(h.shape[0], device=h.device), t] -= 1
+            valid = t != IGNORE
+            rows = torch.arange(h.shape[0], device=h.device)
+            dlogits[rows[valid], t[valid]] -= 1
+            dlogits[~valid] = 0
             if want_h:
                 grad_hidden[start:start + chunk] = (dlogits @ weight_VH.float()).to(h.dtype)
             if want_w:
@@ -64,16 +73,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_lm_loss(hidden_BSH: torch.Tensor, weight_VH: torch.Tensor, targets_BS: torch.Tensor,
-                    chunk_tokens: int) -> torch.Tensor:
-    """Mean next-token cross entropy of `hidden @ weight^T` without materialising the full
+                    chunk_tokens: int, *, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross entropy of `hidden @ weight^T` without materialising the full
     logits: at most `chunk_tokens` x V of them exist at a time, and only in the forward (the
-    gradients are taken there, one pass)."""
+    gradients are taken there, one pass). 'mean' over all tokens, or 'sum' over the tokens
+    whose target is not IGNORE."""
     if chunk_tokens <= 0:
         raise ValueError(f"tiling.loss_chunk_tokens: must be positive, got {chunk_tokens}")
     hidden_TH = hidden_BSH.flatten(0, 1)
     targets_T = targets_BS.flatten()
     total = _ChunkedLinearCrossEntropy.apply(hidden_TH, weight_VH, targets_T, chunk_tokens,
                                              torch.is_grad_enabled())
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"reduction: must be 'mean' or 'sum', got {reduction!r}")
     return total / targets_T.numel()
 
 

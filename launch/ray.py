@@ -2,10 +2,11 @@
 
 The driver resolves the plan (as rank 0 does under torchrun), starts an embedded local Ray
 bound to 127.0.0.1 or joins `--address` / `launch.ray_address`, and runs one Ray Train
-`TorchTrainer` worker per rank of the plan (1 CPU each, or 1 GPU on GPU clusters; gloo on CPU,
-nccl on GPU). Each worker runs the ordinary `Trainer` (`launch.ray_worker`): per-rank metrics
-files and sharded atomic checkpoints land in `output_dir`, and every checkpoint is also
-reported to Ray Train, so when a worker dies Ray Train restarts the worker group from the last
+`TorchTrainer` worker per rank of the plan (1 CPU each, or 1 GPU when the plan is for GPUs:
+a cluster with too few GPUs is refused, never run on CPUs instead; gloo on CPU, nccl on GPU).
+Each worker runs the ordinary `Trainer` (`launch.ray_worker`): per-rank metrics files and
+sharded atomic checkpoints land in `output_dir`, and every checkpoint is also reported to Ray
+Train, so when a worker dies Ray Train restarts the worker group from the last
 committed checkpoint (`FailureConfig(max_failures=MAX_FAILURES)`). Rank 0's log lines reach the
 driver through Ray's log forwarding; metrics are reported every `train.log_every` steps.
 """
@@ -103,11 +104,22 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[None]:
         ray.shutdown()
 
 
-def _use_gpu(job: Job, num_workers: int) -> bool:
-    import ray
+def _use_gpu(job: Job) -> bool:
+    """GPU workers exactly when the plan is for GPUs: a cluster with too few is refused
+    (`check_ray_resources`), never run on CPU workers instead."""
+    from disttrain.device import wants_gpu
 
-    return job.hardware.device_name != "cpu" and \
-        ray.cluster_resources().get("GPU", 0) >= num_workers
+    return wants_gpu(job.hardware)
+
+
+def check_ray_resources(job: Job, num_workers: int, address: str | None) -> None:
+    """Refuse a plan the Ray cluster cannot run: 1 GPU (or CPU) per worker. For an embedded Ray
+    (no address) the GPUs are this machine's, so it is checked before Ray starts; a joined
+    cluster is checked from its resources once connected (`fit`)."""
+    from disttrain.device import require_local_gpus
+
+    if address is None:
+        require_local_gpus(job.hardware, num_workers, where="--launcher ray")
 
 
 def fit(job: Job, plan_dict: dict, *, num_workers: int, max_steps: int | None,
@@ -120,15 +132,15 @@ def fit(job: Job, plan_dict: dict, *, num_workers: int, max_steps: int | None,
 
     from launch.ray_worker import WorkerConfig, checkpoint_step, train_worker
 
-    use_gpu = _use_gpu(job, num_workers)
+    use_gpu = _use_gpu(job)
     kind = "GPU" if use_gpu else "CPU"
     have = ray.cluster_resources().get(kind, 0)
     if have < num_workers:
         raise SpecError(f"--launcher ray: the plan needs {num_workers} workers with 1 {kind} "
-                        f"each, the Ray cluster has {have:g} {kind}s")
+                        f"each ({job.hardware.device_name}), the Ray cluster has {have:g} {kind}s")
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_DEFAULT_S)  # propagated to controller
     initial = latest_checkpoint(job.output_dir / "checkpoints")
-    config = WorkerConfig(job=job, plan=plan_dict,
+    config = WorkerConfig(job=job, plan=plan_dict, use_gpu=use_gpu,
                           stop_step=None if max_steps is None else
                           (checkpoint_step(initial) if initial else 0) + max_steps)
     trainer = TorchTrainer(
@@ -156,10 +168,14 @@ def profile_on_ray(job: Job, address: str | None = None) -> LayerProfile:
     `disttrain.profiling` measures on the CPU today, also on a GPU worker."""
     from planner.profiler import LayerProfile
 
+    check_ray_resources(job, 1, address)
     with ray_session(address, num_cpus=max(os.cpu_count() or 1, 1)):
         import ray
 
-        use_gpu = _use_gpu(job, 1)
+        use_gpu = _use_gpu(job)
+        if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+            raise SpecError(f"--launcher ray: the plan is for GPUs ({job.hardware.device_name}), "
+                            f"the Ray cluster has none to profile on")
         task = ray.remote(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0,
                           max_retries=0)(_profile_task)
         data = ray.get(task.remote(_absolute(job)))
@@ -203,13 +219,14 @@ def run_ray(job: Job, args: argparse.Namespace) -> int:
     """`disttrain train --launcher ray`: exit 0 on success, 1 when training failed after Ray
     Train's retries; user errors raise SpecError (exit 2)."""
     world = args.nproc or job.hardware.world_size
+    address = args.address or job.spec.launch.ray_address
+    check_ray_resources(job, world, address)  # before planning or starting Ray
     plan = resolve_plan(job, world, args.plan, use_planner=not args.no_planner)
     if plan.parallel.world_size != world:
         raise SpecError(f"parallel: the plan runs dp*sp*pp = {plan.parallel.world_size} ranks "
                         f"but {world} were asked for (--nproc or the cluster's devices)")
     job = _absolute(job)
     _check_output_dir(job, args.resume)
-    address = args.address or job.spec.launch.ray_address
     with ray_session(address, num_cpus=max(os.cpu_count() or 1, world)):
         from ray.train.v2.api.exceptions import TrainingFailedError
 

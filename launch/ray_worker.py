@@ -25,6 +25,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from disttrain.checkpoint import checkpoint_step, latest_checkpoint, rank_files
+from disttrain.device import ray_worker_device
 from disttrain.spec import Job, TrainSection
 from disttrain.trainer import Trainer
 from planner.plan import Plan
@@ -40,6 +41,8 @@ class WorkerConfig:
     """The validated job, paths absolute."""
     plan: dict
     """The plan every rank executes (resolved once on the driver)."""
+    use_gpu: bool = False
+    """Whether the worker trains on the GPU Ray Train assigned to it (`disttrain.device`)."""
     stop_step: int | None = None
     """Stop after this step (`--max-steps` counted from where the launch began), or run to
     `train.steps`."""
@@ -116,10 +119,12 @@ def train_worker(loop_config: dict) -> None:
     config: WorkerConfig = loop_config["launch"]
     job = config.job
     rank, world = dist.get_rank(), dist.get_world_size()
+    device = ray_worker_device(config.use_gpu)
+    device.set_current()  # Ray Train created the group; nccl binds at the first collective
     _record_worker(job.output_dir, rank, world)
     reporter = RayReporter(job.spec.train, rank, job.output_dir / ".ray_stage")
     trainer = Trainer(job, Plan.from_dict(config.plan), on_step=reporter.on_step,
-                      on_checkpoint=reporter.on_checkpoint)
+                      on_checkpoint=reporter.on_checkpoint, device=device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         _run(trainer, config, _latest_in_output_dir(trainer.ckpt_dir, rank))

@@ -1,4 +1,5 @@
-"""Offsets for the stores: a first-fit sub-allocator over a fixed byte range.
+"""Offsets for the stores: a first-fit sub-allocator over a fixed byte range; and the check
+that a host arena fits the memory the machine has available.
 
 The runtime frees in roughly the reverse order it allocates (backward runs layers in reverse),
 so first-fit over a sorted block list stays compact and every step reuses the same ranges.
@@ -6,11 +7,36 @@ so first-fit over a sorted block list stays compact and every step reuses the sa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 GIB = float(1 << 30)
 
 
 class StoreBudgetError(RuntimeError):
     """A store was asked to hold more bytes than its budget."""
+
+
+def available_host_bytes() -> int | None:
+    """Host memory available for new allocations (MemAvailable of /proc/meminfo); None where
+    it cannot be read."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def check_host_memory(bytes_needed: int, what: str = "cpu store") -> None:
+    """Refuse (StoreBudgetError with the numbers) an arena larger than the available host memory."""
+    available = available_host_bytes()
+    if available is not None and bytes_needed > available:
+        raise StoreBudgetError(f"{what}: the plan's host arena needs {bytes_needed} bytes "
+                               f"({bytes_needed / GIB:.2f} GiB), this machine has {available} "
+                               f"bytes available ({available / GIB:.2f} GiB, MemAvailable); "
+                               f"swap less to the CPU or use a larger host")
 
 
 def align_up(n: int, align: int) -> int:

@@ -17,6 +17,7 @@ import concurrent.futures as cf
 import errno
 import logging
 import os
+import shutil
 import sys
 import threading
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ ABI_VERSION = 2
 """Must equal `kAbiVersion` in csrc/copy_engine.cpp; a stale prebuilt module is not used."""
 BACKENDS = ("auto", "cpp", "python")
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "copy_engine.cpp"
+CUDA_BINDING = SOURCE.with_name("copy_engine_cuda.cpp")
+CUDA_SOURCES = (SOURCE.with_name("copy_engine.cu"),)
 DEFAULT_BUILD_DIR = (Path.home() / ".cache" / "disttrain" /
                      f"copy_engine-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}")
 MIB = 1 << 20
@@ -77,8 +80,10 @@ class CopyHandle(Protocol):
 class CopyEngine:
     """One engine per process; all requests are asynchronous and return a `CopyHandle`."""
 
-    def __init__(self, impl, backend: str, config: CopyEngineConfig, fallback_reason: str = ""):
+    def __init__(self, impl, backend: str, config: CopyEngineConfig, fallback_reason: str = "",
+                 cuda_module=None):
         self._impl = impl
+        self._cuda = cuda_module
         self.backend = backend
         """'cpp' or 'python': the implementation actually running."""
         self.config = config
@@ -88,6 +93,9 @@ class CopyEngine:
     def describe(self) -> str:
         """One line for the run log: backend, threads, and why C++ is missing if it is."""
         text = f"copy engine: {self.backend} backend, {self.config.num_threads} threads"
+        if torch.cuda.is_available():
+            text += (", CUDA token-slice kernels" if self.cuda_kernels else
+                     ", CUDA copies by torch (extension built without CUDA)")
         return text + (f" (C++ unavailable: {self.fallback_reason})" if self.fallback_reason else "")
 
     def write_file(self, fd: int, direct_fd: int, offset: int, src: torch.Tensor,
@@ -110,15 +118,50 @@ class CopyEngine:
         """dst <- src (same shape and dtype, CPU)."""
         return self._impl.copy(src, dst)
 
+    @property
+    def cuda_kernels(self) -> bool:
+        """Whether the extension was built with the CUDA token-slice copies (csrc/*.cu)."""
+        return self._cuda is not None
+
     def gather(self, src: torch.Tensor, dim: int, starts: list[int], lengths: list[int],
                dst: torch.Tensor) -> CopyHandle:
-        """dst <- the ranges [start, start+length) of `src` along `dim`, back to back."""
+        """dst <- the ranges [start, start+length) of `src` along `dim`, back to back. With a
+        CUDA `src` (pinned host or CUDA `dst`) the copy is queued on the current CUDA stream."""
+        if src.is_cuda:
+            return self._cuda_slices(src, dim, starts, lengths, dst, to_buffer=True)
         return self._impl.gather(src, dim, list(starts), list(lengths), dst)
 
     def scatter(self, src: torch.Tensor, dim: int, starts: list[int], lengths: list[int],
                 dst: torch.Tensor) -> CopyHandle:
-        """The ranges of `dst` along `dim` <- the back-to-back ranges held in `src`."""
+        """The ranges of `dst` along `dim` <- the back-to-back ranges held in `src`. With a
+        CUDA `dst` the copy is queued on the current CUDA stream."""
+        if dst.is_cuda:
+            return self._cuda_slices(dst, dim, starts, lengths, src, to_buffer=False)
         return self._impl.scatter(src, dim, list(starts), list(lengths), dst)
+
+    def _cuda_slices(self, full: torch.Tensor, dim: int, starts: list[int], lengths: list[int],
+                     buffer: torch.Tensor, to_buffer: bool) -> CopyHandle:
+        """Token slices between CUDA `full` and `buffer` (CUDA: the pack kernel; pinned host:
+        DMA), on the current stream; without the kernels, per-range torch copies."""
+        from offload.cuda_copies import EventHandle
+
+        starts, lengths = list(starts), list(lengths)
+        if self._cuda is not None and buffer.is_cuda:
+            self._cuda.pack_slices(full, dim, starts, lengths, buffer, to_buffer)
+        elif self._cuda is not None and buffer.is_pinned():
+            (self._cuda.gather_d2h(full, dim, starts, lengths, buffer) if to_buffer else
+             self._cuda.scatter_h2d(buffer, dim, starts, lengths, full))
+        else:
+            cum = 0
+            for start, length in zip(starts, lengths):
+                part_full = full.narrow(dim, start, length)
+                part_buf = buffer.narrow(dim, cum, length)
+                (part_buf if to_buffer else part_full).copy_(
+                    part_full if to_buffer else part_buf, non_blocking=True)
+                cum += length
+        event = torch.cuda.Event()
+        event.record()
+        return EventHandle(event, buffer.nbytes, keep=(full, buffer))
 
     def shutdown(self) -> None:
         """Finish queued requests and stop the workers."""
@@ -140,7 +183,8 @@ def create_engine(config: CopyEngineConfig | None = None) -> CopyEngine:
         log.warning("copy engine: C++ extension unavailable (%s); using the Python thread backend",
                     reason)
         return CopyEngine(PythonEngine(*args), "python", config, fallback_reason=reason)
-    return CopyEngine(module.CopyEngine(*args), "cpp", config)
+    return CopyEngine(module.CopyEngine(*args), "cpp", config,
+                      cuda_module=module if getattr(module, "with_cuda", False) else None)
 
 
 _LOAD_LOCK = threading.Lock()
@@ -162,9 +206,15 @@ def load_extension(config: CopyEngineConfig):
                 raise
             log.info("copy engine: no prebuilt module (%s); JIT-building %s", err, SOURCE)
             from torch.utils.cpp_extension import load
-            Path(config.build_dir).mkdir(parents=True, exist_ok=True)
-            module = load(name="disttrain_copy_engine", sources=[str(SOURCE)],
-                          build_directory=config.build_dir, extra_cflags=["-O3"])
+            sources, name, flags, build_dir = [str(SOURCE)], "disttrain_copy_engine", ["-O3"], \
+                config.build_dir
+            if torch.version.cuda and shutil.which("nvcc"):  # as setup.py's CUDAExtension
+                sources += [str(p) for p in (*CUDA_SOURCES, CUDA_BINDING)]
+                name, flags, build_dir = name + "_cuda", flags + ["-DDISTTRAIN_WITH_CUDA"], \
+                    build_dir + "-cuda"
+            Path(build_dir).mkdir(parents=True, exist_ok=True)
+            module = load(name=name, sources=sources, build_directory=build_dir,
+                          extra_cflags=flags, extra_cuda_cflags=["-O3"])
             if module.abi_version() != ABI_VERSION:
                 raise ImportError(f"{SOURCE} has ABI {module.abi_version()}, expected {ABI_VERSION}")
         _LOADED[config.build_dir] = module

@@ -1,7 +1,8 @@
 """Where swapped activations live between a layer's forward and its backward.
 
-`CpuStore`: one pre-allocated host arena (pinned when CUDA exists), sub-allocated first-fit
-and reused across steps; a request beyond the byte budget raises `StoreBudgetError`.
+`CpuStore`: one pre-allocated host arena sized from the plan (pinned when the store serves a
+CUDA device; refused up front when the host has less memory available), sub-allocated
+first-fit and reused across steps; a request beyond the byte budget raises `StoreBudgetError`.
 `NvmeStore`: one sparse file per run and rank under a directory, written and read through
 the copy engine; a pre-flight check refuses to start without the free space the plan needs;
 the directory is removed by `close()`, at interpreter exit, on SIGTERM, and swept by the next
@@ -9,11 +10,15 @@ run if the owning process died. Any I/O failure raises with the file path when t
 waited on, and a released or failed slot can never be read: no stale data.
 
 Both stores share one interface: `put(tensor) -> StoredTensor` (asynchronous),
-`prefetch(stored)`, `get(stored) -> tensor` (waits), `release(stored)`.
+`prefetch(stored)`, `get(stored) -> tensor` (waits), `release(stored)`. Given a CUDA `device`
+(`disttrain.device.Device`), they take CUDA tensors: copies run on the device's copy stream
+with events (`offload.cuda_copies`), `get` returns a new CUDA tensor the compute stream may
+use at once, and the NVMe tier writes and reads through pinned staging buffers.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import shutil
 import threading
@@ -22,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-from offload.arena import Arena, StoreBudgetError, align_up  # noqa: F401 (StoreBudgetError re-exported)
+from offload.arena import (Arena, StoreBudgetError, align_up,  # noqa: F401 (re-exported)
+                           check_host_memory)
+from offload.cuda_copies import ThenHandle, copy_to_device, copy_to_host, wait_ready
 from offload.engine import CopyEngine, CopyHandle
 from offload.nvme_files import (DIR_PREFIX, check_free_space, register_for_cleanup, sweep_stale,
                                  unregister, write_owner)
@@ -45,6 +52,10 @@ class StoredTensor:
     write: CopyHandle | None = None
     read: CopyHandle | None = None
     buffer: torch.Tensor | None = field(default=None, repr=False)
+    device_buffer: torch.Tensor | None = field(default=None, repr=False)
+    """CUDA stores: the tensor read back to the device (valid until `release`)."""
+    upload: CopyHandle | None = None
+    """CUDA NVMe store: the host-to-device copy out of `buffer` (which lives until it ran)."""
     released: bool = False
 
 
@@ -59,10 +70,14 @@ def _wait(handle: CopyHandle, where: str) -> None:
         raise StoreIOError(f"{where}: {err}") from err
 
 
-def _check_cpu(t: torch.Tensor, what: str) -> None:
-    if t.device.type != "cpu":
-        raise NotImplementedError(f"{what}: device tensors are not wired yet (CPU runtime only; "
-                                  f"the GPU path is csrc/copy_engine.cu)")
+def _check_device(t: torch.Tensor, device, what: str) -> None:
+    expected = "cuda" if _on_cuda(device) else "cpu"
+    if t.device.type != expected:
+        raise ValueError(f"{what}: serves {expected} tensors, got one on {t.device}")
+
+
+def _on_cuda(device) -> bool:
+    return device is not None and device.is_cuda
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +89,7 @@ class CpuStoreConfig:
     alignment: int = 64
     """Alignment of every allocation in the arena."""
     pin_memory: bool | None = None
-    """Pin the arena; None pins exactly when CUDA is available (pinning needs CUDA)."""
+    """Pin the arena; None pins exactly when the store serves a CUDA device."""
 
     def __post_init__(self) -> None:
         if self.budget_bytes < 0:
@@ -90,19 +105,26 @@ class CpuStore:
     fetch_allocates = False
     """`get` returns a view of the arena: reading back costs no new memory on a CPU device."""
 
-    def __init__(self, config: CpuStoreConfig, engine: CopyEngine):
-        self.config, self.engine = config, engine
-        pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
+    def __init__(self, config: CpuStoreConfig, engine: CopyEngine, device=None):
+        """`device`: the `disttrain.device.Device` whose tensors are stored (None: the CPU)."""
+        self.config, self.engine, self.device = config, engine, device
+        self.fetch_allocates = _on_cuda(device)  # get() makes a new device tensor on CUDA
+        check_host_memory(config.budget_bytes)
+        pin = _on_cuda(device) if config.pin_memory is None else config.pin_memory
         self._memory = torch.empty(config.budget_bytes, dtype=torch.uint8, pin_memory=pin)
         self.arena = Arena(config.budget_bytes, config.alignment, "cpu store")
 
     def put(self, t: torch.Tensor) -> StoredTensor:
-        """Start copying `t` into the arena; `t` may be freed once the copy is waited on."""
-        _check_cpu(t, "cpu store")
+        """Start copying `t` into the arena; `t` may be freed once the copy is waited on (on
+        CUDA at once: the copy stream holds it)."""
+        _check_device(t, self.device, "cpu store")
         offset, size = self.arena.allocate(t.nbytes)
         region = _typed_view(self._memory[offset:offset + size], t.nbytes, t.shape, t.dtype)
         stored = StoredTensor(t.shape, t.dtype, t.nbytes, offset, self.tier, buffer=region)
-        stored.write = self.engine.copy(t, region)
+        if t.is_cuda:
+            stored.write = copy_to_host(self.device, self.engine, t, region)
+        else:
+            stored.write = self.engine.copy(t, region)
         return stored
 
     def wait_written(self, stored: StoredTensor) -> None:
@@ -111,21 +133,32 @@ class CpuStore:
         _wait(stored.write, "cpu store copy")
 
     def prefetch(self, stored: StoredTensor) -> None:
-        """Host memory is directly usable on a CPU device: nothing to move."""
+        """CUDA: start copying `stored` back to the device (after its write, on the same copy
+        stream). Host memory is directly usable on a CPU device: nothing to move."""
         self._check(stored)
+        if _on_cuda(self.device) and stored.read is None:
+            stored.device_buffer, stored.read = copy_to_device(self.device, self.engine,
+                                                               stored.buffer)
 
     def get(self, stored: StoredTensor) -> torch.Tensor:
-        """The stored tensor (a view into the arena, valid until `release`)."""
+        """The stored tensor: a view into the arena (CPU) or a device copy the current stream
+        may use at once (CUDA); valid until `release`."""
         self._check(stored)
+        if _on_cuda(self.device):
+            self.prefetch(stored)
+            wait_ready(self.device, stored.read)
+            return stored.device_buffer
         _wait(stored.write, "cpu store copy")
         return stored.buffer
 
     def release(self, stored: StoredTensor) -> None:
-        """Give the arena range back; `stored` can no longer be read."""
+        """Give the arena range back; `stored` can no longer be read. (CUDA: a later copy into
+        the range is queued on the same copy stream, after this one's: no host wait.)"""
         self._check(stored)
         stored.released = True
-        _wait(stored.write, "cpu store copy")
-        stored.buffer = None
+        if not _on_cuda(self.device):
+            _wait(stored.write, "cpu store copy")
+        stored.buffer = stored.device_buffer = None
         self.arena.free(stored.offset)
 
     def _check(self, stored: StoredTensor) -> None:
@@ -181,10 +214,21 @@ class NvmeStore:
     fetch_allocates = True
     """`prefetch` allocates a host buffer per tensor, alive until `release`."""
 
-    def __init__(self, config: NvmeStoreConfig, engine: CopyEngine):
-        self.config, self.engine = config, engine
+    def __init__(self, config: NvmeStoreConfig, engine: CopyEngine, device=None):
+        """`device`: the `disttrain.device.Device` whose tensors are stored (None: the CPU)."""
+        self.config, self.engine, self.device = config, engine, device
+        # CUDA: a file write starts once the device-to-host copy of its data ran
+        self._after_copy = (cf.ThreadPoolExecutor(1, thread_name_prefix="nvme-after-d2h")
+                            if _on_cuda(device) else None)
         root = Path(config.path)
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise PermissionError(13, "not writable")
+        except OSError as err:
+            raise StoreBudgetError(
+                f"nvme store: cannot write to {root} ({err.strerror or err}); the plan swaps "
+                f"up to {config.budget_bytes} bytes there") from None
         sweep_stale(root)
         check_free_space(root, config.budget_bytes)
         self.directory = root / f"{DIR_PREFIX}{config.run_id}-rank{config.rank}"
@@ -225,13 +269,25 @@ class NvmeStore:
         return self._direct_fd >= 0
 
     def put(self, t: torch.Tensor) -> StoredTensor:
-        """Start writing `t` to the swap file at a free aligned offset."""
-        _check_cpu(t, "nvme store")
+        """Start writing `t` to the swap file at a free aligned offset (CUDA: through a pinned
+        staging buffer filled on the copy stream)."""
+        _check_device(t, self.device, "nvme store")
         self._check_open()
         offset, _ = self.arena.allocate(t.nbytes)
         src = t.detach().contiguous()
         stored = StoredTensor(t.shape, t.dtype, t.nbytes, offset, self.tier)
-        if self._write_direct_fd >= 0:  # through an aligned staging buffer: O_DIRECT applies
+        if src.is_cuda:
+            staging = self._aligned_buffer(stored.nbytes)  # pinned, whole aligned blocks
+            d2h = copy_to_host(self.device, self.engine, src,
+                               _typed_view(staging, src.nbytes, src.shape, src.dtype))
+
+            def write() -> None:
+                d2h.wait()
+                self.engine.write_file(self._fd, self._write_direct_fd, offset, staging,
+                                       str(self.file)).wait()
+
+            stored.write = ThenHandle(self._after_copy.submit(write), stored.nbytes)
+        elif self._write_direct_fd >= 0:  # through an aligned staging buffer: O_DIRECT applies
             staging = self._aligned_buffer(stored.nbytes)
             stored.write = self.engine.write_file_staged(self._fd, self._write_direct_fd, offset,
                                                          src, staging, str(self.file))
@@ -243,7 +299,7 @@ class NvmeStore:
         """Host bytes at an aligned address, `nbytes` rounded up to the alignment."""
         align = self.config.alignment
         size = align_up(max(nbytes, 1), align)
-        raw = torch.empty(size + align, dtype=torch.uint8)
+        raw = torch.empty(size + align, dtype=torch.uint8, pin_memory=_on_cuda(self.device))
         shift = (-raw.data_ptr()) % align
         return raw[shift:shift + size]
 
@@ -263,19 +319,27 @@ class NvmeStore:
                                             stored.buffer, str(self.file))
 
     def get(self, stored: StoredTensor) -> torch.Tensor:
-        """The stored tensor read back (starts the read if `prefetch` did not)."""
+        """The stored tensor read back (starts the read if `prefetch` did not); on CUDA then
+        copied to the device on the copy stream, usable by the current stream at once."""
         self.prefetch(stored)
         _wait(stored.read, "nvme store read")
-        return _typed_view(stored.buffer, stored.nbytes, stored.shape, stored.dtype)
+        host = _typed_view(stored.buffer, stored.nbytes, stored.shape, stored.dtype)
+        if not _on_cuda(self.device):
+            return host
+        if stored.device_buffer is None:
+            stored.device_buffer, stored.upload = copy_to_device(self.device, self.engine, host)
+            wait_ready(self.device, stored.upload)
+        return stored.device_buffer
 
     def release(self, stored: StoredTensor) -> None:
         """Give the file range back; `stored` can no longer be read."""
         self._check(stored)
         stored.released = True
-        for handle in (stored.write, stored.read):
+        # the pinned read buffer goes back to torch's host cache: no copy may still read it
+        for handle in (stored.write, stored.read, stored.upload):
             if handle is not None:
                 _wait(handle, "nvme store")
-        stored.buffer = None
+        stored.buffer = stored.device_buffer = None
         self.arena.free(stored.offset)
 
     def _check(self, stored: StoredTensor) -> None:
@@ -297,6 +361,8 @@ class NvmeStore:
             if self._closed:
                 return
             self._closed = True
+            if getattr(self, "_after_copy", None) is not None:
+                self._after_copy.shutdown(wait=True)  # no write may run on a closed file
             for fd in (self._fd, self._direct_fd):
                 if fd >= 0:
                     os.close(fd)
@@ -316,16 +382,17 @@ class NvmeStore:
 
 def open_stores(activations, *, engine: CopyEngine, cpu_budget_bytes: int = 0,
                 nvme_path: str | None = None, nvme_budget_bytes: int = 0, run_id: str = "run",
-                rank: int = 0) -> dict[str, "CpuStore | NvmeStore"]:
-    """The stores the plan's swapping layers name (tier -> store), each with its byte budget."""
+                rank: int = 0, device=None) -> dict[str, "CpuStore | NvmeStore"]:
+    """The stores the plan's swapping layers name (tier -> store), each with its byte budget,
+    for the tensors of `device` (`disttrain.device.Device`; None: the CPU)."""
     tiers = {a.tier for a in activations if not a.keep_all and
              (a.swap_fraction > 0 or a.swap_input or a.swap_attention_output)}
     stores: dict[str, CpuStore | NvmeStore] = {}
     if "cpu" in tiers:
-        stores["cpu"] = CpuStore(CpuStoreConfig(budget_bytes=cpu_budget_bytes), engine)
+        stores["cpu"] = CpuStore(CpuStoreConfig(budget_bytes=cpu_budget_bytes), engine, device)
     if "nvme" in tiers:
         if not nvme_path:
             raise ValueError("cluster.nvme.path: the plan swaps activations to nvme but no path is set")
         stores["nvme"] = NvmeStore(NvmeStoreConfig(path=nvme_path, budget_bytes=nvme_budget_bytes,
-                                                   run_id=run_id, rank=rank), engine)
+                                                   run_id=run_id, rank=rank), engine, device)
     return stores

@@ -3,7 +3,11 @@
 Used when the target device is not here (planning an A800 cluster on a CPU). The byte
 counts mirror what autograd saves for `disttrain.model.DecoderLayer` (RMSNorm upcasts to
 fp32, RoPE saves only the cos/sin tables, the flash core saves q, k, v, out and an fp32
-log-sum-exp); tests check them equal to the profiler's measurements.
+log-sum-exp); tests check them equal to the profiler's measurements. Under `bf16` the
+layer is the runtime's mixed-precision layer: bf16 weights and residual stream, fp32 RMSNorm
+statistics and log-sum-exp (no autocast: no bf16 weight copies are saved).
+The model-state bytes (`model_state_bytes`, `zero3_gather_bytes`) are what the runtime's
+states hold; tests/test_precision_bytes.py measures both.
 
 Symbols: H hidden, KV kv width (kv heads x head dim), N query heads, F ffn hidden,
 V vocab, b bytes per element of the training dtype, S sequence length.
@@ -82,6 +86,41 @@ def model_saved_bytes(shape: ModelShape, dtype: str, batch: int, seq_len: int) -
             + head_saved_bytes_per_token(shape, dtype) * tokens + rope_tables + FP32)
 
 
+def model_state_bytes(num_params: float, dtype: str, zero_stage: int, group: int
+                      ) -> dict[str, float]:
+    """Per-rank bytes of `num_params` parameters' states, as the runtime holds them
+    (disttrain.parallel.zero, disttrain.optim) under ZeRO over `group` ranks:
+    `parameters` the compute parameters in the training dtype (a 1/group shard at stage 3,
+    where fp32's shard is its master); `gradients` fp32 whatever the dtype (bf16 gradients
+    are accumulated in fp32; sharded from stage 2); `optimizer` the fp32 Adam moments and,
+    in bf16, the fp32 master (sharded from stage 1)."""
+    b = DTYPE_BYTES[dtype]
+    g = max(1, group)
+    per_param_optimizer = 2 * FP32 + (FP32 if b != FP32 else 0)
+    return {"parameters": num_params * b / (g if zero_stage >= 3 else 1),
+            "gradients": num_params * FP32 / (g if zero_stage >= 2 else 1),
+            "optimizer": num_params * per_param_optimizer / (g if zero_stage >= 1 else 1)}
+
+
+def zero3_gather_bytes(shape: ModelShape, dtype: str, prefetch: int = 1) -> float:
+    """Peak bytes of the full (gathered) parameters ZeRO-3 holds at once, with one chunk per
+    execution unit or smaller (the plan's one-layer chunks): the unit running and the next
+    `prefetch` units (0 or 1) in execution order, forward and backward — embedding, decoder
+    layers, final norm + head. A tied embedding is also the head: gathered from the first
+    unit to the head's backward."""
+    h, vocab_h = shape.hidden_size, shape.vocab_size * shape.hidden_size
+    units = ([vocab_h] + [shape.layer_params()] * shape.num_layers
+             + [h + (0 if shape.tie_embeddings else vocab_h)])
+    window = prefetch + 1
+    peak = 0
+    for start in range(len(units) - window + 1):
+        held = sum(units[start:start + window])
+        if shape.tie_embeddings and start > 0:
+            held += vocab_h
+        peak = max(peak, held)
+    return float(DTYPE_BYTES[dtype] * peak)
+
+
 @dataclass(frozen=True, kw_only=True)
 class FlopsPerToken:
     """Forward FLOPs per token of one layer (backward is 2x for matmuls)."""
@@ -102,6 +141,12 @@ def model_flops_per_token(shape: ModelShape, seq_len: int) -> float:
     per_layer = layer_flops_per_token(shape, seq_len)
     head = 2.0 * shape.vocab_size * shape.hidden_size
     return 3.0 * (shape.num_layers * (per_layer.token_local + per_layer.attention) + head)
+
+
+def noncausal_flops_ratio(shape: ModelShape, seq_len: int) -> float:
+    """Model FLOPs per token counting full (non-causal) attention over the causal count."""
+    causal = model_flops_per_token(shape, seq_len)
+    return (causal + 3.0 * shape.num_layers * layer_flops_per_token(shape, seq_len).attention) / causal
 
 
 @dataclass(frozen=True, kw_only=True)

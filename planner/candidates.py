@@ -1,23 +1,24 @@
 """Candidate parallel layouts and the per-stage problems the MIP solves for each.
 
-`enumerate_candidates` lists every (dp, sp, sp_kind, pp, microbatches, ZeRO stage) that
-divides the world size, respects head counts and the values fixed in the request, and
-keeps a reason (with numbers) for each one it rules out. `build_stages` turns one candidate
+`enumerate_candidates` (planner.grid) lists the layouts with a reason for each one ruled out.
+`build_stages` turns one candidate
 into `StageProblem`s: fixed bytes (unchunked model states, gather buffers, the working set
 of one layer's backward, the loss chunk), chunkable states, capacities and bandwidths.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.analytic import SavedBytesPerToken, layer_saved_bytes_per_token
 from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu_optimizer_s,
-                               device_optimizer_s, inflight_microbatches, layer_cost,
+                               device_optimizer_s, head_seconds, inflight_microbatches, layer_cost,
+                               qkv_bytes_per_token,
                                local_tokens, tiled_layer_cost, working_base_bytes, logits_working_bytes,
                                model_state_bytes, optimizer_bytes_per_param, overlaps_compute, stage_layer_ranges,
                                stage_params)
-from planner.mip import StageProblem
+from planner.grid import divisors, enumerate_candidates, tp_problem  # noqa: F401
+from planner.mip import StageProblem, rebuilt_token_local_bytes
 from planner.request import PlanRequest
 from planner.shapes import DTYPE_BYTES
 
@@ -28,80 +29,11 @@ MLP_TILE_SHARE = 0.05
 """Share of device memory one MLP token tile (saved + gradients) may take."""
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def gib(num_bytes: float) -> str:
     """Bytes in GiB, or MiB below 1 GiB so small jobs' reasons still carry the numbers."""
     if abs(num_bytes) >= GiB:
         return f"{num_bytes / GiB:.1f} GiB"
     return f"{num_bytes / 2**20:.1f} MiB"
-
-
-def _reason(cand: dict, reason: str, shortfall: float | None = None) -> dict:
-    return {"candidate": cand, "reason": reason, "shortfall_bytes": shortfall}
-
-
-def enumerate_candidates(request: PlanRequest) -> tuple[list[Candidate], list[dict], dict[Candidate, list[str]]]:
-    """(valid candidates, rejected with reasons, notes per candidate)."""
-    shape, world = request.model, request.hardware.world_size
-    candidates, rejected, notes = [], [], {}
-    for name, value in (("dp", request.dp), ("sp", request.sp), ("pp", request.pp)):
-        if value is not None and (value < 1 or world % value):
-            rejected.append(_reason({name: value}, f"{name}={value} (fixed in the request) does "
-                                    f"not divide the world size {world}"))
-            return [], rejected, notes
-    for dp in divisors(world):
-        for sp in divisors(world // dp):
-            pp = world // (dp * sp)
-            if any(fixed is not None and fixed != value for fixed, value in
-                   ((request.dp, dp), (request.sp, sp), (request.pp, pp))):
-                continue
-            kinds = [request.sp_kind] if request.sp_kind else (["ulysses"] if sp == 1 else ["ulysses", "ring"])
-            for kind in kinds:
-                base = dict(dp=dp, sp=sp, sp_kind=kind, pp=pp)
-                problem = _layout_problem(request, dp, sp, kind, pp)
-                if problem:
-                    rejected.append(_reason(base, problem))
-                    continue
-                microbatches = request.global_batch_size // (dp * request.micro_batch_size)
-                if request.num_microbatches is not None and request.num_microbatches != microbatches:
-                    rejected.append(_reason(dict(base, num_microbatches=request.num_microbatches),
-                                            f"num_microbatches={request.num_microbatches} (fixed) but global batch "
-                                            f"{request.global_batch_size} / (dp {dp} x micro batch "
-                                            f"{request.micro_batch_size}) = {microbatches}"))
-                    continue
-                stages = ([request.zero_stage] if request.zero_stage is not None
-                          else ([0, 3] if dp * sp == 1 else [0, 1, 2, 3]))
-                for zero in stages:
-                    cand = Candidate(dp=dp, sp=sp, sp_kind=kind, pp=pp,
-                                     num_microbatches=microbatches, zero_stage=zero)
-                    candidates.append(cand)
-                    if kind == "ulysses" and sp > shape.num_kv_heads:
-                        notes[cand] = [f"Ulysses sp={sp} > num_kv_heads={shape.num_kv_heads}: each rank "
-                                       f"holds one replicated KV head ({sp // shape.num_kv_heads}x copies)"]
-    return candidates, rejected, notes
-
-
-def _layout_problem(request: PlanRequest, dp: int, sp: int, kind: str, pp: int) -> str:
-    shape = request.model
-    if pp > shape.num_layers:
-        return f"pp={pp} > {shape.num_layers} layers"
-    if request.global_batch_size % (dp * request.micro_batch_size):
-        return (f"global batch {request.global_batch_size} is not a multiple of dp {dp} x "
-                f"micro batch {request.micro_batch_size}")
-    if request.seq_len % sp:
-        return f"seq_len {request.seq_len} is not divisible by sp={sp}"
-    if kind == "ulysses" and sp > 1:
-        if shape.num_heads % sp:
-            return f"Ulysses needs num_heads ({shape.num_heads}) divisible by sp={sp}"
-        if shape.num_kv_heads % sp and sp % shape.num_kv_heads:
-            return (f"Ulysses needs num_kv_heads ({shape.num_kv_heads}) and sp={sp} to divide "
-                    f"one another")
-    if kind == "ring" and sp > 1 and request.seq_len % (2 * sp):
-        return f"ring attention needs seq_len {request.seq_len} divisible by 2*sp={2 * sp}"
-    return ""
 
 
 def bytes_per_token(request: PlanRequest, cand: Candidate, measured: dict[str, float] | None
@@ -156,12 +88,21 @@ def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedB
     if not _profile_applies(request, profile, names):
         return None
     tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
-    forward, backward, recompute = (profile.time_s(n, tokens, request.seq_len) for n in names)
-    return LayerCost(tokens=tokens, input_bytes=per_token.layer_input * tokens,
-                     attention_output_bytes=per_token.attention_output * tokens,
-                     token_local_bytes=per_token.token_local * tokens, mlp_bytes=per_token.mlp * tokens,
-                     plain_bytes=per_token.plain_total * tokens, forward_s=forward,
-                     backward_s=backward, recompute_s=min(recompute, forward))
+    forward, backward, recompute = (profile.time_s(n, tokens, request.seq_len) / cand.tp
+                                    for n in names)
+    if request.attention_fraction is not None:  # packed documents: the core shrinks
+        core_forward = max(forward - recompute, 0.0) * (1 - request.attention_fraction)
+        forward -= core_forward
+        backward -= min(backward - recompute, CostParams.attention_backward_factor * core_forward)
+    ulysses_sp = cand.sp if cand.sp_kind == "ulysses" else 1
+    tp = cand.tp
+    return LayerCost(tokens=tokens, input_bytes=per_token.layer_input * tokens / tp,
+                     attention_output_bytes=per_token.attention_output * tokens / tp,
+                     token_local_bytes=per_token.token_local * tokens / tp,
+                     mlp_bytes=per_token.mlp * tokens / tp,
+                     plain_bytes=per_token.plain_total * tokens / tp, forward_s=forward,
+                     backward_s=backward, recompute_s=min(recompute, forward),
+                     qkv_bytes=qkv_bytes_per_token(request.model, request.dtype, ulysses_sp) * tokens / tp)
 
 
 def profiled_stages(request: PlanRequest, cand: Candidate, params: CostParams, profile,
@@ -188,17 +129,19 @@ class StageSetup:
     fixed_bytes: dict[str, float]
     chunk_states: dict[str, float]
     min_device_bytes: float
+    leanest_activation_bytes: float = 0.0
+    """Activation bytes of the leanest policy (part of `min_device_bytes`)."""
 
 
-def choose_tiling(request: PlanRequest, lc: LayerCost) -> tuple[int, int]:
+def choose_tiling(request: PlanRequest, lc: LayerCost, tp: int = 1) -> tuple[int, int]:
     """(loss_chunk_tokens, mlp_chunk_tokens): powers of two within their budgets; 0 = untiled."""
     shape = request.model
-    per_token_logits = 2 * 4 * shape.vocab_size
+    per_token_logits = 2 * 4 * shape.vocab_size / tp
     loss_chunk = 0
     loss_budget = min(LOSS_CHUNK_BUDGET, MLP_TILE_SHARE * request.hardware.device_memory_bytes)
     if per_token_logits * lc.tokens > loss_budget:
         loss_chunk = 1 << max(0, int(loss_budget // per_token_logits).bit_length() - 1)
-    mlp_per_token = lc.mlp_bytes / lc.tokens + 2 * DTYPE_BYTES[request.dtype] * shape.ffn_hidden_size
+    mlp_per_token = lc.mlp_bytes / lc.tokens + 2 * DTYPE_BYTES[request.dtype] * shape.ffn_hidden_size / tp
     budget = MLP_TILE_SHARE * request.hardware.device_memory_bytes
     mlp_chunk = 0
     if mlp_per_token * lc.tokens > budget:
@@ -207,22 +150,54 @@ def choose_tiling(request: PlanRequest, lc: LayerCost) -> tuple[int, int]:
     return loss_chunk, mlp_chunk
 
 
+MIN_REBUILD_TILE = 1024
+"""Smallest token tile a non-kept layer's backward rebuilds at once (GEMMs stay efficient)."""
+REBUILD_HEADROOM = 0.9
+"""A rebuild tile is chosen so that the stage's leanest policy fits in this share of memory."""
+
+
+def rebuild_tiles(tokens: int) -> list[int]:
+    """Candidate rebuild tiles for `tokens` local tokens: 0 (whole sequence), then halves."""
+    tiles, k = [0], 1
+    while -(-tokens // (1 << k)) >= MIN_REBUILD_TILE:
+        tiles.append(-(-tokens // (1 << k)))
+        k += 1
+    return tiles
+
+
+def host_budget_per_rank(hw, params: CostParams) -> float:
+    """Host bytes one rank may use for CPU chunks and swapped activations: the node's memory
+    less a reserve the plan never budgets, on GPU nodes also no more than the pinned-memory
+    limit (copies to and from the device need page-locked buffers), shared by the ranks.
+    CPU nodes: all of it, or 0 when modelled as one pool (moving bytes there saves nothing)."""
+    if hw.device_name.lower() == "cpu":
+        return 0.0 if params.single_pool_on_cpu else float(hw.host_memory_bytes) / hw.devices_per_node
+    share = min(1 - params.host_reserve_share, params.pinned_share)
+    return hw.host_memory_bytes * share / hw.devices_per_node
+
+
 def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_token: SavedBytesPerToken,
-                 layer_override: LayerCost | None = None, tiling: tuple[int, int] | None = None,
-                 timing: ProfiledTiming | None = None) -> tuple[list[StageSetup], tuple[int, int]]:
-    """One StageSetup per pipeline stage, and the (loss, mlp) tiling: chosen, or `tiling`.
-    `timing` replaces the analytic head and optimizer times with measured ones."""
+                 layer_override: LayerCost | None = None, tiling: tuple[int, ...] | None = None,
+                 timing: ProfiledTiming | None = None) -> tuple[list[StageSetup], tuple[int, int, int]]:
+    """One StageSetup per pipeline stage, and the (loss, mlp, rebuild) tiling: chosen, or
+    `tiling`. `timing` replaces the analytic head and optimizer times with measured ones.
+    Everything per rank: tensor parallelism divides states, activations and logits by tp."""
     shape, hw, dtype = request.model, request.hardware, request.dtype
-    b, group = DTYPE_BYTES[dtype], cand.shard_group
+    b, group, tp = DTYPE_BYTES[dtype], cand.shard_group, cand.tp
+    cpu_node = hw.device_name.lower() == "cpu"
+    one_pool = cpu_node and params.single_pool_on_cpu
     lc = layer_override or layer_cost(shape, dtype, hw, cand, seq_len=request.seq_len,
                                       micro_batch_size=request.micro_batch_size, params=params,
-                                      bytes_per_token=per_token)
+                                      bytes_per_token=per_token,
+                                      attention_fraction=request.attention_fraction or 1.0)
     tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
-    loss_chunk, mlp_chunk = tiling if tiling is not None else choose_tiling(request, lc)
-    working = working_base_bytes(lc, shape, dtype, mlp_chunk)
-    lc = tiled_layer_cost(lc, shape, dtype, mlp_chunk)
-    head_fwd = 2.0 * shape.vocab_size * shape.hidden_size * tokens / (hw.flops(dtype) * params.matmul_efficiency)
-    head_bwd = 2 * head_fwd
+    if tiling is not None:
+        loss_chunk, mlp_chunk, fixed_rebuild = (tuple(tiling) + (0, 0, 0))[:3]
+    else:
+        (loss_chunk, mlp_chunk), fixed_rebuild = choose_tiling(request, lc, tp), None
+    working = working_base_bytes(lc, shape, dtype, mlp_chunk) / tp
+    lc = tiled_layer_cost(lc, shape, dtype, mlp_chunk, tp)
+    head_fwd, head_bwd = head_seconds(shape, dtype, hw, tokens, tp, params)
     if timing is not None:  # measured untiled; a tiled loss recomputes its logits in backward
         head_fwd = timing.head_forward_s
         head_bwd = timing.head_backward_s + (head_fwd if loss_chunk else 0.0)
@@ -233,37 +208,43 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             return numel * per_param_s
         return cpu_optimizer_s(numel, hw, params) if on_cpu else device_optimizer_s(numel, dtype, params)
 
-    reserved = 0 if hw.device_name.lower() == "cpu" else params.reserved_bytes
+    reserved = 0 if cpu_node else params.reserved_bytes
     usable = hw.device_memory_bytes * (1 - params.fragmentation) - reserved
     usable -= max(4096.0, 1e-6 * usable)  # the solver's feasibility tolerance (~1e-7 GiB)
     per_rank = hw.devices_per_node
-    layer_params = shape.layer_params()
+    layer_params = shape.layer_params() / tp
     per_param_states = 2 * b + optimizer_bytes_per_param(dtype)
+    host = host_budget_per_rank(hw, params)
     setups = []
     for stage, (start, end) in enumerate(stage_layer_ranges(shape.num_layers, cand.pp)):
         count, last = end - start, stage == cand.pp - 1
-        total_params = stage_params(shape, cand.pp, stage)
+        total_params = stage_params(shape, cand.pp, stage) / tp
         chunked = cand.zero_stage == 3
         num_chunks = count if chunked else 0
         fixed_states = model_state_bytes(total_params - num_chunks * layer_params, dtype,
                                          cand.zero_stage, group)
         buffers = 3 * b * layer_params if chunked else 0.0
-        head = (logits_working_bytes(shape, tokens, loss_chunk) + 2 * b * shape.hidden_size * tokens) if last else 0.0
+        head = ((logits_working_bytes(shape, tokens, loss_chunk) + 2 * b * shape.hidden_size * tokens) / tp
+                if last else 0.0)
         fixed = sum(fixed_states.values()) + buffers + head
         compute = count * (lc.forward_s + lc.backward_s) + (head_fwd + head_bwd if last else 0.0)
-        resident = (shape.vocab_size * shape.hidden_size if stage == 0 else 0) + (
-            shape.embedding_params() - shape.vocab_size * shape.hidden_size if last else 0)
+        backward = count * lc.backward_s + (head_bwd if last else 0.0)
+        resident = ((shape.vocab_size * shape.hidden_size if stage == 0 else 0) + (
+            shape.embedding_params() - shape.vocab_size * shape.hidden_size if last else 0)) / tp
         comm_mb, comm_step = comm_times(
             shape, dtype, hw, cand, stage_layers=count, stage_num_params=total_params,
             tokens=tokens, microbatch_compute_s=compute, attention_forward_s=lc.forward_s - lc.recompute_s,
             params=params, backward_resident_params=resident,
-            stage_units=count + (1 if stage == 0 else 0) + (1 if last else 0))
+            stage_units=count + (1 if stage == 0 else 0) + (1 if last else 0),
+            grad_reduce_dtype=request.grad_reduce_dtype, microbatch_backward_s=backward)
         chunk_device = per_param_states * layer_params / group
         problem = StageProblem(
-            layers=(lc,) * count, inflight=inflight_microbatches(cand.pp, cand.num_microbatches, stage),
+            layers=(lc,) * count,
+            inflight=inflight_microbatches(cand.pp, cand.num_microbatches, stage, cand.virtual),
             slots=cand.num_microbatches + cand.pp - 1, device_capacity_bytes=usable,
-            fixed_device_bytes=fixed, working_base_bytes=working, host_capacity_bytes=hw.host_memory_bytes / per_rank,
-            nvme_capacity_bytes=hw.nvme_capacity_bytes / per_rank, host_link_bw=hw.host_link_bw,
+            fixed_device_bytes=fixed, working_base_bytes=working, host_capacity_bytes=host,
+            nvme_capacity_bytes=hw.nvme_capacity_bytes / per_rank,
+            host_link_bw=hw.host_link_bw / (1 if cpu_node else min(per_rank, params.gpus_per_pcie_switch)),
             nvme_read_bw=(hw.nvme_read_bw or 1.0) / per_rank, nvme_write_bw=(hw.nvme_write_bw or 1.0) / per_rank,
             tail_forward_window_s=head_fwd if last else 0.0,
             tail_backward_window_s=head_bwd if last else 0.0,
@@ -274,34 +255,71 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             chunk_device_optimizer_s=opt_s(layer_params / group, False),
             allow_keep=request.recompute != "full",
             allow_recompute=request.recompute != "none",
-            allow_cpu=request.activation_offload in ("auto", "cpu"),
+            # on a CPU node the cpu tier is the same RAM: only an explicit request uses it
+            allow_cpu=request.activation_offload == "cpu" or (
+                request.activation_offload == "auto" and not one_pool),
             allow_nvme=request.activation_offload in ("auto", "nvme") and hw.has_nvme,
-            token_chunks=0,
+            token_chunks=0, page_cache_reads=one_pool,
             # clipping waits for the global norm; on a CPU node no core is idle to hide it
             cpu_optimizer_overlap=not request.grad_clip and overlaps_compute(hw))
         fixed_states_opt = opt_s((total_params - num_chunks * layer_params)
                                  / (group if cand.zero_stage >= 1 else 1), False)
-        leanest = _leanest_activation_bytes(problem, lc, count)
         setups.append(StageSetup(
             problem=problem, layer_range=(start, end), head_compute_s=head_fwd + head_bwd if last else 0.0,
             comm_microbatch_s=comm_mb, comm_step_s=comm_step, fixed_optimizer_s=fixed_states_opt,
             fixed_bytes=dict(fixed_states, buffers=buffers, working_set=working, loss=head),
             chunk_states=model_state_bytes(num_chunks * layer_params, dtype, cand.zero_stage, group),
-            min_device_bytes=fixed + working + (problem.chunk_buffer_bytes if num_chunks else 0.0)
-            + leanest))
-    return setups, (loss_chunk, mlp_chunk)
+            min_device_bytes=0.0, leanest_activation_bytes=0.0))
+    rebuild = _choose_rebuild_tile(setups, tokens, usable, fixed_rebuild)
+    return [_with_rebuild(s, rebuild, tokens) for s in setups], (loss_chunk, mlp_chunk, rebuild)
 
 
-def _leanest_activation_bytes(problem: StageProblem, lc: LayerCost, count: int) -> float:
+def _with_rebuild(setup: "StageSetup", tile: int, tokens: int) -> "StageSetup":
+    """The set-up with its MIP rebuilding non-kept layers `tile` tokens at a time (0: all)."""
+    fraction = min(1.0, tile / tokens) if tile else 1.0
+    problem = replace(setup.problem, rebuild_fraction=fraction)
+    leanest = _leanest(problem, fraction)
+    return replace(setup, problem=problem, leanest_activation_bytes=leanest,
+                   min_device_bytes=_min_device(problem, leanest))
+
+
+def _leanest(problem: StageProblem, fraction: float) -> float:
+    count = len(problem.layers)
+    return _leanest_activation_bytes(problem, problem.layers[0], count, fraction) if count else 0.0
+
+
+def _min_device(problem: StageProblem, leanest: float) -> float:
+    return (problem.fixed_device_bytes + problem.working_base_bytes
+            + (problem.chunk_buffer_bytes if problem.num_chunks else 0.0) + leanest)
+
+
+def _choose_rebuild_tile(setups: list, tokens: int, usable: float, fixed: int | None) -> int:
+    """The largest rebuild tile whose leanest policy leaves headroom on every stage (fewer,
+    larger tiles keep the recompute's GEMMs efficient), else the smallest; or `fixed`."""
+    if fixed is not None:
+        return fixed
+    tiles = rebuild_tiles(tokens)
+    for tile in tiles:
+        fraction = min(1.0, tile / tokens) if tile else 1.0
+        if all(_min_device(s.problem, _leanest(s.problem, fraction)) <= REBUILD_HEADROOM * usable
+               for s in setups):
+            return tile
+    return tiles[-1]
+
+
+def _leanest_activation_bytes(problem: StageProblem, lc: LayerCost, count: int,
+                              fraction: float | None = None) -> float:
     """A lower bound of the stage's activation bytes on the device (resident for the in-flight
     microbatches + what a non-kept layer rebuilds in its backward). Mixing kept and non-kept
     layers is linear in their number, so the bound is the better of all-kept and all-not."""
     options = [problem.inflight * count * lc.plain_bytes] if problem.allow_keep else []
-    if problem.allow_cpu or problem.allow_nvme:
-        options.append(lc.token_local_bytes)
+    rebuilt = rebuilt_token_local_bytes(lc, problem.rebuild_fraction if fraction is None else fraction)
+    if problem.allow_cpu or problem.allow_nvme:    # + the previous layer fetched meanwhile
+        # the previous layer's input and attention output are resident or being fetched
+        options.append(rebuilt + (lc.input_bytes + lc.attention_output_bytes if count > 1 else 0.0))
     elif problem.allow_recompute:
         options.append(problem.inflight * count * (lc.input_bytes + lc.attention_output_bytes)
-                       + lc.token_local_bytes)
+                       + rebuilt)
     return min(options) if options and count else 0.0
 
 
@@ -316,8 +334,10 @@ def memory_rejection(setups: list[StageSetup], capacity: float, usable: float) -
         if states > usable:
             return (f"model states alone need {gib(states)} per rank{where} > {gib(usable)} usable "
                     f"of {gib(capacity)}", states - usable)
-        parts = ", ".join(f"{k} {gib(v)}" for k, v in setup.fixed_bytes.items() if v)
+        items = dict(setup.fixed_bytes, activations=setup.leanest_activation_bytes,
+                     prefetch_buffer=setup.problem.chunk_buffer_bytes if setup.problem.num_chunks else 0.0)
+        parts = " + ".join(f"{k} {gib(v)}" for k, v in items.items() if v)
         note = f" with all {setup.problem.num_chunks} chunks ({gib(chunked)}) on the CPU" if chunked else ""
-        return (f"needs at least {gib(setup.min_device_bytes)} per rank{where}{note} ({parts}) "
+        return (f"needs at least {gib(setup.min_device_bytes)} per rank{where}{note} = {parts} "
                 f"> {gib(usable)} usable of {gib(capacity)}", setup.min_device_bytes - usable)
     return None

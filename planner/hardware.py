@@ -112,8 +112,23 @@ _CPU_LOCAL_COLLECTIVES = {"all_to_all": 1.2 * GB, "reduce_scatter": 0.35 * GB,
 one rank sends per second. One fit over all kinds gives ~0.95 GB/s (= intra_node_bw 1.2 x
 comm_efficiency 0.8) and ~0.25 ms per call; gloo's CPU reduce-scatter is ~3x slower."""
 _A800 = _device("A800-80G", 80, 19.5, 312, 25)
+_A100_40 = _device("A100-40G", 40, 19.5, 312, 25)
+_A100_80 = _device("A100-80G", 80, 19.5, 312, 25)
 _H100 = _device("H100-80G", 80, 67, 989, 50)
+_H100_96 = _device("H100-96G-HBM2e", 96, 67, 989, 50)
+_H200 = _device("H200-141G", 141, 67, 989, 50)
+_B200 = _device("B200-180G", 180, 80, 2250, 50)
 _RTX4090 = _device("RTX4090-24G", 24, 82.6, 165, 25)
+
+
+def _hgx(name: str, device: dict, *, host_gib: int, nvme_gib: int, nvme_read_gbps: float,
+         nvme_write_gbps: float, nvlink_gbps: float, nic_gbps: float) -> HardwareSpec:
+    """An 8-GPU NVLink server: NVLink per-GPU figure (both directions, as datasheets
+    quote it), one NIC per GPU (bytes/s one way)."""
+    return HardwareSpec(name=name, nodes=1, devices_per_node=8, **device,
+                        host_memory_bytes=host_gib * GiB, nvme_capacity_bytes=nvme_gib * GiB,
+                        nvme_read_bw=nvme_read_gbps * GB, nvme_write_bw=nvme_write_gbps * GB,
+                        nvme_path="/nvme", intra_node_bw=nvlink_gbps * GB, inter_node_bw=nic_gbps * GB)
 
 CLUSTER_PRESETS: dict[str, HardwareSpec] = {
     "cpu-local": HardwareSpec(
@@ -135,6 +150,22 @@ CLUSTER_PRESETS: dict[str, HardwareSpec] = {
         name="8xh100-80g", nodes=1, devices_per_node=8, **_H100,
         host_memory_bytes=2048 * GiB, nvme_capacity_bytes=28000 * GiB, nvme_read_bw=25 * GB,
         nvme_write_bw=12 * GB, nvme_path="/nvme", intra_node_bw=900 * GB, inter_node_bw=50 * GB),
+    # DGX A100 (NVLink 3: 600 GB/s, 8 x 200 Gb/s HDR), DGX H100 / H200 (NVLink 4: 900 GB/s,
+    # 8 x 400 Gb/s NDR), HGX B200 (NVLink 5: 1.8 TB/s, 8 x 400 Gb/s) datasheets.
+    "8xa100-40g": _hgx("8xa100-40g", _A100_40, host_gib=1024, nvme_gib=15000, nvme_read_gbps=25,
+                       nvme_write_gbps=12, nvlink_gbps=600, nic_gbps=25),
+    "8xa100-80g": _hgx("8xa100-80g", _A100_80, host_gib=2048, nvme_gib=30000, nvme_read_gbps=25,
+                       nvme_write_gbps=12, nvlink_gbps=600, nic_gbps=25),
+    "8xh100-96g": _hgx("8xh100-96g", _H100_96, host_gib=2048, nvme_gib=28000, nvme_read_gbps=25,
+                       nvme_write_gbps=12, nvlink_gbps=900, nic_gbps=50),
+    "8xh200-141g": _hgx("8xh200-141g", _H200, host_gib=2048, nvme_gib=28000, nvme_read_gbps=25,
+                        nvme_write_gbps=12, nvlink_gbps=900, nic_gbps=50),
+    "8xb200-180g": _hgx("8xb200-180g", _B200, host_gib=4096, nvme_gib=28000, nvme_read_gbps=25,
+                        nvme_write_gbps=12, nvlink_gbps=1800, nic_gbps=50),
+    "8xrtx4090-24g": HardwareSpec(
+        name="8xrtx4090-24g", nodes=1, devices_per_node=8, **_RTX4090,
+        host_memory_bytes=512 * GiB, nvme_capacity_bytes=4000 * GiB, nvme_read_bw=7 * GB,
+        nvme_write_bw=5 * GB, nvme_path="/nvme", intra_node_bw=25 * GB, inter_node_bw=12.5 * GB),
     "1xrtx4090-24g": HardwareSpec(
         name="1xrtx4090-24g", nodes=1, devices_per_node=1, **_RTX4090,
         host_memory_bytes=64 * GiB, nvme_capacity_bytes=0, intra_node_bw=25 * GB,
@@ -315,35 +346,14 @@ def timed_collectives(world: int = 2, *, threads: int | None = None,
             "by_kind": per_kind, "threads": threads, "world": world}
 
 
-def _nvml_devices() -> list[tuple[str, int]]:
-    """(name, total bytes) per GPU through NVML; [] without the library or a driver."""
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return []
-    try:
-        devices = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            devices.append((name.decode() if isinstance(name, bytes) else name,
-                            int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)))
-        return devices
-    finally:
-        pynvml.nvmlShutdown()
-
-
 def probe(nvme_path: str = "/tmp/disttrain-nvme", *, nvme_test_bytes: int = 128 * 2**20,
           fallback: str = "cpu-local", collectives: bool = True) -> HardwareSpec:
     """Measure this machine: GPUs via NVML / torch, host copy, NVMe write/read on `nvme_path`,
     and (`collectives`, CPU only) gloo collectives between 2 local processes on loopback.
 
-    FLOP/s and inter-node bandwidth are not measured; they come from the `fallback` preset
-    (on a GPU the device's datasheet numbers belong in the job spec). The measured collective
+    On the CPU, FLOP/s and inter-node bandwidth are not measured; they come from the `fallback`
+    preset. On a GPU node `planner.probe_gpu` replaces them and the host link with GPU numbers
+    (datasheet or timed matmul, pinned H2D/D2H, NCCL between the GPUs). The measured collective
     fit sets `intra_node_latency_s`, `intra_node_collective_bw` (achieved, per kind) and
     `intra_node_bw` (nominal: the achieved all-kinds bandwidth / the cost model's default
     `comm_efficiency`, so the cost model's effective bandwidth is the measured one). When the
@@ -355,7 +365,9 @@ def probe(nvme_path: str = "/tmp/disttrain-nvme", *, nvme_test_bytes: int = 128 
     import torch
     base = CLUSTER_PRESETS[fallback]
     host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    gpus = _nvml_devices()
+    from planner.probe_gpu import gpu_fields, nvml_devices  # GPU-only measurements
+
+    gpus = nvml_devices()
     if not gpus and torch.cuda.is_available():
         gpus = [(torch.cuda.get_device_properties(i).name, torch.cuda.get_device_properties(i).total_memory)
                 for i in range(torch.cuda.device_count())]
@@ -378,7 +390,10 @@ def probe(nvme_path: str = "/tmp/disttrain-nvme", *, nvme_test_bytes: int = 128 
             comm = dict(intra_node_bw=fit["bandwidth"] / CostParams().comm_efficiency,
                         intra_node_latency_s=fit["latency_s"],
                         intra_node_collective_bw={k: bw for k, (_, bw) in fit["by_kind"].items()})
-    return base.replace(name="probe", devices_per_node=devices, device_name=name,
-                        device_memory_bytes=int(memory), host_memory_bytes=int(host_total),
-                        host_link_bw=host_link, nvme_capacity_bytes=int(free) if nvme_path else 0,
-                        nvme_read_bw=read_bw, nvme_write_bw=write_bw, nvme_path=nvme_path, **comm)
+    fields = dict(name="probe", devices_per_node=devices, device_name=name,
+                  device_memory_bytes=int(memory), host_memory_bytes=int(host_total),
+                  host_link_bw=host_link, nvme_capacity_bytes=int(free) if nvme_path else 0,
+                  nvme_read_bw=read_bw, nvme_write_bw=write_bw, nvme_path=nvme_path, **comm)
+    if gpus and torch.cuda.is_available():  # FLOP/s, pinned copies, NCCL: measured on the GPUs
+        fields.update(gpu_fields(name, devices, collectives=collectives))
+    return base.replace(**fields)

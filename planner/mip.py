@@ -82,6 +82,13 @@ class StageProblem:
     """0: swap fractions continuous; K: multiples of 1/K (token chunks)."""
     cpu_optimizer_overlap: bool = True
     """The CPU chunks' optimizer runs beside the backward (False: after it, exposed)."""
+    rebuild_fraction: float = 1.0
+    """Share of the local tokens a non-kept layer's backward rebuilds at once (sequence-tiled
+    rebuild: rebuild_tile_tokens / tokens; 1 = whole sequence). q, k, v are rebuilt whole
+    (the attention core's backward needs them all)."""
+    page_cache_reads: bool = False
+    """NVMe reads are buffered through the page cache in the device's own memory (CPU nodes):
+    a prefetched NVMe layer occupies its bytes twice while it is read."""
 
     def __post_init__(self) -> None:
         for name in ("inflight", "slots"):
@@ -153,12 +160,36 @@ def _layer_traffic(lc: LayerCost, act: LayerActivationPlan) -> tuple[float, floa
     return swapped, resident, 1.0 - act.swap_fraction
 
 
-def _rebuilt_bytes(lc: LayerCost, act: LayerActivationPlan) -> float:
-    """What a non-kept layer's backward brings back at once: every token-local tensor (fetched
-    or recomputed) and its swapped input / attention output."""
+def rebuilt_token_local_bytes(lc: LayerCost, fraction: float) -> float:
+    """Token-local bytes a non-kept layer's backward holds at once when it rebuilds `fraction`
+    of its tokens at a time: q, k, v whole, the rest one tile."""
+    qkv = min(lc.qkv_bytes, lc.token_local_bytes)
+    return qkv + (lc.token_local_bytes - qkv) * min(1.0, fraction)
+
+
+def tile_scale(lc: LayerCost, fraction: float) -> float:
+    """Share of a layer's token-local bytes resident at once under a tiled rebuild."""
+    if lc.token_local_bytes <= 0:
+        return 1.0
+    return rebuilt_token_local_bytes(lc, fraction) / lc.token_local_bytes
+
+
+def _prefetched_bytes(lc: LayerCost, act: LayerActivationPlan, fraction: float) -> float:
+    """Swapped bytes of a layer resident while they are fetched ahead of its backward: its
+    swapped input and attention output whole, its swapped token-local share one tile."""
     if act.keep_all:
         return 0.0
-    return (lc.token_local_bytes + (lc.input_bytes if act.swap_input else 0.0)
+    return (act.swap_fraction * lc.token_local_bytes * tile_scale(lc, fraction)
+            + (lc.input_bytes if act.swap_input else 0.0)
+            + (lc.attention_output_bytes if act.swap_attention_output else 0.0))
+
+
+def _rebuilt_bytes(lc: LayerCost, act: LayerActivationPlan, fraction: float = 1.0) -> float:
+    """What a non-kept layer's backward brings back at once: its token-local tensors (fetched
+    or recomputed; a tile of them when tiled) and its swapped input / attention output."""
+    if act.keep_all:
+        return 0.0
+    return (rebuilt_token_local_bytes(lc, fraction) + (lc.input_bytes if act.swap_input else 0.0)
             + (lc.attention_output_bytes if act.swap_attention_output else 0.0))
 
 
@@ -177,8 +208,11 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
         raise ValueError(f"num_prefetch_buffers: must be 1 or 2 with CPU chunks, got {num_prefetch_buffers}")
     buffers = num_prefetch_buffers if cpu_chunks else 0
     resident = sum(r for _, r, _ in traffic)
-    working = max(problem.working_base_bytes + _rebuilt_bytes(lc, act)
-                  + (traffic[i - 1][0] if i else 0.0)
+    ahead = [_prefetched_bytes(lc, a, problem.rebuild_fraction) for lc, a in zip(layers, activations)]
+    cache = [p if (problem.page_cache_reads and a.tier == "nvme") else 0.0
+             for p, a in zip(ahead, activations)]
+    working = max(problem.working_base_bytes + _rebuilt_bytes(lc, act, problem.rebuild_fraction)
+                  + (ahead[i - 1] + cache[i - 1] if i else 0.0)
                   for i, (lc, act) in enumerate(zip(layers, activations))) if layers else 0.0
     device = (problem.fixed_device_bytes + problem.chunk_device_bytes * num_persistent_chunks
               + problem.chunk_buffer_bytes * buffers + problem.inflight * resident + working)
@@ -234,13 +268,16 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
         objective_s=problem.slots * (per_mb + exposed_chunk) + optimizer)
 
 
+SYMMETRY_MIN_LAYERS = 16
+"""Stages with at least this many layers get symmetry-breaking order constraints (identical
+layers make the branch-and-bound explore every permutation of one policy)."""
 BYTE_UNIT = float(2**30)
 """Bytes (and bytes/s) enter the MIP in GiB so its coefficients stay near 1."""
 _BYTE_FIELDS = ("device_capacity_bytes", "fixed_device_bytes", "working_base_bytes", "host_capacity_bytes",
                 "nvme_capacity_bytes", "host_link_bw", "nvme_read_bw", "nvme_write_bw",
                 "chunk_device_bytes", "chunk_host_bytes", "chunk_link_bytes", "chunk_buffer_bytes")
 _LAYER_BYTE_FIELDS = ("input_bytes", "attention_output_bytes", "token_local_bytes", "mlp_bytes",
-                      "plain_bytes")
+                      "plain_bytes", "qkv_bytes")
 
 
 def _in_gib(problem: StageProblem) -> StageProblem:
@@ -290,6 +327,7 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
     cpu_chunks = problem.num_chunks - persistent
 
     swap_frac, recompute_frac, swapped, nvme_swapped, cpu_swapped, resident = [], [], [], [], [], []
+    ahead, ahead_nvme = [], []
     for i, lc in enumerate(problem.layers):
         frac = (steps_cpu[i] + steps_nvme[i]) * (1.0 / steps)
         swap_frac.append(frac)
@@ -311,13 +349,21 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         cpu_swapped.append(cpu_bytes)
         nvme_swapped.append(nvme_bytes)
         swapped.append(cpu_bytes + nvme_bytes)
+        scale = tile_scale(lc, problem.rebuild_fraction)
+        tl_ahead = lc.token_local_bytes * scale * (1.0 / steps)
+        ahead_nvme.append(tl_ahead * steps_nvme[i] + lc.input_bytes * input_nvme[i]
+                          + lc.attention_output_bytes * attn_nvme[i])
+        ahead.append(tl_ahead * (steps_cpu[i] + steps_nvme[i]) + lc.input_bytes * (input_cpu[i] + input_nvme[i])
+                     + lc.attention_output_bytes * (attn_cpu[i] + attn_nvme[i]))
         resident.append(lc.plain_bytes * keep[i] + lc.input_bytes * (1 - keep[i] - input_cpu[i] - input_nvme[i])
                         + lc.attention_output_bytes * (1 - keep[i] - attn_cpu[i] - attn_nvme[i]))
     for i, lc in enumerate(problem.layers):
-        model += (working >= problem.working_base_bytes + lc.token_local_bytes * (1 - keep[i])
+        cache = (ahead_nvme[i - 1] if i and problem.page_cache_reads else 0)
+        model += (working >= problem.working_base_bytes
+                  + rebuilt_token_local_bytes(lc, problem.rebuild_fraction) * (1 - keep[i])
                   + lc.input_bytes * (input_cpu[i] + input_nvme[i])
                   + lc.attention_output_bytes * (attn_cpu[i] + attn_nvme[i])
-                  + (swapped[i - 1] if i else 0)), f"backward_working_set_{i}"
+                  + (ahead[i - 1] if i else 0) + cache), f"backward_working_set_{i}"
         last = i == count - 1
         nxt = None if last else problem.layers[i + 1]
         fwd_window = problem.tail_forward_window_s if last else nxt.forward_s
@@ -329,6 +375,12 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         if problem.allow_nvme:
             model += exposed_fwd[i] >= nvme_swapped[i] * (1.0 / problem.nvme_write_bw) - fwd_window, f"nvme_write_window_{i}"
             model += exposed_bwd[i] >= nvme_swapped[i] * (1.0 / problem.nvme_read_bw) - bwd_window, f"nvme_read_window_{i}"
+    if count >= SYMMETRY_MIN_LAYERS:
+        # identical layers: any permutation of a policy is (nearly) as good, so order the
+        # kept layers last (their activations are the first the backward consumes)
+        for i in range(count - 1):
+            if problem.layers[i] == problem.layers[i + 1]:
+                model += keep[i] <= keep[i + 1], f"symmetry_keep_{i}"
     model += problem.num_chunks * any_cpu_chunk >= cpu_chunks, "buffers_when_any_cpu_chunk"
     model += second_buffer >= double_buffered + any_cpu_chunk - 1, "second_buffer_allocated"
     model += (problem.fixed_device_bytes + problem.chunk_device_bytes * persistent

@@ -144,7 +144,11 @@ class Prediction:
     tokens_per_s: float = 0.0
     """Tokens trained per second, whole job."""
     mfu: float = 0.0
-    """Model FLOPs utilisation (model FLOPs / (time * peak * world))."""
+    """Model FLOPs utilisation (model FLOPs / (time * peak * world)), causal convention: model
+    FLOPs per token 6N + 6LhS (N = layer parameters + output head; attention counts the
+    causal half of the score matrix)."""
+    mfu_noncausal: float = 0.0
+    """The same with Megatron's / torchtitan's non-causal convention (6N + 12LhS per token)."""
     hardware: dict[str, Any] = field(default_factory=dict)
     """The HardwareSpec (as a dict) the prediction was computed for."""
     profile: dict[str, Any] = field(default_factory=dict)

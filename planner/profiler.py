@@ -13,6 +13,8 @@ per *storage* (views share storage). They are split into
   - `token_local`: everything else the layer saves,
 and parameters and the rope tables are left out (they are not per-token activations). The
 bytes allocated beyond the saved ones bound the forward's transient peak from above.
+The layer runs in the training dtype as the runtime runs it: in bf16 its weights and input
+are bf16 (no autocast), RMSNorm statistics and the log-sum-exp fp32 inside the model.
 Byte counts are fitted linear in tokens, times linear + quadratic, so a profile taken at a
 few short lengths extrapolates to long sequences.
 
@@ -98,8 +100,9 @@ class LayerProfile:
     """Processes that ran the same layer at the same time on this machine's cores (the
     ranks that will share them); 1: measured alone."""
     optimizer_s_per_param: float = 0.0
-    """Seconds per parameter of the runtime's gradient clip + AdamW update over fp32 shards,
-    under the same threads and concurrency; 0: not measured."""
+    """Seconds per parameter of the runtime's gradient clip + AdamW update over fp32 shards
+    (+ the bf16 compute copy in bf16), under the same threads and concurrency; 0: not
+    measured."""
 
     def saved_bytes(self, tokens: int) -> dict[str, float]:
         return {name: slope * tokens for name, slope in self.bytes_per_token.items()}
@@ -249,13 +252,15 @@ def run_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tuple],
         head_forward_s=best.get("head_fwd", 0.0), head_backward_s=best.get("head_bwd", 0.0))
 
 
-def measure_optimizer_s_per_param(numel: int, *, repeats: int = 5) -> float:
+def measure_optimizer_s_per_param(numel: int, *, repeats: int = 5, dtype: str = "fp32") -> float:
     """Seconds per parameter of the runtime's per-shard update: the gradient's squared norm
     (for clipping), the clip scale, AdamW (moments, bias-corrected step), the gradient reset,
-    all on fp32 flat tensors of `numel` elements (one chunk's shard)."""
+    all on fp32 flat tensors of `numel` elements (one chunk's shard); in bf16 also the cast
+    of the updated fp32 master into the bf16 compute copy."""
     numel = max(1, int(numel))
     p, g, m = (torch.randn(numel) for _ in range(3))
     v = torch.rand(numel)
+    compute = torch.empty(numel, dtype=TORCH_DTYPES[dtype]) if dtype != "fp32" else None
 
     def update() -> None:
         g.double().pow(2).sum()
@@ -265,6 +270,8 @@ def measure_optimizer_s_per_param(numel: int, *, repeats: int = 5) -> float:
         denom = (v.sqrt() / 0.9).add_(1e-8)
         p.addcdiv_(m, denom, value=-1e-3)
         g.copy_(p).mul_(1e-3)                        # the next step's gradient (and reset)
+        if compute is not None:
+            compute.copy_(p)                         # master -> compute copy
 
     update()
     times = [_timed(update)[0] for _ in range(max(1, repeats))]
@@ -364,7 +371,8 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
             runs.append(run_layer(layer, rope_fn, hidden_size, s, dtype, batch,
                                   repeats=repeats, head=head))
         barrier.wait()
-        opt = measure_optimizer_s_per_param(optimizer_numel) if optimizer_numel > 0 else 0.0
+        opt = (measure_optimizer_s_per_param(optimizer_numel, dtype=dtype)
+               if optimizer_numel > 0 else 0.0)
         barrier.wait()
         return runs, opt
 

@@ -40,7 +40,8 @@ def _request(plan: Plan) -> tuple[PlanRequest, Candidate]:
                           hardware=HardwareSpec.from_dict(plan.prediction.hardware),
                           dtype=plan.dtype, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
                           global_batch_size=plan.global_batch_size, grad_clip=plan.grad_clip)
-    cand = Candidate(dp=par.dp, sp=par.sp, sp_kind=par.sp_kind, pp=par.pp,
+    cand = Candidate(dp=par.dp, tp=par.tp, sp=par.sp, sp_kind=par.sp_kind, pp=par.pp,
+                     virtual=2 if par.schedule == "interleaved-1f1b" else 1,
                      num_microbatches=par.num_microbatches, zero_stage=par.zero_stage)
     return request, cand
 
@@ -54,7 +55,8 @@ def plan_stages(plan: Plan, params: CostParams) -> tuple[PlanRequest, Candidate,
     profile_dict = plan.prediction.profile
     profile = LayerProfile.from_dict(profile_dict) if "time_coeffs" in profile_dict else None
     setups, _ = profiled_stages(request, cand, params, profile, profile_dict.get("bytes_per_token"),
-                                tiling=(plan.tiling.loss_chunk_tokens, plan.tiling.mlp_chunk_tokens))
+                                tiling=(plan.tiling.loss_chunk_tokens, plan.tiling.mlp_chunk_tokens,
+                                        plan.tiling.rebuild_tile_tokens))
     return request, cand, setups
 
 
@@ -90,10 +92,10 @@ def render_summary(plan: Plan) -> Group:
     title = Table.grid(padding=(0, 1))
     title.add_row("[bold]feasible[/]", "[green]yes[/]" if plan.feasible else "[red]no[/]")
     if plan.feasible:
-        title.add_row("[bold]layout[/]", f"dp={par.dp} sp={par.sp} ({par.sp_kind}) pp={par.pp} "
+        title.add_row("[bold]layout[/]", f"dp={par.dp} tp={par.tp} sp={par.sp} ({par.sp_kind}) pp={par.pp} "
                       f"microbatches={par.num_microbatches} ZeRO-{par.zero_stage} schedule={par.schedule}")
         title.add_row("[bold]step[/]", f"{pred.step_time_s:.3f} s, {pred.tokens_per_s:,.0f} tokens/s, "
-                      f"MFU {pred.mfu:.1%}")
+                      f"MFU {pred.mfu:.1%} causal (6N+6LhS) / {pred.mfu_noncausal:.1%} non-causal (6N+12LhS)")
     title.add_row("[bold]solver[/]", f"{plan.solver.backend}: {plan.solver.status}, gap "
                   f"{plan.solver.gap:.2%}, {plan.solver.solve_time_s:.2f} s")
     shortfall = smallest_shortfall(plan)
@@ -228,9 +230,10 @@ def report_markdown(plan: Plan) -> str:
     if not plan.feasible:
         lines += [f"**No layout fits.** Closest miss: {smallest_shortfall(plan)}", ""]
     if plan.feasible:
-        lines += [f"## Layout", "", f"dp={par.dp}, sp={par.sp} ({par.sp_kind}), pp={par.pp}, "
+        lines += [f"## Layout", "", f"dp={par.dp}, tp={par.tp}, sp={par.sp} ({par.sp_kind}), pp={par.pp}, "
                   f"microbatches={par.num_microbatches}, ZeRO-{par.zero_stage}, stages {list(par.stages)}; "
-                  f"loss chunk {plan.tiling.loss_chunk_tokens} tokens, MLP tile {plan.tiling.mlp_chunk_tokens} tokens", "",
+                  f"loss chunk {plan.tiling.loss_chunk_tokens} tokens, MLP tile {plan.tiling.mlp_chunk_tokens} tokens, "
+                  f"rebuild tile {plan.tiling.rebuild_tile_tokens} tokens, schedule {par.schedule}", "",
                   "## Memory per rank", "", "| category | GiB |", "|---|---:|"]
         lines += [f"| {k} | {v / GiB:.2f} |" for k, v in pred.bytes_by_category.items()]
         lines += [f"| **peak** | **{pred.per_rank_peak_bytes / GiB:.2f}** |", "",
@@ -239,7 +242,8 @@ def report_markdown(plan: Plan) -> str:
                   "| part | s |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in pred.time_breakdown.items()]
         lines += [f"| **step** | **{pred.step_time_s:.4f}** |", "",
-                  f"{pred.tokens_per_s:,.0f} tokens/s, MFU {pred.mfu:.1%}.", "",
+                  f"{pred.tokens_per_s:,.0f} tokens/s, MFU {pred.mfu:.1%} (causal: 6N + 6LhS model FLOPs per "
+                  f"token), {pred.mfu_noncausal:.1%} non-causal (6N + 12LhS, Megatron's convention).", "",
                   "## Activation policy", "", "| policy | layers |", "|---|---:|"]
         lines += [f"| {k} | {n} |" for k, n in _policy_rows(plan)]
         if plan.memory_layout:

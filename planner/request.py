@@ -32,6 +32,8 @@ class PlanRequest:
     """Sequences per optimizer step, whole job."""
     dp: int | None = None
     """Data-parallel degree (None: auto)."""
+    tp: int | None = None
+    """Tensor-parallel degree (None: auto, searched up to the devices of one node)."""
     sp: int | None = None
     """Sequence-parallel degree (None: auto)."""
     sp_kind: str | None = None
@@ -46,6 +48,10 @@ class PlanRequest:
     """'auto', 'none' (never swap), 'cpu' or 'nvme' (only that tier)."""
     recompute: str = "auto"
     """'auto', 'none' (never recompute), 'full' (recompute all token-local), 'token'."""
+    grad_reduce_dtype: str = "fp32"
+    """Dtype the gradient reduction runs in: 'fp32' (default) or 'bf16'."""
+    schedule: str | None = None
+    """Pipeline schedule '1f1b' or 'interleaved-1f1b' (None: auto)."""
     grad_clip: float = 0.0
     """Gradient clipping threshold (0: none). Clipping needs the global gradient norm before
     any update, so the runtime's CPU optimizer then waits for the end of the backward."""
@@ -53,6 +59,10 @@ class PlanRequest:
     """'auto' (HiGHS, CBC fallback), 'highs' or 'cbc'."""
     time_limit_s: float = 10.0
     """Wall-time limit of each MIP solve."""
+    attention_fraction: float | None = None
+    """Packed documents: mean over packed sequences of sum(doc_len^2) / seq_len^2, the share
+    of a full causal seq_len x seq_len attention that document masking leaves (measured on
+    the tokenized data). None: no data statistics, assume one document per sequence (1.0)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -63,7 +73,15 @@ class PlanRequest:
             raise ValueError(f"activation_offload: must be one of {OFFLOAD_CHOICES}")
         if self.recompute not in RECOMPUTE_CHOICES:
             raise ValueError(f"recompute: must be one of {RECOMPUTE_CHOICES}")
+        if self.grad_reduce_dtype not in DTYPE_BYTES:
+            raise ValueError(f"grad_reduce_dtype: must be one of {tuple(DTYPE_BYTES)}, "
+                             f"got {self.grad_reduce_dtype!r}")
+        if self.schedule not in (None, "1f1b", "interleaved-1f1b"):
+            raise ValueError(f"schedule: must be '1f1b' or 'interleaved-1f1b', got {self.schedule!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver: must be one of {SOLVERS}, got {self.solver!r}")
         if self.time_limit_s <= 0:
             raise ValueError(f"time_limit_s: must be positive, got {self.time_limit_s}")
+        if self.attention_fraction is not None and not 0 < self.attention_fraction <= 1:
+            raise ValueError(f"attention_fraction: must be in (0, 1], got "
+                             f"{self.attention_fraction}")

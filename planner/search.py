@@ -15,16 +15,50 @@ from dataclasses import dataclass
 
 from planner.candidates import (StageSetup, enumerate_candidates, gib, memory_rejection,
                                 profiled_stages)
-from planner.costmodel import Candidate, CostParams, StepTime, step_time, throughput
+from planner.analytic import noncausal_flops_ratio
+from planner.costmodel import (Candidate, CostParams, StepTime, model_state_bytes,
+                               stage_layer_ranges, step_time, throughput)
+from planner.heuristic import quick_stage_bound
 from planner.layout import plan_memory_layout
 from planner.mip import NoSolution, StageEvaluation, StageProblem, StageSolution, solve_stage
 from planner.plan import (LayerActivationPlan, ModelStatePlan, ParallelPlan, Plan, Prediction,
                           SolverInfo, TilingPlan)
 from planner.request import PlanRequest
+from planner.trial import layout_key
 from planner.shapes import DTYPE_BYTES
 
 LAYOUT_TIME_LIMIT_S = 2.0
 """Wall-time limit of each memory-layout MIP."""
+SEARCH_BUDGET_S = 5.0
+"""Once a plan is found, no new stage MIP starts after this many seconds of solving, and
+each solve is limited to what is left of it (at least MIN_SOLVE_S): the solver's status and
+gap then say how good the returned policy is."""
+MIN_SOLVE_S = 3.0
+SOLVE_CAP = True
+
+
+def _unchunked_states_bytes(request: PlanRequest, cand: Candidate) -> float:
+    """Device bytes of model states of the lightest stage when they cannot be chunked to the
+    CPU (ZeRO 0-2): a bound that rejects layouts before their stages are built."""
+    if cand.zero_stage == 3:
+        return 0.0
+    shape = request.model
+    lightest = (shape.num_layers // cand.pp) * shape.layer_params() / cand.tp
+    return sum(model_state_bytes(lightest, request.dtype, cand.zero_stage, cand.shard_group).values())
+
+
+def _quick_upper_bound(ranked: list, corrections: dict[str, float]) -> float:
+    """The best step time of simple policies over every ranked candidate (inf: none fits):
+    a feasible plan's time, so layouts whose lower bound exceeds it need no MIP."""
+    best = math.inf
+    for bound, cand, setups, _ in ranked:
+        if bound >= best:
+            continue
+        evaluations = [quick_stage_bound(s.problem) for s in setups]
+        if all(ev is not None for ev in evaluations):
+            factor = corrections.get(layout_key(cand), 1.0)
+            best = min(best, factor * compose_step(cand, setups, evaluations).total)
+    return best
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,7 +68,7 @@ class Outcome:
     cand: Candidate
     setups: tuple[StageSetup, ...]
     solutions: tuple[StageSolution, ...]
-    tiling: tuple[int, int]
+    tiling: tuple[int, int, int]
     step: StepTime
     worst_memory_stage: int
 
@@ -54,25 +88,27 @@ def compose_step(cand: Candidate, setups: tuple[StageSetup, ...], evaluations: l
                      microbatch_exposed_transfer_s=ev.exposed_swap_s + ev.exposed_chunk_s,
                      microbatch_comm_s=setup.comm_microbatch_s, step_comm_s=setup.comm_step_s,
                      step_optimizer_s=ev.optimizer_s + setup.fixed_optimizer_s, pp=cand.pp,
-                     num_microbatches=cand.num_microbatches)
+                     num_microbatches=cand.num_microbatches, virtual=cand.virtual)
 
 
 def _better(new: Outcome, old: Outcome, rel_tol: float = 1e-3) -> bool:
     """Faster wins; within `rel_tol` (the MIP gap's scale) the simpler layout wins."""
     if abs(new.step.total - old.step.total) > rel_tol * old.step.total:
         return new.step.total < old.step.total
-    simplicity = lambda o: (o.cand.zero_stage, o.cand.pp, o.cand.sp)  # noqa: E731
+    simplicity = lambda o: (o.cand.zero_stage, o.cand.pp, o.cand.virtual, o.cand.tp, o.cand.sp)  # noqa: E731
     return simplicity(new) < simplicity(old)
 
 
-def _lower_bound(setups: list[StageSetup]) -> float:
-    return max(s.problem.slots * (sum(lc.forward_s + lc.backward_s for lc in s.problem.layers)
-                                  + s.head_compute_s + s.comm_microbatch_s) + s.comm_step_s
+def _lower_bound(cand: Candidate, setups: list[StageSetup]) -> float:
+    slots = cand.num_microbatches + (cand.pp - 1) / cand.virtual
+    return max(slots * (sum(lc.forward_s + lc.backward_s for lc in s.problem.layers)
+                        + s.head_compute_s + s.comm_microbatch_s) + s.comm_step_s
                for s in setups)
 
 
 def _infeasible_reason(problem: StageProblem, setup: StageSetup, index: int, status: str) -> tuple[str, float]:
-    """Explain a stage the MIP found no solution for, naming the capacity that runs out."""
+    """Explain a stage the MIP found no solution for, naming the capacity that runs out and
+    by how much (never 0: the binding constraint is the one with the largest excess)."""
     count, lc = len(problem.layers), problem.layers[0] if problem.layers else None
     room = problem.device_capacity_bytes - setup.min_device_bytes
     fits = 0
@@ -84,19 +120,33 @@ def _infeasible_reason(problem: StageProblem, setup: StageSetup, index: int, sta
     nvme = problem.nvme_capacity_bytes if problem.allow_nvme else 0.0
     where = f"stage {index}: "
     if host_states > problem.host_capacity_bytes:
-        return (f"{where}only {fits} of {problem.num_chunks} model-state chunks fit on the device; the "
-                f"other {problem.num_chunks - fits} need {gib(host_states)} of host memory > "
-                f"{gib(problem.host_capacity_bytes)} per rank (solver: {status})",
+        return (f"{where}host memory binds: only {fits} of {problem.num_chunks} model-state chunks fit "
+                f"on the device; the other {problem.num_chunks - fits} need {gib(host_states)} of host "
+                f"memory > {gib(problem.host_capacity_bytes)} per rank (solver: {status})",
                 host_states - problem.host_capacity_bytes)
-    spill = max(0.0, host_states + kept - host - nvme)
-    return (f"{where}device minimum {gib(setup.min_device_bytes)} of {gib(problem.device_capacity_bytes)} "
-            f"usable leaves room for {fits} persistent chunks; swapping kept activations needs up to "
-            f"{gib(kept)} besides {gib(host_states)} of states, with {gib(host)} host + {gib(nvme)} NVMe "
-            f"per rank (solver: {status})", spill)
+    stays = max(0.0, kept - max(0.0, host + nvme - host_states))
+    device_need = setup.min_device_bytes + stays
+    if device_need > problem.device_capacity_bytes:
+        return (f"{where}device memory binds: the leanest policy needs {gib(device_need)} of "
+                f"{gib(problem.device_capacity_bytes)} usable ({gib(setup.min_device_bytes)} with every "
+                f"activation swapped + {gib(stays)} that {gib(host)} host + {gib(nvme)} NVMe per rank "
+                f"cannot take) (solver: {status})", device_need - problem.device_capacity_bytes)
+    slack = problem.device_capacity_bytes - setup.min_device_bytes
+    return (f"{where}device memory binds once swap traffic and tiers are combined: "
+            f"{gib(slack)} of room over the leanest bound was not enough for the solver "
+            f"(solver: {status})", max(1.0, 0.01 * setup.min_device_bytes))
+
+
+def _corrected(step: StepTime, factor: float) -> StepTime:
+    """A step time scaled by a measured correction (every part alike)."""
+    if factor == 1.0:
+        return step
+    return StepTime(**{k: v * factor for k, v in step.to_dict().items()})
 
 
 def search(request: PlanRequest, *, profile=None, params: CostParams | None = None,
-           gap_rel: float = 1e-3) -> tuple[Outcome | None, list[dict], dict]:
+           gap_rel: float = 5e-3, corrections: dict[str, float] | None = None
+           ) -> tuple[Outcome | None, list[dict], dict]:
     """Run the outer search; (best outcome or None, rejected, summary of the solves).
 
     A `profile` supplies measured bytes per token, and layer times when it was taken on the
@@ -110,28 +160,47 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
     candidates, rejected, notes = enumerate_candidates(request)
     ranked = []
     for cand in candidates:
+        states = _unchunked_states_bytes(request, cand)
+        if states > usable:      # ZeRO 0-2 states never leave the device: no stage fits
+            rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": states - usable,
+                             "reason": f"model states alone need {gib(states)} per rank > "
+                                       f"{gib(usable)} usable of {gib(hw.device_memory_bytes)} "
+                                       f"(lightest stage, ZeRO-{cand.zero_stage} keeps them on the device)"})
+            continue
         setups, tiling = profiled_stages(request, cand, params, profile, measured_bytes)
         why = memory_rejection(setups, hw.device_memory_bytes, usable)
         if why:
             rejected.append({"candidate": cand.to_dict(), "reason": why[0], "shortfall_bytes": why[1]})
             continue
-        ranked.append((_lower_bound(setups), cand, tuple(setups), tiling))
+        factor = min(1.0, (corrections or {}).get(layout_key(cand), 1.0))
+        ranked.append((factor * _lower_bound(cand, setups), cand, tuple(setups), tiling))
     ranked.sort(key=lambda item: item[0])
     best: Outcome | None = None
     cache: dict[StageProblem, StageSolution | NoSolution] = {}
     summary = {"solves": 0, "backend": "none", "statuses": [], "gaps": [], "notes": notes}
+    upper = _quick_upper_bound(ranked, corrections or {})
+    start = time.perf_counter()
     for bound, cand, setups, tiling in ranked:
-        if best is not None and bound >= best.step.total:
+        target = min(upper, best.step.total) if best is not None else upper
+        if (best is not None and bound >= best.step.total) or bound > upper * (1 + 1e-9):
             rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": None,
-                             "reason": f"pruned: step-time lower bound {bound:.3g} s >= best plan's "
-                                       f"{best.step.total:.3g} s"})
+                             "reason": f"pruned: step-time lower bound {bound:.3g} s >= a feasible "
+                                       f"plan's {target:.3g} s"})
+            continue
+        if best is not None and time.perf_counter() - start > SEARCH_BUDGET_S:
+            rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": None,
+                             "reason": f"not solved: search budget {SEARCH_BUDGET_S:.0f} s spent "
+                                       f"(lower bound {bound:.3g} s vs best {best.step.total:.3g} s)"})
             continue
         solutions, failure = [], None
         for index, setup in enumerate(setups):
             if setup.problem not in cache:
                 try:
+                    # the whole search stays near its budget: a late solve gets what is left
+                    left = max(MIN_SOLVE_S, SEARCH_BUDGET_S - (time.perf_counter() - start))
                     cache[setup.problem] = solve_stage(setup.problem, backend=request.solver,
-                                                       time_limit_s=request.time_limit_s, gap_rel=gap_rel)
+                                                       time_limit_s=min(request.time_limit_s, left if SOLVE_CAP else request.time_limit_s),
+                                                       gap_rel=gap_rel)
                 except NoSolution as exc:
                     cache[setup.problem] = exc
                 summary["solves"] += 1
@@ -146,7 +215,8 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
             rejected.append({"candidate": cand.to_dict(), "reason": failure[0], "shortfall_bytes": failure[1]})
             continue
         evaluations = [s.evaluation for s in solutions]
-        step = compose_step(cand, setups, evaluations)
+        step = _corrected(compose_step(cand, setups, evaluations),
+                          (corrections or {}).get(layout_key(cand), 1.0))
         worst_mem = max(range(len(setups)), key=lambda i: evaluations[i].device_bytes)
         outcome = Outcome(cand=cand, setups=setups, solutions=tuple(solutions), tiling=tiling,
                           step=step, worst_memory_stage=worst_mem)
@@ -165,6 +235,17 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
         summary["statuses"] = [s.solve.status for s in best.solutions]
         summary["gaps"] = [s.solve.gap for s in best.solutions]
     return best, rejected, summary
+
+
+def stage_ranges(num_layers: int, cand: Candidate) -> tuple[tuple[int, int], ...]:
+    """Layer ranges of the plan's stages: one per rank (1F1B), or pp x v model chunks
+    (interleaved: chunk c runs on rank c mod pp)."""
+    return stage_layer_ranges(num_layers, cand.pp * cand.virtual)
+
+
+def rank_layers(ranges: tuple[tuple[int, int], ...], rank: int, cand: Candidate) -> list[int]:
+    """Decoder layers of pipeline rank `rank` in execution order."""
+    return [i for c in range(rank, len(ranges), cand.pp) for i in range(*ranges[c])]
 
 
 def _bytes_by_category(outcome: Outcome, capacity: float, params: CostParams, cpu: bool) -> dict[str, int]:
@@ -191,7 +272,7 @@ def _status_text(statuses: list[str]) -> str:
 
 
 def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = None,
-             with_layout: bool = True) -> Plan:
+             with_layout: bool = True, corrections: dict[str, float] | None = None) -> Plan:
     """Plan `request`: the fastest feasible layout and policy, or feasible=False with reasons.
 
     `profile` is a `planner.profiler.LayerProfile` for the same shape and dtype: its measured
@@ -200,7 +281,8 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
     """
     start = time.perf_counter()
     params = params or CostParams()
-    best, rejected, summary = search(request, profile=profile, params=params)
+    best, rejected, summary = search(request, profile=profile, params=params,
+                                     corrections=corrections)
     hw, shape = request.hardware, request.model
     ordered = sorted(rejected, key=lambda r: (r["shortfall_bytes"] is None, r["shortfall_bytes"] or 0.0))
     common = dict(model=shape.to_dict(), dtype=request.dtype, seq_len=request.seq_len,
@@ -214,13 +296,16 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
                     solver=SolverInfo(backend=summary["backend"], status="no feasible candidate",
                                       solve_time_s=time.perf_counter() - start))
     cand = best.cand
-    activations: list[LayerActivationPlan] = []
+    per_layer: dict[int, LayerActivationPlan] = {}
     cpu_chunks: list[int] = []
-    for setup, solution in zip(best.setups, best.solutions):
-        activations.extend(solution.activations)
-        first, last = setup.layer_range
+    ranges = stage_ranges(shape.num_layers, cand)
+    for rank, (setup, solution) in enumerate(zip(best.setups, best.solutions)):
+        layers = rank_layers(ranges, rank, cand)
+        per_layer.update(zip(layers, solution.activations))
         if setup.problem.num_chunks:
-            cpu_chunks.extend(range(first + solution.num_persistent_chunks, last))
+            cpu_chunks.extend(layers[solution.num_persistent_chunks:])
+    activations = [per_layer[i] for i in range(shape.num_layers)]
+    cpu_chunks.sort()
     b = DTYPE_BYTES[request.dtype]
     chunked = cand.zero_stage == 3
     states = ModelStatePlan(
@@ -234,7 +319,8 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
     categories = _bytes_by_category(best, hw.device_memory_bytes, params, cpu)
     tokens_per_s, mfu = throughput(shape, hw, request.dtype, seq_len=request.seq_len,
                                    global_batch_size=request.global_batch_size, step_s=best.step.total)
-    tokens = best.setups[0].problem.layers[0].tokens if best.setups[0].problem.layers else 0
+    mfu_nc = mfu * noncausal_flops_ratio(shape, request.seq_len)
+    tokens = best.setups[0].problem.layers[0].tokens // cand.tp if best.setups[0].problem.layers else 0
     layout = None
     if with_layout:
         stage0 = best.solutions[0].activations
@@ -244,12 +330,13 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
     gaps = [g for g in summary["gaps"] if math.isfinite(g)]
     return Plan(
         feasible=True, **common,
-        parallel=ParallelPlan(dp=cand.dp, sp=cand.sp, sp_kind=cand.sp_kind, pp=cand.pp,
+        parallel=ParallelPlan(dp=cand.dp, tp=cand.tp, sp=cand.sp, sp_kind=cand.sp_kind, pp=cand.pp,
                               num_microbatches=cand.num_microbatches,
-                              schedule="1f1b" if cand.pp > 1 else "none", zero_stage=cand.zero_stage,
-                              stages=tuple(s.layer_range for s in best.setups)),
+                              schedule=cand.schedule, zero_stage=cand.zero_stage,
+                              stages=ranges),
         model_states=states, activations=tuple(activations),
-        tiling=TilingPlan(loss_chunk_tokens=best.tiling[0], mlp_chunk_tokens=best.tiling[1]),
+        tiling=TilingPlan(loss_chunk_tokens=best.tiling[0], mlp_chunk_tokens=best.tiling[1],
+                          rebuild_tile_tokens=best.tiling[2]),
         memory_layout=layout,
         prediction=Prediction(
             per_rank_peak_bytes=sum(categories.values()), bytes_by_category=categories,
@@ -258,9 +345,19 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
             activation_bytes_per_layer=tuple(int(round(r)) for s in best.solutions
                                              for r in s.evaluation.resident_bytes_per_layer),
             step_time_s=best.step.total, time_breakdown=best.step.to_dict(),
-            tokens_per_s=tokens_per_s, mfu=mfu, hardware=hw.to_dict(), profile=profile_dict),
+            tokens_per_s=tokens_per_s, mfu=mfu, mfu_noncausal=mfu_nc, hardware=hw.to_dict(),
+            profile=profile_dict),
         solver=SolverInfo(backend=summary["backend"], status=_status_text(summary["statuses"]),
                           objective=best.step.total, solve_time_s=time.perf_counter() - start,
                           gap=max(gaps) if len(gaps) == len(summary["gaps"]) else 1.0),
-        notes=tuple(summary["notes"].get(cand, ())) + (
+        notes=tuple(summary["notes"].get(cand, ())) + (_attention_note(request),
             f"{summary['solves']} stage MIPs solved; worst device use {gib(worst.device_bytes)}",))
+
+
+def _attention_note(request: PlanRequest) -> str:
+    """What the attention core was priced as: packed documents' measured share, or one
+    document per sequence (MFU is reported over the full causal sequence either way)."""
+    if request.attention_fraction is None:
+        return "attention priced as one document per sequence (no packed-document statistics)"
+    return (f"packed documents: attention priced at {request.attention_fraction:.3f} of a full "
+            f"causal sequence (sum of squared document lengths / seq_len^2)")

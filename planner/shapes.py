@@ -36,6 +36,18 @@ class ModelShape:
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
     """Share the input embedding and output head weights."""
+    qkv_bias: bool = False
+    """Query, key and value projections carry a bias (Qwen2); the output projection does not."""
+    rope_scaling: str = "none"
+    """RoPE frequency scaling: 'none', or 'llama3' (Llama 3.1's; parameters below)."""
+    rope_scaling_factor: float = 1.0
+    """llama3 scaling: low frequencies are divided by this factor."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original_max_seq_len / this are fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original_max_seq_len / this are left as they are."""
+    rope_original_max_seq_len: int = 0
+    """llama3 scaling: the context length the model was pretrained at (0 when unscaled)."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -51,6 +63,15 @@ class ModelShape:
         if self.head_dim % 2:
             raise ValueError(f"hidden_size: head dim hidden_size/num_heads must be even for RoPE, "
                              f"got {self.head_dim}")
+        if self.rope_scaling not in ("none", "llama3"):
+            raise ValueError(f"rope_scaling: must be 'none' or 'llama3', got {self.rope_scaling!r}")
+        if self.rope_scaling == "llama3":
+            if self.rope_scaling_factor <= 0 or self.rope_original_max_seq_len <= 0:
+                raise ValueError("rope_scaling: llama3 needs a positive rope_scaling_factor and "
+                                 "rope_original_max_seq_len")
+            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                raise ValueError(f"rope_high_freq_factor: must exceed rope_low_freq_factor "
+                                 f"({self.rope_low_freq_factor}), got {self.rope_high_freq_factor}")
 
     @property
     def head_dim(self) -> int:
@@ -64,6 +85,8 @@ class ModelShape:
         """Parameters of one decoder layer (two RMSNorm weights, QKVO, SwiGLU)."""
         h = self.hidden_size
         attn = h * h + 2 * h * self.kv_dim + h * h
+        if self.qkv_bias:
+            attn += h + 2 * self.kv_dim
         mlp = 3 * h * self.ffn_hidden_size
         return attn + mlp + 2 * h
 
@@ -79,7 +102,18 @@ class ModelShape:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field, except the options added for imported models (`_OPTIONAL_FIELDS`)
+        while they hold their defaults: plans and checkpoints of plain shapes stay as they
+        were, and `ModelShape(**shape.to_dict()) == shape` either way."""
+        out = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.name in _OPTIONAL_FIELDS and out[f.name] == f.default:
+                del out[f.name]
+        return out
+
+
+_OPTIONAL_FIELDS = ("qkv_bias", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
+                    "rope_high_freq_factor", "rope_original_max_seq_len")
 
 
 def _shape(**kw) -> ModelShape:
@@ -105,4 +139,28 @@ MODEL_PRESETS: dict[str, ModelShape] = {
     "llama3-8b": _shape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                         ffn_hidden_size=14336, vocab_size=128256, max_seq_len=8192,
                         rope_theta=500000.0),
+    "llama3-70b": _shape(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                         ffn_hidden_size=28672, vocab_size=128256, max_seq_len=8192,
+                         rope_theta=500000.0),
+    # Llama 3.1: Llama 3's shapes with a 128K context (their RoPE frequency scaling, factor 8,
+    # low/high frequency factors 1/4, original context 8192, is not a shape field yet)
+    "llama3.1-8b": _shape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                          ffn_hidden_size=14336, vocab_size=128256, max_seq_len=131072,
+                          rope_theta=500000.0),
+    "llama3.1-70b": _shape(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                           ffn_hidden_size=28672, vocab_size=128256, max_seq_len=131072,
+                           rope_theta=500000.0),
+    "llama3.1-405b": _shape(hidden_size=16384, num_layers=126, num_heads=128, num_kv_heads=8,
+                            ffn_hidden_size=53248, vocab_size=128256, max_seq_len=131072,
+                            rope_theta=500000.0),
+    # Qwen2.5 (its q/k/v biases are not a shape field yet: ~0.01% of the parameters)
+    "qwen2.5-7b": _shape(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                         ffn_hidden_size=18944, vocab_size=152064, max_seq_len=32768,
+                         rope_theta=1000000.0, norm_eps=1e-6),
+    "qwen2.5-72b": _shape(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                          ffn_hidden_size=29568, vocab_size=152064, max_seq_len=32768,
+                          rope_theta=1000000.0, norm_eps=1e-6),
+    "mistral-7b": _shape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                         ffn_hidden_size=14336, vocab_size=32768, max_seq_len=32768,
+                         rope_theta=1000000.0),
 }

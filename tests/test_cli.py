@@ -10,7 +10,7 @@ from conftest import ROOT, run_cli
 def test_help_lists_the_verbs():
     done = run_cli("--help")
     assert done.returncode == 0
-    for verb in ("check", "plan", "train", "profile", "report", "bench"):
+    for verb in ("check", "plan", "train", "profile", "report", "export", "bench"):
         assert verb in done.stdout
 
 

@@ -317,3 +317,36 @@ def test_megatron_accepts_every_alternative(offload_plan):
                     for k, v in sections["model_parallel"].items()}
         config = TransformerConfig(**parallel, **sections["transformer"], activation_func=F.silu)
         assert config.cpu_offloading == alt.settings.get("cpu_offloading", False)
+
+
+def _tp2(plan: Plan) -> Plan:
+    """The same plan with its two ranks as one tp2 group (dp 1)."""
+    return dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, dp=1, tp=2))
+
+
+def test_tensor_parallel_plan_exports_tp_and_sequence_parallel_to_megatron(offload_plan, tmp_path):
+    doc = yaml.safe_load(export_plan(_tp2(offload_plan), "megatron", tmp_path).path.read_text())
+    assert doc["model_parallel"]["tensor_model_parallel_size"] == 2
+    assert doc["model_parallel"]["sequence_parallel"] is True
+    assert "--tensor-model-parallel-size 2" in doc["command_line"]
+    assert "--sequence-parallel" in doc["command_line"]
+    plain = yaml.safe_load(export_plan(offload_plan, "megatron", tmp_path / "tp1").path.read_text())
+    assert plain["model_parallel"]["sequence_parallel"] is False
+    assert "--sequence-parallel" not in plain["command_line"]
+
+
+def test_megatron_accepts_tensor_parallel_values(offload_plan, tmp_path):
+    _, transformer, _, _ = _megatron_configs(export_plan(_tp2(offload_plan), "megatron", tmp_path).path)
+    assert transformer.tensor_model_parallel_size == 2 and transformer.sequence_parallel
+
+
+def test_tensor_parallel_plan_uses_autotp_for_deepspeed(offload_plan, tmp_path):
+    result = export_plan(_tp2(offload_plan), "deepspeed", tmp_path)
+    config = json.loads(result.path.read_text())
+    assert config["tensor_parallel"] == {"autotp_size": 2}
+    assert any(item.startswith("activations between blocks sharded over tp=2") for item in result.unexpressed)
+    _import_deepspeed()
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config.pop("train_batch_size")
+    assert DeepSpeedConfig(config).tensor_parallel_config.autotp_size == 2

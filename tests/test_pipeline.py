@@ -118,7 +118,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
-def _check_against_reference(results: list[dict], tie: bool) -> None:
+def _check_against_reference(results: list[dict], tie: bool, tol: float = 1e-5) -> None:
     """Every rank's loss equals the reference of its dp slice's data; every parameter of
     every stage (same name as in the full model) has the reference gradient at each step
     and the reference value after STEPS AdamW steps; gradients accumulate across steps."""
@@ -128,9 +128,9 @@ def _check_against_reference(results: list[dict], tie: bool) -> None:
         assert r["losses"] == pytest.approx(ref_losses, rel=1e-5)
         for step in range(STEPS):
             for name, grad in r["grads"][step].items():
-                assert _rel_err(grad, ref_grads[step][name]) < 1e-5, (step, name)
+                assert _rel_err(grad, ref_grads[step][name]) < tol, (step, name)
         for name, value in r["params"].items():
-            assert _rel_err(value, ref_params[name]) < 1e-5, name
+            assert _rel_err(value, ref_params[name]) < tol, name
         assert r["accumulation_err"] < 1e-6, "gradients must accumulate across steps"
     for dp_rank, ref in references.items():
         names = set().union(*(r["params"] for r in results if r["dp_rank"] == dp_rank))
@@ -173,6 +173,41 @@ def test_p2p_bytes_per_step_are_the_hidden_states_of_all_microbatches(pp2_dp2_ru
         want = {"activations": (2 if first else 1) * act_bytes,
                 "gradients": (1 if first else 2) * act_bytes, "tied_grad_allreduce": vocab_bytes}
         assert r["sent"] == [want] * STEPS
+
+
+def _chunked_loss_worker(rank: int, world: int, loss_chunk_tokens: int) -> dict:
+    groups = build_groups(ParallelDims(pp=world, world_size=world), rank)
+    runner = PipelineRunner(build_model(SHAPE, seed=0), groups,
+                            PipelineConfig(num_microbatches=NUM_MICRO),
+                            loss_chunk_tokens=loss_chunk_tokens)
+    widths = []
+    for module in runner.stage_modules:
+        module.register_forward_hook(lambda m, a, out: widths.append(out.shape[-1]))
+    opt = build_optimizer(runner.module, lr=LR, weight_decay=WD)
+    losses, grads = [], []
+    for step in range(STEPS):
+        losses.append(runner.step(*_batch(step)))
+        grads.append({n: p.grad.clone() for n, p in runner.module.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+    params = {n: p.detach().clone() for n, p in runner.module.named_parameters()}
+    return dict(pp_rank=groups.pp_rank, dp_rank=0, losses=losses, grads=grads, params=params,
+                accumulation_err=0.0, widths=set(widths))
+
+
+@pytest.mark.slow
+def test_pp2_last_stage_tiles_the_loss_and_matches_single_process():
+    """With the plan's loss_chunk_tokens the last stage returns hidden states (never the
+    (tokens x vocab) logits) and the loss tiles the head: same losses and gradients (the
+    tiled cross entropy rounds in another order: the first step's gradients agree to 1e-5,
+    and AdamW at lr 1e-2 magnifies that to ~2e-5 after a step, hence 1e-4 after it)."""
+    results = spawn_ranks(_chunked_loss_worker, 2, 8)
+    assert [r["widths"] for r in results] == [{SHAPE.hidden_size}] * 2
+    _, ref_grads, _ = _reference(False)
+    for r in results:
+        for name, grad in r["grads"][0].items():
+            assert _rel_err(grad, ref_grads[0][name]) < 1e-5, name
+    _check_against_reference(results, tie=False, tol=1e-4)
 
 
 def test_split_stages_even_with_extra_layers_first():

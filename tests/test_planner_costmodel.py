@@ -70,13 +70,16 @@ def test_communication_volumes_by_hand():
     assert ulysses_alltoall_bytes(SHAPE, "bf16", tokens, 1) == 0
     # ring: K and V of the local block (2 * 32 per token, fp32) passed sp - 1 = 3 times
     assert ring_p2p_bytes(SHAPE, "fp32", tokens, 4) == 3 * 1000 * 64 * 4
-    # the runtime's model states are fp32: 4 bytes per parameter, 7/8 of it leaves the rank
+    # bf16 training gathers bf16 parameters (2 bytes) and reduces gradients in fp32 (4 bytes)
+    # by default; 7/8 of each leaves the rank
     per_mb, per_step = zero_step_bytes(1000, "bf16", 3, 8, 4)
-    assert (per_mb, per_step) == (3 * 4000 * 7 / 8, 0.0)
+    assert (per_mb, per_step) == ((2 * 2000 + 4000) * 7 / 8, 0.0)
     assert zero_step_bytes(1000, "bf16", 3, 8, 4, backward_resident_params=100) == (
-        (3000 - 100) * 4 * 7 / 8, 0.0)
+        ((2000 - 100) * 2 + 4000) * 7 / 8, 0.0)
+    assert zero_step_bytes(1000, "bf16", 3, 8, 4, grad_reduce_dtype="bf16") == (3 * 2000 * 7 / 8, 0.0)
     assert zero_step_bytes(1000, "fp32", 2, 8, 4) == (4000 * 7 / 8, 4000 * 7 / 8)
     assert zero_step_bytes(1000, "fp32", 1, 8, 4) == (0.0, 2 * 4000 * 7 / 8)
+    assert zero_step_bytes(1000, "bf16", 1, 8, 4) == (0.0, (4000 + 2000) * 7 / 8)
     assert zero_step_bytes(1000, "bf16", 0, 8, 4) == (0.0, 2 * 4000 * 7 / 8)
     assert zero_step_bytes(1000, "bf16", 2, 1, 4) == (0.0, 0.0)
     # ring backward: K/V again plus fp32 dK/dV totals, sp hops
@@ -108,6 +111,12 @@ def test_layer_cost_times_by_hand():
     per_token = layer_saved_bytes_per_token(SHAPE, "fp32")
     assert lc.token_local_bytes == per_token.token_local * tokens
     assert lc.plain_bytes == per_token.plain_total * tokens
+    # packed documents: only the attention core shrinks, to the documents' share
+    packed = layer_cost(SHAPE, "fp32", HW, cand, seq_len=2048, micro_batch_size=1, params=params,
+                        attention_fraction=0.25)
+    assert packed.forward_s == pytest.approx(tl + 0.25 * attn)
+    assert packed.backward_s == pytest.approx(2 * tl + 2.5 * 0.25 * attn)
+    assert packed.recompute_s == pytest.approx(tl)
 
 
 def test_saved_bytes_formula_by_hand():
@@ -163,14 +172,19 @@ def test_ulysses_comm_is_exposed_ring_overlaps():
                   params=params)
     uly = Candidate(dp=1, sp=8, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=0)
     per_mb, _ = comm_times(shape, "bf16", hw, uly, attention_forward_s=1.0, **common)
-    # 1x forward + 2x backward (the backward re-sends q, k, v and out with dout)
-    assert per_mb == pytest.approx(3 * 32 * ulysses_alltoall_bytes(shape, "bf16", 8192, 8) / hw.intra_node_bw)
+    # 1x forward + 2x backward (the backward re-sends q, k, v and out with dout); each of the
+    # 4 NCCL calls per layer pays the GPU call latency
+    latency = params.gpu_collective_latency_s
+    # NVLink's datasheet figure counts both directions: a rank sends at half of it
+    assert per_mb == pytest.approx(3 * 32 * ulysses_alltoall_bytes(shape, "bf16", 8192, 8) / (hw.intra_node_bw / 2)
+                                   + 32 * 4 * latency)
     ring = Candidate(dp=1, sp=8, sp_kind="ring", pp=1, num_microbatches=1, zero_stage=0)
     hidden, _ = comm_times(shape, "bf16", hw, ring, attention_forward_s=1.0, **common)
-    assert hidden == 0.0                   # K/V passing fits under the block's attention
+    calls = 32 * (3 * 8 - 2) * latency     # only the per-hop latency remains
+    assert hidden == pytest.approx(calls)  # K/V passing fits under the block's attention
     exposed, _ = comm_times(shape, "bf16", hw, ring, attention_forward_s=0.0, **common)
     fwd_bwd = ring_p2p_bytes(shape, "bf16", 8192, 8) + ring_p2p_backward_bytes(shape, "bf16", 8192, 8)
-    assert exposed == pytest.approx(32 * fwd_bwd / hw.intra_node_bw)
+    assert exposed == pytest.approx(32 * fwd_bwd / (hw.intra_node_bw / 2) + calls)
 
 
 def test_cpu_collectives_are_exposed_and_pay_latency_per_call():

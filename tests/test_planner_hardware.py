@@ -8,6 +8,7 @@ import types
 import pytest
 
 import planner.hardware as hardware
+import planner.probe_gpu as probe_gpu
 
 
 def test_probe_measures_and_removes_its_file(tmp_path):
@@ -30,7 +31,7 @@ def test_nvml_error_falls_back(monkeypatch):
 
     fake.NVMLError, fake.nvmlInit = NVMLError, init
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    assert hardware._nvml_devices() == []
+    assert probe_gpu.nvml_devices() == []
 
 
 def test_nvml_devices_are_read(monkeypatch):
@@ -42,7 +43,41 @@ def test_nvml_devices_are_read(monkeypatch):
     fake.nvmlDeviceGetName = lambda h: b"A800-SXM4-80GB"
     fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 * 2**30)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    assert hardware._nvml_devices() == [("A800-SXM4-80GB", 80 * 2**30)] * 2
+    assert probe_gpu.nvml_devices() == [("A800-SXM4-80GB", 80 * 2**30)] * 2
+
+
+def test_nvml_error_after_init_falls_back_too(monkeypatch):
+    fake = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    def count():
+        raise NVMLError("GPU is lost")
+
+    fake.NVMLError, fake.nvmlInit, fake.nvmlShutdown = NVMLError, lambda: None, lambda: None
+    fake.nvmlDeviceGetCount = count
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert probe_gpu.nvml_devices() == []
+
+
+def test_gpu_device_names_map_to_their_datasheet_preset():
+    assert probe_gpu._known_device("NVIDIA A800-SXM4-80GB")["device_name"] == "A800-80G"
+    assert probe_gpu._known_device("NVIDIA H100 80GB HBM3")["device_name"] == "H100-80G"
+    assert probe_gpu._known_device("NVIDIA GeForce RTX 4090")["device_name"] == "RTX4090-24G"
+    assert probe_gpu._known_device("Tesla T4") is None
+
+
+@pytest.mark.gpu
+def test_probe_on_a_gpu_node_measures_the_gpu(tmp_path):
+    import torch
+
+    spec = hardware.probe(nvme_path=str(tmp_path), nvme_test_bytes=8 * 2**20)
+    assert spec.device_name != "cpu" and spec.devices_per_node == torch.cuda.device_count()
+    total = torch.cuda.get_device_properties(0).total_memory  # NVML counts a little more
+    assert total <= spec.device_memory_bytes <= 1.05 * total
+    assert spec.host_link_bw > 1e9  # pinned PCIe / NVLink-C2C copies, not a host memcpy
+    assert spec.flops("bf16") > spec.flops("fp32") > 1e12
 
 
 def test_fit_latency_bandwidth_recovers_known_values():

@@ -20,14 +20,17 @@ def make_trainer(tmp_path, name="run", **changes):
     return Trainer(job_from_dict(spec))
 
 
-def test_resume_is_bit_identical(tmp_path):
-    full = make_trainer(tmp_path, "full")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resume_is_bit_identical(tmp_path, dtype):
+    """bf16: the checkpoint holds the fp32 masters; resuming rebuilds the bf16 copies."""
+    model = {"model": {"dtype": dtype}}
+    full = make_trainer(tmp_path, "full", **model)
     reference = full.run().losses
     assert len(reference) == 6
 
-    first = make_trainer(tmp_path, "split")
+    first = make_trainer(tmp_path, "split", **model)
     part1 = first.run(max_steps=4).losses   # checkpoint at 3, then one step past it: a "crash"
-    second = make_trainer(tmp_path, "split")
+    second = make_trainer(tmp_path, "split", **model)
     part2 = second.run(resume=True).losses  # resumes from step 3, redoes 4
     assert part1 == reference[:4]
     assert part2 == reference[3:], (part2, reference)

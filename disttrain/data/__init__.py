@@ -1,4 +1,5 @@
-"""Data: byte tokenizer, token sources, deterministic batches."""
+"""Data: byte tokenizer, token sources, deterministic batches; packed documents in
+`disttrain.data.documents` (reading, tokenizing, cache) and `disttrain.data.packing`."""
 
 from disttrain.data.sources import Batches, DataError, build_batches
 from disttrain.data.tokenizer import decode, encode

@@ -13,6 +13,8 @@ of activation differently without touching this file:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,12 +37,38 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions_S: torch.Tensor, head_dim: int, theta: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (S, D/2) for the given absolute positions."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_S.device,
-                                             dtype=torch.float32) / head_dim))
-    angles = positions_S.float()[:, None] * inv_freq[None, :]
+                 dtype: torch.dtype, *, inv_freq: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (S, D/2) for the given absolute positions (`inv_freq`: the D/2
+    frequencies when they are not theta's plain ones)."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions_S.device,
+                                                 dtype=torch.float32) / head_dim))
+    angles = positions_S.float()[:, None] * inv_freq.to(positions_S.device)[None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def llama3_inv_freq(shape: ModelShape) -> torch.Tensor:
+    """Llama 3.1's scaled RoPE frequencies (D/2, fp32): wavelengths longer than
+    original/low_freq_factor are stretched by `factor`, shorter than original/high_freq_factor
+    kept, and those between interpolated smoothly."""
+    d, original = shape.head_dim, shape.rope_original_max_seq_len
+    low, high, factor = shape.rope_low_freq_factor, shape.rope_high_freq_factor, \
+        shape.rope_scaling_factor
+    inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(shape: ModelShape, positions_S: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (S, D/2) of `shape`'s RoPE, with its frequency scaling."""
+    inv_freq = llama3_inv_freq(shape) if shape.rope_scaling == "llama3" else None
+    return rope_cos_sin(positions_S, shape.head_dim, shape.rope_theta, dtype, inv_freq=inv_freq)
 
 
 def apply_rope(x_BSND: torch.Tensor, cos_SD2: torch.Tensor, sin_SD2: torch.Tensor) -> torch.Tensor:
@@ -55,9 +83,9 @@ class Attention(nn.Module):
         super().__init__()
         h, d = shape.hidden_size, shape.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, d
-        self.q_proj = nn.Linear(h, shape.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, shape.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, shape.num_kv_heads * d, bias=False)
+        self.q_proj = nn.Linear(h, shape.num_heads * d, bias=shape.qkv_bias)
+        self.k_proj = nn.Linear(h, shape.num_kv_heads * d, bias=shape.qkv_bias)
+        self.v_proj = nn.Linear(h, shape.num_kv_heads * d, bias=shape.qkv_bias)
         self.o_proj = nn.Linear(shape.num_heads * d, h, bias=False)
 
 
@@ -122,19 +150,20 @@ class Llama(nn.Module):
         return self.embed.weight if self.head is None else self.head.weight
 
     def init_weights(self, seed: int) -> None:
-        """Deterministic init (normal std 0.02, residual projections scaled by depth)."""
+        """Deterministic init (normal std 0.02, residual projections scaled by depth; norm
+        weights 1, biases 0)."""
         gen = torch.Generator().manual_seed(seed)
         out_std = 0.02 / (2 * self.shape.num_layers) ** 0.5
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if p.dim() == 1:
-                    p.fill_(1.0)
+                if p.dim() == 1:  # norm weights 1, biases 0
+                    p.fill_(0.0 if name.endswith(".bias") else 1.0)
                     continue
                 std = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
 
     def rope(self, positions_S: torch.Tensor, dtype: torch.dtype):
-        return rope_cos_sin(positions_S, self.shape.head_dim, self.shape.rope_theta, dtype)
+        return rope_tables(self.shape, positions_S, dtype)
 
     def hidden_states(self, tokens_BS: torch.Tensor, positions_S: torch.Tensor | None = None):
         """Final-normed hidden states (B, S, H) for tokens at the given absolute positions."""

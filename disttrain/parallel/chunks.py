@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 
@@ -153,10 +152,12 @@ def plan_chunk_ids(chunks: list[ChunkLayout], first_ids: dict[int, int]) -> dict
     return out
 
 
-def decay_mask(chunk: ChunkLayout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """1.0 where weight decay applies, per element of the chunk's flat buffer (padding: 0)."""
-    mask = torch.zeros(chunk.numel, dtype=dtype)
+def decay_ranges(chunk: ChunkLayout, start: int, stop: int) -> list[tuple[int, int]]:
+    """Element ranges, relative to `start`, of the chunk's slice [start, stop) (one rank's
+    shard) where AdamW weight decay applies (the >= 2-D parameters; never the padding)."""
+    out = []
     for slot in chunk.slots:
-        if slot.decay:
-            mask[slot.offset:slot.offset + slot.numel] = 1.0
-    return mask
+        first, last = max(start, slot.offset), min(stop, slot.offset + slot.numel)
+        if slot.decay and first < last:
+            out.append((first - start, last - start))
+    return out

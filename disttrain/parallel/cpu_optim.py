@@ -16,21 +16,26 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 
 def adamw_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
-           exp_avg_sq: torch.Tensor, decay_mask: torch.Tensor, *, lr: float, step: int,
-           betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-    """One AdamW update of a flat shard in place (the same update as torch.optim.AdamW);
-    `step` counts from 1. Reads `grad` only, so the gradient norm may be taken concurrently."""
+           exp_avg_sq: torch.Tensor, decay_ranges: Sequence[tuple[int, int]], *, lr: float,
+           step: int, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """One AdamW update of a flat fp32 shard in place (the same update as torch.optim.AdamW);
+    `step` counts from 1; weight decay applies to the [start, stop) element ranges of
+    `decay_ranges` (the >= 2-D parameters). `grad` may be on another device than the shard
+    (a CPU chunk's gradient reduced on the accelerator): it is copied over first. Reads
+    `grad` only, so the gradient norm may be taken concurrently."""
     b1, b2 = betas
     bc1 = 1 - b1 ** step
     bc2_sqrt = math.sqrt(1 - b2 ** step)
+    grad = grad.to(master.device)
     if weight_decay:
-        master.mul_(1 - lr * weight_decay * decay_mask)
+        for start, stop in decay_ranges:
+            master[start:stop].mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - b1)
     exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
     denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)

@@ -19,8 +19,12 @@ Tied embeddings: the first stage owns `embed`, the last stage keeps its own copy
 (identically initialised) weight for the head; after the backward the two gradients are
 summed by an all-reduce over the pp group (middle stages contribute zeros), so both copies
 receive the full gradient and stay equal under the same optimizer. This needs the tied
-gradient to still be in `.grad` after the schedule: with gradient hooks that consume it
-during the backward (ZeRO's chunk reduction) `step` raises instead of training wrongly.
+gradient to still be in `.grad` after the schedule: ZeRO leaves it there (`deferred_grads`)
+and reduces it after the step; other hooks that consume it make `step` raise instead.
+
+With `loss_chunk_tokens` the last stage returns the final-normed hidden states and the loss
+runs the output head over token chunks (`disttrain.tiling.chunked_lm_loss`): no full
+(tokens x vocab) logits on the last stage, as the plan's `tiling.loss_chunk_tokens` says.
 
 Shape legend: B batch, S sequence (local shard under sequence parallelism), H hidden, V vocab.
 """
@@ -37,8 +41,10 @@ from torch import nn
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
                                           ScheduleInterleaved1F1B)
 
-from disttrain.model.llama import rope_cos_sin
+from disttrain.model.documents import documents_scope
+from disttrain.model.llama import rope_tables
 from disttrain.parallel.dims import ParallelGroups
+from disttrain.tiling import chunked_lm_loss
 from planner.plan import ParallelPlan
 
 SCHEDULE_VIRTUAL_STAGES = {"1f1b": 1, "interleaved-1f1b": 2}
@@ -123,7 +129,8 @@ class StageModule(nn.Module):
     """The part of a `Llama` one pipeline stage runs, with the model's parameter names.
 
     First stage: tokens_BS -> embedding -> its layers -> x_BSH.  Middle: x_BSH -> layers.
-    Last: x_BSH -> layers -> final norm -> head -> logits_BSV (the loss is the schedule's).
+    Last: x_BSH -> layers -> final norm -> head -> logits_BSV (the loss is the schedule's);
+    with `loss_chunk_tokens` it stops at the final norm (the loss applies the head in tiles).
     Submodules are shared with the model, not copied, and named as in the model.
     """
 
@@ -137,22 +144,42 @@ class StageModule(nn.Module):
         self.layers = LayerRange({i: model.layers[i] for i in range(start, end)})
         self.norm = model.norm if self.is_last else None
         self.head = model.head if self.is_last else None
+        self.tensor_parallel = getattr(model, "tensor_parallel", None)
+        """Under tensor parallelism the last stage returns the normed hidden shard and the
+        loss function applies the vocabulary-parallel head."""
         self.positions_S: torch.Tensor | None = None
         """Absolute positions of this rank's tokens; set by the runner before each step."""
+        self.documents: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        """Packed documents: (positions_S, doc_ids) of each microbatch of the step, in order;
+        set by the runner (a stage runs its microbatches' forwards in microbatch order)."""
+        self._next_microbatch = 0
+        self.loss_chunk_tokens = 0
+        """> 0: the last stage returns hidden states; the loss tiles the head (the runner)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.positions_S is None:
+        positions, doc_ids = self.positions_S, None
+        if self.documents is not None:
+            index = self._next_microbatch
+            if x.device.type != "meta":  # the schedule's shape inference is not a microbatch
+                self._next_microbatch += 1
+            positions, doc_ids = self.documents[min(index, len(self.documents) - 1)]
+        if positions is None:
             raise RuntimeError("StageModule: positions_S must be set before the forward")
         if self.is_first:
             x = self.embed(x)
-        cos, sin = rope_cos_sin(self.positions_S.to(x.device), self.shape.head_dim,
-                                self.shape.rope_theta, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        cos, sin = rope_tables(self.shape, positions.to(x.device), x.dtype)
+        with documents_scope(doc_ids):
+            for layer in self.layers:
+                x = layer(x, cos, sin)
         if not self.is_last:
             return x
-        weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(self.norm(x), weight)
+        if self.tensor_parallel is not None or self.loss_chunk_tokens:
+            return self.norm(x)
+        return F.linear(self.norm(x), self.output_weight)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
 
 
 def build_stage_module(model: nn.Module, stage_index: int,
@@ -239,7 +266,7 @@ class PipelineRunner:
     """
 
     def __init__(self, model: nn.Module, groups: ParallelGroups, config: PipelineConfig, *,
-                 loss_fn: LossFn = lm_microbatch_loss):
+                 loss_fn: LossFn = lm_microbatch_loss, loss_chunk_tokens: int = 0):
         pp = groups.dims.pp
         if pp < 2 or groups.pp is None:
             raise ValueError(f"parallel.pp: a pipeline needs pp >= 2, got {pp}")
@@ -264,9 +291,27 @@ class PipelineRunner:
                                       counter=self._counter)
                        for m, i in zip(self.stage_modules, indices)]
         num_micro = config.num_microbatches
+        last = next((m for m in self.stage_modules if m.is_last), None)
+        if loss_chunk_tokens > 0 and last is not None and last.tensor_parallel is None:
+            # (under tp the given loss_fn tiles the vocabulary-parallel head itself)
+            last.loss_chunk_tokens = loss_chunk_tokens
+
+            def loss_fn(hidden_BSH: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+                return chunked_lm_loss(hidden_BSH, last.output_weight, targets_BS,
+                                       loss_chunk_tokens)
 
         def scaled_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            if self.loss_scale is not None:  # packed documents: summed, valid-token scaled
+                if loss_chunk_tokens > 0 and last is not None:
+                    return chunked_lm_loss(output, last.output_weight, target,
+                                           loss_chunk_tokens, reduction="sum") * self.loss_scale
+                return F.cross_entropy(output.float().flatten(0, 1), target.flatten(),
+                                       reduction="sum") * self.loss_scale
             return loss_fn(output, target) / num_micro
+
+        self.loss_scale: float | None = None
+        """Set per step with packed documents: each microbatch's loss is its summed token
+        losses times this (the engine's valid-token normalisation)."""
 
         if config.schedule == "1f1b":
             self.schedule = Schedule1F1B(pipe_stages[0], num_micro, loss_fn=scaled_loss,
@@ -278,11 +323,25 @@ class PipelineRunner:
         self.has_last = any(m.is_last for m in self.stage_modules)
 
     def step(self, tokens_BS: torch.Tensor | None, targets_BS: torch.Tensor | None,
-             positions_S: torch.Tensor | None = None) -> float:
+             positions_S: torch.Tensor | None = None, *,
+             documents: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+             loss_scale: float | None = None) -> float:
         """Forward and backward of one step; returns the step loss (mean of the microbatch
         losses) on every rank of the pipeline. The first stage needs `tokens_BS`, the last
         `targets_BS` (others may pass None); every stage needs the same sequence length and,
-        under sequence parallelism, this rank's absolute `positions_S`."""
+        under sequence parallelism, this rank's absolute `positions_S`.
+
+        Packed documents: `documents` gives each microbatch's (positions_S, doc_ids) and
+        `loss_scale` replaces the mean: the step loss is the sum over microbatches of
+        (summed token losses x loss_scale), IGNORE targets skipped."""
+        if documents is not None:
+            if len(documents) != self.config.num_microbatches:
+                raise ValueError(f"documents: need one entry per microbatch "
+                                 f"({self.config.num_microbatches}), got {len(documents)}")
+            positions_S = documents[0][0]
+        for module in self.stage_modules:
+            module.documents, module._next_microbatch = documents, 0
+        self.loss_scale = loss_scale
         needed = {"tokens_BS": (self.has_first, tokens_BS),
                   "targets_BS": (self.has_last, targets_BS)}
         for name, (required, value) in needed.items():

@@ -21,6 +21,13 @@ exactly its share, so dq accumulates locally while dK/dV accumulators (fp32) tra
 behind K/V and land on the owning rank after one more hop.
 
 `saved` = (out_BNsD, lse_BNs) of the local tokens, as for the local core.
+
+Packed documents (`documents_scope`): every (query chunk, key chunk) pair of a step is cut by
+`piece_blocks`: on the diagonal one causal call per document; across chunks at most one
+unmasked call (the document spanning from the key chunk into the query chunk), pairs of
+different documents are skipped. A query row untouched by a step merges a -inf lse (no
+change); every row sees at least itself, so the final lse is finite and the merge exact.
+`saved` then also holds the document ids.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.model.attention import flash_attention_backward, flash_attention_forward
+from disttrain.model.documents import current_documents, document_bounds, piece_blocks
 from disttrain.parallel.sp_core import SequenceParallelCore, nbytes
 
 _KV_TAG, _DKV_TAG = 11, 12
@@ -63,6 +71,26 @@ class RingCore(SequenceParallelCore):
         self._count("p2p", nbytes(send))
         return recv, dist.batch_isend_irecv(ops)
 
+    def _blocks(self, src: int, chunk: int, bounds: list[list[int]] | None
+                ) -> list[tuple[slice, slice, slice, bool]]:
+        """(batch rows, local query rows, source K/V rows, causal) computed against `src`'s
+        K/V: one block without documents, the document-masked pieces with them."""
+        if bounds is None:
+            rows, cols, causal = zigzag_block(self.sp_rank, src, chunk)
+            return [(slice(None), rows, cols, causal)]
+        mine, theirs = zigzag_chunks(self.sp_rank, self.sp), zigzag_chunks(src, self.sp)
+        blocks = []
+        for b, row_bounds in enumerate(bounds):
+            for qi, qc in enumerate(mine):
+                for ki, kc in enumerate(theirs):
+                    for blk in piece_blocks(row_bounds, qc * chunk, (qc + 1) * chunk,
+                                            kc * chunk, (kc + 1) * chunk):
+                        blocks.append((slice(b, b + 1),
+                                       slice(qi * chunk + blk.q.start, qi * chunk + blk.q.stop),
+                                       slice(ki * chunk + blk.k.start, ki * chunk + blk.k.stop),
+                                       blk.causal))
+        return blocks
+
     def _chunk(self, k_BKsD: torch.Tensor) -> int:
         s = k_BKsD.shape[2]
         if s % 2:
@@ -77,31 +105,37 @@ class RingCore(SequenceParallelCore):
         """Output (B, N, s, D) of this rank's tokens and saved = (out_BNsD, lse_BNs)."""
         chunk = self._chunk(k_BKsD)
         kv = torch.stack([k_BKsD, v_BKsD]).contiguous()
+        docs = current_documents()
+        bounds = None if docs is None else [document_bounds(row) for row in docs]
         out_f = lse = None
+        if bounds is not None:  # rows a step does not reach merge nothing
+            out_f = q_BNsD.new_zeros(q_BNsD.shape, dtype=torch.float32)
+            lse = torch.full(q_BNsD.shape[:3], float("-inf"), device=q_BNsD.device)
         for step in range(self.sp):
             src = (self.sp_rank - step) % self.sp
             if step < self.sp - 1:
                 kv_next, reqs = self._ring_exchange(kv, _KV_TAG)
-            rows, cols, causal = zigzag_block(self.sp_rank, src, chunk)
-            o_blk, l_blk = flash_attention_forward(q_BNsD[:, :, rows], kv[0][:, :, cols],
-                                                   kv[1][:, :, cols], causal=causal)
-            if out_f is None:  # step 0 covers every query row
-                out_f, lse = o_blk.float(), l_blk
-            else:
-                out_f, lse = _merge(out_f, lse, o_blk, l_blk, rows)
+            for b, rows, cols, causal in self._blocks(src, chunk, bounds):
+                o_blk, l_blk = flash_attention_forward(q_BNsD[b, :, rows], kv[0][b, :, cols],
+                                                       kv[1][b, :, cols], causal=causal)
+                if out_f is None:  # step 0 covers every query row
+                    out_f, lse = o_blk.float(), l_blk
+                else:
+                    out_f, lse = _merge(out_f, lse, o_blk, l_blk, b, rows)
             if step < self.sp - 1:
                 for req in reqs:
                     req.wait()
                 kv = kv_next
         out = out_f.to(q_BNsD.dtype)
-        return out, (out, lse)
+        return out, (out, lse) + ((docs,) if docs is not None else ())
 
     @torch.no_grad()
     def backward(self, dout_BNsD: torch.Tensor, q_BNsD: torch.Tensor, k_BKsD: torch.Tensor,
                  v_BKsD: torch.Tensor, saved: tuple[torch.Tensor, ...]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dq, dk, dv) of this rank's tokens."""
-        out, lse = saved
+        out, lse, *docs = saved
+        bounds = [document_bounds(row) for row in docs[0]] if docs else None
         chunk = self._chunk(k_BKsD)
         dout = dout_BNsD.to(q_BNsD.dtype)
         kv = torch.stack([k_BKsD, v_BKsD]).contiguous()
@@ -112,18 +146,21 @@ class RingCore(SequenceParallelCore):
             src = (self.sp_rank - step) % self.sp
             if step < self.sp - 1:
                 kv_next, kv_reqs = self._ring_exchange(kv, _KV_TAG)
-            rows, cols, causal = zigzag_block(self.sp_rank, src, chunk)
-            dq_blk, dk_blk, dv_blk = flash_attention_backward(
-                dout[:, :, rows], q_BNsD[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols],
-                out[:, :, rows], lse[:, :, rows].contiguous(), causal=causal)
-            dq[:, :, rows] += dq_blk
+            blocks = []
+            for b, rows, cols, causal in self._blocks(src, chunk, bounds):
+                dq_blk, dk_blk, dv_blk = flash_attention_backward(
+                    dout[b, :, rows], q_BNsD[b, :, rows], kv[0][b, :, cols], kv[1][b, :, cols],
+                    out[b, :, rows], lse[b, :, rows].contiguous(), causal=causal)
+                dq[b, :, rows] += dq_blk
+                blocks.append((b, cols, dk_blk, dv_blk))
             # the accumulator of src's dK/dV arrives from the previous rank (none at step 0)
             for req in dkv_reqs:
                 req.wait()
             dkv = (k_BKsD.new_zeros((2,) + tuple(k_BKsD.shape), dtype=torch.float32)
                    if dkv_recv is None else dkv_recv)
-            dkv[0][:, :, cols] += dk_blk
-            dkv[1][:, :, cols] += dv_blk
+            for b, cols, dk_blk, dv_blk in blocks:
+                dkv[0][b, :, cols] += dk_blk
+                dkv[1][b, :, cols] += dv_blk
             # pass it on; after the last step this is the hop home to its owner
             dkv_recv, dkv_reqs = self._ring_exchange(dkv, _DKV_TAG)
             if step < self.sp - 1:
@@ -136,12 +173,13 @@ class RingCore(SequenceParallelCore):
 
 
 def _merge(out_f: torch.Tensor, lse: torch.Tensor, o_blk: torch.Tensor, l_blk: torch.Tensor,
-           rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge a block's (output, lse) for query rows `rows` into the running fp32 pair."""
-    l_old = lse[:, :, rows]
+           batch: slice, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a block's (output, lse) for batch rows `batch`, query rows `rows` into the
+    running fp32 pair."""
+    l_old = lse[batch, :, rows]
     l_new = torch.logaddexp(l_old, l_blk)
-    merged = (out_f[:, :, rows] * torch.exp(l_old - l_new).unsqueeze(-1)
+    merged = (out_f[batch, :, rows] * torch.exp(l_old - l_new).unsqueeze(-1)
               + o_blk.float() * torch.exp(l_blk - l_new).unsqueeze(-1))
-    out_f[:, :, rows] = merged  # both are this core's own buffers: update in place
-    lse[:, :, rows] = l_new
+    out_f[batch, :, rows] = merged  # both are this core's own buffers: update in place
+    lse[batch, :, rows] = l_new
     return out_f, lse

@@ -93,9 +93,9 @@ def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None,
     _check_kind(kind)
     if group is None or dist.get_world_size(group) == 1:
         return None
-    shape = model.shape
-    core = build_sequence_core(group, kind, num_heads=shape.num_heads,
-                               num_kv_heads=shape.num_kv_heads)
+    attn = model.layers[0].attn  # this rank's heads (fewer under tensor parallelism)
+    core = build_sequence_core(group, kind, num_heads=attn.num_heads,
+                               num_kv_heads=attn.num_kv_heads)
     for layer in model.layers:
         layer.core = core
     return core

@@ -1,7 +1,9 @@
-"""Run a function on N local gloo ranks (tests and benchmarks): one helper, a free port each time.
+"""Run a function on N local ranks (tests and benchmarks): one helper, a free port each time.
 
 `fn(rank, world_size, *args)` must be importable (module level); each rank's return value is
 pickled back to the caller. A rank that raises makes `spawn_ranks` raise with its traceback.
+Ranks are gloo/CPU by default; `device_kind="cuda"` gives rank r `cuda:r` (set before the
+process group) and nccl, through `disttrain.device` (GPU tests only).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
+from disttrain.device import Device, cuda_device_count
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -28,10 +32,12 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, threads: int,
-            fn: Callable, args: tuple) -> None:
+            device_kind: str, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    device = Device(device_kind, rank if device_kind == "cuda" else 0)
+    device.set_current()
+    dist.init_process_group(device.backend, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=120))
     path = Path(out_dir) / f"rank{rank}.pt"
     try:
@@ -53,12 +59,18 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, threads: int,
         os._exit(0)
 
 
-def spawn_ranks(fn: Callable, world_size: int, *args: Any, threads: int = 1) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` on `world_size` spawned gloo ranks; return results."""
+def spawn_ranks(fn: Callable, world_size: int, *args: Any, threads: int = 1,
+                device_kind: str = "cpu") -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned ranks (gloo on CPU, or nccl
+    with rank r on `cuda:r` for `device_kind="cuda"`); return their results."""
+    if device_kind == "cuda" and cuda_device_count() < world_size:
+        raise RuntimeError(f"spawn_ranks: {world_size} CUDA ranks need {world_size} GPUs, "
+                           f"{cuda_device_count()} visible")
     with tempfile.TemporaryDirectory() as out_dir:
         crash = None
         try:
-            mp.start_processes(_worker, args=(world_size, free_port(), out_dir, threads, fn, args),
+            mp.start_processes(_worker, args=(world_size, free_port(), out_dir, threads,
+                                              device_kind, fn, args),
                                nprocs=world_size, join=True, start_method="spawn")
         except ProcessException as exc:  # a rank died; report what every rank said
             crash = exc

@@ -12,9 +12,12 @@ gets the one head its query heads share, and the replicas' gradients are summed 
 
 `saved` = (out_BNsD, lse_BnS): the output in the *sequence* layout (the same tensor
 `forward` returns, so a runtime that keeps the attention output holds it once) and the
-log-sum-exp in the *head* layout the kernel produced. The backward therefore moves dout,
-q, k, v and out to the head layout in one all-to-all (q, k, v are recomputed token-wise by
-the runtime, never kept head-sharded) and dq, dk, dv back in a second one.
+log-sum-exp in the *head* layout the kernel produced (+ the document ids of the whole
+sequence under `documents_scope`: after the all-to-all a rank holds every token of its heads,
+so document masking is the local core's, one causal kernel call per document). The
+backward therefore moves dout, q, k, v and out to the head layout in one all-to-all (q, k, v
+are recomputed token-wise by the runtime, never kept head-sharded) and dq, dk, dv back in a
+second one.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from disttrain.model.attention import flash_attention_backward, flash_attention_forward
+from disttrain.model.attention import (document_attention_backward,
+                                       document_attention_forward, flash_attention_backward,
+                                       flash_attention_forward)
+from disttrain.model.documents import current_documents
 from disttrain.parallel.sp_core import SequenceParallelCore, nbytes
 
 
@@ -114,21 +120,29 @@ class UlyssesCore(SequenceParallelCore):
         self._check(q_BNsD, k_BKsD)
         q_BnSD, k_BkSD, v_BkSD = self._seq_to_head(
             [q_BNsD, self._expand_kv(k_BKsD), self._expand_kv(v_BKsD)])
-        out_BnSD, lse_BnS = flash_attention_forward(q_BnSD, k_BkSD, v_BkSD, causal=True)
+        docs = current_documents()
+        if docs is None:
+            out_BnSD, lse_BnS = flash_attention_forward(q_BnSD, k_BkSD, v_BkSD, causal=True)
+        else:
+            out_BnSD, lse_BnS = document_attention_forward(q_BnSD, k_BkSD, v_BkSD, docs)
         (out_BNsD,) = self._head_to_seq([out_BnSD])
-        return out_BNsD, (out_BNsD, lse_BnS)
+        return out_BNsD, (out_BNsD, lse_BnS) + ((docs,) if docs is not None else ())
 
     @torch.no_grad()
     def backward(self, dout_BNsD: torch.Tensor, q_BNsD: torch.Tensor, k_BKsD: torch.Tensor,
                  v_BKsD: torch.Tensor, saved: tuple[torch.Tensor, ...]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dq, dk, dv) of this rank's tokens; kv-replica gradients summed back."""
-        out_BNsD, lse_BnS = saved
+        out_BNsD, lse_BnS, *docs = saved
         dout_BnSD, q_BnSD, k_BkSD, v_BkSD, out_BnSD = self._seq_to_head(
             [dout_BNsD.to(q_BNsD.dtype), q_BNsD, self._expand_kv(k_BKsD),
              self._expand_kv(v_BKsD), out_BNsD])
-        dq, dk, dv = flash_attention_backward(dout_BnSD, q_BnSD, k_BkSD, v_BkSD, out_BnSD,
-                                              lse_BnS, causal=True)
+        if docs:
+            dq, dk, dv = document_attention_backward(dout_BnSD, q_BnSD, k_BkSD, v_BkSD,
+                                                     out_BnSD, lse_BnS, docs[0])
+        else:
+            dq, dk, dv = flash_attention_backward(dout_BnSD, q_BnSD, k_BkSD, v_BkSD, out_BnSD,
+                                                  lse_BnS, causal=True)
         dq_BNsD, dk_BKsD, dv_BKsD = self._head_to_seq([dq, dk, dv])
         return dq_BNsD, self._reduce_kv(dk_BKsD), self._reduce_kv(dv_BKsD)
 

@@ -1,85 +1,40 @@
 """Chunked, sharded model states: ZeRO stages 0-3 over the dp x sp group, with CPU chunks.
 
-Each chunk (see chunks.py) keeps an fp32 master shard, its AdamW moments and a gradient shard
-on every rank of the sharding group; the parameters of the model are views into the chunk's
-full flat buffer. Stage 3 gathers a chunk before the first unit that uses it runs (forward and
+Each chunk (see chunks.py) keeps, on every rank of the sharding group, an fp32 master shard,
+its fp32 AdamW moments and an fp32 gradient shard; the model's parameters are views into the
+chunk's full flat buffer in the compute dtype (`ZeroConfig.compute_dtype`: fp32, or bf16 for
+mixed precision). Stage 3 gathers a chunk before the first unit that uses it runs (forward and
 backward, with the next unit's chunks prefetched asynchronously) and frees it after; gradients
 are reduce-scattered as soon as a whole chunk's gradients exist. Stages 0-2 keep the full
 parameters and differ in what is sharded (nothing; optimizer; optimizer and gradients).
+
+Mixed precision (FSDP2 MixedPrecisionPolicy / DeepSpeed bf16; docs/design.md, "Model states
+and mixed precision"): compute-dtype gradients are reduced in `reduce_dtype` and accumulated
+in fp32; AdamW updates the fp32 master, then its value is cast into the compute parameters
+(stages 0-2: the full buffer, re-gathered; stage 3: the compute shard gathers read).
 Chunks listed as CPU chunks keep master, moments and gradient shard in host memory; on a CPU
 machine that is the same memory, so the placement is tracked and reported as bytes by place.
 Told the step's learning rate before its backward (`begin_step`), a CPU chunk's AdamW update
 runs on a worker thread (cpu_optim.py) as soon as its gradient shard is final, overlapped with
 the rest of the backward; `step` then updates the other chunks and waits for those.
+On CUDA the collectives run on a side stream (shards.py) overlapping the compute.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from disttrain.parallel.chunks import ChunkLayout, decay_mask, execution_units, pack_chunks
+from disttrain.parallel.chunks import execution_units, pack_chunks
 from disttrain.parallel.cpu_optim import EarlyCpuUpdates, adamw_
+from disttrain.parallel.shards import FP32, ChunkShards as _Chunk, SideStream as _SideStream
+from disttrain.parallel.shards import ZeroConfig
 
-
-@dataclass(frozen=True, kw_only=True)
-class ZeroConfig:
-    stage: int = 3
-    """ZeRO stage 0-3."""
-    chunk_numel: int = 0
-    """Elements per chunk (0: one chunk per execution unit)."""
-    cpu_chunks: tuple[int, ...] = ()
-    """Indices (into this rank's `pack_chunks`) of the chunks whose master shard, gradient
-    shard and optimizer state live in host memory; the engine maps the plan's ids here."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas (same as the single-process trainer)."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay on >= 2-D parameters."""
-    overlap_cpu_optimizer: bool = True
-    """Update CPU chunks on a worker thread during the backward once their gradients are final
-    (needs `begin_step`; never with gradient clipping). Off: every chunk updates in `step`."""
-
-    def __post_init__(self) -> None:
-        if self.stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage: must be 0-3, got {self.stage}")
-
-
-class _Chunk:
-    def __init__(self, layout: ChunkLayout, shard_size: int, rank: int, on_cpu: bool,
-                 stage: int):
-        self.layout = layout
-        self.on_cpu = on_cpu
-        n = layout.numel // shard_size
-        self.full = torch.zeros(layout.numel)
-        for slot in layout.slots:
-            self.full[slot.offset:slot.offset + slot.numel].copy_(slot.param.detach().flatten())
-            slot.param.data = self.full[slot.offset:slot.offset + slot.numel].view_as(slot.param)
-        mine = slice(rank * n, (rank + 1) * n)
-        # Stages 0-2 keep the full parameters: the master shard is this rank's slice of them.
-        # Stage 3 frees the full buffer between uses, so its master is a copy.
-        self.master = self.full[mine].clone() if stage == 3 else self.full[mine]
-        # Stages 0-1 accumulate full gradients during the backward and reduce once per step;
-        # this rank's gradient shard is then its slice. Stages 2-3 keep only the shard.
-        self.full_grad = torch.zeros(layout.numel) if stage <= 1 else None
-        self.grad = self.full_grad[mine] if stage <= 1 else torch.zeros(n)
-        self.exp_avg = torch.zeros(n)
-        self.exp_avg_sq = torch.zeros(n)
-        self.mask = decay_mask(layout)[mine]
-        self.pending = len(layout.slots)
-        self.backwards_owed = 0  # forwards (microbatches) that used it, gradients not reduced
-        self.gathered = True
-        self.work = None
-
-    @property
-    def full_bytes(self) -> int:
-        return self.layout.numel * 4
+__all__ = ["ZeroConfig", "ZeroModelStates"]
 
 
 class ZeroModelStates:
@@ -99,7 +54,8 @@ class ZeroModelStates:
             raise ValueError(f"model_states.cpu_chunks: chunk {bad[0]} does not exist "
                              f"(the model packs into {len(layouts)} chunks)")
         self.chunks = [_Chunk(layout, shard_size, shard_rank, layout.index in config.cpu_chunks,
-                              config.stage) for layout in layouts]
+                              config.stage, config.compute_dtype) for layout in layouts]
+        self._side = _SideStream(self.chunks[0].full.device)
         self._chunk_of = {id(s.param): c for c in self.chunks for s in c.layout.slots}
         self.units = execution_units(model)
         self.unit_chunks = [[c for c in self.chunks if u in c.layout.units]
@@ -123,26 +79,34 @@ class ZeroModelStates:
         return self.config.stage < 3
 
     def _gather(self, chunk: _Chunk, async_op: bool = False) -> None:
+        """Fill the chunk's full compute-dtype buffer from the shards: stage 3 from the
+        persistent compute shard, stages 0-2 (after an update) from the fp32 master, cast."""
         if chunk.gathered or chunk.work is not None:
             return
-        chunk.full.untyped_storage().resize_(chunk.full_bytes)
-        if chunk.master.numel() == chunk.full.numel():  # unsharded: a copy (or the same tensor)
-            if chunk.master is not chunk.full:
-                chunk.full.copy_(chunk.master)
-        else:
-            chunk.work = dist.all_gather_single(chunk.full, chunk.master, group=self.group,
-                                                async_op=True)
-            self.comm_bytes["all_gather"] += chunk.master.numel() * 4 * (self.world - 1)
+        chunk.full.untyped_storage().resize_(chunk.full_bytes)  # on the compute stream
+        source = chunk.shard if chunk.shard is not None else chunk.master
+        with self._side.after_compute():
+            source = source.to(chunk.full.device, chunk.full.dtype)  # no copy when it is
+            if source.numel() == chunk.full.numel():  # unsharded: a copy (or the same tensor)
+                if source.data_ptr() != chunk.full.data_ptr():
+                    chunk.full.copy_(source)
+            else:
+                chunk.work = (dist.all_gather_single(chunk.full, source, group=self.group,
+                                                     async_op=True), source)
+                self.comm_bytes["all_gather"] += (source.numel() * source.element_size()
+                                                  * (self.world - 1))
+            chunk.event = self._side.event()
         chunk.gathered = True
         if not async_op:
             self._wait(chunk)
         self._track_peak()
 
-    @staticmethod
-    def _wait(chunk: _Chunk) -> None:
+    def _wait(self, chunk: _Chunk) -> None:
         if chunk.work is not None:
-            chunk.work.wait()
-            chunk.work = None
+            chunk.work[0].wait()
+            chunk.work = None  # the gather's source (a cast copy) may go now
+        self._side.wait(chunk.event)
+        chunk.event = None
 
     def _release(self, chunk: _Chunk) -> None:
         if self._keeps_full or not chunk.gathered:
@@ -165,6 +129,8 @@ class ZeroModelStates:
             self._wait(chunk)
             if not backward and unit == min(chunk.layout.units) and torch.is_grad_enabled():
                 chunk.backwards_owed += 1  # once per forward, at the chunk's first unit
+        if not self.config.prefetch and prefetch is not None:
+            prefetch = -1  # gather each unit's chunks only when it runs
         if prefetch is not None and 0 <= prefetch < len(self.units) and not (
                 backward and isinstance(self.units[prefetch], nn.Embedding)):
             for chunk in self.unit_chunks[prefetch]:
@@ -205,21 +171,25 @@ class ZeroModelStates:
     def _reduce_chunk(self, chunk: _Chunk) -> None:
         """A chunk's gradients of this microbatch are complete: stages 0-1 add them to the
         full local gradient; stages 2-3 reduce-scatter them into the shard now."""
-        if chunk.full_grad is not None:
+        if chunk.full_grad is not None:  # fp32 accumulation of compute-dtype gradients
             for slot in chunk.layout.slots:
                 chunk.full_grad[slot.offset:slot.offset + slot.numel] += slot.param.grad.flatten()
                 slot.param.grad = None
         else:
-            flat = torch.zeros(chunk.layout.numel)
-            for slot in chunk.layout.slots:
-                flat[slot.offset:slot.offset + slot.numel].copy_(slot.param.grad.flatten())
-                slot.param.grad = None
-            if self.group is not None:
-                part = torch.empty(chunk.grad.numel())
-                dist.reduce_scatter_single(part, flat, group=self.group)
-                self.comm_bytes["reduce_scatter"] += part.numel() * 4 * (self.world - 1)
-                flat = part.div_(self.world)
-            chunk.grad += flat
+            with self._side.after_compute():
+                flat = torch.zeros(chunk.layout.numel, dtype=self.config.reduce_dtype,
+                                   device=chunk.full.device)
+                for slot in chunk.layout.slots:
+                    flat[slot.offset:slot.offset + slot.numel].copy_(slot.param.grad.flatten())
+                    self._side.keep(slot.param.grad)
+                    slot.param.grad = None
+                if self.group is not None:
+                    part = torch.empty(chunk.grad.numel(), dtype=flat.dtype, device=flat.device)
+                    dist.reduce_scatter_single(part, flat, group=self.group)
+                    self.comm_bytes["reduce_scatter"] += (part.numel() * part.element_size()
+                                                          * (self.world - 1))
+                    flat = part.to(FP32).div_(self.world)
+                chunk.grad += flat.to(chunk.grad.device, FP32)
         chunk.pending = len(chunk.layout.slots)
         chunk.backwards_owed = max(0, chunk.backwards_owed - 1)
         self._release(chunk)
@@ -240,19 +210,27 @@ class ZeroModelStates:
                         slot.param.grad = torch.zeros_like(slot.param)
                 self._reduce_chunk(chunk)
             chunk.backwards_owed = 0  # every backward of the step has run
+        reduce_dtype = self.config.reduce_dtype
         for chunk in self.chunks:
             if self.group is not None and self.config.stage == 0:
-                dist.all_reduce(chunk.full_grad, group=self.group)
-                self.comm_bytes["all_reduce"] += (2 * chunk.full_bytes * (self.world - 1)
-                                                  // self.world)
+                sent = chunk.full_grad.to(reduce_dtype)  # the same tensor in fp32
+                dist.all_reduce(sent, group=self.group)
+                self.comm_bytes["all_reduce"] += (2 * sent.numel() * sent.element_size()
+                                                  * (self.world - 1) // self.world)
+                if sent is not chunk.full_grad:
+                    chunk.full_grad.copy_(sent)
                 chunk.grad.div_(self.world)
             elif self.group is not None and self.config.stage == 1:
-                part = torch.empty(chunk.grad.numel())
-                dist.reduce_scatter_single(part, chunk.full_grad, group=self.group)
-                self.comm_bytes["reduce_scatter"] += part.numel() * 4 * (self.world - 1)
+                part = torch.empty(chunk.grad.numel(), dtype=reduce_dtype,
+                                   device=chunk.full_grad.device)
+                dist.reduce_scatter_single(part, chunk.full_grad.to(reduce_dtype),
+                                           group=self.group)
+                self.comm_bytes["reduce_scatter"] += (part.numel() * part.element_size()
+                                                      * (self.world - 1))
                 chunk.grad.copy_(part)
                 chunk.grad.div_(self.world)
             self._grad_final(chunk)
+        self._side.join()  # the gradient shards are read next (norm, update)
 
     def _grad_final(self, chunk: _Chunk) -> None:
         """`chunk`'s gradient shard will not change before the step: a CPU chunk of an
@@ -276,9 +254,9 @@ class ZeroModelStates:
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global L2 norm of the gradient (as torch.nn.utils.clip_grad_norm_), then clip.
         Only reads the shards, so CPU chunks may be updating meanwhile (they read them too)."""
-        sumsq = torch.zeros(1, dtype=torch.float64)
-        for chunk in self.chunks:
-            sumsq += chunk.grad.double().pow(2).sum()
+        sumsq = torch.zeros(1, dtype=torch.float64, device=self.chunks[0].full.device)
+        for chunk in self.chunks:  # a CPU chunk's shard may live off the compute device
+            sumsq += chunk.grad.double().pow(2).sum().to(sumsq.device)
         if self.group is not None and self.config.stage > 0:
             dist.all_reduce(sumsq, group=self.group)
         if self.extra_norm_group is not None:
@@ -315,9 +293,13 @@ class ZeroModelStates:
                 self._gather(chunk)
 
     def _update(self, chunk: _Chunk, lr: float, step: int) -> None:
-        adamw_(chunk.master, chunk.grad, chunk.exp_avg, chunk.exp_avg_sq, chunk.mask, lr=lr,
+        """AdamW on the fp32 master shard; stage 3 then refreshes its compute-dtype shard
+        (stages 0-2 refresh the full parameters in `step`)."""
+        adamw_(chunk.master, chunk.grad, chunk.exp_avg, chunk.exp_avg_sq, chunk.decay, lr=lr,
                step=step, betas=self.config.betas, eps=self.config.eps,
                weight_decay=self.config.weight_decay)
+        if chunk.shard is not None and chunk.shard is not chunk.master:
+            chunk.shard.copy_(chunk.master)
 
     def optimizer_stats(self) -> dict:
         """The last step's optimizer seconds, overlapped and exposed (`EarlyCpuUpdates.finish`)."""
@@ -329,27 +311,39 @@ class ZeroModelStates:
         self.peak_gathered_bytes = max(self.peak_gathered_bytes, gathered)
 
     def bytes_by_place(self) -> dict[str, dict[str, int]]:
-        """Resident model-state bytes of this rank: {'device'|'cpu': {category: bytes}}."""
+        """Resident model-state bytes of this rank: {'device'|'cpu': {category: bytes}}.
+        `parameters`: the compute parameters (stage 3: its compute shard + the chunks
+        gathered now); `optimizer`: the moments and, when it is a separate copy in a bf16
+        run, the fp32 master; `gradients`: the fp32 gradient buffers."""
         out = {place: {"parameters": 0, "gradients": 0, "optimizer": 0}
                for place in ("device", "cpu")}
+        mixed = self.config.compute_dtype != FP32
+
+        def nbytes(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
         for chunk in self.chunks:
             place = "cpu" if chunk.on_cpu else "device"
-            out[place]["optimizer"] += 2 * chunk.exp_avg.numel() * 4
-            if self.config.stage == 3:  # master shard + gathered full buffers (transient)
-                out[place]["parameters"] += chunk.master.numel() * 4
+            out[place]["optimizer"] += nbytes(chunk.exp_avg) + nbytes(chunk.exp_avg_sq)
+            grads = chunk.full_grad if chunk.full_grad is not None else chunk.grad
+            out["device" if chunk.full_grad is not None else place]["gradients"] += nbytes(grads)
+            if chunk.shard is not None:  # stage 3: compute shard + gathered full buffer
                 out["device"]["parameters"] += chunk.full_bytes if chunk.gathered else 0
-                out[place]["gradients"] += chunk.grad.numel() * 4
-            else:  # the full parameters (the master is a slice of them)
-                out[place]["parameters"] += chunk.full_bytes
-                grads = chunk.full_grad if chunk.full_grad is not None else chunk.grad
-                out[place]["gradients"] += grads.numel() * 4
+                if chunk.shard is not chunk.master:
+                    out["device"]["parameters"] += nbytes(chunk.shard)
+            else:
+                out["device"]["parameters"] += chunk.full_bytes
+            shares_full = (chunk.master.untyped_storage().data_ptr()
+                           == chunk.full.untyped_storage().data_ptr())
+            if not shares_full or not self._keeps_full:
+                out[place]["optimizer" if mixed else "parameters"] += nbytes(chunk.master)
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Gather every parameter's master value (collective: all ranks of the group call it)."""
         out = {}
         for chunk in self.chunks:
-            full = torch.empty(chunk.layout.numel)
+            full = torch.empty(chunk.layout.numel, device=chunk.master.device)
             if chunk.master.numel() == full.numel():
                 full.copy_(chunk.master)
             else:
@@ -382,6 +376,8 @@ class ZeroModelStates:
             if key != "optim.step" and saved.data_ptr() != live.local.data_ptr():
                 live.local.copy_(saved)
         for chunk in self.chunks:
+            if chunk.shard is not None and chunk.shard is not chunk.master:
+                chunk.shard.copy_(chunk.master)
             if self._keeps_full:
                 chunk.gathered = False
                 self._gather(chunk)

@@ -10,6 +10,9 @@ What DeepSpeed can express, and so what the alternatives range over:
   states (not a subset of layer chunks) to `cpu` or `nvme`.
 - sequence parallelism: Ulysses only (`sequence_parallel_size` + `data_parallel_size`); no ring.
 - pipeline: `PipelineModule` in code; its engine accepts ZeRO stage 0 or 1 only.
+- tensor parallelism: AutoTP (`tensor_parallel.autotp_size`) shards the linear layers of an HF
+  model; the activations between blocks stay whole on every tp rank (no Megatron-style
+  sequence parallelism), so that part of the plan's memory is not what DeepSpeed would use.
 DeepSpeed's config loader accepts unknown top-level keys (each section is strict), so the
 "cannot express" list and the predicted costs travel in a `"_disttrain"` key of the same file.
 """
@@ -73,6 +76,10 @@ def unexpressed(plan: Plan) -> list[str]:
     inputs = {a.swap_input for a in acts if not a.keep_all}
     if len(inputs) > 1:
         out.append("swapping the layer input on some layers only: cpu_checkpointing is one switch for all")
+    if par.tp > 1:
+        out.append(f"activations between blocks sharded over tp={par.tp} ranks: DeepSpeed AutoTP "
+                   f"(tensor_parallel.autotp_size) keeps norms, residuals and layer inputs whole on "
+                   f"every tp rank, {par.tp}x the plan's bytes for those")
     if par.sp > 1 and par.sp_kind == "ring":
         out.append(f"ring attention (sp={par.sp}): DeepSpeed sequence parallelism is Ulysses all-to-all")
     if par.pp > 1:
@@ -199,6 +206,8 @@ def build_config(plan: Plan, alt: Alternative) -> dict[str, Any]:
         config["data_parallel_size"] = par.dp
     if par.pp > 1:
         config["pipeline"] = {"stages": par.pp, "partition": "uniform"}
+    if par.tp > 1:
+        config["tensor_parallel"] = {"autotp_size": par.tp}
     if alt.settings["offload"] != "none" and _cpu_ranks(plan):
         config["zero_force_ds_cpu_optimizer"] = False   # CPU ranks: a torch optimizer already runs on CPU
     return config
@@ -213,6 +222,9 @@ def _usage(alt: Alternative, cpu_ranks: bool) -> list[str]:
     if alt.settings["offload"] != "none":
         usage.append("torch optimizer accepted on CPU ranks (zero_force_ds_cpu_optimizer=false)" if cpu_ranks
                      else "optimizer offload: use deepspeed.ops.adam.DeepSpeedCPUAdam or an 'optimizer' section")
+    if alt.plan.parallel.tp > 1:
+        usage.append(f"AutoTP: pass an HF model (its config names the projections); DeepSpeed "
+                     f"shards its linear layers over {alt.plan.parallel.tp} adjacent ranks")
     if alt.plan.parallel.sp > 1:
         usage.append("Ulysses: attention must go through deepspeed's sequence-parallel attention "
                      "(its all-to-all) and each rank must feed its 1/sp slice of the sequence")

@@ -14,6 +14,9 @@ Megatron can express, and so what the alternatives range over:
   (`optim_grads` = ZeRO-2, `optim_grads_params` = ZeRO-3); only optimizer state moves to CPU
   (`optimizer_cpu_offload` + `optimizer_offload_fraction`), never parameters or gradients.
 - sequence parallelism: context parallelism with `cp_comm_type` `a2a` (Ulysses) or `p2p` (ring).
+- tensor parallelism: `tensor_model_parallel_size` with `sequence_parallel` (activations between
+  blocks sharded over the tp ranks, as disttrain's runtime shards them: Megatron over tokens,
+  disttrain over hidden features - the same bytes and collectives per block).
 """
 
 from __future__ import annotations
@@ -160,8 +163,8 @@ def build_sections(plan: Plan, alt: Alternative) -> dict[str, dict[str, Any]]:
     shape, par = ModelShape(**plan.model), plan.parallel
     settings = alt.settings
     model_parallel: dict[str, Any] = {
-        "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": par.pp,
-        "context_parallel_size": par.sp, "sequence_parallel": False, "bf16": plan.dtype == "bf16",
+        "tensor_model_parallel_size": par.tp, "pipeline_model_parallel_size": par.pp,
+        "context_parallel_size": par.sp, "sequence_parallel": par.tp > 1, "bf16": plan.dtype == "bf16",
         "params_dtype": TORCH_DTYPES[plan.dtype]}
     if par.pp > 1:
         model_parallel["pipeline_dtype"] = TORCH_DTYPES[plan.dtype]   # Megatron requires it with pp > 1
@@ -206,7 +209,7 @@ def command_line(sections: dict[str, dict[str, Any]]) -> list[str]:
     """The same settings as Megatron-LM style flags (`--field-name value`, booleans as switches)."""
     renames = {"num_query_groups": "--group-query-attention --num-query-groups",
                "layernorm_epsilon": "--norm-epsilon", "num_attention_heads": "--num-attention-heads"}
-    skip = {"gated_linear_unit", "add_bias_linear", "sequence_parallel", "params_dtype", "pipeline_dtype"}
+    skip = {"gated_linear_unit", "add_bias_linear", "params_dtype", "pipeline_dtype"}
     flags = ["--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
              "--position-embedding-type rope"]
     seen: set[str] = set()

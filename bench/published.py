@@ -1,0 +1,241 @@
+"""The planner held against published GPU runs (issue 14): plan every spec of
+`bench/published_specs/` (copied from the calibration set, shared/published/), free and with
+the published layout fixed, and compare with what the published systems measured.
+
+Targets, each printed MET / NOT MET:
+- every published run is feasible (free choice and published layout);
+- predicted tok/s/GPU within +-25% of published for every bf16 row with a published
+  throughput (free choice and published layout);
+- no chosen layout with pp > 4 for the <= 70B rows at <= 8K tokens;
+- every plan takes <= 10 s on this machine.
+
+    .venv/bin/python bench/published.py [--only NAME ...] [--no-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from docs_sections import md_table, write_section  # noqa: E402
+
+from disttrain.spec import load_job  # noqa: E402
+from planner.analytic import model_flops_per_token  # noqa: E402
+from planner.search import plan_job  # noqa: E402
+
+SPECS = HERE / "published_specs"
+BAND = 0.25
+"""Allowed relative error of predicted tok/s/GPU against published."""
+TIME_LIMIT_S = 10.0
+"""Wall-time target of one plan."""
+MAX_PP_SHORT = 4
+"""Deepest pipeline acceptable for <= 70B models at <= 8K tokens (nobody publishes deeper)."""
+
+
+def _row(tok_s, layout, text, *, bf16=True, note=""):
+    return dict(tok_s=tok_s, layout=layout, text=text, bf16=bf16, note=note)
+
+
+# Published tok/s/GPU as in shared/published/README.md (Megatron: TFLOP/s/GPU / Megatron's FLOPs
+# per token; USP: its 86% non-causal MFU; DeepSpeed-Ulysses: 174 TFLOP/s/GPU read off its chart
+# under the non-causal convention). None: the run is published as "trains" only, or its MFU
+# convention is not stated, so there is no throughput to band. `layout` fixes the published
+# parallel layout (and activation recompute where published as full AC) in the request (None:
+# not expressible beyond what the spec says).
+PUBLISHED = {
+    "megatron-1p7b-48xh100": _row(36259, dict(tp=1, pp=1, dp=48, sp=1), "TP1 PP1 DP48"),
+    "megatron-16b-192xh100": _row(4820, dict(tp=4, pp=1, dp=48, sp=1), "TP4 PP1 DP48"),
+    "megatron-32b-384xh100": _row(2297, dict(tp=8, pp=1, dp=48, sp=1), "TP8 PP1 DP48"),
+    "megatron-70b-768xh100": _row(941, dict(tp=8, pp=2, dp=48, sp=1), "TP8 PP2 DP48"),
+    "tt-llama3-8b-64xa100": _row(2973, dict(tp=1, pp=1, dp=64, sp=1, zero_stage=3), "FSDP64"),
+    "tt-llama3-8b-64xa100-fixed-dp": _row(2973, dict(tp=1, pp=1, dp=64, sp=1, zero_stage=3),
+                                          "FSDP64 (fixed in the spec)"),
+    "tt-llama2-13b-64xa100": _row(2162, dict(tp=1, pp=1, dp=64, sp=1, zero_stage=3), "FSDP64"),
+    "tt-llama2-70b-64xa100": _row(353, dict(tp=1, pp=1, dp=64, sp=1, zero_stage=3,
+                                            recompute="full"), "FSDP64, full AC"),
+    "tt-llama31-8b-128xh100": _row(5605, dict(tp=1, pp=1, dp=128, sp=1, zero_stage=3),
+                                   "FSDP128 (eager)"),
+    "tt-llama31-8b-256k-8xh100": _row(548, dict(tp=1, pp=1, dp=1, sp=8, zero_stage=3,
+                                                recompute="full"),
+                                      "FSDP1 CP8, Float8", bf16=False,
+                                      note="Float8: not banded (no FP8 in the planner)"),
+    "tt-llama31-405b-512xh100": _row(100, dict(tp=8, pp=8, dp=8, sp=1, zero_stage=3),
+                                     "FSDP8 TP8 PP8, Float8", bf16=False,
+                                     note="Float8: not banded"),
+    "usp-llama3-8b-208k-16xa800": _row(706, dict(tp=1, pp=1, dp=1, sp=16), "USP sp16",
+                                       note="from 86% non-causal MFU"),
+    "dsulysses-gpt7b-256k-32xa100-40g": _row(385, dict(tp=1, pp=1, dp=1, sp=32,
+                                                       sp_kind="ulysses", zero_stage=3),
+                                             "Ulysses sp32 ZeRO-3", note="174 TFLOP/s read off a chart"),
+    "fpdt-llama3-70b-4m-32xa100-40g": _row(None, None, "FPDT chunked Ulysses + offload",
+                                           note="MFU 54%, convention not stated: not banded"),
+    "sppo-llama2-7b-4m-128xa100": _row(None, None, "SPPO", note="published as trains"),
+    "alst-llama31-8b-15m-32xh100": _row(None, dict(tp=1, pp=1, dp=1, sp=32, sp_kind="ulysses",
+                                                   zero_stage=3), "Ulysses sp32 ZeRO-3",
+                                        note="published as trains"),
+}
+
+
+MISSING = {
+    "dsulysses-gpt7b-256k-32xa100-40g": "DeepSpeed-Ulysses checkpoints activations and so recomputes "
+    "the attention forward; disttrain never does (and the published figure is read off a chart)",
+    "megatron-32b-384xh100": "Megatron overlaps its TP collectives with the GEMMs (TE userbuffers); "
+    "the runtime's parallelize_module does not, so TP8 pays them in full",
+    "megatron-70b-768xh100": "TP collectives as above; the free choice (ZeRO-3 over 384 ranks) "
+    "is not a layout anyone published at this scale",
+    "tt-llama2-70b-64xa100": "torchtitan runs FSDP64 with full activation checkpointing; the free "
+    "plan avoids most recompute with tp2 x sp2, a layout not published for this job",
+    "tt-llama3-8b-64xa100": "torchtitan's selective activation checkpointing recomputes part of "
+    "every layer; disttrain keeps everything when it fits (no equivalent policy to fix)",
+    "tt-llama3-8b-64xa100-fixed-dp": "as tt-llama3-8b-64xa100",
+    "tt-llama31-8b-128xh100": "these H100s are the 96 GB HBM2e parts capped at 500 W: sustained "
+    "clocks below the 989 TFLOP/s datasheet peak the spec states (no published figure to model)",
+}
+"""What we believe each row outside the band misses (printed under the targets)."""
+
+
+def layout_text(plan) -> str:
+    if not plan.feasible:
+        return "infeasible"
+    par = plan.parallel
+    sched = " interleaved" if par.schedule == "interleaved-1f1b" else ""
+    kind = f"({par.sp_kind})" if par.sp > 1 else ""
+    return (f"dp{par.dp} tp{par.tp} sp{par.sp}{kind} pp{par.pp}{sched} z{par.zero_stage} "
+            f"m{par.num_microbatches}")
+
+
+def free_request(job):
+    """The spec's request with tp left to the planner unless the spec fixes it (until the spec
+    has `parallel.tp`, disttrain.spec passes tp=1 for the runtime's sake)."""
+    fixed_tp = getattr(job.spec.parallel, "tp", "auto")
+    return dataclasses.replace(job.plan_request(), tp=None if fixed_tp == "auto" else fixed_tp)
+
+
+def plan_one(request) -> dict:
+    start = time.perf_counter()
+    plan = plan_job(request)
+    wall = time.perf_counter() - start
+    world = request.hardware.world_size
+    tok = plan.prediction.tokens_per_s / world if plan.feasible else 0.0
+    shape = request.model
+    noncausal = model_flops_per_token(shape, request.seq_len) + (
+        3.0 * shape.num_layers * 2.0 * request.seq_len * shape.hidden_size)
+    peak = request.hardware.flops(request.dtype)
+    return dict(plan=plan, wall=wall, tok=tok, layout=layout_text(plan),
+                mfu=tok * model_flops_per_token(shape, request.seq_len) / peak,
+                mfu_nc=tok * noncausal / peak,
+                reason="" if plan.feasible else (plan.rejected[0]["reason"] if plan.rejected else ""))
+
+
+def measure(names: list[str]) -> list[dict]:
+    rows = []
+    for path in sorted(SPECS.glob("*.yaml")):
+        name = path.stem
+        if names and name not in names:
+            continue
+        job = load_job(path)
+        request = free_request(job)
+        pub = PUBLISHED[name]
+        free = plan_one(request)
+        fixed = None
+        if pub["layout"] is not None:
+            fixed = plan_one(dataclasses.replace(request, **pub["layout"]))
+        row = dict(name=name, pub=pub, free=free, fixed=fixed, params=job.shape.num_params(),
+                   seq_len=request.seq_len)
+        rows.append(row)
+        print(f"{name}: free {free['layout']} {free['tok']:,.0f} tok/s/GPU ({free['wall']:.1f} s)"
+              + (f"; fixed {fixed['layout']} {fixed['tok']:,.0f} ({fixed['wall']:.1f} s)" if fixed else "")
+              + (f"; published {pub['tok_s']}" if pub["tok_s"] else "")
+              + (f" [{free['reason']}]" if free["reason"] else ""), flush=True)
+    return rows
+
+
+def _ratio(pred: dict | None, pub: float | None) -> float | None:
+    if pred is None or not pub or not pred["plan"].feasible:
+        return None
+    return pred["tok"] / pub
+
+
+def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
+    plans = [(r["name"], p) for r in rows for p in (r["free"], r["fixed"]) if p is not None]
+    infeasible = [n for n, p in plans if not p["plan"].feasible]
+    banded = [(r["name"], kind, _ratio(r[kind], r["pub"]["tok_s"])) for r in rows
+              if r["pub"]["tok_s"] and r["pub"]["bf16"] for kind in ("free", "fixed")
+              if r[kind] is not None]
+    outside = [f"{n} {k} {'infeasible' if q is None else f'{q:.2f}x'}" for n, k, q in banded
+               if q is None or abs(q - 1) > BAND]
+    deep = [f"{r['name']} pp{r['free']['plan'].parallel.pp}" for r in rows
+            if r["params"] <= 80e9 and r["seq_len"] <= 8192 and r["free"]["plan"].feasible
+            and r["free"]["plan"].parallel.pp > MAX_PP_SHORT]
+    slow = [f"{n} {p['wall']:.1f} s" for n, p in plans if p["wall"] > TIME_LIMIT_S]
+    return [
+        ("every published run feasible (free and published layout)", not infeasible,
+         ", ".join(infeasible) or f"{len(plans)} plans feasible"),
+        (f"tok/s/GPU within +-{BAND:.0%} of published, every bf16 row (free and fixed)",
+         not outside, ", ".join(outside) or f"{len(banded)} comparisons inside"),
+        (f"no chosen pp > {MAX_PP_SHORT} for <= 70B at <= 8K tokens", not deep,
+         ", ".join(deep) or "none deeper"),
+        (f"every plan <= {TIME_LIMIT_S:.0f} s", not slow,
+         ", ".join(slow) or f"slowest {max(p['wall'] for _, p in plans):.1f} s"),
+    ]
+
+
+def _fmt_ratio(q: float | None) -> str:
+    return "" if q is None else f"{q:.2f}x"
+
+
+def report(rows: list[dict]) -> str:
+    table = []
+    for r in rows:
+        pub, free, fixed = r["pub"], r["free"], r["fixed"]
+        table.append([
+            r["name"], f"{pub['tok_s']:,}" if pub["tok_s"] else "trains", pub["text"],
+            free["layout"] if free["plan"].feasible else f"infeasible: {free['reason'][:80]}",
+            f"{free['tok']:,.0f}", _fmt_ratio(_ratio(free, pub["tok_s"])),
+            f"{free['mfu']:.0%} / {free['mfu_nc']:.0%}", f"{free['wall']:.1f}",
+            "" if fixed is None else (fixed["layout"] if fixed["plan"].feasible else "infeasible"),
+            "" if fixed is None else f"{fixed['tok']:,.0f}",
+            "" if fixed is None else _fmt_ratio(_ratio(fixed, pub["tok_s"])),
+            "" if fixed is None else f"{fixed['wall']:.1f}", pub["note"]])
+    lines = ["## Published GPU runs", "",
+             "`bench/published.py` plans each spec of `bench/published_specs/` (the calibration "
+             "set of shared/published, sources in its README) with the analytic cost model, "
+             "free and with the published layout fixed. tok/s/GPU = predicted job tokens/s / "
+             "GPUs. MFU causal / non-causal: model FLOPs per token 6N + 6LhS (causal attention) "
+             "or 6N + 12LhS (non-causal, Megatron's and torchtitan's convention), N = layer "
+             "parameters + output head.", "",
+             md_table(["spec", "published tok/s/GPU", "published layout", "chosen layout",
+                       "pred tok/s/GPU", "ratio", "MFU c / nc", "plan s", "published layout fixed",
+                       "pred", "ratio", "plan s", "note"], table), "", "Targets:", ""]
+    lines += [f"- {'MET' if ok else 'NOT MET'}: {what} ({detail})" for what, ok, detail in targets(rows)]
+    outside = {r["name"] for r in rows for k in ("free", "fixed") if r[k] is not None
+               and r["pub"]["tok_s"] and r["pub"]["bf16"]
+               and (_ratio(r[k], r["pub"]["tok_s"]) is None or abs(_ratio(r[k], r["pub"]["tok_s"]) - 1) > BAND)}
+    if outside:
+        lines += ["", "Rows outside the band, and the mechanism we believe is missing:", ""]
+        lines += [f"- {n}: {MISSING.get(n, 'not analysed')}" for n in sorted(outside)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=[], help="spec names (file stems)")
+    parser.add_argument("--no-docs", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    rows = measure(args.only)
+    text = report(rows)
+    print(text)
+    if not args.no_docs and not args.only:
+        write_section("published", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

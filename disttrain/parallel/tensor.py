@@ -1,0 +1,388 @@
+"""Tensor parallelism over the `tp` axis, applied by a function to an unmodified Llama.
+
+Shape legend: T tokens (any leading batch/sequence dims), H hidden, h = H/tp, V vocab,
+v = V/tp, F ffn hidden, N query heads, K kv heads, D head dim.
+
+Megatron's recipe (column-parallel q/k/v/gate/up, row-parallel o/down, vocabulary-parallel
+embedding, head and loss) with the activations *between* blocks sharded over the tp ranks, as
+Megatron's sequence parallelism does, so every activation a rank holds is 1/tp of the whole:
+
+    x_Th --norm(sharded)--> hn_Th --all-gather--> hn_TH --colwise--> q/k/v, gate/up (heads/tp, F/tp)
+    o/down (rowwise) --> partial y_TH --reduce-scatter--> y_Th --+ residual x_Th
+
+The one difference from Megatron: the residual stream is sharded over the *hidden* dimension
+(each tp rank holds h of the H features of every token), not over tokens. Every operation then
+stays token-local, which the token-wise swap/recompute runtime (offload/layer_fn.py) needs: it
+runs a layer's token-local parts on slices of this rank's tokens, and gathering token shards of
+a slice would interleave the ranks' tokens (docs/design.md, "Tensor parallelism", has the probe).
+The bytes are those of Megatron-SP: one all-gather of T x H per block in the forward, a
+reduce-scatter after it; in the backward the column-parallel input is all-gathered again (only
+the h-wide shard is saved, as Megatron saves its token shard), its gradient reduce-scattered,
+and the row-parallel output gradient all-gathered. RMSNorm over sharded features adds one
+all-reduce of one fp32 per token (forward and backward).
+
+Every parameter is a true shard (norm weights included), so no gradient is reduced over tp and
+ZeRO shards each rank's local parameters over dp x sp unchanged. The parameters keep their
+names; `TP_SHARD_DIM` says along which dim each is split (checkpoints store full shapes).
+Collectives run on the tp process group (NCCL on GPUs, gloo on CPU): nothing here is device
+specific. `comm_bytes` counts the bytes this rank sends to other ranks, by collective kind.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from disttrain.spec import tensor_parallel_error
+
+TP_SHARD_DIM = {"embed.weight": 0, "head.weight": 0, "norm.weight": 0,
+                "attn_norm.weight": 0, "mlp_norm.weight": 0,
+                "q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0,
+                "gate_proj.weight": 0, "up_proj.weight": 0,
+                "o_proj.weight": 1, "down_proj.weight": 1}
+"""Parameter-name suffix -> dim along which tensor parallelism splits it."""
+
+COMM_KINDS = ("all_gather", "reduce_scatter", "all_reduce")
+"""Keys of `TensorParallel.comm_bytes`."""
+
+
+def tp_shard_dim(name: str) -> int:
+    """Dim along which parameter `name` (of the unmodified model) is split over tp."""
+    for suffix, dim in TP_SHARD_DIM.items():
+        if name == suffix or name.endswith("." + suffix):
+            return dim
+    raise KeyError(f"{name}: no tensor-parallel layout for this parameter")
+
+
+class TensorParallel:
+    """The tp group, this rank's place in it, hidden-dim collectives and their byte counter."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+        """Tensor-parallel degree."""
+        self.rank = dist.get_rank(group)
+        """This rank's index in the tp group: it holds shard `rank` of every parameter."""
+        self.comm_bytes: dict[str, int] = {kind: 0 for kind in COMM_KINDS}
+        """Bytes sent to other ranks since the last `reset_comm_bytes`, by kind."""
+
+    def reset_comm_bytes(self) -> dict[str, int]:
+        before = dict(self.comm_bytes)
+        for kind in COMM_KINDS:
+            self.comm_bytes[kind] = 0
+        return before
+
+    def _count(self, kind: str, t: torch.Tensor) -> None:
+        """Ring volume: an all-gather / reduce-scatter of shard `t` sends (tp-1) shards; an
+        all-reduce of `t` sends 2 (tp-1)/tp of it."""
+        nbytes = t.numel() * t.element_size() * (self.size - 1)
+        self.comm_bytes[kind] += 2 * nbytes // self.size if kind == "all_reduce" else nbytes
+
+    def gather_hidden(self, x_Th: torch.Tensor) -> torch.Tensor:
+        """(..., h) shards of the tp ranks -> (..., H), shard r at features [r*h, (r+1)*h)."""
+        x_Th = x_Th.contiguous()
+        out = torch.empty((self.size, *x_Th.shape), dtype=x_Th.dtype, device=x_Th.device)
+        dist.all_gather_single(out.view(-1), x_Th.view(-1), group=self.group)
+        self._count("all_gather", x_Th)
+        return out.movedim(0, -2).reshape(*x_Th.shape[:-1], -1)
+
+    def reduce_scatter_hidden(self, y_TH: torch.Tensor) -> torch.Tensor:
+        """Sum of the ranks' (..., H) partials, this rank keeping its (..., h) features."""
+        parts = y_TH.unflatten(-1, (self.size, -1)).movedim(-2, 0).contiguous()
+        out = torch.empty(parts.shape[1:], dtype=y_TH.dtype, device=y_TH.device)
+        dist.reduce_scatter_single(out.view(-1), parts.view(-1), group=self.group)
+        self._count("reduce_scatter", out)
+        return out
+
+    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        t = t.contiguous().clone()
+        dist.all_reduce(t, op=op, group=self.group)
+        self._count("all_reduce", t)
+        return t
+
+
+def _matmul_grad(grad_TO: torch.Tensor, x_TI: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d(x @ W^T)/dW for any leading dims, in the weight's dtype."""
+    return (grad_TO.flatten(0, -2).t() @ x_TI.flatten(0, -2).to(grad_TO.dtype)).to(weight.dtype)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the tp ranks; every rank uses the sum, so the gradient is summed too."""
+
+    @staticmethod
+    def forward(ctx, tp: TensorParallel, t: torch.Tensor) -> torch.Tensor:
+        ctx.tp = tp
+        return tp.all_reduce(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, ctx.tp.all_reduce(grad)
+
+
+class _ReduceScatterHidden(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tp: TensorParallel, y_TH: torch.Tensor) -> torch.Tensor:
+        ctx.tp = tp
+        return tp.reduce_scatter_hidden(y_TH)
+
+    @staticmethod
+    def backward(ctx, grad_Th):
+        return None, ctx.tp.gather_hidden(grad_Th)
+
+
+class _ColumnParallel(torch.autograd.Function):
+    """outs_i = all_gather(x_Th) @ W_i^T for sibling weights sharing one input (q, k, v or
+    gate, up): one all-gather forward; saves only the shard and gathers it again backward."""
+
+    @staticmethod
+    def forward(ctx, tp: TensorParallel, x_Th: torch.Tensor, *weights: torch.Tensor):
+        ctx.tp = tp
+        ctx.save_for_backward(x_Th, *weights)
+        x_TH = tp.gather_hidden(x_Th)
+        return tuple(F.linear(x_TH, w) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x_Th, *weights = ctx.saved_tensors
+        x_TH = ctx.tp.gather_hidden(x_Th)
+        grad_x, grad_w = None, []
+        for grad, w in zip(grads, weights):
+            if grad is None:
+                grad_w.append(None)
+                continue
+            part = grad @ w.to(grad.dtype)
+            grad_x = part if grad_x is None else grad_x + part
+            grad_w.append(_matmul_grad(grad, x_TH, w))
+        if grad_x is None:
+            grad_x = torch.zeros_like(x_TH)
+        return None, ctx.tp.reduce_scatter_hidden(grad_x).to(x_Th.dtype), *grad_w
+
+
+class _RowParallel(torch.autograd.Function):
+    """y_Th = reduce_scatter(x_local @ W_local^T): the input is this rank's heads / ffn slice."""
+
+    @staticmethod
+    def forward(ctx, tp: TensorParallel, x: torch.Tensor, weight: torch.Tensor):
+        ctx.tp = tp
+        ctx.save_for_backward(x, weight)
+        return tp.reduce_scatter_hidden(F.linear(x, weight))
+
+    @staticmethod
+    def backward(ctx, grad_Th):
+        x, weight = ctx.saved_tensors
+        grad_TH = ctx.tp.gather_hidden(grad_Th)
+        grad_x = (grad_TH @ weight.to(grad_TH.dtype)).to(x.dtype)
+        return None, grad_x, _matmul_grad(grad_TH, x, weight)
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over features sharded across tp: the sum of squares is all-reduced per token."""
+
+    def __init__(self, tp: TensorParallel, weight: torch.Tensor, eps: float, hidden_size: int):
+        super().__init__()
+        self.tp, self.eps, self.hidden_size = tp, eps, hidden_size
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x_Th: torch.Tensor) -> torch.Tensor:
+        xf = x_Th.float()
+        sumsq = _AllReduceSum.apply(self.tp, xf.pow(2).sum(-1, keepdim=True))
+        normed = xf * torch.rsqrt(sumsq / self.hidden_size + self.eps)
+        return normed.to(x_Th.dtype) * self.weight
+
+
+class _Siblings:
+    """Column-parallel linears that read the same input (q, k, v): the first one called runs
+    all of them with one all-gather and holds the others' outputs until they are called."""
+
+    def __init__(self) -> None:
+        self.members: list["ColumnParallelLinear"] = []
+        self.pending: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split over tp; takes the (..., h) shard, returns (..., out/tp)."""
+
+    def __init__(self, tp: TensorParallel, weight: torch.Tensor, siblings: _Siblings):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(weight)
+        self._siblings = siblings
+        siblings.members.append(self)
+
+    def forward(self, x_Th: torch.Tensor) -> torch.Tensor:
+        sib = self._siblings
+        index = sib.members.index(self)
+        if sib.pending is not None and sib.pending[0] is x_Th and index in sib.pending[1]:
+            out = sib.pending[1].pop(index)
+            if not sib.pending[1]:
+                sib.pending = None
+            return out
+        later = sib.members[index:]
+        outs = _ColumnParallel.apply(self.tp, x_Th, *(m.weight for m in later))
+        rest = {index + i: o for i, o in enumerate(outs) if i}
+        sib.pending = (x_Th, rest) if rest else None
+        return outs[0]
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split over tp; returns the reduce-scattered (..., h) shard."""
+
+    def __init__(self, tp: TensorParallel, weight: torch.Tensor):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RowParallel.apply(self.tp, x, self.weight)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [rank*v, (rank+1)*v) of the embedding; the partial lookups are summed and
+    scattered over the hidden dim (one reduce-scatter)."""
+
+    def __init__(self, tp: TensorParallel, weight: torch.Tensor):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(weight)
+        self.vocab_start = tp.rank * weight.shape[0]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.vocab_start
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        rows = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        return _ReduceScatterHidden.apply(self.tp, rows * inside.unsqueeze(-1).to(rows.dtype))
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """sum over tokens of cross_entropy(all_gather(h_Th) @ W_vH^T, target) with the logits
+    split over the vocabulary (Megatron's loss parallel): per token chunk, the max and the
+    sum of exponentials and the target logit are all-reduced; only `chunk` x v logits exist
+    at a time. Saves the hidden shard, W and the per-token log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, tp: TensorParallel, h_Th, weight_vH, targets_T, chunk: int):
+        h_TH = tp.gather_hidden(h_Th)
+        vocab = weight_vH.shape[0]
+        local_T = targets_T - tp.rank * vocab
+        inside_T = (local_T >= 0) & (local_T < vocab)
+        lse_T = torch.empty(h_TH.shape[0], dtype=torch.float32, device=h_TH.device)
+        total = torch.zeros((), dtype=torch.float32, device=h_TH.device)
+        for s in range(0, h_TH.shape[0], chunk):
+            logits = F.linear(h_TH[s:s + chunk], weight_vH).float()
+            peak = tp.all_reduce(logits.max(-1).values, dist.ReduceOp.MAX)
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            picked = logits[rows, local_T[s:s + chunk].clamp(0, vocab - 1)]
+            sums = tp.all_reduce(torch.stack([(logits - peak[:, None]).exp().sum(-1),
+                                              picked * inside_T[s:s + chunk]]))
+            lse_T[s:s + chunk] = peak + sums[0].log()
+            total += (lse_T[s:s + chunk] - sums[1]).sum()
+        ctx.tp, ctx.chunk = tp, chunk
+        ctx.save_for_backward(h_Th, weight_vH, local_T, inside_T, lse_T)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        h_Th, weight_vH, local_T, inside_T, lse_T = ctx.saved_tensors
+        h_TH = ctx.tp.gather_hidden(h_Th)
+        grad_h = torch.empty(h_TH.shape, dtype=torch.float32, device=h_TH.device)
+        grad_w = torch.zeros(weight_vH.shape, dtype=torch.float32, device=weight_vH.device)
+        for s in range(0, h_TH.shape[0], ctx.chunk):
+            h = h_TH[s:s + ctx.chunk]
+            dlogits = (F.linear(h, weight_vH).float() - lse_T[s:s + ctx.chunk, None]).exp()
+            rows = torch.nonzero(inside_T[s:s + ctx.chunk]).flatten()
+            dlogits[rows, local_T[s:s + ctx.chunk][rows]] -= 1
+            dlogits *= grad_total
+            grad_h[s:s + ctx.chunk] = dlogits @ weight_vH.float()
+            grad_w += dlogits.t() @ h.float()
+        grad_h_Th = ctx.tp.reduce_scatter_hidden(grad_h).to(h_Th.dtype)
+        return None, grad_h_Th, grad_w.to(weight_vH.dtype), None, None
+
+
+def vocab_parallel_lm_loss(tp: TensorParallel, hidden_BSh: torch.Tensor, weight_vH: torch.Tensor,
+                           targets_BS: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
+    """Mean next-token cross entropy of the sharded final hidden states against the
+    vocabulary-parallel head (the same value on every tp rank); `chunk_tokens` tiles it over
+    tokens as `tiling.chunked_lm_loss` does (0: all tokens at once)."""
+    hidden_Th = hidden_BSh.flatten(0, -2)
+    targets_T = targets_BS.flatten()
+    chunk = chunk_tokens if chunk_tokens > 0 else max(1, hidden_Th.shape[0])
+    total = _VocabParallelCrossEntropy.apply(tp, hidden_Th, weight_vH, targets_T, chunk)
+    return total / targets_T.numel()
+
+
+def _shard(weight: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
+    return weight.detach().chunk(tp.size, dim=dim)[tp.rank].clone()
+
+
+def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None
+                          ) -> TensorParallel | None:
+    """Split every parameter of `model` (a freshly built, identical Llama on every rank) over
+    the tp `group`: this rank keeps its shard, the modules become their parallel forms under
+    the same names. Run before sequence parallelism and the activation policy (they see the
+    local heads). Returns the TensorParallel (also `model.tensor_parallel`, which the loss
+    uses), or None with no group / a group of one rank."""
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    tp = TensorParallel(group)
+    shape = model.shape
+    error = tensor_parallel_error(shape, tp.size)
+    if error:
+        raise ValueError(f"parallel.tp: {error}")
+    h = shape.hidden_size
+
+    def norm(old: nn.Module) -> ShardedRMSNorm:
+        return ShardedRMSNorm(tp, _shard(old.weight, 0, tp), old.eps, h)
+
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        layer.attn_norm, layer.mlp_norm = norm(layer.attn_norm), norm(layer.mlp_norm)
+        qkv = _Siblings()
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, name, ColumnParallelLinear(tp, _shard(getattr(attn, name).weight, 0, tp),
+                                                     qkv))
+        attn.o_proj = RowParallelLinear(tp, _shard(attn.o_proj.weight, 1, tp))
+        attn.num_heads //= tp.size
+        attn.num_kv_heads //= tp.size
+        gate_up = _Siblings()
+        mlp.gate_proj = ColumnParallelLinear(tp, _shard(mlp.gate_proj.weight, 0, tp), gate_up)
+        mlp.up_proj = ColumnParallelLinear(tp, _shard(mlp.up_proj.weight, 0, tp), gate_up)
+        mlp.down_proj = RowParallelLinear(tp, _shard(mlp.down_proj.weight, 1, tp))
+    model.embed = VocabParallelEmbedding(tp, _shard(model.embed.weight, 0, tp))
+    model.norm = norm(model.norm)
+    if model.head is not None:
+        model.head = ColumnParallelLinear(tp, _shard(model.head.weight, 0, tp), _Siblings())
+    model.tensor_parallel = tp
+    return tp
+
+
+def tp_checkpoint_state(state: dict, tp: TensorParallel) -> dict:
+    """A ZeRO `state_dict()` of this rank's tp shards with each parameter's (and moment's)
+    FlatShard placed in the full-shaped tensor: the same views, so loads land in place."""
+    from disttrain.checkpoint import FlatShard  # checkpoints are not this module's concern
+
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, FlatShard):
+            out[key] = value
+            continue
+        name = key.split(".", 1)[1].removesuffix(".exp_avg_sq").removesuffix(".exp_avg")
+        dim = tp_shard_dim(name)
+        origin = [0] * len(value.shape)
+        origin[dim] = tp.rank * value.shape[dim]
+        full = list(value.shape)
+        full[dim] *= tp.size
+        out[key] = FlatShard(value.shape, value.start, value.local, tuple(origin), tuple(full))
+    return out
+
+
+def gather_full_parameters(params: dict[str, torch.Tensor], tp: TensorParallel
+                           ) -> dict[str, torch.Tensor]:
+    """{name: this rank's shard} -> {name: the whole parameter} (a collective over tp)."""
+    out = {}
+    for name, shard in params.items():
+        parts = [torch.empty_like(shard) for _ in range(tp.size)]
+        dist.all_gather(parts, shard.contiguous(), group=tp.group)
+        out[name] = torch.cat(parts, dim=tp_shard_dim(name))
+    return out

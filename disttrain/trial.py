@@ -1,0 +1,69 @@
+"""`disttrain plan --trial K`, runtime side: run each candidate plan for a few steps on this
+machine in freshly spawned ranks (as the job would run), and time its steps.
+
+The planner side (`planner/trial.py`) picks the plans and turns the measured times into
+corrections stored beside the profile.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from disttrain.spec import Job, job_from_dict
+from planner.plan import Plan
+
+
+def _trial_worker(rank: int, world: int, raw_spec: dict, base_dir: str, plan_dict: dict,
+                  steps: int) -> dict:
+    """Median step seconds of `plan` on this rank (the first step is warm-up)."""
+    from pathlib import Path
+
+    from disttrain.data import build_batches
+    from disttrain.engine import build_runtime
+
+    job = job_from_dict(raw_spec, base_dir=Path(base_dir))
+    plan = Plan.from_dict(plan_dict)
+    tr = job.spec.train
+    runtime = build_runtime(job, plan, rank=rank)
+    batches = build_batches(job.spec.data.kind, job.data_path, vocab_size=job.shape.vocab_size,
+                            seq_len=tr.seq_len, micro_batch_size=tr.micro_batch_size, seed=tr.seed)
+    times = []
+    try:
+        for step in range(steps + 1):
+            start = time.perf_counter()
+            runtime.forward_backward(step, batches)
+            if tr.grad_clip:
+                runtime.states.clip_grad_norm(tr.grad_clip)
+            runtime.states.step(tr.lr)
+            times.append(time.perf_counter() - start)
+    finally:
+        runtime.close()
+    return {"step_s": statistics.median(times[1:]), "times": times[1:]}
+
+
+def run_trial(job: Job, plan: Plan, steps: int = 3) -> float:
+    """Measured median step seconds of `plan` (the slowest rank's median)."""
+    from disttrain.parallel.spawn import spawn_ranks
+
+    raw = job.spec.model_dump(mode="json")
+    results = spawn_ranks(_trial_worker, plan.parallel.world_size, raw, str(job.base_dir),
+                          plan.to_dict(), steps)
+    return max(r["step_s"] for r in results)
+
+
+def trial_and_rerank(job: Job, plan: Plan, k: int, *, steps: int, plan_fn, corrections_file,
+                     applied: dict[str, float] | None = None) -> tuple[Plan, list[dict]]:
+    """Run the K best plans (the planner's choice first) `steps` steps each, re-rank them by
+    measured step time, store measured/predicted per layout in `corrections_file`; returns
+    the fastest measured plan and one row per trial (layout, predicted s, measured s)."""
+    from planner.trial import corrections_from, layout_key, save_corrections, top_plans
+
+    plans = top_plans(job.plan_request(), k, plan_fn, first=plan)
+    measured = [run_trial(job, p, steps) for p in plans]
+    rows = [{"layout": layout_key(p.parallel), "predicted_s": p.prediction.step_time_s,
+             "measured_s": m, "error": p.prediction.step_time_s / m - 1}
+            for p, m in zip(plans, measured)]
+    save_corrections(corrections_file, corrections_from(plans, measured, applied), rows)
+    best = min(range(len(plans)), key=lambda i: measured[i])
+    return plans[best], rows

@@ -1,0 +1,271 @@
+"""Communication: bytes of the runtime's collectives and their seconds on a cluster, intra-node
+or hierarchical across nodes.
+
+A group of `group` ranks whose members are `stride` rank ids apart (the rank grid is
+(pp, dp, sp, tp) with tp innermost, so a dp x sp group has stride tp). Inside one node the
+collective runs at the node's bandwidth. Across nodes it runs as NCCL's hierarchical
+algorithms do: the members of each node reduce-scatter / all-gather among themselves over
+NVLink, and each member exchanges its 1/per_node share with its peers on the other nodes
+over its own NIC (`inter_node_bw` is per device), so the inter-node step moves 1/per_node
+of the buffer. An all-to-all has no such reduction: the share of its data addressed to
+other nodes crosses the NICs. Each call pays a fixed latency (NCCL's launch + handshake:
+`CostParams.gpu_collective_latency_s`, or the node's measured one on CPU nodes) and a
+further inter-node latency when it leaves the node.
+"""
+
+from __future__ import annotations
+
+from planner.analytic import FP32, kv_heads_per_rank
+from planner.costtypes import Candidate, CostParams
+from planner.hardware import HardwareSpec
+from planner.shapes import DTYPE_BYTES, ModelShape
+
+
+def call_latency(hw: HardwareSpec, default_s: float) -> float:
+    """Per-call latency inside a node: measured (`probe`) when known, else `default_s`
+    on GPUs and 0 elsewhere."""
+    if hw.intra_node_latency_s:
+        return hw.intra_node_latency_s
+    return 0.0 if hw.device_name.lower() == "cpu" else default_s
+
+
+def collective_seconds(hw: HardwareSpec, kind: str, sent_bytes: float, group: int, stride: int,
+                       calls: float, *, intra_bw: float, inter_bw: float, latency_s: float,
+                       inter_latency_s: float) -> float:
+    """Seconds of `calls` collectives of `kind` whose bytes one rank sends sum to
+    `sent_bytes` ((g-1)/g of the buffer; twice that for an all-reduce), over a group of
+    `group` ranks `stride` apart. `intra_bw` / `inter_bw` are achieved bytes/s one rank
+    sends (NVLink: half its bidirectional datasheet figure)."""
+    if group <= 1:
+        return 0.0
+    span = group * stride
+    if span <= hw.devices_per_node:
+        return sent_bytes / intra_bw + calls * latency_s
+    per_node = max(1, min(group, hw.devices_per_node // max(1, stride)))
+    nodes = group / per_node
+    if kind == "all_to_all":
+        local = (per_node - 1) / (group - 1)
+        seconds = sent_bytes * local / intra_bw + sent_bytes * (1 - local) / inter_bw
+    else:
+        full = sent_bytes * group / (group - 1)
+        seconds = (full * (per_node - 1) / per_node / intra_bw
+                   + full / per_node * (nodes - 1) / nodes / inter_bw)
+    return seconds + calls * (latency_s + inter_latency_s)
+
+
+def group_bandwidth(hw: HardwareSpec, span: int, params: CostParams) -> float:
+    """Collective bandwidth (bytes one rank sends per second) of a group whose ranks span
+    `span` consecutive rank ids. GPU intra-node figures are NVLink datasheet numbers, which
+    count both directions: a rank sends at half of them."""
+    if span <= hw.devices_per_node:
+        nominal = hw.intra_node_bw / (1 if hw.device_name.lower() == "cpu" else 2)
+    else:
+        nominal = hw.inter_node_bw
+    return nominal * params.comm_efficiency
+
+
+def shard_group_span(cand: Candidate) -> int:
+    """Rank-id span of the dp x sp group on the runtime's (pp, dp, sp, tp) grid: its members
+    are tp apart."""
+    return cand.dp * cand.sp * cand.tp
+
+
+def pipeline_group_span(cand: Candidate) -> int:
+    """Rank-id span of a pp group on the (pp, dp, sp, tp) grid: stages are dp*sp*tp ranks apart."""
+    return (cand.pp - 1) * cand.dp * cand.sp * cand.tp + 1
+
+
+def ulysses_alltoall_bytes(shape: ModelShape, dtype: str, tokens: int, sp: int) -> float:
+    """Bytes one rank sends per layer forward: q, k, v in and the output back. The runtime's
+    backward sends twice this (dout, q, k, v, out in; dq, dk, dv back)."""
+    if sp <= 1:
+        return 0.0
+    kv = max(shape.kv_dim, kv_heads_per_rank(shape, sp) * sp * shape.head_dim)
+    return (2 * shape.hidden_size + 2 * kv) * tokens * DTYPE_BYTES[dtype] * (sp - 1) / sp
+
+
+def ring_p2p_bytes(shape: ModelShape, dtype: str, tokens: int, sp: int) -> float:
+    """Bytes one rank sends per layer forward: its K/V block passed sp - 1 times."""
+    if sp <= 1:
+        return 0.0
+    return (sp - 1) * tokens * 2 * shape.kv_dim * DTYPE_BYTES[dtype]
+
+
+def ring_p2p_backward_bytes(shape: ModelShape, dtype: str, tokens: int, sp: int) -> float:
+    """Bytes one rank sends per layer backward: K/V passed sp - 1 times again, and the fp32
+    dK/dV totals that travel behind them, sp hops (the last one home)."""
+    if sp <= 1:
+        return 0.0
+    return ring_p2p_bytes(shape, dtype, tokens, sp) + sp * tokens * 2 * shape.kv_dim * FP32
+
+
+def zero_step_bytes(num_params: int, dtype: str, zero_stage: int, group: int,
+                    num_microbatches: int, *, backward_resident_params: int = 0,
+                    grad_reduce_dtype: str = "fp32") -> tuple[float, float]:
+    """(per-microbatch, per-step) collective bytes one rank sends for ZeRO / data parallel,
+    as the runtime (disttrain.parallel.zero) moves them.
+
+    Stage 3 gathers parameters in the forward and again in the backward, except the
+    `backward_resident_params` that are not gathered twice (the embedding, whose backward
+    never reads its weight, and the final norm + head, kept from forward to backward), and
+    reduce-scatters gradients every microbatch; stage 2 reduce-scatters every microbatch and
+    all-gathers parameters once per step; stage 1 reduce-scatters and all-gathers once per step;
+    stage 0 all-reduces once per step (2x a reduce-scatter). The runtime's model states and
+    Parameters are gathered in the training dtype; gradients are reduced in
+    `grad_reduce_dtype` (fp32 by default, as the mixed-precision runtime keeps fp32 gradient
+    reductions unless the spec asks for bf16).
+    """
+    del num_microbatches  # per-microbatch volumes are per microbatch
+    parts = zero_collectives(num_params, zero_stage, group, units=0,
+                             backward_resident_params=backward_resident_params,
+                             param_bytes=DTYPE_BYTES[dtype], grad_bytes=DTYPE_BYTES[grad_reduce_dtype])
+    return sum(p[1] for p in parts), sum(p[2] for p in parts)
+
+
+def collective_bw(hw: HardwareSpec, span: int, params: CostParams, kind: str) -> float:
+    """Achieved bytes/s of one collective kind: measured on the node (`probe`) when the group
+    stays inside it, else the nominal group bandwidth x efficiency."""
+    if span <= hw.devices_per_node and kind in hw.intra_node_collective_bw:
+        return hw.intra_node_collective_bw[kind]
+    return group_bandwidth(hw, span, params)
+
+
+def overlaps_compute(hw: HardwareSpec) -> bool:
+    """Whether side work (collectives, the CPU chunks' optimizer) runs beside compute: on GPUs
+    (NCCL kernels, copy engines, an idle host CPU) it does; on a CPU node gloo's threads and
+    the optimizer thread share the cores the ranks compute on, and measured steps show no
+    overlap (`bench/cpu_optimizer_overlap.py`), so every such second is exposed."""
+    return hw.device_name.lower() != "cpu"
+
+
+def zero_collectives(num_params: float, zero_stage: int, group: int, units: int, *,
+                     backward_resident_params: float = 0, param_bytes: int = FP32,
+                     grad_bytes: int = FP32) -> list[tuple[str, float, float, int, int]]:
+    """(kind, bytes per microbatch, bytes per step, calls per microbatch, calls per step) of
+    the runtime's ZeRO collectives for `num_params` packed into `units` chunks (one call per
+    chunk and collective); `zero_step_bytes` sums their bytes. Gathers move `param_bytes`
+    per parameter, gradient reductions `grad_bytes`."""
+    if group <= 1:
+        return []
+    share = (group - 1) / group
+    gather, reduce = share * param_bytes, share * grad_bytes
+    if zero_stage == 3:
+        gathers = (2 * num_params - backward_resident_params) * gather
+        return [("all_gather", gathers, 0.0, 2 * units, 0),
+                ("reduce_scatter", num_params * reduce, 0.0, units, 0)]
+    if zero_stage == 2:
+        return [("reduce_scatter", num_params * reduce, 0.0, units, 0),
+                ("all_gather", 0.0, num_params * gather, 0, units)]
+    if zero_stage == 1:
+        return [("reduce_scatter", 0.0, num_params * reduce, 0, units),
+                ("all_gather", 0.0, num_params * gather, 0, units)]
+    return [("all_reduce", 0.0, 2 * num_params * reduce, 0, units)]
+
+
+def _seconds(hw: HardwareSpec, params: CostParams, kind: str, sent: float, group: int,
+             stride: int, calls: float) -> float:
+    """Seconds of `calls` collectives: measured per-kind bandwidth inside a CPU node,
+    else intra-node or hierarchical across nodes (`planner.collectives`)."""
+    if group <= 1:
+        return 0.0
+    return collective_seconds(
+        hw, kind, sent, group, stride, calls,
+        intra_bw=collective_bw(hw, min(group * stride, hw.devices_per_node), params, kind),
+        inter_bw=hw.inter_node_bw * params.comm_efficiency,
+        latency_s=call_latency(hw, params.gpu_collective_latency_s),
+        inter_latency_s=0.0 if hw.device_name.lower() == "cpu" else params.inter_node_latency_s)
+
+
+def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate, *,
+               stage_layers: int, stage_num_params: float, tokens: int,
+               microbatch_compute_s: float, attention_forward_s: float, params: CostParams,
+               backward_resident_params: float = 0, stage_units: int | None = None,
+               grad_reduce_dtype: str = "fp32", microbatch_backward_s: float | None = None
+               ) -> tuple[float, float]:
+    """(exposed per microbatch, exposed per step) communication seconds for one stage.
+
+    Each call costs a latency (measured on CPU nodes, NCCL's on GPUs) on top of its bytes
+    over the kind's bandwidth; groups that leave a node run hierarchically. Where collectives
+    overlap compute (GPUs): ring K/V passing hides under its block's attention; ZeRO-3's
+    prefetched all-gathers under the stage's compute except the first; gradient reductions
+    are bucketed (one bucket per ZeRO unit) and run beside the backward, so only what exceeds
+    the backward and the last bucket is exposed (stages 0-2 reduce once per step, in the last
+    microbatch's backward). Ulysses all-to-alls and the stage 1-2 parameter all-gather after
+    the update are on the critical path either way. `stage_num_params` is per TP rank;
+    `stage_units`: ZeRO units of the stage (default: its layers + embedding / head)."""
+    b, tp = DTYPE_BYTES[dtype], cand.tp
+    overlap = overlaps_compute(hw)
+    latency = call_latency(hw, params.gpu_collective_latency_s)
+    backward = microbatch_backward_s if microbatch_backward_s is not None else 2 * microbatch_compute_s / 3
+    per_mb = 0.0
+    if cand.sp > 1 and cand.sp_kind == "ulysses":   # 1x fwd, 2x bwd; 2 calls each way
+        a2a = ulysses_alltoall_bytes(shape, dtype, tokens, cand.sp) / tp
+        per_mb += stage_layers * _seconds(hw, params, "all_to_all", 3 * a2a, cand.sp, tp, 4)
+    elif cand.sp > 1:                                # ring: sp-1 hops fwd, 2sp-1 bwd
+        span = cand.sp * tp
+        sp_bw = collective_bw(hw, span, params, "send")
+        ring_fwd = ring_p2p_bytes(shape, dtype, tokens, cand.sp) / tp / sp_bw
+        ring_bwd = ring_p2p_backward_bytes(shape, dtype, tokens, cand.sp) / tp / sp_bw
+        fwd_window = attention_forward_s if overlap else 0.0
+        bwd_window = params.attention_backward_factor * fwd_window
+        per_mb += stage_layers * (max(0.0, ring_fwd - fwd_window) + max(0.0, ring_bwd - bwd_window)
+                                  + (3 * cand.sp - 2) * latency)
+    if cand.pp > 1:                 # activations forward, their gradients backward (v chunks)
+        span = pipeline_group_span(cand)
+        per_mb += 2 * cand.virtual * (tokens * shape.hidden_size * b / tp
+                                      / collective_bw(hw, span, params, "send") + latency)
+    units = stage_units if stage_units is not None else stage_layers + 2
+    per_step = 0.0
+    for kind, mb_bytes, step_bytes, mb_calls, step_calls in zero_collectives(
+            stage_num_params, cand.zero_stage, cand.shard_group, units,
+            backward_resident_params=backward_resident_params, param_bytes=b,
+            grad_bytes=DTYPE_BYTES[grad_reduce_dtype]):
+        mb_s = _seconds(hw, params, kind, mb_bytes, cand.shard_group, tp, mb_calls)
+        step_s = _seconds(hw, params, kind, step_bytes, cand.shard_group, tp, step_calls)
+        if not overlap:
+            per_mb, per_step = per_mb + mb_s, per_step + step_s
+        elif kind == "all_gather":              # ZeRO-3 prefetch; stages 1-2 after the update
+            per_mb += max(mb_s - microbatch_compute_s, mb_s / max(1, mb_calls)) if mb_s else 0.0
+            per_step += step_s
+        else:                                   # bucketed reduction beside the backward
+            per_mb += max(mb_s - backward, mb_s / units) if mb_s else 0.0
+            per_step += max(step_s - backward, step_s / units) if step_s else 0.0
+    return per_mb, per_step
+
+
+TP_COLLECTIVES = {"forward": {"all_gather": 2, "reduce_scatter": 2},
+                  "backward": {"all_gather": 4, "reduce_scatter": 2}}
+"""Hidden-wide tensor-parallel collectives of one decoder layer, by direction, as the runtime
+(disttrain/parallel/tensor.py) runs them: forward, an all-gather of the feature-sharded input
+before q/k/v and before gate/up and a reduce-scatter after o and down; backward, the saved input
+shard gathered again and the output gradient gathered for o and down (4 all-gathers), and the
+input gradients of q/k/v and gate/up reduce-scattered (2)."""
+
+
+def tp_comm_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int, tp: int,
+                    params: CostParams, direction: str = "forward") -> float:
+    """Exposed seconds of one layer's tensor-parallel collectives in one `direction`
+    ('forward' or 'backward'; `TP_COLLECTIVES`) over the intra-node TP group: tokens x hidden
+    in the training dtype each; the runtime does not overlap them with compute."""
+    if tp <= 1:
+        return 0.0
+    sent = tokens * shape.hidden_size * DTYPE_BYTES[dtype] * (tp - 1) / tp
+    return sum(count * (sent / collective_bw(hw, tp, params, kind)
+                        + call_latency(hw, params.gpu_collective_latency_s))
+               for kind, count in TP_COLLECTIVES[direction].items())
+
+
+def tp_step_bytes(shape: ModelShape, dtype: str, tokens: int, tp: int, *,
+                  recomputed_mlp: bool = False) -> int:
+    """Bytes one rank's tensor-parallel collectives send in one forward + backward of `tokens`
+    tokens (the runtime's count, docs/design.md "Tensor parallelism"): per layer the
+    `TP_COLLECTIVES` (+2 when a tiled MLP reruns its forward in the backward), the embedding 2
+    and the head 3 hidden-wide collectives in the training dtype; one fp32 all-reduce per token
+    for each RMSNorm forward and backward (2 per layer + the final norm) and 3 for the loss."""
+    if tp <= 1:
+        return 0
+    per_layer = sum(sum(kinds.values()) for kinds in TP_COLLECTIVES.values())
+    units = (per_layer + 2 * recomputed_mlp) * shape.num_layers + 5
+    unit = tokens * shape.hidden_size * DTYPE_BYTES[dtype] * (tp - 1) // tp
+    norms = 2 * (2 * shape.num_layers + 1)
+    return units * unit + (norms + 3) * 2 * tokens * 4 * (tp - 1) // tp

@@ -1,0 +1,137 @@
+"""Device efficiency curves: how fast a GPU runs the kernels of one decoder layer.
+
+Mechanisms, not one constant per plan (docs/design.md, "Compute" gives the sources):
+- GEMMs: the achieved fraction of peak of a large GEMM (`gemm_max`, measured at 8192^3 by
+  public cuBLAS/CUTLASS benchmarks) times a tile-quantisation factor per dimension
+  d / (d + c), normalised at 8192, so small-M shards (few tokens per rank) and narrow
+  tensor-parallel shards run slower; never faster than the HBM roofline allows (the
+  operands and result read/written once).
+- Attention (flash kernels): the kernel's achieved fraction of peak at long sequences
+  (`attn_fwd_max`, `attn_bwd_max` from the FlashAttention-2/3 papers) times S / (S + 512)
+  for the key length each query block sees and d / (d + 32) normalised at head dim 128;
+  the backward does 2.5x the forward's matmul FLOPs (it recomputes the scores).
+- Element-wise work (norms with their fp32 upcast, RoPE, SiLU x up, residual adds, the
+  loss's softmax) is memory-bound: its bytes over the HBM bandwidth.
+
+A device is matched to a family by its name (case-insensitive substring); `cpu` and
+unknown devices keep the flat `CostParams` efficiencies (the CPU numbers are measured by
+`disttrain profile`, whose fitted times replace all of this when they exist).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.shapes import DTYPE_BYTES, ModelShape
+
+REFERENCE_DIM = 8192
+"""GEMM size at which `gemm_max` is quoted."""
+ATTN_SEQ_HALF = 512
+"""Key length at which a flash kernel reaches half its long-sequence efficiency."""
+MEMORY_EFFICIENCY = 0.8
+"""Achieved share of nominal HBM bandwidth by streaming element-wise kernels."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceFamily:
+    """Kernel efficiencies of one GPU family (fractions of the dense bf16 peak)."""
+
+    name: str
+    gemm_max: float
+    """Large-GEMM (8192^3) achieved fraction of peak."""
+    tile: float
+    """Tile-quantisation constant c of d / (d + c) per GEMM dimension."""
+    attn_fwd_max: float
+    """Flash attention forward, long sequence, head dim 128."""
+    attn_bwd_max: float
+    """Flash attention backward (counting its 2.5x forward FLOPs)."""
+    hbm_bw: float
+    """Nominal device memory bandwidth, bytes/s."""
+
+
+# Order matters: the first family whose key is in the device name wins.
+FAMILIES: tuple[tuple[str, DeviceFamily], ...] = (
+    ("hbm2e", DeviceFamily(name="H100-HBM2e", gemm_max=0.70, tile=128, attn_fwd_max=0.35,
+                           attn_bwd_max=0.30, hbm_bw=2.4e12)),
+    ("h100", DeviceFamily(name="H100", gemm_max=0.70, tile=128, attn_fwd_max=0.35,
+                          attn_bwd_max=0.30, hbm_bw=3.35e12)),
+    ("h200", DeviceFamily(name="H200", gemm_max=0.70, tile=128, attn_fwd_max=0.35,
+                          attn_bwd_max=0.30, hbm_bw=4.8e12)),
+    ("b200", DeviceFamily(name="B200", gemm_max=0.72, tile=512, attn_fwd_max=0.35,
+                          attn_bwd_max=0.30, hbm_bw=8.0e12)),
+    ("a100-40", DeviceFamily(name="A100-40G", gemm_max=0.75, tile=128, attn_fwd_max=0.65,
+                             attn_bwd_max=0.55, hbm_bw=1.555e12)),
+    ("a100", DeviceFamily(name="A100", gemm_max=0.75, tile=128, attn_fwd_max=0.65,
+                          attn_bwd_max=0.55, hbm_bw=2.0e12)),
+    ("a800", DeviceFamily(name="A800", gemm_max=0.75, tile=128, attn_fwd_max=0.65,
+                          attn_bwd_max=0.55, hbm_bw=2.0e12)),
+    ("4090", DeviceFamily(name="RTX 4090", gemm_max=0.75, tile=128, attn_fwd_max=0.60,
+                          attn_bwd_max=0.50, hbm_bw=1.0e12)),
+)
+
+
+def device_family(device_name: str) -> DeviceFamily | None:
+    """The family of a device name, or None (CPU, unknown device: flat efficiencies)."""
+    name = device_name.lower()
+    for key, family in FAMILIES:
+        if key in name:
+            return family
+    return None
+
+
+def _tile(d: float, c: float) -> float:
+    return d / (d + c)
+
+
+def gemm_efficiency(family: DeviceFamily, m: float, n: float, k: float) -> float:
+    """Achieved fraction of peak of an (m x k) @ (k x n) GEMM, before the roofline."""
+    ref = _tile(REFERENCE_DIM, family.tile) ** 3
+    return family.gemm_max * _tile(m, family.tile) * _tile(n, family.tile) * _tile(k, family.tile) / ref
+
+
+def gemm_seconds(family: DeviceFamily, peak: float, m: float, n: float, k: float,
+                 elem_bytes: int) -> float:
+    """Forward seconds of one GEMM: compute at its shape's efficiency or the HBM roofline."""
+    if m <= 0 or n <= 0 or k <= 0:
+        return 0.0
+    compute = 2.0 * m * n * k / (peak * gemm_efficiency(family, m, n, k))
+    memory = elem_bytes * (m * k + k * n + m * n) / (family.hbm_bw * MEMORY_EFFICIENCY)
+    return max(compute, memory)
+
+
+def attention_efficiency(family: DeviceFamily, key_len: float, head_dim: int, backward: bool) -> float:
+    base = family.attn_bwd_max if backward else family.attn_fwd_max
+    dim = _tile(head_dim, 32) / _tile(128, 32)
+    return base * min(1.0, dim) * key_len / (key_len + ATTN_SEQ_HALF)
+
+
+def layer_gemms(shape: ModelShape, tokens: int, tp: int) -> list[tuple[float, float, float]]:
+    """(m, n, k) of a decoder layer's projections on one rank: q, k, v, o, gate, up, down,
+    with tensor parallelism splitting the heads / the MLP width (ceil for uneven shards)."""
+    h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim
+    split = lambda x: -(-x // tp)  # noqa: E731
+    return [(tokens, split(h), h), (tokens, split(kv), h), (tokens, split(kv), h),
+            (tokens, h, split(h)), (tokens, split(f), h), (tokens, split(f), h),
+            (tokens, h, split(f))]
+
+
+def elementwise_bytes_per_token(shape: ModelShape, dtype: str, tp: int) -> tuple[float, float]:
+    """(forward, backward) HBM bytes per token of a layer's element-wise kernels as the eager
+    runtime runs them: two RMSNorms with their fp32 upcast (~18 B per element each way),
+    RoPE on q and k, SiLU x up, two residual adds; the backward reads and writes about twice
+    what the forward does. Token-parallel parts (norms, residuals) shard by tp under
+    sequence parallelism, head-parallel ones by the head split."""
+    b = DTYPE_BYTES[dtype]
+    h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim
+    norms = 2 * (2 * b + 4 * 4) * h
+    rope = 3 * b * (h + kv) * 2
+    mlp = 5 * b * f
+    residual = 2 * 3 * b * h
+    forward = (norms + rope + mlp + residual) / tp
+    return forward, 2.0 * forward
+
+
+def loss_bytes_per_token(shape: ModelShape, tp: int) -> float:
+    """HBM bytes per token of the loss's fp32 logits: written, softmax read + written, its
+    gradient written and read by the head's backward."""
+    return 5 * 4 * shape.vocab_size / tp

@@ -1,0 +1,106 @@
+"""GPU cost-model mechanisms against hand-computed cases: GEMM-shape and attention-length
+efficiency, hierarchical collectives, tensor parallelism's bytes and collectives, interleaved
+1F1B."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.collectives import collective_seconds
+from planner.costmodel import (Candidate, CostParams, bubble_fraction, inflight_microbatches,
+                               layer_cost, tp_comm_seconds)
+from planner.efficiency import (attention_efficiency, device_family, gemm_efficiency,
+                                gemm_seconds)
+from planner.hardware import CLUSTER_PRESETS, GB
+from planner.shapes import MODEL_PRESETS
+
+H100 = device_family("H100-80G")
+A100 = device_family("A100-80G")
+
+
+def test_families_by_name():
+    assert device_family("cpu") is None and device_family("mystery-gpu") is None
+    assert device_family("A100-40G").hbm_bw < A100.hbm_bw       # 40 GB part: HBM2, 1.55 TB/s
+    assert device_family("H100-96G-HBM2e").name == "H100-HBM2e"
+    assert device_family("NVIDIA B200").name == "B200"
+
+
+def test_gemm_efficiency_drops_for_small_shards():
+    assert gemm_efficiency(H100, 8192, 8192, 8192) == pytest.approx(H100.gemm_max)
+    small = gemm_efficiency(H100, 512, 4096, 4096)
+    assert small == pytest.approx(H100.gemm_max * (512 / 640) * (4096 / 4224) ** 2 / (8192 / 8320) ** 3)
+    # a 64-token shard is memory-bound: the HBM roofline sets its time
+    t = gemm_seconds(H100, 989e12, 64, 4096, 4096, 2)
+    assert t == pytest.approx(2 * (64 * 4096 * 2 + 4096 * 4096) / (H100.hbm_bw * 0.8))
+
+
+def test_attention_efficiency_grows_with_length_and_head_dim():
+    short = attention_efficiency(A100, 512, 128, False)
+    long = attention_efficiency(A100, 131072, 128, False)
+    assert short == pytest.approx(A100.attn_fwd_max / 2)
+    assert long > 0.99 * A100.attn_fwd_max
+    assert attention_efficiency(A100, 131072, 64, False) < long
+    assert attention_efficiency(A100, 131072, 128, True) < long
+
+
+def test_hierarchical_collective_by_hand():
+    hw = CLUSTER_PRESETS["8xh100-80g"].replace(nodes=4)
+    sent = 31 / 32 * 1e9                      # reduce-scatter of a 1 GB buffer over 32 ranks
+    intra, inter = 400 * GB, 40 * GB
+    t = collective_seconds(hw, "reduce_scatter", sent, 32, 1, 1, intra_bw=intra, inter_bw=inter,
+                           latency_s=1e-5, inter_latency_s=2e-5)
+    assert t == pytest.approx(1e9 * 7 / 8 / intra + 1e9 / 8 * 3 / 4 / inter + 3e-5)
+    # inside one node: bytes over the intra-node rate only
+    assert collective_seconds(hw, "all_gather", 7 / 8 * 1e9, 8, 1, 2, intra_bw=intra, inter_bw=inter,
+                              latency_s=1e-5, inter_latency_s=2e-5) == pytest.approx(7 / 8 * 1e9 / intra + 2e-5)
+    # stride 2 (tp=2 inside): 4 members per node, the inter-node step moves a quarter
+    t2 = collective_seconds(hw, "reduce_scatter", 15 / 16 * 1e9, 16, 2, 1, intra_bw=intra,
+                            inter_bw=inter, latency_s=0, inter_latency_s=0)
+    assert t2 == pytest.approx(1e9 * 3 / 4 / intra + 1e9 / 4 * 3 / 4 / inter)
+
+
+def test_tensor_parallel_divides_bytes_and_adds_collectives():
+    shape, hw, params = MODEL_PRESETS["llama3-8b"], CLUSTER_PRESETS["8xh100-80g"], CostParams()
+    one = Candidate(dp=8, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=3)
+    four = Candidate(dp=2, tp=4, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=3)
+    kw = dict(seq_len=8192, micro_batch_size=1, params=params)
+    a, b = layer_cost(shape, "bf16", hw, one, **kw), layer_cost(shape, "bf16", hw, four, **kw)
+    for field in ("token_local_bytes", "plain_bytes", "input_bytes", "attention_output_bytes"):
+        assert getattr(b, field) == pytest.approx(getattr(a, field) / 4)
+    comm = tp_comm_seconds(shape, "bf16", hw, 8192, 4, params)
+    sent = 8192 * 4096 * 2 * 3 / 4
+    rate = hw.intra_node_bw / 2 * params.comm_efficiency
+    assert comm == pytest.approx(4 * (sent / rate + params.gpu_collective_latency_s))
+    assert b.recompute_s > comm and b.forward_s < a.forward_s
+
+
+def test_interleaved_schedule_bubble_and_inflight():
+    assert bubble_fraction(4, 8, virtual=2) == pytest.approx(1.5 / 9.5)
+    assert bubble_fraction(4, 8, virtual=2) < bubble_fraction(4, 8)
+    # Megatron's warm-up on rank 0: 2(p-1) + (v-1)p + 1 = 11 chunk forwards of half a stage
+    assert inflight_microbatches(4, 8, 0, virtual=2) == 6
+    assert inflight_microbatches(4, 8, 3, virtual=2) == 3
+    assert inflight_microbatches(4, 2, 0, virtual=2) == 2
+
+
+def test_page_cache_and_tiled_rebuild_in_the_working_set():
+    from dataclasses import replace
+
+    from planner.costmodel import LayerCost
+    from planner.mip import StageProblem, evaluate_stage
+    from planner.plan import LayerActivationPlan
+
+    lc = LayerCost(tokens=1000, input_bytes=100.0, attention_output_bytes=100.0,
+                   token_local_bytes=1000.0, mlp_bytes=500.0, plain_bytes=1200.0, forward_s=1.0,
+                   backward_s=2.0, recompute_s=0.5, qkv_bytes=200.0)
+    problem = StageProblem(layers=(lc, lc), inflight=1, slots=1, device_capacity_bytes=1e9,
+                           fixed_device_bytes=0.0, host_capacity_bytes=1e9, nvme_capacity_bytes=1e9,
+                           host_link_bw=1e9, nvme_read_bw=1e9, nvme_write_bw=1e9)
+    acts = (LayerActivationPlan(swap_fraction=1.0, tier="nvme"),) * 2
+    whole = evaluate_stage(problem, acts, 0).working_bytes
+    assert whole == 1000.0 + 1000.0             # rebuilt layer 1 + layer 0 being prefetched
+    cached = evaluate_stage(replace(problem, page_cache_reads=True), acts, 0).working_bytes
+    assert cached == whole + 1000.0             # the read also sits in the page cache
+    tiled = evaluate_stage(replace(problem, rebuild_fraction=0.25), acts, 0).working_bytes
+    # q, k, v whole (200) + a quarter of the rest (200), for the rebuilt and the prefetched layer
+    assert tiled == 2 * (200.0 + 0.25 * 800.0)

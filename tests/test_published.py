@@ -1,0 +1,98 @@
+"""The planner against published GPU runs (bench/published.py): a few fast calibration specs
+must stay feasible, inside +-25% of the published tokens/s/GPU, with shallow pipelines, and
+plan within the time target; a regression in the cost model fails here."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import published  # noqa: E402
+
+from disttrain.spec import load_job  # noqa: E402
+from planner.costmodel import CostParams  # noqa: E402
+from planner.hardware import CLUSTER_PRESETS  # noqa: E402
+from planner.request import PlanRequest  # noqa: E402
+from planner.search import plan_job  # noqa: E402
+from planner.shapes import MODEL_PRESETS  # noqa: E402
+
+FAST = ("megatron-1p7b-48xh100", "megatron-16b-192xh100")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_published_row_inside_the_band(name):
+    job = load_job(published.SPECS / f"{name}.yaml")
+    pub = published.PUBLISHED[name]
+    free = published.free_request(job)
+    for request in (free, dataclasses.replace(free, **pub["layout"])):
+        row = published.plan_one(request)
+        plan = row["plan"]
+        assert plan.feasible
+        assert abs(row["tok"] / pub["tok_s"] - 1) <= published.BAND, (name, row["layout"], row["tok"])
+        assert plan.parallel.pp <= published.MAX_PP_SHORT
+        assert row["wall"] <= 2 * published.TIME_LIMIT_S     # 10 s target; headroom for busy CI
+        assert plan.prediction.mfu_noncausal > plan.prediction.mfu > 0
+
+
+def test_fixed_tensor_parallel_layout_is_planned():
+    job = load_job(published.SPECS / "megatron-16b-192xh100.yaml")
+    plan = plan_job(dataclasses.replace(job.plan_request(), tp=4, dp=48, pp=1, sp=1), with_layout=False)
+    assert published.free_request(job).tp is None
+    assert plan.feasible and plan.parallel.tp == 4 and plan.parallel.world_size == 192
+    free = plan_job(dataclasses.replace(job.plan_request(), tp=1, dp=48, pp=1, sp=4, sp_kind="ulysses",
+                                        zero_stage=0), with_layout=False)
+    # TP divides the model states per rank by tp: ZeRO-0 states of 16B do not fit without it
+    assert not free.feasible or free.prediction.bytes_by_category["optimizer"] > \
+        plan.prediction.bytes_by_category["optimizer"]
+
+
+def test_sequence_tiled_rebuild_makes_fpdt_feasible():
+    job = load_job(published.SPECS / "fpdt-llama3-70b-4m-32xa100-40g.yaml")
+    plan = plan_job(published.free_request(job), with_layout=False)
+    assert plan.feasible
+    assert plan.tiling.rebuild_tile_tokens > 0      # whole-sequence rebuild would not fit
+
+
+def test_single_pool_cpu_node_offers_no_cpu_tier():
+    hw = CLUSTER_PRESETS["cpu-local"].replace(device_memory_bytes=64 * 2**20)
+    request = PlanRequest(model=MODEL_PRESETS["tiny"], hardware=hw, seq_len=1024)
+    plan = plan_job(request, params=CostParams(single_pool_on_cpu=True), with_layout=False)
+    assert plan.feasible
+    assert all(a.keep_all or a.tier == "nvme" or (a.swap_fraction == 0 and not a.swap_input
+                                                   and not a.swap_attention_output)
+               for a in plan.activations)
+    assert not plan.model_states.cpu_chunks and plan.prediction.host_bytes == 0
+
+
+def test_infeasible_reason_parts_add_up():
+    request = PlanRequest(model=MODEL_PRESETS["llama2-70b"], hardware=CLUSTER_PRESETS["8xa800-80g"],
+                          dtype="bf16", seq_len=1 << 22, tp=1, sp=8, pp=1, dp=1, sp_kind="ring",
+                          zero_stage=3)
+    plan = plan_job(request, with_layout=False)
+    assert not plan.feasible
+    assert all(r["shortfall_bytes"] is None or r["shortfall_bytes"] > 0 for r in plan.rejected)
+    reason = plan.rejected[0]["reason"]
+    assert reason.startswith("needs at least"), reason
+    total = float(re.search(r"needs at least ([\d.]+) GiB", reason).group(1))
+    parts = [float(x) * (1 if unit == "GiB" else 1 / 1024) for x, unit in
+             re.findall(r"[a-z_]+ ([\d.]+) (GiB|MiB)", reason.split(" = ", 1)[1].split(" > ")[0])]
+    assert len(parts) >= 4 and "activations" in reason
+    assert sum(parts) == pytest.approx(total, rel=0.02)
+
+
+def test_interleaved_schedule_is_planned_with_its_chunks():
+    job = load_job(published.SPECS / "megatron-70b-768xh100.yaml")
+    request = dataclasses.replace(published.free_request(job), tp=8, pp=2, dp=48, sp=1)
+    plan = plan_job(request, with_layout=False)
+    one_f_one_b = plan_job(dataclasses.replace(request, schedule="1f1b"), with_layout=False)
+    assert plan.feasible and one_f_one_b.feasible
+    assert plan.parallel.schedule == "interleaved-1f1b" and len(plan.parallel.stages) == 4
+    assert plan.prediction.time_breakdown["bubble"] < one_f_one_b.prediction.time_breakdown["bubble"]
+    assert len(plan.activations) == 84

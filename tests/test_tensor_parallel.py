@@ -1,0 +1,68 @@
+"""Tensor parallelism vs plain single-process PyTorch: same loss and same gradients (fp32).
+
+The model-level tests run `apply_tensor_parallel` on 2 gloo ranks and compare each rank's
+parameter shards and their gradients, gathered to full shape, with the unmodified model's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from disttrain.engine import lm_loss
+from disttrain.model import build_model
+from disttrain.parallel.dims import ParallelDims, build_groups
+from disttrain.parallel.spawn import spawn_ranks
+from disttrain.parallel.tensor import apply_tensor_parallel, gather_full_parameters
+from disttrain.spec import tensor_parallel_error
+from disttrain.tiling import apply_mlp_tiling
+from lm_batches import random_batch
+from planner.collectives import tp_step_bytes
+from planner.shapes import ModelShape
+
+SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                   ffn_hidden_size=48, vocab_size=64, max_seq_len=64)
+TIED = ModelShape(**{**SHAPE.__dict__, "tie_embeddings": True})
+
+
+def _loss_and_grads(model, tokens, targets, loss_chunk_tokens=0):
+    loss = lm_loss(model, tokens, targets, loss_chunk_tokens=loss_chunk_tokens)
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _tp_worker(rank, world, shape, loss_chunk_tokens, mlp_chunk_tokens):
+    groups = build_groups(ParallelDims(tp=world, world_size=world), rank)
+    model = build_model(shape, seed=3)
+    tp = apply_tensor_parallel(model, groups.tp)
+    if mlp_chunk_tokens:
+        apply_mlp_tiling(model, mlp_chunk_tokens)
+    tokens, targets = random_batch(shape.vocab_size, seed=5, seq_len=16, batch=2)
+    loss, grads = _loss_and_grads(model, tokens, targets, loss_chunk_tokens)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    return (loss, gather_full_parameters(params, tp), gather_full_parameters(grads, tp),
+            tp.reset_comm_bytes())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,loss_chunk,mlp_chunk", [(SHAPE, 0, 0), (TIED, 8, 8)],
+                         ids=["plain", "tied-chunked-loss-tiled-mlp"])
+def test_tp2_matches_single_process_loss_and_gradients(shape, loss_chunk, mlp_chunk):
+    ref = build_model(shape, seed=3)
+    tokens, targets = random_batch(shape.vocab_size, seed=5, seq_len=16, batch=2)
+    ref_loss, ref_grads = _loss_and_grads(ref, tokens, targets)
+    for loss, params, grads, comm in spawn_ranks(_tp_worker, 2, shape, loss_chunk, mlp_chunk):
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6,
+                                       msg=name)
+        assert sum(comm.values()) == tp_step_bytes(shape, "fp32", 2 * 16, 2,
+                                                   recomputed_mlp=bool(mlp_chunk))
+
+
+def test_tensor_parallel_divisibility_errors_name_the_field():
+    assert tensor_parallel_error(SHAPE, 2) is None
+    assert tensor_parallel_error(SHAPE, 4) == "model.num_kv_heads (2) must be divisible by tp, got 4"
+    odd_vocab = ModelShape(**{**SHAPE.__dict__, "vocab_size": 63})
+    assert tensor_parallel_error(odd_vocab, 2).startswith("model.vocab_size (63)")

@@ -70,7 +70,8 @@ def states_worker(rank: int, world: int, stages: list[int]) -> dict[int, int]:
     from disttrain.engine import build_runtime
     from disttrain.spec import job_from_dict
     from fidelity import config_spec
-    from peers import _batches
+    from peers import COMMON
+    from peers_baselines import _batches
 
     out = {}
     for stage in stages:
@@ -79,7 +80,7 @@ def states_worker(rank: int, world: int, stages: list[int]) -> dict[int, int]:
         from disttrain.planning import fixed_plan
 
         runtime = build_runtime(job, fixed_plan(job, world), rank=rank)
-        runtime.forward_backward(0, _batches(256))
+        runtime.forward_backward(0, _batches(COMMON, 256))
         runtime.states.step(1e-3)
         out[stage] = sum(sum(v.values()) for v in runtime.states.bytes_by_place().values())
         runtime.close()

@@ -96,7 +96,8 @@ def fidelity_worker(rank: int, world: int, configs: list[tuple[str, dict, object
 
     from disttrain.engine import build_runtime
     from offload import apply_activation_policy
-    from peers import _batches
+    from peers import COMMON
+    from peers_baselines import _batches
 
     out = {}
     for name, spec, plan in configs:
@@ -104,7 +105,7 @@ def fidelity_worker(rank: int, world: int, configs: list[tuple[str, dict, object
         runtime = build_runtime(job, plan, rank=rank)
         if runtime.activations is None and plan.parallel.pp == 1:  # keep-all: measure only
             runtime.activations = apply_activation_policy(runtime.model, plan.activations)
-        batches, times, comm = _batches(plan.seq_len), [], []
+        batches, times, comm = _batches(COMMON, plan.seq_len), [], []
         runtime.communication_bytes()
         for step in range(job.spec.train.steps):
             t0 = time.perf_counter()

@@ -102,20 +102,25 @@ def model_state_bytes(num_params: float, dtype: str, zero_stage: int, group: int
             "optimizer": num_params * per_param_optimizer / (g if zero_stage >= 1 else 1)}
 
 
-def zero3_gather_bytes(shape: ModelShape, dtype: str, prefetch: int = 1) -> float:
+def zero3_gather_bytes(shape: ModelShape, dtype: str, prefetch: int = 1, *,
+                       num_layers: int | None = None, first: bool = True, last: bool = True
+                       ) -> float:
     """Peak bytes of the full (gathered) parameters ZeRO-3 holds at once, with one chunk per
     execution unit or smaller (the plan's one-layer chunks): the unit running and the next
     `prefetch` units (0 or 1) in execution order, forward and backward — embedding, decoder
     layers, final norm + head. A tied embedding is also the head: gathered from the first
-    unit to the head's backward."""
+    unit to the head's backward. A pipeline stage holds `num_layers` decoder layers, the
+    embedding only if `first` and the norm + head only if `last`."""
     h, vocab_h = shape.hidden_size, shape.vocab_size * shape.hidden_size
-    units = ([vocab_h] + [shape.layer_params()] * shape.num_layers
-             + [h + (0 if shape.tie_embeddings else vocab_h)])
-    window = prefetch + 1
+    layers = shape.num_layers if num_layers is None else num_layers
+    units = (([vocab_h] if first else []) + [shape.layer_params()] * layers
+             + ([h + (0 if shape.tie_embeddings else vocab_h)] if last else []))
+    tied = shape.tie_embeddings and first and last
+    window = min(prefetch + 1, len(units))
     peak = 0
     for start in range(len(units) - window + 1):
         held = sum(units[start:start + window])
-        if shape.tie_embeddings and start > 0:
+        if tied and start > 0:
             held += vocab_h
         peak = max(peak, held)
     return float(DTYPE_BYTES[dtype] * peak)

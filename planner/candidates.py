@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from planner.analytic import SavedBytesPerToken, layer_saved_bytes_per_token
+from planner.analytic import SavedBytesPerToken, layer_saved_bytes_per_token, zero3_gather_bytes
 from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu_optimizer_s,
                                device_optimizer_s, head_seconds, inflight_microbatches, layer_cost,
                                qkv_bytes_per_token,
@@ -213,7 +213,8 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
     usable -= max(4096.0, 1e-6 * usable)  # the solver's feasibility tolerance (~1e-7 GiB)
     per_rank = hw.devices_per_node
     layer_params = shape.layer_params() / tp
-    per_param_states = 2 * b + optimizer_bytes_per_param(dtype)
+    # as the runtime holds them: compute parameters in the dtype, fp32 gradients, the optimizer
+    per_param_states = b + DTYPE_BYTES["fp32"] + optimizer_bytes_per_param(dtype)
     host = host_budget_per_rank(hw, params)
     setups = []
     for stage, (start, end) in enumerate(stage_layer_ranges(shape.num_layers, cand.pp)):
@@ -223,7 +224,8 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
         num_chunks = count if chunked else 0
         fixed_states = model_state_bytes(total_params - num_chunks * layer_params, dtype,
                                          cand.zero_stage, group)
-        buffers = 3 * b * layer_params if chunked else 0.0
+        buffers = zero3_gather_bytes(shape, dtype, 1, num_layers=count, first=stage == 0,
+                                     last=last) / tp if chunked else 0.0
         head = ((logits_working_bytes(shape, tokens, loss_chunk) + 2 * b * shape.hidden_size * tokens) / tp
                 if last else 0.0)
         fixed = sum(fixed_states.values()) + buffers + head

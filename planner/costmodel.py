@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from planner.analytic import (FP32, SavedBytesPerToken, kv_heads_per_rank,
                               layer_flops_per_token, layer_saved_bytes_per_token,
-                              model_flops_per_token)
+                              model_flops_per_token, model_state_bytes)
 from planner.collectives import (call_latency, collective_bw, comm_times,  # noqa: F401
                                  group_bandwidth, overlaps_compute, pipeline_group_span,
                                  ring_p2p_backward_bytes, ring_p2p_bytes, shard_group_span,
@@ -138,17 +138,6 @@ def stage_params(shape: ModelShape, pp: int, stage: int) -> int:
 def optimizer_bytes_per_param(dtype: str) -> int:
     """Adam: m and v in fp32, plus an fp32 master copy when training in bf16."""
     return 2 * FP32 + (FP32 if DTYPE_BYTES[dtype] != FP32 else 0)
-
-
-def model_state_bytes(num_params: int, dtype: str, zero_stage: int, shard_group: int
-                      ) -> dict[str, float]:
-    """Per-rank parameters, gradients and optimizer states under ZeRO over `shard_group`."""
-    b = DTYPE_BYTES[dtype]
-    group = max(1, shard_group)
-    return {"parameters": num_params * b / (group if zero_stage >= 3 else 1),
-            "gradients": num_params * b / (group if zero_stage >= 2 else 1),
-            "optimizer": num_params * optimizer_bytes_per_param(dtype)
-            / (group if zero_stage >= 1 else 1)}
 
 
 def inflight_microbatches(pp: int, num_microbatches: int, stage: int, virtual: int = 1) -> int:

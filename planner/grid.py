@@ -109,6 +109,9 @@ def _layout_problem(request: PlanRequest, dp: int, sp: int, kind: str, pp: int, 
     shape = request.model
     if pp > shape.num_layers:
         return f"pp={pp} > {shape.num_layers} layers"
+    if pp > 1 and shape.tie_embeddings:
+        return (f"pp={pp} with tied embeddings: the runtime does not sum the tied gradient "
+                f"across pipeline stages")
     if request.global_batch_size % (dp * request.micro_batch_size):
         return (f"global batch {request.global_batch_size} is not a multiple of dp {dp} x "
                 f"micro batch {request.micro_batch_size}")

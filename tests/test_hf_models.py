@@ -22,7 +22,8 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, M
 from conftest import run_cli
 from disttrain.hf_export import export_hf
 from disttrain.model import build_model
-from disttrain.model.hf import load_hf_weights, load_tokenizer
+from disttrain.data.documents import load_tokenizer
+from disttrain.model.hf import load_hf_weights
 from disttrain.parallel.spawn import spawn_ranks
 from disttrain.planning import fixed_plan
 from disttrain.spec import SpecError, job_from_dict
@@ -161,8 +162,8 @@ def test_training_matches_transformers_and_export_reloads(tmp_path, family):
     from safetensors import safe_open
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert ("lm_head.weight" in f.keys()) is not tied
-    assert load_tokenizer(out).encode("long sequences") == load_tokenizer(hf_dir).encode(
-        "long sequences")
+    assert load_tokenizer(out).encode(["long sequences"]) == load_tokenizer(hf_dir).encode(
+        ["long sequences"])
 
 
 def test_export_of_a_preset_run_is_a_llama(tmp_path, write_spec):
@@ -290,17 +291,18 @@ def test_cli_exits_2_with_one_line(tmp_path, write_spec):
 
 def test_tokenizer_loads_local_files_and_refuses_a_dir_without_them(tmp_path):
     hf_dir = make_hf_dir(tmp_path / "hf", "llama3")
-    with pytest.raises(SpecError, match="data.tokenizer: no tokenizer files in"):
-        load_tokenizer(hf_dir, field="data.tokenizer")
+    with pytest.raises(SpecError, match="model.hf: .* holds no tokenizer files"):
+        load_tokenizer(hf_dir, field="model.hf")
     write_tokenizer(hf_dir)
     tok = load_tokenizer(hf_dir)
     from transformers import AutoTokenizer
 
     theirs = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     text = "long sequences of tokens"
-    assert tok.encode(text) == theirs(text)["input_ids"]
+    # documents end with EOS: transformers' ids (BOS first) then EOS
+    assert tok.encode([text]) == [theirs(text)["input_ids"] + [theirs.eos_token_id]]
     assert tok.eos_id == theirs.eos_token_id and tok.bos_id == theirs.bos_token_id
-    assert tok.vocab_size == len(theirs) and len(tok.fingerprint) == 16
+    assert tok.vocab_size == len(theirs) and len(tok.fingerprint) == 64
 
 
 def _zero3_worker(rank, world, raw, plan_dict):
@@ -356,7 +358,7 @@ def test_example_makes_a_model_that_fine_tunes_with_a_swapping_plan_and_exports(
     job = job_from_dict(raw, base_dir=example)
     assert job.shape.rope_scaling == "llama3" and job.hf.family == "llama"
     tok = load_tokenizer(job.hf.path)
-    assert job.shape.vocab_size == tok.vocab_size and tok.encode("a")[0] == tok.bos_id
+    assert job.shape.vocab_size == tok.vocab_size and tok.encode(["a"])[0][0] == tok.bos_id
     plan = resolve_plan(job, 2)
     assert plan.parallel.sp == 2 and any(a.swap_fraction > 0 for a in plan.activations)
     full, _ = spawn_ranks(_example_worker, 2, raw, str(example), plan.to_dict())

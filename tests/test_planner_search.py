@@ -154,3 +154,19 @@ def test_profiled_head_and_optimizer_times_enter_the_step():
     assert setup.fixed_optimizer_s == pytest.approx(req.model.num_params() * 1e-6)
     other_device = type("P", (_StubProfile,), {"device": "A800-80G"})()
     assert profiled_timing(req, cand, other_device) is None   # measured elsewhere: analytic
+
+
+def test_tied_embeddings_are_never_pipelined():
+    """The runtime refuses a tied model with pp > 1, so the planner never plans one."""
+    from planner.grid import enumerate_candidates
+    from planner.hardware import CLUSTER_PRESETS
+    from planner.request import PlanRequest
+    from planner.shapes import MODEL_PRESETS
+
+    tied = MODEL_PRESETS["tiny"].replace(tie_embeddings=True)
+    hw = CLUSTER_PRESETS["cpu-local"].replace(devices_per_node=2)
+    request = PlanRequest(model=tied, hardware=hw, seq_len=128, micro_batch_size=1,
+                          global_batch_size=4)
+    candidates, rejected, _ = enumerate_candidates(request)
+    assert candidates and all(c.pp == 1 for c in candidates)
+    assert any("tied embeddings" in r["reason"] for r in rejected)

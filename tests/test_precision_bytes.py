@@ -12,7 +12,9 @@ Measured without the runtime's counters:
     and moments a checkpoint saves (`state_dict`), the rest: fp32 = gradients, the compute
     dtype = parameters (a bf16 shard);
   * ZeRO-3 gather buffers: the storage bytes of the model's parameters (views into the
-    gathered buffers) sampled at every module's forward and backward, the peak.
+    gathered buffers) sampled at every module's forward and backward, the peak;
+  * ZeRO collective bytes (bf16 gathers, fp32 reduction): the runtime's per-collective
+    counters against the planner's `zero_step_bytes` (as bench/comm_volume.py does).
 Predicted: `planner.analytic` (`model_state_bytes`, `zero3_gather_bytes`) and the planner's
 per-layer resident bytes (`planner.mip._layer_traffic` over `planner.costmodel.LayerCost`).
 """
@@ -31,6 +33,7 @@ from disttrain.engine import build_runtime
 from disttrain.parallel.spawn import spawn_ranks
 from disttrain.spec import job_from_dict
 from planner.analytic import layer_saved_bytes_per_token, model_state_bytes, zero3_gather_bytes
+from planner.collectives import zero_step_bytes
 from planner.costmodel import LayerCost
 from planner.mip import _layer_traffic
 from planner.plan import LayerActivationPlan, ModelStatePlan, ParallelPlan, Plan
@@ -179,6 +182,7 @@ def measure(rank: int, world: int, dtype: str, stage: int) -> dict:
         batches = build_batches("synthetic", None, vocab_size=job.shape.vocab_size,
                                 seq_len=SEQ, micro_batch_size=1, seed=0)
         runtime.train_step(0, batches, 1e-3)
+        runtime.communication_bytes()  # reset the counters
         acts = _LayerActivations(runtime.model)
         handles, peak = _gather_peak(runtime.model)
         with acts.hooks():
@@ -186,7 +190,10 @@ def measure(rank: int, world: int, dtype: str, stage: int) -> dict:
         states = _state_bytes(runtime, runtime.model.embed.weight.dtype)
         for handle in handles + acts.handles:
             handle.remove()
-        out[policy] = {"activations": acts.by_layer, "states": states, "gather": peak[0]}
+        runtime.states.step(1e-3)
+        zero = sum(v for k, v in runtime.communication_bytes().items() if k.startswith("zero_"))
+        out[policy] = {"activations": acts.by_layer, "states": states, "gather": peak[0],
+                       "zero_comm": zero}
         runtime.close()
     return out
 
@@ -217,6 +224,12 @@ def _check(measured: dict, dtype: str, stage: int, world: int) -> None:
         if stage == 3:
             assert result["gather"] == pytest.approx(zero3_gather_bytes(job.shape, dtype),
                                                      rel=TOL), where
+        if world > 1:  # the runtime's collective counters against the planner's volumes
+            per_mb, per_step = zero_step_bytes(
+                job.shape.num_params(), dtype, stage, world, 1,
+                backward_resident_params=job.shape.embedding_params(),
+                grad_reduce_dtype=job.spec.train.grad_reduce_dtype)
+            assert result["zero_comm"] == pytest.approx(per_mb + per_step, rel=TOL), where
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -58,6 +58,9 @@ class DocumentTokenizer:
     pad_id: int
     fingerprint: str
     """Hash of the tokenizer's files (part of the cache key)."""
+    bos_id: int | None = None
+    vocab_size: int = 0
+    """Token ids the tokenizer can produce (added tokens included)."""
     _encode_batch: object = None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -67,17 +70,22 @@ class DocumentTokenizer:
         return [ids if ids and ids[-1] == self.eos_id else ids + [self.eos_id] for ids in out]
 
 
-def load_tokenizer(directory: Path | None) -> DocumentTokenizer:
-    """The tokenizer of `directory` (a Hugging Face tokenizer dir), or the byte tokenizer."""
+def load_tokenizer(directory: Path | None, *, field: str = "data.tokenizer") -> DocumentTokenizer:
+    """The tokenizer of `directory` (a Hugging Face tokenizer or model dir; local files only),
+    or the byte tokenizer; errors name `field`. `tokenizer.json` is read with the `tokenizers`
+    library, a slow tokenizer (tokenizer.model, vocab.json + merges.txt) through
+    `transformers.AutoTokenizer`."""
     if directory is None:
         return DocumentTokenizer(
             name="bytes", eos_id=byte_tokenizer.EOS_ID, pad_id=byte_tokenizer.PAD_ID,
-            fingerprint="bytes-v1",
+            fingerprint="bytes-v1", bos_id=byte_tokenizer.BOS_ID,
+            vocab_size=byte_tokenizer.VOCAB_SIZE,
             _encode_batch=lambda texts: [byte_tokenizer.encode(t) for t in texts])
+    directory = Path(directory)
     if not directory.is_dir():
-        raise DataError(f"data.tokenizer: {directory} is not a directory")
+        raise DataError(f"{field}: {directory} is not a directory")
     if not any((directory / f).is_file() for f in HF_TOKENIZER_FILES):
-        raise DataError(f"data.tokenizer: {directory} holds no tokenizer files (one of "
+        raise DataError(f"{field}: {directory} holds no tokenizer files (one of "
                         f"{', '.join(HF_TOKENIZER_FILES)})")
     digest = hashlib.sha256()
     for name in TOKENIZER_FILES:
@@ -89,29 +97,31 @@ def load_tokenizer(directory: Path | None) -> DocumentTokenizer:
         try:
             tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
         except Exception as exc:  # the library raises a bare Exception on bad JSON
-            raise DataError(f"data.tokenizer: cannot read {directory / 'tokenizer.json'}: "
+            raise DataError(f"{field}: cannot read {directory / 'tokenizer.json'}: "
                             f"{str(exc).splitlines()[0]}") from None
         eos = _special_id(directory, "eos", tok.token_to_id)
         pad = _special_id(directory, "pad", tok.token_to_id)
         return DocumentTokenizer(
             name=str(directory), eos_id=eos, pad_id=pad if pad is not None else (eos or 0),
-            fingerprint=fingerprint,
+            fingerprint=fingerprint, bos_id=_special_id(directory, "bos", tok.token_to_id),
+            vocab_size=tok.get_vocab_size(with_added_tokens=True),
             _encode_batch=lambda texts: [e.ids for e in tok.encode_batch(texts)])
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise DataError(f"data.tokenizer: cannot load {directory}: "
+        raise DataError(f"{field}: cannot load {directory}: "
                         f"{str(exc).splitlines()[0]}") from None
     eos, pad = tok.eos_token_id, tok.pad_token_id
     return DocumentTokenizer(
         name=str(directory), eos_id=eos, pad_id=pad if pad is not None else (eos or 0),
-        fingerprint=fingerprint,
+        fingerprint=fingerprint, bos_id=tok.bos_token_id, vocab_size=len(tok),
         _encode_batch=lambda texts: tok(texts, add_special_tokens=True)["input_ids"])
 
 
 def _special_id(directory: Path, kind: str, token_to_id) -> int | None:
-    """Id of the `eos` / `pad` token named by tokenizer_config.json (or config.json's id)."""
+    """Id of the `bos` / `eos` / `pad` token named by tokenizer_config.json (or config.json's
+    id)."""
     config = directory / "tokenizer_config.json"
     if config.is_file():
         token = json.loads(config.read_text()).get(f"{kind}_token")

@@ -298,29 +298,20 @@ def _collective_worker(rank: int, world: int, port: int, threads: int, sizes: tu
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
 
 
-def timed_collectives(world: int = 2, *, threads: int | None = None,
-                      sizes: tuple[int, ...] = COLLECTIVE_SIZES, repeats: int = 5,
-                      timeout_s: float = 120.0) -> dict:
-    """Time gloo collectives between `world` local processes on loopback.
 
-    Each process runs `threads` torch threads (default: this machine's cores / world, as the
-    launchers give each rank). Returns {"samples": {(kind, input bytes): median s},
-    "latency_s", "bandwidth": one latency + bandwidth (bytes one rank sends per second) fit
-    over every kind and size, "by_kind": {kind: (latency_s, bandwidth)}, "threads", "world"}.
-    """
+def run_collective_workers(worker, world: int, args: tuple, timeout_s: float, what: str) -> dict:
+    """Run `worker(rank, world, port, *args, queue)` in `world` spawned local processes and
+    return the samples rank 0 puts on the queue as ("ok", samples); every process is joined
+    (or terminated) before returning. RuntimeError naming `what` when a rank fails or hangs."""
     import multiprocessing as mp
-    import os
     import socket
-    if world < 2:
-        raise ValueError(f"world: need at least 2 processes, got {world}")
-    threads = threads or max(1, (os.cpu_count() or 1) // world)
+
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_collective_worker, daemon=True,
-                         args=(r, world, port, threads, tuple(sizes), repeats, queue))
+    procs = [ctx.Process(target=worker, daemon=True, args=(r, world, port, *args, queue))
              for r in range(world)]
     for proc in procs:
         proc.start()
@@ -335,13 +326,39 @@ def timed_collectives(world: int = 2, *, threads: int | None = None,
                 proc.terminate()
                 proc.join(timeout=5)
     if status != "ok":
-        raise RuntimeError(f"timed collectives failed: {payload}")
-    sent = [collective_sent_bytes(kind, size, world) for kind, size in payload]
-    latency, bandwidth = fit_latency_bandwidth(sent, list(payload.values()))
+        raise RuntimeError(f"{what} failed: {payload}")
+    return payload
+
+
+def fit_collective_samples(samples: dict, world: int
+                           ) -> tuple[float, float, dict[str, tuple[float, float]]]:
+    """(latency_s, bandwidth, {kind: (latency_s, bandwidth)}) fitted over {(kind, input
+    bytes): seconds}; bandwidth is bytes one rank sends per second."""
+    sent = [collective_sent_bytes(kind, size, world) for kind, size in samples]
+    latency, bandwidth = fit_latency_bandwidth(sent, list(samples.values()))
     per_kind = {}
-    for kind in COLLECTIVE_KINDS:
-        rows = [(collective_sent_bytes(k, n, world), t) for (k, n), t in payload.items() if k == kind]
+    for kind in sorted({k for k, _ in samples}):
+        rows = [(collective_sent_bytes(k, n, world), t) for (k, n), t in samples.items() if k == kind]
         per_kind[kind] = fit_latency_bandwidth([r[0] for r in rows], [r[1] for r in rows])
+    return latency, bandwidth, per_kind
+
+def timed_collectives(world: int = 2, *, threads: int | None = None,
+                      sizes: tuple[int, ...] = COLLECTIVE_SIZES, repeats: int = 5,
+                      timeout_s: float = 120.0) -> dict:
+    """Time gloo collectives between `world` local processes on loopback.
+
+    Each process runs `threads` torch threads (default: this machine's cores / world, as the
+    launchers give each rank). Returns {"samples": {(kind, input bytes): median s},
+    "latency_s", "bandwidth": one latency + bandwidth (bytes one rank sends per second) fit
+    over every kind and size, "by_kind": {kind: (latency_s, bandwidth)}, "threads", "world"}.
+    """
+    import os
+    if world < 2:
+        raise ValueError(f"world: need at least 2 processes, got {world}")
+    threads = threads or max(1, (os.cpu_count() or 1) // world)
+    payload = run_collective_workers(_collective_worker, world, (threads, tuple(sizes), repeats),
+                                     timeout_s, "timed collectives")
+    latency, bandwidth, per_kind = fit_collective_samples(payload, world)
     return {"samples": payload, "latency_s": latency, "bandwidth": bandwidth,
             "by_kind": per_kind, "threads": threads, "world": world}
 

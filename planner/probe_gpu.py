@@ -139,38 +139,11 @@ def timed_nccl(world: int, *, sizes: tuple[int, ...] = NCCL_SIZES, repeats: int 
                timeout_s: float = 300.0) -> dict:
     """NCCL collectives between `world` local GPUs: {"latency_s", "bandwidth", "by_kind":
     {kind: (latency_s, bytes one rank sends per second)}} (fits as planner.hardware's)."""
-    import multiprocessing as mp
-    import socket
+    from planner.hardware import fit_collective_samples, run_collective_workers
 
-    from planner.hardware import collective_sent_bytes, fit_latency_bandwidth
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_nccl_worker, daemon=True,
-                         args=(r, world, port, tuple(sizes), repeats, queue))
-             for r in range(world)]
-    for proc in procs:
-        proc.start()
-    try:
-        status, payload = queue.get(timeout=timeout_s)
-    except Exception:  # queue.Empty: a rank hung or died
-        status, payload = "error", f"no result within {timeout_s:.0f} s"
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.terminate()
-    if status != "ok":
-        raise RuntimeError(f"timed NCCL collectives failed: {payload}")
-    sent = [collective_sent_bytes(kind, size, world) for kind, size in payload]
-    latency, bandwidth = fit_latency_bandwidth(sent, list(payload.values()))
-    by_kind = {}
-    for kind in {k for k, _ in payload}:
-        rows = [(collective_sent_bytes(k, n, world), t) for (k, n), t in payload.items() if k == kind]
-        by_kind[kind] = fit_latency_bandwidth([r[0] for r in rows], [r[1] for r in rows])
+    payload = run_collective_workers(_nccl_worker, world, (tuple(sizes), repeats), timeout_s,
+                                     "timed NCCL collectives")
+    latency, bandwidth, by_kind = fit_collective_samples(payload, world)
     return {"latency_s": latency, "bandwidth": bandwidth, "by_kind": by_kind}
 
 

@@ -149,3 +149,16 @@ def test_gpu_check_without_a_gpu_claims_nothing():
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert (done.returncode, done.stdout) == (0, "no GPU: nothing checked\n"), done.stderr
+
+
+def test_ray_cluster_with_too_few_gpus_is_refused_before_any_worker(write_spec, monkeypatch):
+    """A joined Ray cluster (its GPUs are not this machine's) is checked from its resources."""
+    ray = pytest.importorskip("ray")
+    from launch import ray as ray_launch
+
+    job = load_job(write_spec({"cluster": {"preset": "8xa800-80g"},
+                               "launch": {"launcher": "ray"}}))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 4.0})
+    with pytest.raises(SpecError, match=r"^--launcher ray: the plan needs 8 workers with 1 GPU "
+                                        r"each \(A800-80G\), the Ray cluster has 4 GPUs$"):
+        ray_launch.fit(job, {}, num_workers=8, max_steps=None)

@@ -87,7 +87,7 @@ MISSING = {
     "dsulysses-gpt7b-256k-32xa100-40g": "DeepSpeed-Ulysses checkpoints activations and so recomputes "
     "the attention forward; disttrain never does (and the published figure is read off a chart)",
     "megatron-32b-384xh100": "Megatron overlaps its TP collectives with the GEMMs (TE userbuffers); "
-    "the runtime's parallelize_module does not, so TP8 pays them in full",
+    "disttrain's hand-written TP does not, so TP8 pays them in full",
     "megatron-70b-768xh100": "TP collectives as above; the free choice (ZeRO-3 over 384 ranks) "
     "is not a layout anyone published at this scale",
     "tt-llama2-70b-64xa100": "torchtitan runs FSDP64 with full activation checkpointing; the free "

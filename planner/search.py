@@ -309,7 +309,8 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
     b = DTYPE_BYTES[request.dtype]
     chunked = cand.zero_stage == 3
     states = ModelStatePlan(
-        chunk_size_bytes=shape.layer_params() * b if chunked else 0,
+        # one decoder layer as this rank holds it (its 1/tp shard under tensor parallelism)
+        chunk_size_bytes=shape.layer_params() // cand.tp * b if chunked else 0,
         num_chunks=shape.num_layers if chunked else 0,
         num_persistent_chunks=(shape.num_layers - len(cpu_chunks)) if chunked else 0,
         num_prefetch_buffers=max(s.num_prefetch_buffers for s in best.solutions),

@@ -170,3 +170,20 @@ def test_tied_embeddings_are_never_pipelined():
     candidates, rejected, _ = enumerate_candidates(request)
     assert candidates and all(c.pp == 1 for c in candidates)
     assert any("tied embeddings" in r["reason"] for r in rejected)
+
+
+def test_zero3_chunk_is_one_layer_as_a_tensor_parallel_rank_holds_it():
+    """The runtime packs a rank's local (1/tp) parameters: the plan's chunk is that shard."""
+    from planner.hardware import CLUSTER_PRESETS
+    from planner.request import PlanRequest
+    from planner.search import plan_job
+    from planner.shapes import MODEL_PRESETS
+
+    shape = MODEL_PRESETS["tiny"].replace(vocab_size=260)
+    hw = CLUSTER_PRESETS["cpu-local"].replace(devices_per_node=2)
+    request = PlanRequest(model=shape, hardware=hw, seq_len=128, micro_batch_size=1,
+                          global_batch_size=2, tp=2, zero_stage=3)
+    plan = plan_job(request, with_layout=False)
+    assert plan.feasible and plan.parallel.tp == 2
+    assert plan.model_states.chunk_size_bytes == shape.layer_params() // 2 * 4
+    assert plan.model_states.num_chunks == shape.num_layers

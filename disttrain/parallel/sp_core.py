@@ -17,12 +17,13 @@ import torch
 import torch.distributed as dist
 
 from disttrain.model.attention import AttentionCore
+from disttrain.parallel.comm_counter import CommCounter
 
 COMM_KINDS = ("all_to_all", "p2p")
 """Keys of `SequenceParallelCore.comm_bytes`."""
 
 
-class SequenceParallelCore(AttentionCore):
+class SequenceParallelCore(AttentionCore, CommCounter):
     """Base of the Ulysses and ring cores: the sp group, this rank's place in it, counters."""
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
@@ -40,18 +41,7 @@ class SequenceParallelCore(AttentionCore):
                              f"with sp=1 keep the local core")
         self.sp_rank = dist.get_rank(group)
         """This rank's index in the group; also the index of its sequence shard."""
-        self.comm_bytes: dict[str, int] = {kind: 0 for kind in COMM_KINDS}
-        """Bytes sent to other ranks since the last `reset_comm_bytes`, by collective kind."""
-
-    def reset_comm_bytes(self) -> dict[str, int]:
-        """Zero the counters and return what they held (call once per step)."""
-        before = dict(self.comm_bytes)
-        for kind in COMM_KINDS:
-            self.comm_bytes[kind] = 0
-        return before
-
-    def _count(self, kind: str, num_bytes: int) -> None:
-        self.comm_bytes[kind] += int(num_bytes)
+        CommCounter.__init__(self, COMM_KINDS)
 
 
 def nbytes(t: torch.Tensor) -> int:

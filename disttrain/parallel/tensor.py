@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from disttrain.parallel.comm_counter import CommCounter
 from disttrain.spec import tensor_parallel_error
 
 TP_SHARD_DIM = {"embed.weight": 0, "head.weight": 0, "norm.weight": 0,
@@ -56,7 +57,7 @@ def tp_shard_dim(name: str) -> int:
     raise KeyError(f"{name}: no tensor-parallel layout for this parameter")
 
 
-class TensorParallel:
+class TensorParallel(CommCounter):
     """The tp group, this rank's place in it, hidden-dim collectives and their byte counter."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:
@@ -65,27 +66,20 @@ class TensorParallel:
         """Tensor-parallel degree."""
         self.rank = dist.get_rank(group)
         """This rank's index in the tp group: it holds shard `rank` of every parameter."""
-        self.comm_bytes: dict[str, int] = {kind: 0 for kind in COMM_KINDS}
-        """Bytes sent to other ranks since the last `reset_comm_bytes`, by kind."""
+        CommCounter.__init__(self, COMM_KINDS)
 
-    def reset_comm_bytes(self) -> dict[str, int]:
-        before = dict(self.comm_bytes)
-        for kind in COMM_KINDS:
-            self.comm_bytes[kind] = 0
-        return before
-
-    def _count(self, kind: str, t: torch.Tensor) -> None:
+    def _count_collective(self, kind: str, t: torch.Tensor) -> None:
         """Ring volume: an all-gather / reduce-scatter of shard `t` sends (tp-1) shards; an
         all-reduce of `t` sends 2 (tp-1)/tp of it."""
         nbytes = t.numel() * t.element_size() * (self.size - 1)
-        self.comm_bytes[kind] += 2 * nbytes // self.size if kind == "all_reduce" else nbytes
+        self._count(kind, 2 * nbytes // self.size if kind == "all_reduce" else nbytes)
 
     def gather_hidden(self, x_Th: torch.Tensor) -> torch.Tensor:
         """(..., h) shards of the tp ranks -> (..., H), shard r at features [r*h, (r+1)*h)."""
         x_Th = x_Th.contiguous()
         out = torch.empty((self.size, *x_Th.shape), dtype=x_Th.dtype, device=x_Th.device)
         dist.all_gather_single(out.view(-1), x_Th.view(-1), group=self.group)
-        self._count("all_gather", x_Th)
+        self._count_collective("all_gather", x_Th)
         return out.movedim(0, -2).reshape(*x_Th.shape[:-1], -1)
 
     def reduce_scatter_hidden(self, y_TH: torch.Tensor) -> torch.Tensor:
@@ -93,13 +87,13 @@ class TensorParallel:
         parts = y_TH.unflatten(-1, (self.size, -1)).movedim(-2, 0).contiguous()
         out = torch.empty(parts.shape[1:], dtype=y_TH.dtype, device=y_TH.device)
         dist.reduce_scatter_single(out.view(-1), parts.view(-1), group=self.group)
-        self._count("reduce_scatter", out)
+        self._count_collective("reduce_scatter", out)
         return out
 
     def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         t = t.contiguous().clone()
         dist.all_reduce(t, op=op, group=self.group)
-        self._count("all_reduce", t)
+        self._count_collective("all_reduce", t)
         return t
 
 

@@ -74,7 +74,9 @@ def predicted_comm(job, plan) -> float:
     tp = getattr(par, "tp", 1)
     if tp > 1:  # the planner's TP volume per microbatch (issue 15); NaN until it exists
         tp_bytes = getattr(costmodel, "tp_step_bytes", None)
-        total += micro * tp_bytes(shape, "fp32", tokens, tp) if tp_bytes else float("nan")
+        rebuilt = sum(tokens * (1 - a.swap_fraction) for a in plan.activations if not a.keep_all)
+        total += (micro * tp_bytes(shape, "fp32", tokens, tp, recomputed_layer_tokens=rebuilt)
+                  if tp_bytes else float("nan"))
     group = par.dp * par.sp
     if group > 1 and par.pp == 1:
         per_mb, per_step = zero_step_bytes(shape.num_params() // tp, "fp32", par.zero_stage, group,

@@ -256,16 +256,21 @@ def tp_comm_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int
 
 
 def tp_step_bytes(shape: ModelShape, dtype: str, tokens: int, tp: int, *,
-                  recomputed_mlp: bool = False) -> int:
+                  recomputed_mlp: bool = False, recomputed_layer_tokens: float = 0) -> int:
     """Bytes one rank's tensor-parallel collectives send in one forward + backward of `tokens`
     tokens (the runtime's count, docs/design.md "Tensor parallelism"): per layer the
     `TP_COLLECTIVES` (+2 when a tiled MLP reruns its forward in the backward), the embedding 2
     and the head 3 hidden-wide collectives in the training dtype; one fp32 all-reduce per token
-    for each RMSNorm forward and backward (2 per layer + the final norm) and 3 for the loss."""
+    for each RMSNorm forward and backward (2 per layer + the final norm) and 3 for the loss.
+    A token-wise recompute reruns a layer's forward collectives (4 hidden-wide, 2 norm
+    all-reduces) for the tokens it rebuilds: `recomputed_layer_tokens` is their sum over layers."""
     if tp <= 1:
         return 0
     per_layer = sum(sum(kinds.values()) for kinds in TP_COLLECTIVES.values())
     units = (per_layer + 2 * recomputed_mlp) * shape.num_layers + 5
     unit = tokens * shape.hidden_size * DTYPE_BYTES[dtype] * (tp - 1) // tp
     norms = 2 * (2 * shape.num_layers + 1)
-    return units * unit + (norms + 3) * 2 * tokens * 4 * (tp - 1) // tp
+    forward_units = sum(TP_COLLECTIVES["forward"].values())
+    rerun = recomputed_layer_tokens * (forward_units * shape.hidden_size * DTYPE_BYTES[dtype]
+                                       + 2 * 2 * 4) * (tp - 1) / tp
+    return units * unit + (norms + 3) * 2 * tokens * 4 * (tp - 1) // tp + int(rerun)

@@ -257,12 +257,33 @@ def fit_latency_bandwidth(sent: list[float], seconds: list[float]) -> tuple[floa
     return latency, 1.0 / per_byte
 
 
+def median_collective_seconds(op, repeats: int, sync=None) -> float:
+    """Median wall seconds of the collective `op` over `repeats` calls after one warm-up
+    (connections, buffers), every call started together (a barrier) and, where `sync` is
+    given (CUDA: `torch.cuda.synchronize`), timed from an idle to a finished device."""
+    import statistics
+    import time
+
+    import torch.distributed as dist
+
+    sync = sync or (lambda: None)
+    op()
+    sync()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        sync()
+        start = time.perf_counter()
+        op()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _collective_worker(rank: int, world: int, port: int, threads: int, sizes: tuple[int, ...],
                        repeats: int, queue) -> None:
     """One rank of `timed_collectives`: median seconds per (kind, input bytes), rank 0 reports."""
     import os
-    import statistics
-    import time
     from datetime import timedelta
 
     import torch
@@ -282,14 +303,7 @@ def _collective_worker(rank: int, world: int, port: int, threads: int, sizes: tu
                    "all_gather": lambda: dist.all_gather_single(other, part),
                    "all_reduce": lambda: dist.all_reduce(full)}
             for kind in COLLECTIVE_KINDS:
-                ops[kind]()                          # warm-up (connections, buffers)
-                times = []
-                for _ in range(repeats):
-                    dist.barrier()
-                    start = time.perf_counter()
-                    ops[kind]()
-                    times.append(time.perf_counter() - start)
-                out[(kind, numel * 4)] = statistics.median(times)
+                out[(kind, numel * 4)] = median_collective_seconds(ops[kind], repeats)
         dist.barrier()
         if rank == 0:
             queue.put(("ok", out))

@@ -96,11 +96,12 @@ def timed_matmul_flops(dtype_name: str, n: int = 4096, repeats: int = 5) -> floa
 def _nccl_worker(rank: int, world: int, port: int, sizes: tuple[int, ...], repeats: int,
                  queue) -> None:
     """One rank of `timed_nccl`: median seconds per (kind, input bytes); rank 0 reports."""
-    import time
     from datetime import timedelta
 
     import torch
     import torch.distributed as dist
+
+    from planner.hardware import median_collective_seconds
 
     try:
         torch.cuda.set_device(rank)
@@ -116,17 +117,8 @@ def _nccl_worker(rank: int, world: int, port: int, sizes: tuple[int, ...], repea
                    "all_gather": lambda: dist.all_gather_into_tensor(other, part),
                    "all_reduce": lambda: dist.all_reduce(full)}
             for kind, op in ops.items():
-                op()
-                torch.cuda.synchronize()
-                times = []
-                for _ in range(repeats):
-                    dist.barrier()
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    op()
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - start)
-                out[(kind, numel * 4)] = statistics.median(times)
+                out[(kind, numel * 4)] = median_collective_seconds(op, repeats,
+                                                                   torch.cuda.synchronize)
         dist.barrier()
         if rank == 0:
             queue.put(("ok", out))

@@ -19,12 +19,18 @@ from disttrain.trainer import Trainer
 from planner.plan import ModelStatePlan, Plan
 
 STEPS = 3
+ADAM_EPS = 1e-5
+"""Adam turns a gradient that is zero up to fp32 rounding into a +-lr step when eps is 1e-8:
+ring attention's blockwise softmax and a split batch round differently from one process (and
+differently again on CPUs with other vector units), so a few such elements part the parameters
+by ~lr. eps 1e-5 bounds that amplification to lr * 1e-9 / 1e-5 per step; a real bug still moves
+the losses compared at every step and gradients that are not near zero."""
 
 
 def _spec(tmp, name, world, **parallel):
     return merge(TINY_JOB, {
         "train": {"steps": STEPS, "global_batch_size": 4, "micro_batch_size": 1,
-                  "checkpoint_every": 0},
+                  "checkpoint_every": 0, "adam_eps": ADAM_EPS},
         "cluster": {"devices_per_node": world},
         "parallel": parallel,
         "launch": {"launcher": "torchrun" if world > 1 else "local"},

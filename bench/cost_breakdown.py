@@ -1,8 +1,9 @@
 """Where the predicted step time of a published-run plan goes (issue 14's throughput band):
 for each spec of bench/published_specs/, free and with the published layout fixed, the
 step's parts (compute, recompute, exposed communication, bubble, optimizer) and the compute
-split by kernel kind from the device efficiency curves (GEMM, attention, element-wise,
-head + loss), per GPU per step.
+split by kernel kind from the device efficiency curves (GEMM, attention, element-wise), per
+GPU per step, and what torchtitan's selective op checkpointing would add (a price, not a plan:
+the runtime cannot run that policy).
 
     .venv/bin/python bench/cost_breakdown.py [--only NAME ...]
 """
@@ -48,8 +49,12 @@ def kernel_split(request, plan) -> dict[str, float]:
     ew = (fwd + bwd) * tokens / (family.hbm_bw * MEMORY_EFFICIENCY)
     layers = -(-shape.num_layers // par.pp) * par.num_microbatches
     gemm_eff = sum(2 * m * n * k for m, n, k in gemms) / (peak * gemm / 3)
+    # torchtitan's selective op checkpointing reruns every element-wise op and every second
+    # matmul of a layer (k, o, up) in the backward: what it would add (disttrain cannot run it)
+    sac = (sum(gemm_seconds(family, peak, m, n, k, b) for m, n, k in gemms[1:7:2])
+           + fwd * tokens / (family.hbm_bw * MEMORY_EFFICIENCY))
     return dict(gemm=gemm * layers, attention=attn * layers, elementwise=ew * layers,
-                gemm_eff=gemm_eff, tokens=tokens)
+                gemm_eff=gemm_eff, tokens=tokens, op_sac=sac * layers)
 
 
 def main(argv=None) -> int:
@@ -58,8 +63,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cols = ("compute", "recompute", "exposed_communication", "exposed_transfer", "bubble", "optimizer")
     print("| spec | kind | layout | step s | " + " | ".join(cols)
-          + " | gemm | attention | elementwise | gemm eff | pred/pub |")
-    print("|---" * (len(cols) + 9) + "|")
+          + " | gemm | attention | elementwise | gemm eff | op-SAC would add | pred/pub |")
+    print("|---" * (len(cols) + 10) + "|")
     for path in sorted(published.SPECS.glob("*.yaml")):
         if args.only and path.stem not in args.only:
             continue
@@ -80,7 +85,8 @@ def main(argv=None) -> int:
             print(f"| {path.stem} | {kind} | {row['layout']} | {plan.prediction.step_time_s:.3f} | "
                   + " | ".join(f"{tb.get(c, 0):.3f}" for c in cols)
                   + f" | {split.get('gemm', 0):.3f} | {split.get('attention', 0):.3f} | "
-                  f"{split.get('elementwise', 0):.3f} | {split.get('gemm_eff', 0):.2f} | {ratio} |",
+                  f"{split.get('elementwise', 0):.3f} | {split.get('gemm_eff', 0):.2f} | "
+                  f"{split.get('op_sac', 0):.3f} | {ratio} |",
                   flush=True)
     return 0
 

@@ -215,21 +215,49 @@ def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
         per_mb += 2 * cand.virtual * (tokens * shape.hidden_size * b / tp
                                       / collective_bw(hw, span, params, "send") + latency)
     units = stage_units if stage_units is not None else stage_layers + 2
-    per_step = 0.0
-    for kind, mb_bytes, step_bytes, mb_calls, step_calls in zero_collectives(
-            stage_num_params, cand.zero_stage, cand.shard_group, units,
-            backward_resident_params=backward_resident_params, param_bytes=b,
-            grad_bytes=DTYPE_BYTES[grad_reduce_dtype]):
-        mb_s = _seconds(hw, params, kind, mb_bytes, cand.shard_group, tp, mb_calls)
-        step_s = _seconds(hw, params, kind, step_bytes, cand.shard_group, tp, step_calls)
-        if not overlap:
-            per_mb, per_step = per_mb + mb_s, per_step + step_s
-        elif kind == "all_gather":              # ZeRO-3 prefetch; stages 1-2 after the update
-            per_mb += max(mb_s - microbatch_compute_s, mb_s / max(1, mb_calls)) if mb_s else 0.0
-            per_step += step_s
-        else:                                   # bucketed reduction beside the backward
-            per_mb += max(mb_s - backward, mb_s / units) if mb_s else 0.0
-            per_step += max(step_s - backward, step_s / units) if step_s else 0.0
+    mb, per_step = zero_microbatch_seconds(
+        hw, params, cand, stage_num_params, units, microbatch_compute_s=microbatch_compute_s,
+        backward_s=backward, backward_resident_params=backward_resident_params, param_bytes=b,
+        grad_bytes=DTYPE_BYTES[grad_reduce_dtype], overlap=overlap)
+    return per_mb + mb, per_step
+
+
+def zero_microbatch_seconds(hw: HardwareSpec, params: CostParams, cand: Candidate,
+                            num_params: float, units: int, *, microbatch_compute_s: float,
+                            backward_s: float, backward_resident_params: float, param_bytes: int,
+                            grad_bytes: int, overlap: bool) -> tuple[float, float]:
+    """(exposed per microbatch, exposed per step) seconds of the ZeRO collectives of
+    `num_params` parameters in `units` buckets. The runtime issues every ZeRO collective on
+    one process group, whose NCCL calls run one after another on one stream and share the
+    group's links: a ZeRO-3 microbatch's forward gathers hide under the forward only, and its
+    backward gathers plus its gradient reductions queue behind each other under the
+    backward, so what they need together beyond that window is exposed (at least the first
+    gather and the last bucket). Stages 0-2 reduce once per step, in the last microbatch's
+    backward; stages 1-2 gather the updated parameters after the step (exposed)."""
+    parts = zero_collectives(num_params, cand.zero_stage, cand.shard_group, units,
+                             backward_resident_params=backward_resident_params,
+                             param_bytes=param_bytes, grad_bytes=grad_bytes)
+    mb = {k: (_seconds(hw, params, k, mb_b, cand.shard_group, cand.tp, mb_c), mb_c)
+          for k, mb_b, _, mb_c, _ in parts}
+    step = {k: _seconds(hw, params, k, st_b, cand.shard_group, cand.tp, st_c)
+            for k, _, st_b, _, st_c in parts}
+    if not overlap:
+        return sum(s for s, _ in mb.values()), sum(step.values())
+    gather_s, gather_calls = mb.get("all_gather", (0.0, 0))
+    reduce_s = mb.get("reduce_scatter", (0.0, 0))[0]
+    per_mb = 0.0
+    if gather_s:        # ZeRO-3: forward share of the gathers, then backward's with the reductions
+        forward_share = num_params / max(1.0, 2 * num_params - backward_resident_params)
+        forward_window = max(0.0, microbatch_compute_s - backward_s)
+        per_mb = (max(0.0, forward_share * gather_s - forward_window)
+                  + max(0.0, (1 - forward_share) * gather_s + reduce_s - backward_s))
+        per_mb = max(per_mb, gather_s / max(1, gather_calls) + reduce_s / units)
+    elif reduce_s:      # ZeRO-2: per-microbatch reduction beside the backward
+        per_mb = max(reduce_s - backward_s, reduce_s / units)
+    per_step = step.get("all_gather", 0.0)
+    for kind in ("reduce_scatter", "all_reduce"):
+        if step.get(kind):
+            per_step += max(step[kind] - backward_s, step[kind] / units)
     return per_mb, per_step
 
 

@@ -12,6 +12,8 @@ Mechanisms, not one constant per plan (docs/design.md, "Compute" gives the sourc
   the backward does 2.5x the forward's matmul FLOPs (it recomputes the scores).
 - Element-wise work (norms with their fp32 upcast, RoPE, SiLU x up, residual adds, the
   loss's softmax) is memory-bound: its bytes over the HBM bandwidth.
+- A part run below the power its datasheet peak is quoted at sustains a lower tensor-core
+  clock (`clock_factor`, scaling GEMM and attention, not HBM-bound work).
 
 A device is matched to a family by its name (case-insensitive substring); `cpu` and
 unknown devices keep the flat `CostParams` efficiencies (the CPU numbers are measured by
@@ -47,12 +49,25 @@ class DeviceFamily:
     """Flash attention backward (counting its 2.5x forward FLOPs)."""
     hbm_bw: float
     """Nominal device memory bandwidth, bytes/s."""
+    rated_power_w: float = 0.0
+    """Board power at which the datasheet's peak FLOP/s are quoted (0: not power-capped)."""
+    power_limit_w: float = 0.0
+    """The part's default power limit when below `rated_power_w` (0: runs at rated power)."""
+
+    @property
+    def clock_factor(self) -> float:
+        """Sustained tensor-core clock under a power limit as a share of the clock the peak
+        is quoted at: dynamic power ~ f V^2 with V ~ f, so f ~ P^(1/3) (docs/design.md)."""
+        if not self.rated_power_w or not self.power_limit_w:
+            return 1.0
+        return min(1.0, (self.power_limit_w / self.rated_power_w) ** (1 / 3))
 
 
 # Order matters: the first family whose key is in the device name wins.
 FAMILIES: tuple[tuple[str, DeviceFamily], ...] = (
     ("hbm2e", DeviceFamily(name="H100-HBM2e", gemm_max=0.70, tile=128, attn_fwd_max=0.35,
-                           attn_bwd_max=0.30, hbm_bw=2.4e12)),
+                           attn_bwd_max=0.30, hbm_bw=2.4e12, rated_power_w=700,
+                           power_limit_w=500)),
     ("h100", DeviceFamily(name="H100", gemm_max=0.70, tile=128, attn_fwd_max=0.35,
                           attn_bwd_max=0.30, hbm_bw=3.35e12)),
     ("h200", DeviceFamily(name="H200", gemm_max=0.70, tile=128, attn_fwd_max=0.35,
@@ -86,7 +101,7 @@ def _tile(d: float, c: float) -> float:
 def gemm_efficiency(family: DeviceFamily, m: float, n: float, k: float) -> float:
     """Achieved fraction of peak of an (m x k) @ (k x n) GEMM, before the roofline."""
     ref = _tile(REFERENCE_DIM, family.tile) ** 3
-    return family.gemm_max * _tile(m, family.tile) * _tile(n, family.tile) * _tile(k, family.tile) / ref
+    return family.clock_factor * family.gemm_max * _tile(m, family.tile) * _tile(n, family.tile) * _tile(k, family.tile) / ref
 
 
 def gemm_seconds(family: DeviceFamily, peak: float, m: float, n: float, k: float,
@@ -102,7 +117,7 @@ def gemm_seconds(family: DeviceFamily, peak: float, m: float, n: float, k: float
 def attention_efficiency(family: DeviceFamily, key_len: float, head_dim: int, backward: bool) -> float:
     base = family.attn_bwd_max if backward else family.attn_fwd_max
     dim = _tile(head_dim, 32) / _tile(128, 32)
-    return base * min(1.0, dim) * key_len / (key_len + ATTN_SEQ_HALF)
+    return family.clock_factor * base * min(1.0, dim) * key_len / (key_len + ATTN_SEQ_HALF)
 
 
 def layer_gemms(shape: ModelShape, tokens: int, tp: int) -> list[tuple[float, float, float]]:
@@ -117,14 +132,18 @@ def layer_gemms(shape: ModelShape, tokens: int, tp: int) -> list[tuple[float, fl
 
 def elementwise_bytes_per_token(shape: ModelShape, dtype: str, tp: int) -> tuple[float, float]:
     """(forward, backward) HBM bytes per token of a layer's element-wise kernels as the eager
-    runtime runs them: two RMSNorms with their fp32 upcast (~18 B per element each way),
-    RoPE on q and k, SiLU x up, two residual adds; the backward reads and writes about twice
-    what the forward does. Token-parallel parts (norms, residuals) shard by tp under
-    sequence parallelism, head-parallel ones by the head split."""
+    runtime (disttrain/model/llama.py) runs them, one kernel per op, each reading its inputs
+    and writing its output: two RMSNorms (upcast b+4, square 8, mean 4, scale 8, downcast
+    4+b, weight 2b bytes per element; no casts in fp32), RoPE on q and k (four products and
+    two sums over halves, then the concatenation: 9b per element), SiLU x up, two residual
+    adds; the backward reads and writes about twice what the forward does. Token-parallel
+    parts (norms, residuals) shard by tp under sequence parallelism, head-parallel ones by
+    the head split."""
     b = DTYPE_BYTES[dtype]
     h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim
-    norms = 2 * (2 * b + 4 * 4) * h
-    rope = 3 * b * (h + kv) * 2
+    casts = 2 * (b + 4) if b != 4 else 0
+    norms = 2 * (casts + 8 + 4 + 8 + 2 * b) * h
+    rope = 9 * b * (h + kv)
     mlp = 5 * b * f
     residual = 2 * 3 * b * h
     forward = (norms + rope + mlp + residual) / tp

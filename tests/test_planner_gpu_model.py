@@ -104,3 +104,56 @@ def test_page_cache_and_tiled_rebuild_in_the_working_set():
     tiled = evaluate_stage(replace(problem, rebuild_fraction=0.25), acts, 0).working_bytes
     # q, k, v whole (200) + a quarter of the rest (200), for the rebuilt and the prefetched layer
     assert tiled == 2 * (200.0 + 0.25 * 800.0)
+
+
+def test_power_capped_part_runs_tensor_kernels_at_the_cube_root_clock():
+    capped = device_family("H100-96G-HBM2e")
+    assert capped.clock_factor == pytest.approx((500 / 700) ** (1 / 3))
+    assert H100.clock_factor == 1.0 and A100.clock_factor == 1.0
+    # the law against NVIDIA's datasheets: H100 NVL (400 W) 835 vs H100 SXM (700 W) 989 dense
+    # bf16 TFLOP/s, same 132 SMs, within 2%
+    assert (400 / 700) ** (1 / 3) == pytest.approx(835 / 989, rel=0.02)
+    assert gemm_efficiency(capped, 8192, 8192, 8192) == pytest.approx(capped.clock_factor * capped.gemm_max)
+    assert attention_efficiency(capped, 1 << 17, 128, False) < attention_efficiency(H100, 1 << 17, 128, False)
+    # a memory-bound shard is not slowed (HBM clock is not the tensor clock)
+    assert gemm_seconds(capped, 989e12, 64, 4096, 4096, 2) == pytest.approx(
+        2 * (64 * 4096 * 2 + 4096 * 4096) / (capped.hbm_bw * 0.8))
+
+
+def test_eager_elementwise_bytes_count_each_kernel():
+    from planner.efficiency import elementwise_bytes_per_token
+    shape = MODEL_PRESETS["llama3-8b"]
+    h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim
+    forward, backward = elementwise_bytes_per_token(shape, "bf16", 1)
+    # per element: RMSNorm 36 B (upcast 6, square 8, mean 4, scale 8, downcast 6, weight 4),
+    # RoPE 18 B on q and k, SiLU x up 10 B, a residual add 6 B
+    assert forward == pytest.approx(2 * 36 * h + 18 * (h + kv) + 10 * f + 2 * 6 * h)
+    assert backward == pytest.approx(2 * forward)
+    fp32, _ = elementwise_bytes_per_token(shape, "fp32", 1)
+    assert fp32 == pytest.approx(2 * 28 * h + 36 * (h + kv) + 20 * f + 2 * 12 * h)   # no casts
+
+
+def test_zero3_collectives_share_one_stream():
+    from planner.collectives import zero_microbatch_seconds
+    hw = CLUSTER_PRESETS["8xh100-80g"]
+    params = CostParams(gpu_collective_latency_s=0.0)
+    cand = Candidate(dp=8, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=3)
+    n = 1e9
+    bw = hw.intra_node_bw / 2 * params.comm_efficiency
+    gather = 2 * n * 2 * 7 / 8 / bw                 # bf16, forward + backward
+    reduce = n * 4 * 7 / 8 / bw                     # fp32
+    kw = dict(backward_resident_params=0, param_bytes=2, grad_bytes=4, overlap=True)
+    # the backward alone would hide its gathers, and alone its reductions, not both
+    bwd = 0.8 * (gather / 2 + reduce)
+    assert bwd > max(gather / 2, reduce)
+    per_mb, per_step = zero_microbatch_seconds(hw, params, cand, n, 10, microbatch_compute_s=bwd * 1.5,
+                                               backward_s=bwd, **kw)
+    assert per_mb == pytest.approx(gather / 2 + reduce - bwd) and per_step == 0
+    # a long forward does not lend its slack to the backward's queue
+    long_fwd, _ = zero_microbatch_seconds(hw, params, cand, n, 10, microbatch_compute_s=bwd + 10,
+                                          backward_s=bwd, **kw)
+    assert long_fwd == pytest.approx(per_mb)
+    # ample windows: the first gather and the last bucket stay exposed
+    hidden, _ = zero_microbatch_seconds(hw, params, cand, n, 10, microbatch_compute_s=100.0,
+                                        backward_s=50.0, **kw)
+    assert hidden == pytest.approx(gather / 20 + reduce / 10)

@@ -189,7 +189,8 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
     lc = layer_override or layer_cost(shape, dtype, hw, cand, seq_len=request.seq_len,
                                       micro_batch_size=request.micro_batch_size, params=params,
                                       bytes_per_token=per_token,
-                                      attention_fraction=request.attention_fraction or 1.0)
+                                      attention_fraction=request.attention_fraction or 1.0,
+                                      tp_overlap_chunks=request.tp_overlap_chunks)
     tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
     if tiling is not None:
         loss_chunk, mlp_chunk, fixed_rebuild = (tuple(tiling) + (0, 0, 0))[:3]

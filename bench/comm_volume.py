@@ -9,7 +9,8 @@ Tensor-parallel rows (tp2; the tiny model with a vocabulary of 260, divisible by
 states against `model_state_bytes` of the per-rank parameters (every parameter is split over
 tp), and the bytes the tp collectives sent against the planner's `tp_step_bytes` when the
 planner has it (issue 15's planner side); until then the row shows the measured bytes with no
-prediction ("n/a") and the test skips it.
+prediction ("n/a") and the test skips it. The `overlap4` row pipelines the tp collectives
+over 4 token blocks (`parallel.tp_overlap_chunks`): the same bytes in 4x the calls.
 
     .venv/bin/python bench/comm_volume.py
 """
@@ -29,7 +30,7 @@ from planner.costmodel import (model_state_bytes, ring_p2p_backward_bytes,  # no
 from planner.plan import ParallelPlan, Plan  # noqa: E402
 
 SEQ, MICRO, GLOBAL = 64, 1, 4
-LAYOUTS = {  # name: (dp, sp, sp_kind, pp, zero_stage[, tp])
+LAYOUTS = {  # name: (dp, sp, sp_kind, pp, zero_stage[, tp[, tp_overlap_chunks]])
     "dp2 zero0": (2, 1, "ulysses", 1, 0),
     "dp2 zero1": (2, 1, "ulysses", 1, 1),
     "dp2 zero2": (2, 1, "ulysses", 1, 2),
@@ -38,6 +39,7 @@ LAYOUTS = {  # name: (dp, sp, sp_kind, pp, zero_stage[, tp])
     "sp2 ring zero2": (1, 2, "ring", 1, 2),
     "pp2 zero0": (1, 1, "ulysses", 2, 0),
     "tp2 zero3": (1, 1, "ulysses", 1, 3, 2),
+    "tp2 zero3 overlap4": (1, 1, "ulysses", 1, 3, 2, 4),
 }
 TP_VOCAB = 260
 """Vocabulary of the tensor-parallel rows (tiny's 259 does not split over tp2)."""
@@ -61,18 +63,20 @@ def job_spec(tp: int = 1) -> dict:
             "launch": {"launcher": "torchrun"}, "output_dir": "/tmp/disttrain-comm-bench"}
 
 
-def plan_for(job, dp, sp, sp_kind, pp, zero, tp=1) -> Plan:
+def plan_for(job, dp, sp, sp_kind, pp, zero, tp=1, tp_chunks=1) -> Plan:
     micro = GLOBAL // (MICRO * dp)
     return Plan(model=job.shape.to_dict(), seq_len=SEQ, micro_batch_size=MICRO,
                 global_batch_size=GLOBAL,
                 parallel=ParallelPlan(dp=dp, sp=sp, sp_kind=sp_kind, pp=pp, zero_stage=zero, tp=tp,
-                                      num_microbatches=micro,
+                                      num_microbatches=micro, tp_overlap_chunks=tp_chunks,
                                       schedule="1f1b" if pp > 1 else "none"))
 
 
-def predicted(job, dp, sp, sp_kind, pp, zero, tp=1
-              ) -> tuple[dict[str, float | None], dict[str, float]]:
-    """(bytes sent per collective kind, model-state bytes) the cost model expects per rank."""
+def predicted(job, dp, sp, sp_kind, pp, zero, tp=1, tp_chunks=1
+               ) -> tuple[dict[str, float | None], dict[str, float]]:
+    """(bytes sent per collective kind, model-state bytes) the cost model expects per rank;
+    pipelining the tp collectives over `tp_chunks` token blocks sends the same bytes."""
+    del tp_chunks
     shape, micro = job.shape, GLOBAL // (MICRO * dp)
     tokens = MICRO * SEQ // sp
     comm: dict[str, float | None] = {}

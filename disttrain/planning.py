@@ -26,7 +26,9 @@ def fixed_plan(job: Job, world_size: int) -> Plan:
         micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,
         parallel=ParallelPlan(dp=dp, sp=sp, sp_kind="ulysses" if par.sp_kind == "auto"
                               else par.sp_kind, pp=pp, tp=tp, num_microbatches=micro,
-                              schedule="1f1b" if pp > 1 else "none", zero_stage=zero),
+                              schedule="1f1b" if pp > 1 else "none", zero_stage=zero,
+                              tp_overlap_chunks=1 if par.tp_overlap_chunks == "auto"
+                              else par.tp_overlap_chunks),
         model_states=ModelStatePlan(),
         activations=tuple(LayerActivationPlan(keep_all=True)
                           for _ in range(job.shape.num_layers)))
@@ -45,6 +47,10 @@ def check_plan(job: Job, plan: Plan, world_size: int, where: str = "plan") -> Pl
     if job.spec.parallel.tp not in ("auto", plan.parallel.tp):
         raise SpecError(f"{where}: planned for tp {plan.parallel.tp}, the spec fixes parallel.tp "
                         f"= {job.spec.parallel.tp}")
+    if job.spec.parallel.tp_overlap_chunks not in ("auto", plan.parallel.tp_overlap_chunks):
+        raise SpecError(f"{where}: planned for tp_overlap_chunks "
+                        f"{plan.parallel.tp_overlap_chunks}, the spec fixes "
+                        f"parallel.tp_overlap_chunks = {job.spec.parallel.tp_overlap_chunks}")
     if plan.activations and len(plan.activations) != job.shape.num_layers:
         raise SpecError(f"{where}: {len(plan.activations)} activation entries for "
                         f"{job.shape.num_layers} layers")

@@ -151,6 +151,9 @@ class ParallelSection(_Section):
     """Tensor-parallel degree (innermost, inside a node); auto: the planner's choice."""
     num_microbatches: Union[int, Auto] = "auto"
     zero_stage: Union[Literal[0, 1, 2, 3], Auto] = "auto"
+    tp_overlap_chunks: Union[int, Auto] = "auto"
+    """Token blocks over which tensor parallelism overlaps its collectives with its GEMMs (1:
+    blocking); auto: the planner's choice."""
 
 
 class MemorySection(_Section):
@@ -223,7 +226,7 @@ class Job:
             model=self.shape, hardware=self.hardware, dtype=self.dtype, seq_len=tr.seq_len,
             micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,
             dp=fixed(par.dp), sp=fixed(par.sp), sp_kind=fixed(par.sp_kind), pp=fixed(par.pp),
-            tp=fixed(par.tp),
+            tp=fixed(par.tp), tp_overlap_chunks=fixed(par.tp_overlap_chunks),
             grad_reduce_dtype=getattr(tr, "grad_reduce_dtype", "fp32"),
             num_microbatches=fixed(par.num_microbatches), zero_stage=fixed(par.zero_stage),
             activation_offload=mem.activation_offload, recompute=mem.recompute,
@@ -423,7 +426,7 @@ def _cross_checks(spec: JobSpec, shape: ModelShape, hw: HardwareSpec,
                   launch: LaunchContext | None = None) -> None:
     tr, par = spec.train, spec.parallel
     world = hw.world_size
-    for name in ("dp", "sp", "pp", "tp", "num_microbatches"):
+    for name in ("dp", "sp", "pp", "tp", "num_microbatches", "tp_overlap_chunks"):
         value = getattr(par, name)
         if value != "auto" and value < 1:
             raise SpecError(f"parallel.{name}: must be >= 1 or auto, got {value}")

@@ -16,7 +16,7 @@ from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu
                                qkv_bytes_per_token,
                                local_tokens, tiled_layer_cost, working_base_bytes, logits_working_bytes,
                                model_state_bytes, optimizer_bytes_per_param, overlaps_compute, stage_layer_ranges,
-                               stage_params)
+                               stage_params, tp_comm_seconds)
 from planner.grid import divisors, enumerate_candidates, tp_problem  # noqa: F401
 from planner.mip import StageProblem, rebuilt_token_local_bytes
 from planner.request import PlanRequest
@@ -81,9 +81,12 @@ def profiled_timing(request: PlanRequest, cand: Candidate, profile) -> ProfiledT
 
 
 def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedBytesPerToken,
-                        profile) -> LayerCost | None:
+                        profile, params: CostParams | None = None) -> LayerCost | None:
     """Layer times from a profile taken on the target device type (None when it was not):
-    token-local parts scale with local tokens, the core with local tokens x full sequence."""
+    token-local parts scale with local tokens, the core with local tokens x full sequence.
+    The profile times one rank without tensor parallelism: tp divides its times and adds the
+    TP collectives, blocking (the GEMM times the overlap needs per group are not profiled;
+    the plan then says `tp_overlap_chunks` 1, as priced)."""
     names = ("forward_s", "backward_s", "token_local_forward_s")
     if not _profile_applies(request, profile, names):
         return None
@@ -96,7 +99,14 @@ def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedB
         backward -= min(backward - recompute, CostParams.attention_backward_factor * core_forward)
     ulysses_sp = cand.sp if cand.sp_kind == "ulysses" else 1
     tp = cand.tp
+    if tp > 1:
+        comm_f, comm_b = (tp_comm_seconds(request.model, request.dtype, request.hardware, tokens,
+                                          tp, params or CostParams(), direction,
+                                          chunks=request.tp_overlap_chunks or 1)
+                          for direction in ("forward", "backward"))
+        forward, backward, recompute = forward + comm_f, backward + comm_b, recompute + comm_f
     return LayerCost(tokens=tokens, input_bytes=per_token.layer_input * tokens / tp,
+                     tp_overlap_chunks=request.tp_overlap_chunks or 1,
                      attention_output_bytes=per_token.attention_output * tokens / tp,
                      token_local_bytes=per_token.token_local * tokens / tp,
                      mlp_bytes=per_token.mlp * tokens / tp,
@@ -112,7 +122,7 @@ def profiled_stages(request: PlanRequest, cand: Candidate, params: CostParams, p
     its layer, head and optimizer times when it was taken on the target's device type."""
     per_token = bytes_per_token(request, cand, measured_bytes)
     return build_stages(request, cand, params, per_token,
-                        profiled_layer_cost(request, cand, per_token, profile), tiling=tiling,
+                        profiled_layer_cost(request, cand, per_token, profile, params), tiling=tiling,
                         timing=profiled_timing(request, cand, profile))
 
 
@@ -189,7 +199,8 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
     lc = layer_override or layer_cost(shape, dtype, hw, cand, seq_len=request.seq_len,
                                       micro_batch_size=request.micro_batch_size, params=params,
                                       bytes_per_token=per_token,
-                                      attention_fraction=request.attention_fraction or 1.0)
+                                      attention_fraction=request.attention_fraction or 1.0,
+                                      tp_overlap_chunks=request.tp_overlap_chunks)
     tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
     if tiling is not None:
         loss_chunk, mlp_chunk, fixed_rebuild = (tuple(tiling) + (0, 0, 0))[:3]

@@ -261,26 +261,71 @@ def zero_microbatch_seconds(hw: HardwareSpec, params: CostParams, cand: Candidat
     return per_mb, per_step
 
 
-TP_COLLECTIVES = {"forward": {"all_gather": 2, "reduce_scatter": 2},
-                  "backward": {"all_gather": 4, "reduce_scatter": 2}}
-"""Hidden-wide tensor-parallel collectives of one decoder layer, by direction, as the runtime
-(disttrain/parallel/tensor.py) runs them: forward, an all-gather of the feature-sharded input
-before q/k/v and before gate/up and a reduce-scatter after o and down; backward, the saved input
-shard gathered again and the output gradient gathered for o and down (4 all-gathers), and the
-input gradients of q/k/v and gate/up reduce-scattered (2)."""
+TP_PIPELINES = {
+    "forward": (("attention_in", {"all_gather": 1}, 1), ("attention_out", {"reduce_scatter": 1}, 1),
+                ("mlp_in", {"all_gather": 1}, 1), ("mlp_out", {"reduce_scatter": 1}, 1)),
+    "backward": (("attention_out", {"all_gather": 1}, 2),
+                 ("attention_in", {"all_gather": 1, "reduce_scatter": 1}, 2),
+                 ("mlp_out", {"all_gather": 1}, 2),
+                 ("mlp_in", {"all_gather": 1, "reduce_scatter": 1}, 2))}
+"""One decoder layer's hidden-wide tensor-parallel collectives as the runtime
+(disttrain/parallel/tensor.py) runs them, by direction: (GEMM group, collectives, GEMM
+multiple). Forward: the feature-sharded input all-gathered before the column-parallel GEMMs
+(q/k/v: `attention_in`; the MLP's input projections: `mlp_in`), the row-parallel outputs (o,
+the MLP's output projection) reduce-scattered after theirs. Backward: the output gradient
+gathered for the row-parallel input and weight gradients (2x the forward GEMMs); the saved
+input shard gathered again and the input gradient reduce-scattered around the
+column-parallel ones. With `tp_overlap_chunks` K > 1 each entry is one pipeline over K token
+blocks (`tp_pipeline_exposed`)."""
+
+TP_COLLECTIVES = {direction: {kind: sum(kinds.get(kind, 0) for _, kinds, _ in pipes)
+                              for kind in ("all_gather", "reduce_scatter")}
+                  for direction, pipes in TP_PIPELINES.items()}
+"""Per layer and direction, how many hidden-wide collectives of each kind (`TP_PIPELINES`):
+forward 2 all-gathers + 2 reduce-scatters, backward 4 + 2."""
+
+TP_OVERLAP_CHOICES = (1, 2, 4, 8)
+"""Token blocks the planner considers for `parallel.tp_overlap_chunks` (1: blocking)."""
+
+
+def tp_pipeline_exposed(comm_s: float, gemm_s: float, chunks: int) -> float:
+    """Exposed seconds of `comm_s` of collectives (their K x latency included) pipelined with
+    `gemm_s` of GEMMs over K = `chunks` token blocks, block i's GEMM needing block i's
+    collective (or the reverse): the collectives run one after another on their own stream,
+    so the first (or last) block's is always exposed, and the rest hide behind the other
+    blocks' GEMMs as far as those last: max(c / K, c - g (K - 1) / K). K = 1: all of it."""
+    if chunks <= 1:
+        return comm_s
+    return max(comm_s / chunks, comm_s - gemm_s * (chunks - 1) / chunks)
+
+
+def tp_gemm_groups(gemms_s: list[float]) -> dict[str, float]:
+    """Forward GEMM seconds of `planner.efficiency.layer_gemms`' projections (attention's q,
+    k, v, o first, then the MLP's, its output projection last) by `TP_PIPELINES` group."""
+    return {"attention_in": sum(gemms_s[:3]), "attention_out": gemms_s[3],
+            "mlp_in": sum(gemms_s[4:-1]), "mlp_out": gemms_s[-1]}
 
 
 def tp_comm_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int, tp: int,
-                    params: CostParams, direction: str = "forward") -> float:
+                    params: CostParams, direction: str = "forward", *, chunks: int = 1,
+                    gemm_s: dict[str, float] | None = None) -> float:
     """Exposed seconds of one layer's tensor-parallel collectives in one `direction`
-    ('forward' or 'backward'; `TP_COLLECTIVES`) over the intra-node TP group: tokens x hidden
-    in the training dtype each; the runtime does not overlap them with compute."""
+    ('forward' or 'backward'; `TP_PIPELINES`) over the intra-node TP group: tokens x hidden
+    in the training dtype each, one call per token block (`chunks`). Where collectives
+    overlap compute (GPUs: NCCL runs them on its own stream) and the runtime pipelines them
+    (`chunks` > 1), each pipeline exposes `tp_pipeline_exposed` of its collectives against its
+    GEMMs (`gemm_s`: forward GEMM seconds per group, `tp_gemm_groups`); else all of them."""
     if tp <= 1:
         return 0.0
     sent = tokens * shape.hidden_size * DTYPE_BYTES[dtype] * (tp - 1) / tp
-    return sum(count * (sent / collective_bw(hw, tp, params, kind)
-                        + call_latency(hw, params.gpu_collective_latency_s))
-               for kind, count in TP_COLLECTIVES[direction].items())
+    latency = call_latency(hw, params.gpu_collective_latency_s)
+    overlap = chunks > 1 and gemm_s is not None and overlaps_compute(hw)
+    total = 0.0
+    for group, kinds, multiple in TP_PIPELINES[direction]:
+        comm = sum(count * (sent / collective_bw(hw, tp, params, kind) + chunks * latency)
+                   for kind, count in kinds.items())
+        total += tp_pipeline_exposed(comm, multiple * gemm_s[group], chunks) if overlap else comm
+    return total
 
 
 def tp_step_bytes(shape: ModelShape, dtype: str, tokens: int, tp: int, *,

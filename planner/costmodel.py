@@ -14,6 +14,7 @@ efficiency curves of `planner.efficiency`; CPU ranks keep the flat efficiencies 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from planner.analytic import (FP32, SavedBytesPerToken, kv_heads_per_rank,
@@ -22,8 +23,8 @@ from planner.analytic import (FP32, SavedBytesPerToken, kv_heads_per_rank,
 from planner.collectives import (call_latency, collective_bw, comm_times,  # noqa: F401
                                  group_bandwidth, overlaps_compute, pipeline_group_span,
                                  ring_p2p_backward_bytes, ring_p2p_bytes, shard_group_span,
-                                 tp_comm_seconds, tp_step_bytes, ulysses_alltoall_bytes, zero_collectives,
-                                 zero_step_bytes)
+                                 TP_OVERLAP_CHOICES, tp_comm_seconds, tp_gemm_groups, tp_step_bytes,
+                                 ulysses_alltoall_bytes, zero_collectives, zero_step_bytes)
 from planner.costtypes import Candidate, CostParams, LayerCost, local_tokens  # noqa: F401
 from planner.efficiency import (DeviceFamily, MEMORY_EFFICIENCY, attention_efficiency,
                                 device_family, elementwise_bytes_per_token, gemm_seconds,
@@ -41,12 +42,15 @@ def qkv_bytes_per_token(shape: ModelShape, dtype: str, ulysses_sp: int = 1) -> f
 
 
 def _family_layer_times(family: DeviceFamily, shape: ModelShape, dtype: str, hw: HardwareSpec,
-                        cand: Candidate, tokens: int, seq_len: int, micro_batch_size: int
-                        ) -> tuple[float, float, float, float]:
-    """(token-local forward, token-local backward, attention forward, attention backward)
-    seconds of one layer on a GPU of `family` from its efficiency curves."""
+                        cand: Candidate, tokens: int, seq_len: int, chunks: int
+                        ) -> tuple[float, float, float, float, list[float]]:
+    """(token-local forward, token-local backward, attention forward, attention backward,
+    forward seconds of each projection) of one layer on a GPU of `family` from its efficiency
+    curves; the projections run as `chunks` GEMMs of tokens / chunks rows each."""
     peak, b, tp = hw.flops(dtype), DTYPE_BYTES[dtype], cand.tp
-    gemm = sum(gemm_seconds(family, peak, m, n, k, b) for m, n, k in layer_gemms(shape, tokens, tp))
+    gemms = [chunks * gemm_seconds(family, peak, m / chunks, n, k, b)
+             for m, n, k in layer_gemms(shape, tokens, tp)]
+    gemm = sum(gemms)
     ew_fwd, ew_bwd = elementwise_bytes_per_token(shape, dtype, tp)
     bw = family.hbm_bw * MEMORY_EFFICIENCY
     flops = layer_flops_per_token(shape, seq_len).attention * tokens / tp
@@ -54,46 +58,93 @@ def _family_layer_times(family: DeviceFamily, shape: ModelShape, dtype: str, hw:
     key_len = seq_len if cand.sp_kind == "ulysses" else seq_len / cand.sp
     attn_f = flops / (peak * attention_efficiency(family, key_len, shape.head_dim, False))
     attn_b = 2.5 * flops / (peak * attention_efficiency(family, key_len, shape.head_dim, True))
-    del micro_batch_size
-    return gemm + ew_fwd * tokens / bw, 2 * gemm + ew_bwd * tokens / bw, attn_f, attn_b
+    return gemm + ew_fwd * tokens / bw, 2 * gemm + ew_bwd * tokens / bw, attn_f, attn_b, gemms
+
+
+class _Same:
+    """Hashes and compares by identity (a HardwareSpec holds dicts): a cache key for one
+    search's hardware object, kept alive by the cache so that its id is not reused."""
+
+    def __init__(self, obj) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
+@functools.lru_cache(maxsize=4096)
+def _layer_times(shape: ModelShape, dtype: str, hw_ref: _Same, cand: Candidate, tokens: int,
+                 seq_len: int, params: CostParams, tp_overlap_chunks: int | None
+                 ) -> tuple[int, float, float, float, float, float, float]:
+    """(tp_overlap_chunks, token-local forward, token-local backward, attention forward,
+    attention backward, exposed TP forward, exposed TP backward) of `layer_cost`."""
+    hw = hw_ref.obj
+    tp = cand.tp
+    family = device_family(hw.device_name)
+    peak = hw.flops(dtype)
+    if tp <= 1:
+        choices = (1,)
+    elif tp_overlap_chunks:
+        choices = (tp_overlap_chunks,)
+    else:
+        choices = tuple(k for k in TP_OVERLAP_CHOICES if k <= max(1, tokens))
+    best = None
+    for chunks in choices:
+        if family is None:
+            flops = layer_flops_per_token(shape, seq_len)
+            tl_f = flops.token_local * tokens / tp / (peak * params.matmul_efficiency)
+            tl_b = 2 * tl_f
+            attn_f = flops.attention * tokens / tp / (peak * params.attention_efficiency)
+            attn_b = params.attention_backward_factor * attn_f
+            gemms = [2.0 * m * n * k / (peak * params.matmul_efficiency)
+                     for m, n, k in layer_gemms(shape, tokens, tp)]
+        else:
+            tl_f, tl_b, attn_f, attn_b, gemms = _family_layer_times(
+                family, shape, dtype, hw, cand, tokens, seq_len, chunks)
+        groups = tp_gemm_groups(gemms)
+        comm_f, comm_b = (tp_comm_seconds(shape, dtype, hw, tokens, tp, params, direction,
+                                          chunks=chunks, gemm_s=groups)
+                          for direction in ("forward", "backward"))
+        total = tl_f + tl_b + comm_f + comm_b
+        if best is None or total < best[0]:
+            best = (total, chunks, tl_f, tl_b, attn_f, attn_b, comm_f, comm_b)
+    return best[1:]
 
 
 def layer_cost(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate, *,
                seq_len: int, micro_batch_size: int, params: CostParams,
                bytes_per_token: SavedBytesPerToken | None = None,
-               attention_fraction: float = 1.0) -> LayerCost:
+               attention_fraction: float = 1.0, tp_overlap_chunks: int | None = None) -> LayerCost:
     """Bytes and times of one layer for one microbatch on one rank. GPUs of a known family:
     efficiency curves by GEMM shape and sequence length (`planner.efficiency`); CPU and
     unknown devices: analytic FLOPs at the flat `params` efficiencies. Tensor parallelism
     divides bytes and FLOPs by tp and adds its collectives to forward, backward and the
-    recompute (which re-runs the forward's gathers). Packed documents: the attention core's
-    time is `attention_fraction` of the full causal core's (sum of squared document lengths
-    over the squared sequence length)."""
+    recompute (which re-runs the forward's gathers): the exposed part when they are pipelined
+    with the GEMMs over `tp_overlap_chunks` token blocks (None: the planner's choice among
+    `TP_OVERLAP_CHOICES`, the fastest forward + backward, smaller GEMMs and more calls
+    against less exposed communication). Packed documents: the attention core's time is
+    `attention_fraction` of the full causal core's (sum of squared document lengths over the
+    squared sequence length)."""
     tokens = local_tokens(seq_len, micro_batch_size, cand.sp)
     ulysses_sp = cand.sp if cand.sp_kind == "ulysses" else 1
     per_token = bytes_per_token or layer_saved_bytes_per_token(shape, dtype, ulysses_sp)
     tp = cand.tp
-    family = device_family(hw.device_name)
-    if family is None:
-        flops = layer_flops_per_token(shape, seq_len)
-        peak = hw.flops(dtype)
-        tl_f = flops.token_local * tokens / tp / (peak * params.matmul_efficiency)
-        tl_b = 2 * tl_f
-        attn_f = flops.attention * tokens / tp / (peak * params.attention_efficiency)
-        attn_b = params.attention_backward_factor * attn_f
-    else:
-        tl_f, tl_b, attn_f, attn_b = _family_layer_times(family, shape, dtype, hw, cand, tokens,
-                                                         seq_len, micro_batch_size)
+    layout = Candidate(dp=1, tp=tp, sp=cand.sp, sp_kind=cand.sp_kind, pp=1, num_microbatches=1,
+                       zero_stage=0)   # what the times depend on: the search asks again and again
+    chunks, tl_f, tl_b, attn_f, attn_b, comm_f, comm_b = _layer_times(
+        shape, dtype, _Same(hw), layout, tokens, seq_len, params, tp_overlap_chunks)
     attn_f, attn_b = attn_f * attention_fraction, attn_b * attention_fraction
-    comm_f = tp_comm_seconds(shape, dtype, hw, tokens, tp, params, "forward")
-    comm_b = tp_comm_seconds(shape, dtype, hw, tokens, tp, params, "backward")
     return LayerCost(
         tokens=tokens, input_bytes=per_token.layer_input * tokens / tp,
         attention_output_bytes=per_token.attention_output * tokens / tp,
         token_local_bytes=per_token.token_local * tokens / tp, mlp_bytes=per_token.mlp * tokens / tp,
         plain_bytes=per_token.plain_total * tokens / tp, forward_s=tl_f + attn_f + comm_f,
         qkv_bytes=qkv_bytes_per_token(shape, dtype, ulysses_sp) * tokens / tp,
-        backward_s=tl_b + attn_b + comm_b, recompute_s=tl_f + comm_f)
+        backward_s=tl_b + attn_b + comm_b, recompute_s=tl_f + comm_f,
+        tp_overlap_chunks=chunks)
 
 
 def head_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int, tp: int,

@@ -121,6 +121,9 @@ class LayerCost:
     qkv_bytes: float = 0.0
     """The part of token_local_bytes the attention core's backward needs for the whole
     sequence at once (q, k, v after RoPE): a sequence-tiled rebuild cannot tile it."""
+    tp_overlap_chunks: int = 1
+    """Token blocks the tensor-parallel collectives are pipelined with the GEMMs over, as
+    these times assume (`parallel.tp_overlap_chunks`)."""
 
 
 def local_tokens(seq_len: int, micro_batch_size: int, sp: int) -> int:

@@ -39,11 +39,15 @@ class ParallelPlan:
     """Pipeline schedule: '1f1b', 'interleaved-1f1b' or 'none' (pp == 1)."""
     zero_stage: int = 0
     """ZeRO stage 0-3; states are sharded over the dp x sp group."""
+    tp_overlap_chunks: int = 1
+    """Token blocks over which every tensor-parallel all-gather -> GEMM and GEMM ->
+    reduce-scatter pair is pipelined, each block's collective issued asynchronously so that
+    it overlaps the other blocks' GEMMs (1: one blocking collective each)."""
     stages: tuple[tuple[int, int], ...] = ()
     """Half-open decoder-layer range [start, end) of each pipeline stage."""
 
     def __post_init__(self) -> None:
-        for name in ("dp", "tp", "sp", "pp", "num_microbatches"):
+        for name in ("dp", "tp", "sp", "pp", "num_microbatches", "tp_overlap_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
         if self.sp_kind not in SP_KINDS:

@@ -34,12 +34,19 @@ def _gib(num_bytes: float) -> str:
     return f"{num_bytes / GiB:,.2f} GiB"
 
 
+def _overlap(par) -> str:
+    """' (collectives overlapped over K token blocks)' when tensor parallelism pipelines them."""
+    chunks = getattr(par, "tp_overlap_chunks", 1)
+    return f" (collectives overlapped over {chunks} token blocks)" if par.tp > 1 and chunks > 1 else ""
+
+
 def _request(plan: Plan) -> tuple[PlanRequest, Candidate]:
     par = plan.parallel
     request = PlanRequest(model=ModelShape(**plan.model),
                           hardware=HardwareSpec.from_dict(plan.prediction.hardware),
                           dtype=plan.dtype, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
-                          global_batch_size=plan.global_batch_size, grad_clip=plan.grad_clip)
+                          global_batch_size=plan.global_batch_size, grad_clip=plan.grad_clip,
+                          tp_overlap_chunks=par.tp_overlap_chunks)
     cand = Candidate(dp=par.dp, tp=par.tp, sp=par.sp, sp_kind=par.sp_kind, pp=par.pp,
                      virtual=2 if par.schedule == "interleaved-1f1b" else 1,
                      num_microbatches=par.num_microbatches, zero_stage=par.zero_stage)
@@ -92,7 +99,7 @@ def render_summary(plan: Plan) -> Group:
     title = Table.grid(padding=(0, 1))
     title.add_row("[bold]feasible[/]", "[green]yes[/]" if plan.feasible else "[red]no[/]")
     if plan.feasible:
-        title.add_row("[bold]layout[/]", f"dp={par.dp} tp={par.tp} sp={par.sp} ({par.sp_kind}) pp={par.pp} "
+        title.add_row("[bold]layout[/]", f"dp={par.dp} tp={par.tp}{_overlap(par)} sp={par.sp} ({par.sp_kind}) pp={par.pp} "
                       f"microbatches={par.num_microbatches} ZeRO-{par.zero_stage} schedule={par.schedule}")
         title.add_row("[bold]step[/]", f"{pred.step_time_s:.3f} s, {pred.tokens_per_s:,.0f} tokens/s, "
                       f"MFU {pred.mfu:.1%} causal (6N+6LhS) / {pred.mfu_noncausal:.1%} non-causal (6N+12LhS)")
@@ -230,7 +237,7 @@ def report_markdown(plan: Plan) -> str:
     if not plan.feasible:
         lines += [f"**No layout fits.** Closest miss: {smallest_shortfall(plan)}", ""]
     if plan.feasible:
-        lines += [f"## Layout", "", f"dp={par.dp}, tp={par.tp}, sp={par.sp} ({par.sp_kind}), pp={par.pp}, "
+        lines += [f"## Layout", "", f"dp={par.dp}, tp={par.tp}{_overlap(par)}, sp={par.sp} ({par.sp_kind}), pp={par.pp}, "
                   f"microbatches={par.num_microbatches}, ZeRO-{par.zero_stage}, stages {list(par.stages)}; "
                   f"loss chunk {plan.tiling.loss_chunk_tokens} tokens, MLP tile {plan.tiling.mlp_chunk_tokens} tokens, "
                   f"rebuild tile {plan.tiling.rebuild_tile_tokens} tokens, schedule {par.schedule}", "",

@@ -44,6 +44,9 @@ class PlanRequest:
     """Microbatches per step (None: auto)."""
     zero_stage: int | None = None
     """ZeRO stage 0-3 (None: auto)."""
+    tp_overlap_chunks: int | None = None
+    """Token blocks the tensor-parallel collectives are pipelined with the GEMMs over (1:
+    blocking; None: auto, `planner.collectives.TP_OVERLAP_CHOICES`)."""
     activation_offload: str = "auto"
     """'auto', 'none' (never swap), 'cpu' or 'nvme' (only that tier)."""
     recompute: str = "auto"
@@ -78,6 +81,8 @@ class PlanRequest:
                              f"got {self.grad_reduce_dtype!r}")
         if self.schedule not in (None, "1f1b", "interleaved-1f1b"):
             raise ValueError(f"schedule: must be '1f1b' or 'interleaved-1f1b', got {self.schedule!r}")
+        if self.tp_overlap_chunks is not None and self.tp_overlap_chunks < 1:
+            raise ValueError(f"tp_overlap_chunks: must be >= 1, got {self.tp_overlap_chunks}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver: must be one of {SOLVERS}, got {self.solver!r}")
         if self.time_limit_s <= 0:

@@ -334,7 +334,7 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
         parallel=ParallelPlan(dp=cand.dp, tp=cand.tp, sp=cand.sp, sp_kind=cand.sp_kind, pp=cand.pp,
                               num_microbatches=cand.num_microbatches,
                               schedule=cand.schedule, zero_stage=cand.zero_stage,
-                              stages=ranges),
+                              stages=ranges, tp_overlap_chunks=_tp_overlap_chunks(best)),
         model_states=states, activations=tuple(activations),
         tiling=TilingPlan(loss_chunk_tokens=best.tiling[0], mlp_chunk_tokens=best.tiling[1],
                           rebuild_tile_tokens=best.tiling[2]),
@@ -353,6 +353,12 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
                           gap=max(gaps) if len(gaps) == len(summary["gaps"]) else 1.0),
         notes=tuple(summary["notes"].get(cand, ())) + (_attention_note(request),
             f"{summary['solves']} stage MIPs solved; worst device use {gib(worst.device_bytes)}",))
+
+
+def _tp_overlap_chunks(best) -> int:
+    """The token blocks the chosen layout's layer times assume for tensor parallelism."""
+    layers = [lc for setup in best.setups for lc in setup.problem.layers]
+    return layers[0].tp_overlap_chunks if layers else 1
 
 
 def _attention_note(request: PlanRequest) -> str:

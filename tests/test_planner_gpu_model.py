@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner.collectives import collective_seconds
+from planner.collectives import (TP_COLLECTIVES, collective_seconds, tp_gemm_groups,
+                                 tp_pipeline_exposed)
 from planner.costmodel import (Candidate, CostParams, bubble_fraction, inflight_microbatches,
                                layer_cost, tp_comm_seconds)
 from planner.efficiency import (attention_efficiency, device_family, gemm_efficiency,
@@ -73,6 +74,33 @@ def test_tensor_parallel_divides_bytes_and_adds_collectives():
     assert comm == pytest.approx(4 * (sent / rate + params.gpu_collective_latency_s))
     assert b.recompute_s > comm and b.forward_s < a.forward_s
 
+
+
+def test_tp_overlap_pipeline_exposes_the_first_block_or_what_the_gemms_cannot_hide():
+    assert tp_pipeline_exposed(3.0, 10.0, 1) == 3.0                 # blocking: all of it
+    assert tp_pipeline_exposed(3.0, 10.0, 4) == pytest.approx(0.75)  # GEMM-bound: one block
+    assert tp_pipeline_exposed(3.0, 1.0, 4) == pytest.approx(3.0 - 0.75)  # comm-bound
+    assert TP_COLLECTIVES == {"forward": {"all_gather": 2, "reduce_scatter": 2},
+                              "backward": {"all_gather": 4, "reduce_scatter": 2}}
+    assert tp_gemm_groups([1, 2, 3, 4, 5, 6, 7]) == {"attention_in": 6, "attention_out": 4,
+                                                     "mlp_in": 11, "mlp_out": 7}
+
+
+def test_tp_overlap_chunks_priced_on_gpus_and_blocking_on_cpu_nodes():
+    shape, params = MODEL_PRESETS["llama3-8b"], CostParams()
+    tp8 = Candidate(dp=1, tp=8, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=1)
+    kw = dict(seq_len=4096, micro_batch_size=1, params=params)
+    gpu = CLUSTER_PRESETS["8xh100-80g"]
+    blocking = layer_cost(shape, "bf16", gpu, tp8, tp_overlap_chunks=1, **kw)
+    chosen = layer_cost(shape, "bf16", gpu, tp8, **kw)
+    assert chosen.tp_overlap_chunks > 1
+    assert chosen.forward_s + chosen.backward_s < blocking.forward_s + blocking.backward_s
+    cpu = CLUSTER_PRESETS["cpu-local"]
+    tp2 = Candidate(dp=1, tp=2, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=0)
+    assert layer_cost(shape, "fp32", cpu, tp2, **kw).tp_overlap_chunks == 1
+    groups = {"attention_in": 1.0, "attention_out": 1.0, "mlp_in": 1.0, "mlp_out": 1.0}
+    forced = tp_comm_seconds(shape, "fp32", cpu, 4096, 2, params, chunks=4, gemm_s=groups)
+    assert forced >= tp_comm_seconds(shape, "fp32", cpu, 4096, 2, params)  # no overlap on CPU
 
 def test_interleaved_schedule_bubble_and_inflight():
     assert bubble_fraction(4, 8, virtual=2) == pytest.approx(1.5 / 9.5)

@@ -28,7 +28,7 @@ def test_llama2_7b_1m_tokens_on_8_a800():
     elapsed = time.perf_counter() - start
     assert plan.feasible
     assert plan.prediction.per_rank_peak_bytes <= 80 * GiB
-    assert plan.parallel.world_size == 8 and plan.parallel.dp * plan.parallel.sp * plan.parallel.pp == 8
+    assert plan.parallel.world_size == 8
     assert len(plan.activations) == 32 and len(plan.prediction.activation_bytes_per_layer) == 32
     assert plan.solver.status == "Optimal Solution Found" and plan.solver.gap <= 1e-2
     assert plan.prediction.tokens_per_s > 0 and 0 < plan.prediction.mfu < 1

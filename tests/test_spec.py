@@ -64,6 +64,8 @@ BAD = [
     ({"model": {"dtype": "fp16"}}, "model.dtype:"),
     ({"model": {"num_kv_heads": 3}}, "model.num_heads: must be divisible by num_kv_heads (3)"),
     ({"parallel": {"zero_stage": 7}}, "parallel.zero_stage:"),
+    ({"parallel": {"tp_overlap_chunks": 0}},
+     "parallel.tp_overlap_chunks: must be >= 1 or auto, got 0"),
     ({"train": {"global_batch_size": 5}},
      "train.global_batch_size: must be a multiple of micro_batch_size x dp (2 x 1), got 5"),
     ({"train": {"seq_len": 4096}}, "train.seq_len: exceeds model.max_seq_len (1024)"),

@@ -31,17 +31,25 @@ def _loss_and_grads(model, tokens, targets, loss_chunk_tokens=0):
     return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+OVERLAP_CHUNKS = (1, 2)
+"""tp_overlap_chunks each spawn runs: blocking collectives, and two token blocks whose
+collectives are issued asynchronously and overlapped with the other block's GEMMs."""
+
+
 def _tp_worker(rank, world, shape, loss_chunk_tokens, mlp_chunk_tokens):
     groups = build_groups(ParallelDims(tp=world, world_size=world), rank)
-    model = build_model(shape, seed=3)
-    tp = apply_tensor_parallel(model, groups.tp)
-    if mlp_chunk_tokens:
-        apply_mlp_tiling(model, mlp_chunk_tokens)
-    tokens, targets = random_batch(shape.vocab_size, seed=5, seq_len=16, batch=2)
-    loss, grads = _loss_and_grads(model, tokens, targets, loss_chunk_tokens)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    return (loss, gather_full_parameters(params, tp), gather_full_parameters(grads, tp),
-            tp.reset_comm_bytes())
+    results = []
+    for chunks in OVERLAP_CHUNKS:
+        model = build_model(shape, seed=3)
+        tp = apply_tensor_parallel(model, groups.tp, overlap_chunks=chunks)
+        if mlp_chunk_tokens:
+            apply_mlp_tiling(model, mlp_chunk_tokens)
+        tokens, targets = random_batch(shape.vocab_size, seed=5, seq_len=16, batch=2)
+        loss, grads = _loss_and_grads(model, tokens, targets, loss_chunk_tokens)
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        results.append((chunks, loss, gather_full_parameters(params, tp),
+                        gather_full_parameters(grads, tp), tp.reset_comm_bytes()))
+    return results
 
 
 @pytest.mark.slow
@@ -51,12 +59,14 @@ def test_tp2_matches_single_process_loss_and_gradients(shape, loss_chunk, mlp_ch
     ref = build_model(shape, seed=3)
     tokens, targets = random_batch(shape.vocab_size, seed=5, seq_len=16, batch=2)
     ref_loss, ref_grads = _loss_and_grads(ref, tokens, targets)
-    for loss, params, grads, comm in spawn_ranks(_tp_worker, 2, shape, loss_chunk, mlp_chunk):
+    results = [r for rank in spawn_ranks(_tp_worker, 2, shape, loss_chunk, mlp_chunk) for r in rank]
+    assert sorted({r[0] for r in results}) == list(OVERLAP_CHUNKS)
+    for chunks, loss, params, grads, comm in results:
         assert loss == pytest.approx(ref_loss, rel=1e-6)
         for name, p in ref.named_parameters():
             torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=0, msg=name)
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6,
-                                       msg=name)
+                                       msg=f"{name} (tp_overlap_chunks {chunks})")
         assert sum(comm.values()) == tp_step_bytes(shape, "fp32", 2 * 16, 2,
                                                    recomputed_mlp=bool(mlp_chunk))
 

@@ -1,6 +1,7 @@
 """Tensor parallelism through the trainer on gloo ranks vs the single-process trainer (fp32,
 same seed): same losses and parameters; composed with Ulysses, ZeRO-3 over dp and the
-token-wise swap/recompute runtime; a tp2 checkpoint resumed at tp1.
+token-wise swap/recompute runtime (the first two with the collectives overlapped over 2
+token blocks, `parallel.tp_overlap_chunks`); a tp2 checkpoint resumed at tp1.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _saved_bytes(stats) -> int:
 @pytest.mark.slow
 def test_tp2_with_token_wise_swap_matches_single_process_and_halves_saved_bytes(tmp_path):
     ref = _reference(tmp_path, SWAP)
-    spec = _spec(tmp_path, "tp2", 2, dp=1, sp=1, pp=1, tp=2)
+    spec = _spec(tmp_path, "tp2", 2, dp=1, sp=1, pp=1, tp=2, tp_overlap_chunks=2)
     results = spawn_ranks(_worker, 2, spec, _plan(spec, 2, SWAP).to_dict())
     for result in results:
         _compare(result, ref)
@@ -94,7 +95,8 @@ def test_tp2_with_token_wise_swap_matches_single_process_and_halves_saved_bytes(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", [dict(dp=1, sp=2, sp_kind="ulysses", pp=1, tp=2),
+@pytest.mark.parametrize("parallel", [dict(dp=1, sp=2, sp_kind="ulysses", pp=1, tp=2,
+                                           tp_overlap_chunks=2),
                                       dict(dp=2, sp=1, pp=1, zero_stage=3, tp=2),
                                       dict(dp=1, sp=1, pp=2, zero_stage=1, tp=2)],
                          ids=["tp2xsp2-ulysses", "tp2xdp2-zero3", "tp2xpp2-1f1b"])

@@ -25,7 +25,10 @@ Every parameter is a true shard (norm weights included), so no gradient is reduc
 ZeRO shards each rank's local parameters over dp x sp unchanged. The parameters keep their
 names; `TP_SHARD_DIM` says along which dim each is split (checkpoints store full shapes).
 Collectives run on the tp process group (NCCL on GPUs, gloo on CPU): nothing here is device
-specific. `comm_bytes` counts the bytes this rank sends to other ranks, by collective kind.
+specific. With `parallel.tp_overlap_chunks` = K > 1 every all-gather -> GEMM and GEMM ->
+reduce-scatter pair runs over K token blocks with asynchronous collectives, so that block i's
+collective overlaps block i-1's / i+1's GEMM and only the first (or last) block's is exposed
+(collective matmul, as Megatron's TP comm overlap and torchtitan's async TP; docs/design.md). `comm_bytes` counts the bytes this rank sends to other ranks, by collective kind.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disttrain.parallel.comm_counter import CommCounter
+from disttrain.parallel.tp_linear import _ColumnParallel, _RowParallel
 from disttrain.spec import tensor_parallel_error
 
 TP_SHARD_DIM = {"embed.weight": 0, "head.weight": 0, "norm.weight": 0,
@@ -60,8 +64,13 @@ def tp_shard_dim(name: str) -> int:
 class TensorParallel(CommCounter):
     """The tp group, this rank's place in it, hidden-dim collectives and their byte counter."""
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
+    def __init__(self, group: dist.ProcessGroup, overlap_chunks: int = 1) -> None:
+        if overlap_chunks < 1:
+            raise ValueError(f"parallel.tp_overlap_chunks: must be >= 1, got {overlap_chunks}")
         self.group = group
+        self.overlap_chunks = overlap_chunks
+        """Token blocks the column- and row-parallel linears pipeline their collectives over
+        (1: one blocking collective each)."""
         self.size = dist.get_world_size(group)
         """Tensor-parallel degree."""
         self.rank = dist.get_rank(group)
@@ -74,21 +83,35 @@ class TensorParallel(CommCounter):
         nbytes = t.numel() * t.element_size() * (self.size - 1)
         self._count(kind, 2 * nbytes // self.size if kind == "all_reduce" else nbytes)
 
-    def gather_hidden(self, x_Th: torch.Tensor) -> torch.Tensor:
-        """(..., h) shards of the tp ranks -> (..., H), shard r at features [r*h, (r+1)*h)."""
+    def start_gather(self, x_Th: torch.Tensor) -> "_InFlight":
+        """Issue the all-gather of `gather_hidden` without waiting (`async_op`: on CUDA it runs
+        on NCCL's stream, on gloo on its worker thread); `.wait()` returns the (..., H)."""
         x_Th = x_Th.contiguous()
         out = torch.empty((self.size, *x_Th.shape), dtype=x_Th.dtype, device=x_Th.device)
-        dist.all_gather_single(out.view(-1), x_Th.view(-1), group=self.group)
+        work = dist.all_gather_single(out.view(-1), x_Th.view(-1), group=self.group,
+                                      async_op=True)
         self._count_collective("all_gather", x_Th)
-        return out.movedim(0, -2).reshape(*x_Th.shape[:-1], -1)
+        return _InFlight(work, lambda: out.movedim(0, -2).reshape(*x_Th.shape[:-1], -1), x_Th)
+
+    def start_reduce_scatter(self, y_TH: torch.Tensor, out: torch.Tensor | None = None
+                             ) -> "_InFlight":
+        """Issue the reduce-scatter of `reduce_scatter_hidden` without waiting, into `out`
+        (a contiguous (..., h) tensor, e.g. a row block of a larger one) when given."""
+        parts = y_TH.unflatten(-1, (self.size, -1)).movedim(-2, 0).contiguous()
+        if out is None:
+            out = torch.empty(parts.shape[1:], dtype=y_TH.dtype, device=y_TH.device)
+        work = dist.reduce_scatter_single(out.view(-1), parts.view(-1), group=self.group,
+                                          async_op=True)
+        self._count_collective("reduce_scatter", out)
+        return _InFlight(work, lambda: out, parts)
+
+    def gather_hidden(self, x_Th: torch.Tensor) -> torch.Tensor:
+        """(..., h) shards of the tp ranks -> (..., H), shard r at features [r*h, (r+1)*h)."""
+        return self.start_gather(x_Th).wait()
 
     def reduce_scatter_hidden(self, y_TH: torch.Tensor) -> torch.Tensor:
         """Sum of the ranks' (..., H) partials, this rank keeping its (..., h) features."""
-        parts = y_TH.unflatten(-1, (self.size, -1)).movedim(-2, 0).contiguous()
-        out = torch.empty(parts.shape[1:], dtype=y_TH.dtype, device=y_TH.device)
-        dist.reduce_scatter_single(out.view(-1), parts.view(-1), group=self.group)
-        self._count_collective("reduce_scatter", out)
-        return out
+        return self.start_reduce_scatter(y_TH).wait()
 
     def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         t = t.contiguous().clone()
@@ -97,9 +120,17 @@ class TensorParallel(CommCounter):
         return t
 
 
-def _matmul_grad(grad_TO: torch.Tensor, x_TI: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """d(x @ W^T)/dW for any leading dims, in the weight's dtype."""
-    return (grad_TO.flatten(0, -2).t() @ x_TI.flatten(0, -2).to(grad_TO.dtype)).to(weight.dtype)
+class _InFlight:
+    """A collective issued with `async_op=True`: its work handle, how to read its result,
+    and the buffer it reads (held until it completes)."""
+
+    def __init__(self, work, result, source: torch.Tensor) -> None:
+        self.work, self.result, self.source = work, result, source
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        self.source = None
+        return self.result()
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -124,51 +155,6 @@ class _ReduceScatterHidden(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_Th):
         return None, ctx.tp.gather_hidden(grad_Th)
-
-
-class _ColumnParallel(torch.autograd.Function):
-    """outs_i = all_gather(x_Th) @ W_i^T for sibling weights sharing one input (q, k, v or
-    gate, up): one all-gather forward; saves only the shard and gathers it again backward."""
-
-    @staticmethod
-    def forward(ctx, tp: TensorParallel, x_Th: torch.Tensor, *weights: torch.Tensor):
-        ctx.tp = tp
-        ctx.save_for_backward(x_Th, *weights)
-        x_TH = tp.gather_hidden(x_Th)
-        return tuple(F.linear(x_TH, w) for w in weights)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        x_Th, *weights = ctx.saved_tensors
-        x_TH = ctx.tp.gather_hidden(x_Th)
-        grad_x, grad_w = None, []
-        for grad, w in zip(grads, weights):
-            if grad is None:
-                grad_w.append(None)
-                continue
-            part = grad @ w.to(grad.dtype)
-            grad_x = part if grad_x is None else grad_x + part
-            grad_w.append(_matmul_grad(grad, x_TH, w))
-        if grad_x is None:
-            grad_x = torch.zeros_like(x_TH)
-        return None, ctx.tp.reduce_scatter_hidden(grad_x).to(x_Th.dtype), *grad_w
-
-
-class _RowParallel(torch.autograd.Function):
-    """y_Th = reduce_scatter(x_local @ W_local^T): the input is this rank's heads / ffn slice."""
-
-    @staticmethod
-    def forward(ctx, tp: TensorParallel, x: torch.Tensor, weight: torch.Tensor):
-        ctx.tp = tp
-        ctx.save_for_backward(x, weight)
-        return tp.reduce_scatter_hidden(F.linear(x, weight))
-
-    @staticmethod
-    def backward(ctx, grad_Th):
-        x, weight = ctx.saved_tensors
-        grad_TH = ctx.tp.gather_hidden(grad_Th)
-        grad_x = (grad_TH @ weight.to(grad_TH.dtype)).to(x.dtype)
-        return None, grad_x, _matmul_grad(grad_TH, x, weight)
 
 
 class ShardedRMSNorm(nn.Module):
@@ -310,16 +296,17 @@ def _shard(weight: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
     return weight.detach().chunk(tp.size, dim=dim)[tp.rank].clone()
 
 
-def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None
-                          ) -> TensorParallel | None:
+def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None,
+                          overlap_chunks: int = 1) -> TensorParallel | None:
     """Split every parameter of `model` (a freshly built, identical Llama on every rank) over
     the tp `group`: this rank keeps its shard, the modules become their parallel forms under
     the same names. Run before sequence parallelism and the activation policy (they see the
     local heads). Returns the TensorParallel (also `model.tensor_parallel`, which the loss
-    uses), or None with no group / a group of one rank."""
+    uses), or None with no group / a group of one rank. `overlap_chunks`: token blocks the
+    linears overlap their collectives with their GEMMs over (`_ColumnParallel`)."""
     if group is None or dist.get_world_size(group) == 1:
         return None
-    tp = TensorParallel(group)
+    tp = TensorParallel(group, overlap_chunks)
     shape = model.shape
     error = tensor_parallel_error(shape, tp.size)
     if error:

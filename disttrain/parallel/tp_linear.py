@@ -1,0 +1,135 @@
+"""Tensor parallelism's linears as autograd Functions: column-parallel (all-gather -> GEMM)
+and row-parallel (GEMM -> reduce-scatter), with their collectives pipelined over
+`tp.overlap_chunks` token blocks (`disttrain.parallel.tensor` has the layout and the tp group).
+
+Collective matmul: a block's collective is issued asynchronously (`async_op=True`; on CUDA
+NCCL runs it on its own stream, on gloo a worker thread does), so that it overlaps the GEMMs
+of the other blocks and only the first block's gather (or the last block's reduce-scatter) is
+waited for. One block (K = 1) is one blocking collective, as before. The bytes are the same
+for any K; each block is one call.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from disttrain.parallel.tensor import TensorParallel
+
+
+def _row_blocks(t: torch.Tensor, chunks: int) -> list[torch.Tensor]:
+    """Up to `chunks` near-equal token blocks (row ranges) of `t` viewed as (T, features)."""
+    flat = t.reshape(-1, t.shape[-1])
+    return list(flat.tensor_split(max(1, min(chunks, flat.shape[0])), dim=0))
+
+
+def _add_weight_grad(acc: torch.Tensor | None, grad_cO: torch.Tensor, x_cI: torch.Tensor
+                     ) -> torch.Tensor:
+    """acc + grad_c^T @ x_c for one token block; from the second block on the sum is fp32."""
+    part = grad_cO.t() @ x_cI.to(grad_cO.dtype)
+    if acc is None:
+        return part
+    return (acc if acc.dtype == torch.float32 else acc.float()).add_(part)
+
+
+class _ColumnParallel(torch.autograd.Function):
+    """outs_i = all_gather(x_Th) @ W_i^T for sibling weights sharing one input (q, k, v or
+    gate, up): one all-gather forward; saves only the shard and gathers it again backward.
+
+    With `tp.overlap_chunks` = K > 1 the tokens are split into K blocks and every block's
+    all-gather is issued asynchronously up front: block i's GEMMs run while blocks > i are
+    still in flight, so only the first block's gather waits (collective matmul). The
+    backward does the same with the gathers of the saved shard, and issues each block's
+    input-gradient reduce-scatter as soon as its GEMM is done, under the weight-gradient GEMMs
+    and the next blocks. Same bytes as K = 1; K = 1 is one blocking gather."""
+
+    @staticmethod
+    def forward(ctx, tp: TensorParallel, x_Th: torch.Tensor, *weights: torch.Tensor):
+        ctx.tp = tp
+        ctx.save_for_backward(x_Th, *weights)
+        gathers = [tp.start_gather(block) for block in _row_blocks(x_Th, tp.overlap_chunks)]
+        tokens = x_Th.numel() // x_Th.shape[-1]
+        outs = [torch.empty((tokens, w.shape[0]), dtype=x_Th.dtype, device=x_Th.device)
+                for w in weights]
+        start = 0
+        for pending in gathers:
+            x_cH = pending.wait()
+            stop = start + x_cH.shape[0]
+            for out, w in zip(outs, weights):
+                torch.mm(x_cH, w.t(), out=out[start:stop])
+            start = stop
+        return tuple(out.view(*x_Th.shape[:-1], -1) for out in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x_Th, *weights = ctx.saved_tensors
+        tp = ctx.tp
+        gathers = [tp.start_gather(block) for block in _row_blocks(x_Th, tp.overlap_chunks)]
+        live = [(i, g.reshape(-1, g.shape[-1]), w)
+                for i, (g, w) in enumerate(zip(grads, weights)) if g is not None]
+        dtype = live[0][1].dtype if live else x_Th.dtype
+        grad_x = torch.empty((x_Th.numel() // x_Th.shape[-1], x_Th.shape[-1]), dtype=dtype,
+                             device=x_Th.device)
+        grad_w: list[torch.Tensor | None] = [None] * len(weights)
+        scatters, start = [], 0
+        for pending in gathers:
+            x_cH = pending.wait()
+            stop = start + x_cH.shape[0]
+            part = None
+            for _, g, w in live:
+                term = g[start:stop] @ w.to(g.dtype)
+                part = term if part is None else part + term
+            if part is None:
+                part = torch.zeros(x_cH.shape, dtype=dtype, device=x_cH.device)
+            scatters.append(tp.start_reduce_scatter(part, out=grad_x[start:stop]))
+            for i, g, _ in live:   # under the reduce-scatter just issued
+                grad_w[i] = _add_weight_grad(grad_w[i], g[start:stop], x_cH)
+            start = stop
+        for pending in scatters:
+            pending.wait()
+        grad_w = [None if gw is None else gw.to(w.dtype) for gw, w in zip(grad_w, weights)]
+        return None, grad_x.view(x_Th.shape).to(x_Th.dtype), *grad_w
+
+
+class _RowParallel(torch.autograd.Function):
+    """y_Th = reduce_scatter(x_local @ W_local^T): the input is this rank's heads / ffn slice.
+
+    With `tp.overlap_chunks` = K > 1 each token block's reduce-scatter is issued as soon as
+    its GEMM is done and runs under the next block's GEMM (only the last one waits); the
+    backward all-gathers the output gradient's blocks up front and computes block i's input
+    and weight gradients while the later blocks are in flight."""
+
+    @staticmethod
+    def forward(ctx, tp: TensorParallel, x: torch.Tensor, weight: torch.Tensor):
+        ctx.tp = tp
+        ctx.save_for_backward(x, weight)
+        blocks = _row_blocks(x, tp.overlap_chunks)
+        out = torch.empty((x.numel() // x.shape[-1], weight.shape[0] // tp.size),
+                          dtype=x.dtype, device=x.device)
+        scatters, start = [], 0
+        for block in blocks:
+            stop = start + block.shape[0]
+            scatters.append(tp.start_reduce_scatter(F.linear(block, weight), out=out[start:stop]))
+            start = stop
+        for pending in scatters:
+            pending.wait()
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_Th):
+        x, weight = ctx.saved_tensors
+        tp = ctx.tp
+        gathers = [tp.start_gather(block) for block in _row_blocks(grad_Th, tp.overlap_chunks)]
+        x_TI = x.reshape(-1, x.shape[-1])
+        grad_x = torch.empty(x_TI.shape, dtype=x.dtype, device=x.device)
+        grad_w, start = None, 0
+        for pending in gathers:
+            g_cH = pending.wait()
+            stop = start + g_cH.shape[0]
+            grad_x[start:stop] = g_cH @ weight.to(g_cH.dtype)
+            grad_w = _add_weight_grad(grad_w, g_cH, x_TI[start:stop])
+            start = stop
+        return None, grad_x.view(x.shape), grad_w.to(weight.dtype)

@@ -106,26 +106,28 @@ def attention_efficiency(family: DeviceFamily, key_len: float, head_dim: int, ba
 
 
 def layer_gemms(shape: ModelShape, tokens: int, tp: int) -> list[tuple[float, float, float]]:
-    """(m, n, k) of a decoder layer's projections on one rank: q, k, v, o, gate, up, down,
-    with tensor parallelism splitting the heads / the MLP width (ceil for uneven shards)."""
+    """(m, n, k) of a decoder layer's projections on one rank: q, k, v, o, [gate,] up, down
+    (GeLU has no gate), with tensor parallelism splitting the heads / the MLP width (ceil for
+    uneven shards)."""
     h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim
     split = lambda x: -(-x // tp)  # noqa: E731
     return [(tokens, split(h), h), (tokens, split(kv), h), (tokens, split(kv), h),
-            (tokens, h, split(h)), (tokens, split(f), h), (tokens, split(f), h),
+            (tokens, h, split(h))] + [(tokens, split(f), h)] * (shape.mlp_matrices - 1) + [
             (tokens, h, split(f))]
 
 
 def elementwise_bytes_per_token(shape: ModelShape, dtype: str, tp: int) -> tuple[float, float]:
     """(forward, backward) HBM bytes per token of a layer's element-wise kernels as the eager
     runtime runs them: two RMSNorms with their fp32 upcast (~18 B per element each way),
-    RoPE on q and k, SiLU x up, two residual adds; the backward reads and writes about twice
+    RoPE on q and k (none with learned positions), SiLU x up (GeLU: read 1, write 1), two
+    residual adds; the backward reads and writes about twice
     what the forward does. Token-parallel parts (norms, residuals) shard by tp under
     sequence parallelism, head-parallel ones by the head split."""
     b = DTYPE_BYTES[dtype]
     h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim
     norms = 2 * (2 * b + 4 * 4) * h
-    rope = 3 * b * (h + kv) * 2
-    mlp = 5 * b * f
+    rope = 3 * b * (h + kv) * 2 if shape.rope else 0
+    mlp = (5 if shape.mlp == "swiglu" else 2) * b * f
     residual = 2 * 3 * b * h
     forward = (norms + rope + mlp + residual) / tp
     return forward, 2.0 * forward

@@ -150,6 +150,20 @@ def test_policy_matches_plain_pytorch_and_never_reruns_attention(policy, cpp_eng
     assert not any((tmp_path / "nvme").iterdir()), "nvme files must be removed at close"
 
 
+GPT = TINY.replace(mlp="gelu", positions="learned", ffn_hidden_size=4 * TINY.hidden_size)
+
+
+@pytest.mark.parametrize("policy", ["recompute_all", "mixed"])
+def test_gpt_block_policy_matches_plain_pytorch(policy, cpp_engine, tmp_path):
+    """GPT's block (GeLU MLP, learned positions: the layers ignore the RoPE tables) under
+    token-wise recompute and swap trains exactly like the plain GPT model."""
+    plans = POLICIES[policy]
+    model = build_model(GPT, seed=0)
+    with apply_activation_policy(model, plans, stores=make_stores(cpp_engine, tmp_path)) as runtime:
+        history = train(model, GPT, runtime=runtime)
+    assert_matches(history, train(build_model(GPT, seed=0), GPT))
+
+
 def test_python_backend_matches(tmp_path):
     engine = create_engine(CopyEngineConfig(backend="python"))
     assert engine.backend == "python"

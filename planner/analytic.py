@@ -115,8 +115,9 @@ def zero3_gather_bytes(shape: ModelShape, dtype: str, prefetch: int = 1, *,
     embedding only if `first` and the norm + head only if `last`."""
     h, vocab_h = shape.hidden_size, shape.vocab_size * shape.hidden_size
     layers = shape.num_layers if num_layers is None else num_layers
-    positions = shape.input_embedding_params() - vocab_h  # learned positions: their own unit
-    units = (([vocab_h] + ([positions] if positions else []) if first else []) + [shape.layer_params()] * layers
+    positions = shape.input_embedding_params() - vocab_h  # learned positions: own unit
+    units = (([vocab_h] + ([positions] if positions else []) if first else [])
+             + [shape.layer_params()] * layers
              + ([h + (0 if shape.tie_embeddings else vocab_h)] if last else []))
     tied = shape.tie_embeddings and first and last
     window = min(prefetch + 1, len(units))

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from disttrain.model import build_model
 from offload.engine import CopyEngineConfig, create_engine
-from offload.policy import apply_activation_policy, num_swap_tokens
+from offload.policy import ActivationRuntimeConfig, apply_activation_policy, num_swap_tokens
 from offload.stores import CpuStore, CpuStoreConfig, NvmeStore, NvmeStoreConfig
 from planner.analytic import layer_saved_bytes_per_token
 from planner.plan import LayerActivationPlan as Layer
@@ -153,13 +153,16 @@ def test_policy_matches_plain_pytorch_and_never_reruns_attention(policy, cpp_eng
 GPT = TINY.replace(mlp="gelu", positions="learned", ffn_hidden_size=4 * TINY.hidden_size)
 
 
-@pytest.mark.parametrize("policy", ["recompute_all", "mixed"])
-def test_gpt_block_policy_matches_plain_pytorch(policy, cpp_engine, tmp_path):
+@pytest.mark.parametrize("policy,tile", [("recompute_all", 48), ("mixed", 0)])
+def test_gpt_block_policy_matches_plain_pytorch(policy, tile, cpp_engine, tmp_path):
     """GPT's block (GeLU MLP, learned positions: the layers ignore the RoPE tables) under
-    token-wise recompute and swap trains exactly like the plain GPT model."""
+    token-wise recompute (rebuilt in tiles of `tile` tokens) and swap trains exactly like the
+    plain GPT model."""
     plans = POLICIES[policy]
     model = build_model(GPT, seed=0)
-    with apply_activation_policy(model, plans, stores=make_stores(cpp_engine, tmp_path)) as runtime:
+    with apply_activation_policy(model, plans, stores=make_stores(cpp_engine, tmp_path),
+                                 config=ActivationRuntimeConfig(rebuild_tile_tokens=tile)
+                                 ) as runtime:
         history = train(model, GPT, runtime=runtime)
     assert_matches(history, train(build_model(GPT, seed=0), GPT))
 

@@ -73,7 +73,11 @@ def test_gpt_block_matches_plain_pytorch():
 
 @pytest.mark.parametrize("name,billions", [("llama2-7b", 6.74), ("llama2-13b", 13.02),
                                            ("llama-30b", 32.53), ("llama2-70b", 68.98),
-                                           ("llama3-8b", 8.03)])
+                                           ("llama3-8b", 8.03),
+                                           # model cards: Qwen2.5 7.61B / 72.7B (q/k/v
+                                           # biases included), Mistral-7B-v0.3 7.25B
+                                           ("qwen2.5-7b", 7.61), ("qwen2.5-72b", 72.7),
+                                           ("mistral-7b", 7.25)])
 def test_published_param_counts(name, billions):
     assert MODEL_PRESETS[name].num_params() / 1e9 == pytest.approx(billions, abs=0.01)
 

@@ -69,6 +69,9 @@ def export_hf(run_dir: Path, out: Path, *, step: int | None = None,
     except FileNotFoundError as exc:
         raise SpecError(f"RUN_DIR: {exc}") from None
     shape = ModelShape(**meta["model"])
+    if shape.mlp != "swiglu" or shape.positions != "rope":
+        raise SpecError(f"RUN_DIR: a GPT-block model (mlp {shape.mlp}, positions "
+                        f"{shape.positions}) has no Hugging Face Llama/Qwen2 export")
     source = meta.get("hf")
     config = config_from_shape(shape, base=source["config"] if source else None)
     # The config written must describe exactly the weights written.

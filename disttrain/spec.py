@@ -50,6 +50,10 @@ class ModelSection(_Section):
     rope_theta: float | None = Field(None, gt=0)
     norm_eps: float | None = Field(None, gt=0)
     tie_embeddings: bool | None = None
+    mlp: str | None = None
+    """MLP block: 'swiglu' (Llama, default) or 'gelu' (GPT: 2 matrices, ffn usually 4 x hidden)."""
+    positions: str | None = None
+    """Position encoding: 'rope' (default) or 'learned' (GPT: a max_seq_len x hidden table)."""
 
 
 class TrainSection(_Section):
@@ -310,7 +314,8 @@ def _known_keys(loc: list[str]) -> list[str]:
 
 
 _SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-                 "vocab_size", "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings")
+                 "vocab_size", "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings", "mlp",
+                 "positions")
 
 
 def _model_shape(section: ModelSection) -> ModelShape:

@@ -3,7 +3,7 @@
 Used when the target device is not here (planning an A800 cluster on a CPU). The byte
 counts mirror what autograd saves for `disttrain.model.DecoderLayer` (RMSNorm upcasts to
 fp32, RoPE saves only the cos/sin tables, the flash core saves q, k, v, out and an fp32
-log-sum-exp); tests check them equal to the profiler's measurements. Under `bf16` the
+log-sum-exp; SwiGLU saves gate, silu, up and their product, GeLU its input and output); tests check them equal to the profiler's measurements. Under `bf16` the
 layer is the runtime's mixed-precision layer: bf16 weights and residual stream, fp32 RMSNorm
 statistics and log-sum-exp (no autocast: no bf16 weight copies are saved).
 The model-state bytes (`model_state_bytes`, `zero3_gather_bytes`) are what the runtime's
@@ -58,7 +58,8 @@ def layer_saved_bytes_per_token(shape: ModelShape, dtype: str, sp: int = 1) -> S
     upcast = 0 if b == FP32 else FP32 * h        # RMSNorm's fp32 copy of its input
     norm = upcast + FP32 + b * h                 # [fp32 copy], rsqrt, normed
     residual = b * h if b == FP32 else 0         # mlp_norm saves its fp32 input (h itself)
-    mlp = norm + b * h + residual + 4 * b * f    # norm, normed*w, [h], gate, silu, up, product
+    # norm, normed*w, [h], then SwiGLU's gate, silu, up, product or GeLU's up, gelu
+    mlp = norm + b * h + residual + shape.mlp_saved_per_ffn * b * f
     qkv = norm + b * h + b * h + 2 * b * kv      # norm, normed*w, q, k, v
     return SavedBytesPerToken(
         input_saved=b * h if b == FP32 else 0.0, layer_input=float(b * h),
@@ -78,8 +79,9 @@ def model_saved_bytes(shape: ModelShape, dtype: str, batch: int, seq_len: int) -
     """Saved bytes of a plain forward + loss of the whole model on `batch` x `seq_len`."""
     tokens = batch * seq_len
     per_layer = layer_saved_bytes_per_token(shape, dtype)
-    rope_tables = 2 * seq_len * (shape.head_dim // 2) * DTYPE_BYTES[dtype]
-    embedding = INDEX_BYTES * tokens
+    rope_tables = 2 * seq_len * (shape.head_dim // 2) * DTYPE_BYTES[dtype] if shape.rope else 0
+    # token ids; learned positions add the embedding lookup's position ids
+    embedding = INDEX_BYTES * (tokens + (0 if shape.rope else seq_len))
     # In bf16 nobody saves a layer's input, so a layer's output is dropped unless the next
     # layer is fp32; the final norm's input is counted in the head term.
     return (shape.num_layers * per_layer.plain_total * tokens + embedding
@@ -113,7 +115,9 @@ def zero3_gather_bytes(shape: ModelShape, dtype: str, prefetch: int = 1, *,
     embedding only if `first` and the norm + head only if `last`."""
     h, vocab_h = shape.hidden_size, shape.vocab_size * shape.hidden_size
     layers = shape.num_layers if num_layers is None else num_layers
-    units = (([vocab_h] if first else []) + [shape.layer_params()] * layers
+    positions = shape.input_embedding_params() - vocab_h  # learned positions: own unit
+    units = (([vocab_h] + ([positions] if positions else []) if first else [])
+             + [shape.layer_params()] * layers
              + ([h + (0 if shape.tie_embeddings else vocab_h)] if last else []))
     tied = shape.tie_embeddings and first and last
     window = min(prefetch + 1, len(units))
@@ -184,10 +188,12 @@ def layer_tensor_lifetimes(shape: ModelShape, dtype: str, tokens: int) -> list[T
         ("norm1_rsqrt", FP32, 0, end, "token_local"),
         ("norm1_normed", b * h, 1, end, "token_local"),
         ("norm1_out", b * h, 2, end, "token_local"),
-        ("q_proj", b * h, 3, 4, "transient"),
-        ("q_rope", b * h, 4, end, "token_local"),
-        ("k_proj", b * kv, 4, 5, "transient"),
-        ("k_rope", b * kv, 5, end, "token_local"),
+        *((("q_proj", b * h, 3, 4, "transient"),
+           ("q_rope", b * h, 4, end, "token_local"),
+           ("k_proj", b * kv, 4, 5, "transient"),
+           ("k_rope", b * kv, 5, end, "token_local")) if shape.rope else
+          (("q_proj", b * h, 3, end, "token_local"),  # no RoPE: the core saves q, k as made
+           ("k_proj", b * kv, 4, end, "token_local"))),
         ("v_proj", b * kv, 5, end, "token_local"),
         ("attn_out", b * h, 6, end, "attention_output"),
         ("attn_lse", FP32 * shape.num_heads, 6, end, "attention_output"),
@@ -196,10 +202,12 @@ def layer_tensor_lifetimes(shape: ModelShape, dtype: str, tokens: int) -> list[T
         ("norm2_rsqrt", FP32, 8, end, "token_local"),
         ("norm2_normed", b * h, 9, end, "token_local"),
         ("norm2_out", b * h, 9, end, "token_local"),
-        ("gate", b * f, 10, end, "token_local"),
-        ("up", b * f, 10, end, "token_local"),
-        ("silu", b * f, 11, end, "token_local"),
-        ("product", b * f, 12, end, "token_local"),
+        *((("gate", b * f, 10, end, "token_local"),
+           ("up", b * f, 10, end, "token_local"),
+           ("silu", b * f, 11, end, "token_local"),
+           ("product", b * f, 12, end, "token_local")) if shape.mlp == "swiglu" else
+          (("up", b * f, 10, end, "token_local"),
+           ("gelu", b * f, 11, end, "token_local"))),
         ("down_proj", b * h, 13, 14, "transient"),
         ("output", b * h, 14, end, "transient"),
     ]

@@ -242,8 +242,8 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
         fixed = sum(fixed_states.values()) + buffers + head
         compute = count * (lc.forward_s + lc.backward_s) + (head_fwd + head_bwd if last else 0.0)
         backward = count * lc.backward_s + (head_bwd if last else 0.0)
-        resident = ((shape.vocab_size * shape.hidden_size if stage == 0 else 0) + (
-            shape.embedding_params() - shape.vocab_size * shape.hidden_size if last else 0)) / tp
+        resident = ((shape.input_embedding_params() if stage == 0 else 0) + (
+            shape.embedding_params() - shape.input_embedding_params() if last else 0)) / tp
         comm_mb, comm_step = comm_times(
             shape, dtype, hw, cand, stage_layers=count, stage_num_params=total_params,
             tokens=tokens, microbatch_compute_s=compute, attention_forward_s=lc.forward_s - lc.recompute_s,

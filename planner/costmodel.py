@@ -178,7 +178,7 @@ def stage_params(shape: ModelShape, pp: int, stage: int) -> int:
     start, end = stage_layer_ranges(shape.num_layers, pp)[stage]
     total = (end - start) * shape.layer_params()
     if stage == 0:
-        total += shape.vocab_size * shape.hidden_size
+        total += shape.input_embedding_params()
     if stage == pp - 1:
         total += shape.hidden_size
         if not shape.tie_embeddings or pp > 1:
@@ -214,9 +214,10 @@ def logits_working_bytes(shape: ModelShape, tokens: int, loss_chunk_tokens: int)
 
 
 def mlp_intermediate_bytes(shape: ModelShape, dtype: str, tokens: int) -> float:
-    """MLP intermediates autograd saves (gate, silu, up, product): what MLP tiling removes from
-    the saved set (a tiled MLP saves its input only and rebuilds a tile at a time)."""
-    return 4.0 * DTYPE_BYTES[dtype] * shape.ffn_hidden_size * tokens
+    """MLP intermediates autograd saves (SwiGLU: gate, silu, up, product; GeLU: up, gelu): what
+    MLP tiling removes from the saved set (a tiled MLP saves its input only and rebuilds a
+    tile at a time)."""
+    return float(shape.mlp_saved_per_ffn * DTYPE_BYTES[dtype] * shape.ffn_hidden_size * tokens)
 
 
 def tiled_layer_cost(lc: LayerCost, shape: ModelShape, dtype: str, mlp_chunk_tokens: int,

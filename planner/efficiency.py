@@ -121,12 +121,13 @@ def attention_efficiency(family: DeviceFamily, key_len: float, head_dim: int, ba
 
 
 def layer_gemms(shape: ModelShape, tokens: int, tp: int) -> list[tuple[float, float, float]]:
-    """(m, n, k) of a decoder layer's projections on one rank: q, k, v, o, gate, up, down,
-    with tensor parallelism splitting the heads / the MLP width (ceil for uneven shards)."""
+    """(m, n, k) of a decoder layer's projections on one rank: q, k, v, o, [gate,] up, down
+    (GeLU has no gate), with tensor parallelism splitting the heads / the MLP width (ceil for
+    uneven shards)."""
     h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim
     split = lambda x: -(-x // tp)  # noqa: E731
     return [(tokens, split(h), h), (tokens, split(kv), h), (tokens, split(kv), h),
-            (tokens, h, split(h)), (tokens, split(f), h), (tokens, split(f), h),
+            (tokens, h, split(h))] + [(tokens, split(f), h)] * (shape.mlp_matrices - 1) + [
             (tokens, h, split(f))]
 
 
@@ -135,16 +136,16 @@ def elementwise_bytes_per_token(shape: ModelShape, dtype: str, tp: int) -> tuple
     runtime (disttrain/model/llama.py) runs them, one kernel per op, each reading its inputs
     and writing its output: two RMSNorms (upcast b+4, square 8, mean 4, scale 8, downcast
     4+b, weight 2b bytes per element; no casts in fp32), RoPE on q and k (four products and
-    two sums over halves, then the concatenation: 9b per element), SiLU x up, two residual
-    adds; the backward reads and writes about twice what the forward does. Token-parallel
-    parts (norms, residuals) shard by tp under sequence parallelism, head-parallel ones by
-    the head split."""
+    two sums over halves, then the concatenation: 9b per element; none with learned positions),
+    SiLU x up (GeLU: read 1, write 1), two residual adds; the backward reads and writes about
+    twice what the forward does. Token-parallel parts (norms, residuals) shard by tp under
+    sequence parallelism, head-parallel ones by the head split."""
     b = DTYPE_BYTES[dtype]
     h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim
     casts = 2 * (b + 4) if b != 4 else 0
     norms = 2 * (casts + 8 + 4 + 8 + 2 * b) * h
-    rope = 9 * b * (h + kv)
-    mlp = 5 * b * f
+    rope = 9 * b * (h + kv) if shape.rope else 0
+    mlp = (5 if shape.mlp == "swiglu" else 2) * b * f
     residual = 2 * 3 * b * h
     forward = (norms + rope + mlp + residual) / tp
     return forward, 2.0 * forward

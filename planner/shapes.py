@@ -1,4 +1,5 @@
-"""Model shapes: the one description of a Llama-style decoder used by planner and runtime.
+"""Model shapes: the one description of a decoder used by planner and runtime (Llama-style by
+default; `mlp='gelu'` and `positions='learned'` give the GPT block).
 
 The planner reasons about shapes only (bytes and FLOPs); the runtime builds the model from
 the same object, so a plan and the model it runs on can never disagree about a dimension.
@@ -10,11 +11,18 @@ import dataclasses
 from dataclasses import dataclass
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+MLP_KINDS = ("swiglu", "gelu")
+"""`ModelShape.mlp` values."""
+POSITION_KINDS = ("rope", "learned")
+"""`ModelShape.positions` values."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
-    """Shape of a Llama-style decoder-only transformer."""
+    """Shape of a decoder-only transformer: Llama's block (SwiGLU MLP, RoPE) by default, or
+    GPT's (`mlp='gelu'`: a 2-matrix GeLU MLP, usually ffn = 4 x hidden; `positions='learned'`:
+    a learned absolute position table of max_seq_len x hidden added to the token embedding).
+    Norms stay RMSNorm and projections carry no bias in either block."""
 
     hidden_size: int
     """Width of the residual stream."""
@@ -25,11 +33,12 @@ class ModelShape:
     num_kv_heads: int
     """Number of key/value heads (grouped-query attention when fewer than num_heads)."""
     ffn_hidden_size: int
-    """Inner width of the SwiGLU MLP."""
+    """Inner width of the MLP (SwiGLU's gate/up width, GeLU's up width)."""
     vocab_size: int
     """Number of token ids."""
     max_seq_len: int = 4096
-    """Longest sequence the RoPE tables are built for by default (training may extend it)."""
+    """Longest sequence the RoPE tables are built for by default (training may extend it);
+    with learned positions the size of the position table (training may not exceed it)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     norm_eps: float = 1e-5
@@ -48,6 +57,12 @@ class ModelShape:
     """llama3 scaling: wavelengths below original_max_seq_len / this are left as they are."""
     rope_original_max_seq_len: int = 0
     """llama3 scaling: the context length the model was pretrained at (0 when unscaled)."""
+    mlp: str = "swiglu"
+    """MLP block: 'swiglu' (Llama: down(silu(gate(x)) * up(x)), 3 matrices) or 'gelu'
+    (GPT: down(gelu(up(x))), 2 matrices)."""
+    positions: str = "rope"
+    """Position encoding: 'rope' (rotary, in every layer's q and k) or 'learned' (GPT: an
+    absolute position embedding added to the token embedding; no RoPE)."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -60,9 +75,14 @@ class ModelShape:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads: must be divisible by num_kv_heads ({self.num_kv_heads}), "
                              f"got {self.num_heads}")
-        if self.head_dim % 2:
+        if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"hidden_size: head dim hidden_size/num_heads must be even for RoPE, "
                              f"got {self.head_dim}")
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp: must be one of {', '.join(MLP_KINDS)}, got {self.mlp!r}")
+        if self.positions not in POSITION_KINDS:
+            raise ValueError(f"positions: must be one of {', '.join(POSITION_KINDS)}, "
+                             f"got {self.positions!r}")
         if self.rope_scaling not in ("none", "llama3"):
             raise ValueError(f"rope_scaling: must be 'none' or 'llama3', got {self.rope_scaling!r}")
         if self.rope_scaling == "llama3":
@@ -81,19 +101,41 @@ class ModelShape:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices of the MLP (h x ffn each): 3 for SwiGLU, 2 for GeLU."""
+        return 3 if self.mlp == "swiglu" else 2
+
+    @property
+    def mlp_saved_per_ffn(self) -> int:
+        """(tokens x ffn) tensors autograd saves in the MLP: SwiGLU's gate, silu(gate), up and
+        their product; GeLU's up projection and gelu(up)."""
+        return 4 if self.mlp == "swiglu" else 2
+
+    @property
+    def rope(self) -> bool:
+        """Whether the layers rotate q and k (RoPE)."""
+        return self.positions == "rope"
+
     def layer_params(self) -> int:
-        """Parameters of one decoder layer (two RMSNorm weights, QKVO, SwiGLU)."""
+        """Parameters of one decoder layer (two RMSNorm weights, QKVO, the MLP's matrices)."""
         h = self.hidden_size
         attn = h * h + 2 * h * self.kv_dim + h * h
         if self.qkv_bias:
             attn += h + 2 * self.kv_dim
-        mlp = 3 * h * self.ffn_hidden_size
+        mlp = self.mlp_matrices * h * self.ffn_hidden_size
         return attn + mlp + 2 * h
 
+    def input_embedding_params(self) -> int:
+        """Token embedding plus, with learned positions, the max_seq_len x hidden table: what
+        the first pipeline stage holds before its layers."""
+        positions = self.max_seq_len * self.hidden_size if self.positions == "learned" else 0
+        return self.vocab_size * self.hidden_size + positions
+
     def embedding_params(self) -> int:
-        """Input embedding + final norm + output head (shared when tied)."""
+        """Input embedding (+ learned positions) + final norm + output head (shared when tied)."""
         head = 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
-        return self.vocab_size * self.hidden_size + self.hidden_size + head
+        return self.input_embedding_params() + self.hidden_size + head
 
     def num_params(self) -> int:
         return self.num_layers * self.layer_params() + self.embedding_params()
@@ -113,12 +155,15 @@ class ModelShape:
 
 
 _OPTIONAL_FIELDS = ("qkv_bias", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
-                    "rope_high_freq_factor", "rope_original_max_seq_len")
+                    "rope_high_freq_factor", "rope_original_max_seq_len", "mlp", "positions")
 
 
 def _shape(**kw) -> ModelShape:
     return ModelShape(**kw)
 
+
+_LLAMA31_ROPE = dict(rope_scaling="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+                     rope_high_freq_factor=4.0, rope_original_max_seq_len=8192)
 
 # Published shapes (Llama / Llama 2 / Llama 3 papers and released configs) plus two small
 # ones that train on a CPU. `vocab_size` 259 = 256 bytes + pad/bos/eos of the byte tokenizer.
@@ -142,24 +187,26 @@ MODEL_PRESETS: dict[str, ModelShape] = {
     "llama3-70b": _shape(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                          ffn_hidden_size=28672, vocab_size=128256, max_seq_len=8192,
                          rope_theta=500000.0),
-    # Llama 3.1: Llama 3's shapes with a 128K context (their RoPE frequency scaling, factor 8,
-    # low/high frequency factors 1/4, original context 8192, is not a shape field yet)
+    # Llama 3.1 (meta-llama/Llama-3.1-{8B,70B,405B} config.json): Llama 3's shapes with a
+    # 128K context through RoPE scaling "llama3": factor 8, low/high frequency factors 1 and 4,
+    # original context 8192
     "llama3.1-8b": _shape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                           ffn_hidden_size=14336, vocab_size=128256, max_seq_len=131072,
-                          rope_theta=500000.0),
+                          rope_theta=500000.0, **_LLAMA31_ROPE),
     "llama3.1-70b": _shape(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                            ffn_hidden_size=28672, vocab_size=128256, max_seq_len=131072,
-                           rope_theta=500000.0),
+                           rope_theta=500000.0, **_LLAMA31_ROPE),
     "llama3.1-405b": _shape(hidden_size=16384, num_layers=126, num_heads=128, num_kv_heads=8,
                             ffn_hidden_size=53248, vocab_size=128256, max_seq_len=131072,
-                            rope_theta=500000.0),
-    # Qwen2.5 (its q/k/v biases are not a shape field yet: ~0.01% of the parameters)
+                            rope_theta=500000.0, **_LLAMA31_ROPE),
+    # Qwen2.5 (Qwen/Qwen2.5-{7B,72B} config.json; Qwen2's q/k/v projections carry biases)
     "qwen2.5-7b": _shape(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
                          ffn_hidden_size=18944, vocab_size=152064, max_seq_len=32768,
-                         rope_theta=1000000.0, norm_eps=1e-6),
+                         rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True),
     "qwen2.5-72b": _shape(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                           ffn_hidden_size=29568, vocab_size=152064, max_seq_len=32768,
-                          rope_theta=1000000.0, norm_eps=1e-6),
+                          rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True),
+    # Mistral 7B v0.3 (mistralai/Mistral-7B-v0.3 config.json: no sliding window, vocab 32768)
     "mistral-7b": _shape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                          ffn_hidden_size=14336, vocab_size=32768, max_seq_len=32768,
                          rope_theta=1000000.0),

@@ -29,7 +29,7 @@ from planner.hardware import CLUSTER_PRESETS
 from planner.plan import Plan
 from planner.request import PlanRequest
 from planner.search import plan_job
-from planner.shapes import MODEL_PRESETS
+from planner.shapes import MODEL_PRESETS, ModelShape
 
 TINY = MODEL_PRESETS["tiny"]
 LR = 1e-2
@@ -350,3 +350,13 @@ def test_tensor_parallel_plan_uses_autotp_for_deepspeed(offload_plan, tmp_path):
 
     config.pop("train_batch_size")
     assert DeepSpeedConfig(config).tensor_parallel_config.autotp_size == 2
+
+
+def test_megatron_export_of_a_gpt_block(offload_plan, tmp_path):
+    shape = ModelShape(**offload_plan.model).replace(mlp="gelu", positions="learned")
+    plan = dataclasses.replace(offload_plan, model=shape.to_dict())
+    doc = yaml.safe_load(export_plan(plan, "megatron", tmp_path).path.read_text())
+    assert doc["transformer"]["gated_linear_unit"] is False  # Megatron's default GeLU MLP
+    assert "--swiglu" not in doc["command_line"]
+    assert "--position-embedding-type learned_absolute" in doc["command_line"]
+    assert f"--max-position-embeddings {shape.max_seq_len}" in doc["command_line"]

@@ -15,19 +15,69 @@ SHAPE = ModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    ffn_hidden_size=96, vocab_size=300, max_seq_len=128)
 
 
-def test_shapes_and_param_count():
-    model = build_model(SHAPE, seed=0)
-    tokens = torch.randint(0, SHAPE.vocab_size, (3, 17))
-    assert model(tokens).shape == (3, 17, SHAPE.vocab_size)
-    assert sum(p.numel() for p in model.parameters()) == SHAPE.num_params()
-    tied = build_model(SHAPE.replace(tie_embeddings=True), seed=0)
-    assert sum(p.numel() for p in tied.parameters()) == SHAPE.replace(
+GPT = SHAPE.replace(mlp="gelu", positions="learned", ffn_hidden_size=4 * SHAPE.hidden_size)
+"""GPT's block: GeLU MLP of 4 x hidden, learned absolute positions."""
+
+
+@pytest.mark.parametrize("shape", [SHAPE, GPT, GPT.replace(positions="rope")],
+                         ids=["llama", "gpt", "gpt-rope"])
+def test_shapes_and_param_count(shape):
+    model = build_model(shape, seed=0)
+    tokens = torch.randint(0, shape.vocab_size, (3, 17))
+    assert model(tokens).shape == (3, 17, shape.vocab_size)
+    assert sum(p.numel() for p in model.parameters()) == shape.num_params()
+    tied = build_model(shape.replace(tie_embeddings=True), seed=0)
+    assert sum(p.numel() for p in tied.parameters()) == shape.replace(
         tie_embeddings=True).num_params()
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def test_gpt_block_matches_plain_pytorch():
+    """The GPT model against the same maths written out with torch functions on its weights:
+    token + position embedding, per layer RMSNorm -> q, k, v (no RoPE) -> causal SDPA -> o,
+    residual, RMSNorm -> up -> GeLU -> down, residual; final norm, head. fp32, forward and
+    gradients."""
+    model = build_model(GPT, seed=1)
+    tokens = torch.randint(0, GPT.vocab_size, (2, 24))
+    p = dict(model.named_parameters())
+    eps, n, k, d = GPT.norm_eps, GPT.num_heads, GPT.num_kv_heads, GPT.head_dim
+
+    def reference():
+        x = p["embed.weight"][tokens] + p["pos_embed.weight"][:tokens.shape[1]]
+        for i in range(GPT.num_layers):
+            w = lambda name: p[f"layers.{i}.{name}"]  # noqa: E731
+            hn = _rms(x, w("attn_norm.weight"), eps)
+            split = lambda t, heads: t.view(2, 24, heads, d).transpose(1, 2)  # noqa: E731
+            q, kk, v = (split(hn @ w(f"attn.{m}_proj.weight").t(), heads)
+                        for m, heads in (("q", n), ("k", k), ("v", k)))
+            out = F.scaled_dot_product_attention(q, kk, v, is_causal=True, enable_gqa=True)
+            x = x + out.transpose(1, 2).reshape(2, 24, -1) @ w("attn.o_proj.weight").t()
+            hn = _rms(x, w("mlp_norm.weight"), eps)
+            x = x + F.gelu(hn @ w("mlp.up_proj.weight").t()) @ w("mlp.down_proj.weight").t()
+        return _rms(x, p["norm.weight"], eps) @ p["head.weight"].t()
+
+    targets = torch.randint(0, GPT.vocab_size, (2, 24))
+    grads = []
+    for logits in (model(tokens), reference()):
+        torch.autograd.backward(F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+        grads.append({name: q.grad.clone() for name, q in p.items()})
+        model.zero_grad()
+    torch.testing.assert_close(model(tokens), reference(), rtol=1e-5, atol=1e-5)
+    assert "layers.0.mlp.gate_proj.weight" not in p
+    for name in p:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("name,billions", [("llama2-7b", 6.74), ("llama2-13b", 13.02),
                                            ("llama-30b", 32.53), ("llama2-70b", 68.98),
-                                           ("llama3-8b", 8.03)])
+                                           ("llama3-8b", 8.03),
+                                           # model cards: Qwen2.5 7.61B / 72.7B (q/k/v
+                                           # biases included), Mistral-7B-v0.3 7.25B
+                                           ("qwen2.5-7b", 7.61), ("qwen2.5-72b", 72.7),
+                                           ("mistral-7b", 7.25)])
 def test_published_param_counts(name, billions):
     assert MODEL_PRESETS[name].num_params() / 1e9 == pytest.approx(billions, abs=0.01)
 

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from disttrain.model import build_model
 from offload.engine import CopyEngineConfig, create_engine
-from offload.policy import apply_activation_policy, num_swap_tokens
+from offload.policy import ActivationRuntimeConfig, apply_activation_policy, num_swap_tokens
 from offload.stores import CpuStore, CpuStoreConfig, NvmeStore, NvmeStoreConfig
 from planner.analytic import layer_saved_bytes_per_token
 from planner.plan import LayerActivationPlan as Layer
@@ -148,6 +148,23 @@ def test_policy_matches_plain_pytorch_and_never_reruns_attention(policy, cpp_eng
             assert layer["tokens_recomputed"] == (0 if plan.keep_all else BATCH * SEQ - swapped)
     assert all(store.bytes_in_use == 0 for store in stores.values())
     assert not any((tmp_path / "nvme").iterdir()), "nvme files must be removed at close"
+
+
+GPT = TINY.replace(mlp="gelu", positions="learned", ffn_hidden_size=4 * TINY.hidden_size)
+
+
+@pytest.mark.parametrize("policy,tile", [("recompute_all", 48), ("mixed", 0)])
+def test_gpt_block_policy_matches_plain_pytorch(policy, tile, cpp_engine, tmp_path):
+    """GPT's block (GeLU MLP, learned positions: the layers ignore the RoPE tables) under
+    token-wise recompute (rebuilt in tiles of `tile` tokens) and swap trains exactly like the
+    plain GPT model."""
+    plans = POLICIES[policy]
+    model = build_model(GPT, seed=0)
+    with apply_activation_policy(model, plans, stores=make_stores(cpp_engine, tmp_path),
+                                 config=ActivationRuntimeConfig(rebuild_tile_tokens=tile)
+                                 ) as runtime:
+        history = train(model, GPT, runtime=runtime)
+    assert_matches(history, train(build_model(GPT, seed=0), GPT))
 
 
 def test_python_backend_matches(tmp_path):

@@ -248,10 +248,13 @@ def test_split_stages_rejects_bad_input_naming_the_field(args, field):
         split_stages(*args)
 
 
-def test_stage_modules_keep_model_names_and_compose_to_the_model():
+@pytest.mark.parametrize("block", ["llama", "gpt"])
+def test_stage_modules_keep_model_names_and_compose_to_the_model(block):
     """Run the stages one after another in one process: same logits as the model, at
-    absolute positions that do not start at 0 (as on a sequence-parallel rank)."""
-    model = build_model(SHAPE, seed=0)
+    absolute positions that do not start at 0 (as on a sequence-parallel rank); GPT's learned
+    position table lives on the first stage."""
+    shape = SHAPE if block == "llama" else SHAPE.replace(mlp="gelu", positions="learned")
+    model = build_model(shape, seed=0)
     stages = ((0, 1), (1, 3), (3, 4))
     modules = [build_stage_module(model, i, stages) for i in range(3)]
     names = [n for m in modules for n, _ in m.named_parameters()]

@@ -212,3 +212,30 @@ def test_cpu_collectives_are_exposed_and_pay_latency_per_call():
     assert per_mb == 0.0
     assert per_step == pytest.approx(vol / bw["all_gather"] + vol / bw["reduce_scatter"]
                                      + 12 * hw.intra_node_latency_s)
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_gpt_block_params_flops_and_gemms_agree(mlp):
+    """Per block kind, the GPU path's GEMM list does exactly the analytic matmul FLOPs
+    (2 x weights per token; a GeLU MLP has 2 matrices, SwiGLU 3) and MLP tiling cuts exactly
+    what the MLP saves."""
+    from planner.costmodel import mlp_intermediate_bytes
+    from planner.efficiency import layer_gemms
+
+    shape = SHAPE.replace(mlp=mlp, ffn_hidden_size=256)
+    h, f = shape.hidden_size, shape.ffn_hidden_size
+    assert shape.layer_params() - 2 * h == 2 * h * h + 2 * h * shape.kv_dim + shape.mlp_matrices * h * f
+    tokens = 96
+    gemm_flops = sum(2 * m * n * k for m, n, k in layer_gemms(shape, tokens, 1))
+    assert gemm_flops == (layer_flops_per_token(shape, 512).token_local - 4 * h) * tokens
+    saved = layer_saved_bytes_per_token(shape, "bf16")
+    without_mlp = layer_saved_bytes_per_token(shape.replace(ffn_hidden_size=1), "bf16")
+    assert mlp_intermediate_bytes(shape, "bf16", tokens) == pytest.approx(
+        (saved.mlp - without_mlp.mlp) * tokens * f / (f - 1))
+
+
+def test_learned_positions_sit_on_the_first_stage():
+    gpt = SHAPE.replace(positions="learned", max_seq_len=512)
+    assert gpt.num_params() == SHAPE.num_params() + 512 * 64
+    assert stage_params(gpt, 2, 0) == stage_params(SHAPE, 2, 0) + 512 * 64
+    assert stage_params(gpt, 2, 1) == stage_params(SHAPE, 2, 1)

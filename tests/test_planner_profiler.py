@@ -20,6 +20,8 @@ SHAPES = {
                       vocab_size=64),
     "mha": ModelShape(hidden_size=96, num_layers=1, num_heads=3, num_kv_heads=3, ffn_hidden_size=200,
                       vocab_size=64),
+    "gpt": ModelShape(hidden_size=96, num_layers=1, num_heads=3, num_kv_heads=3, ffn_hidden_size=384,
+                      vocab_size=64, mlp="gelu", positions="learned"),
 }
 TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -44,9 +44,14 @@ POLICIES = {"keep": LayerActivationPlan(keep_all=True),
             "recompute": LayerActivationPlan(swap_fraction=0.0)}
 
 
-def _job(dtype: str, world: int):
+GPT = {"mlp": "gelu", "positions": "learned", "ffn_hidden_size": 512, "max_seq_len": 4096}
+"""The tiny preset as a GPT block: GeLU MLP of 4 x hidden, learned positions (a table of 4096
+rows, so that it and the first layer are the ZeRO-3 gather peak)."""
+
+
+def _job(dtype: str, world: int, model: dict | None = None):
     return job_from_dict(merge(TINY_JOB, {
-        "model": {"dtype": dtype}, "data": {"kind": "synthetic"},
+        "model": {"dtype": dtype, **(model or {})}, "data": {"kind": "synthetic"},
         "train": {"seq_len": SEQ, "micro_batch_size": 1, "global_batch_size": world,
                   "steps": 2, "grad_clip": 1.0}}))
 
@@ -172,12 +177,12 @@ def _state_bytes(runtime, compute_dtype: torch.dtype) -> dict[str, int]:
     return out
 
 
-def measure(rank: int, world: int, dtype: str, stage: int) -> dict:
+def measure(rank: int, world: int, dtype: str, stage: int, model: dict | None = None) -> dict:
     """Per policy: {activations by layer, states by category, gather peak}, measured in the
     second step (AdamW's moments exist), states at the end of its backward."""
     out = {}
     for policy in POLICIES:
-        job = _job(dtype, world)
+        job = _job(dtype, world, model)
         runtime = build_runtime(job, _plan(job, dtype, stage, world, policy), rank=rank)
         batches = build_batches("synthetic", None, vocab_size=job.shape.vocab_size,
                                 seq_len=SEQ, micro_batch_size=1, seed=0)
@@ -209,8 +214,9 @@ def _predicted_layer_bytes(job, dtype: str, policy: str) -> float:
     return _layer_traffic(lc, POLICIES[policy])[1]
 
 
-def _check(measured: dict, dtype: str, stage: int, world: int) -> None:
-    job = _job(dtype, world)
+def _check(measured: dict, dtype: str, stage: int, world: int, model: dict | None = None
+           ) -> None:
+    job = _job(dtype, world, model)
     expected_states = model_state_bytes(job.shape.num_params(), dtype, stage, world)
     for policy, result in measured.items():
         where = f"{dtype} zero-{stage} {policy}"
@@ -235,6 +241,14 @@ def _check(measured: dict, dtype: str, stage: int, world: int) -> None:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_single_process_bytes_equal_the_planner(dtype):
     _check(measure(0, 1, dtype, 0), dtype, 0, 1)
+
+
+def test_gpt_block_bytes_equal_the_planner():
+    """GeLU MLP and a learned position table: the planner's parameters, saved activations and
+    ZeRO-3 gather peak (the position table is its own unit after the embedding) as measured."""
+    job = _job("bf16", 1, GPT)
+    assert job.shape.mlp_matrices == 2 and job.shape.input_embedding_params() > 259 * 128
+    _check(measure(0, 1, "bf16", 3, GPT), "bf16", 3, 1, GPT)
 
 
 @pytest.mark.slow

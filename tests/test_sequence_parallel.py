@@ -22,6 +22,7 @@ from planner.shapes import MODEL_PRESETS
 from lm_batches import lm_loss, random_batch
 
 SHAPE = MODEL_PRESETS["tiny"]
+GPT = SHAPE.replace(mlp="gelu", positions="learned", ffn_hidden_size=4 * SHAPE.hidden_size)
 KINDS = ("ulysses", "ring")
 # core-level cases: (kind, num_heads, num_kv_heads); Ulysses with K=1 < sp replicates kv
 CORE_CASES = (("ring", 4, 2), ("ulysses", 4, 1))
@@ -58,14 +59,15 @@ def _batch(seq_len: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _model_worker(rank: int, world: int) -> dict:
     results = {}
-    for kind in KINDS:
-        model = build_model(SHAPE, seed=3)
+    for kind in (*KINDS, "gpt-ring"):  # GPT's learned positions at the zigzag positions
+        model = build_model(GPT if kind == "gpt-ring" else SHAPE, seed=3)
+        kind = kind.removeprefix("gpt-")
         core = apply_sequence_parallel(model, dist.group.WORLD, kind)
         tokens, targets, positions = shard_sequence(*_batch(), rank, world, kind)
         loss = lm_loss(model, tokens, targets, positions)
         loss.backward()
         loss = sp_loss_and_grad_reduce(model, loss, dist.group.WORLD)
-        results[kind] = dict(loss=loss, grads={n: p.grad for n, p in model.named_parameters()},
+        results[("gpt-" if model.shape is GPT else "") + kind] = dict(loss=loss, grads={n: p.grad for n, p in model.named_parameters()},
                              comm=core.reset_comm_bytes())
     return results
 
@@ -118,9 +120,9 @@ def test_cores_match_full_attention_sp4(sp4_cores):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", (*KINDS, "gpt-ring"))
 def test_model_loss_and_grads_match_single_process(sp2, kind):
-    model = build_model(SHAPE, seed=3)
+    model = build_model(GPT if kind.startswith("gpt") else SHAPE, seed=3)
     loss = lm_loss(model, *_batch())
     loss.backward()
     for rank, res in enumerate(sp2):

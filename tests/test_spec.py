@@ -43,6 +43,15 @@ def test_explicit_model_and_cluster():
     assert job.shape.kv_dim == 16
 
 
+def test_gpt_block_fields():
+    job = job_from_dict(merge(TINY_JOB, {"model": {"mlp": "gelu", "positions": "learned",
+                                                   "ffn_hidden_size": 512}}))
+    assert (job.shape.mlp, job.shape.positions) == ("gelu", "learned")
+    h = job.shape.hidden_size
+    assert job.shape.layer_params() == MODEL_PRESETS["tiny"].layer_params() - 3 * h * 352 + 2 * h * 512
+    assert job.shape.embedding_params() == MODEL_PRESETS["tiny"].embedding_params() + 1024 * h
+
+
 def test_plan_request_maps_auto_to_none():
     job = job_from_dict(merge(TINY_JOB, {"parallel": {"dp": 1, "sp": "auto"},
                                          "memory": {"recompute": "token"}}))
@@ -56,6 +65,9 @@ BAD = [
       "launch": {"launcher": "torchrun"}},
      "train.seq_len: must be a positive multiple of parallel.sp (8), got 1001"),
     ({"model": {"colour": "red"}}, "model.colour: unknown key"),
+    ({"model": {"mlp": "relu"}}, "model.mlp: must be one of swiglu, gelu, got 'relu'"),
+    ({"model": {"positions": "alibi"}},
+     "model.positions: must be one of rope, learned, got 'alibi'"),
     ({"bogus": 1}, "bogus: unknown section; known: name, model, train"),
     ({"trainer": {"steps": 1}}, "trainer: unknown section; did you mean 'train'?"),
     ({"model": {"hidden_sise": 8}}, "model.hidden_sise: unknown key; did you mean 'hidden_size'?"),

@@ -23,6 +23,7 @@ from planner.shapes import ModelShape
 SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    ffn_hidden_size=48, vocab_size=64, max_seq_len=64)
 TIED = ModelShape(**{**SHAPE.__dict__, "tie_embeddings": True})
+GPT = SHAPE.replace(mlp="gelu", positions="learned", ffn_hidden_size=128)
 
 
 def _loss_and_grads(model, tokens, targets, loss_chunk_tokens=0):
@@ -53,8 +54,8 @@ def _tp_worker(rank, world, shape, loss_chunk_tokens, mlp_chunk_tokens):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape,loss_chunk,mlp_chunk", [(SHAPE, 0, 0), (TIED, 8, 8)],
-                         ids=["plain", "tied-chunked-loss-tiled-mlp"])
+@pytest.mark.parametrize("shape,loss_chunk,mlp_chunk", [(SHAPE, 0, 0), (TIED, 8, 8), (GPT, 0, 8)],
+                         ids=["plain", "tied-chunked-loss-tiled-mlp", "gpt-tiled-mlp"])
 def test_tp2_matches_single_process_loss_and_gradients(shape, loss_chunk, mlp_chunk):
     ref = build_model(shape, seed=3)
     tokens, targets = random_batch(shape.vocab_size, seed=5, seq_len=16, batch=2)

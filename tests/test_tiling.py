@@ -63,9 +63,11 @@ def test_chunked_loss_keeps_no_full_logits():
     assert max(saved) < 256 * 300  # the (tokens x vocab) logits were never saved
 
 
-def test_mlp_tiling_matches_untiled_model():
-    tokens = torch.randint(0, SHAPE.vocab_size, (2, 40))
-    plain, tiled = build_model(SHAPE, seed=0), build_model(SHAPE, seed=0)
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_mlp_tiling_matches_untiled_model(mlp):
+    shape = SHAPE.replace(mlp=mlp)
+    tokens = torch.randint(0, shape.vocab_size, (2, 40))
+    plain, tiled = build_model(shape, seed=0), build_model(shape, seed=0)
     apply_mlp_tiling(tiled, 9)
     apply_mlp_tiling(tiled, 9)  # idempotent
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in tiled.named_parameters()]

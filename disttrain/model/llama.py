@@ -1,4 +1,5 @@
-"""A Llama-style decoder in plain PyTorch. The model and nothing else.
+"""A Llama-style decoder in plain PyTorch (or GPT's block: GeLU MLP, learned positions, as
+`ModelShape.mlp` / `.positions` say). The model and nothing else.
 
 Shape legend: B batch, S sequence (local shard when sequence-parallel), H hidden,
 N query heads, K kv heads, D head dim, F ffn hidden, V vocab.
@@ -7,7 +8,7 @@ Each decoder layer is three addressable parts so memory policies can treat the t
 of activation differently without touching this file:
   `qkv(x)`            token-local: norm, projections, RoPE        (recomputable per token)
   `attention_core()`  the quadratic core; saves out + lse          (never recomputed)
-  `post_attention()`  token-local: output projection, residuals, norm, SwiGLU MLP
+  `post_attention()`  token-local: output projection, residuals, norm, MLP (SwiGLU or GeLU)
 `forward(x)` is exactly their composition.
 """
 
@@ -100,23 +101,39 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class GeluMLP(nn.Module):
+    """GPT's MLP: down(gelu(up(x))), two matrices (the names keep Llama's up/down)."""
+
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.up_proj = nn.Linear(shape.hidden_size, shape.ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(shape.ffn_hidden_size, shape.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, shape: ModelShape):
         super().__init__()
         self.attn_norm = RMSNorm(shape.hidden_size, shape.norm_eps)
         self.attn = Attention(shape)
         self.mlp_norm = RMSNorm(shape.hidden_size, shape.norm_eps)
-        self.mlp = MLP(shape)
+        self.mlp = MLP(shape) if shape.mlp == "swiglu" else GeluMLP(shape)
+        self.rotary = shape.rope
+        """Whether q and k are rotated (RoPE); with learned positions cos/sin are ignored."""
         self.core: AttentionCore = LOCAL_CORE
         """The attention core; sequence parallelism replaces it, the maths stays here."""
 
     def qkv(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Token-local: returns q_BNSD, k_BKSD, v_BKSD (RoPE applied)."""
+        """Token-local: returns q_BNSD, k_BKSD, v_BKSD (RoPE applied when the shape has it)."""
         a = self.attn
         b, s, _ = x_BSH.shape
         hn = self.attn_norm(x_BSH)
-        q = apply_rope(a.q_proj(hn).view(b, s, a.num_heads, a.head_dim), cos, sin)
-        k = apply_rope(a.k_proj(hn).view(b, s, a.num_kv_heads, a.head_dim), cos, sin)
+        q = a.q_proj(hn).view(b, s, a.num_heads, a.head_dim)
+        k = a.k_proj(hn).view(b, s, a.num_kv_heads, a.head_dim)
+        if self.rotary:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = a.v_proj(hn).view(b, s, a.num_kv_heads, a.head_dim)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -134,11 +151,23 @@ class DecoderLayer(nn.Module):
         return self.post_attention(x_BSH, self.attention_core(*self.qkv(x_BSH, cos, sin)))
 
 
+def embed_tokens(embed: nn.Module, pos_embed: nn.Module | None, tokens_BS: torch.Tensor,
+                 positions_S: torch.Tensor) -> torch.Tensor:
+    """Token embeddings (B, S, H), plus the learned position embeddings of `positions_S`."""
+    x = embed(tokens_BS)
+    if pos_embed is not None:
+        x = x + pos_embed(positions_S.to(x.device))[None]
+    return x
+
+
 class Llama(nn.Module):
     def __init__(self, shape: ModelShape):
         super().__init__()
         self.shape = shape
         self.embed = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.pos_embed = (nn.Embedding(shape.max_seq_len, shape.hidden_size)
+                          if shape.positions == "learned" else None)
+        """Learned absolute positions (GPT), added to the token embedding; None with RoPE."""
         self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.num_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.norm_eps)
         self.head = None if shape.tie_embeddings else nn.Linear(shape.hidden_size,
@@ -169,7 +198,7 @@ class Llama(nn.Module):
         """Final-normed hidden states (B, S, H) for tokens at the given absolute positions."""
         if positions_S is None:
             positions_S = torch.arange(tokens_BS.shape[1], device=tokens_BS.device)
-        x = self.embed(tokens_BS)
+        x = embed_tokens(self.embed, self.pos_embed, tokens_BS, positions_S)
         cos, sin = self.rope(positions_S, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)

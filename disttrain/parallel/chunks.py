@@ -44,16 +44,23 @@ class ChunkLayout:
 
 
 def execution_units(model: nn.Module) -> list[nn.Module | list[nn.Parameter]]:
-    """The model's parameters grouped by when they are used: embedding, each layer, the rest.
+    """The model's parameters grouped by when they are used: embedding, learned positions (GPT
+    shapes), each layer, the rest.
 
     Returns modules for the first units and, last, the list of remaining parameters (final norm
     and output head; with tied embeddings the head is the embedding, already in unit 0).
     """
-    embed = getattr(model, "embed", None)  # absent on a middle pipeline stage
-    units: list = ([embed] if embed is not None else []) + list(model.layers)
+    units: list = embedding_units(model) + list(model.layers)
     seen = {id(p) for u in units for p in u.parameters()}
     tail = [p for p in model.parameters() if id(p) not in seen]
     return units + [tail]
+
+
+def embedding_units(model: nn.Module) -> list[nn.Module]:
+    """The units before the decoder layers: the token embedding and the learned position
+    embedding, those of them `model` holds (a middle pipeline stage holds neither)."""
+    return [m for m in (getattr(model, "embed", None), getattr(model, "pos_embed", None))
+            if m is not None]
 
 
 def layer_indices(model: nn.Module) -> list[int]:
@@ -104,7 +111,7 @@ def pack_chunks(model: nn.Module, *, chunk_numel: int, group_size: int) -> list[
     """
     names = {id(p): n for n, p in model.named_parameters()}
     units = execution_units(model)
-    first_layer_unit = 1 if getattr(model, "embed", None) is not None else 0
+    first_layer_unit = len(embedding_units(model))
     layers = layer_indices(model)
     tagged = []
     for unit_index, unit in enumerate(units):

@@ -42,7 +42,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
                                           ScheduleInterleaved1F1B)
 
 from disttrain.model.documents import documents_scope
-from disttrain.model.llama import rope_tables
+from disttrain.model.llama import embed_tokens, rope_tables
 from disttrain.parallel.dims import ParallelGroups
 from disttrain.tiling import chunked_lm_loss
 from planner.plan import ParallelPlan
@@ -141,6 +141,7 @@ class StageModule(nn.Module):
         self.is_last = stage_index == len(stages) - 1
         self.shape = model.shape  # for RoPE; no reference to the rest of the model is kept
         self.embed = model.embed if self.is_first or (self.is_last and model.head is None) else None
+        self.pos_embed = model.pos_embed if self.is_first else None
         self.layers = LayerRange({i: model.layers[i] for i in range(start, end)})
         self.norm = model.norm if self.is_last else None
         self.head = model.head if self.is_last else None
@@ -166,7 +167,7 @@ class StageModule(nn.Module):
         if positions is None:
             raise RuntimeError("StageModule: positions_S must be set before the forward")
         if self.is_first:
-            x = self.embed(x)
+            x = embed_tokens(self.embed, self.pos_embed, x, positions)
         cos, sin = rope_tables(self.shape, positions.to(x.device), x.dtype)
         with documents_scope(doc_ids):
             for layer in self.layers:
@@ -410,7 +411,7 @@ def _union(stage_modules: list[StageModule]) -> nn.Module:
     union = nn.Module()
     layers: dict[int, nn.Module] = {}
     for module in stage_modules:
-        for name in ("embed", "norm", "head"):
+        for name in ("embed", "pos_embed", "norm", "head"):
             if getattr(module, name) is not None:
                 union.add_module(name, getattr(module, name))
         layers.update((int(key), layer) for key, layer in module.layers.named_children())

@@ -42,7 +42,7 @@ from disttrain.parallel.comm_counter import CommCounter
 from disttrain.parallel.tp_linear import _ColumnParallel, _RowParallel
 from disttrain.spec import tensor_parallel_error
 
-TP_SHARD_DIM = {"embed.weight": 0, "head.weight": 0, "norm.weight": 0,
+TP_SHARD_DIM = {"embed.weight": 0, "pos_embed.weight": 1, "head.weight": 0, "norm.weight": 0,
                 "attn_norm.weight": 0, "mlp_norm.weight": 0,
                 "q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0,
                 "gate_proj.weight": 0, "up_proj.weight": 0,
@@ -327,10 +327,14 @@ def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None,
         attn.num_heads //= tp.size
         attn.num_kv_heads //= tp.size
         gate_up = _Siblings()
-        mlp.gate_proj = ColumnParallelLinear(tp, _shard(mlp.gate_proj.weight, 0, tp), gate_up)
+        if hasattr(mlp, "gate_proj"):  # SwiGLU; GPT's GeLU MLP has up and down only
+            mlp.gate_proj = ColumnParallelLinear(tp, _shard(mlp.gate_proj.weight, 0, tp), gate_up)
         mlp.up_proj = ColumnParallelLinear(tp, _shard(mlp.up_proj.weight, 0, tp), gate_up)
         mlp.down_proj = RowParallelLinear(tp, _shard(mlp.down_proj.weight, 1, tp))
     model.embed = VocabParallelEmbedding(tp, _shard(model.embed.weight, 0, tp))
+    if model.pos_embed is not None:  # learned positions: this rank's h features of each row
+        model.pos_embed = nn.Embedding.from_pretrained(_shard(model.pos_embed.weight, 1, tp),
+                                                       freeze=False)
     model.norm = norm(model.norm)
     if model.head is not None:
         model.head = ColumnParallelLinear(tp, _shard(model.head.weight, 0, tp), _Siblings())

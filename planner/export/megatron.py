@@ -178,7 +178,8 @@ def build_sections(plan: Plan, alt: Alternative) -> dict[str, dict[str, Any]]:
         "num_layers": shape.num_layers, "hidden_size": shape.hidden_size,
         "num_attention_heads": shape.num_heads, "num_query_groups": shape.num_kv_heads,
         "ffn_hidden_size": shape.ffn_hidden_size, "kv_channels": shape.head_dim,
-        "gated_linear_unit": True, "normalization": "RMSNorm", "layernorm_epsilon": shape.norm_eps,
+        "gated_linear_unit": shape.mlp == "swiglu", "normalization": "RMSNorm",
+        "layernorm_epsilon": shape.norm_eps,
         "add_bias_linear": False, "hidden_dropout": 0.0, "attention_dropout": 0.0}
     if par.sp > 1:
         transformer["cp_comm_type"] = "a2a" if par.sp_kind == "ulysses" else "p2p"
@@ -200,7 +201,10 @@ def build_sections(plan: Plan, alt: Alternative) -> dict[str, dict[str, Any]]:
     if fraction:
         optimizer.update(optimizer_cpu_offload=True, optimizer_offload_fraction=fraction)
     training = {"seq_length": plan.seq_len, "micro_batch_size": plan.micro_batch_size,
-                "global_batch_size": plan.global_batch_size}
+                "global_batch_size": plan.global_batch_size,
+                "position_embedding_type": "rope" if shape.rope else "learned_absolute"}
+    if not shape.rope:
+        training["max_position_embeddings"] = shape.max_seq_len
     return dict(model_parallel=model_parallel, transformer=transformer, ddp=ddp, optimizer=optimizer,
                 training=training)
 
@@ -210,8 +214,8 @@ def command_line(sections: dict[str, dict[str, Any]]) -> list[str]:
     renames = {"num_query_groups": "--group-query-attention --num-query-groups",
                "layernorm_epsilon": "--norm-epsilon", "num_attention_heads": "--num-attention-heads"}
     skip = {"gated_linear_unit", "add_bias_linear", "params_dtype", "pipeline_dtype"}
-    flags = ["--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-             "--position-embedding-type rope"]
+    swiglu = sections.get("transformer", {}).get("gated_linear_unit", True)
+    flags = ["--swiglu"] * swiglu + ["--disable-bias-linear", "--untie-embeddings-and-output-weights"]
     seen: set[str] = set()
     for section, fields in sections.items():
         for key, value in fields.items():

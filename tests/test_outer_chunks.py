@@ -17,6 +17,7 @@ from disttrain.data import build_batches
 from disttrain.engine import _first_chunk_ids, _local_cpu_chunks, build_runtime
 from disttrain.model import build_model
 from disttrain.parallel.chunks import outer_chunk_name, pack_chunks
+from disttrain.parallel.pipeline import build_stage_module
 from disttrain.planning import fixed_plan
 from disttrain.spec import job_from_dict
 from planner.hardware import CLUSTER_PRESETS
@@ -140,7 +141,7 @@ SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidd
 
 def _spec(tie: bool) -> dict:
     return {"name": "outer", "model": {"dtype": "fp32", **SHAPE, "tie_embeddings": tie},
-            "train": {"seq_len": 32, "micro_batch_size": 1, "global_batch_size": 2, "steps": 3,
+            "train": {"seq_len": 32, "micro_batch_size": 1, "global_batch_size": 2, "steps": 2,
                       "lr": 1e-2, "min_lr": 1e-2, "seed": 0, "grad_clip": 0.0,
                       "weight_decay": 0.1},
             "data": {"kind": "synthetic"}, "cluster": {"preset": "cpu-local"},
@@ -158,6 +159,18 @@ def _train(job, plan: Plan):
     places = states.bytes_by_place()
     runtime.close()
     return history, params, places
+
+
+def test_pipeline_stages_name_their_outer_chunks():
+    model = build_model(MODEL_PRESETS["tiny"].replace(num_layers=4, vocab_size=2048), seed=0)
+    layer = sum(p.numel() for p in model.layers[0].parameters())
+    names = []
+    for stage in range(3):
+        module = build_stage_module(model, stage, ((0, 1), (1, 3), (3, 4)))
+        names.append(sorted(outer_chunk_name(module, c) for c in pack_chunks(module, chunk_numel=layer,
+                                                                             group_size=1) if not c.layers))
+    # the head (larger than a layer) packs apart from the final norm: both are 'head'
+    assert names == [["embedding"], [], ["head", "head"]]
 
 
 @pytest.mark.parametrize("tie", [False, True])

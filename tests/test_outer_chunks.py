@@ -112,7 +112,9 @@ def test_planner_holds_outer_states_on_the_cpu_when_the_device_needs_the_room():
     cats = tight.prediction.bytes_by_category
     assert sum(cats.values()) == tight.prediction.per_rank_peak_bytes
     assert Plan.from_dict(tight.to_dict()) == tight
-    assert "embedding" in _text(render_summary(tight)) or "head" in _text(render_summary(tight))
+    shown = " + ".join(tight.model_states.cpu_outer) + " states as CPU chunks (CPU optimizer)"
+    assert shown in _text(render_summary(tight))
+    assert "embedding, final norm + head on the device" in _text(render_summary(roomy))
 
 
 def test_infeasible_reason_parts_add_up_with_outer_chunks():

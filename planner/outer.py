@@ -17,7 +17,7 @@ terms for fixed decisions (`evaluate_stage`) and for the solver's variables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from planner.analytic import model_state_bytes
@@ -136,8 +136,8 @@ def device_categories(chunks: Sequence[OuterChunk], on_cpu: Sequence[bool]) -> d
     for chunk, cpu in zip(chunks, on_cpu):
         if cpu:
             out["buffers"] += chunk.shard_bytes
-        else:
-            for f in fields(chunk):
-                if f.name in ("parameters_bytes", "gradients_bytes", "optimizer_bytes"):
-                    out[f.name.removesuffix("_bytes")] += getattr(chunk, f.name)
+            continue
+        out["parameters"] += chunk.parameters_bytes
+        out["gradients"] += chunk.gradients_bytes
+        out["optimizer"] += chunk.optimizer_bytes
     return out

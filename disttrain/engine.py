@@ -32,7 +32,7 @@ from disttrain.model.documents import documents_scope
 from disttrain.model import Llama, build_model
 from disttrain.optim import TorchAdamWStates
 from disttrain.parallel.dims import ParallelDims, ParallelGroups, build_groups
-from disttrain.parallel.chunks import num_layer_chunks, pack_chunks, plan_chunk_ids
+from disttrain.parallel.chunks import num_layer_chunks, outer_chunk_name, pack_chunks, plan_chunk_ids
 from disttrain.parallel.pipeline import PipelineConfig, PipelineRunner, split_stages
 from disttrain.parallel.sequence import apply_sequence_parallel, sequence_positions, shard_sequence
 from disttrain.parallel.sp_core import SequenceParallelCore
@@ -315,7 +315,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
         raise SpecError(f"plan.model_states.optimizer_on: only 'device' runs (each chunk "
                         f"updates where its master lives: cpu_chunks on the host), got "
                         f"{plan.model_states.optimizer_on!r}")
-    if world == 1 and par.zero_stage == 0:
+    ms = plan.model_states
+    if world == 1 and par.zero_stage == 0 and not ms.cpu_chunks and not ms.cpu_outer:
         states = TorchAdamWStates(model, lr=tr.lr, weight_decay=tr.weight_decay,
                                   compute_dtype=compute_dtype, betas=tr.adam_betas,
                                   eps=tr.adam_eps)
@@ -376,11 +377,15 @@ def _first_chunk_ids(model: nn.Module, plan: Plan) -> dict[int, int]:
 
 
 def _local_cpu_chunks(model: nn.Module, plan: Plan, first_ids: dict[int, int]) -> tuple[int, ...]:
-    """Indices into this rank's packing of the plan's CPU chunks held by this rank."""
-    ids = plan_chunk_ids(pack_chunks(model, chunk_numel=_chunk_numel(plan), group_size=1),
-                         first_ids)
+    """Indices into this rank's packing of the plan's CPU chunks held by this rank: the
+    decoder-layer chunks the plan lists, and the outer chunks of `cpu_outer` (planner.plan)."""
+    chunks = pack_chunks(model, chunk_numel=_chunk_numel(plan), group_size=1)
+    ids = plan_chunk_ids(chunks, first_ids)
     cpu = set(plan.model_states.cpu_chunks)
-    return tuple(index for index, plan_id in ids.items() if plan_id in cpu)
+    local = {index for index, plan_id in ids.items() if plan_id in cpu}
+    outer = set(plan.model_states.cpu_outer)
+    local.update(c.index for c in chunks if not c.layers and outer_chunk_name(model, c) in outer)
+    return tuple(sorted(local))
 
 
 def store_budgets(job: Job, plan: Plan) -> dict[str, int]:

@@ -19,6 +19,7 @@ from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu
                                stage_params, tp_comm_seconds)
 from planner.grid import divisors, enumerate_candidates, tp_problem  # noqa: F401
 from planner.mip import StageProblem, rebuilt_token_local_bytes
+from planner.outer import build_outer_chunks
 from planner.request import PlanRequest
 from planner.shapes import DTYPE_BYTES
 
@@ -233,8 +234,14 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
         total_params = stage_params(shape, cand.pp, stage) / tp
         chunked = cand.zero_stage == 3
         num_chunks = count if chunked else 0
-        fixed_states = model_state_bytes(total_params - num_chunks * layer_params, dtype,
-                                         cand.zero_stage, group)
+        # ZeRO-3: the embedding / final norm + head states are chunks too (planner.outer)
+        outer = build_outer_chunks(shape, dtype, pp=cand.pp, stage=stage, group=group, tp=tp,
+                                   stage_total=stage_params(shape, cand.pp, stage),
+                                   layer_total=count * shape.layer_params(),
+                                   optimizer_s=opt_s) if chunked else ()
+        outer_params = sum(c.num_params for c in outer)
+        fixed_states = model_state_bytes(total_params - num_chunks * layer_params - outer_params,
+                                         dtype, cand.zero_stage, group)
         buffers = zero3_gather_bytes(shape, dtype, 1, num_layers=count, first=stage == 0,
                                      last=last) / tp if chunked else 0.0
         head = ((logits_working_bytes(shape, tokens, loss_chunk) + 2 * b * shape.hidden_size * tokens) / tp
@@ -272,10 +279,10 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             allow_cpu=request.activation_offload == "cpu" or (
                 request.activation_offload == "auto" and not one_pool),
             allow_nvme=request.activation_offload in ("auto", "nvme") and hw.has_nvme,
-            token_chunks=0, page_cache_reads=one_pool,
+            token_chunks=0, page_cache_reads=one_pool, outer_chunks=outer,
             # clipping waits for the global norm; on a CPU node no core is idle to hide it
             cpu_optimizer_overlap=not request.grad_clip and overlaps_compute(hw))
-        fixed_states_opt = opt_s((total_params - num_chunks * layer_params)
+        fixed_states_opt = opt_s((total_params - num_chunks * layer_params - outer_params)
                                  / (group if cand.zero_stage >= 1 else 1), False)
         setups.append(StageSetup(
             problem=problem, layer_range=(start, end), head_compute_s=head_fwd + head_bwd if last else 0.0,
@@ -302,8 +309,13 @@ def _leanest(problem: StageProblem, fraction: float) -> float:
 
 
 def _min_device(problem: StageProblem, leanest: float) -> float:
-    return (problem.fixed_device_bytes + problem.working_base_bytes
+    return (problem.fixed_device_bytes + problem.working_base_bytes + _outer_shards(problem)
             + (problem.chunk_buffer_bytes if problem.num_chunks else 0.0) + leanest)
+
+
+def _outer_shards(problem: StageProblem) -> float:
+    """Device bytes of the outer chunks at their leanest (all CPU chunks: their shards)."""
+    return sum(c.shard_bytes for c in problem.outer_chunks)
 
 
 def _choose_rebuild_tile(setups: list, tokens: int, usable: float, fixed: int | None) -> int:
@@ -343,14 +355,18 @@ def memory_rejection(setups: list[StageSetup], capacity: float, usable: float) -
             continue
         states = sum(v for k, v in setup.fixed_bytes.items() if k in ("parameters", "gradients", "optimizer"))
         chunked = sum(setup.chunk_states.values()) if setup.problem.num_chunks else 0.0
+        chunked += sum(c.host_bytes for c in setup.problem.outer_chunks)
         where = f" (stage {index})" if len(setups) > 1 else ""
         if states > usable:
             return (f"model states alone need {gib(states)} per rank{where} > {gib(usable)} usable "
                     f"of {gib(capacity)}", states - usable)
         items = dict(setup.fixed_bytes, activations=setup.leanest_activation_bytes,
-                     prefetch_buffer=setup.problem.chunk_buffer_bytes if setup.problem.num_chunks else 0.0)
+                     prefetch_buffer=setup.problem.chunk_buffer_bytes if setup.problem.num_chunks else 0.0,
+                     outer_shards=_outer_shards(setup.problem))
         parts = " + ".join(f"{k} {gib(v)}" for k, v in items.items() if v)
-        note = f" with all {setup.problem.num_chunks} chunks ({gib(chunked)}) on the CPU" if chunked else ""
+        outer = "+".join(c.name for c in setup.problem.outer_chunks)
+        count = f"{setup.problem.num_chunks} layer chunks" + (f" and {outer}" if outer else "")
+        note = f" with all {count} ({gib(chunked)}) on the CPU" if chunked else ""
         return (f"needs at least {gib(setup.min_device_bytes)} per rank{where}{note} = {parts} "
                 f"> {gib(usable)} usable of {gib(capacity)}", setup.min_device_bytes - usable)
     return None

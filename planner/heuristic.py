@@ -4,7 +4,8 @@ stage's step time that lets the outer search prune layouts before their MIPs are
 Policies tried: keep every layer; keep the last k layers and recompute the rest (the largest
 k that fits, found by bisection: device bytes grow with k); every non-kept layer swapping its
 token-local tensors to the CPU or NVMe tier instead. Chunks: all persistent, else all on the
-CPU with two prefetch buffers.
+CPU with two prefetch buffers, with the outer (embedding / head) chunks on the device, else
+on the CPU too.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ KEEP = LayerActivationPlan(keep_all=True)
 
 def _evaluate(problem: StageProblem, acts: tuple) -> StageEvaluation | None:
     best = None
-    for persistent, buffers in ((problem.num_chunks, 2), (0, 2)):
+    outer = len(problem.outer_chunks)
+    for persistent, buffers, on_cpu in ((problem.num_chunks, 2, False), (0, 2, False), (0, 2, True)):
         if persistent == 0 and problem.num_chunks == 0 and best is not None:
             break
-        ev = evaluate_stage(problem, acts, persistent, buffers)
+        if on_cpu and not outer:
+            continue
+        ev = evaluate_stage(problem, acts, persistent, buffers, outer_on_cpu=(on_cpu,) * outer)
         if ev.feasible and (best is None or ev.objective_s < best.objective_s):
             best = ev
     return best

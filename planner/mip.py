@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import pulp
 
 from planner.costmodel import LayerCost
+from planner.outer import OuterChunk, outer_terms, scaled
 from planner.plan import LayerActivationPlan
 from planner.solve import SolveResult, solve_model
 
@@ -89,6 +90,9 @@ class StageProblem:
     page_cache_reads: bool = False
     """NVMe reads are buffered through the page cache in the device's own memory (CPU nodes):
     a prefetched NVMe layer occupies its bytes twice while it is read."""
+    outer_chunks: tuple[OuterChunk, ...] = ()
+    """The stage's embedding / final norm + head states as chunks (planner.outer), each kept on
+    the device or a CPU chunk; not in `fixed_device_bytes`."""
 
     def __post_init__(self) -> None:
         for name in ("inflight", "slots"):
@@ -146,6 +150,8 @@ class StageSolution:
     """The decisions re-evaluated by `evaluate_stage`."""
     solve: SolveResult
     """What the solver reported."""
+    outer_on_cpu: tuple[bool, ...] = ()
+    """Per `StageProblem.outer_chunks`: a CPU chunk (True) or kept on the device."""
 
 
 def _layer_traffic(lc: LayerCost, act: LayerActivationPlan) -> tuple[float, float, float]:
@@ -195,9 +201,15 @@ def _rebuilt_bytes(lc: LayerCost, act: LayerActivationPlan, fraction: float = 1.
 
 def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan, ...],
                    num_persistent_chunks: int, num_prefetch_buffers: int = 2, *,
+                   outer_on_cpu: tuple[bool, ...] | None = None,
                    tol: float = 1e-6) -> StageEvaluation:
-    """Memory, time and constraint violations of a fixed decision (the MIP's reference)."""
+    """Memory, time and constraint violations of a fixed decision (the MIP's reference);
+    `outer_on_cpu` places the outer chunks (None: all on the device)."""
     layers = problem.layers
+    flags = tuple(outer_on_cpu or (False,) * len(problem.outer_chunks))
+    if len(flags) != len(problem.outer_chunks):
+        raise ValueError(f"outer_on_cpu: need {len(problem.outer_chunks)} entries, got {len(flags)}")
+    outer = outer_terms(problem.outer_chunks, flags)
     if len(activations) != len(layers):
         raise ValueError(f"activations: need {len(layers)} entries, got {len(activations)}")
     if not 0 <= num_persistent_chunks <= problem.num_chunks:
@@ -215,9 +227,10 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
                   + (ahead[i - 1] + cache[i - 1] if i else 0.0)
                   for i, (lc, act) in enumerate(zip(layers, activations))) if layers else 0.0
     device = (problem.fixed_device_bytes + problem.chunk_device_bytes * num_persistent_chunks
-              + problem.chunk_buffer_bytes * buffers + problem.inflight * resident + working)
+              + problem.chunk_buffer_bytes * buffers + problem.inflight * resident + working
+              + outer.device)
     host = problem.inflight * sum(s for (s, _, _), a in zip(traffic, activations)
-                                  if a.tier == "cpu") + cpu_chunks * problem.chunk_host_bytes
+                                  if a.tier == "cpu") + cpu_chunks * problem.chunk_host_bytes + outer.host
     nvme = problem.inflight * sum(s for (s, _, _), a in zip(traffic, activations)
                                   if a.tier == "nvme")
     recompute = [lc.recompute_s * rf for lc, (_, _, rf) in zip(layers, traffic)]
@@ -236,13 +249,13 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
         exposed += max(0.0, link - fwd_window, write - fwd_window)
         exposed += max(0.0, link - bwd_window, read - bwd_window)
     compute = sum(lc.forward_s + lc.backward_s for lc in layers)
-    chunk_link = cpu_chunks * problem.chunk_link_bytes / problem.host_link_bw
-    window = compute if buffers >= 2 else 0.0       # one buffer: fetch, then compute
-    exposed_chunk = max(0.0, chunk_link + link_total - window) if cpu_chunks else 0.0
+    chunk_link = (cpu_chunks * problem.chunk_link_bytes + outer.link) / problem.host_link_bw
+    window = compute if buffers >= 2 or not cpu_chunks else 0.0   # one buffer: fetch, then compute
+    exposed_chunk = max(0.0, chunk_link + link_total - window) if cpu_chunks or any(flags) else 0.0
     backward = sum(lc.backward_s for lc in layers)
     opt_window = backward if problem.cpu_optimizer_overlap else 0.0
-    optimizer = (max(0.0, cpu_chunks * problem.chunk_cpu_optimizer_s - opt_window)
-                 + num_persistent_chunks * problem.chunk_device_optimizer_s)
+    optimizer = (max(0.0, cpu_chunks * problem.chunk_cpu_optimizer_s + outer.cpu_optimizer_s - opt_window)
+                 + num_persistent_chunks * problem.chunk_device_optimizer_s + outer.device_optimizer_s)
     violations = []
     if device > problem.device_capacity_bytes * (1 + tol):
         violations.append(f"device {device / 2**30:.1f} GiB > {problem.device_capacity_bytes / 2**30:.1f} GiB")
@@ -285,6 +298,7 @@ def _in_gib(problem: StageProblem) -> StageProblem:
     layers = tuple(replace(lc, **{f: getattr(lc, f) / BYTE_UNIT for f in _LAYER_BYTE_FIELDS})
                    for lc in problem.layers)
     return replace(problem, layers=layers,
+                   outer_chunks=tuple(scaled(c, BYTE_UNIT) for c in problem.outer_chunks),
                    **{f: getattr(problem, f) / BYTE_UNIT for f in _BYTE_FIELDS})
 
 
@@ -325,6 +339,8 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
     exposed_opt = model.add_variable("exposed_cpu_optimizer_s", 0)
     working = model.add_variable("working_set", 0)
     cpu_chunks = problem.num_chunks - persistent
+    outer_cpu = [flag(f"outer_on_cpu_{j}", True) for j in range(len(problem.outer_chunks))]
+    outer = outer_terms(problem.outer_chunks, outer_cpu)
 
     swap_frac, recompute_frac, swapped, nvme_swapped, cpu_swapped, resident = [], [], [], [], [], []
     ahead, ahead_nvme = [], []
@@ -385,30 +401,38 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
     model += second_buffer >= double_buffered + any_cpu_chunk - 1, "second_buffer_allocated"
     model += (problem.fixed_device_bytes + problem.chunk_device_bytes * persistent
               + problem.chunk_buffer_bytes * (any_cpu_chunk + second_buffer)
-              + problem.inflight * pulp.lpSum(resident) + working <= problem.device_capacity_bytes), "device_memory"
+              + problem.inflight * pulp.lpSum(resident) + working + outer.device
+              <= problem.device_capacity_bytes), "device_memory"
     model += (problem.inflight * pulp.lpSum(cpu_swapped) + problem.chunk_host_bytes * cpu_chunks
-              <= problem.host_capacity_bytes), "host_memory"
+              + outer.host <= problem.host_capacity_bytes), "host_memory"
     model += problem.inflight * pulp.lpSum(nvme_swapped) <= problem.nvme_capacity_bytes, "nvme_capacity"
     compute = sum(lc.forward_s + lc.backward_s for lc in problem.layers)
     backward = sum(lc.backward_s for lc in problem.layers)
+    chunk_traffic = ((cpu_chunks * problem.chunk_link_bytes + outer.link + pulp.lpSum(swapped))
+                     * (1.0 / problem.host_link_bw))
     if problem.num_chunks:
-        model += (exposed_chunk >= cpu_chunks * (problem.chunk_link_bytes / problem.host_link_bw)
-                  + pulp.lpSum(swapped) * (1.0 / problem.host_link_bw) - compute * double_buffered
+        model += (exposed_chunk >= chunk_traffic - compute * double_buffered
                   - problem.num_chunks * (1 - any_cpu_chunk) * 1e6), "chunk_link_window"
+    for j, on_cpu in enumerate(outer_cpu):  # an outer chunk has its own buffer: fetched under compute
+        model += exposed_chunk >= chunk_traffic - compute - (1 - on_cpu) * 1e6, f"outer_link_window_{j}"
+    if problem.num_chunks or outer_cpu:
         opt_window = backward if problem.cpu_optimizer_overlap else 0.0
-        model += exposed_opt >= cpu_chunks * problem.chunk_cpu_optimizer_s - opt_window, "cpu_optimizer_window"
+        model += (exposed_opt >= cpu_chunks * problem.chunk_cpu_optimizer_s + outer.cpu_optimizer_s
+                  - opt_window), "cpu_optimizer_window"
     per_microbatch = (compute + pulp.lpSum(lc.recompute_s * recompute_frac[i]
                                            for i, lc in enumerate(problem.layers))
                       + pulp.lpSum(exposed_fwd) + pulp.lpSum(exposed_bwd))
-    model += (problem.slots * (per_microbatch + exposed_chunk)
-              + exposed_opt + problem.chunk_device_optimizer_s * persistent), "predicted_step_time"
+    model += (problem.slots * (per_microbatch + exposed_chunk) + exposed_opt
+              + problem.chunk_device_optimizer_s * persistent + outer.device_optimizer_s), "predicted_step_time"
     variables = dict(keep=keep, on_nvme=on_nvme, steps_cpu=steps_cpu, steps_nvme=steps_nvme,
                      input_cpu=input_cpu, input_nvme=input_nvme, attn_cpu=attn_cpu,
-                     attn_nvme=attn_nvme, persistent=persistent, double_buffered=double_buffered)
+                     attn_nvme=attn_nvme, persistent=persistent, double_buffered=double_buffered,
+                     outer_cpu=outer_cpu)
     return model, variables
 
 
-def _read_decisions(problem: StageProblem, variables: dict) -> tuple[tuple[LayerActivationPlan, ...], int, int]:
+def _read_decisions(problem: StageProblem, variables: dict
+                    ) -> tuple[tuple[LayerActivationPlan, ...], int, int, tuple[bool, ...]]:
     steps = problem.token_chunks or 1
     acts = []
     for i in range(len(problem.layers)):
@@ -427,12 +451,13 @@ def _read_decisions(problem: StageProblem, variables: dict) -> tuple[tuple[Layer
     buffers = 0
     if persistent < problem.num_chunks:
         buffers = 2 if (variables["double_buffered"].value() or 0) > 0.5 else 1
-    return tuple(acts), persistent, buffers
+    outer = tuple((v.value() or 0.0) > 0.5 for v in variables["outer_cpu"])
+    return tuple(acts), persistent, buffers, outer
 
 
 def prefer_keep(problem: StageProblem, activations: tuple[LayerActivationPlan, ...],
-                num_persistent_chunks: int, num_prefetch_buffers: int
-                ) -> tuple[LayerActivationPlan, ...]:
+                num_persistent_chunks: int, num_prefetch_buffers: int,
+                outer_on_cpu: tuple[bool, ...] | None = None) -> tuple[LayerActivationPlan, ...]:
     """Turn non-kept layers into plain ones while the result stays feasible and no slower.
 
     Swapping whose copies hide fully under compute costs no predicted time, so the solver may
@@ -441,12 +466,14 @@ def prefer_keep(problem: StageProblem, activations: tuple[LayerActivationPlan, .
     if not problem.allow_keep:
         return activations
     acts = list(activations)
-    best = evaluate_stage(problem, tuple(acts), num_persistent_chunks, num_prefetch_buffers)
+    best = evaluate_stage(problem, tuple(acts), num_persistent_chunks, num_prefetch_buffers,
+                          outer_on_cpu=outer_on_cpu)
     for i in reversed(range(len(acts))):
         if acts[i].keep_all:
             continue
         trial = tuple(acts[:i] + [LayerActivationPlan(keep_all=True)] + acts[i + 1:])
-        ev = evaluate_stage(problem, trial, num_persistent_chunks, num_prefetch_buffers)
+        ev = evaluate_stage(problem, trial, num_persistent_chunks, num_prefetch_buffers,
+                            outer_on_cpu=outer_on_cpu)
         if ev.feasible and ev.objective_s <= best.objective_s * (1 + 1e-9):
             acts, best = list(trial), ev
     return tuple(acts)
@@ -477,8 +504,9 @@ def solve_stage(problem: StageProblem, *, backend: str = "auto", time_limit_s: f
                             gap_abs=gap_rel * constant if gap_rel > 0 else None)
     if not result.has_solution:
         raise NoSolution(result)
-    acts, persistent, buffers = _read_decisions(problem, holder["variables"])
-    acts = prefer_keep(problem, acts, persistent, buffers or 2)
+    acts, persistent, buffers, outer = _read_decisions(problem, holder["variables"])
+    acts = prefer_keep(problem, acts, persistent, buffers or 2, outer)
     return StageSolution(activations=acts, num_persistent_chunks=persistent,
-                         num_prefetch_buffers=buffers,
-                         evaluation=evaluate_stage(problem, acts, persistent, buffers or 2), solve=result)
+                         num_prefetch_buffers=buffers, outer_on_cpu=outer, solve=result,
+                         evaluation=evaluate_stage(problem, acts, persistent, buffers or 2,
+                                                   outer_on_cpu=outer))

@@ -17,6 +17,8 @@ PLAN_VERSION = 1
 SP_KINDS = ("ulysses", "ring")
 SCHEDULES = ("1f1b", "interleaved-1f1b", "none")
 TIERS = ("cpu", "nvme")
+OUTER_NAMES = ("embedding", "head")
+"""Outer model states a plan may hold as CPU chunks (planner.outer uses the same names)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,8 +98,8 @@ class ModelStatePlan:
     into chunks of `chunk_size_bytes`, packing restarting at each pipeline stage, numbered
     from 0 over the whole model in that order. With one layer's bytes (what the planner
     writes) or 0, chunk i is decoder layer i. The embedding, final norm and output head are in
-    no chunk: their states always stay on the device (sharded over dp x sp at ZeRO-3), the
-    planner's fixed bytes."""
+    none of these chunks: their states stay on the device (sharded over dp x sp at ZeRO-3)
+    unless `cpu_outer` names them."""
 
     chunk_size_bytes: int = 0
     """Bytes of parameters per chunk, in the plan's dtype (0: one chunk per layer)."""
@@ -112,6 +114,16 @@ class ModelStatePlan:
     """Ids of chunks whose master copy (and optimizer state) lives in host memory."""
     optimizer_on: str = "device"
     """Where the optimizer step of non-CPU chunks runs: 'device' or 'cpu'."""
+    cpu_outer: tuple[str, ...] = ()
+    """Outer states held as CPU chunks (master, moments and gradient shard in host memory,
+    optimizer step on the CPU), as the `cpu_chunks` are: 'embedding' (the first stage's input
+    embedding; with tied embeddings also the head) and/or 'head' (the last stage's final norm
+    + output head)."""
+
+    def __post_init__(self) -> None:
+        bad = [n for n in self.cpu_outer if n not in OUTER_NAMES]
+        if bad:
+            raise ValueError(f"model_states.cpu_outer: {bad[0]!r} is not one of {OUTER_NAMES}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,6 +262,8 @@ def _build(kind, data, where: str):
         return data
     data = dict(data)
     _check_keys(kind, data, where)
-    if kind is ModelStatePlan and "cpu_chunks" in data:
-        data["cpu_chunks"] = tuple(data["cpu_chunks"])
+    if kind is ModelStatePlan:
+        for key in ("cpu_chunks", "cpu_outer"):
+            if key in data:
+                data[key] = tuple(data[key])
     return kind(**data)

@@ -16,6 +16,7 @@ from planner.candidates import profiled_stages
 from planner.costmodel import Candidate, CostParams
 from planner.hardware import HardwareSpec
 from planner.mip import evaluate_stage
+from planner.outer import outer_flags
 from planner.plan import LayerActivationPlan, Plan
 from planner.request import PlanRequest
 from planner.search import compose_step
@@ -82,7 +83,8 @@ def evaluate_baselines(plan: Plan, params: CostParams | None = None) -> list[dic
             persistent = setup.problem.num_chunks - sum(1 for c in range(first, last) if c in cpu_chunks)
             acts = (act,) * len(setup.problem.layers)
             buffers = max(1, plan.model_states.num_prefetch_buffers)
-            evaluations.append(evaluate_stage(setup.problem, acts, persistent, buffers))
+            evaluations.append(evaluate_stage(setup.problem, acts, persistent, buffers, outer_on_cpu=outer_flags(
+                setup.problem.outer_chunks, plan.model_states.cpu_outer)))
         step = compose_step(cand, tuple(setups), evaluations)
         violations = sorted({v for ev in evaluations for v in ev.violations})
         rows.append(dict(name=name, fits=not violations, violations=violations,
@@ -103,6 +105,8 @@ def render_summary(plan: Plan) -> Group:
                       f"microbatches={par.num_microbatches} ZeRO-{par.zero_stage} schedule={par.schedule}")
         title.add_row("[bold]step[/]", f"{pred.step_time_s:.3f} s, {pred.tokens_per_s:,.0f} tokens/s, "
                       f"MFU {pred.mfu:.1%} causal (6N+6LhS) / {pred.mfu_noncausal:.1%} non-causal (6N+12LhS)")
+    if plan.feasible:
+        title.add_row("[bold]model states[/]", model_states_text(plan))
     title.add_row("[bold]solver[/]", f"{plan.solver.backend}: {plan.solver.status}, gap "
                   f"{plan.solver.gap:.2%}, {plan.solver.solve_time_s:.2f} s")
     shortfall = smallest_shortfall(plan)
@@ -140,6 +144,18 @@ def render_summary(plan: Plan) -> Group:
         rejected.add_row(_candidate_text(entry["candidate"]), entry["reason"])
     parts.append(rejected)
     return Group(*parts)
+
+
+def model_states_text(plan: Plan) -> str:
+    """Where the model states live: the layer chunks on the CPU, and the outer states
+    (embedding, final norm + head) kept on the device or held as CPU chunks."""
+    ms = plan.model_states
+    if not ms.num_chunks and not ms.cpu_outer:
+        return f"ZeRO-{plan.parallel.zero_stage}, all on the device"
+    outer = ("embedding" if plan.model.get("tie_embeddings") else "embedding, final norm + head")
+    on_cpu = " + ".join(ms.cpu_outer)
+    return (f"{len(ms.cpu_chunks)} of {ms.num_chunks} layer chunks on the CPU; "
+            + (f"{on_cpu} states as CPU chunks (CPU optimizer)" if on_cpu else f"{outer} on the device"))
 
 
 def smallest_shortfall(plan: Plan) -> str | None:
@@ -241,6 +257,7 @@ def report_markdown(plan: Plan) -> str:
                   f"microbatches={par.num_microbatches}, ZeRO-{par.zero_stage}, stages {list(par.stages)}; "
                   f"loss chunk {plan.tiling.loss_chunk_tokens} tokens, MLP tile {plan.tiling.mlp_chunk_tokens} tokens, "
                   f"rebuild tile {plan.tiling.rebuild_tile_tokens} tokens, schedule {par.schedule}", "",
+                  f"Model states: {model_states_text(plan)}.", "",
                   "## Memory per rank", "", "| category | GiB |", "|---|---:|"]
         lines += [f"| {k} | {v / GiB:.2f} |" for k, v in pred.bytes_by_category.items()]
         lines += [f"| **peak** | **{pred.per_rank_peak_bytes / GiB:.2f}** |", "",

@@ -21,8 +21,9 @@ from planner.costmodel import (Candidate, CostParams, StepTime, model_state_byte
 from planner.heuristic import quick_stage_bound
 from planner.layout import plan_memory_layout
 from planner.mip import NoSolution, StageEvaluation, StageProblem, StageSolution, solve_stage
-from planner.plan import (LayerActivationPlan, ModelStatePlan, ParallelPlan, Plan, Prediction,
-                          SolverInfo, TilingPlan)
+from planner.outer import device_categories
+from planner.plan import (OUTER_NAMES, LayerActivationPlan, ModelStatePlan, ParallelPlan, Plan,
+                          Prediction, SolverInfo, TilingPlan)
 from planner.request import PlanRequest
 from planner.trial import layout_key
 from planner.shapes import DTYPE_BYTES
@@ -111,17 +112,22 @@ def _infeasible_reason(problem: StageProblem, setup: StageSetup, index: int, sta
     by how much (never 0: the binding constraint is the one with the largest excess)."""
     count, lc = len(problem.layers), problem.layers[0] if problem.layers else None
     room = problem.device_capacity_bytes - setup.min_device_bytes
+    # outer chunks stay on the device when their states fit there, else they take host memory
+    outer_extra = sum(c.device_bytes - c.shard_bytes for c in problem.outer_chunks)
+    outer_host = 0.0 if outer_extra <= room else sum(c.host_bytes for c in problem.outer_chunks)
+    room -= outer_extra if not outer_host else 0.0
     fits = 0
     if problem.num_chunks and problem.chunk_device_bytes > 0:
         fits = max(0, min(problem.num_chunks, int(room // problem.chunk_device_bytes)))
-    host_states = (problem.num_chunks - fits) * problem.chunk_host_bytes
+    host_states = (problem.num_chunks - fits) * problem.chunk_host_bytes + outer_host
     kept = problem.inflight * count * ((lc.input_bytes + lc.attention_output_bytes) if lc else 0.0)
     host = problem.host_capacity_bytes if problem.allow_cpu or problem.num_chunks else 0.0
     nvme = problem.nvme_capacity_bytes if problem.allow_nvme else 0.0
     where = f"stage {index}: "
     if host_states > problem.host_capacity_bytes:
+        outer = " and the embedding/head states" if outer_host else ""
         return (f"{where}host memory binds: only {fits} of {problem.num_chunks} model-state chunks fit "
-                f"on the device; the other {problem.num_chunks - fits} need {gib(host_states)} of host "
+                f"on the device; the other {problem.num_chunks - fits}{outer} need {gib(host_states)} of host "
                 f"memory > {gib(problem.host_capacity_bytes)} per rank (solver: {status})",
                 host_states - problem.host_capacity_bytes)
     stays = max(0.0, kept - max(0.0, host + nvme - host_states))
@@ -253,11 +259,12 @@ def _bytes_by_category(outcome: Outcome, capacity: float, params: CostParams, cp
     setup, solution = outcome.setups[index], outcome.solutions[index]
     ev, problem = solution.evaluation, setup.problem
     share = solution.num_persistent_chunks / problem.num_chunks if problem.num_chunks else 0.0
-    cats = {k: setup.fixed_bytes[k] + setup.chunk_states[k] * share
+    outer = device_categories(problem.outer_chunks, solution.outer_on_cpu)
+    cats = {k: setup.fixed_bytes[k] + setup.chunk_states[k] * share + outer[k]
             for k in ("parameters", "gradients", "optimizer")}
     cats["activations"] = problem.inflight * sum(ev.resident_bytes_per_layer)
     cats["working_set"] = ev.working_bytes
-    cats["buffers"] = (setup.fixed_bytes["buffers"] + setup.fixed_bytes["loss"]
+    cats["buffers"] = (setup.fixed_bytes["buffers"] + setup.fixed_bytes["loss"] + outer["buffers"]
                        + problem.chunk_buffer_bytes * solution.num_prefetch_buffers)
     cats["reserved"] = 0 if cpu else params.reserved_bytes
     cats["fragmentation"] = capacity * params.fragmentation
@@ -298,12 +305,15 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
     cand = best.cand
     per_layer: dict[int, LayerActivationPlan] = {}
     cpu_chunks: list[int] = []
+    cpu_outer: set[str] = set()
     ranges = stage_ranges(shape.num_layers, cand)
     for rank, (setup, solution) in enumerate(zip(best.setups, best.solutions)):
         layers = rank_layers(ranges, rank, cand)
         per_layer.update(zip(layers, solution.activations))
         if setup.problem.num_chunks:
             cpu_chunks.extend(layers[solution.num_persistent_chunks:])
+        cpu_outer.update(c.name for c, on_cpu in zip(setup.problem.outer_chunks, solution.outer_on_cpu)
+                         if on_cpu)
     activations = [per_layer[i] for i in range(shape.num_layers)]
     cpu_chunks.sort()
     b = DTYPE_BYTES[request.dtype]
@@ -314,7 +324,8 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
         num_chunks=shape.num_layers if chunked else 0,
         num_persistent_chunks=(shape.num_layers - len(cpu_chunks)) if chunked else 0,
         num_prefetch_buffers=max(s.num_prefetch_buffers for s in best.solutions),
-        cpu_chunks=tuple(cpu_chunks), optimizer_on="device")
+        cpu_chunks=tuple(cpu_chunks), optimizer_on="device",
+        cpu_outer=tuple(n for n in OUTER_NAMES if n in cpu_outer))
     worst = best.solutions[best.worst_memory_stage].evaluation
     cpu = hw.device_name.lower() == "cpu"
     categories = _bytes_by_category(best, hw.device_memory_bytes, params, cpu)

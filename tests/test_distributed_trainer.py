@@ -66,12 +66,13 @@ def _compare(result, ref):
 
 @pytest.mark.slow
 def test_dp2_zero3_with_cpu_chunks_matches_single_process(tmp_path):
+    """Layer chunks and the final norm + head (an outer chunk) on the CPU, the embedding not."""
     ref = _reference(tmp_path)
     spec = _spec(tmp_path, "dp2", 2, dp=2, sp=1, pp=1, zero_stage=3)
     job = job_from_dict(spec)
     base = fixed_plan(job, 2)
     plan = Plan.from_dict({**base.to_dict(), "model_states": ModelStatePlan(
-        chunk_size_bytes=4 * 40_000, cpu_chunks=(1, 2)).__dict__})
+        chunk_size_bytes=4 * 40_000, cpu_chunks=(1, 2), cpu_outer=("head",)).__dict__})
     for result in spawn_ranks(_worker, 2, spec, plan.to_dict()):
         _compare(result, ref)
 

@@ -1,10 +1,10 @@
 """The plan's model-state chunks as the runtime places them: ids, placement, device bytes.
 
 The plan numbers the decoder layers' chunks (chunk i = decoder layer i when a chunk is one
-layer); the embedding, final norm and head are the planner's fixed states, always on the
-device. The runtime's packing also holds those, so its own chunk indices differ from the
-plan's ids: the engine maps one to the other, and a ZeRO-3 run then measures the device
-model-state bytes the plan predicts.
+layer); the embedding and the final norm + head are the outer chunks, named in the plan's
+`cpu_outer` when they are CPU chunks. The runtime's packing also holds those, so its own chunk
+indices differ from the plan's ids: the engine maps one to the other, and a ZeRO-3 run then
+measures the device and host model-state bytes the plan predicts.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ SHAPE = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidd
              vocab_size=512, max_seq_len=1024)
 
 
-def _spec(host_mib: float) -> dict:
-    """A dp2 ZeRO-3 job whose 4 MiB device holds only some of the four layer chunks (on a CPU
-    node the planner keeps every chunk it can on the device: the CPU optimizer has no idle
-    core to hide under) and whose host memory holds the rest."""
+def _spec(host_mib: float, device_mib: float = 4) -> dict:
+    """A dp2 ZeRO-3 job whose device holds only some of its model-state chunks (on a CPU node
+    the planner keeps every chunk it can on the device: the CPU optimizer has no idle core to
+    hide under) and whose host memory holds the rest."""
     return {"name": "zero3-chunks", "model": {"dtype": "fp32", **SHAPE},
             "train": {"seq_len": 64, "micro_batch_size": 1, "global_batch_size": 2, "steps": 2,
                       "lr": 1e-3, "min_lr": 1e-3, "seed": 0, "grad_clip": 1.0,
@@ -40,7 +40,7 @@ def _spec(host_mib: float) -> dict:
             "parallel": {"dp": 2, "sp": 1, "pp": 1, "zero_stage": 3},
             "memory": {"activation_offload": "none", "recompute": "none"},
             "cluster": {"preset": "cpu-local", "devices_per_node": 2,
-                        "device": {"name": "cpu", "memory_gib": 4 / 1024,
+                        "device": {"name": "cpu", "memory_gib": device_mib / 1024,
                                    "peak_tflops": {"fp32": 0.05, "bf16": 0.025}},
                         "host_memory_gib": host_mib / 1024},
             "launch": {"launcher": "torchrun"}, "output_dir": "/tmp/disttrain-zero3-chunks"}
@@ -108,17 +108,22 @@ def _measure_worker(rank: int, world: int, spec: dict, plan: Plan) -> dict:
 
 
 def test_zero3_device_model_states_match_the_plan():
-    spec = _spec(2)
+    spec = _spec(2, device_mib=3.2)  # some layer chunks and an outer chunk on the CPU
     job = job_from_dict(spec)
     plan = plan_job(job.plan_request(), None, with_layout=False)
     ms = plan.model_states
     assert plan.feasible and plan.parallel.zero_stage == 3 and ms.num_chunks == 4
     assert 0 < len(ms.cpu_chunks) < ms.num_chunks and ms.num_persistent_chunks > 0
+    assert ms.cpu_outer, ms
     cats = plan.prediction.bytes_by_category
     predicted = sum(cats[k] for k in ("parameters", "gradients", "optimizer"))
     per_rank_states = 16 * job.shape.num_params() / 2  # p, g, m, v fp32 over dp 2
     chunk_states = 16 * job.shape.layer_params() / 2
+    vocab_h = SHAPE["vocab_size"] * SHAPE["hidden_size"]
+    outer_params = {"embedding": vocab_h, "head": job.shape.embedding_params() - vocab_h}
+    on_cpu = len(ms.cpu_chunks) * chunk_states + sum(16 * outer_params[n] / 2 for n in ms.cpu_outer)
+    assert plan.prediction.host_bytes == pytest.approx(on_cpu, rel=0.01)
     for measured in spawn_ranks(_measure_worker, 2, spec, plan):
         assert measured["device"] == pytest.approx(predicted, rel=0.01)
-        assert measured["cpu"] == pytest.approx(len(ms.cpu_chunks) * chunk_states, rel=0.01)
+        assert measured["cpu"] == pytest.approx(on_cpu, rel=0.01)
         assert measured["device"] + measured["cpu"] == pytest.approx(per_rank_states, rel=0.01)

@@ -5,7 +5,7 @@ each decoder layer, final norm + head), padded so it splits evenly over the shar
 Decoder-layer parameters never share a chunk with the embedding, final norm or head: the
 decoder-layer chunks are the plan's chunks (`planner.plan.ModelStatePlan`), numbered from 0 in
 execution order over the whole model, packing restarting at each pipeline stage; the others
-are the planner's fixed states and always stay on the device.
+(the outer chunks) are named 'embedding' or 'head' in the plan (`outer_chunk_name`).
 Pure bookkeeping: no communication here.
 """
 
@@ -157,6 +157,17 @@ def plan_chunk_ids(chunks: list[ChunkLayout], first_ids: dict[int, int]) -> dict
             out[chunk.index] = out[previous.index] + 1
         previous = chunk
     return out
+
+
+def outer_chunk_name(model: nn.Module, chunk: ChunkLayout) -> str:
+    """The plan's name of a chunk holding no decoder layer (`ModelStatePlan.cpu_outer`):
+    'embedding' when it holds the input embedding (tied: also the head), else 'head' (the
+    final norm and output head; a head larger than a chunk may pack into two chunks)."""
+    if chunk.layers:
+        raise ValueError(f"chunk {chunk.index} holds decoder layers {sorted(chunk.layers)}")
+    embed = getattr(model, "embed", None)
+    weights = {id(p) for p in embed.parameters()} if embed is not None else set()
+    return "embedding" if any(id(s.param) in weights for s in chunk.slots) else "head"
 
 
 def decay_ranges(chunk: ChunkLayout, start: int, stop: int) -> list[tuple[int, int]]:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from planner.costmodel import CostParams, LayerCost
 from planner.mip import StageProblem, evaluate_stage
+from planner.outer import outer_flags
 from planner.plan import Plan
 from planner.report import plan_stages
 from planner.search import compose_step
@@ -131,7 +132,9 @@ def evaluate_plan(plan: Plan, *, layer_adjust: LayerAdjust | None = None,
         if problem_adjust is not None:
             problem = problem_adjust(problem)
         persistent = problem.num_chunks - sum(1 for c in range(first, last) if c in cpu_chunks)
-        evaluations.append(evaluate_stage(problem, plan.activations[first:last], persistent, buffers))
+        evaluations.append(evaluate_stage(problem, plan.activations[first:last], persistent, buffers,
+                                          outer_on_cpu=outer_flags(problem.outer_chunks,
+                                                                   plan.model_states.cpu_outer)))
         adjusted.append(dataclasses.replace(setup, problem=problem))
     step = compose_step(cand, tuple(adjusted), evaluations)
     busiest = max(zip(adjusted, evaluations), key=lambda pair: pair[1].device_bytes)

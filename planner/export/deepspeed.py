@@ -28,7 +28,7 @@ from planner.costmodel import CostParams
 from planner.export import (Alternative, ExportResult, choose_nearest, costs_record, evaluate_plan,
                             layer_ranges, whole_layer_recompute)
 from planner.mip import StageProblem
-from planner.plan import LayerActivationPlan, Plan
+from planner.plan import OUTER_NAMES, LayerActivationPlan, Plan
 from planner.shapes import DTYPE_BYTES, ModelShape
 
 FILENAME = "deepspeed.json"
@@ -88,9 +88,11 @@ def unexpressed(plan: Plan) -> list[str]:
         if par.zero_stage >= 2:
             out.append(f"ZeRO-{par.zero_stage} with pipeline parallelism: DeepSpeed's pipeline engine "
                        f"allows ZeRO-0/1 only")
-    if states.cpu_chunks and len(states.cpu_chunks) < states.num_chunks:
+    if (states.cpu_chunks or states.cpu_outer) and (len(states.cpu_chunks) < states.num_chunks
+                                                     or len(states.cpu_outer) < len(OUTER_NAMES)):
+        outer = f", outer states on the CPU: {'+'.join(states.cpu_outer) or 'none'}"
         out.append(f"per-chunk placement ({len(states.cpu_chunks)} of {states.num_chunks} layer chunks in host "
-                   f"memory): offload_param moves all parameters or none")
+                   f"memory{outer}): offload_param moves all parameters or none")
     tiles = [f"{name} {tokens} tokens" for name, tokens in (("loss", plan.tiling.loss_chunk_tokens),
                                                              ("MLP", plan.tiling.mlp_chunk_tokens)) if tokens]
     if tiles:
@@ -138,7 +140,9 @@ def alternatives(plan: Plan) -> list[Alternative]:
                      for a in plan.activations)
         for tier in tiers:
             cpu_chunks = tuple(range(plan.model_states.num_chunks)) if tier != "none" else ()
+            # offload_param moves every parameter, the embedding and head included, or none
             states = dataclasses.replace(plan.model_states, cpu_chunks=cpu_chunks,
+                                         cpu_outer=OUTER_NAMES if tier != "none" else (),
                                          num_persistent_chunks=plan.model_states.num_chunks - len(cpu_chunks),
                                          num_prefetch_buffers=max(1, plan.model_states.num_prefetch_buffers))
             name = ", ".join(layout_notes + [

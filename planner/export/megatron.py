@@ -111,7 +111,7 @@ def alternatives(plan: Plan) -> list[Alternative]:
     fractions = [0.0]
     if states.num_chunks and states.cpu_chunks:
         fractions += sorted({round(len(states.cpu_chunks) / states.num_chunks, 3), 1.0})
-    all_device = dataclasses.replace(states, cpu_chunks=(), num_persistent_chunks=states.num_chunks)
+    all_device = dataclasses.replace(states, cpu_chunks=(), cpu_outer=(), num_persistent_chunks=states.num_chunks)
     out = []
     for name, acts, layer_adjust, settings in _activation_options(plan):
         for fraction in fractions:
@@ -144,6 +144,9 @@ def unexpressed(plan: Plan) -> list[str]:
     if states.cpu_chunks:
         out.append(f"parameters and gradients of {len(states.cpu_chunks)} of {states.num_chunks} layer chunks in host "
                    f"memory: Megatron offloads optimizer states only (optimizer_offload_fraction)")
+    if states.cpu_outer:
+        out.append(f"{'+'.join(states.cpu_outer)} states as CPU chunks: Megatron offloads optimizer "
+                   f"states only (optimizer_offload_fraction)")
     if par.zero_stage == 2:
         out.append("ZeRO-2 is Megatron-FSDP 'optim_grads' here; the distributed optimizer alone is ZeRO-1")
     counts = _stage_counts(plan)

@@ -252,8 +252,12 @@ def fit_latency_bandwidth(sent: list[float], seconds: list[float]) -> tuple[floa
         if res < best_res:
             best, best_res = coef, res
     latency, per_byte = best
-    if per_byte <= 0:                                # all latency: take the largest call's rate
-        per_byte = max(t[x.argmax()] - latency, 1e-12) / x.max()
+    big = int(x.argmax())
+    if per_byte * x[big] < 0.05 * t[big]:
+        # the fit gives the largest call almost no transfer time (noise on a busy host can make
+        # it look free): the samples cannot resolve a bandwidth, so take the largest call's own
+        # rate with its latency included, a lower bound rather than an unbounded guess
+        latency, per_byte = min(latency, float(t.min())), float(t[big]) / float(x[big])
     return latency, 1.0 / per_byte
 
 

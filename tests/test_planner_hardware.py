@@ -88,6 +88,10 @@ def test_fit_latency_bandwidth_recovers_known_values():
     # noise that would make a free fit's latency negative is clamped to zero
     latency, bw = hardware.fit_latency_bandwidth([1e6, 2e6], [0.9e-3, 2.0e-3])
     assert latency >= 0 and bw > 0
+    # a busy host can time the large call as fast as the small one: no bandwidth is resolved,
+    # so the largest call's own rate bounds it instead of an unbounded fit
+    latency, bw = hardware.fit_latency_bandwidth([65536, 2**20], [3.0e-3, 3.0e-3])
+    assert bw == pytest.approx(2**20 / 3.0e-3) and 0 <= latency <= 3.0e-3
 
 
 def test_sent_bytes_convention_matches_the_cost_model():

@@ -125,6 +125,9 @@ class CallRecord:
     """Tokens per tile of the recomputed range's token-local work (0: all at once)."""
     streamed: bool = False
     """The forward ran tiles around the core (`tiled_rebuild.streamed_forward`)."""
+    prefetch_next: Callable[[], None] | None = None
+    """Starts reading the next layer's stored tensors; a streamed backward calls it once its
+    core backward (its largest working set) is done."""
     on_backward: Callable[["CallRecord"], None] | None = None
     done_backward: Callable[["CallRecord"], None] | None = None
 

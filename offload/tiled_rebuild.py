@@ -219,6 +219,9 @@ def streamed_backward(call: "CallRecord", x, cos, sin, dy, dx, add, batch: int, 
     grads = core.backward_gathered(dout[0], q, k, v, saved)  # the core is never rerun
     del q, k, v, dout, saved
     release_saved()
+    if call.prefetch_next is not None:  # the next layer's reads overlap the qkv backward
+        call.prefetch_next()
+        call.prefetch_next = None
     for row, s, e, f in row_tiles(batch, seq, tile):
         g = slice(f, f + e - s)
         d_t = core.scatter_grads_tile(grads, row, s, e)

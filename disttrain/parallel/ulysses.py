@@ -18,6 +18,11 @@ so document masking is the local core's, one causal kernel call per document). T
 backward therefore moves dout, q, k, v and out to the head layout in one all-to-all (q, k, v
 are recomputed token-wise by the runtime, never kept head-sharded) and dq, dk, dv back in a
 second one.
+
+Token tiles (`AttentionCore`'s `gather_tile` / `scatter_tile` / `*_gathered`): a runtime that
+builds q, k, v a tile of tokens at a time exchanges each tile as it is built, straight into
+head-layout buffers, and reads the output back a tile at a time; `saved` is then the output in
+the head layout (out_BnSD, lse_BnS). The bytes exchanged per pass are the same.
 """
 
 from __future__ import annotations

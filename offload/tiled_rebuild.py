@@ -38,7 +38,24 @@ def forward_autocast(call: "CallRecord") -> torch.autocast:
 
 
 def grad(outputs, inputs, grads):
-    return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+    """Vector-Jacobian product: d(outputs . grads)/d(inputs), None for an unused input.
+
+    Tensor outputs go through the scalar sum(output * grad), whose gradient reaching each
+    output is 1 * grad, bit for bit: `torch.autograd.grad` with explicit output gradients
+    imports torch.fx.experimental.symbolic_shapes and sympy for a shape check (~33 MiB of
+    RSS per process, measured). Gradient edges (the swapped slice's stored graph) cannot be
+    multiplied, so they take `torch.autograd.grad`."""
+    if any(not isinstance(o, torch.Tensor) for o in outputs):
+        return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+    total = None
+    with torch.enable_grad():  # a Function's backward runs without grad mode
+        for o, g in zip(outputs, grads):
+            if g.shape != o.shape:
+                raise ValueError(f"grad: output gradient shape {tuple(g.shape)} != output "
+                                 f"{tuple(o.shape)}")
+            term = (o * g.detach()).sum()
+            total = term if total is None else total + term
+    return torch.autograd.grad(total, inputs, allow_unused=True)
 
 
 def core_input(call: "CallRecord", t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ Backward:
   2. q/k/v of all tokens: swapped from the store, the rest recomputed from x (with a graph).
   3. `layer.core.backward` from the saved tensors (the core's forward is never rerun).
   4. qkv backward per slice -> dx, dW.
+With a rebuild tile and no swapped slice the layer runs tiles around the core instead
+(`tiled_rebuild.streamed_forward` / `streamed_layer_backward`).
 Recomputation runs under the autocast state of the forward. Saved tensors that alias the
 layer input, the attention output or the RoPE tables are not copied: they are rebuilt as
 views of those ("anchors"); parameters are referenced.

@@ -14,7 +14,9 @@ same work runs over tiles of `tile` tokens, so only one tile's intermediates are
               qkv(x[t]) with a graph -> d(x[t]) += ..., dW += ...
 
 The attention core is still never rerun; the price is one extra `qkv` forward per tile in
-the backward (cheap next to the core). Every op here is token-local, so the results equal
+the backward (cheap next to the core). That is the path of a layer with a swapped slice; a
+layer with none runs tiles around the core as well (`streamed_forward`, below), so its
+whole-sequence tensors are only the core's own inputs and outputs. Every op here is token-local, so the results equal
 the untiled path up to float rounding (tests/test_offload_equivalence.py).
 
 Shape legend: T tokens (batch x sequence, flattened), H hidden, N heads, D head dim.

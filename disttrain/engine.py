@@ -18,6 +18,7 @@ angles and the loss run in fp32 inside the model. Gradients are reduced in
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -415,7 +416,9 @@ def _apply_activations(job: Job, plan: Plan, model: nn.Module, rank: int
     try:
         stores = open_stores(plan.activations, engine=engine, cpu_budget_bytes=budgets["cpu"],
                              nvme_path=nvme_path, nvme_budget_bytes=budgets["nvme"],
-                             run_id=job.spec.name, rank=rank,
+                             # the pid: concurrent runs of one job name on a host must
+                             # not share (and sweep) each other's swap directories
+                             run_id=f"{job.spec.name}-{os.getpid()}", rank=rank,
                              device=Device.from_torch(next(model.parameters()).device))
     except (ValueError, OSError, StoreBudgetError) as exc:  # no NVMe path, too little space
         raise SpecError(str(exc).splitlines()[0]) from None

@@ -18,6 +18,8 @@ Backward:
   2. q/k/v of all tokens: swapped from the store, the rest recomputed from x (with a graph).
   3. `layer.core.backward` from the saved tensors (the core's forward is never rerun).
   4. qkv backward per slice -> dx, dW.
+With a rebuild tile and no swapped slice the layer runs tiles around the core instead
+(`tiled_rebuild.streamed_forward` / `streamed_layer_backward`).
 Recomputation runs under the autocast state of the forward. Saved tensors that alias the
 layer input, the attention output or the RoPE tables are not copied: they are rebuilt as
 views of those ("anchors"); parameters are referenced.
@@ -34,60 +36,15 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_hooks
 
 from offload import tiled_rebuild as tiles
+from offload.held import Held
+from offload.held import dense_span as _dense_span
+from offload.held import extent as _extent
 from offload.stores import StoredTensor
 from offload.tiled_rebuild import core_input as _core_input
 from offload.tiled_rebuild import forward_autocast as _forward_autocast
 from offload.tiled_rebuild import grad as _grad
 from offload.tiled_rebuild import slice_grads as _slice_grads
 
-
-
-def _storage_bytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
-
-
-def _dense_span(t: torch.Tensor) -> torch.Tensor | None:
-    """`t`'s memory as a flat 1-D view when `t` covers it densely (any dim order), else None."""
-    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return None
-        expected *= size
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
-
-
-def _extent(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last] storage offsets (elements) that `t` touches."""
-    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
-    return t.storage_offset(), last
-
-
-class Held:
-    """A tensor the layer needs in backward: kept on the device, or in a store."""
-
-    def __init__(self, t: torch.Tensor, store=None):
-        self.shape, self.stride, self.dtype = t.shape, t.stride(), t.dtype
-        self.nbytes = _storage_bytes(t)
-        self.kept = t if store is None else None
-        self.stored: StoredTensor | None = None
-        if store is not None:
-            span = _dense_span(t)
-            if span is None:
-                t = t.contiguous()
-                self.stride, span = t.stride(), t.reshape(-1)
-            self.stored = store.put(span)
-            self.nbytes = self.stored.nbytes
-        self._restored: torch.Tensor | None = None
-
-    def get(self, call: "CallRecord") -> torch.Tensor:
-        """The tensor, as kept or read back from the store (once)."""
-        if self.kept is not None:
-            return self.kept
-        if self._restored is None:
-            flat = call.fetch(self.stored)
-            self._restored = flat.as_strided(self.shape, self.stride, flat.storage_offset())
-        return self._restored
 
 
 @dataclass
@@ -123,6 +80,11 @@ class CallRecord:
     inflight_bytes: int = 0
     rebuild_tile: int = 0
     """Tokens per tile of the recomputed range's token-local work (0: all at once)."""
+    streamed: bool = False
+    """The forward ran tiles around the core (`tiled_rebuild.streamed_forward`)."""
+    prefetch_next: Callable[[], None] | None = None
+    """Starts reading the next layer's stored tensors; a streamed backward calls it once its
+    core backward (its largest working set) is done."""
     on_backward: Callable[["CallRecord"], None] | None = None
     done_backward: Callable[["CallRecord"], None] | None = None
 
@@ -241,48 +203,54 @@ class LayerFunction(torch.autograd.Function):
             call.qkv_sw = [Held(t, store) for t in qkv_sw]
             call.stored.extend(h.stored for h in call.qkv_sw)
         tile = call.rebuild_tile
-        with torch.no_grad():
-            if tile and n < num_tokens:  # token-local work a tile at a time (tiled_rebuild)
-                joined = tiles.qkv_no_grad(call, x, cos, sin, n, num_tokens, tile,
-                                           qkv_sw if n else None)
-                q, k, v = (_batch_major(t, batch) for t in joined)
-                del joined
-            else:
-                parts = [qkv_sw] if n else []
-                if n < num_tokens:
-                    parts.append([_core_input(call, t)
-                                  for t in layer.qkv(x[:, n:], cos[n:], sin[n:])])
-                q, k, v = (_batch_major(_cat_tokens([p[i] for p in parts]), batch)
-                           for i in range(3))
-                del parts
-            out_BNSD, saved = layer.core.forward(q, k, v)  # the attention core: its only run
-            del q, k, v
-            out = _token_major(out_BNSD)
-            y_rc = None
-            if n < num_tokens:
-                y_rc = (tiles.post_attention_no_grad(call, x, out, n, num_tokens, tile) if tile
-                        else layer.post_attention(x[:, n:], out[:, :, n:]))
         attn_store = store if plan.swap_attention_output else None
-        call.saved = [Held(t, attn_store) for t in saved]
-        in_saved = [i for i, t in enumerate(saved) if t is out_BNSD]
-        if in_saved and out.untyped_storage().data_ptr() == out_BNSD.untyped_storage().data_ptr():
-            call.saved_out_index = in_saved[:1]  # out is a view of a saved tensor: hold it once
-        call.out = None if call.saved_out_index else Held(out, attn_store)
-        if n:
-            if _dense_span(out) is not None:  # views of out can be rebuilt from its bytes
-                packer.anchors["out"] = (out.untyped_storage().data_ptr(), _extent(out), out)
-            with torch.enable_grad(), saved_tensors_hooks(packer.pack, packer.unpack):
-                x_post = _Attach.apply(root, x[:, :n])
-                out_post = _Attach.apply(root, out[:, :, :n])
-                y_sw = layer.post_attention(x_post, out_post)
-            call.post_in_edges = [get_gradient_edge(x_post), get_gradient_edge(out_post)]
-            call.post_out_edge = get_gradient_edge(y_sw)
-            y = torch.cat([y_sw.detach(), y_rc], dim=1) if y_rc is not None else y_sw.detach()
-            del y_sw, x_post, out_post, x_in
-            packer.seen.clear()  # the hooks outlive forward: keep no source or anchor alive
-            packer.anchors.clear()
+        if tile and not n:  # tiles around the attention core (tiled_rebuild.streamed_*)
+            y, saved = tiles.streamed_forward(call, x, cos, sin, batch, seq, tile)
+            call.streamed = True
+            call.saved = [Held(t, attn_store) for t in saved]
+            del saved
         else:
-            y = y_rc
+            with torch.no_grad():
+                if tile and n < num_tokens:  # token-local work a tile at a time (tiled_rebuild)
+                    joined = tiles.qkv_no_grad(call, x, cos, sin, n, num_tokens, tile,
+                                               qkv_sw if n else None)
+                    q, k, v = (_batch_major(t, batch) for t in joined)
+                    del joined
+                else:
+                    parts = [qkv_sw] if n else []
+                    if n < num_tokens:
+                        parts.append([_core_input(call, t)
+                                      for t in layer.qkv(x[:, n:], cos[n:], sin[n:])])
+                    q, k, v = (_batch_major(_cat_tokens([p[i] for p in parts]), batch)
+                               for i in range(3))
+                    del parts
+                out_BNSD, saved = layer.core.forward(q, k, v)  # the attention core: its only run
+                del q, k, v
+                out = _token_major(out_BNSD)
+                y_rc = None
+                if n < num_tokens:
+                    y_rc = (tiles.post_attention_no_grad(call, x, out, n, num_tokens, tile) if tile
+                            else layer.post_attention(x[:, n:], out[:, :, n:]))
+            call.saved = [Held(t, attn_store) for t in saved]
+            in_saved = [i for i, t in enumerate(saved) if t is out_BNSD]
+            if in_saved and out.untyped_storage().data_ptr() == out_BNSD.untyped_storage().data_ptr():
+                call.saved_out_index = in_saved[:1]  # out is a view of a saved tensor: hold it once
+            call.out = None if call.saved_out_index else Held(out, attn_store)
+            if n:
+                if _dense_span(out) is not None:  # views of out can be rebuilt from its bytes
+                    packer.anchors["out"] = (out.untyped_storage().data_ptr(), _extent(out), out)
+                with torch.enable_grad(), saved_tensors_hooks(packer.pack, packer.unpack):
+                    x_post = _Attach.apply(root, x[:, :n])
+                    out_post = _Attach.apply(root, out[:, :, :n])
+                    y_sw = layer.post_attention(x_post, out_post)
+                call.post_in_edges = [get_gradient_edge(x_post), get_gradient_edge(out_post)]
+                call.post_out_edge = get_gradient_edge(y_sw)
+                y = torch.cat([y_sw.detach(), y_rc], dim=1) if y_rc is not None else y_sw.detach()
+                del y_sw, x_post, out_post, x_in
+                packer.seen.clear()  # the hooks outlive forward: keep no source or anchor alive
+                packer.anchors.clear()
+            else:
+                y = y_rc
         held = [call.x, *call.saved] + ([call.out] if call.out is not None else [])
         call.stored.extend(h.stored for h in held if h.stored is not None)
         call.stats.update(
@@ -305,6 +273,8 @@ class LayerFunction(torch.autograd.Function):
         batch = dy_BSH.shape[0]
         params = call.params
         x = call.x.get(call)
+        if call.streamed:
+            return tiles.streamed_layer_backward(call, x, dy_BSH)
         saved = tuple(h.get(call) for h in call.saved)
         out = call.attention_output()
         cos, sin = call.cos, call.sin

@@ -240,9 +240,15 @@ class ActivationRuntime:
                 self._resident_add(call.index, fetched)
         if position > 0:  # the layer whose backward runs next: start reading it now
             upcoming = self._pending[position - 1]
-            if upcoming.store is not None:
-                for stored in upcoming.stored:
-                    upcoming.store.prefetch(stored)
+            if call.streamed:  # ... or once this one's core backward is done (its peak)
+                call.prefetch_next = lambda: self._prefetch(upcoming)
+            else:
+                self._prefetch(upcoming)
+
+    def _prefetch(self, call: CallRecord) -> None:
+        if call.store is not None and call in self._pending:
+            for stored in call.stored:
+                call.store.prefetch(stored)
 
     def _after_backward(self, call: CallRecord) -> None:
         self._pending.remove(call)

@@ -156,6 +156,42 @@ class AttentionCore:
         out, lse = saved
         return flash_attention_backward(dout_BNSD, q_BNSD, k_BKSD, v_BKSD, out, lse, causal=True)
 
+    # -- token tiles: a runtime that builds q, k, v (and dout) a tile of tokens at a time --------
+    # The core's inputs are "gathered" into buffers in whatever layout its kernel wants (here
+    # the local tokens themselves; Ulysses: all tokens of its heads, exchanged tile by tile),
+    # so no whole-sequence copy of q, k, v exists besides those buffers. Tiles are token
+    # ranges [start, stop) of one batch row; every rank of a group walks the same tiles.
+
+    def tile_buffers(self, batch: int, seq: int, examples, dtype=None) -> list[torch.Tensor]:
+        """Empty gathered buffers for tensors shaped like the (1, heads, t, D) `examples`."""
+        bufs = []
+        for t in examples:  # (B, S, heads, D) memory, as the model's own q/k/v
+            _, heads, _, d = t.shape
+            bufs.append(torch.empty(batch, seq, heads, d, dtype=dtype or t.dtype,
+                                    device=t.device).transpose(1, 2))
+        return bufs
+
+    def gather_tile(self, bufs, row: int, start: int, stop: int, tiles) -> None:
+        """Write (1, heads, t, D) tiles of tokens [start, stop) of batch row `row`."""
+        for buf, t in zip(bufs, tiles):
+            buf[row:row + 1, :, start:stop].copy_(t)
+
+    def scatter_tile(self, gathered, row: int, start: int, stop: int) -> list[torch.Tensor]:
+        """Tokens [start, stop) of row `row` of gathered tensors, as (1, heads, t, D)."""
+        return [g[row:row + 1, :, start:stop] for g in gathered]
+
+    def scatter_grads_tile(self, grads, row: int, start: int, stop: int) -> list[torch.Tensor]:
+        """(dq, dk, dv) of tokens [start, stop) of row `row`, from `backward_gathered`'s."""
+        return self.scatter_tile(grads, row, start, stop)
+
+    def forward_gathered(self, q, k, v) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """`forward` on gathered buffers: (gathered out, saved)."""
+        return self.forward(q, k, v)
+
+    def backward_gathered(self, dout, q, k, v, saved):
+        """`backward` on gathered buffers: gathered (dq, dk, dv)."""
+        return self.backward(dout, q, k, v, saved)
+
     def __call__(self, q_BNSD, k_BKSD, v_BKSD) -> torch.Tensor:
         device = q_BNSD.device.type
         if torch.is_autocast_enabled(device):

@@ -211,9 +211,11 @@ class Llama(nn.Module):
 
 def build_model(shape: ModelShape, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> Llama:
-    """Build on the meta device, then materialise on `device` with a seeded init."""
-    with torch.device("meta"):
+    """Build on `device` itself (as the meta device + `to_empty` would: one copy of the model,
+    there), then overwrite every parameter with a seeded init. Not through the meta device:
+    the default init on meta tensors runs torch's reference kernels, whose first use imports
+    torch._dynamo and sympy (~75 MiB of RSS in every process, measured)."""
+    with torch.device(device):
         model = Llama(shape)
-    model = model.to_empty(device=device)
     model.init_weights(seed)
     return model.to(dtype)

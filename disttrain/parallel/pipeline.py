@@ -31,6 +31,7 @@ Shape legend: B batch, S sequence (local shard under sequence parallelism), H hi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -38,8 +39,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
-                                          ScheduleInterleaved1F1B)
 
 from disttrain.model.documents import documents_scope
 from disttrain.model.llama import embed_tokens, rope_tables
@@ -237,24 +236,33 @@ class PipelineConfig:
                    stages=tuple(tuple(s) for s in parallel.stages))
 
 
-class _CountingStage(PipelineStage):
-    """A PipelineStage that adds the bytes of every activation/gradient it sends to a
-    shared counter (the P2P ops the schedule posts; the one-time shape metadata of the
-    first step is not counted)."""
+@functools.cache
+def _counting_stage() -> type:
+    """`PipelineStage` with a byte counter, defined on first use: importing
+    torch.distributed.pipelining pulls in torch._dynamo, sympy and DTensor (~80 MiB of RSS
+    per process, measured), which a run without a pipeline should not pay."""
+    from torch.distributed.pipelining import PipelineStage
 
-    def __init__(self, *args, counter: dict[str, int], **kwargs):
-        super().__init__(*args, **kwargs)
-        self._counter = counter
+    class _CountingStage(PipelineStage):
+        """A PipelineStage that adds the bytes of every activation/gradient it sends to a
+        shared counter (the P2P ops the schedule posts; the one-time shape metadata of the
+        first step is not counted)."""
 
-    def _count(self, ops: list[dist.P2POp], kind: str) -> list[dist.P2POp]:
-        self._counter[kind] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops)
-        return ops
+        def __init__(self, *args, counter: dict[str, int], **kwargs):
+            super().__init__(*args, **kwargs)
+            self._counter = counter
 
-    def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
-        return self._count(super().get_fwd_send_ops(fwd_chunk_id), "activations")
+        def _count(self, ops: list[dist.P2POp], kind: str) -> list[dist.P2POp]:
+            self._counter[kind] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops)
+            return ops
 
-    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
-        return self._count(super().get_bwd_send_ops(bwd_chunk_id), "gradients")
+        def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
+            return self._count(super().get_fwd_send_ops(fwd_chunk_id), "activations")
+
+        def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
+            return self._count(super().get_bwd_send_ops(bwd_chunk_id), "gradients")
+
+    return _CountingStage
 
 
 class PipelineRunner:
@@ -288,7 +296,7 @@ class PipelineRunner:
         self.module = _union(self.stage_modules)
         """All local stage parameters under the full model's names (optimizer, ZeRO)."""
         device = next(model.parameters()).device
-        pipe_stages = [_CountingStage(m, i, num_stages, device, group=self.group,
+        pipe_stages = [_counting_stage()(m, i, num_stages, device, group=self.group,
                                       counter=self._counter)
                        for m, i in zip(self.stage_modules, indices)]
         num_micro = config.num_microbatches
@@ -313,6 +321,8 @@ class PipelineRunner:
         self.loss_scale: float | None = None
         """Set per step with packed documents: each microbatch's loss is its summed token
         losses times this (the engine's valid-token normalisation)."""
+
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleInterleaved1F1B
 
         if config.schedule == "1f1b":
             self.schedule = Schedule1F1B(pipe_stages[0], num_micro, loss_fn=scaled_loss,

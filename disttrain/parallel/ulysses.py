@@ -18,6 +18,11 @@ so document masking is the local core's, one causal kernel call per document). T
 backward therefore moves dout, q, k, v and out to the head layout in one all-to-all (q, k, v
 are recomputed token-wise by the runtime, never kept head-sharded) and dq, dk, dv back in a
 second one.
+
+Token tiles (`AttentionCore`'s `gather_tile` / `scatter_tile` / `*_gathered`): a runtime that
+builds q, k, v a tile of tokens at a time exchanges each tile as it is built, straight into
+head-layout buffers, and reads the output back a tile at a time; `saved` is then the output in
+the head layout (out_BnSD, lse_BnS). The bytes exchanged per pass are the same.
 """
 
 from __future__ import annotations
@@ -145,6 +150,73 @@ class UlyssesCore(SequenceParallelCore):
                                                   lse_BnS, causal=True)
         dq_BNsD, dk_BKsD, dv_BKsD = self._head_to_seq([dq, dk, dv])
         return dq_BNsD, self._reduce_kv(dk_BKsD), self._reduce_kv(dv_BKsD)
+
+    # -- token tiles (AttentionCore's protocol) ------------------------------------------------
+    # The gathered layout is the head layout (B, h, S, D) the kernel reads, filled and emptied
+    # by one all-to-all per tile of local tokens: neither a sequence-layout whole-sequence
+    # q/k/v/dout/out nor a whole-sequence send/receive pair exists (the tiles carry the exchange).
+
+    def _exchanged_heads(self, heads: int) -> int:
+        return heads * (self.kv_repeat if heads == self.num_kv_heads else 1)
+
+    def tile_buffers(self, batch, seq, examples, dtype=None):
+        return [torch.empty(batch, self._exchanged_heads(t.shape[1]) // self.sp, self.sp * seq,
+                            t.shape[3], dtype=dtype or t.dtype, device=t.device)
+                for t in examples]
+
+    def gather_tile(self, bufs, row, start, stop, tiles):
+        p, t_len, d = self.sp, stop - start, tiles[0].shape[3]
+        _check_one_dtype(bufs)
+        parts = [self._expand_kv(t) if t.shape[1] == self.num_kv_heads else t for t in tiles]
+        heads = [t.shape[1] // p for t in parts]
+        # (1, h, t, D) -> (P, 1, h/P, t, D): slice j holds the heads rank j owns
+        send = torch.cat([t.to(bufs[0].dtype).reshape(1, p, h, t_len, d).transpose(0, 1)
+                          for t, h in zip(parts, heads)], dim=2).contiguous()
+        del parts
+        recv = self._all_to_all(send)  # slice j: my heads of rank j's tokens [start, stop)
+        del send
+        offset = 0
+        for buf, h in zip(bufs, heads):  # rank j's tokens sit at j*s + [start, stop)
+            buf[row].view(h, p, -1, d)[:, :, start:stop].copy_(
+                recv[:, 0, offset:offset + h].transpose(0, 1))
+            offset += h
+
+    def scatter_tile(self, gathered, row, start, stop):
+        p, d = self.sp, gathered[0].shape[3]
+        _check_one_dtype(gathered)
+        heads = [g.shape[1] for g in gathered]
+        # slice j: tokens j*s + [start, stop) of my heads, which rank j owns
+        send = torch.cat([g[row].view(h, p, -1, d)[:, :, start:stop].transpose(0, 1)
+                          for g, h in zip(gathered, heads)], dim=1).unsqueeze(1)
+        recv = self._all_to_all(send.contiguous())  # slice j: rank j's heads, my tokens
+        del send
+        out, offset = [], 0
+        for h in heads:  # head j*h + i of the model is head i of rank j
+            out.append(recv[:, 0, offset:offset + h].reshape(1, p * h, stop - start, d))
+            offset += h
+        return out
+
+    def scatter_grads_tile(self, grads, row, start, stop):
+        dq, dk, dv = self.scatter_tile(list(grads), row, start, stop)
+        return dq, self._reduce_kv(dk), self._reduce_kv(dv)
+
+    @torch.no_grad()
+    def forward_gathered(self, q_BnSD, k_BkSD, v_BkSD):
+        docs = current_documents()
+        if docs is None:
+            out_BnSD, lse_BnS = flash_attention_forward(q_BnSD, k_BkSD, v_BkSD, causal=True)
+        else:
+            out_BnSD, lse_BnS = document_attention_forward(q_BnSD, k_BkSD, v_BkSD, docs)
+        return out_BnSD, (out_BnSD, lse_BnS) + ((docs,) if docs is not None else ())
+
+    @torch.no_grad()
+    def backward_gathered(self, dout_BnSD, q_BnSD, k_BkSD, v_BkSD, saved):
+        out_BnSD, lse_BnS, *docs = saved
+        if docs:
+            return document_attention_backward(dout_BnSD, q_BnSD, k_BkSD, v_BkSD, out_BnSD,
+                                               lse_BnS, docs[0])
+        return flash_attention_backward(dout_BnSD, q_BnSD, k_BkSD, v_BkSD, out_BnSD, lse_BnS,
+                                        causal=True)
 
 
 def _check_one_dtype(tensors: list[torch.Tensor]) -> None:

@@ -41,7 +41,7 @@ class CostParams:
     gpus_per_pcie_switch: int = 2
     """GPUs sharing one PCIe uplink to the host (DGX/HGX boards: 2 per switch), so concurrent
     host copies of a node's ranks get host_link_bw / this each."""
-    single_pool_on_cpu: bool = False
+    single_pool_on_cpu: bool = True
     """Model a node without accelerators as one memory pool (device = host): the cpu tier and
     CPU chunks save nothing there, so only keep / recompute / NVMe are offered and NVMe reads
     count their page cache. Off by default: the CPU test suite uses CPU-tier plans to

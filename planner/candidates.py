@@ -196,6 +196,10 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
         loss_chunk, mlp_chunk, fixed_rebuild = (tuple(tiling) + (0, 0, 0))[:3]
     else:
         (loss_chunk, mlp_chunk), fixed_rebuild = choose_tiling(request, lc, tp), None
+        if one_pool and loss_chunk:
+            return _fastest_loss_tile(
+                [(0, mlp_chunk, None), (loss_chunk, mlp_chunk, None)],
+                lambda t: build_stages(request, cand, params, per_token, layer_override, t, timing))
     working = working_base_bytes(lc, shape, dtype, mlp_chunk) / tp
     lc = tiled_layer_cost(lc, shape, dtype, mlp_chunk, tp)
     head_fwd, head_bwd = head_seconds(shape, dtype, hw, tokens, tp, params)
@@ -275,6 +279,22 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             min_device_bytes=0.0, leanest_activation_bytes=0.0))
     rebuild = _choose_rebuild_tile(setups, tokens, usable, fixed_rebuild, by_time=one_pool)
     return [_with_rebuild(s, rebuild, tokens) for s in setups], (loss_chunk, mlp_chunk, rebuild)
+
+
+def _fastest_loss_tile(tilings: list[tuple], build) -> tuple[list[StageSetup], tuple[int, int, int]]:
+    """`build(tiling)` for the untiled loss (`tilings[0]`) when its quick policies
+    (`planner.heuristic`) give a shorter step, head and loss included (a tiled loss recomputes
+    its logits in backward; the whole sequence's logits leave less room for kept
+    activations), else for the tiled one (`tilings[1]`)."""
+    def seconds(setups) -> float:
+        bounds = [quick_stage_bound(s.problem) for s in setups]
+        if any(b is None for b in bounds):
+            return float("inf")
+        return max(b.objective_s + s.problem.slots * s.head_compute_s
+                   for b, s in zip(bounds, setups))
+
+    whole, tiled = build(tilings[0]), build(tilings[1])
+    return whole if seconds(whole[0]) < seconds(tiled[0]) * (1 - 1e-9) else tiled
 
 
 def _with_rebuild(setup: "StageSetup", tile: int, tokens: int) -> "StageSetup":

@@ -44,8 +44,8 @@ class CostParams:
     single_pool_on_cpu: bool = True
     """Model a node without accelerators as one memory pool (device = host): the cpu tier and
     CPU chunks save nothing there, so only keep / recompute / NVMe are offered and NVMe reads
-    count their page cache. Off by default: the CPU test suite uses CPU-tier plans to
-    exercise the runtime's offload paths on this machine."""
+    count their page cache. False plans such a node as two pools (tests where CPU ranks stand
+    in for a GPU node's device and host memory)."""
     pinned_share: float = 0.5
     """Largest share of host memory the runtime pins for device copies on GPU nodes."""
 

@@ -71,6 +71,33 @@ def test_single_pool_cpu_node_offers_no_cpu_tier():
     assert not plan.model_states.cpu_chunks and plan.prediction.host_bytes == 0
 
 
+def test_single_pool_leanest_bound_counts_the_page_cache_and_stays_a_lower_bound():
+    """One pool, NVMe only: the leanest bound (which sizes rebuild tiles and rejects layouts)
+    counts a fetched layer twice (tensor + page cache) and stays below every policy's bytes."""
+    import itertools
+    from dataclasses import replace
+
+    from planner.candidates import _leanest, _min_device
+    from planner.mip import evaluate_stage
+    from planner.plan import LayerActivationPlan
+    from test_planner_mip import random_problem
+
+    options = (LayerActivationPlan(keep_all=True), LayerActivationPlan(swap_fraction=0.0),
+               LayerActivationPlan(swap_fraction=0.0, tier="nvme", swap_input=True,
+                                   swap_attention_output=True),
+               LayerActivationPlan(swap_fraction=1.0, tier="nvme", swap_input=True,
+                                   swap_attention_output=True))
+    for seed in range(5):
+        problem = random_problem(seed)     # identical layers, as the planner builds them
+        problem = replace(problem, layers=problem.layers[:1] * 3, allow_cpu=False, num_chunks=0,
+                          page_cache_reads=True, rebuild_fraction=0.5)
+        lean = _min_device(problem, _leanest(problem, 0.5))
+        assert lean > _min_device(replace(problem, page_cache_reads=False),
+                                  _leanest(replace(problem, page_cache_reads=False), 0.5))
+        for acts in itertools.product(options, repeat=3):
+            assert lean <= evaluate_stage(problem, acts, 0).device_bytes * (1 + 1e-9)
+
+
 def test_infeasible_reason_parts_add_up():
     request = PlanRequest(model=MODEL_PRESETS["llama2-70b"], hardware=CLUSTER_PRESETS["8xa800-80g"],
                           dtype="bf16", seq_len=1 << 22, tp=1, sp=8, pp=1, dp=1, sp_kind="ring",

@@ -267,6 +267,8 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
                 request.activation_offload == "auto" and not one_pool),
             allow_nvme=request.activation_offload in ("auto", "nvme") and hw.has_nvme,
             token_chunks=0, page_cache_reads=one_pool,
+            # one pool: the copies to and from NVMe share the cores the rank computes on
+            swap_beside_compute=not one_pool or overlaps_compute(hw),
             # clipping waits for the global norm; on a CPU node no core is idle to hide it
             cpu_optimizer_overlap=not request.grad_clip and overlaps_compute(hw))
         fixed_states_opt = opt_s((total_params - num_chunks * layer_params)

@@ -100,14 +100,15 @@ def plan_for(seq_len: int, budget_mib: float, steps: int, profile):
 
 def cpu_node_plan(plan):
     """A plan for a node whose 'device' is its host RAM, set by hand (the extra row
-    `disttrain-hand`, for comparison with the planner's pick): Ulysses sp2 (each rank holds half of every sequence), optimizer states
-    sharded (ZeRO-1), every layer keeps nothing in RAM but recomputes its token-local tensors
-    a tile at a time, the layer input and attention output go to the NVMe tier (the 'cpu'
-    tier is the same RAM), head+loss tiled."""
+    `disttrain-hand`, for comparison with the planner's pick): Ulysses sp2 (each rank holds
+    half of every sequence), optimizer states sharded (ZeRO-1), every layer keeps nothing in
+    RAM but recomputes its token-local tensors a tile at a time, the layer input and attention
+    output go to the NVMe tier (the 'cpu' tier is the same RAM), head+loss tiled."""
     from planner.plan import LayerActivationPlan, ParallelPlan, TilingPlan
 
     layers = tuple(LayerActivationPlan(swap_fraction=0.0, tier="nvme", swap_input=True,
-                                       swap_attention_output=True) for _ in plan.activations)
+                                       swap_attention_output=True)
+                   for _ in range(SHAPE["num_layers"]))
     return dataclasses.replace(
         plan, parallel=ParallelPlan(dp=1, sp=2, zero_stage=1, num_microbatches=1),
         activations=layers, tiling=TilingPlan(**CPU_NODE_TILES),

@@ -9,8 +9,9 @@ one length-major sweep. Systems:
   alst-sp2   DeepSpeed ALST: ZeRO-3 + Ulysses sp2 + TiledMLP + TiledFusedLogitsLoss +
              checkpointing (bench/peers_alst.py has the wiring and its measured reasons)
   alst-dp2   the same without sequence parallelism
-  disttrain  disttrain under the CPU-node plan (`--disttrain-plan`): see `cpu_node_plan`
-  disttrain-planner   disttrain under the planner's own plan for `--budget-mib` (2K-16K)
+  disttrain  disttrain under the planner's own plan for a per-rank budget (`--budget-mib`) at
+             each length: the fastest plan it predicts to fit (a CPU node is one memory pool)
+  disttrain-hand      disttrain under a CPU-node plan set by hand (`cpu_node_plan`, extra row)
   plain      PyTorch DDP, every activation kept (extra row)
   ds-z3-ckpt DeepSpeed ZeRO-3, every decoder layer under deepspeed.checkpointing (extra row)
 
@@ -56,18 +57,22 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-8
 COMMON = dict(shape=SHAPE, seed=SEED, lr=LR, betas=ADAM_BETAS, eps=ADAM_EPS,
               global_batch=GLOBAL_BATCH, grad_clip=GRAD_CLIP)
 BUDGET_MIB = 128.0
-"""Per-rank device budget the planner plans `disttrain-planner` for."""
+"""Per-rank memory budget the planner plans the `disttrain` row for (on a CPU node the
+'device' is the rank's share of host memory; the interpreter and allocator caches are not in
+it)."""
 LOSS_RTOL = 1e-5
 """Losses of every step must agree across systems to this relative tolerance."""
 ALST = ("alst-sp2", "alst-dp2")
-SYSTEMS = ("disttrain", *ALST, "plain", "ds-z3-ckpt", "disttrain-planner")
+EXTRAS = ("plain", "ds-z3-ckpt", "disttrain-hand")
+"""Rows that are no target (run up to --extras-max-seq)."""
+SYSTEMS = ("disttrain", *ALST, *EXTRAS)
 FAIRNESS = "alst-sp2-malloc"
 """ALST sp2 with glibc's mmap/trim thresholds at 1 MiB through the environment, as disttrain's
 runtime sets them in-process (not in the default sweep: run with --systems)."""
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 CPU_NODE_TILES = dict(loss_chunk_tokens=256, mlp_chunk_tokens=0, rebuild_tile_tokens=1024)
-"""The CPU-node plan's tiles: head+loss 256 tokens, rebuild 1024 (the MLP then needs no tiling
-of its own: the rebuild tile bounds it)."""
+"""The hand-set CPU-node plan's tiles: head+loss 256 tokens, rebuild 1024 (the MLP then needs
+no tiling of its own: the rebuild tile bounds it)."""
 
 
 def job_spec(seq_len: int, budget_mib: float, steps: int) -> dict:
@@ -94,15 +99,16 @@ def plan_for(seq_len: int, budget_mib: float, steps: int, profile):
 
 
 def cpu_node_plan(plan):
-    """The plan for a node whose 'device' is its host RAM, set by hand until the planner models
-    one memory pool: Ulysses sp2 (each rank holds half of every sequence), optimizer states
-    sharded (ZeRO-1), every layer keeps nothing in RAM but recomputes its token-local tensors
-    a tile at a time, the layer input and attention output go to the NVMe tier (the 'cpu'
-    tier is the same RAM), head+loss tiled."""
+    """A plan for a node whose 'device' is its host RAM, set by hand (the extra row
+    `disttrain-hand`, for comparison with the planner's pick): Ulysses sp2 (each rank holds
+    half of every sequence), optimizer states sharded (ZeRO-1), every layer keeps nothing in
+    RAM but recomputes its token-local tensors a tile at a time, the layer input and attention
+    output go to the NVMe tier (the 'cpu' tier is the same RAM), head+loss tiled."""
     from planner.plan import LayerActivationPlan, ParallelPlan, TilingPlan
 
     layers = tuple(LayerActivationPlan(swap_fraction=0.0, tier="nvme", swap_input=True,
-                                       swap_attention_output=True) for _ in plan.activations)
+                                       swap_attention_output=True)
+                   for _ in range(SHAPE["num_layers"]))
     return dataclasses.replace(
         plan, parallel=ParallelPlan(dp=1, sp=2, zero_stage=1, num_microbatches=1),
         activations=layers, tiling=TilingPlan(**CPU_NODE_TILES),
@@ -160,7 +166,7 @@ def run_one(system: str, seq_len: int, steps: int, budget_mib: float, profile) -
                 os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
     else:
         job, plan = plan_for(seq_len, budget_mib, steps, profile)
-        if system == "disttrain":
+        if system == "disttrain-hand":
             plan = cpu_node_plan(plan)
         elif not plan.feasible:
             reason = plan.rejected[0]["reason"] if plan.rejected else "no candidate"
@@ -190,12 +196,12 @@ def check_losses(rows: list[dict], seq_len: int) -> float:
 
 
 def measure(seq_lens: list[int], steps: int = 3, budget_mib: float = BUDGET_MIB,
-            systems: tuple[str, ...] = SYSTEMS, log=print, *, planner_max_seq: int = 16384,
+            systems: tuple[str, ...] = SYSTEMS, log=print, *,
             after_alst=None, on_length=None, extras_max_seq: int = 1 << 30) -> list[dict]:
     """Run every system at every length (length-major); assert every step's loss agrees.
     `after_alst(rows)` is called once, after ALST's runs at the longest length (the extra rows
     of that length then run while it works); `on_length(rows)` after each length. The extra
-    rows (plain, ds-z3-ckpt) run up to `extras_max_seq`."""
+    rows (EXTRAS) run up to `extras_max_seq`."""
     profile = layer_profile(max(seq_lens))
     rows = []
     for seq_len in seq_lens:
@@ -204,8 +210,7 @@ def measure(seq_lens: list[int], steps: int = 3, budget_mib: float = BUDGET_MIB,
                     "disttrain", *ALST):
                 after_alst(rows)
                 after_alst = None
-            if (system == "disttrain-planner" and seq_len > planner_max_seq) or (
-                    system in ("plain", "ds-z3-ckpt") and seq_len > extras_max_seq):
+            if system in EXTRAS and seq_len > extras_max_seq:
                 continue
             t0 = time.perf_counter()
             row = run_one(system, seq_len, steps, budget_mib, profile)
@@ -248,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--budget-mib", type=float, default=BUDGET_MIB,
-                        help="per-rank device memory the planner plans disttrain-planner for")
+                        help="per-rank memory budget the planner plans the disttrain row for")
     parser.add_argument("--rss-budget-mib", type=float, default=1024.0,
                         help="per-rank RSS budget for 'longest sequence that fits'")
     parser.add_argument("--search-runs", type=int, default=1,
@@ -256,9 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                              "first at 2x ALST's fitted best: it decides the target)")
     parser.add_argument("--search-steps", type=int, default=1)
     parser.add_argument("--extras-max-seq", type=int, default=8192,
-                        help="longest length of the plain and ds-z3-ckpt rows")
-    parser.add_argument("--planner-max-seq", type=int, default=4096,
-                        help="longest length of the disttrain-planner row")
+                        help="longest length of the extra rows (" + ", ".join(EXTRAS) + ")")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS),
                         choices=(*SYSTEMS, FAIRNESS))
     parser.add_argument("--no-docs", action="store_true", help="print only")
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                           + "\n_Partial: the sweep was still running when this was written._\n")
 
     rows = measure(args.seq, args.steps, args.budget_mib, tuple(args.systems),
-                   planner_max_seq=args.planner_max_seq, after_alst=start_search,
+                   after_alst=start_search,
                    on_length=partial, extras_max_seq=args.extras_max_seq)
     if not threads:
         start_search(rows)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from docs_sections import fmt_mib, md_table
-from peers import (ADAM_BETAS, ADAM_EPS, ALST, BUDGET_MIB, CPU_NODE_TILES, FAIRNESS,
+from peers import (ADAM_BETAS, ADAM_EPS, ALST, CPU_NODE_TILES, FAIRNESS,
                    GLOBAL_BATCH, LOSS_RTOL, SHAPE, SYSTEMS, check_losses)
 from peers_alst import TILE_TOKENS
 from peers_breakdown import CATEGORIES
@@ -146,15 +146,18 @@ def report(rows: list[dict], search: list[dict], args, seconds: float) -> str:
         f"over dp x sp, so each rank weights its tokens by world / global tokens (then every "
         f"step's gradient norm equals DDP's); body and loss run inside the engine's forward; "
         f"at sp1 the S x S mask transformers 4.57 builds is dropped as ALST drops it at sp>1; "
-        f"checkpoint offload is a no-op on the CPU backend. **disttrain** — a CPU-node plan set "
-        f"by hand, NOT the planner's pick (the planner does not yet model a CPU node as one "
-        f"memory pool): sp2 Ulysses, ZeRO-1, every layer recomputes its token-local tensors in "
-        f"tiles (rebuild {CPU_NODE_TILES['rebuild_tile_tokens']}, loss "
-        f"{CPU_NODE_TILES['loss_chunk_tokens']}), layer inputs and attention outputs on the "
-        f"NVMe tier (page cache, not RSS), the runtime returning freed blocks to the OS "
-        f"(offload/host_memory.py; the peers run with glibc's defaults). "
-        f"**disttrain-planner** — the planner's own pick for a {BUDGET_MIB:.0f} MiB per-rank "
-        f"budget. plain (DDP) and ds-z3-ckpt (ZeRO-3 + per-layer checkpointing, full logits) "
+        f"checkpoint offload is a no-op on the CPU backend. **disttrain** — the planner's own "
+        f"pick at each length for a {args.budget_mib:.0f} MiB per-rank memory budget: the "
+        f"fastest plan it predicts to fit, with the CPU node modelled as one memory pool "
+        f"(activations offload only to NVMe, whose reads pass through the page cache and count "
+        f"against the budget; no cpu tier); the runtime returns freed blocks to the OS "
+        f"(offload/host_memory.py) only under a memory-bound plan (the peers run with glibc's "
+        f"defaults). **disttrain-hand** — a CPU-node plan set by hand for comparison: sp2 "
+        f"Ulysses, ZeRO-1, every layer recomputes its token-local tensors in tiles (rebuild "
+        f"{CPU_NODE_TILES['rebuild_tile_tokens']}, loss {CPU_NODE_TILES['loss_chunk_tokens']}), "
+        f"layer inputs and attention outputs on the NVMe tier. "
+        f"plain (DDP), ds-z3-ckpt (ZeRO-3 + per-layer checkpointing, full logits) and "
+        f"disttrain-hand "
         f"are extra rows.\n\n{table}\n\n![peak memory](benchmarks_memory.png)\n\n"
         f"Fit of peak RSS over sequence length at {list(FIT_LENS)}:\n\n{fits}\n\n"
         f"disttrain's peak RSS by category (rank 0, bench/peers_breakdown.py):\n\n"

@@ -44,7 +44,7 @@ from disttrain.spec import Job, SpecError
 from disttrain.tiling import apply_mlp_tiling, chunked_lm_loss
 from offload import (ActivationRuntime, ActivationRuntimeConfig, CopyEngineConfig,
                      StoreBudgetError, apply_activation_policy, create_engine, open_stores)
-from offload.host_memory import return_freed_host_memory
+from offload.host_memory import memory_bound, return_freed_host_memory
 from planner.analytic import layer_saved_bytes_per_token
 from planner.plan import Plan
 from planner.shapes import DTYPE_BYTES
@@ -269,8 +269,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
     dims = ParallelDims(dp=par.dp, sp=par.sp, pp=par.pp, tp=par.tp, world_size=world)
     groups = build_groups(dims, rank)
     tr = job.spec.train
-    if not torch.cuda.is_available():  # host memory is the device memory: give freed blocks back
-        return_freed_host_memory()
+    if not torch.cuda.is_available() and memory_bound(plan):  # host memory is the device
+        return_freed_host_memory()                                 # memory: give freed blocks back
     torch.manual_seed(tr.seed)
     # fp32 on the rank's device: the model states make the bf16 compute copies
     model = build_model(job.shape, seed=tr.seed, device=device.torch_device)

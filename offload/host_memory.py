@@ -11,6 +11,9 @@ page fault (and zeroing) per page of every such block at its next use: a low thr
 the lowest peak with the most CPU time. 1 MiB keeps the large per-token tensors (activations,
 logits tiles) out of the heap while small ones are still recycled: between a 64 KiB
 threshold (lower peak, more CPU per step) and no mmap at all (higher peak, less CPU).
+
+That price is only worth paying when memory binds (`memory_bound`): a plan that keeps every
+activation with room to spare runs with glibc's defaults.
 """
 
 from __future__ import annotations
@@ -36,3 +39,14 @@ def return_freed_host_memory(threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> 
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes)) and bool(
         mallopt(M_TRIM_THRESHOLD, threshold_bytes))
+
+
+def memory_bound(plan, headroom: float = 0.9) -> bool:
+    """Whether `plan` trades step time for memory, so freed blocks should go back to the OS:
+    some layer does not keep its activations, some model-state chunk lives off the device, or
+    the predicted peak leaves less than `1 - headroom` of the device memory free (the share
+    the planner keeps free when it sizes rebuild tiles)."""
+    if any(not a.keep_all for a in plan.activations) or plan.model_states.cpu_chunks:
+        return True
+    capacity = plan.prediction.hardware.get("device_memory_bytes", 0)
+    return bool(capacity) and plan.prediction.per_rank_peak_bytes > headroom * capacity

@@ -18,6 +18,7 @@ from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu
                                model_state_bytes, optimizer_bytes_per_param, overlaps_compute, stage_layer_ranges,
                                stage_params, tp_comm_seconds)
 from planner.grid import divisors, enumerate_candidates, tp_problem  # noqa: F401
+from planner.heuristic import quick_stage_bound
 from planner.mip import StageProblem, rebuilt_token_local_bytes
 from planner.outer import build_outer_chunks
 from planner.request import PlanRequest
@@ -207,6 +208,10 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
         loss_chunk, mlp_chunk, fixed_rebuild = (tuple(tiling) + (0, 0, 0))[:3]
     else:
         (loss_chunk, mlp_chunk), fixed_rebuild = choose_tiling(request, lc, tp), None
+        if one_pool and loss_chunk:
+            return _fastest_loss_tile(
+                [(0, mlp_chunk, None), (loss_chunk, mlp_chunk, None)],
+                lambda t: build_stages(request, cand, params, per_token, layer_override, t, timing))
     working = working_base_bytes(lc, shape, dtype, mlp_chunk) / tp
     lc = tiled_layer_cost(lc, shape, dtype, mlp_chunk, tp)
     head_fwd, head_bwd = head_seconds(shape, dtype, hw, tokens, tp, params)
@@ -280,6 +285,8 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
                 request.activation_offload == "auto" and not one_pool),
             allow_nvme=request.activation_offload in ("auto", "nvme") and hw.has_nvme,
             token_chunks=0, page_cache_reads=one_pool, outer_chunks=outer,
+            # one pool: the copies to and from NVMe share the cores the rank computes on
+            swap_beside_compute=not one_pool or overlaps_compute(hw),
             # clipping waits for the global norm; on a CPU node no core is idle to hide it
             cpu_optimizer_overlap=not request.grad_clip and overlaps_compute(hw))
         fixed_states_opt = opt_s((total_params - num_chunks * layer_params - outer_params)
@@ -290,8 +297,24 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             fixed_bytes=dict(fixed_states, buffers=buffers, working_set=working, loss=head),
             chunk_states=model_state_bytes(num_chunks * layer_params, dtype, cand.zero_stage, group),
             min_device_bytes=0.0, leanest_activation_bytes=0.0))
-    rebuild = _choose_rebuild_tile(setups, tokens, usable, fixed_rebuild)
+    rebuild = _choose_rebuild_tile(setups, tokens, usable, fixed_rebuild, by_time=one_pool)
     return [_with_rebuild(s, rebuild, tokens) for s in setups], (loss_chunk, mlp_chunk, rebuild)
+
+
+def _fastest_loss_tile(tilings: list[tuple], build) -> tuple[list[StageSetup], tuple[int, int, int]]:
+    """`build(tiling)` for the untiled loss (`tilings[0]`) when its quick policies
+    (`planner.heuristic`) give a shorter step, head and loss included (a tiled loss recomputes
+    its logits in backward; the whole sequence's logits leave less room for kept
+    activations), else for the tiled one (`tilings[1]`)."""
+    def seconds(setups) -> float:
+        bounds = [quick_stage_bound(s.problem) for s in setups]
+        if any(b is None for b in bounds):
+            return float("inf")
+        return max(b.objective_s + s.problem.slots * s.head_compute_s
+                   for b, s in zip(bounds, setups))
+
+    whole, tiled = build(tilings[0]), build(tilings[1])
+    return whole if seconds(whole[0]) < seconds(tiled[0]) * (1 - 1e-9) else tiled
 
 
 def _with_rebuild(setup: "StageSetup", tile: int, tokens: int) -> "StageSetup":
@@ -318,12 +341,27 @@ def _outer_shards(problem: StageProblem) -> float:
     return sum(c.shard_bytes for c in problem.outer_chunks)
 
 
-def _choose_rebuild_tile(setups: list, tokens: int, usable: float, fixed: int | None) -> int:
+def _choose_rebuild_tile(setups: list, tokens: int, usable: float, fixed: int | None,
+                         by_time: bool = False) -> int:
     """The largest rebuild tile whose leanest policy leaves headroom on every stage (fewer,
-    larger tiles keep the recompute's GEMMs efficient), else the smallest; or `fixed`."""
+    larger tiles keep the recompute's GEMMs efficient), else the smallest; or `fixed`.
+    `by_time` (one memory pool: every byte a tile frees can keep activations instead): the
+    tile whose quick policies (`planner.heuristic`) give the shortest stage time, the larger
+    tile on a tie."""
     if fixed is not None:
         return fixed
     tiles = rebuild_tiles(tokens)
+    if by_time and len(tiles) > 1:
+        best, best_s = None, float("inf")
+        for tile in tiles:
+            fraction = min(1.0, tile / tokens) if tile else 1.0
+            bounds = [quick_stage_bound(replace(s.problem, rebuild_fraction=fraction)) for s in setups]
+            if all(b is not None for b in bounds):
+                seconds = max(b.objective_s for b in bounds)
+                if seconds < best_s * (1 - 1e-9):
+                    best, best_s = tile, seconds
+        if best is not None:
+            return best
     for tile in tiles:
         fraction = min(1.0, tile / tokens) if tile else 1.0
         if all(_min_device(s.problem, _leanest(s.problem, fraction)) <= REBUILD_HEADROOM * usable
@@ -339,10 +377,13 @@ def _leanest_activation_bytes(problem: StageProblem, lc: LayerCost, count: int,
     layers is linear in their number, so the bound is the better of all-kept and all-not."""
     options = [problem.inflight * count * lc.plain_bytes] if problem.allow_keep else []
     rebuilt = rebuilt_token_local_bytes(lc, problem.rebuild_fraction if fraction is None else fraction)
-    if problem.allow_cpu or problem.allow_nvme:    # + the previous layer fetched meanwhile
-        # the previous layer's input and attention output are resident or being fetched
-        options.append(rebuilt + (lc.input_bytes + lc.attention_output_bytes if count > 1 else 0.0))
-    elif problem.allow_recompute:
+    swaps = problem.allow_cpu or problem.allow_nvme
+    # NVMe only, one pool: a fetched layer passes through the page cache in the same memory
+    twice = problem.page_cache_reads and not problem.allow_cpu
+    if swaps:    # + the previous layer's input and attention output, resident or being fetched
+        options.append(rebuilt + (1 + twice) * (lc.input_bytes + lc.attention_output_bytes
+                                                if count > 1 else 0.0))
+    if problem.allow_recompute and (twice or not swaps):   # inputs kept, the rest recomputed
         options.append(problem.inflight * count * (lc.input_bytes + lc.attention_output_bytes)
                        + rebuilt)
     return min(options) if options and count else 0.0

@@ -41,11 +41,11 @@ class CostParams:
     gpus_per_pcie_switch: int = 2
     """GPUs sharing one PCIe uplink to the host (DGX/HGX boards: 2 per switch), so concurrent
     host copies of a node's ranks get host_link_bw / this each."""
-    single_pool_on_cpu: bool = False
+    single_pool_on_cpu: bool = True
     """Model a node without accelerators as one memory pool (device = host): the cpu tier and
     CPU chunks save nothing there, so only keep / recompute / NVMe are offered and NVMe reads
-    count their page cache. Off by default: the CPU test suite uses CPU-tier plans to
-    exercise the runtime's offload paths on this machine."""
+    count their page cache. False plans such a node as two pools (tests where CPU ranks stand
+    in for a GPU node's device and host memory)."""
     pinned_share: float = 0.5
     """Largest share of host memory the runtime pins for device copies on GPU nodes."""
 

@@ -93,6 +93,9 @@ class StageProblem:
     outer_chunks: tuple[OuterChunk, ...] = ()
     """The stage's embedding / final norm + head states as chunks (planner.outer), each kept on
     the device or a CPU chunk; not in `fixed_device_bytes`."""
+    swap_beside_compute: bool = True
+    """Activation copies run beside the neighbouring layers' compute (False: a CPU node whose
+    cores all compute, `planner.collectives.overlaps_compute`: every copy second is exposed)."""
 
     def __post_init__(self) -> None:
         for name in ("inflight", "slots"):
@@ -241,6 +244,8 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
         fwd_window = problem.tail_forward_window_s if last else layers[index + 1].forward_s
         bwd_window = (problem.tail_backward_window_s if last
                       else layers[index + 1].backward_s + recompute[index + 1])
+        if not problem.swap_beside_compute:
+            fwd_window = bwd_window = 0.0
         link = swapped / problem.host_link_bw
         link_total += link
         nvme_bytes = swapped if act.tier == "nvme" else 0.0
@@ -385,6 +390,8 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         fwd_window = problem.tail_forward_window_s if last else nxt.forward_s
         bwd_window = (problem.tail_backward_window_s if last
                       else nxt.backward_s + nxt.recompute_s * recompute_frac[i + 1])
+        if not problem.swap_beside_compute:
+            fwd_window = bwd_window = 0
         link = swapped[i] * (1.0 / problem.host_link_bw)
         model += exposed_fwd[i] >= link - fwd_window, f"offload_link_window_{i}"
         model += exposed_bwd[i] >= link - bwd_window, f"prefetch_link_window_{i}"

@@ -39,7 +39,8 @@ def test_peers_smallest_run_agrees_on_loss():
     assert {r["system"] for r in rows} == set(peers.SYSTEMS)
     assert all("error" not in r and r["peak_rss"] > 0 and r["step_s"] > 0 for r in rows)
     assert all(len(r["losses"]) == 3 for r in rows)
-    text = report(rows, [], argparse.Namespace(rss_budget_mib=1024.0, steps=3), 1.0)
+    text = report(rows, [], argparse.Namespace(rss_budget_mib=1024.0, steps=3, budget_mib=64),
+                  1.0)
     assert "| disttrain | 256 |" in text and "| alst-sp2 | 256 |" in text
     assert "MET: losses equal at every step" in text
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import ROOT, run_cli
+from planner.costtypes import CostParams
 from planner.export import ExportResult, evaluate_plan, export_plan, summary_lines
 from planner.hardware import CLUSTER_PRESETS
 from planner.plan import Plan
@@ -33,6 +34,9 @@ from planner.shapes import MODEL_PRESETS, ModelShape
 
 TINY = MODEL_PRESETS["tiny"]
 LR = 1e-2
+TWO_POOLS = CostParams(single_pool_on_cpu=False)
+"""The CPU ranks stand in for a GPU node here: device memory and host memory are two pools,
+so the plans place chunks and activations on the cpu tier (what the exporters translate)."""
 
 
 def _request(device_mib: float = 10, **fixed) -> PlanRequest:
@@ -44,7 +48,7 @@ def _request(device_mib: float = 10, **fixed) -> PlanRequest:
 def offload_plan() -> Plan:
     """Tiny model, 2 CPU ranks of 9.25 MiB: ZeRO-3, both layer chunks on the CPU and neither
     layer keeping all its activations (swapped to the CPU or recomputed)."""
-    plan = plan_job(_request(9.25, dp=2, zero_stage=3), with_layout=False)
+    plan = plan_job(_request(9.25, dp=2, zero_stage=3), params=TWO_POOLS, with_layout=False)
     assert plan.feasible and plan.parallel.zero_stage == 3 and plan.model_states.cpu_chunks == (0, 1)
     return plan
 
@@ -56,14 +60,14 @@ def _sp_plan(kind: str) -> Plan:
 
 
 def test_full_plan_recosted_matches_its_prediction(offload_plan):
-    cost = evaluate_plan(offload_plan)
+    cost = evaluate_plan(offload_plan, params=TWO_POOLS)
     assert cost.fits
     assert cost.step_time_s == pytest.approx(offload_plan.prediction.step_time_s, rel=1e-9)
     assert cost.host_bytes == pytest.approx(offload_plan.prediction.host_bytes, rel=1e-6, abs=2)
 
 
 def test_deepspeed_config_from_zero3_offload_plan(offload_plan, tmp_path):
-    result = export_plan(offload_plan, "deepspeed", tmp_path)
+    result = export_plan(offload_plan, "deepspeed", tmp_path, params=TWO_POOLS)
     config = json.loads(result.path.read_text())
     assert result.path == tmp_path / "deepspeed.json"
     assert config["train_batch_size"] == 8 and config["train_micro_batch_size_per_gpu"] == 2

@@ -46,3 +46,28 @@ def test_bad_threshold():
 
     with pytest.raises(ValueError, match="threshold_bytes"):
         return_freed_host_memory(0)
+
+
+def test_only_memory_bound_plans_return_freed_blocks():
+    """Keep-all with room to spare runs on glibc's defaults; a plan that gives up kept
+    activations, or whose predicted peak nears the budget, returns freed blocks."""
+    import dataclasses
+
+    from offload.host_memory import memory_bound
+    from planner.hardware import CLUSTER_PRESETS
+    from planner.plan import LayerActivationPlan
+    from planner.request import PlanRequest
+    from planner.search import plan_job
+    from planner.shapes import MODEL_PRESETS
+
+    hw = CLUSTER_PRESETS["cpu-local"].replace(devices_per_node=2, device_memory_bytes=1 << 30)
+    plan = plan_job(PlanRequest(model=MODEL_PRESETS["tiny"], hardware=hw, seq_len=128,
+                                micro_batch_size=2, global_batch_size=8), with_layout=False)
+    assert plan.feasible and all(a.keep_all for a in plan.activations)
+    assert not memory_bound(plan)
+    recompute = dataclasses.replace(plan, activations=(LayerActivationPlan(swap_fraction=0.0),)
+                                    + plan.activations[1:])
+    assert memory_bound(recompute)
+    near = dataclasses.replace(plan, prediction=dataclasses.replace(
+        plan.prediction, per_rank_peak_bytes=int(0.95 * hw.device_memory_bytes)))
+    assert memory_bound(near)

@@ -79,6 +79,57 @@ def test_single_pool_cpu_node_offers_no_cpu_tier():
     assert not plan.model_states.cpu_chunks and plan.prediction.host_bytes == 0
 
 
+def test_single_pool_leanest_bound_counts_the_page_cache_and_stays_a_lower_bound():
+    """One pool, NVMe only: the leanest bound (which sizes rebuild tiles and rejects layouts)
+    counts a fetched layer twice (tensor + page cache) and stays below every policy's bytes."""
+    import itertools
+    from dataclasses import replace
+
+    from planner.candidates import _leanest, _min_device
+    from planner.mip import evaluate_stage
+    from planner.plan import LayerActivationPlan
+    from test_planner_mip import random_problem
+
+    options = (LayerActivationPlan(keep_all=True), LayerActivationPlan(swap_fraction=0.0),
+               LayerActivationPlan(swap_fraction=0.0, tier="nvme", swap_input=True,
+                                   swap_attention_output=True),
+               LayerActivationPlan(swap_fraction=1.0, tier="nvme", swap_input=True,
+                                   swap_attention_output=True))
+    for seed in range(5):
+        problem = random_problem(seed)     # identical layers, as the planner builds them
+        problem = replace(problem, layers=problem.layers[:1] * 3, allow_cpu=False, num_chunks=0,
+                          page_cache_reads=True, rebuild_fraction=0.5)
+        lean = _min_device(problem, _leanest(problem, 0.5))
+        assert lean > _min_device(replace(problem, page_cache_reads=False),
+                                  _leanest(replace(problem, page_cache_reads=False), 0.5))
+        for acts in itertools.product(options, repeat=3):
+            assert lean <= evaluate_stage(problem, acts, 0).device_bytes * (1 + 1e-9)
+
+
+def test_copies_on_a_busy_cpu_node_are_exposed_in_full():
+    """swap_beside_compute=False (one pool, every core computing): the evaluation and the MIP
+    charge every copy second; with it the neighbours' compute hides them."""
+    from dataclasses import replace
+
+    from planner.mip import evaluate_stage, solve_stage
+    from planner.plan import LayerActivationPlan
+    from test_planner_mip import random_problem
+
+    problem = random_problem(3)
+    problem = replace(problem, layers=problem.layers[:1] * 2, allow_cpu=False, num_chunks=0,
+                      device_capacity_bytes=1e15, nvme_capacity_bytes=1e15)
+    lc = problem.layers[0]
+    swap = LayerActivationPlan(swap_fraction=1.0, tier="nvme")
+    busy = replace(problem, swap_beside_compute=False)
+    ev = evaluate_stage(busy, (swap, swap), 0)
+    write, read = lc.token_local_bytes / problem.nvme_write_bw, lc.token_local_bytes / problem.nvme_read_bw
+    link = lc.token_local_bytes / problem.host_link_bw
+    assert ev.exposed_swap_s == pytest.approx(2 * (max(link, write) + max(link, read)))
+    assert evaluate_stage(problem, (swap, swap), 0).exposed_swap_s < ev.exposed_swap_s
+    assert solve_stage(busy, time_limit_s=10).evaluation.objective_s >= (
+        solve_stage(problem, time_limit_s=10).evaluation.objective_s)
+
+
 def test_infeasible_reason_parts_add_up():
     request = PlanRequest(model=MODEL_PRESETS["llama2-70b"], hardware=CLUSTER_PRESETS["8xa800-80g"],
                           dtype="bf16", seq_len=1 << 22, tp=1, sp=8, pp=1, dp=1, sp_kind="ring",

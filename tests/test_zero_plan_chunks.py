@@ -20,6 +20,7 @@ from disttrain.parallel.pipeline import build_stage_module
 from disttrain.parallel.spawn import spawn_ranks
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import SpecError, job_from_dict
+from planner.costtypes import CostParams
 from planner.plan import ModelStatePlan, Plan
 from planner.search import plan_job
 from planner.shapes import MODEL_PRESETS
@@ -110,7 +111,9 @@ def _measure_worker(rank: int, world: int, spec: dict, plan: Plan) -> dict:
 def test_zero3_device_model_states_match_the_plan():
     spec = _spec(2, device_mib=3.2)  # some layer chunks and an outer chunk on the CPU
     job = job_from_dict(spec)
-    plan = plan_job(job.plan_request(), None, with_layout=False)
+    # two pools (as on a GPU node): the CPU ranks' host memory takes the chunks
+    plan = plan_job(job.plan_request(), None, params=CostParams(single_pool_on_cpu=False),
+                    with_layout=False)
     ms = plan.model_states
     assert plan.feasible and plan.parallel.zero_stage == 3 and ms.num_chunks == 4
     assert 0 < len(ms.cpu_chunks) < ms.num_chunks and ms.num_persistent_chunks > 0

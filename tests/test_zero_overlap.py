@@ -92,9 +92,10 @@ def test_clipping_falls_back_to_the_plain_step():
     assert all(n > 0.05 for n in clipped["norms"])  # the clip did scale the gradients
 
 
-def test_more_backward_passes_than_announced_is_an_error():
+@pytest.mark.parametrize("stage", [1, 3])  # 1: its step reduction started; 3: CPU updates
+def test_more_backward_passes_than_announced_is_an_error(stage):
     model = build_model(SHAPE, seed=0)
-    states = ZeroModelStates(model, ZeroConfig(stage=3, chunk_numel=CHUNK, cpu_chunks=(1, 2)))
+    states = ZeroModelStates(model, ZeroConfig(stage=stage, chunk_numel=CHUNK, cpu_chunks=(1, 2)))
     states.begin_step(LR, num_microbatches=1)
     for micro in range(2):
         tokens, targets = _batch(0, micro)

@@ -232,8 +232,13 @@ def zero_microbatch_seconds(hw: HardwareSpec, params: CostParams, cand: Candidat
     group's links: a ZeRO-3 microbatch's forward gathers hide under the forward only, and its
     backward gathers plus its gradient reductions queue behind each other under the
     backward, so what they need together beyond that window is exposed (at least the first
-    gather and the last bucket). Stages 0-2 reduce once per step, in the last microbatch's
-    backward; stages 1-2 gather the updated parameters after the step (exposed)."""
+    gather and the last bucket). Stage 2 reduce-scatters every microbatch in its backward.
+    Stages 0-1 reduce once per step, each chunk as soon as the last microbatch's backward has
+    finished its gradient (disttrain/parallel/grad_reduce.py), alone on the group's stream in
+    that backward: what exceeds one microbatch's backward, and at least the last bucket (the
+    chunk the backward reaches last), is exposed. Stages 1-2 gather the updated parameters
+    after the step, blocking (exposed). Off GPUs (`overlap` False: gloo shares the cores,
+    bench/gloo_overlap.py) every second is exposed."""
     parts = zero_collectives(num_params, cand.zero_stage, cand.shard_group, units,
                              backward_resident_params=backward_resident_params,
                              param_bytes=param_bytes, grad_bytes=grad_bytes)

@@ -147,6 +147,7 @@ def test_single_process_matches_plain_bf16(policy, ref):
 @pytest.mark.slow
 def test_zero_stages_on_two_ranks_match_plain_bf16(ref):
     configs = ([(stage, "keep", "fp32") for stage in range(4)] + [(3, "recompute", "bf16")]
+               + [(1, "keep", "bf16")]  # the bf16 copy a stage-1 reduction sends
                + [(2, "swap", "fp32", 2)])  # Ulysses sp=2
     results = spawn_ranks(run, 2, configs)
     for config in configs:

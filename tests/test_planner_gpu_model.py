@@ -185,3 +185,33 @@ def test_zero3_collectives_share_one_stream():
     hidden, _ = zero_microbatch_seconds(hw, params, cand, n, 10, microbatch_compute_s=100.0,
                                         backward_s=50.0, **kw)
     assert hidden == pytest.approx(gather / 20 + reduce / 10)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_zero012_reduction_overlaps_the_last_backward_except_one_bucket(stage):
+    """Stages 0-1 reduce once per step during the last microbatch's backward, stage 2 every
+    microbatch during its backward: exposed is what exceeds that backward, at least the last
+    bucket; the stage 1-2 parameter all-gather after the update stays exposed."""
+    from planner.collectives import zero_microbatch_seconds
+    hw = CLUSTER_PRESETS["8xh100-80g"]
+    params = CostParams(gpu_collective_latency_s=0.0)
+    cand = Candidate(dp=8, sp=1, sp_kind="ulysses", pp=1, num_microbatches=4, zero_stage=stage)
+    n, units = 1e9, 10
+    bw = hw.intra_node_bw / 2 * params.comm_efficiency
+    reduce = (2 if stage == 0 else 1) * n * 4 * 7 / 8 / bw   # fp32 gradients
+    gather = 0.0 if stage == 0 else n * 2 * 7 / 8 / bw        # bf16 parameters
+    kw = dict(backward_resident_params=0, param_bytes=2, grad_bytes=4, overlap=True)
+    exposed = {}
+    for name, bwd in (("short", 0.25 * reduce), ("ample", 10 * reduce)):
+        exposed[name] = zero_microbatch_seconds(hw, params, cand, n, units, backward_s=bwd,
+                                                microbatch_compute_s=1.5 * bwd, **kw)
+    want = {"short": 0.75 * reduce, "ample": reduce / units}
+    for name, (per_mb, per_step) in exposed.items():
+        if stage == 2:
+            assert per_mb == pytest.approx(want[name]) and per_step == pytest.approx(gather)
+        else:
+            assert per_mb == 0 and per_step == pytest.approx(want[name] + gather)
+    blocking = zero_microbatch_seconds(hw, params, cand, n, units, backward_s=10 * reduce,
+                                       microbatch_compute_s=15 * reduce,
+                                       **dict(kw, overlap=False))
+    assert sum(blocking) == pytest.approx(reduce + gather)

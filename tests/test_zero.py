@@ -54,6 +54,7 @@ def _zero_worker(rank, world, stage, tie, chunk_numel, cpu_chunks, micro_per_ran
                              group=group)
     losses, norms = [], []
     for step in range(STEPS):
+        states.begin_step(LR, num_microbatches=micro_per_rank, grad_clip=CLIP)
         total = torch.zeros(1)
         for m in range(micro_per_rank):
             loss = _loss(model, *_batch(step, m * world + rank)) / micro_per_rank
@@ -65,7 +66,12 @@ def _zero_worker(rank, world, stage, tie, chunk_numel, cpu_chunks, micro_per_ran
         losses.append(total.item() / world)
         norms.append(states.clip_grad_norm(CLIP))
         states.step(LR)
-    return losses, norms, states.full_state_dict(), states.bytes_by_place(), len(states.chunks)
+    return (losses, norms, states.full_state_dict(), states.bytes_by_place(), len(states.chunks),
+            states._reductions.early_launches)
+
+
+def _stages_worker(rank, world, stages, micro_per_rank):
+    return [_zero_worker(rank, world, stage, False, 0, (), micro_per_rank) for stage in stages]
 
 
 def _check(result, ref):
@@ -116,8 +122,11 @@ def test_zero3_dp2_half_chunks_on_cpu_matches_single_process():
 
 
 @pytest.mark.slow
-def test_zero1_and_zero2_dp2_match_single_process():
-    ref = reference(False, 2)
-    for stage in (1, 2):
-        for result in spawn_ranks(_zero_worker, 2, stage, False, 0, (), 1):
+def test_zero0_to_zero2_dp2_accumulating_match_single_process():
+    """Two microbatches per rank: stages 0-1 reduce each chunk during the last one's
+    backward (every chunk's reduction starts there), stage 2 every microbatch."""
+    ref = reference(False, 4)
+    for results in spawn_ranks(_stages_worker, 2, (0, 1, 2), 2):
+        for stage, result in enumerate(results):
             _check(result, ref)
+            assert result[5] == (result[4] if stage <= 1 else 0)

@@ -6,7 +6,9 @@ chunk's full flat buffer in the compute dtype (`ZeroConfig.compute_dtype`: fp32,
 mixed precision). Stage 3 gathers a chunk before the first unit that uses it runs (forward and
 backward, with the next unit's chunks prefetched asynchronously) and frees it after; gradients
 are reduce-scattered as soon as a whole chunk's gradients exist. Stages 0-2 keep the full
-parameters and differ in what is sharded (nothing; optimizer; optimizer and gradients).
+parameters and differ in what is sharded (nothing; optimizer; optimizer and gradients);
+stages 0-1 accumulate full gradients and reduce each chunk once per step, started during the
+last microbatch's backward as soon as the chunk's gradient is final (grad_reduce.py).
 
 Mixed precision (FSDP2 MixedPrecisionPolicy / DeepSpeed bf16; docs/design.md, "Model states
 and mixed precision"): compute-dtype gradients are reduced in `reduce_dtype` and accumulated
@@ -31,6 +33,7 @@ from torch import nn
 
 from disttrain.parallel.chunks import execution_units, pack_chunks
 from disttrain.parallel.cpu_optim import EarlyCpuUpdates, adamw_
+from disttrain.parallel.grad_reduce import StepReductions
 from disttrain.parallel.shards import FP32, ChunkShards as _Chunk, SideStream as _SideStream
 from disttrain.parallel.shards import ZeroConfig
 
@@ -64,6 +67,9 @@ class ZeroModelStates:
         self.peak_gathered_bytes = 0
         self.comm_bytes = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
         self._early = EarlyCpuUpdates()
+        self._reductions = StepReductions(stage=config.stage, group=group, world=self.world,
+                                          reduce_dtype=config.reduce_dtype, side=self._side,
+                                          comm_bytes=self.comm_bytes)
         self._optimizer_stats: dict = {}
         self._hooks = [s.param.register_post_accumulate_grad_hook(self._on_grad)
                        for c in self.chunks for s in c.layout.slots]
@@ -160,21 +166,23 @@ class ZeroModelStates:
     # ---- gradients ---------------------------------------------------------------------------
     def _on_grad(self, param: torch.Tensor) -> None:
         chunk = self._chunk_of[id(param)]
-        if self._early.started(chunk.layout.index):
+        if self._early.started(chunk.layout.index) or self._reductions.launched(chunk):
             raise RuntimeError(f"ZeRO: chunk {chunk.layout.index} got a gradient after its "
-                               f"optimizer update started: the step ran more backward passes "
-                               f"than begin_step's num_microbatches")
+                               f"optimizer update or its step's gradient reduction started: the "
+                               f"step ran more backward passes than begin_step's num_microbatches")
         chunk.pending -= 1
         if chunk.pending == 0:
             self._reduce_chunk(chunk)
 
     def _reduce_chunk(self, chunk: _Chunk) -> None:
         """A chunk's gradients of this microbatch are complete: stages 0-1 add them to the
-        full local gradient; stages 2-3 reduce-scatter them into the shard now."""
+        full local gradient (and on the step's last microbatch start its reduction,
+        grad_reduce.py); stages 2-3 reduce-scatter them into the shard now."""
         if chunk.full_grad is not None:  # fp32 accumulation of compute-dtype gradients
             for slot in chunk.layout.slots:
                 chunk.full_grad[slot.offset:slot.offset + slot.numel] += slot.param.grad.flatten()
                 slot.param.grad = None
+            self._reductions.accumulated(chunk)
         else:
             with self._side.after_compute():
                 flat = torch.zeros(chunk.layout.numel, dtype=self.config.reduce_dtype,
@@ -201,7 +209,9 @@ class ZeroModelStates:
 
         A parameter without a gradient in this step would leave its chunk pending: it is
         reduced with zeros for the missing gradients. Stage 0 all-reduces the full gradients,
-        stage 1 reduce-scatters them (once per step, as the cost model assumes). Every
+        stage 1 reduce-scatters them (once per step, as the cost model assumes): each chunk's
+        reduction started during the last microbatch's backward when `begin_step` announced
+        the step (grad_reduce.py), the others start now; all are waited for here. Every
         gradient shard is then final: CPU chunks not yet updating start now (`begin_step`)."""
         for chunk in self.chunks:
             if chunk.pending != len(chunk.layout.slots):
@@ -210,26 +220,11 @@ class ZeroModelStates:
                         slot.param.grad = torch.zeros_like(slot.param)
                 self._reduce_chunk(chunk)
             chunk.backwards_owed = 0  # every backward of the step has run
-        reduce_dtype = self.config.reduce_dtype
-        for chunk in self.chunks:
-            if self.group is not None and self.config.stage == 0:
-                sent = chunk.full_grad.to(reduce_dtype)  # the same tensor in fp32
-                dist.all_reduce(sent, group=self.group)
-                self.comm_bytes["all_reduce"] += (2 * sent.numel() * sent.element_size()
-                                                  * (self.world - 1) // self.world)
-                if sent is not chunk.full_grad:
-                    chunk.full_grad.copy_(sent)
-                chunk.grad.div_(self.world)
-            elif self.group is not None and self.config.stage == 1:
-                part = torch.empty(chunk.grad.numel(), dtype=reduce_dtype,
-                                   device=chunk.full_grad.device)
-                dist.reduce_scatter_single(part, chunk.full_grad.to(reduce_dtype),
-                                           group=self.group)
-                self.comm_bytes["reduce_scatter"] += (part.numel() * part.element_size()
-                                                      * (self.world - 1))
-                chunk.grad.copy_(part)
-                chunk.grad.div_(self.world)
-            self._grad_final(chunk)
+        if self.config.stage <= 1:
+            self._reductions.finish(self.chunks, self._grad_final)
+        else:
+            for chunk in self.chunks:
+                self._grad_final(chunk)
         self._side.join()  # the gradient shards are read next (norm, update)
 
     def _grad_final(self, chunk: _Chunk) -> None:
@@ -242,11 +237,13 @@ class ZeroModelStates:
     # ---- optimizer ---------------------------------------------------------------------------
     def begin_step(self, lr: float, *, num_microbatches: int, grad_clip: float = 0.0) -> None:
         """Announce the next step before its backward: its learning rate, the backward passes
-        (microbatches) each chunk gets, and the clipping norm `clip_grad_norm` will use. CPU
-        chunks then update as soon as their gradient shard is final. Not when clipping: the
+        (microbatches) each chunk gets, and the clipping norm `clip_grad_norm` will use.
+        Stages 0-1 then reduce each chunk's gradient during the last microbatch's backward;
+        CPU chunks update as soon as their gradient shard is final. Not when clipping: the
         update needs the global norm first, so that step updates every chunk in `step`."""
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches: must be >= 1, got {num_microbatches}")
+        self._reductions.announce(num_microbatches)
         clipping = grad_clip > 0 and math.isfinite(grad_clip)
         overlap = self.config.overlap_cpu_optimizer and not clipping
         self._early.announced = (lr, num_microbatches) if overlap else None

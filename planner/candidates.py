@@ -333,7 +333,19 @@ def _leanest(problem: StageProblem, fraction: float) -> float:
 
 def _min_device(problem: StageProblem, leanest: float) -> float:
     return (problem.fixed_device_bytes + problem.working_base_bytes + _outer_shards(problem)
-            + (problem.chunk_buffer_bytes if problem.num_chunks else 0.0) + leanest)
+            + (problem.chunk_buffer_bytes if problem.num_chunks else 0.0) + leanest
+            + _chunks_kept_for_the_host(problem))
+
+
+def _chunks_kept_for_the_host(problem: StageProblem) -> float:
+    """Device bytes of chunks that cannot leave the device at all: on a CPU node planned as one
+    pool the host budget for chunks is 0, so the leanest placement keeps every chunk on the
+    device (with some host, the leanest bound places them all on the CPU and the host-memory
+    constraint of the solver names what the host lacks)."""
+    if problem.host_capacity_bytes > 0:
+        return 0.0
+    kept = sum(c.device_bytes - c.shard_bytes for c in problem.outer_chunks)
+    return kept + problem.num_chunks * problem.chunk_device_bytes
 
 
 def _outer_shards(problem: StageProblem) -> float:
@@ -403,11 +415,13 @@ def memory_rejection(setups: list[StageSetup], capacity: float, usable: float) -
                     f"of {gib(capacity)}", states - usable)
         items = dict(setup.fixed_bytes, activations=setup.leanest_activation_bytes,
                      prefetch_buffer=setup.problem.chunk_buffer_bytes if setup.problem.num_chunks else 0.0,
-                     outer_shards=_outer_shards(setup.problem))
+                     outer_shards=_outer_shards(setup.problem),
+                     chunks_the_host_cannot_take=_chunks_kept_for_the_host(setup.problem))
         parts = " + ".join(f"{k} {gib(v)}" for k, v in items.items() if v)
         outer = "+".join(c.name for c in setup.problem.outer_chunks)
         count = f"{setup.problem.num_chunks} layer chunks" + (f" and {outer}" if outer else "")
-        note = f" with all {count} ({gib(chunked)}) on the CPU" if chunked else ""
+        note = (f" with all {count} ({gib(chunked)}) on the CPU"
+                if chunked and not items["chunks_the_host_cannot_take"] else "")
         return (f"needs at least {gib(setup.min_device_bytes)} per rank{where}{note} = {parts} "
                 f"> {gib(usable)} usable of {gib(capacity)}", setup.min_device_bytes - usable)
     return None

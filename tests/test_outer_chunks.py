@@ -20,6 +20,7 @@ from disttrain.parallel.chunks import outer_chunk_name, pack_chunks
 from disttrain.parallel.pipeline import build_stage_module
 from disttrain.planning import fixed_plan
 from disttrain.spec import job_from_dict
+from planner.costtypes import CostParams
 from planner.hardware import CLUSTER_PRESETS
 from planner.mip import NoSolution, evaluate_stage, solve_stage
 from planner.outer import OuterChunk
@@ -92,6 +93,10 @@ def test_outer_chunk_on_cpu_moves_its_states_to_the_host():
 
 # ---- the planner ---------------------------------------------------------------------------
 
+TWO_POOLS = CostParams(single_pool_on_cpu=False)
+"""A CPU node planned as device + host (the default plans it as one pool: no CPU chunks)."""
+
+
 def _tight_request(device_mib: float, **fixed) -> PlanRequest:
     """A vocabulary-heavy model whose ZeRO-3 embedding / head states barely fit on the device."""
     shape = MODEL_PRESETS["tiny"].replace(vocab_size=32768, num_layers=2)
@@ -102,10 +107,10 @@ def _tight_request(device_mib: float, **fixed) -> PlanRequest:
 
 
 def test_planner_holds_outer_states_on_the_cpu_when_the_device_needs_the_room():
-    roomy = plan_job(_tight_request(512), with_layout=False)
+    roomy = plan_job(_tight_request(512), params=TWO_POOLS, with_layout=False)
     assert roomy.feasible and roomy.model_states.cpu_outer == ()
     # 16 B/param fp32 ZeRO-3 over 2: 2 x 4.2M params of embedding + head = 67 MiB of states
-    tight = plan_job(_tight_request(48), with_layout=False)
+    tight = plan_job(_tight_request(48), params=TWO_POOLS, with_layout=False)
     assert tight.feasible, tight.rejected[0]["reason"]
     assert tight.model_states.cpu_outer, tight.model_states
     assert tight.prediction.host_bytes > 0
@@ -117,8 +122,9 @@ def test_planner_holds_outer_states_on_the_cpu_when_the_device_needs_the_room():
     assert "embedding, final norm + head on the device" in _text(render_summary(roomy))
 
 
-def test_infeasible_reason_parts_add_up_with_outer_chunks():
-    plan = plan_job(_tight_request(8), with_layout=False)
+@pytest.mark.parametrize("params", [TWO_POOLS, CostParams()], ids=["two-pools", "one-pool"])
+def test_infeasible_reason_parts_add_up_with_outer_chunks(params):
+    plan = plan_job(_tight_request(8), params=params, with_layout=False)
     assert not plan.feasible
     assert all(r["shortfall_bytes"] is None or r["shortfall_bytes"] > 0 for r in plan.rejected)
     reason = plan.rejected[0]["reason"]
@@ -128,6 +134,10 @@ def test_infeasible_reason_parts_add_up_with_outer_chunks():
     parts = [float(x) * (1024 if unit == "GiB" else 1) for x, unit in
              re.findall(r"[a-z_]+ ([\d.]+) (GiB|MiB)", reason.split(" = ", 1)[1].split(" > ")[0])]
     assert sum(parts) == pytest.approx(total, rel=0.02, abs=0.2)
+    # one pool: no chunk can leave the device, so the reason counts them there and says no CPU
+    one_pool = params.single_pool_on_cpu
+    assert ("chunks_the_host_cannot_take" in reason) == one_pool, reason
+    assert ("on the CPU" in reason) != one_pool, reason
 
 
 def test_plan_rejects_unknown_outer_names():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from planner.analytic import SavedBytesPerToken, layer_saved_bytes_per_token, zero3_gather_bytes
 from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu_optimizer_s,
                                device_optimizer_s, head_seconds, inflight_microbatches, layer_cost,
-                               qkv_bytes_per_token,
+                               qkv_bytes_per_token, tp_comm_seconds,
                                local_tokens, tiled_layer_cost, working_base_bytes, logits_working_bytes,
                                model_state_bytes, optimizer_bytes_per_param, overlaps_compute, stage_layer_ranges,
                                stage_params)
@@ -81,9 +81,11 @@ def profiled_timing(request: PlanRequest, cand: Candidate, profile) -> ProfiledT
 
 
 def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedBytesPerToken,
-                        profile) -> LayerCost | None:
+                        profile, params: CostParams | None = None) -> LayerCost | None:
     """Layer times from a profile taken on the target device type (None when it was not):
-    token-local parts scale with local tokens, the core with local tokens x full sequence."""
+    token-local parts scale with local tokens, the core with local tokens x full sequence;
+    tensor parallelism divides them by tp and adds its collectives (as `layer_cost` does: the
+    profile times one unsharded layer, without them)."""
     names = ("forward_s", "backward_s", "token_local_forward_s")
     if not _profile_applies(request, profile, names):
         return None
@@ -95,13 +97,17 @@ def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedB
         forward -= core_forward
         backward -= min(backward - recompute, CostParams.attention_backward_factor * core_forward)
     ulysses_sp = cand.sp if cand.sp_kind == "ulysses" else 1
-    tp = cand.tp
+    tp, params = cand.tp, params or CostParams()
+    comm_f, comm_b = (tp_comm_seconds(request.model, request.dtype, request.hardware, tokens, tp,
+                                      params, direction) for direction in ("forward", "backward"))
+    recompute = min(recompute, forward) + comm_f
+    forward, backward = forward + comm_f, backward + comm_b
     return LayerCost(tokens=tokens, input_bytes=per_token.layer_input * tokens / tp,
                      attention_output_bytes=per_token.attention_output * tokens / tp,
                      token_local_bytes=per_token.token_local * tokens / tp,
                      mlp_bytes=per_token.mlp * tokens / tp,
                      plain_bytes=per_token.plain_total * tokens / tp, forward_s=forward,
-                     backward_s=backward, recompute_s=min(recompute, forward),
+                     backward_s=backward, recompute_s=recompute,
                      qkv_bytes=qkv_bytes_per_token(request.model, request.dtype, ulysses_sp) * tokens / tp)
 
 
@@ -112,7 +118,7 @@ def profiled_stages(request: PlanRequest, cand: Candidate, params: CostParams, p
     its layer, head and optimizer times when it was taken on the target's device type."""
     per_token = bytes_per_token(request, cand, measured_bytes)
     return build_stages(request, cand, params, per_token,
-                        profiled_layer_cost(request, cand, per_token, profile), tiling=tiling,
+                        profiled_layer_cost(request, cand, per_token, profile, params), tiling=tiling,
                         timing=profiled_timing(request, cand, profile))
 
 

@@ -7,6 +7,7 @@ corrections stored beside the profile.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -70,18 +71,30 @@ def trial_and_rerank(job: Job, plan: Plan, k: int, *, steps: int, plan_fn, corre
     `planner.trial.top_plans`) `steps` steps each, re-rank them by measured step time, store
     measured/predicted per layout and per family in `corrections_file`; returns the fastest
     measured plan and one row per trial (layout, family, predicted s, measured s, the
-    measured parts of the step)."""
+    measured parts of the step, and `failure`: why a plan the runtime could not run was left
+    out, with measured s inf)."""
     from planner.trial import (corrections_from, layout_family, layout_key, save_corrections,
                                top_plans)
 
     plans = top_plans(job.plan_request(), k, plan_fn, first=plan)
-    parts = [{} for _ in plans]
-    measured = [run_trial(job, p, steps, parts=part) for p, part in zip(plans, parts)]
+    parts: list[dict] = [{} for _ in plans]
+    measured, failures = [], []
+    for p, part in zip(plans, parts):
+        try:
+            measured.append(run_trial(job, p, steps, parts=part))
+            failures.append("")
+        except RuntimeError as exc:  # the runtime refused or crashed on this plan: not kept
+            measured.append(math.inf)
+            failures.append(str(exc).strip().splitlines()[-1][:300])
+    if all(failures):
+        raise RuntimeError(f"--trial: no plan ran; first failure: {failures[0]}")
     rows = [{"layout": layout_key(p.parallel), "family": layout_family(layout_key(p.parallel)),
              "predicted_s": p.prediction.step_time_s, "measured_s": m,
              "error": p.prediction.step_time_s / m - 1, "measured_parts_s": part,
-             "predicted_parts_s": dict(p.prediction.time_breakdown)}
-            for p, m, part in zip(plans, measured, parts)]
-    save_corrections(corrections_file, corrections_from(plans, measured, applied), rows)
-    best = min(range(len(plans)), key=lambda i: measured[i])
+             "predicted_parts_s": dict(p.prediction.time_breakdown), "failure": why}
+            for p, m, part, why in zip(plans, measured, parts, failures)]
+    ran = [i for i, why in enumerate(failures) if not why]
+    save_corrections(corrections_file, corrections_from([plans[i] for i in ran],
+                                                        [measured[i] for i in ran], applied), rows)
+    best = min(ran, key=lambda i: measured[i])
     return plans[best], rows

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from disttrain.model.llama import DecoderLayer, RMSNorm, rope_tables
 from disttrain.spec import Job
+from offload.host_memory import return_freed_host_memory
 from planner.profiler import TORCH_DTYPES, LayerProfile, profile_layer
 from planner.shapes import ModelShape
 
@@ -52,15 +53,24 @@ class _Head(torch.nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), self._targets[key].flatten())
 
 
+def optimizer_chunk_sizes(shape: ModelShape) -> list[int]:
+    """Parameters of the runtime's model-state chunks in update order: the embedding, every
+    decoder layer, the final norm + head (the norm alone when tied)."""
+    head = shape.embedding_params() - shape.vocab_size * shape.hidden_size
+    return [shape.vocab_size * shape.hidden_size] + [shape.layer_params()] * shape.num_layers + [head]
+
+
 def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
                       cache_dir: Path | None = None, *, threads: int | None = None,
                       concurrent: int | None = None, with_head: bool = True,
-                      with_optimizer: bool = True) -> LayerProfile:
+                      with_optimizer: bool = True,
+                      max_cache_age_s: float | None = None) -> LayerProfile:
     """Profile one decoder layer of the job's model on this machine's CPU/device.
 
-    Timed the way the job's ranks run (`rank_conditions`: their torch threads, and as many
-    processes side by side as ranks share the cores) unless `threads` / `concurrent` say
-    otherwise; with the head + loss and the per-parameter clip + AdamW update.
+    Timed the way the job's ranks run (`rank_conditions`: their torch threads, as many
+    processes side by side as ranks share the cores, and on a CPU node the host allocator
+    setting the runtime uses, `return_freed_host_memory`) unless `threads` / `concurrent` say
+    otherwise; with the head + loss and the clip + AdamW update over the job's chunk sizes.
     """
     shape = job.shape
     lens = seq_lens or tuple(s for s in DEFAULT_SEQ_LENS if s <= job.spec.train.seq_len) or (
@@ -69,6 +79,8 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
     rank_threads, rank_concurrent = rank_conditions(job)
     threads = threads or rank_threads
     concurrent = concurrent or rank_concurrent
+    if job.hardware.device_name.lower() == "cpu":  # as build_runtime does on a CPU rank: freed
+        return_freed_host_memory()                 # blocks go back, and fault in again
     torch.manual_seed(job.spec.train.seed)
     with torch.device("meta"):
         layer = DecoderLayer(shape)
@@ -86,7 +98,8 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
                          batch=batch, shape_dict=shape.to_dict(),
                          cache_dir=cache_dir, device="cpu", threads=threads,
                          concurrent=concurrent, head=head,
-                         optimizer_numel=shape.layer_params() if with_optimizer else 0)
+                         optimizer_numel=optimizer_chunk_sizes(shape) if with_optimizer else 0,
+                         max_cache_age_s=max_cache_age_s)
 
 
 def describe(profile: LayerProfile, seq_len: int, micro_batch: int) -> str:
@@ -99,7 +112,8 @@ def describe(profile: LayerProfile, seq_len: int, micro_batch: int) -> str:
              f"at seq_len {seq_len} x batch {micro_batch}: " + ", ".join(
                  f"{k} {v / 2**20:,.1f} MiB" for k, v in saved.items())]
     lines.append(f"measured with {profile.threads or '?'} torch thread(s) per process, "
-                 f"{profile.concurrent} process(es) side by side")
+                 f"{profile.concurrent} process(es) side by side"
+                 + (f", load average {profile.load_average:.2f}" if profile.load_average >= 0 else ""))
     for name in profile.time_coeffs:
         lines.append(f"time {name}: {profile.time_s(name, tokens, seq_len) * 1e3:,.1f} ms")
     if profile.optimizer_s_per_param:

@@ -113,7 +113,7 @@ def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedB
                      token_local_bytes=per_token.token_local * tokens / tp,
                      mlp_bytes=per_token.mlp * tokens / tp,
                      plain_bytes=per_token.plain_total * tokens / tp, forward_s=forward,
-                     backward_s=backward, recompute_s=min(recompute, forward),
+                     backward_s=backward, recompute_s=recompute,
                      qkv_bytes=qkv_bytes_per_token(request.model, request.dtype, ulysses_sp) * tokens / tp)
 
 

@@ -32,16 +32,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from planner.lockstep import Lockstep, Solo
+from planner.profile_optimizer import measure_optimizer_s_per_param
 
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -101,8 +104,13 @@ class LayerProfile:
     ranks that will share them); 1: measured alone."""
     optimizer_s_per_param: float = 0.0
     """Seconds per parameter of the runtime's gradient clip + AdamW update over fp32 shards
-    (+ the bf16 compute copy in bf16), under the same threads and concurrency; 0: not
-    measured."""
+    (+ the bf16 compute copy in bf16), under the same threads and concurrency, over the
+    job's chunk sizes (`planner.profile_optimizer`); 0: not measured."""
+    measured_at: float = 0.0
+    """Unix time the measurements were taken (0: not recorded)."""
+    load_average: float = -1.0
+    """The machine's 1-minute load average just before measuring (-1: not recorded): a
+    profile taken on a busy machine is not one taken on a quiet one."""
 
     def saved_bytes(self, tokens: int) -> dict[str, float]:
         return {name: slope * tokens for name, slope in self.bytes_per_token.items()}
@@ -207,11 +215,14 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def run_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tuple],
               hidden_size: int, seq_len: int, dtype: str, batch: int = 1,
               seed: int = 0, repeats: int = 2, *,
-              head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LayerMeasurement:
+              head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              median: bool = False) -> LayerMeasurement:
     """One measured forward + backward of `layer` at `seq_len` tokens per sequence.
 
-    A warm-up pass runs first; each time is the fastest of `repeats` runs. `head` maps the
-    layer output (B, S, H) to a scalar loss; it is timed forward and backward too.
+    A warm-up pass runs first; each time is the fastest of `repeats` runs, or their median
+    (`median`: beside twins the fastest run is the one the others left the cores to, while
+    a step's ranks compete throughout). `head` maps the layer output (B, S, H) to a scalar
+    loss; it is timed forward and backward too.
     """
     torch_dtype = TORCH_DTYPES[dtype]
     gen = torch.Generator().manual_seed(seed)
@@ -243,39 +254,14 @@ def run_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tuple],
             backward_s, _ = _timed(loss.backward)
             times["head_fwd"].append(forward_s)
             times["head_bwd"].append(backward_s)
-    best = {name: min(values) for name, values in times.items()}
+    pick = statistics.median if median else min
+    best = {name: pick(values) for name, values in times.items()}
     return LayerMeasurement(
         seq_len=seq_len, batch=batch, saved_bytes=saved, num_saved_tensors=count,
         forward_s=best["fwd"], backward_s=best["bwd"],
         token_local_forward_s=best["qkv"] + best["post"], attention_forward_s=best["core"],
         transient_upper_bound_bytes=max(0, allocated - sum(saved.values())),
         head_forward_s=best.get("head_fwd", 0.0), head_backward_s=best.get("head_bwd", 0.0))
-
-
-def measure_optimizer_s_per_param(numel: int, *, repeats: int = 5, dtype: str = "fp32") -> float:
-    """Seconds per parameter of the runtime's per-shard update: the gradient's squared norm
-    (for clipping), the clip scale, AdamW (moments, bias-corrected step), the gradient reset,
-    all on fp32 flat tensors of `numel` elements (one chunk's shard); in bf16 also the cast
-    of the updated fp32 master into the bf16 compute copy."""
-    numel = max(1, int(numel))
-    p, g, m = (torch.randn(numel) for _ in range(3))
-    v = torch.rand(numel)
-    compute = torch.empty(numel, dtype=TORCH_DTYPES[dtype]) if dtype != "fp32" else None
-
-    def update() -> None:
-        g.double().pow(2).sum()
-        g.mul_(0.5)
-        m.lerp_(g, 0.1)
-        v.mul_(0.95).addcmul_(g, g, value=0.05)
-        denom = (v.sqrt() / 0.9).add_(1e-8)
-        p.addcdiv_(m, denom, value=-1e-3)
-        g.copy_(p).mul_(1e-3)                        # the next step's gradient (and reset)
-        if compute is not None:
-            compute.copy_(p)                         # master -> compute copy
-
-    update()
-    times = [_timed(update)[0] for _ in range(max(1, repeats))]
-    return min(times) / numel
 
 
 def _nonnegative_fit(design: np.ndarray, values: np.ndarray) -> list[float]:
@@ -329,18 +315,22 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
                   cache_dir: str | Path | None = None, device: str = "cpu",
                   threads: int | None = None, concurrent: int = 1,
                   head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  optimizer_numel: int = 0, repeats: int | None = None,
-                  twin_timeout_s: float = 300.0) -> LayerProfile:
+                  optimizer_numel: int | Sequence[int] = 0, repeats: int | None = None,
+                  twin_timeout_s: float = 300.0,
+                  max_cache_age_s: float | None = None) -> LayerProfile:
     """Profile `layer` at each of `seq_lens`; read/write a JSON cache when `cache_dir` is set.
 
     `threads`: torch threads while measuring (None: this process's current count), as each
     rank will run. `concurrent`: ranks that will share this machine's cores; `concurrent - 1`
     forked twins run the same measurements in step with this process (`Lockstep`); each
-    time is the fastest of `repeats` (default 2 alone, 5 side by side: contention makes
-    single runs noisier). `head`: (B, S, H) -> scalar loss, timed too.
-    `optimizer_numel` > 0: time the clip + AdamW update on shards of that many parameters.
+    time is the fastest of `repeats` alone (default 2), their median side by side (default 5:
+    the ranks of a step compete all along). `head`: (B, S, H) -> scalar loss, timed too.
+    `optimizer_numel`: time the clip + AdamW update on chunks of that many parameters (one
+    size, or the job's chunk sizes in update order; 0: not timed).
     All of these are part of the cache key. A twin that dies, or a step that waits for the
     others longer than `twin_timeout_s`, makes it measure alone (recorded, not cached).
+    `max_cache_age_s`: a cached profile older than this is measured again (the machine's
+    load may have changed since; None: any age).
     """
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype: must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
@@ -352,13 +342,18 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
         raise ValueError(f"threads: must be >= 1, got {threads}")
     before = torch.get_num_threads()
     threads = threads or before
+    opt_sizes = ([int(optimizer_numel)] if isinstance(optimizer_numel, int)
+                 else [int(n) for n in optimizer_numel])
+    opt_sizes = [n for n in opt_sizes if n > 0]
     key_source = dict(shape_dict or {"hidden_size": hidden_size}, seq_lens=list(seq_lens),
                       batch=batch)
     key = profile_key(key_source, dtype, device, threads=threads, concurrent=concurrent,
-                      head=head is not None, optimizer_numel=int(optimizer_numel))
+                      head=head is not None, optimizer_numel=opt_sizes)
     cache_path = Path(cache_dir) / f"profile-{key}.json" if cache_dir else None
     if cache_path is not None and cache_path.exists():
-        return LayerProfile.from_dict(json.loads(cache_path.read_text()))
+        cached = LayerProfile.from_dict(json.loads(cache_path.read_text()))
+        if max_cache_age_s is None or time.time() - cached.measured_at <= max_cache_age_s:
+            return cached
     layer.to(TORCH_DTYPES[dtype])
     repeats = repeats or (2 if concurrent == 1 else 5)
 
@@ -369,14 +364,16 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
         for s in seq_lens:
             barrier.wait()
             runs.append(run_layer(layer, rope_fn, hidden_size, s, dtype, batch,
-                                  repeats=repeats, head=head))
+                                  repeats=repeats, head=head, median=concurrent > 1))
         barrier.wait()
-        opt = (measure_optimizer_s_per_param(optimizer_numel, dtype=dtype)
-               if optimizer_numel > 0 else 0.0)
+        opt = (measure_optimizer_s_per_param(opt_sizes, dtype=dtype, median=concurrent > 1)
+               if opt_sizes else 0.0)
         barrier.wait()
         return runs, opt
 
     cache = cache_path
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else -1.0
+    measured_at = time.time()
     torch.set_num_threads(threads)
     try:
         try:
@@ -391,7 +388,8 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
     finally:
         torch.set_num_threads(before)
     profile = fit_profile(runs, key=key, device=device, dtype=dtype, threads=threads,
-                          concurrent=measured_concurrent, optimizer_s_per_param=opt)
+                          concurrent=measured_concurrent, optimizer_s_per_param=opt,
+                          measured_at=measured_at, load_average=load_average)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(profile.to_dict(), indent=1))

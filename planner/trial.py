@@ -1,21 +1,31 @@
-"""`disttrain plan --trial K`, planner side: the K best layouts as plans, measured step times
-turned into per-layout corrections, and corrections applied to the next search.
+"""`disttrain plan --trial K`, planner side: the K best layouts as plans (one per layout
+family first), measured step times turned into corrections, corrections applied to the next
+search.
 
 The runtime side (`disttrain/trial.py`) runs each plan for a few steps on the target. A
-correction is measured / predicted step time of one layout (`layout_key`); the search
-multiplies a candidate's predicted step time by its layout's correction, so a layout that
-measured slow here ranks by what it measured. Corrections are stored as JSON beside the
-profile (`corrections_path`) so the next plan of the same job starts from them.
+correction is measured / predicted step time. It is kept per layout (`layout_key`) and per
+layout *family* (`layout_family`: which parallel mechanisms run - data parallel, Ulysses or
+ring sequence parallelism, tensor parallelism, pipelining): a family's correction is what
+its measured layouts say about the mechanisms the cost model prices for it on this machine,
+so a layout never measured starts from its family's correction. The search looks
+corrections up by layout key (`Corrections.get`: the layout's own, else its family's, else
+1). They are stored as JSON beside the profile (`corrections_path`) so the next plan of the
+same job starts from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from planner.plan import Plan
 from planner.request import PlanRequest
+
+_KEY = re.compile(r"dp(\d+)-tp(\d+)-sp(\d+)-(\w+)-pp(\d+)-")
 
 
 def layout_key(par) -> str:
@@ -25,6 +35,37 @@ def layout_key(par) -> str:
             f"-{schedule}-z{par.zero_stage}")
 
 
+def layout_family(key: str) -> str:
+    """The parallel mechanisms of a layout key, e.g. 'dp', 'sp-ulysses', 'tp+pp' ('single':
+    one rank). ZeRO stages and schedules are variants within a family."""
+    match = _KEY.match(key)
+    if match is None:
+        raise ValueError(f"layout key: cannot parse {key!r}")
+    dp, tp, sp, kind, pp = match.groups()
+    parts = [name for name, on in (("dp", int(dp) > 1), ("tp", int(tp) > 1),
+                                   (f"sp-{kind}", int(sp) > 1), ("pp", int(pp) > 1)) if on]
+    return "+".join(parts) or "single"
+
+
+class Corrections(dict):
+    """Measured / predicted step time by layout key, falling back on the layout's family
+    (`families`): what the search's `corrections.get(layout_key(cand), 1.0)` reads."""
+
+    def __init__(self, layouts: dict[str, float] | None = None,
+                 families: dict[str, float] | None = None):
+        super().__init__(layouts or {})
+        self.families = dict(families or {})
+
+    def get(self, key, default=None):
+        if key in self:
+            return self[key]
+        family = self.families.get(layout_family(key)) if _KEY.match(str(key)) else None
+        return family if family is not None else default
+
+    def __bool__(self) -> bool:
+        return bool(len(self) or self.families)
+
+
 def _fixed(request: PlanRequest, cand: dict) -> PlanRequest:
     schedule = cand.get("schedule") or ("1f1b" if cand["pp"] > 1 else None)
     return dataclasses.replace(request, dp=cand["dp"], tp=cand.get("tp", 1), sp=cand["sp"],
@@ -32,24 +73,51 @@ def _fixed(request: PlanRequest, cand: dict) -> PlanRequest:
                                schedule=schedule)
 
 
+def _cand_key(cand: dict) -> str:
+    """`layout_key` of a candidate as the search lists it (`Candidate.to_dict`)."""
+    schedule = cand.get("schedule") or ("1f1b" if cand["pp"] > 1 else "none")
+    return layout_key(SimpleNamespace(**{"tp": 1, **cand, "schedule": schedule}))
+
+
+def _alternatives(plan: Plan) -> list[tuple[int, float, dict]]:
+    """The free search's other layouts: (0, time, candidate) for solved ones, (1, lower
+    bound, candidate) for pruned or unsolved ones; memory rejections are left out."""
+    out = []
+    for entry in plan.rejected:
+        reason = entry.get("reason", "")
+        if reason.startswith("not chosen: "):
+            out.append((0, float(reason.split()[2]), entry["candidate"]))
+        elif reason.startswith("pruned: step-time lower bound "):
+            out.append((1, float(reason.split()[4]), entry["candidate"]))
+        elif reason.startswith("not solved: search budget"):
+            out.append((1, float(re.search(r"lower bound ([0-9.e+-]+) s", reason).group(1)),
+                        entry["candidate"]))
+    return sorted(out, key=lambda t: t[:2])
+
+
 def top_plans(request: PlanRequest, k: int, plan_fn, *, first: Plan | None = None) -> list[Plan]:
-    """The planner's choice and the next best solved layouts, up to `k` feasible plans, each
-    planned with its layout fixed. `plan_fn(request) -> Plan` is the planner (with the caller's
-    profile and corrections); `first` is the free plan when the caller already has it."""
+    """Up to `k` feasible plans, each planned with its layout fixed: the planner's choice,
+    then the best layout of every other family (best first), then the next best layouts.
+    Near-identical layouts (one family, another ZeRO stage) share their mechanisms' errors,
+    so a trial learns most from one layout per family. `plan_fn(request) -> Plan` is the
+    planner (with the caller's profile and corrections); `first`: the free plan if known."""
     first = first or plan_fn(request)
     if not first.feasible or k <= 1:
         return [first] if first.feasible else []
-    timed = []   # solved alternatives by their time, then pruned ones by their lower bound
-    for entry in first.rejected:
-        reason = entry.get("reason", "")
-        if reason.startswith("not chosen: "):
-            timed.append((0, float(reason.split()[2]), entry["candidate"]))
-        elif reason.startswith("pruned: step-time lower bound "):
-            timed.append((1, float(reason.split()[4]), entry["candidate"]))
+    ranked = _alternatives(first)
+    families, by_family = {layout_family(layout_key(first.parallel))}, []
+    for item in ranked:
+        family = layout_family(_cand_key(item[2]))
+        if family not in families:
+            families.add(family)
+            by_family.append(item)
+    order = by_family + [item for item in ranked if item not in by_family]
     plans, seen = [first], {layout_key(first.parallel)}
-    for _, _, cand in sorted(timed, key=lambda t: t[:2]):
+    for _, _, cand in order:
         if len(plans) >= k:
             break
+        if _cand_key(cand) in seen:
+            continue
         plan = plan_fn(_fixed(request, cand))
         if plan.feasible and layout_key(plan.parallel) not in seen:
             seen.add(layout_key(plan.parallel))
@@ -58,17 +126,22 @@ def top_plans(request: PlanRequest, k: int, plan_fn, *, first: Plan | None = Non
 
 
 def corrections_from(plans: list[Plan], measured_s: list[float],
-                     applied: dict[str, float] | None = None) -> dict[str, float]:
-    """measured / predicted step time per layout; `applied`: the corrections the plans were
-    made with (their predictions already include them, so they are divided out)."""
-    applied = applied or {}
-    out = {}
+                     applied: dict[str, float] | None = None) -> Corrections:
+    """measured / predicted step time per layout, and per family the geometric mean of its
+    layouts'; `applied`: the corrections the plans were made with (their predictions
+    already include them, so they are divided out)."""
+    applied = applied if applied is not None else {}
+    layouts: dict[str, float] = {}
     for plan, measured in zip(plans, measured_s):
         key = layout_key(plan.parallel)
-        raw = plan.prediction.step_time_s / applied.get(key, 1.0)
+        raw = plan.prediction.step_time_s / (applied.get(key, 1.0) or 1.0)
         if raw > 0 and measured > 0:
-            out[key] = measured / raw
-    return out
+            layouts[key] = measured / raw
+    logs: dict[str, list[float]] = {}
+    for key, factor in layouts.items():
+        logs.setdefault(layout_family(key), []).append(math.log(factor))
+    families = {f: math.exp(sum(v) / len(v)) for f, v in logs.items()}
+    return Corrections(layouts, families)
 
 
 def corrections_path(profile_path: str | Path | None, out_dir: str | Path) -> Path:
@@ -79,18 +152,22 @@ def corrections_path(profile_path: str | Path | None, out_dir: str | Path) -> Pa
     return Path(out_dir) / "trials.json"
 
 
-def load_corrections(path: str | Path) -> dict[str, float]:
+def load_corrections(path: str | Path) -> Corrections:
     path = Path(path)
     if not path.is_file():
-        return {}
+        return Corrections()
     data = json.loads(path.read_text())
-    return {str(k): float(v) for k, v in data.get("corrections", {}).items()}
+    return Corrections({str(k): float(v) for k, v in data.get("corrections", {}).items()},
+                       {str(k): float(v) for k, v in data.get("families", {}).items()})
 
 
 def save_corrections(path: str | Path, corrections: dict[str, float], rows: list[dict]) -> Path:
-    """Merge `corrections` into the file at `path` (newest measurement wins)."""
+    """Merge `corrections` (layouts, and families when a `Corrections`) into the file at
+    `path` (newest measurement wins)."""
     path = Path(path)
-    merged = {**load_corrections(path), **corrections}
+    old = load_corrections(path)
+    families = {**old.families, **getattr(corrections, "families", {})}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"corrections": merged, "last_trial": rows}, indent=2))
+    path.write_text(json.dumps({"corrections": {**old, **corrections}, "families": families,
+                                "last_trial": rows}, indent=2))
     return path

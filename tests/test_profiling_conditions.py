@@ -153,3 +153,54 @@ def test_job_profile_has_head_optimizer_and_conditions(tmp_path):
     assert "side by side" in text and "AdamW" in text
     again = profile_job_layer(job, (32, 64), cache_dir=tmp_path)
     assert again == profile                          # the cache, keyed by the conditions
+
+
+def test_optimizer_is_timed_over_the_jobs_chunk_sizes():
+    from disttrain.profiling import optimizer_chunk_sizes
+    from planner.profile_optimizer import chunk_sample
+
+    sizes = optimizer_chunk_sizes(SHAPE)
+    assert sum(sizes) == SHAPE.num_params() and len(sizes) == SHAPE.num_layers + 2
+    assert chunk_sample([5, 7, 9], cap=10) == [5, 5] and chunk_sample([3], cap=10) == [3]
+    assert measure_optimizer_s_per_param([300, 200], repeats=1, median=True) > 0
+
+
+def test_cache_expires_and_records_the_load(tmp_path, monkeypatch):
+    import planner.profiler as profiler
+
+    _, (layer, rope, hidden, _, dtype) = _layer()
+    args, kw = (layer, rope, hidden, [8], dtype), dict(threads=1, cache_dir=tmp_path, repeats=1)
+    first = profile_layer(*args, **kw)
+    assert first.measured_at > 0 and (first.load_average >= 0 or not hasattr(os, "getloadavg"))
+    assert profile_layer(*args, **kw) == first
+    later = first.measured_at + 3600
+    monkeypatch.setattr(profiler.time, "time", lambda: later)
+    assert profile_layer(*args, **kw, max_cache_age_s=7200) == first
+    again = profile_layer(*args, **kw, max_cache_age_s=60)
+    assert again.measured_at == later                            # measured anew
+
+
+def test_profiled_tensor_parallel_layer_pays_its_collectives():
+    from planner.candidates import bytes_per_token, profiled_layer_cost
+    from planner.costmodel import Candidate, CostParams, tp_comm_seconds
+
+    job = _job(2)
+    runs = [LayerMeasurement(seq_len=s, batch=1, saved_bytes={"input": s, "attention_output": s,
+                                                              "token_local": s},
+                             num_saved_tensors=1, forward_s=1e-5 * s, backward_s=2e-5 * s,
+                             token_local_forward_s=5e-6 * s, attention_forward_s=5e-6 * s,
+                             transient_upper_bound_bytes=0) for s in (32, 64)]
+    profile = fit_profile(runs, key="k", device="cpu", dtype="fp32")
+    request = job.plan_request()
+    costs = {}
+    for tp in (1, 2):
+        cand = Candidate(dp=2 // tp, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1,
+                         zero_stage=0, tp=tp)
+        costs[tp] = profiled_layer_cost(request, cand, bytes_per_token(request, cand, None), profile)
+    params, hw, tokens = CostParams(), request.hardware, 64
+    comm_f = tp_comm_seconds(SHAPE, "fp32", hw, tokens, 2, params, "forward")
+    comm_b = tp_comm_seconds(SHAPE, "fp32", hw, tokens, 2, params, "backward")
+    assert comm_f > 0 and comm_b > 0
+    assert costs[2].forward_s == pytest.approx(costs[1].forward_s / 2 + comm_f)
+    assert costs[2].backward_s == pytest.approx(costs[1].backward_s / 2 + comm_b)
+    assert costs[2].recompute_s == pytest.approx(costs[1].recompute_s / 2 + comm_f)

@@ -333,8 +333,12 @@ def _leanest(problem: StageProblem, fraction: float) -> float:
 
 def _min_device(problem: StageProblem, leanest: float) -> float:
     return (problem.fixed_device_bytes + problem.working_base_bytes + _outer_shards(problem)
-            + (problem.chunk_buffer_bytes if problem.num_chunks else 0.0) + leanest
-            + _chunks_kept_for_the_host(problem))
+            + _prefetch_buffer(problem) + leanest + _chunks_kept_for_the_host(problem))
+
+
+def _prefetch_buffer(problem: StageProblem) -> float:
+    """The gather buffer CPU chunks need (none when no chunk can be a CPU chunk)."""
+    return problem.chunk_buffer_bytes if problem.num_chunks and problem.host_capacity_bytes > 0 else 0.0
 
 
 def _chunks_kept_for_the_host(problem: StageProblem) -> float:
@@ -414,7 +418,7 @@ def memory_rejection(setups: list[StageSetup], capacity: float, usable: float) -
             return (f"model states alone need {gib(states)} per rank{where} > {gib(usable)} usable "
                     f"of {gib(capacity)}", states - usable)
         items = dict(setup.fixed_bytes, activations=setup.leanest_activation_bytes,
-                     prefetch_buffer=setup.problem.chunk_buffer_bytes if setup.problem.num_chunks else 0.0,
+                     prefetch_buffer=_prefetch_buffer(setup.problem),
                      outer_shards=_outer_shards(setup.problem),
                      chunks_the_host_cannot_take=_chunks_kept_for_the_host(setup.problem))
         parts = " + ".join(f"{k} {gib(v)}" for k, v in items.items() if v)

@@ -88,10 +88,12 @@ MISSING = {
     "the attention forward; disttrain never does (a whole-layer recompute, attention core included, "
     "prices the fixed layout at 1.24x; bench/cost_breakdown.py). The published figure is read off "
     "a chart, and USP on the same GPU class (A800, 208K) sits at 1.04x with the same attention curve",
-    "megatron-32b-384xh100": "Megatron overlaps its TP collectives with the GEMMs (TE userbuffers); "
-    "disttrain's hand-written TP does not, so TP8 pays them in full",
-    "megatron-70b-768xh100": "TP collectives as above; the free choice (ZeRO-3 over 384 ranks) "
-    "is not a layout anyone published at this scale",
+    "megatron-32b-384xh100": "TP collectives now overlap the GEMMs (parallel.tp_overlap_chunks, "
+    "K=4 here); what remains is ZeRO-1 over dp48: the fp32 gradient reduce-scatter outlasts the "
+    "last microbatch's backward and the post-update parameter all-gather is blocking (Megatron "
+    "overlaps it with the next forward, overlap_param_gather, and reduces in bf16 by default)",
+    "megatron-70b-768xh100": "ZeRO-1 communication as for megatron-32b; the free choice (ZeRO-3 "
+    "over 384 ranks) is not a layout anyone published at this scale",
     "tt-llama2-70b-64xa100": "torchtitan runs FSDP64 with full activation checkpointing; the free "
     "plan avoids most recompute with tp2 x sp2, a layout not published for this job",
     "tt-llama3-8b-64xa100": "torchtitan's selective activation checkpointing recomputes part of "

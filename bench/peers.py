@@ -233,11 +233,20 @@ def longest_under(rss_budget_mib: float, target_len: int, steps: int, budget_mib
     rows, lo, hi, seq = [], 0, None, target_len
     for _ in range(runs):
         t0 = time.perf_counter()
-        row = run_one("disttrain", seq, steps, budget_mib, profile)
+        # the planner's budget is the rank's working memory, not its RSS (the interpreter and
+        # allocator caches are outside it): where it plans nothing at --budget-mib, it is
+        # doubled while it stays below half the RSS budget
+        row, plan_mib = run_one("disttrain", seq, steps, budget_mib, profile), budget_mib
+        while str(row.get("error", "")).startswith("planner: infeasible") and (
+                2 * plan_mib <= rss_budget_mib / 2):
+            plan_mib *= 2
+            row = run_one("disttrain", seq, steps, plan_mib, profile)
+        row["budget_mib"] = plan_mib
         rows.append(row)
         under = "error" not in row and row["peak_rss"] <= rss_budget_mib * 2**20
         log(f"  disttrain (1 GiB search) seq {seq:>7}: peak RSS {fmt_mib(row.get('peak_rss'))} "
-            f"MiB {'under' if under else 'over'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            f"MiB {'under' if under else 'over'}, planned for {plan_mib:.0f} MiB "
+            f"{row.get('plan', row.get('error', ''))} ({time.perf_counter() - t0:.0f} s)", flush=True)
         lo, hi = (seq, hi) if under else (lo, seq)
         nxt = 2 * seq if hi is None else (lo + hi) // 2
         seq = max(2048, nxt // 2048 * 2048)

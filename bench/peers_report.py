@@ -69,7 +69,9 @@ def targets(rows: list[dict], search: list[dict], rss_budget_mib: float
                 f">= 2 x ALST's best",
                 (longest >= 2 * best) if search and best else None,
                 f"disttrain {longest:,} measured (runs: " + ", ".join(
-                    f"{r['seq_len']:,} -> {fmt_mib(r.get('peak_rss'))} MiB" for r in search)
+                    f"{r['seq_len']:,} -> {fmt_mib(r.get('peak_rss'))} MiB"
+                    + (f" planned for {r['budget_mib']:.0f} MiB" if "budget_mib" in r else "")
+                    for r in search)
                 + f") vs ALST's best fitted {best:,.0f} (x2 = {2 * best:,.0f})"))
     worst = max((check_losses(rows, s) for s in {r["seq_len"] for r in rows}), default=0.0)
     out.append((f"losses equal at every step (relative {LOSS_RTOL:g}) across all systems",

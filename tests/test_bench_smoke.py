@@ -35,8 +35,11 @@ def test_peers_smallest_run_agrees_on_loss():
     import peers
     from peers_report import report
 
-    rows = peers.measure([256], steps=3, budget_mib=64)  # asserts every step's loss agrees
-    assert {r["system"] for r in rows} == set(peers.SYSTEMS)
+    # the planner's row, ALST as DeepSpeed wires it and plain DDP; alst-dp2 and the extra rows
+    # share these code paths and cost ~50 s more of CI (run by `make bench`)
+    systems = ("disttrain", "alst-sp2", "plain")
+    rows = peers.measure([256], steps=3, budget_mib=64, systems=systems)  # asserts every step's loss agrees
+    assert {r["system"] for r in rows} == set(systems)
     assert all("error" not in r and r["peak_rss"] > 0 and r["step_s"] > 0 for r in rows)
     assert all(len(r["losses"]) == 3 for r in rows)
     text = report(rows, [], argparse.Namespace(rss_budget_mib=1024.0, steps=3, budget_mib=64),

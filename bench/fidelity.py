@@ -48,7 +48,8 @@ LAYOUTS = {  # name: parallel section
 planned layout has no tp and the configuration is listed as not run, with that reason."""
 POLICIES = {  # name: (device budget MiB, memory section)
     "keep": (1024, {"activation_offload": "none", "recompute": "none"}),
-    "swap cpu": (40, {"activation_offload": "cpu", "recompute": "none"}),
+    # a CPU node is one memory pool (planner default): its swap tier is NVMe, not "cpu"
+    "swap nvme": (40, {"activation_offload": "nvme", "recompute": "none"}),
     "recompute": (40, {"activation_offload": "none", "recompute": "token"}),
 }
 TRIAL_K = 5

@@ -53,7 +53,7 @@ def test_fidelity_smallest_grid():
     import fidelity
 
     result = fidelity.measure([256], steps=2, layouts={"dp2 z3": fidelity.LAYOUTS["dp2 z3"]},
-                              policies={"swap cpu": fidelity.POLICIES["swap cpu"]},
+                              policies={"swap nvme": fidelity.POLICIES["swap nvme"]},
                               sweep={"dp2 z0": fidelity.SWEEP["dp2 z0"]})
     errors = {r["quantity"]: r["error"] for r in result["rows"]}
     assert set(errors) == {"activations", "model states", "step time", "comm"}

@@ -48,6 +48,7 @@ from disttrain.profiling import profile_job_layer  # noqa: E402
 from disttrain.spec import Job, job_from_dict  # noqa: E402
 from planner.export import evaluate_plan  # noqa: E402
 from planner.plan import LayerActivationPlan, Plan  # noqa: E402
+from planner.costtypes import CostParams  # noqa: E402
 from planner.search import plan_job  # noqa: E402
 
 SEQ_LEN = 16384
@@ -104,7 +105,8 @@ def predicted_categories(plan: Plan) -> tuple[dict[str, int], dict[str, int]]:
     re-costed on the same request (`evaluate_plan`): its resident activations and its working
     set differ, everything else is the same."""
     swap = dict(plan.prediction.bytes_by_category)
-    cost_swap, cost_keep = evaluate_plan(plan), evaluate_plan(keep_all_plan(plan))
+    cost_swap, cost_keep = (evaluate_plan(plan, params=TWO_POOLS),
+                            evaluate_plan(keep_all_plan(plan), params=TWO_POOLS))
     allowances = swap["reserved"] + swap["fragmentation"]
     drift = abs(cost_swap.device_bytes - (plan.prediction.per_rank_peak_bytes - allowances))
     assert drift <= 1e-6 * plan.prediction.per_rank_peak_bytes + 16, (
@@ -176,10 +178,16 @@ def run_fresh(spec: dict, plan: Plan, workdir: Path, timeout_s: float = 1800) ->
 
 # -- the benchmark ----------------------------------------------------------------------------
 
+TWO_POOLS = CostParams(single_pool_on_cpu=False)
+"""This bench exercises the activation runtime's tiers as on a GPU node (device, host, NVMe):
+the CPU stands in for a device with a host beside it, so it is planned as two pools (the
+planner's default for a CPU node is one pool, NVMe only)."""
+
+
 def plan_for(job: Job, profile_cache: Path | None = None) -> Plan:
-    """The planner's plan for `job` with this CPU's measured layer profile."""
+    """The planner's plan for `job` with this CPU's measured layer profile, two pools."""
     profile = profile_job_layer(job, cache_dir=profile_cache)
-    plan = plan_job(job.plan_request(), profile=profile)
+    plan = plan_job(job.plan_request(), profile=profile, params=TWO_POOLS)
     if not plan.feasible:
         raise RuntimeError(f"the planner found no feasible plan: {plan.rejected[:1]}")
     return plan

@@ -16,7 +16,8 @@ one length-major sweep. Systems:
   ds-z3-ckpt DeepSpeed ZeRO-3, every decoder layer under deepspeed.checkpointing (extra row)
 
 Every (system, length) runs in freshly spawned ranks (high-water marks do not leak between
-runs). Measured per run: peak RSS per rank (VmHWM), median step time after the first, the
+runs; under the test suite's fork server a rank starts from the server's imports, so only
+this script's own RSS numbers mean anything). Measured per run: peak RSS per rank (VmHWM), median step time after the first, the
 loss and global gradient norm of every step (asserted equal across systems), and for
 disttrain a per-category breakdown of its peak RSS (bench/peers_breakdown.py).
 
@@ -160,7 +161,7 @@ def run_one(system: str, seq_len: int, steps: int, budget_mib: float, profile) -
         saved = {k: os.environ.get(k) for k in MALLOC_ENV}
         os.environ.update(MALLOC_ENV)
         try:
-            ranks = spawn_ranks(alst_worker, 2, 2, seq_len, steps, COMMON)
+            ranks = spawn_ranks(alst_worker, 2, 2, seq_len, steps, COMMON, fresh=True)
         finally:
             for key, value in saved.items():
                 os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)

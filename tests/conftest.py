@@ -28,6 +28,22 @@ TINY_JOB = {
 }
 
 
+def pytest_configure(config):
+    """Spawned ranks (`spawn_ranks`) fork from a server that imported torch, the runtime and
+    transformers once, instead of importing them again per rank and test (about 3 s a call).
+    DISTTRAIN_TEST_START_METHOD=spawn gives every rank a fresh interpreter instead."""
+    import importlib.util
+
+    from disttrain.parallel.spawn import use_forkserver
+
+    if os.environ.get("DISTTRAIN_TEST_START_METHOD", "forkserver") != "forkserver":
+        return
+    preload = ["torch", "disttrain.trainer", "disttrain.parallel.spawn", "pytest", "yaml"]
+    if importlib.util.find_spec("transformers") is not None:
+        preload.append("transformers")
+    use_forkserver(preload)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` are skipped where torch sees no CUDA device (never faked)."""
     import torch
@@ -66,7 +82,58 @@ def write_spec(tmp_path):
     return write
 
 
+def _cli_child(argv: list[str], cwd: str, env: dict, out_path: str, err_path: str) -> None:
+    """`python -m disttrain.cli *argv` in a process forked from the test fork server: its own
+    cwd, environment, stdout/stderr files and exit code, without importing torch again."""
+    import runpy
+    import traceback
+
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out_path), (2, err_path)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.argv = [str(ROOT / "disttrain" / "cli.py"), *argv]
+    code = 0
+    try:
+        runpy.run_module("disttrain.cli", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # as the interpreter would: traceback on stderr, exit 1
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI as its own process (`python -m disttrain.cli`, or a fork of the test fork
+    server when `pytest_configure` set one up, which skips re-importing torch)."""
+    import multiprocessing
+    import tempfile
+
+    from disttrain.parallel import spawn
+
+    argv = list(map(str, args))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "disttrain.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=300)
+    if spawn._START_METHOD != "forkserver":
+        return subprocess.run([sys.executable, "-m", "disttrain.cli", *argv],
+                              capture_output=True, text=True, cwd=cwd or ROOT, env=env,
+                              timeout=300)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        proc = multiprocessing.get_context("forkserver").Process(
+            target=_cli_child, args=(argv, str(cwd or ROOT), env, out, err))
+        proc.start()
+        proc.join(300)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired(["disttrain", *argv], 300)
+        return subprocess.CompletedProcess(["disttrain", *argv], proc.exitcode,
+                                           Path(out).read_text(), Path(err).read_text())

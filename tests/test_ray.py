@@ -136,24 +136,11 @@ def _committed(out: Path) -> str | None:
     return None
 
 
-def test_ray_two_workers_match_torchrun_ranks(tmp_path, ray_env, reference):
-    spec, out = _write_spec(tmp_path, "ray")
-    done = _run(_train_cmd(spec))
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "last loss" in done.stdout
-    assert _losses(out) == reference
-    assert [r["step"] for r in read_metrics(out / "metrics.rank1.jsonl")] == list(range(1, 9))
-    assert sorted(w["rank"] for w in _workers(out)) == [0, 1]
-    committed = sorted((out / "ray").glob("*/step_0000008"))
-    assert len(committed) == 1
-    assert sorted(p.name for p in committed[0].iterdir()) == [  # every rank's DCP files
-        ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
-    assert not any(p.is_file() for p in (out / ".ray_stage").rglob("*"))  # links removed
-    again = _run(_train_cmd(spec))  # the launcher refuses to overwrite a run, before Ray
-    assert again.returncode == 2 and again.stderr.startswith("error: output_dir:")
-
-
-def test_two_node_loopback_cluster_places_workers_on_both_nodes(tmp_path, ray_env, reference):
+def test_two_node_loopback_cluster_trains_like_torchrun_ranks(tmp_path, ray_env, reference):
+    """Two workers on a two-node loopback cluster (`--address`): one per node, the torchrun
+    ranks' losses bit for bit, one committed checkpoint with every rank's files, a second
+    launch refused before Ray is touched, and `disttrain profile` as a Ray task on the same
+    cluster. (The launcher's own embedded Ray is the killed-worker test's.)"""
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
@@ -168,10 +155,27 @@ def test_two_node_loopback_cluster_places_workers_on_both_nodes(tmp_path, ray_en
         spec, out = _write_spec(tmp_path, "two_node")
         done = _run(_train_cmd(spec, "--address", cluster.address))
         assert done.returncode == 0, done.stderr[-4000:]
+        assert "last loss" in done.stdout
         workers = _workers(out)
         assert sorted(w["rank"] for w in workers) == [0, 1]
         assert {w["node_id"] for w in workers} == node_ids
         assert _losses(out) == reference
+        assert [r["step"] for r in read_metrics(out / "metrics.rank1.jsonl")] == list(range(1, 9))
+        committed = sorted((out / "ray").glob("*/step_0000008"))
+        assert len(committed) == 1
+        assert sorted(p.name for p in committed[0].iterdir()) == [  # every rank's DCP files
+            ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
+        assert not any(p.is_file() for p in (out / ".ray_stage").rglob("*"))  # links removed
+        again = _run(_train_cmd(spec, "--address", cluster.address))  # refused, before Ray
+        assert again.returncode == 2 and again.stderr.startswith("error: output_dir:")
+
+        from disttrain.spec import job_from_dict
+        from launch.ray import profile_on_ray
+
+        job = job_from_dict(_spec_dict(tmp_path / "profile"))
+        profile = profile_on_ray(job, cluster.address)  # one task on a 1-CPU worker
+        assert profile.device == "cpu" and profile.measurements
+        assert sum(profile.bytes_per_token.values()) > 0
     finally:
         cluster.shutdown()
 
@@ -206,13 +210,3 @@ def test_killed_worker_resumes_from_ray_checkpoint_bit_identically(tmp_path, ray
     assert resumed and f"resumed from {out / 'ray'}" in resumed[0], (resumed, log)
     assert _losses(out) == reference
     assert [r["loss"] for r in read_metrics(out / "metrics.rank1.jsonl")] == reference
-
-
-def test_profile_on_a_ray_worker(tmp_path, ray_env):
-    from disttrain.spec import job_from_dict
-    from launch.ray import profile_on_ray
-
-    job = job_from_dict(_spec_dict(tmp_path / "profile"))
-    profile = profile_on_ray(job)  # embedded Ray, one task on a 1-CPU worker
-    assert profile.device == "cpu" and profile.measurements
-    assert sum(profile.bytes_per_token.values()) > 0

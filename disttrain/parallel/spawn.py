@@ -4,6 +4,12 @@
 pickled back to the caller. A rank that raises makes `spawn_ranks` raise with its traceback.
 Ranks are gloo/CPU by default; `device_kind="cuda"` gives rank r `cuda:r` (set before the
 process group) and nccl, through `disttrain.device` (GPU tests only).
+
+Ranks are started with multiprocessing's "spawn" (a fresh interpreter each: torch and the
+caller's modules imported again, 2-4 s per call on 2 cores) unless `use_forkserver(modules)`
+was called: then a fork server that imported `modules` once forks every rank (the test suite
+does this). The server only imports, it never runs torch ops or starts threads, so its forks
+are as clean as spawned interpreters (no OpenMP pool, no CUDA context, no process group).
 """
 
 from __future__ import annotations
@@ -25,6 +31,16 @@ from torch.multiprocessing.spawn import ProcessException
 from disttrain.device import Device, cuda_device_count
 
 
+_START_METHOD = "spawn"
+
+
+def use_forkserver(preload: list[str]) -> None:
+    """Start later ranks from a fork server that has imported `preload` (module names)."""
+    global _START_METHOD
+    mp.set_forkserver_preload(list(preload))
+    _START_METHOD = "forkserver"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -32,7 +48,9 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, threads: int,
-            device_kind: str, fn: Callable, args: tuple) -> None:
+            device_kind: str, env: dict, fn: Callable, args: tuple) -> None:
+    os.environ.clear()  # the caller's environment now, as a spawned rank would inherit it
+    os.environ.update(env)
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
     device = Device(device_kind, rank if device_kind == "cuda" else 0)
@@ -60,9 +78,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, threads: int,
 
 
 def spawn_ranks(fn: Callable, world_size: int, *args: Any, threads: int = 1,
-                device_kind: str = "cpu") -> list[Any]:
+                device_kind: str = "cpu", fresh: bool = False) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` spawned ranks (gloo on CPU, or nccl
-    with rank r on `cuda:r` for `device_kind="cuda"`); return their results."""
+    with rank r on `cuda:r` for `device_kind="cuda"`); return their results. `fresh=True`
+    always starts new interpreters (what a rank does at interpreter start-up, such as glibc
+    reading MALLOC_* variables, then sees the caller's environment)."""
     if device_kind == "cuda" and cuda_device_count() < world_size:
         raise RuntimeError(f"spawn_ranks: {world_size} CUDA ranks need {world_size} GPUs, "
                            f"{cuda_device_count()} visible")
@@ -70,8 +90,9 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, threads: int = 1,
         crash = None
         try:
             mp.start_processes(_worker, args=(world_size, free_port(), out_dir, threads,
-                                              device_kind, fn, args),
-                               nprocs=world_size, join=True, start_method="spawn")
+                                              device_kind, dict(os.environ), fn, args),
+                               nprocs=world_size, join=True,
+                               start_method="spawn" if fresh else _START_METHOD)
         except ProcessException as exc:  # a rank died; report what every rank said
             crash = exc
         results = [torch.load(p, weights_only=False) if p.exists() else ("error", "no result")

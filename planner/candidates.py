@@ -19,7 +19,7 @@ from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu
                                stage_params, tp_comm_seconds)
 from planner.grid import divisors, enumerate_candidates, tp_problem  # noqa: F401
 from planner.heuristic import quick_stage_bound
-from planner.mip import StageProblem, rebuilt_token_local_bytes
+from planner.mip import StageProblem, rebuilt_token_local_bytes, selective_rebuilt_bytes
 from planner.outer import build_outer_chunks
 from planner.request import PlanRequest
 from planner.shapes import DTYPE_BYTES
@@ -278,8 +278,9 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             chunk_buffer_bytes=b * layer_params / group,
             chunk_cpu_optimizer_s=opt_s(layer_params / group, True),
             chunk_device_optimizer_s=opt_s(layer_params / group, False),
-            allow_keep=request.recompute != "full",
+            allow_keep=request.recompute not in ("full", "selective"),
             allow_recompute=request.recompute != "none",
+            allow_selective=request.recompute != "full", selective_only=request.recompute == "selective",
             # on a CPU node the cpu tier is the same RAM: only an explicit request uses it
             allow_cpu=request.activation_offload == "cpu" or (
                 request.activation_offload == "auto" and not one_pool),
@@ -402,6 +403,13 @@ def _leanest_activation_bytes(problem: StageProblem, lc: LayerCost, count: int,
     if problem.allow_recompute and (twice or not swaps):   # inputs kept, the rest recomputed
         options.append(problem.inflight * count * (lc.input_bytes + lc.attention_output_bytes)
                        + rebuilt)
+    selective = (problem.inflight * count * lc.selective_bytes + selective_rebuilt_bytes(lc)
+                 if problem.allow_selective and problem.allow_recompute and lc.selective_bytes > 0
+                 else None)
+    if problem.selective_only:
+        options = [selective] if selective is not None else []
+    elif selective is not None:
+        options.append(selective)
     return min(options) if options and count else 0.0
 
 

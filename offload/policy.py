@@ -166,6 +166,9 @@ class ActivationRuntime:
         if "forward" in vars(layer.mlp):
             raise ValueError(f"activations[{index}].selective: not with tiling.mlp_chunk_tokens "
                              f"(a tiled MLP runs its matmuls tile by tile)")
+        if type(layer.attn.q_proj) is not nn.Linear:
+            raise ValueError(f"activations[{index}].selective: not with tensor parallelism "
+                             f"(parallel.tp > 1)")
         if not x.requires_grad and not any(p.requires_grad for p in layer.parameters()):
             return type(layer).forward(layer, x, cos, sin)
         y, kept, graph_anchor = selective_forward(layer, x, cos, sin)

@@ -152,8 +152,10 @@ def layer_cost(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
         qkv_bytes=qkv_bytes_per_token(shape, dtype, ulysses_sp) * tokens / tp,
         backward_s=tl_b + attn_b + comm_b, recompute_s=tl_f + comm_f,
         tp_overlap_chunks=chunks,
-        selective_bytes=selective_bytes_per_token(shape, dtype) * tokens / tp,
-        selective_recompute_s=sel_s + comm_f)
+        # op-level selective checkpointing: not offered with tensor parallelism (its sharded
+        # linears are autograd functions with collectives inside: not run by the runtime)
+        selective_bytes=selective_bytes_per_token(shape, dtype) * tokens if tp == 1 else 0.0,
+        selective_recompute_s=sel_s if tp == 1 else 0.0)
 
 
 def head_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int, tp: int,

@@ -435,6 +435,9 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         for i in range(count - 1):
             if problem.layers[i] == problem.layers[i + 1]:
                 model += keep[i] <= keep[i + 1], f"symmetry_keep_{i}"
+                # and the selective ones just before them
+                model += (keep[i] + selective[i] <= keep[i + 1] + selective[i + 1],
+                          f"symmetry_selective_{i}")
     model += problem.num_chunks * any_cpu_chunk >= cpu_chunks, "buffers_when_any_cpu_chunk"
     model += second_buffer >= double_buffered + any_cpu_chunk - 1, "second_buffer_allocated"
     model += (problem.fixed_device_bytes + problem.chunk_device_bytes * persistent

@@ -186,3 +186,23 @@ def test_stage_mip_matches_brute_force_with_selective():
             chosen.update("selective" if a.selective else "keep" if a.keep_all else "other"
                           for a in solution.activations if not only)
     assert chosen["selective"] and (chosen["keep"] or chosen["other"]), chosen
+
+
+def test_selective_is_refused_where_it_cannot_run():
+    """Not offered (0 bytes) with tensor parallelism or a tiled MLP; the runtime refuses a
+    tiled MLP with a one-line error naming the field."""
+    from disttrain.tiling import apply_mlp_tiling
+    from planner.costmodel import tiled_layer_cost
+    hw = CLUSTER_PRESETS["8xh100-80g"]
+    args = dict(seq_len=SEQ, micro_batch_size=BATCH, params=CostParams())
+    one, two = (layer_cost(TINY, "bf16", hw, Candidate(dp=1, sp=1, sp_kind="ulysses", pp=1,
+                                                       num_microbatches=1, zero_stage=0, tp=tp),
+                           **args) for tp in (1, 2))
+    assert one.selective_bytes > 0 and one.selective_recompute_s > 0
+    assert two.selective_bytes == 0
+    assert tiled_layer_cost(one, TINY, "bf16", 16).selective_bytes == 0
+    model = build_model(TINY, seed=0)
+    apply_mlp_tiling(model, 16)
+    with apply_activation_policy(model, [SEL] * 2):
+        with pytest.raises(ValueError, match=r"^activations\[0\]\.selective: not with tiling"):
+            model(torch.zeros(1, SEQ, dtype=torch.long)).sum().backward()

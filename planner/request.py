@@ -51,8 +51,8 @@ class PlanRequest:
     """'auto', 'none' (never swap), 'cpu' or 'nvme' (only that tier)."""
     recompute: str = "auto"
     """'auto', 'none' (never recompute), 'full' (recompute all token-local), 'token',
-    'selective' (every layer op-level selective checkpointing, `planner.selective`; 'auto' may
-    choose it per layer too)."""
+    'selective' (every layer op-level selective checkpointing, `planner.selective`; 'auto'
+    offers it per layer when `planner.candidates.SELECTIVE_IN_AUTO`)."""
     grad_reduce_dtype: str = "fp32"
     """Dtype the gradient reduction runs in: 'fp32' (default) or 'bf16'."""
     schedule: str | None = None

@@ -130,7 +130,8 @@ def unexpressed(plan: Plan) -> list[str]:
     selective = [i for i, a in enumerate(acts) if a.selective]
     if selective:
         out.append(f"op-level selective checkpointing (torchtitan's policy: keep every other matmul's "
-                   f"output) on layers {layer_ranges(selective)}: Megatron's selective recompute names whole modules (recompute_modules), not every second matmul")
+                   f"output) on layers {layer_ranges(selective)}: Megatron's selective recompute "
+                   f"names whole modules (recompute_modules), not every second matmul")
     policies = {(a.keep_all, a.selective, round(a.swap_fraction, 3), a.tier, a.swap_input,
                  a.swap_attention_output) for a in acts}
     if len(policies) > 1:

@@ -2,8 +2,11 @@
 for each spec of bench/published_specs/, free and with the published layout fixed, the
 step's parts (compute, recompute, exposed communication, bubble, optimizer) and the compute
 split by kernel kind from the device efficiency curves (GEMM, attention, element-wise), per
-GPU per step, and what torchtitan's selective op checkpointing would add (a price, not a plan:
-the runtime cannot run that policy).
+GPU per step, and what op-level selective checkpointing (torchtitan's policy,
+`planner.selective`) costs per step on that layout: the planner's own price of the policy
+(`LayerCost.selective_recompute_s`). Rows whose published run used it plan it with the
+published layout (bench/published.py fixes `recompute="selective"`), so their "recompute"
+column is that price; "selective layers" says how many layers of the plan run it.
 
     .venv/bin/python bench/cost_breakdown.py [--only NAME ...]
 """
@@ -23,9 +26,9 @@ import published  # noqa: E402
 
 from disttrain.spec import load_job  # noqa: E402
 from planner.analytic import layer_flops_per_token  # noqa: E402
-from planner.costmodel import (MEMORY_EFFICIENCY, Candidate, attention_efficiency,  # noqa: E402
-                               device_family, elementwise_bytes_per_token, gemm_seconds,
-                               layer_gemms, local_tokens)
+from planner.costmodel import (MEMORY_EFFICIENCY, Candidate, CostParams,  # noqa: E402
+                               attention_efficiency, device_family, elementwise_bytes_per_token,
+                               gemm_seconds, layer_cost, layer_gemms, local_tokens)
 from planner.shapes import DTYPE_BYTES  # noqa: E402
 
 
@@ -49,12 +52,13 @@ def kernel_split(request, plan) -> dict[str, float]:
     ew = (fwd + bwd) * tokens / (family.hbm_bw * MEMORY_EFFICIENCY)
     layers = -(-shape.num_layers // par.pp) * par.num_microbatches
     gemm_eff = sum(2 * m * n * k for m, n, k in gemms) / (peak * gemm / 3)
-    # torchtitan's selective op checkpointing reruns every element-wise op and every second
-    # matmul of a layer (k, o, up) in the backward: what it would add (disttrain cannot run it)
-    sac = (sum(gemm_seconds(family, peak, m, n, k, b) for m, n, k in gemms[1:7:2])
-           + fwd * tokens / (family.hbm_bw * MEMORY_EFFICIENCY))
+    # op-level selective checkpointing reruns the element-wise forward and every second
+    # matmul (k, o, up): the planner's price of the policy on this layout
+    lc = layer_cost(shape, request.dtype, hw, cand, seq_len=request.seq_len,
+                    micro_batch_size=request.micro_batch_size, params=CostParams(),
+                    tp_overlap_chunks=par.tp_overlap_chunks)
     return dict(gemm=gemm * layers, attention=attn * layers, elementwise=ew * layers,
-                gemm_eff=gemm_eff, tokens=tokens, op_sac=sac * layers)
+                gemm_eff=gemm_eff, tokens=tokens, op_sac=lc.selective_recompute_s * layers)
 
 
 def main(argv=None) -> int:
@@ -63,8 +67,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cols = ("compute", "recompute", "exposed_communication", "exposed_transfer", "bubble", "optimizer")
     print("| spec | kind | layout | step s | " + " | ".join(cols)
-          + " | gemm | attention | elementwise | gemm eff | op-SAC would add | pred/pub |")
-    print("|---" * (len(cols) + 10) + "|")
+          + " | gemm | attention | elementwise | gemm eff | op-SAC price | selective layers"
+          " | pred/pub |")
+    print("|---" * (len(cols) + 11) + "|")
     for path in sorted(published.SPECS.glob("*.yaml")):
         if args.only and path.stem not in args.only:
             continue
@@ -86,7 +91,8 @@ def main(argv=None) -> int:
                   + " | ".join(f"{tb.get(c, 0):.3f}" for c in cols)
                   + f" | {split.get('gemm', 0):.3f} | {split.get('attention', 0):.3f} | "
                   f"{split.get('elementwise', 0):.3f} | {split.get('gemm_eff', 0):.2f} | "
-                  f"{split.get('op_sac', 0):.3f} | {ratio} |",
+                  f"{split.get('op_sac', 0):.3f} | "
+                  f"{sum(a.selective for a in plan.activations)}/{len(plan.activations)} | {ratio} |",
                   flush=True)
     return 0
 

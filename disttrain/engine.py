@@ -399,7 +399,7 @@ def store_budgets(job: Job, plan: Plan) -> dict[str, int]:
     inflight = min(par.pp, par.num_microbatches) if par.pp > 1 else 1
     need = {"cpu": 0.0, "nvme": 0.0}
     for layer in plan.activations:
-        if layer.keep_all:
+        if layer.keep_all or layer.selective:
             continue
         need[layer.tier] += tokens * (layer.swap_fraction * per_token.token_local
                                       + layer.swap_input * per_token.layer_input

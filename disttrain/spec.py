@@ -162,7 +162,7 @@ class ParallelSection(_Section):
 
 class MemorySection(_Section):
     activation_offload: Literal["auto", "none", "cpu", "nvme"] = "auto"
-    recompute: Literal["auto", "none", "full", "token"] = "auto"
+    recompute: Literal["auto", "none", "full", "token", "selective"] = "auto"
 
 
 class PlannerSection(_Section):

@@ -2,8 +2,9 @@
 
 `apply_activation_policy(model, activations, stores=...)` replaces each decoder layer's
 `forward` (an instance attribute: parameter names, state dicts and the module tree are
-unchanged) by the runtime's: a `keep_all` layer runs plain autograd, only measured; any other
-layer runs `offload.layer_fn.LayerFunction` (token-wise swap of `swap_fraction` of the
+unchanged) by the runtime's: a `keep_all` layer runs plain autograd, only measured; a
+`selective` layer op-level selective checkpointing (`offload.selective`); any other layer
+runs `offload.layer_fn.LayerFunction` (token-wise swap of `swap_fraction` of the
 tokens, recompute of the rest, attention core never rerun).
 
 The runtime bounds copies in flight during forward to `max_inflight_layers` layers (double
@@ -26,6 +27,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 from offload.layer_fn import CallRecord, LayerFunction
+from offload.selective import selective_forward
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +107,8 @@ class ActivationRuntime:
                 return type(layer).forward(layer, x_BSH, cos, sin)
             if plan.keep_all:
                 return runtime._plain(index, layer, x_BSH, cos, sin)
+            if plan.selective:
+                return runtime._selective(index, layer, x_BSH, cos, sin)
             return runtime._offloaded(index, layer, plan, x_BSH, cos, sin)
 
         return types.MethodType(forward, self.layers[index])
@@ -155,6 +159,23 @@ class ActivationRuntime:
         with saved_tensors_hooks(pack, unpack):
             y = original(layer, x, cos, sin)
         self._totals[index].add_call({"bytes_kept": sum(e[1] for e in live.values())})
+        return y
+
+    # -- selective (op-level checkpointing) layers ------------------------------------------------
+    def _selective(self, index, layer, x, cos, sin):
+        if "forward" in vars(layer.mlp):
+            raise ValueError(f"activations[{index}].selective: not with tiling.mlp_chunk_tokens "
+                             f"(a tiled MLP runs its matmuls tile by tile)")
+        if type(layer.attn.q_proj) is not nn.Linear:
+            raise ValueError(f"activations[{index}].selective: not with tensor parallelism "
+                             f"(parallel.tp > 1)")
+        if not x.requires_grad and not any(p.requires_grad for p in layer.parameters()):
+            return type(layer).forward(layer, x, cos, sin)
+        y, kept, graph_anchor = selective_forward(layer, x, cos, sin)
+        self._resident_add(index, kept)
+        weakref.finalize(graph_anchor, self._resident_add, index, -kept)  # the graph is freed
+        self._totals[index].add_call({"bytes_kept": kept,
+                                      "tokens_recomputed": x.shape[0] * x.shape[1]})
         return y
 
     # -- swap / recompute layers ---------------------------------------------------------------
@@ -270,7 +291,8 @@ class ActivationRuntime:
         layers = []
         for index, totals in sorted(self._totals.items()):
             plan = self.activations[index]
-            policy = {"keep_all": plan.keep_all, "swap_fraction": plan.swap_fraction, "tier": plan.tier,
+            policy = {"keep_all": plan.keep_all, "selective": plan.selective,
+                      "swap_fraction": plan.swap_fraction, "tier": plan.tier,
                       "swap_input": plan.swap_input, "swap_attention_output": plan.swap_attention_output}
             layers.append({"layer": index, "policy": policy, **totals.values})
         metrics = {"peak_resident_bytes": self._peak_resident, "layers": layers,

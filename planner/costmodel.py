@@ -30,6 +30,7 @@ from planner.efficiency import (DeviceFamily, MEMORY_EFFICIENCY, attention_effic
                                 device_family, elementwise_bytes_per_token, gemm_seconds,
                                 layer_gemms, loss_bytes_per_token)
 from planner.hardware import HardwareSpec
+from planner.selective import recomputed_matmuls, selective_bytes_per_token
 from planner.shapes import DTYPE_BYTES, ModelShape
 
 
@@ -78,9 +79,10 @@ class _Same:
 @functools.lru_cache(maxsize=4096)
 def _layer_times(shape: ModelShape, dtype: str, hw_ref: _Same, cand: Candidate, tokens: int,
                  seq_len: int, params: CostParams, tp_overlap_chunks: int | None
-                 ) -> tuple[int, float, float, float, float, float, float]:
+                 ) -> tuple[int, float, float, float, float, float, float, float]:
     """(tp_overlap_chunks, token-local forward, token-local backward, attention forward,
-    attention backward, exposed TP forward, exposed TP backward) of `layer_cost`."""
+    attention backward, exposed TP forward, exposed TP backward, selective recompute without
+    its TP collectives) of `layer_cost`."""
     hw = hw_ref.obj
     tp = cand.tp
     family = device_family(hw.device_name)
@@ -104,13 +106,18 @@ def _layer_times(shape: ModelShape, dtype: str, hw_ref: _Same, cand: Candidate, 
         else:
             tl_f, tl_b, attn_f, attn_b, gemms = _family_layer_times(
                 family, shape, dtype, hw, cand, tokens, seq_len, chunks)
+        # op-level selective checkpointing reruns the element-wise forward and every second
+        # matmul (planner.selective); CPU / unknown devices: the matmuls at the flat efficiency
+        ew = (elementwise_bytes_per_token(shape, dtype, tp)[0] * tokens
+              / (family.hbm_bw * MEMORY_EFFICIENCY)) if family is not None else 0.0
+        sel = ew + sum(gemms[i] for i in recomputed_matmuls(shape))
         groups = tp_gemm_groups(gemms)
         comm_f, comm_b = (tp_comm_seconds(shape, dtype, hw, tokens, tp, params, direction,
                                           chunks=chunks, gemm_s=groups)
                           for direction in ("forward", "backward"))
         total = tl_f + tl_b + comm_f + comm_b
         if best is None or total < best[0]:
-            best = (total, chunks, tl_f, tl_b, attn_f, attn_b, comm_f, comm_b)
+            best = (total, chunks, tl_f, tl_b, attn_f, attn_b, comm_f, comm_b, sel)
     return best[1:]
 
 
@@ -134,7 +141,7 @@ def layer_cost(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
     tp = cand.tp
     layout = Candidate(dp=1, tp=tp, sp=cand.sp, sp_kind=cand.sp_kind, pp=1, num_microbatches=1,
                        zero_stage=0)   # what the times depend on: the search asks again and again
-    chunks, tl_f, tl_b, attn_f, attn_b, comm_f, comm_b = _layer_times(
+    chunks, tl_f, tl_b, attn_f, attn_b, comm_f, comm_b, sel_s = _layer_times(
         shape, dtype, _Same(hw), layout, tokens, seq_len, params, tp_overlap_chunks)
     attn_f, attn_b = attn_f * attention_fraction, attn_b * attention_fraction
     return LayerCost(
@@ -144,7 +151,11 @@ def layer_cost(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
         plain_bytes=per_token.plain_total * tokens / tp, forward_s=tl_f + attn_f + comm_f,
         qkv_bytes=qkv_bytes_per_token(shape, dtype, ulysses_sp) * tokens / tp,
         backward_s=tl_b + attn_b + comm_b, recompute_s=tl_f + comm_f,
-        tp_overlap_chunks=chunks)
+        tp_overlap_chunks=chunks,
+        # op-level selective checkpointing: not offered with tensor parallelism (its sharded
+        # linears are autograd functions with collectives inside: not run by the runtime)
+        selective_bytes=selective_bytes_per_token(shape, dtype) * tokens if tp == 1 else 0.0,
+        selective_recompute_s=sel_s if tp == 1 else 0.0)
 
 
 def head_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int, tp: int,
@@ -227,8 +238,10 @@ def tiled_layer_cost(lc: LayerCost, shape: ModelShape, dtype: str, mlp_chunk_tok
     if not mlp_chunk_tokens or mlp_chunk_tokens >= lc.tokens:
         return lc
     cut = mlp_intermediate_bytes(shape, dtype, lc.tokens) / tp
+    # a tiled MLP runs its matmuls tile by tile: the selective policy is not offered with it
     return replace(lc, token_local_bytes=lc.token_local_bytes - cut,
-                   mlp_bytes=lc.mlp_bytes - cut, plain_bytes=lc.plain_bytes - cut)
+                   mlp_bytes=lc.mlp_bytes - cut, plain_bytes=lc.plain_bytes - cut,
+                   selective_bytes=0.0, selective_recompute_s=0.0)
 
 
 def working_base_bytes(lc: LayerCost, shape: ModelShape, dtype: str, mlp_chunk_tokens: int

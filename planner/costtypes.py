@@ -124,6 +124,11 @@ class LayerCost:
     tp_overlap_chunks: int = 1
     """Token blocks the tensor-parallel collectives are pipelined with the GEMMs over, as
     these times assume (`parallel.tp_overlap_chunks`)."""
+    selective_bytes: float = 0.0
+    """Saved bytes of an op-level selective layer (`planner.selective`; 0: not priced, the
+    policy is not offered)."""
+    selective_recompute_s: float = 0.0
+    """Its backward's recompute: the element-wise forward kernels and every second matmul."""
 
 
 def local_tokens(seq_len: int, micro_batch_size: int, sp: int) -> int:

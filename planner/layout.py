@@ -20,6 +20,7 @@ import pulp
 
 from planner.analytic import layer_tensor_lifetimes
 from planner.plan import LayerActivationPlan
+from planner.selective import selective_bytes_per_token
 from planner.shapes import ModelShape
 from planner.solve import solve_model
 
@@ -180,7 +181,8 @@ def plan_memory_layout(shape: ModelShape, dtype: str, tokens: int,
     count = len(activations)
     outer_blocks = [Block(name="layer_arena", size_bytes=inner.arena_bytes, start=0, end=2 * count)]
     for index, act in enumerate(activations):
-        size = plain if act.keep_all else (
+        size = plain if act.keep_all else int(selective_bytes_per_token(shape, dtype) * tokens) \
+            if act.selective else (
             (0 if act.swap_input else kept["input"])
             + (0 if act.swap_attention_output else kept["attention_output"]))
         outer_blocks.append(Block(name=f"layer_{index}_kept", size_bytes=size, start=index,

@@ -3,7 +3,8 @@ for one pipeline stage.
 
 Per layer: keep everything (plain layer), or keep/swap the layer input and the attention
 output, and split the token-local activations into a swapped share (to CPU or NVMe, one
-tier per layer) and a recomputed rest. Per stage: how many model-state chunks stay on the
+tier per layer) and a recomputed rest, or run op-level selective checkpointing (keep every
+other matmul's output and the attention output, `planner.selective`). Per stage: how many model-state chunks stay on the
 device (the rest live on the host, are prefetched, and get their optimizer step on the
 CPU), and one or two prefetch buffers (two overlap the fetches with compute). Constraints: device memory at the peak, host and NVMe capacity, and each layer's
 swap traffic against its neighbours' compute window (host link and NVMe separately; the
@@ -96,6 +97,11 @@ class StageProblem:
     swap_beside_compute: bool = True
     """Activation copies run beside the neighbouring layers' compute (False: a CPU node whose
     cores all compute, `planner.collectives.overlaps_compute`: every copy second is exposed)."""
+    allow_selective: bool = True
+    """Op-level selective checkpointing allowed (`planner.selective`; layers whose
+    `selective_bytes` is 0 never get it)."""
+    selective_only: bool = False
+    """Every layer runs op-level selective checkpointing (a published system's policy)."""
 
     def __post_init__(self) -> None:
         for name in ("inflight", "slots"):
@@ -158,9 +164,12 @@ class StageSolution:
 
 
 def _layer_traffic(lc: LayerCost, act: LayerActivationPlan) -> tuple[float, float, float]:
-    """(swapped bytes, resident bytes, recomputed fraction) of one layer."""
+    """(swapped bytes, resident bytes, recomputed fraction) of one layer (a selective layer
+    recomputes `selective_recompute_s`, not a fraction of the token-local work: 0)."""
     if act.keep_all:
         return 0.0, lc.plain_bytes, 0.0
+    if act.selective:
+        return 0.0, lc.selective_bytes, 0.0
     swapped = (act.swap_fraction * lc.token_local_bytes
                + (lc.input_bytes if act.swap_input else 0.0)
                + (lc.attention_output_bytes if act.swap_attention_output else 0.0))
@@ -176,6 +185,11 @@ def rebuilt_token_local_bytes(lc: LayerCost, fraction: float) -> float:
     return qkv + (lc.token_local_bytes - qkv) * min(1.0, fraction)
 
 
+def selective_rebuilt_bytes(lc: LayerCost) -> float:
+    """What a selective layer's backward recomputes on top of what it kept."""
+    return max(0.0, lc.plain_bytes - lc.selective_bytes)
+
+
 def tile_scale(lc: LayerCost, fraction: float) -> float:
     """Share of a layer's token-local bytes resident at once under a tiled rebuild."""
     if lc.token_local_bytes <= 0:
@@ -186,7 +200,7 @@ def tile_scale(lc: LayerCost, fraction: float) -> float:
 def _prefetched_bytes(lc: LayerCost, act: LayerActivationPlan, fraction: float) -> float:
     """Swapped bytes of a layer resident while they are fetched ahead of its backward: its
     swapped input and attention output whole, its swapped token-local share one tile."""
-    if act.keep_all:
+    if act.keep_all or act.selective:
         return 0.0
     return (act.swap_fraction * lc.token_local_bytes * tile_scale(lc, fraction)
             + (lc.input_bytes if act.swap_input else 0.0)
@@ -195,9 +209,12 @@ def _prefetched_bytes(lc: LayerCost, act: LayerActivationPlan, fraction: float) 
 
 def _rebuilt_bytes(lc: LayerCost, act: LayerActivationPlan, fraction: float = 1.0) -> float:
     """What a non-kept layer's backward brings back at once: its token-local tensors (fetched
-    or recomputed; a tile of them when tiled) and its swapped input / attention output."""
+    or recomputed; a tile of them when tiled) and its swapped input / attention output; a
+    selective layer's recompute rebuilds what it did not keep, the whole sequence at once."""
     if act.keep_all:
         return 0.0
+    if act.selective:
+        return selective_rebuilt_bytes(lc)
     return (rebuilt_token_local_bytes(lc, fraction) + (lc.input_bytes if act.swap_input else 0.0)
             + (lc.attention_output_bytes if act.swap_attention_output else 0.0))
 
@@ -236,7 +253,8 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
                                   if a.tier == "cpu") + cpu_chunks * problem.chunk_host_bytes + outer.host
     nvme = problem.inflight * sum(s for (s, _, _), a in zip(traffic, activations)
                                   if a.tier == "nvme")
-    recompute = [lc.recompute_s * rf for lc, (_, _, rf) in zip(layers, traffic)]
+    recompute = [lc.selective_recompute_s if act.selective else lc.recompute_s * rf
+                 for lc, act, (_, _, rf) in zip(layers, activations, traffic)]
     exposed = 0.0
     link_total = 0.0
     for index, (lc, act, (swapped, _, _)) in enumerate(zip(layers, activations, traffic)):
@@ -276,6 +294,11 @@ def evaluate_stage(problem: StageProblem, activations: tuple[LayerActivationPlan
             violations.append(f"tier {act.tier} not allowed")
         if not act.keep_all and not problem.allow_recompute and act.swap_fraction < 1 - tol:
             violations.append("recompute not allowed")
+    for lc, act in zip(layers, activations):
+        if act.selective and not (problem.allow_selective and lc.selective_bytes > 0):
+            violations.append("selective checkpointing not allowed")
+        if problem.selective_only and not act.selective:
+            violations.append("every layer must be selective")
     per_mb = compute + sum(recompute) + exposed
     return StageEvaluation(
         feasible=not violations, violations=tuple(violations), device_bytes=device, working_bytes=working,
@@ -295,7 +318,7 @@ _BYTE_FIELDS = ("device_capacity_bytes", "fixed_device_bytes", "working_base_byt
                 "nvme_capacity_bytes", "host_link_bw", "nvme_read_bw", "nvme_write_bw",
                 "chunk_device_bytes", "chunk_host_bytes", "chunk_link_bytes", "chunk_buffer_bytes")
 _LAYER_BYTE_FIELDS = ("input_bytes", "attention_output_bytes", "token_local_bytes", "mlp_bytes",
-                      "plain_bytes", "qkv_bytes")
+                      "plain_bytes", "qkv_bytes", "selective_bytes")
 
 
 def _in_gib(problem: StageProblem) -> StageProblem:
@@ -327,6 +350,8 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         return [flag(f"{name}_{i}", allowed) for i in range(count)]
 
     keep = binaries("keep_all", problem.allow_keep)
+    selective = [flag(f"selective_{i}", problem.allow_selective and problem.allow_recompute
+                      and lc.selective_bytes > 0) for i, lc in enumerate(problem.layers)]
     on_nvme = binaries("tier_is_nvme", problem.allow_nvme)
     steps_cpu = [model.add_variable(f"swap_steps_cpu_{i}", 0, steps if problem.allow_cpu else 0, frac_cat)
                  for i in range(count)]
@@ -352,15 +377,17 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
     for i, lc in enumerate(problem.layers):
         frac = (steps_cpu[i] + steps_nvme[i]) * (1.0 / steps)
         swap_frac.append(frac)
-        recompute_frac.append(1 - keep[i] - frac)
-        model += frac + keep[i] <= 1, f"token_shares_{i}"
+        recompute_frac.append(1 - keep[i] - selective[i] - frac)
+        model += frac + keep[i] + selective[i] <= 1, f"token_shares_{i}"
         if not problem.allow_recompute:
             model += frac + keep[i] >= 1, f"no_recompute_{i}"
+        if problem.selective_only:
+            model += selective[i] >= 1, f"selective_only_{i}"
         model += steps_nvme[i] <= steps * on_nvme[i], f"nvme_tier_tokens_{i}"
         model += steps_cpu[i] <= steps * (1 - on_nvme[i]), f"cpu_tier_tokens_{i}"
         for cpu_var, nvme_var, what in ((input_cpu[i], input_nvme[i], "input"),
                                         (attn_cpu[i], attn_nvme[i], "attn_out")):
-            model += cpu_var + nvme_var <= 1 - keep[i], f"{what}_swapped_once_{i}"
+            model += cpu_var + nvme_var <= 1 - keep[i] - selective[i], f"{what}_swapped_once_{i}"
             model += nvme_var <= on_nvme[i], f"{what}_nvme_tier_{i}"
             model += cpu_var <= 1 - on_nvme[i], f"{what}_cpu_tier_{i}"
         cpu_bytes = (lc.token_local_bytes * (1.0 / steps) * steps_cpu[i]
@@ -376,12 +403,15 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
                           + lc.attention_output_bytes * attn_nvme[i])
         ahead.append(tl_ahead * (steps_cpu[i] + steps_nvme[i]) + lc.input_bytes * (input_cpu[i] + input_nvme[i])
                      + lc.attention_output_bytes * (attn_cpu[i] + attn_nvme[i]))
-        resident.append(lc.plain_bytes * keep[i] + lc.input_bytes * (1 - keep[i] - input_cpu[i] - input_nvme[i])
-                        + lc.attention_output_bytes * (1 - keep[i] - attn_cpu[i] - attn_nvme[i]))
+        resident.append(lc.plain_bytes * keep[i] + lc.selective_bytes * selective[i]
+                        + lc.input_bytes * (1 - keep[i] - selective[i] - input_cpu[i] - input_nvme[i])
+                        + lc.attention_output_bytes * (1 - keep[i] - selective[i] - attn_cpu[i]
+                                                       - attn_nvme[i]))
     for i, lc in enumerate(problem.layers):
         cache = (ahead_nvme[i - 1] if i and problem.page_cache_reads else 0)
         model += (working >= problem.working_base_bytes
-                  + rebuilt_token_local_bytes(lc, problem.rebuild_fraction) * (1 - keep[i])
+                  + rebuilt_token_local_bytes(lc, problem.rebuild_fraction) * (1 - keep[i] - selective[i])
+                  + selective_rebuilt_bytes(lc) * selective[i]
                   + lc.input_bytes * (input_cpu[i] + input_nvme[i])
                   + lc.attention_output_bytes * (attn_cpu[i] + attn_nvme[i])
                   + (ahead[i - 1] if i else 0) + cache), f"backward_working_set_{i}"
@@ -389,7 +419,8 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         nxt = None if last else problem.layers[i + 1]
         fwd_window = problem.tail_forward_window_s if last else nxt.forward_s
         bwd_window = (problem.tail_backward_window_s if last
-                      else nxt.backward_s + nxt.recompute_s * recompute_frac[i + 1])
+                      else nxt.backward_s + nxt.recompute_s * recompute_frac[i + 1]
+                      + nxt.selective_recompute_s * selective[i + 1])
         if not problem.swap_beside_compute:
             fwd_window = bwd_window = 0
         link = swapped[i] * (1.0 / problem.host_link_bw)
@@ -404,6 +435,9 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         for i in range(count - 1):
             if problem.layers[i] == problem.layers[i + 1]:
                 model += keep[i] <= keep[i + 1], f"symmetry_keep_{i}"
+                # and the selective ones just before them
+                model += (keep[i] + selective[i] <= keep[i + 1] + selective[i + 1],
+                          f"symmetry_selective_{i}")
     model += problem.num_chunks * any_cpu_chunk >= cpu_chunks, "buffers_when_any_cpu_chunk"
     model += second_buffer >= double_buffered + any_cpu_chunk - 1, "second_buffer_allocated"
     model += (problem.fixed_device_bytes + problem.chunk_device_bytes * persistent
@@ -427,11 +461,12 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         model += (exposed_opt >= cpu_chunks * problem.chunk_cpu_optimizer_s + outer.cpu_optimizer_s
                   - opt_window), "cpu_optimizer_window"
     per_microbatch = (compute + pulp.lpSum(lc.recompute_s * recompute_frac[i]
+                                           + lc.selective_recompute_s * selective[i]
                                            for i, lc in enumerate(problem.layers))
                       + pulp.lpSum(exposed_fwd) + pulp.lpSum(exposed_bwd))
     model += (problem.slots * (per_microbatch + exposed_chunk) + exposed_opt
               + problem.chunk_device_optimizer_s * persistent + outer.device_optimizer_s), "predicted_step_time"
-    variables = dict(keep=keep, on_nvme=on_nvme, steps_cpu=steps_cpu, steps_nvme=steps_nvme,
+    variables = dict(keep=keep, selective=selective, on_nvme=on_nvme, steps_cpu=steps_cpu, steps_nvme=steps_nvme,
                      input_cpu=input_cpu, input_nvme=input_nvme, attn_cpu=attn_cpu,
                      attn_nvme=attn_nvme, persistent=persistent, double_buffered=double_buffered,
                      outer_cpu=outer_cpu)
@@ -444,9 +479,12 @@ def _read_decisions(problem: StageProblem, variables: dict
     acts = []
     for i in range(len(problem.layers)):
         val = {name: (variables[name][i].value() or 0.0) for name in
-               ("keep", "on_nvme", "steps_cpu", "steps_nvme", "input_cpu", "input_nvme",
-                "attn_cpu", "attn_nvme")}
+               ("keep", "selective", "on_nvme", "steps_cpu", "steps_nvme", "input_cpu",
+                "input_nvme", "attn_cpu", "attn_nvme")}
         keep = val["keep"] > 0.5
+        if not keep and val["selective"] > 0.5:
+            acts.append(LayerActivationPlan(selective=True))
+            continue
         frac = (val["steps_cpu"] + val["steps_nvme"]) / steps
         frac = 0.0 if keep else min(1.0, max(0.0, round(frac, 9)))
         tier = "nvme" if val["on_nvme"] > 0.5 else "cpu"

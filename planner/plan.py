@@ -82,12 +82,23 @@ class LayerActivationPlan:
     """Swap the layer input to `tier` instead of keeping it on the device."""
     swap_attention_output: bool = False
     """Swap the attention output (+ log-sum-exp) to `tier` instead of keeping it."""
+    selective: bool = False
+    """Op-level selective checkpointing (torchtitan's "selective op" AC, `planner.selective`):
+    keep the input, every other matmul's output and the attention core's output; recompute
+    the rest in the backward. Nothing is swapped (keep_all and the swap fields stay off)."""
 
     def __post_init__(self) -> None:
+        if self.selective not in (True, False):
+            raise ValueError(f"activations.selective: must be true or false, got {self.selective!r}")
         if not 0.0 <= self.swap_fraction <= 1.0:
             raise ValueError(f"activations.swap_fraction: must be in [0, 1], got {self.swap_fraction}")
         if self.tier not in TIERS:
             raise ValueError(f"activations.tier: must be one of {TIERS}, got {self.tier!r}")
+        if self.selective and (self.keep_all or self.swap_fraction > 0 or self.swap_input
+                               or self.swap_attention_output):
+            raise ValueError("activations.selective: a selective layer neither keeps everything "
+                             "nor swaps (keep_all, swap_fraction, swap_input and "
+                             "swap_attention_output must be off)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -179,6 +179,8 @@ def _policy_rows(plan: Plan) -> list[tuple[str, int]]:
     for act in plan.activations:
         if act.keep_all:
             key = "keep everything"
+        elif act.selective:
+            key = "selective op checkpointing (keep every other matmul + attn-out, recompute rest)"
         else:
             kept = [n for n, s in (("input", act.swap_input), ("attn-out", act.swap_attention_output)) if not s]
             key = (f"swap {act.swap_fraction:.0%} token-local to {act.tier}, recompute rest; keep "

@@ -12,7 +12,7 @@ from planner.hardware import HardwareSpec
 from planner.shapes import DTYPE_BYTES, ModelShape
 
 OFFLOAD_CHOICES = ("auto", "none", "cpu", "nvme")
-RECOMPUTE_CHOICES = ("auto", "none", "full", "token")
+RECOMPUTE_CHOICES = ("auto", "none", "full", "token", "selective")
 SOLVERS = ("auto", "highs", "cbc")
 
 
@@ -50,7 +50,9 @@ class PlanRequest:
     activation_offload: str = "auto"
     """'auto', 'none' (never swap), 'cpu' or 'nvme' (only that tier)."""
     recompute: str = "auto"
-    """'auto', 'none' (never recompute), 'full' (recompute all token-local), 'token'."""
+    """'auto', 'none' (never recompute), 'full' (recompute all token-local), 'token',
+    'selective' (every layer op-level selective checkpointing, `planner.selective`; 'auto'
+    offers it per layer when `planner.candidates.SELECTIVE_IN_AUTO`)."""
     grad_reduce_dtype: str = "fp32"
     """Dtype the gradient reduction runs in: 'fp32' (default) or 'bf16'."""
     schedule: str | None = None

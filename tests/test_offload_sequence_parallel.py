@@ -29,8 +29,13 @@ around the core (`tiled_rebuild.streamed_forward`): under Ulysses every tile is 
 PLANS = [Layer(swap_fraction=0.3, tier="nvme", swap_attention_output=True),
          Layer(swap_fraction=1.0, swap_input=True),
          Layer(swap_fraction=0.0, tier="nvme", swap_input=True, swap_attention_output=True)]
-CASES = [(k, t, SHAPE.num_kv_heads) for k in KINDS for t in TILES] + [("ulysses", 12, 1)]
-"""(kind, tile, kv heads): one kv head over sp2 makes Ulysses replicate it."""
+SELECTIVE = [Layer(selective=True), Layer(swap_fraction=1.0, swap_input=True),
+             Layer(selective=True)]
+"""Op-level selective checkpointing (offload/selective.py) beside a swapped layer: the core
+(and its all-to-alls / ring exchanges) runs once, its results handed to the recompute."""
+CASES = ([(k, t, SHAPE.num_kv_heads) for k in KINDS for t in TILES] + [("ulysses", 12, 1)]
+         + [(k, "selective", SHAPE.num_kv_heads) for k in KINDS])
+"""(kind, tile or 'selective', kv heads): one kv head over sp2 makes Ulysses replicate it."""
 BUDGET = 16 << 20
 
 
@@ -43,12 +48,13 @@ def _worker(rank: int, world: int) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as nvme:
         for kind, tile, kv in CASES:
+            plans = SELECTIVE if tile == "selective" else PLANS
             model = build_model(SHAPE.replace(num_kv_heads=kv), seed=3)
             apply_sequence_parallel(model, dist.group.WORLD, kind)
-            stores = open_stores(PLANS, engine=engine, cpu_budget_bytes=BUDGET, nvme_path=nvme,
+            stores = open_stores(plans, engine=engine, cpu_budget_bytes=BUDGET, nvme_path=nvme,
                                  nvme_budget_bytes=BUDGET, run_id=f"{kind}{tile}kv{kv}", rank=rank)
-            config = ActivationRuntimeConfig(rebuild_tile_tokens=tile)
-            with apply_activation_policy(model, PLANS, stores=stores, config=config) as runtime:
+            config = ActivationRuntimeConfig(rebuild_tile_tokens=0 if tile == "selective" else tile)
+            with apply_activation_policy(model, plans, stores=stores, config=config) as runtime:
                 tokens, targets, positions = shard_sequence(*_batch(), rank, world, kind)
                 loss = lm_loss(model, tokens, targets, positions)
                 loss.backward()
@@ -78,5 +84,9 @@ def test_policy_on_sequence_parallel_core_matches_single_process(sp2, kind, tile
             # atol: sums in another order over 3 layers and 2 ranks leave up to ~1.7e-8
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=3e-8,
                                        msg=lambda m: f"{kind} rank {rank} grad {name}: {m}")
+        local = 2 * 64 // len(sp2)  # batch 2 x the local tokens
+        if tile == "selective":
+            assert got["recomputed"] == [local, 0, local]
+            continue
         assert got["recomputed"][0] > 0 and got["recomputed"][1] == 0
-        assert got["recomputed"][2] == 2 * 64 // len(sp2)  # batch 2 x the local tokens
+        assert got["recomputed"][2] == local

@@ -28,7 +28,8 @@ FAST = (("megatron-1p7b-48xh100", ("free", "fixed")),        # H100 SXM, Megatro
         ("tt-llama3-8b-64xa100-fixed-dp", ("free",)),        # A100, FSDP64 fixed in the spec
         ("tt-llama2-13b-64xa100", ("fixed",)),               # A100, FSDP64, no recompute
         ("tt-llama2-70b-64xa100", ("fixed",)),               # A100, FSDP64, full recompute
-        ("usp-llama3-8b-208k-16xa800", ("fixed",)))          # long sequence, ring attention
+        ("usp-llama3-8b-208k-16xa800", ("fixed",)),          # long sequence, ring attention
+        ("tt-llama31-8b-128xh100", ("fixed",)))              # H100, FSDP128, selective op AC
 """Rows inside the band whose plans take well under a second alone (`bench/published.py`
 prints every row; the slow free searches of the big jobs stay out of the test)."""
 
@@ -47,6 +48,8 @@ def test_published_row_inside_the_band(name, kinds):
         assert plan.parallel.pp <= published.MAX_PP_SHORT
         assert row["wall"] <= 2 * published.TIME_LIMIT_S     # 10 s target; headroom for busy CI
         assert plan.prediction.mfu_noncausal > plan.prediction.mfu > 0
+        if getattr(request, "recompute", "auto") == "selective":  # torchtitan's selective op AC
+            assert all(a.selective for a in plan.activations)
 
 
 def test_fixed_tensor_parallel_layout_is_planned():

@@ -55,6 +55,10 @@ def unexpressed(plan: Plan) -> list[str]:
     """Plan decisions DeepSpeed cannot express, one sentence each."""
     acts, par, states = plan.activations, plan.parallel, plan.model_states
     out = []
+    selective = [i for i, a in enumerate(acts) if a.selective]
+    if selective:
+        out.append(f"op-level selective checkpointing (torchtitan's policy: keep every other matmul's "
+                   f"output) on layers {layer_ranges(selective)}: DeepSpeed checkpoints whole layers")
     partial = [i for i, a in enumerate(acts) if not a.keep_all and 0 < a.swap_fraction < 1]
     if partial:
         fractions = [acts[i].swap_fraction for i in partial]

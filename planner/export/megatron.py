@@ -127,7 +127,13 @@ def unexpressed(plan: Plan) -> list[str]:
     """Plan decisions Megatron-core cannot express, one sentence each."""
     acts, par, states = plan.activations, plan.parallel, plan.model_states
     out = []
-    policies = {(a.keep_all, round(a.swap_fraction, 3), a.tier, a.swap_input, a.swap_attention_output) for a in acts}
+    selective = [i for i, a in enumerate(acts) if a.selective]
+    if selective:
+        out.append(f"op-level selective checkpointing (torchtitan's policy: keep every other matmul's "
+                   f"output) on layers {layer_ranges(selective)}: Megatron's selective recompute "
+                   f"names whole modules (recompute_modules), not every second matmul")
+    policies = {(a.keep_all, a.selective, round(a.swap_fraction, 3), a.tier, a.swap_input,
+                 a.swap_attention_output) for a in acts}
     if len(policies) > 1:
         out.append(f"a different policy per layer ({len(policies)} distinct among {len(acts)} layers): Megatron "
                    f"applies one recompute/offload setting to every layer (block recompute: first N per stage)")

@@ -78,6 +78,8 @@ BAD = [
     ({"parallel": {"zero_stage": 7}}, "parallel.zero_stage:"),
     ({"parallel": {"tp_overlap_chunks": 0}},
      "parallel.tp_overlap_chunks: must be >= 1 or auto, got 0"),
+    ({"parallel": {"overlap_param_gather": "yes"}},
+     "parallel.overlap_param_gather: Input should be a valid boolean, got 'yes'"),
     ({"train": {"global_batch_size": 5}},
      "train.global_batch_size: must be a multiple of micro_batch_size x dp (2 x 1), got 5"),
     ({"train": {"seq_len": 4096}}, "train.seq_len: exceeds model.max_seq_len (1024)"),

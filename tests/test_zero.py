@@ -49,7 +49,8 @@ def _zero_worker(rank, world, stage, tie, chunk_numel, cpu_chunks, micro_per_ran
                  overlap_gather=False):
     """(losses, norms, full state, bytes by place, chunks, early reductions, pending): the last
     counts [steps after which a parameter gather was still pending (`overlap_gather` only),
-    later steps whose first forward left none pending (every chunk waited for)]."""
+    later steps whose first forward left none pending (every chunk waited for), gathers
+    pending after `state_dict()`]."""
     shape = SHAPE.replace(tie_embeddings=tie)
     model = build_model(shape, seed=0)
     group = dist.group.WORLD if world > 1 else None
@@ -74,6 +75,8 @@ def _zero_worker(rank, world, stage, tie, chunk_numel, cpu_chunks, micro_per_ran
         norms.append(states.clip_grad_norm(CLIP))
         states.step(LR)
         pending[0] += any(c.work is not None for c in states.chunks)
+    states.state_dict()  # what a checkpoint saves from: waits for the pending gathers
+    pending.append(sum(c.work is not None for c in states.chunks))
     return (losses, norms, states.full_state_dict(), states.bytes_by_place(), len(states.chunks),
             states._reductions.early_launches, pending)
 
@@ -142,4 +145,4 @@ def test_zero0_to_zero2_dp2_accumulating_match_single_process():
         for (stage, overlap), result in zip(runs, results):
             _check(result, ref)
             assert result[5] == (result[4] if stage <= 1 else 0)
-            assert result[6] == ([STEPS, STEPS - 1] if overlap else [0, STEPS - 1])
+            assert result[6] == ([STEPS, STEPS - 1, 0] if overlap else [0, STEPS - 1, 0])

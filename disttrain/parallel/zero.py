@@ -20,11 +20,9 @@ Told the step's learning rate before its backward (`begin_step`), a CPU chunk's 
 runs on a worker thread (cpu_optim.py) as soon as its gradient shard is final, overlapped with
 the rest of the backward; `step` then updates the other chunks and waits for those.
 On CUDA the collectives run on a side stream (shards.py) overlapping the compute.
-With `overlap_param_gather` stages 0-2 start each chunk's post-update all-gather in `step`
-without waiting (CUDA: on the side stream; gloo: its worker thread) and wait for it in a
-forward pre-hook of the chunk's first unit (Megatron's `overlap_param_gather`); whatever reads
-parameters or masters outside a forward (`state_dict`, `full_state_dict`, `load_state_dict`,
-the next `step`) waits for every pending gather first (`wait_params`).
+With `overlap_param_gather` stages 0-2 leave each chunk's post-update all-gather running after
+`step` and wait for it in a forward pre-hook (Megatron's `overlap_param_gather`); whatever
+reads parameters or masters outside a forward first waits for all of them (`wait_params`).
 """
 
 from __future__ import annotations
@@ -305,16 +303,15 @@ class ZeroModelStates:
         self._regather()
 
     def _regather(self) -> None:
-        """Stages 0-2: refresh every chunk's full parameters from the master, waited for here
-        or, with `overlap_param_gather`, before the chunk's first use (`_install_gather_hooks`)."""
+        """Stages 0-2: refresh the full parameters from the masters (`overlap_param_gather`:
+        waited for before each chunk's first use, `_install_gather_hooks`)."""
         if self._keeps_full:
             for chunk in self.chunks:
                 chunk.gathered = False
                 self._gather(chunk, async_op=self.config.overlap_param_gather)
 
     def wait_params(self) -> None:
-        """Wait for every pending parameter gather: after it, parameters and masters may be
-        read (or written) outside a forward."""
+        """Wait for every pending gather: parameters and masters may then be read or written."""
         for chunk in self.chunks:
             self._wait(chunk)
 

@@ -30,9 +30,10 @@ from planner.costmodel import (model_state_bytes, ring_p2p_backward_bytes,  # no
 from planner.plan import ParallelPlan, Plan  # noqa: E402
 
 SEQ, MICRO, GLOBAL = 64, 1, 4
-LAYOUTS = {  # name: (dp, sp, sp_kind, pp, zero_stage[, tp[, tp_overlap_chunks]])
+LAYOUTS = {  # name: (dp, sp, sp_kind, pp, zero_stage[, tp[, tp_overlap_chunks[, gather overlap]]])
     "dp2 zero0": (2, 1, "ulysses", 1, 0),
     "dp2 zero1": (2, 1, "ulysses", 1, 1),
+    "dp2 zero1 gather overlap": (2, 1, "ulysses", 1, 1, 1, 1, True),
     "dp2 zero2": (2, 1, "ulysses", 1, 2),
     "dp2 zero3": (2, 1, "ulysses", 1, 3),
     "sp2 ulysses zero3": (1, 2, "ulysses", 1, 3),
@@ -63,20 +64,22 @@ def job_spec(tp: int = 1) -> dict:
             "launch": {"launcher": "torchrun"}, "output_dir": "/tmp/disttrain-comm-bench"}
 
 
-def plan_for(job, dp, sp, sp_kind, pp, zero, tp=1, tp_chunks=1) -> Plan:
+def plan_for(job, dp, sp, sp_kind, pp, zero, tp=1, tp_chunks=1, gather_overlap=False) -> Plan:
     micro = GLOBAL // (MICRO * dp)
     return Plan(model=job.shape.to_dict(), seq_len=SEQ, micro_batch_size=MICRO,
                 global_batch_size=GLOBAL,
                 parallel=ParallelPlan(dp=dp, sp=sp, sp_kind=sp_kind, pp=pp, zero_stage=zero, tp=tp,
                                       num_microbatches=micro, tp_overlap_chunks=tp_chunks,
+                                      overlap_param_gather=gather_overlap,
                                       schedule="1f1b" if pp > 1 else "none"))
 
 
-def predicted(job, dp, sp, sp_kind, pp, zero, tp=1, tp_chunks=1
-               ) -> tuple[dict[str, float | None], dict[str, float]]:
+def predicted(job, dp, sp, sp_kind, pp, zero, tp=1, tp_chunks=1, gather_overlap=False
+              ) -> tuple[dict[str, float | None], dict[str, float]]:
     """(bytes sent per collective kind, model-state bytes) the cost model expects per rank;
-    pipelining the tp collectives over `tp_chunks` token blocks sends the same bytes."""
-    del tp_chunks
+    pipelining the tp collectives over `tp_chunks` token blocks, or overlapping the stage 1-2
+    parameter all-gather with the next forward, sends the same bytes."""
+    del tp_chunks, gather_overlap
     shape, micro = job.shape, GLOBAL // (MICRO * dp)
     tokens = MICRO * SEQ // sp
     comm: dict[str, float | None] = {}

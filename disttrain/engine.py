@@ -330,7 +330,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
                             compute_dtype=compute_dtype,
                             reduce_dtype=TORCH_DTYPES[tr.grad_reduce_dtype]
                             if compute_dtype != torch.float32 else torch.float32,
-                            prefetch=0 if plan.model_states.num_prefetch_buffers == 1 else 1)
+                            prefetch=0 if plan.model_states.num_prefetch_buffers == 1 else 1,
+                            overlap_param_gather=par.overlap_param_gather)
         states = ZeroModelStates(model, config, group=groups.dp_sp,  # norm spans pp and tp
                                  extra_norm_group=groups.pp_tp)
     accum = tr.global_batch_size // (tr.micro_batch_size * par.dp)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from disttrain.spec import Job, SpecError
+from planner.collectives import param_gather_overlap
 from planner.plan import LayerActivationPlan, ModelStatePlan, ParallelPlan, Plan
 
 
@@ -28,7 +29,10 @@ def fixed_plan(job: Job, world_size: int) -> Plan:
                               else par.sp_kind, pp=pp, tp=tp, num_microbatches=micro,
                               schedule="1f1b" if pp > 1 else "none", zero_stage=zero,
                               tp_overlap_chunks=1 if par.tp_overlap_chunks == "auto"
-                              else par.tp_overlap_chunks),
+                              else par.tp_overlap_chunks,
+                              overlap_param_gather=param_gather_overlap(
+                                  job.hardware, None if par.overlap_param_gather == "auto"
+                                  else par.overlap_param_gather)),
         model_states=ModelStatePlan(),
         activations=tuple(LayerActivationPlan(keep_all=True)
                           for _ in range(job.shape.num_layers)))
@@ -51,6 +55,11 @@ def check_plan(job: Job, plan: Plan, world_size: int, where: str = "plan") -> Pl
         raise SpecError(f"{where}: planned for tp_overlap_chunks "
                         f"{plan.parallel.tp_overlap_chunks}, the spec fixes "
                         f"parallel.tp_overlap_chunks = {job.spec.parallel.tp_overlap_chunks}")
+    if job.spec.parallel.overlap_param_gather not in ("auto", plan.parallel.overlap_param_gather):
+        raise SpecError(f"{where}: planned with overlap_param_gather "
+                        f"{plan.parallel.overlap_param_gather}, the spec fixes "
+                        f"parallel.overlap_param_gather = "
+                        f"{job.spec.parallel.overlap_param_gather}")
     if plan.activations and len(plan.activations) != job.shape.num_layers:
         raise SpecError(f"{where}: {len(plan.activations)} activation entries for "
                         f"{job.shape.num_layers} layers")

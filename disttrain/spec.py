@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from planner.hardware import CLUSTER_PRESETS, GB, GiB, HardwareSpec
 from planner.request import PlanRequest
@@ -158,6 +158,10 @@ class ParallelSection(_Section):
     tp_overlap_chunks: Union[int, Auto] = "auto"
     """Token blocks over which tensor parallelism overlaps its collectives with its GEMMs (1:
     blocking); auto: the planner's choice."""
+    overlap_param_gather: Union[StrictBool, Auto] = "auto"
+    """ZeRO 0-2: run the post-update parameter all-gather beside the next step's forward
+    (Megatron's overlap_param_gather); auto: on where it is measured to help (GPUs; on CPU
+    nodes see `planner.collectives.param_gather_overlap`)."""
 
 
 class MemorySection(_Section):
@@ -231,6 +235,7 @@ class Job:
             micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,
             dp=fixed(par.dp), sp=fixed(par.sp), sp_kind=fixed(par.sp_kind), pp=fixed(par.pp),
             tp=fixed(par.tp), tp_overlap_chunks=fixed(par.tp_overlap_chunks),
+            overlap_param_gather=fixed(par.overlap_param_gather),
             grad_reduce_dtype=getattr(tr, "grad_reduce_dtype", "fp32"),
             num_microbatches=fixed(par.num_microbatches), zero_stage=fixed(par.zero_stage),
             activation_offload=mem.activation_offload, recompute=mem.recompute,
@@ -282,7 +287,8 @@ def job_from_dict(raw: object, base_dir: Path = Path("."),
 
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("int", "literal["))]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("int", "literal["))
+           and str(p) != "bool"]
     path = ".".join(loc) or "spec"
     kind = err["type"]
     if kind == "extra_forbidden":

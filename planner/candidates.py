@@ -268,7 +268,8 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             tokens=tokens, microbatch_compute_s=compute, attention_forward_s=lc.forward_s - lc.recompute_s,
             params=params, backward_resident_params=resident,
             stage_units=count + (1 if stage == 0 else 0) + (1 if last else 0),
-            grad_reduce_dtype=request.grad_reduce_dtype, microbatch_backward_s=backward)
+            grad_reduce_dtype=request.grad_reduce_dtype, microbatch_backward_s=backward,
+            overlap_param_gather=request.overlap_param_gather)
         chunk_device = per_param_states * layer_params / group
         problem = StageProblem(
             layers=(lc,) * count,

@@ -138,6 +138,17 @@ def overlaps_compute(hw: HardwareSpec) -> bool:
     return hw.device_name.lower() != "cpu"
 
 
+def param_gather_overlap(hw: HardwareSpec, requested: bool | None = None) -> bool:
+    """Whether ZeRO 0-2 overlap the post-update parameter all-gather with the next step's
+    forward (`parallel.overlap_param_gather`): as requested, else where it helps. On GPUs it
+    does (Megatron-LM's `--overlap-param-gather`, used for its published H100 runs: the
+    gather runs on the collective stream while the forward computes). On a CPU node it is off:
+    gloo's worker thread shares the cores the ranks compute on (bench/gloo_overlap.py)."""
+    if requested is not None:
+        return requested
+    return overlaps_compute(hw)
+
+
 def zero_collectives(num_params: float, zero_stage: int, group: int, units: int, *,
                      backward_resident_params: float = 0, param_bytes: int = FP32,
                      grad_bytes: int = FP32) -> list[tuple[str, float, float, int, int]]:
@@ -180,8 +191,8 @@ def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
                stage_layers: int, stage_num_params: float, tokens: int,
                microbatch_compute_s: float, attention_forward_s: float, params: CostParams,
                backward_resident_params: float = 0, stage_units: int | None = None,
-               grad_reduce_dtype: str = "fp32", microbatch_backward_s: float | None = None
-               ) -> tuple[float, float]:
+               grad_reduce_dtype: str = "fp32", microbatch_backward_s: float | None = None,
+               overlap_param_gather: bool | None = None) -> tuple[float, float]:
     """(exposed per microbatch, exposed per step) communication seconds for one stage.
 
     Each call costs a latency (measured on CPU nodes, NCCL's on GPUs) on top of its bytes
@@ -190,8 +201,9 @@ def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
     prefetched all-gathers under the stage's compute except the first; gradient reductions
     are bucketed (one bucket per ZeRO unit) and run beside the backward, so only what exceeds
     the backward and the last bucket is exposed (stages 0-2 reduce once per step, in the last
-    microbatch's backward). Ulysses all-to-alls and the stage 1-2 parameter all-gather after
-    the update are on the critical path either way. `stage_num_params` is per TP rank;
+    microbatch's backward); the stage 1-2 parameter all-gather after the update under the next
+    step's first forward when `overlap_param_gather` (None: `param_gather_overlap`). Ulysses
+    all-to-alls are on the critical path either way. `stage_num_params` is per TP rank;
     `stage_units`: ZeRO units of the stage (default: its layers + embedding / head)."""
     b, tp = DTYPE_BYTES[dtype], cand.tp
     overlap = overlaps_compute(hw)
@@ -218,14 +230,16 @@ def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
     mb, per_step = zero_microbatch_seconds(
         hw, params, cand, stage_num_params, units, microbatch_compute_s=microbatch_compute_s,
         backward_s=backward, backward_resident_params=backward_resident_params, param_bytes=b,
-        grad_bytes=DTYPE_BYTES[grad_reduce_dtype], overlap=overlap)
+        grad_bytes=DTYPE_BYTES[grad_reduce_dtype], overlap=overlap,
+        gather_overlap=param_gather_overlap(hw, overlap_param_gather))
     return per_mb + mb, per_step
 
 
 def zero_microbatch_seconds(hw: HardwareSpec, params: CostParams, cand: Candidate,
                             num_params: float, units: int, *, microbatch_compute_s: float,
                             backward_s: float, backward_resident_params: float, param_bytes: int,
-                            grad_bytes: int, overlap: bool) -> tuple[float, float]:
+                            grad_bytes: int, overlap: bool, gather_overlap: bool = False
+                            ) -> tuple[float, float]:
     """(exposed per microbatch, exposed per step) seconds of the ZeRO collectives of
     `num_params` parameters in `units` buckets. The runtime issues every ZeRO collective on
     one process group, whose NCCL calls run one after another on one stream and share the
@@ -237,8 +251,11 @@ def zero_microbatch_seconds(hw: HardwareSpec, params: CostParams, cand: Candidat
     finished its gradient (disttrain/parallel/grad_reduce.py), alone on the group's stream in
     that backward: what exceeds one microbatch's backward, and at least the last bucket (the
     chunk the backward reaches last), is exposed. Stages 1-2 gather the updated parameters
-    after the step, blocking (exposed). Off GPUs (`overlap` False: gloo shares the cores,
-    bench/gloo_overlap.py) every second is exposed."""
+    after the step: blocking (exposed), or with `gather_overlap` one chunk after another beside
+    the next step's first forward, each chunk waited for before its first unit runs, so the
+    first chunk's gather and what the gathers need beyond the forward are exposed
+    (`tp_pipeline_exposed` over the units: max(g / U, g - f (U - 1) / U)). Off GPUs (`overlap`
+    False: gloo shares the cores, bench/gloo_overlap.py) every second is exposed."""
     parts = zero_collectives(num_params, cand.zero_stage, cand.shard_group, units,
                              backward_resident_params=backward_resident_params,
                              param_bytes=param_bytes, grad_bytes=grad_bytes)
@@ -260,6 +277,9 @@ def zero_microbatch_seconds(hw: HardwareSpec, params: CostParams, cand: Candidat
     elif reduce_s:      # ZeRO-2: per-microbatch reduction beside the backward
         per_mb = max(reduce_s - backward_s, reduce_s / units)
     per_step = step.get("all_gather", 0.0)
+    if per_step and gather_overlap:   # beside the next step's first forward, chunk by chunk
+        per_step = tp_pipeline_exposed(per_step, max(0.0, microbatch_compute_s - backward_s),
+                                       max(1, units))
     for kind in ("reduce_scatter", "all_reduce"):
         if step.get(kind):
             per_step += max(step[kind] - backward_s, step[kind] / units)

@@ -47,6 +47,9 @@ class ParallelPlan:
     it overlaps the other blocks' GEMMs (1: one blocking collective each)."""
     stages: tuple[tuple[int, int], ...] = ()
     """Half-open decoder-layer range [start, end) of each pipeline stage."""
+    overlap_param_gather: bool = False
+    """ZeRO 0-2: each chunk's post-update parameter all-gather runs beside the next step's
+    forward, waited for before the chunk's first use (False: blocking in the step)."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "sp", "pp", "num_microbatches", "tp_overlap_chunks"):
@@ -58,6 +61,9 @@ class ParallelPlan:
             raise ValueError(f"parallel.schedule: must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage: must be 0-3, got {self.zero_stage}")
+        if not isinstance(self.overlap_param_gather, bool):
+            raise ValueError(f"parallel.overlap_param_gather: must be true or false, got "
+                             f"{self.overlap_param_gather!r}")
         per_rank = 2 if self.schedule == "interleaved-1f1b" else 1  # virtual stages per rank
         if self.stages and len(self.stages) != self.pp * per_rank:
             raise ValueError(f"parallel.stages: need {self.pp * per_rank} ranges for pp="

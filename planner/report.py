@@ -47,7 +47,8 @@ def _request(plan: Plan) -> tuple[PlanRequest, Candidate]:
                           hardware=HardwareSpec.from_dict(plan.prediction.hardware),
                           dtype=plan.dtype, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
                           global_batch_size=plan.global_batch_size, grad_clip=plan.grad_clip,
-                          tp_overlap_chunks=par.tp_overlap_chunks)
+                          tp_overlap_chunks=par.tp_overlap_chunks,
+                          overlap_param_gather=par.overlap_param_gather)
     cand = Candidate(dp=par.dp, tp=par.tp, sp=par.sp, sp_kind=par.sp_kind, pp=par.pp,
                      virtual=2 if par.schedule == "interleaved-1f1b" else 1,
                      num_microbatches=par.num_microbatches, zero_stage=par.zero_stage)

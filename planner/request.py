@@ -55,6 +55,9 @@ class PlanRequest:
     offers it per layer when `planner.candidates.SELECTIVE_IN_AUTO`)."""
     grad_reduce_dtype: str = "fp32"
     """Dtype the gradient reduction runs in: 'fp32' (default) or 'bf16'."""
+    overlap_param_gather: bool | None = None
+    """ZeRO 0-2: start the post-update parameter all-gather asynchronously and overlap it
+    with the next step's forward (None: auto, `planner.collectives.param_gather_overlap`)."""
     schedule: str | None = None
     """Pipeline schedule '1f1b' or 'interleaved-1f1b' (None: auto)."""
     grad_clip: float = 0.0
@@ -81,6 +84,9 @@ class PlanRequest:
         if self.grad_reduce_dtype not in DTYPE_BYTES:
             raise ValueError(f"grad_reduce_dtype: must be one of {tuple(DTYPE_BYTES)}, "
                              f"got {self.grad_reduce_dtype!r}")
+        if self.overlap_param_gather not in (None, True, False):
+            raise ValueError(f"overlap_param_gather: must be true, false or auto, got "
+                             f"{self.overlap_param_gather!r}")
         if self.schedule not in (None, "1f1b", "interleaved-1f1b"):
             raise ValueError(f"schedule: must be '1f1b' or 'interleaved-1f1b', got {self.schedule!r}")
         if self.tp_overlap_chunks is not None and self.tp_overlap_chunks < 1:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from planner.candidates import (StageSetup, enumerate_candidates, gib, memory_rejection,
                                 profiled_stages)
 from planner.analytic import noncausal_flops_ratio
+from planner.collectives import param_gather_overlap
 from planner.costmodel import (Candidate, CostParams, StepTime, model_state_bytes,
                                stage_layer_ranges, step_time, throughput)
 from planner.heuristic import quick_stage_bound
@@ -345,7 +346,9 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
         parallel=ParallelPlan(dp=cand.dp, tp=cand.tp, sp=cand.sp, sp_kind=cand.sp_kind, pp=cand.pp,
                               num_microbatches=cand.num_microbatches,
                               schedule=cand.schedule, zero_stage=cand.zero_stage,
-                              stages=ranges, tp_overlap_chunks=_tp_overlap_chunks(best)),
+                              stages=ranges, tp_overlap_chunks=_tp_overlap_chunks(best),
+                              overlap_param_gather=param_gather_overlap(
+                                  hw, request.overlap_param_gather)),
         model_states=states, activations=tuple(activations),
         tiling=TilingPlan(loss_chunk_tokens=best.tiling[0], mlp_chunk_tokens=best.tiling[1],
                           rebuild_tile_tokens=best.tiling[2]),

@@ -215,3 +215,33 @@ def test_zero012_reduction_overlaps_the_last_backward_except_one_bucket(stage):
                                        microbatch_compute_s=15 * reduce,
                                        **dict(kw, overlap=False))
     assert sum(blocking) == pytest.approx(reduce + gather)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero12_param_gather_hides_under_the_next_forward_except_the_first_chunk(stage):
+    """`overlap_param_gather`: the post-update all-gather runs chunk by chunk beside the next
+    step's first forward; exposed is the first chunk's gather and what the gathers need
+    beyond that forward, max(g / U, g - f (U - 1) / U). Off, or on a CPU node, all of it."""
+    from planner.collectives import comm_times, zero_microbatch_seconds
+    hw = CLUSTER_PRESETS["8xh100-80g"]
+    params = CostParams(gpu_collective_latency_s=0.0)
+    cand = Candidate(dp=8, sp=1, sp_kind="ulysses", pp=1, num_microbatches=4, zero_stage=stage)
+    n, units = 1e9, 10
+    gather = n * 2 * 7 / 8 / (hw.intra_node_bw / 2 * params.comm_efficiency)
+    kw = dict(backward_resident_params=0, param_bytes=2, grad_bytes=4, overlap=True)
+    for forward, want in ((10 * gather, gather / units), (0.25 * gather, 0.775 * gather)):
+        seconds = {on: zero_microbatch_seconds(hw, params, cand, n, units, backward_s=2 * forward,
+                                               microbatch_compute_s=3 * forward,
+                                               gather_overlap=on, **kw) for on in (False, True)}
+        assert seconds[True][0] == seconds[False][0]              # per microbatch: unchanged
+        assert seconds[False][1] - seconds[True][1] == pytest.approx(gather - want)
+    # auto: on for GPUs, off on a CPU node (gloo shares the cores); asked for, as asked
+    common = dict(stage_layers=4, stage_num_params=1e6, tokens=512, microbatch_compute_s=1.0,
+                  attention_forward_s=0.1, params=params, stage_units=6)
+    shape, cpu = MODEL_PRESETS["tiny"], CLUSTER_PRESETS["cpu-local"].replace(devices_per_node=2)
+    z = Candidate(dp=2, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=stage)
+    auto = comm_times(shape, "bf16", hw, z, **common)
+    assert auto == comm_times(shape, "bf16", hw, z, overlap_param_gather=True, **common)
+    assert auto[1] < comm_times(shape, "bf16", hw, z, overlap_param_gather=False, **common)[1]
+    assert comm_times(shape, "bf16", cpu, z, **common) == comm_times(
+        shape, "bf16", cpu, z, overlap_param_gather=False, **common)

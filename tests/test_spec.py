@@ -78,6 +78,8 @@ BAD = [
     ({"parallel": {"zero_stage": 7}}, "parallel.zero_stage:"),
     ({"parallel": {"tp_overlap_chunks": 0}},
      "parallel.tp_overlap_chunks: must be >= 1 or auto, got 0"),
+    ({"parallel": {"overlap_param_gather": "yes"}},
+     "parallel.overlap_param_gather: Input should be a valid boolean, got 'yes'"),
     ({"train": {"global_batch_size": 5}},
      "train.global_batch_size: must be a multiple of micro_batch_size x dp (2 x 1), got 5"),
     ({"train": {"seq_len": 4096}}, "train.seq_len: exceeds model.max_seq_len (1024)"),
@@ -163,3 +165,28 @@ def test_every_example_loads(path: Path, tmp_path: Path):
         job = load_job(path)
     assert job.spec.name == path.stem
     assert job.shape.num_params() > 0
+
+
+def test_overlap_param_gather_resolves_per_cluster_and_must_match_the_plan():
+    """auto: off on a CPU node (gloo gains nothing, bench/gloo_overlap.py), on for GPUs; a
+    fixed value reaches the plan, a plan that differs from it is refused; plans written
+    before the field load as blocking."""
+    import dataclasses
+
+    from disttrain.planning import check_plan, fixed_plan
+    from planner.plan import Plan
+
+    cpu = job_from_dict(TINY_JOB)
+    assert fixed_plan(cpu, 1).parallel.overlap_param_gather is False
+    gpu = job_from_dict(merge(TINY_JOB, {"cluster": {"preset": "1xrtx4090-24g"}}))
+    assert fixed_plan(gpu, 1).parallel.overlap_param_gather is True
+    forced = job_from_dict(merge(TINY_JOB, {"parallel": {"overlap_param_gather": True}}))
+    plan = fixed_plan(forced, 1)
+    assert plan.parallel.overlap_param_gather is True
+    off = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel,
+                                                                 overlap_param_gather=False))
+    with pytest.raises(SpecError, match="parallel.overlap_param_gather = True"):
+        check_plan(forced, off, 1)
+    raw = plan.to_dict()
+    del raw["parallel"]["overlap_param_gather"]
+    assert Plan.from_dict(raw).parallel.overlap_param_gather is False

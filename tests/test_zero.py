@@ -45,19 +45,27 @@ def reference(tie: bool, num_micro: int):
     return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _zero_worker(rank, world, stage, tie, chunk_numel, cpu_chunks, micro_per_rank):
+def _zero_worker(rank, world, stage, tie, chunk_numel, cpu_chunks, micro_per_rank,
+                 overlap_gather=False):
+    """(losses, norms, full state, bytes by place, chunks, early reductions, pending): the last
+    counts [steps after which a parameter gather was still pending (`overlap_gather` only),
+    later steps whose first forward left none pending (every chunk waited for), gathers
+    pending after `state_dict()`]."""
     shape = SHAPE.replace(tie_embeddings=tie)
     model = build_model(shape, seed=0)
     group = dist.group.WORLD if world > 1 else None
     states = ZeroModelStates(model, ZeroConfig(stage=stage, chunk_numel=chunk_numel,
-                                               cpu_chunks=cpu_chunks, weight_decay=WD),
+                                               cpu_chunks=cpu_chunks, weight_decay=WD,
+                                               overlap_param_gather=overlap_gather),
                              group=group)
-    losses, norms = [], []
+    losses, norms, pending = [], [], [0, 0]
     for step in range(STEPS):
         states.begin_step(LR, num_microbatches=micro_per_rank, grad_clip=CLIP)
         total = torch.zeros(1)
         for m in range(micro_per_rank):
             loss = _loss(model, *_batch(step, m * world + rank)) / micro_per_rank
+            if m == 0 and step > 0 and all(c.work is None for c in states.chunks):
+                pending[1] += 1
             loss.backward()
             total += loss.detach()
         states.finish_backward()
@@ -66,12 +74,16 @@ def _zero_worker(rank, world, stage, tie, chunk_numel, cpu_chunks, micro_per_ran
         losses.append(total.item() / world)
         norms.append(states.clip_grad_norm(CLIP))
         states.step(LR)
+        pending[0] += any(c.work is not None for c in states.chunks)
+    states.state_dict()  # what a checkpoint saves from: waits for the pending gathers
+    pending.append(sum(c.work is not None for c in states.chunks))
     return (losses, norms, states.full_state_dict(), states.bytes_by_place(), len(states.chunks),
-            states._reductions.early_launches)
+            states._reductions.early_launches, pending)
 
 
 def _stages_worker(rank, world, stages, micro_per_rank):
-    return [_zero_worker(rank, world, stage, False, 0, (), micro_per_rank) for stage in stages]
+    return [_zero_worker(rank, world, stage, False, 0, (), micro_per_rank, overlap)
+            for stage, overlap in stages]
 
 
 def _check(result, ref):
@@ -124,9 +136,13 @@ def test_zero3_dp2_half_chunks_on_cpu_matches_single_process():
 @pytest.mark.slow
 def test_zero0_to_zero2_dp2_accumulating_match_single_process():
     """Two microbatches per rank: stages 0-1 reduce each chunk during the last one's
-    backward (every chunk's reduction starts there), stage 2 every microbatch."""
+    backward (every chunk's reduction starts there), stage 2 every microbatch. Stages 1-2
+    again with the parameter all-gather overlapped with the next step's forward: still
+    pending after each step, all waited for in the first forward."""
     ref = reference(False, 4)
-    for results in spawn_ranks(_stages_worker, 2, (0, 1, 2), 2):
-        for stage, result in enumerate(results):
+    runs = ((0, False), (1, False), (2, False), (1, True), (2, True))
+    for results in spawn_ranks(_stages_worker, 2, runs, 2):
+        for (stage, overlap), result in zip(runs, results):
             _check(result, ref)
             assert result[5] == (result[4] if stage <= 1 else 0)
+            assert result[6] == ([STEPS, STEPS - 1, 0] if overlap else [0, STEPS - 1, 0])

@@ -45,6 +45,10 @@ class ZeroConfig:
     """Dtype gradients are reduced in over the group (accumulated in fp32 either way)."""
     prefetch: int = 1
     """Stage 3: execution units gathered ahead of the one running (0 or 1)."""
+    overlap_param_gather: bool = False
+    """Stages 0-2: start each chunk's post-update parameter all-gather asynchronously in
+    `step` and wait for it before the chunk's first use in the next forward (Megatron's
+    `overlap_param_gather`); off: `step` gathers every chunk before it returns."""
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -55,6 +59,9 @@ class ZeroConfig:
                                  f"got {getattr(self, name)}")
         if self.prefetch not in (0, 1):
             raise ValueError(f"prefetch: must be 0 or 1, got {self.prefetch}")
+        if not isinstance(self.overlap_param_gather, bool):
+            raise ValueError(f"overlap_param_gather: must be true or false, "
+                             f"got {self.overlap_param_gather!r}")
 
 
 class SideStream:

@@ -20,6 +20,9 @@ Told the step's learning rate before its backward (`begin_step`), a CPU chunk's 
 runs on a worker thread (cpu_optim.py) as soon as its gradient shard is final, overlapped with
 the rest of the backward; `step` then updates the other chunks and waits for those.
 On CUDA the collectives run on a side stream (shards.py) overlapping the compute.
+With `overlap_param_gather` stages 0-2 leave each chunk's post-update all-gather running after
+`step` and wait for it in a forward pre-hook (Megatron's `overlap_param_gather`); whatever
+reads parameters or masters outside a forward first waits for all of them (`wait_params`).
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ class ZeroModelStates:
             self._install_gather_hooks()
             for chunk in self.chunks:
                 self._release(chunk)
+        elif config.overlap_param_gather:
+            self._install_gather_hooks(wait_only=True)
 
     # ---- gather / release (stage 3) -------------------------------------------------------
     @property
@@ -143,20 +148,29 @@ class ZeroModelStates:
                 if not backward or chunk.backwards_owed:
                     self._gather(chunk, async_op=True)
 
-    def _install_gather_hooks(self) -> None:
+    def _install_gather_hooks(self, wait_only: bool = False) -> None:
+        """Stage 3: gather / prefetch / release around each unit. `wait_only` (stages 0-2 with
+        `overlap_param_gather`): only wait for the unit's pending post-update gathers."""
         last = len(self.units) - 1
         for index, unit in enumerate(self.units):
             module = unit if isinstance(unit, nn.Module) else getattr(self.model, "norm", None)
             if module is None:
                 continue
             self._hooks.append(module.register_forward_pre_hook(
-                lambda m, a, i=index: self._ensure(i, i + 1)))
+                (lambda m, a, i=index: self._wait_unit(i)) if wait_only
+                else (lambda m, a, i=index: self._ensure(i, i + 1))))
+            if wait_only:
+                continue
             if not isinstance(module, nn.Embedding):  # its backward never reads the weight
                 self._hooks.append(module.register_full_backward_pre_hook(
                     lambda m, g, i=index: self._ensure(i, i - 1)))
             if index != last:
                 self._hooks.append(module.register_forward_hook(
                     lambda m, a, o, i=index: self._release_after_forward(i)))
+
+    def _wait_unit(self, unit: int) -> None:
+        for chunk in self.unit_chunks[unit]:
+            self._wait(chunk)
 
     def _release_after_forward(self, unit: int) -> None:
         for chunk in self.unit_chunks[unit]:
@@ -274,6 +288,7 @@ class ZeroModelStates:
         if self._early.started() and self._early.announced[0] != lr:
             raise RuntimeError(f"ZeRO: step(lr={lr}), but begin_step announced "
                                f"lr={self._early.announced[0]}")
+        self.wait_params()  # a chunk no forward used may still be gathering into its master
         self.step_count += 1
         seconds = {True: 0.0, False: 0.0}  # on_cpu -> seconds of updates run here
         for chunk in self.chunks:
@@ -285,9 +300,20 @@ class ZeroModelStates:
                                                    device_s=seconds[False])
         for chunk in self.chunks:
             (chunk.full_grad if chunk.full_grad is not None else chunk.grad).zero_()
-            if self._keeps_full:
+        self._regather()
+
+    def _regather(self) -> None:
+        """Stages 0-2: refresh the full parameters from the masters (`overlap_param_gather`:
+        waited for before each chunk's first use, `_install_gather_hooks`)."""
+        if self._keeps_full:
+            for chunk in self.chunks:
                 chunk.gathered = False
-                self._gather(chunk)
+                self._gather(chunk, async_op=self.config.overlap_param_gather)
+
+    def wait_params(self) -> None:
+        """Wait for every pending gather: parameters and masters may then be read or written."""
+        for chunk in self.chunks:
+            self._wait(chunk)
 
     def _update(self, chunk: _Chunk, lr: float, step: int) -> None:
         """AdamW on the fp32 master shard; stage 3 then refreshes its compute-dtype shard
@@ -338,6 +364,7 @@ class ZeroModelStates:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Gather every parameter's master value (collective: all ranks of the group call it)."""
+        self.wait_params()
         out = {}
         for chunk in self.chunks:
             full = torch.empty(chunk.layout.numel, device=chunk.master.device)
@@ -355,6 +382,7 @@ class ZeroModelStates:
         views (`FlatShard`s) a checkpoint saves from and loads into in place."""
         from disttrain.checkpoint import packed_shards  # here: checkpoints are not ZeRO's concern
 
+        self.wait_params()  # fp32 stages 1-2: the master is a slice of the gathered buffer
         out: dict = {"optim.step": torch.tensor(self.step_count)}
         for chunk in self.chunks:
             size = chunk.master.numel()
@@ -367,6 +395,7 @@ class ZeroModelStates:
 
     def load_state_dict(self, state: dict) -> None:
         """Take a `state_dict()` a checkpoint was loaded into; refresh gathered parameters."""
+        self.wait_params()
         self.step_count = int(state["optim.step"])
         for key, live in self.state_dict().items():
             saved = getattr(state[key], "local", state[key])
@@ -375,11 +404,10 @@ class ZeroModelStates:
         for chunk in self.chunks:
             if chunk.shard is not None and chunk.shard is not chunk.master:
                 chunk.shard.copy_(chunk.master)
-            if self._keeps_full:
-                chunk.gathered = False
-                self._gather(chunk)
+        self._regather()
 
     def remove_hooks(self) -> None:
+        self.wait_params()  # no hook will wait for them any more
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()

@@ -18,10 +18,11 @@ def _reason(cand: dict, reason: str, shortfall: float | None = None) -> dict:
     return {"candidate": cand, "reason": reason, "shortfall_bytes": shortfall}
 
 
-TP_DIVIDED = ("num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size", "hidden_size")
+TP_DIVIDED = ("num_heads", "num_kv_heads", "ffn_hidden_size", "hidden_size")
 """Sizes the runtime's tensor parallelism divides evenly among the tp ranks
 (`disttrain.spec.tensor_parallel_error`; tests/test_tensor_parallel.py checks the two agree):
-no uneven shards, no replicated KV heads, no padded vocabulary."""
+no uneven shards, no replicated KV heads. The vocabulary is padded to a multiple of tp, as
+Megatron does, so any vocabulary splits."""
 
 
 def tp_problem(shape, tp: int, devices_per_node: int) -> str:

@@ -23,8 +23,9 @@ from planner.shapes import MODEL_PRESETS, ModelShape
 
 SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    ffn_hidden_size=48, vocab_size=64, max_seq_len=64)
-TIED = ModelShape(**{**SHAPE.__dict__, "tie_embeddings": True})
-GPT = SHAPE.replace(mlp="gelu", positions="learned", ffn_hidden_size=128)
+TIED = ModelShape(**{**SHAPE.__dict__, "tie_embeddings": True, "vocab_size": 61})
+GPT = SHAPE.replace(mlp="gelu", positions="learned", ffn_hidden_size=128, vocab_size=63)
+"""Odd vocabulary (as GPT-2's 50,257): tp2 pads embedding and head to 64 rows."""
 
 
 def _loss_and_grads(model, tokens, targets, loss_chunk_tokens=0):
@@ -77,7 +78,9 @@ def test_tensor_parallel_divisibility_errors_name_the_field():
     assert tensor_parallel_error(SHAPE, 2) is None
     assert tensor_parallel_error(SHAPE, 4) == "model.num_kv_heads (2) must be divisible by tp, got 4"
     odd_vocab = ModelShape(**{**SHAPE.__dict__, "vocab_size": 63})
-    assert tensor_parallel_error(odd_vocab, 2).startswith("model.vocab_size (63)")
+    assert tensor_parallel_error(odd_vocab, 2) is None          # padded to 64 rows
+    odd_ffn = ModelShape(**{**SHAPE.__dict__, "ffn_hidden_size": 47})
+    assert tensor_parallel_error(odd_ffn, 2).startswith("model.ffn_hidden_size (47)")
 
 
 def test_planner_offers_exactly_the_tp_degrees_the_runtime_accepts():

@@ -43,8 +43,9 @@ LAYOUT_TIME_LIMIT_S = 2.0
 LAYOUT_MAX_NODES = 500
 """Branch-and-bound nodes of each memory-layout MIP."""
 MAX_STAGE_MIPS = 16
-"""Work budget: once a plan is found, at most this many stage MIPs are solved in all (the
-LP-tightened bounds leave 1-3 layouts to solve on every published spec)."""
+"""Work budget: once a plan is found, at most this many stage MIPs are solved in all (with
+the LP-tightened bounds the published specs solve 1-5 stage MIPs free and 1-8 with the
+published layout fixed, pp8 being 8 stages)."""
 SEARCH_SAFETY_S = 60.0
 """Wall-clock safety cap of the search: once a plan is found, no new solve starts after it
 (reported in the plan's notes when hit; the plan then depends on the machine's speed)."""

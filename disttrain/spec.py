@@ -426,8 +426,9 @@ def _launched_hardware(section: ClusterSection, hw: HardwareSpec,
 
 def tensor_parallel_error(shape: ModelShape, tp: int) -> str | None:
     """Why `shape` cannot be split over `tp` tensor-parallel ranks (None when it can): heads,
-    kv heads, ffn, vocabulary and hidden features are each divided among the tp ranks."""
-    for name in ("num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size", "hidden_size"):
+    kv heads, ffn and hidden features are each divided among the tp ranks; the vocabulary is
+    padded to a multiple of tp (`disttrain.parallel.tensor.padded_vocab_size`)."""
+    for name in ("num_heads", "num_kv_heads", "ffn_hidden_size", "hidden_size"):
         if getattr(shape, name) % tp:
             return f"model.{name} ({getattr(shape, name)}) must be divisible by tp, got {tp}"
     return None

@@ -18,16 +18,23 @@ def _reason(cand: dict, reason: str, shortfall: float | None = None) -> dict:
     return {"candidate": cand, "reason": reason, "shortfall_bytes": shortfall}
 
 
+TP_DIVIDED = ("num_heads", "num_kv_heads", "ffn_hidden_size", "hidden_size")
+"""Sizes the runtime's tensor parallelism divides evenly among the tp ranks
+(`disttrain.spec.tensor_parallel_error`; tests/test_tensor_parallel.py checks the two agree):
+no uneven shards, no replicated KV heads. The vocabulary is padded to a multiple of tp, as
+Megatron does, so any vocabulary splits."""
+
+
 def tp_problem(shape, tp: int, devices_per_node: int) -> str:
-    """Why tensor parallelism of degree `tp` cannot split this model ('' when it can). Heads
-    must split evenly; KV heads split or are replicated (tp a multiple of them); the MLP
-    width and vocabulary may shard unevenly (the last shard is smaller)."""
+    """Why tensor parallelism of degree `tp` cannot split this model ('' when it can): the
+    TP group stays in a node, and every size in `TP_DIVIDED` must divide by tp, exactly
+    what the runtime refuses otherwise."""
     if tp > devices_per_node:
         return f"tp={tp} > {devices_per_node} devices per node (a TP group stays in a node)"
-    if shape.num_heads % tp:
-        return f"tp={tp} does not divide num_heads ({shape.num_heads})"
-    if shape.num_kv_heads % tp and tp % shape.num_kv_heads:
-        return f"tp={tp} and num_kv_heads ({shape.num_kv_heads}) do not divide one another"
+    for name in TP_DIVIDED:
+        if getattr(shape, name) % tp:
+            return (f"tp={tp} does not divide {name} ({getattr(shape, name)}): the runtime "
+                    f"splits it evenly over the tp ranks")
     return ""
 
 
@@ -96,11 +103,6 @@ def _add_layouts(request: PlanRequest, tp: int, dp: int, sp: int, pp: int, candi
                 if kind == "ulysses" and sp > heads:
                     cand_notes.append(f"Ulysses sp={sp} > KV heads per TP rank ({heads}): each rank "
                                       f"holds one replicated KV head ({sp // heads}x copies)")
-                for what, size in (("ffn_hidden_size", shape.ffn_hidden_size),
-                                   ("vocab_size", shape.vocab_size)):
-                    if size % tp:
-                        cand_notes.append(f"{what} {size} is not divisible by tp={tp}: uneven "
-                                          f"shards (largest {-(-size // tp)})")
                 if cand_notes:
                     notes[cand] = cand_notes
 

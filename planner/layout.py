@@ -119,9 +119,10 @@ def _offsets_from_order(blocks: list[Block], below: dict[tuple[int, int], bool])
     return {b.name: off for b, off in zip(blocks, offsets)}
 
 
-def solve_layout(blocks: list[Block], *, time_limit_s: float = 2.0, backend: str = "auto"
-                 ) -> Layout:
-    """Minimum-peak offsets for `blocks` (MIP, greedy fallback / incumbent)."""
+def solve_layout(blocks: list[Block], *, time_limit_s: float = 2.0, backend: str = "auto",
+                 max_nodes: int | None = None) -> Layout:
+    """Minimum-peak offsets for `blocks` (MIP, greedy fallback / incumbent); `max_nodes`
+    bounds the MIP's work, `time_limit_s` is a wall-clock safety cap."""
     if len({b.name for b in blocks}) != len(blocks):
         raise ValueError("blocks: names must be unique")
     live = max_live_bytes(blocks)
@@ -155,7 +156,8 @@ def solve_layout(blocks: list[Block], *, time_limit_s: float = 2.0, backend: str
             holder["below"] = below
         return model
 
-    _, result = solve_model(build, backend=backend, time_limit_s=time_limit_s, gap_rel=1e-4)
+    _, result = solve_model(build, backend=backend, time_limit_s=time_limit_s, gap_rel=1e-4,
+                            max_nodes=max_nodes)
     if result.has_solution:
         order = {pair: (var.value() or 0) > 0.5 for pair, var in holder["below"].items()}
         offsets = _offsets_from_order(blocks, order)
@@ -169,13 +171,15 @@ def solve_layout(blocks: list[Block], *, time_limit_s: float = 2.0, backend: str
 
 def plan_memory_layout(shape: ModelShape, dtype: str, tokens: int,
                        activations: tuple[LayerActivationPlan, ...], *,
-                       time_limit_s: float = 2.0, backend: str = "auto") -> dict:
+                       time_limit_s: float = 2.0, backend: str = "auto",
+                       max_nodes: int | None = None) -> dict:
     """Bi-level layout for one microbatch of a stage: inner layer arena, then layers."""
     tensors = layer_tensor_lifetimes(shape, dtype, tokens)
     kept_kinds = ("input", "attention_output")
     inner_blocks = [Block(name=t.name, size_bytes=t.size_bytes, start=t.start, end=t.end)
                     for t in tensors if t.kind not in kept_kinds]
-    inner = solve_layout(inner_blocks, time_limit_s=time_limit_s, backend=backend)
+    inner = solve_layout(inner_blocks, time_limit_s=time_limit_s, backend=backend,
+                         max_nodes=max_nodes)
     kept = {kind: sum(t.size_bytes for t in tensors if t.kind == kind) for kind in kept_kinds}
     plain = sum(t.size_bytes for t in tensors if t.kind != "transient")
     count = len(activations)
@@ -187,7 +191,8 @@ def plan_memory_layout(shape: ModelShape, dtype: str, tokens: int,
             + (0 if act.swap_attention_output else kept["attention_output"]))
         outer_blocks.append(Block(name=f"layer_{index}_kept", size_bytes=size, start=index,
                                   end=2 * count - 1 - index))
-    outer = solve_layout(outer_blocks, time_limit_s=time_limit_s, backend=backend)
+    outer = solve_layout(outer_blocks, time_limit_s=time_limit_s, backend=backend,
+                         max_nodes=max_nodes)
     for level, layout, blocks in (("inner", inner, inner_blocks), ("outer", outer, outer_blocks)):
         problems = check_layout(blocks, layout.offsets)
         assert not problems, f"{level} layout overlaps: {problems[:3]}"

@@ -66,7 +66,9 @@ class PlanRequest:
     solver: str = "auto"
     """'auto' (HiGHS, CBC fallback), 'highs' or 'cbc'."""
     time_limit_s: float = 10.0
-    """Wall-time limit of each MIP solve."""
+    """Wall-clock safety cap of each MIP solve: the solves stop on work limits (nodes), so
+    the plan does not depend on the machine's load unless this cap is hit (then the plan's
+    notes say so)."""
     attention_fraction: float | None = None
     """Packed documents: mean over packed sequences of sum(doc_len^2) / seq_len^2, the share
     of a full causal seq_len x seq_len attention that document masking leaves (measured on

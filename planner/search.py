@@ -1,14 +1,23 @@
 """Outer search: every candidate layout, pruned by bounds, the best MIP result as a Plan.
 
 Candidates that cannot fit even with every activation swapped and every chunk on the CPU
-are rejected before any solve, with the numbers; the rest are solved in order of a step-
-time lower bound (no recompute, nothing exposed), and the search stops solving once that
-bound reaches the best predicted step time found. Every rejected or pruned candidate keeps
-its reason.
+are rejected before any solve, with the numbers. The rest are searched best-first: each
+starts with a cheap step-time lower bound (no recompute, nothing exposed); when it comes up,
+its stage MIPs' LP relaxations tighten the bound (within about 1% of the MIP), and only when
+that tightened bound comes up is the MIP solved. The search stops once the lowest bound left
+reaches the best predicted step time found, so every layout left out provably cannot beat
+the plan (to within the MIP gap). Every rejected or pruned candidate keeps its reason.
+
+The plan is a function of the request and the profile, not of the machine's load: the
+order is fixed (bound, then enumeration order), the MIPs stop on work limits
+(`planner.mip.STAGE_MAX_NODES`), and the search on a count of stage MIPs
+(`MAX_STAGE_MIPS`). Wall-clock limits remain only as safety caps (`SEARCH_SAFETY_S`, the
+request's `time_limit_s` per solve), and a plan says so in its notes when one was hit.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from dataclasses import dataclass
@@ -21,7 +30,8 @@ from planner.costmodel import (Candidate, CostParams, StepTime, model_state_byte
                                stage_layer_ranges, step_time, throughput)
 from planner.heuristic import quick_stage_bound
 from planner.layout import plan_memory_layout
-from planner.mip import NoSolution, StageEvaluation, StageProblem, StageSolution, solve_stage
+from planner.mip import (NoSolution, StageEvaluation, StageProblem, StageSolution, solve_stage,
+                         stage_lower_bound)
 from planner.outer import device_categories
 from planner.plan import (OUTER_NAMES, LayerActivationPlan, ModelStatePlan, ParallelPlan, Plan,
                           Prediction, SolverInfo, TilingPlan)
@@ -30,13 +40,16 @@ from planner.trial import layout_key
 from planner.shapes import DTYPE_BYTES
 
 LAYOUT_TIME_LIMIT_S = 2.0
-"""Wall-time limit of each memory-layout MIP."""
-SEARCH_BUDGET_S = 5.0
-"""Once a plan is found, no new stage MIP starts after this many seconds of solving, and
-each solve is limited to what is left of it (at least MIN_SOLVE_S): the solver's status and
-gap then say how good the returned policy is."""
-MIN_SOLVE_S = 3.0
-SOLVE_CAP = True
+"""Wall-clock safety cap of each memory-layout MIP (its work limit: LAYOUT_MAX_NODES)."""
+LAYOUT_MAX_NODES = 500
+"""Branch-and-bound nodes of each memory-layout MIP."""
+MAX_STAGE_MIPS = 16
+"""Work budget: once a plan is found, at most this many stage MIPs are solved in all (with
+the LP-tightened bounds the published specs solve 1-5 stage MIPs free and 1-8 with the
+published layout fixed, pp8 being 8 stages)."""
+SEARCH_SAFETY_S = 60.0
+"""Wall-clock safety cap of the search: once a plan is found, no new solve starts after it
+(reported in the plan's notes when hit; the plan then depends on the machine's speed)."""
 
 
 def _unchunked_states_bytes(request: PlanRequest, cand: Candidate) -> float:
@@ -106,6 +119,31 @@ def _lower_bound(cand: Candidate, setups: list[StageSetup]) -> float:
     return max(slots * (sum(lc.forward_s + lc.backward_s for lc in s.problem.layers)
                         + s.head_compute_s + s.comm_microbatch_s) + s.comm_step_s
                for s in setups)
+
+
+def _relaxed_bound(request: PlanRequest, cand: Candidate, setups: tuple[StageSetup, ...],
+                   bounds: dict, summary: dict) -> tuple[float, tuple[str, float] | None]:
+    """(a lower bound on the layout's step time from its stages' LP relaxations, None) or
+    (inf, the infeasibility reason) when a relaxation has no solution (nor has the MIP).
+
+    The MIP weighs a microbatch by slots = m + p - 1; the step by m + (p - 1)/v
+    (`compose_step`), at most as much, so the bound is scaled by their ratio."""
+    totals = []
+    for index, setup in enumerate(setups):
+        if setup.problem not in bounds:
+            value, result = stage_lower_bound(setup.problem, backend=request.solver,
+                                              time_limit_s=request.time_limit_s)
+            summary["relaxations"] += 1
+            summary["backend"] = result.backend
+            if not math.isfinite(value):
+                return math.inf, _infeasible_reason(setup.problem, setup, index,
+                                                    f"LP relaxation: {result.status}")
+            bounds[setup.problem] = value
+        problem = setup.problem
+        totals.append(bounds[problem] + problem.slots * (setup.head_compute_s + setup.comm_microbatch_s)
+                      + setup.comm_step_s + setup.fixed_optimizer_s)
+    slots = setups[0].problem.slots
+    return (cand.num_microbatches + (cand.pp - 1) / cand.virtual) / slots * max(totals), None
 
 
 def _infeasible_reason(problem: StageProblem, setup: StageSetup, index: int, status: str) -> tuple[str, float]:
@@ -184,29 +222,53 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
     ranked.sort(key=lambda item: item[0])
     best: Outcome | None = None
     cache: dict[StageProblem, StageSolution | NoSolution] = {}
-    summary = {"solves": 0, "backend": "none", "statuses": [], "gaps": [], "notes": notes}
+    bounds: dict[StageProblem, float] = {}
+    summary = {"solves": 0, "relaxations": 0, "backend": "none", "statuses": [], "gaps": [],
+               "notes": notes, "limits": []}
     upper = _quick_upper_bound(ranked, corrections or {})
     start = time.perf_counter()
-    for bound, cand, setups, tiling in ranked:
+    # best-first: (bound, enumeration order, LP-tightened?) ; a cheap bound is tightened by
+    # the stage LP relaxations before the layout's MIPs are solved
+    heap = [(bound, order, False) for order, (bound, *_rest) in enumerate(ranked)]
+    heapq.heapify(heap)
+    safety_hit = False
+    while heap:
+        bound, order, tightened = heapq.heappop(heap)
+        _, cand, setups, tiling = ranked[order]
+        factor = (corrections or {}).get(layout_key(cand), 1.0)
         target = min(upper, best.step.total) if best is not None else upper
+        kind = "LP-relaxation" if tightened else "step-time"
         if (best is not None and bound >= best.step.total) or bound > upper * (1 + 1e-9):
             rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": None,
-                             "reason": f"pruned: step-time lower bound {bound:.3g} s >= a feasible "
-                                       f"plan's {target:.3g} s"})
+                             "reason": f"pruned: {kind} lower bound {bound:.4g} s >= a feasible "
+                                       f"plan's {target:.4g} s"})
             continue
-        if best is not None and time.perf_counter() - start > SEARCH_BUDGET_S:
+        if best is not None and time.perf_counter() - start > SEARCH_SAFETY_S:
+            safety_hit = True
             rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": None,
-                             "reason": f"not solved: search budget {SEARCH_BUDGET_S:.0f} s spent "
-                                       f"(lower bound {bound:.3g} s vs best {best.step.total:.3g} s)"})
+                             "reason": f"not solved: wall-clock safety cap {SEARCH_SAFETY_S:.0f} s "
+                                       f"reached ({kind} lower bound {bound:.4g} s)"})
+            continue
+        if not tightened:
+            lp, failure = _relaxed_bound(request, cand, setups, bounds, summary)
+            if failure:
+                rejected.append({"candidate": cand.to_dict(), "reason": failure[0],
+                                 "shortfall_bytes": failure[1]})
+            else:
+                heapq.heappush(heap, (max(bound, factor * lp), order, True))
+            continue
+        if best is not None and summary["solves"] >= MAX_STAGE_MIPS:
+            rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": None,
+                             "reason": f"not solved: work budget of {MAX_STAGE_MIPS} stage MIPs spent "
+                                       f"(LP-relaxation lower bound {bound:.4g} s vs best "
+                                       f"{best.step.total:.4g} s)"})
             continue
         solutions, failure = [], None
         for index, setup in enumerate(setups):
             if setup.problem not in cache:
                 try:
-                    # the whole search stays near its budget: a late solve gets what is left
-                    left = max(MIN_SOLVE_S, SEARCH_BUDGET_S - (time.perf_counter() - start))
                     cache[setup.problem] = solve_stage(setup.problem, backend=request.solver,
-                                                       time_limit_s=min(request.time_limit_s, left if SOLVE_CAP else request.time_limit_s),
+                                                       time_limit_s=request.time_limit_s,
                                                        gap_rel=gap_rel)
                 except NoSolution as exc:
                     cache[setup.problem] = exc
@@ -214,6 +276,9 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
             result = cache[setup.problem]
             solve = result.result if isinstance(result, NoSolution) else result.solve
             summary["backend"] = solve.backend
+            if solve.stopped_by == "time limit":
+                summary["limits"].append(f"a stage MIP of {layout_key(cand)} stopped at its "
+                                         f"wall-clock cap ({request.time_limit_s:g} s)")
             if isinstance(result, NoSolution):
                 failure = _infeasible_reason(setup.problem, setup, index, solve.status)
                 break
@@ -222,8 +287,7 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
             rejected.append({"candidate": cand.to_dict(), "reason": failure[0], "shortfall_bytes": failure[1]})
             continue
         evaluations = [s.evaluation for s in solutions]
-        step = _corrected(compose_step(cand, setups, evaluations),
-                          (corrections or {}).get(layout_key(cand), 1.0))
+        step = _corrected(compose_step(cand, setups, evaluations), factor)
         worst_mem = max(range(len(setups)), key=lambda i: evaluations[i].device_bytes)
         outcome = Outcome(cand=cand, setups=setups, solutions=tuple(solutions), tiling=tiling,
                           step=step, worst_memory_stage=worst_mem)
@@ -236,11 +300,15 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
             tie = " (within 0.1%: the simpler layout is kept)" if step.total <= best.step.total else ""
             rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": None,
                              "reason": f"not chosen: {step.total:.4g} s per step vs {best.step.total:.4g} s{tie}"})
+    if safety_hit:
+        summary["limits"].append(f"search stopped at its wall-clock safety cap ({SEARCH_SAFETY_S:.0f} s): "
+                                 f"the layouts left unsolved are listed as 'not solved'")
     if best is not None:
         summary["notes"] = {**notes, best.cand: notes.get(best.cand, []) + sorted(
             {s.solve.note for s in best.solutions if s.solve.note})}
         summary["statuses"] = [s.solve.status for s in best.solutions]
         summary["gaps"] = [s.solve.gap for s in best.solutions]
+        summary["notes"][best.cand] += sorted(set(summary["limits"]))
     return best, rejected, summary
 
 
@@ -339,7 +407,7 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
         stage0 = best.solutions[0].activations
         layout = plan_memory_layout(shape, request.dtype, tokens, stage0,
                                     time_limit_s=min(LAYOUT_TIME_LIMIT_S, request.time_limit_s),
-                                    backend=request.solver)
+                                    max_nodes=LAYOUT_MAX_NODES, backend=request.solver)
     gaps = [g for g in summary["gaps"] if math.isfinite(g)]
     return Plan(
         feasible=True, **common,
@@ -366,7 +434,8 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
                           objective=best.step.total, solve_time_s=time.perf_counter() - start,
                           gap=max(gaps) if len(gaps) == len(summary["gaps"]) else 1.0),
         notes=tuple(summary["notes"].get(cand, ())) + (_attention_note(request),
-            f"{summary['solves']} stage MIPs solved; worst device use {gib(worst.device_bytes)}",))
+            f"{summary['solves']} stage MIPs and {summary['relaxations']} LP relaxations solved; "
+            f"worst device use {gib(worst.device_bytes)}",))
 
 
 def _tp_overlap_chunks(best) -> int:

@@ -4,6 +4,10 @@ At a time limit CBC still reports LpStatus "Optimal"; only `problem.sol_status` 
 "Solution Found" from "Optimal Solution Found", so that is what is read here. The gap comes
 from HiGHS' own `mip_gap`; for CBC it is measured against the LP relaxation (a valid
 lower bound), which the caller's builder produces with `relax=True`.
+
+A solve is a function of the model and its work limits, not of the machine's load: HiGHS runs
+on one thread with a fixed random seed and stops on a node limit (`max_nodes`); the time
+limit is only a wall-clock safety cap, and `SolveResult.stopped_by` says when it was hit.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class SolveResult:
     """Relative gap to the best bound (0 when proven optimal at gap 0; inf when unknown)."""
     solve_time_s: float
     """Wall time of the solve (including the relaxation bound for CBC)."""
+    stopped_by: str = ""
+    """'' (the solver finished), 'node limit' (the deterministic work limit) or 'time limit'
+    (the wall-clock safety cap: the result may then depend on the machine's load)."""
     note: str = ""
     """Why the backend differs from the one asked for (HiGHS failing over to CBC), if it does."""
 
@@ -60,12 +67,43 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def _solver(backend: str, time_limit_s: float, gap_rel: float, gap_abs: float | None):
+class _HiGHS(pulp.HiGHS):
+    """pulp's HiGHS that also reads HiGHS' node-limit status (pulp has no entry for
+    kSolutionLimit and raises KeyError): a solution found before the limit is kept."""
+
+    def findSolutionValues(self, lp):
+        try:
+            return super().findSolutionValues(lp)
+        except KeyError:
+            import highspy
+            if lp.solverModel.getModelStatus() != highspy.HighsModelStatus.kSolutionLimit:
+                raise
+            found = lp.solverModel.getInfo().primal_solution_status == 2   # feasible
+            return (pulp.LpStatusOptimal if found else pulp.LpStatusNotSolved,
+                    pulp.LpSolutionIntegerFeasible if found else pulp.LpSolutionNoSolutionFound)
+
+
+def _solver(backend: str, time_limit_s: float, gap_rel: float, gap_abs: float | None,
+            max_nodes: int | None = None):
     if backend == "highs":
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap_rel, gapAbs=gap_abs,
-                          threads=1)
+        limits = {} if max_nodes is None else {"mip_max_nodes": int(max_nodes)}
+        return _HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap_rel, gapAbs=gap_abs,
+                      threads=1, random_seed=0, **limits)
+    limits = {} if max_nodes is None else {"maxNodes": int(max_nodes)}
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, math.ceil(time_limit_s)),
-                             gapRel=gap_rel, gapAbs=gap_abs, threads=1)
+                             gapRel=gap_rel, gapAbs=gap_abs, threads=1, **limits)
+
+
+def _stopped_by(problem: pulp.LpProblem, backend: str, elapsed_s: float, time_limit_s: float) -> str:
+    """Which limit ended the solve ('' when the solver finished on its own)."""
+    if backend == "highs":
+        import highspy
+        status = problem.solverModel.getModelStatus()
+        return {highspy.HighsModelStatus.kTimeLimit: "time limit",
+                highspy.HighsModelStatus.kSolutionLimit: "node limit"}.get(status, "")
+    # CBC does not say: an unproven result after the time cap is the cap's doing
+    finished = problem.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionInfeasible)
+    return "" if finished or elapsed_s < time_limit_s else "time limit"
 
 
 @contextlib.contextmanager
@@ -84,13 +122,14 @@ def _stdout_to_stderr():
 
 
 def solve_model(build: Callable[[bool], pulp.LpProblem], *, backend: str = "auto",
-                time_limit_s: float = 10.0, gap_rel: float = 1e-4, gap_abs: float | None = None
-                ) -> tuple[pulp.LpProblem, SolveResult]:
+                time_limit_s: float = 10.0, gap_rel: float = 1e-4, gap_abs: float | None = None,
+                max_nodes: int | None = None) -> tuple[pulp.LpProblem, SolveResult]:
     """Build the model (`build(relax=False)`), solve it and report status, objective, gap.
 
     pulp hands HiGHS the objective without its constant term, so HiGHS' own relative gap is
     relative to the variable part; the gap reported here is (objective - bound) over the
     whole objective, and `gap_abs` (seconds, say) lets the solve stop on that scale.
+    `max_nodes` bounds the branch-and-bound work; `time_limit_s` is a wall-clock safety cap.
     """
     if time_limit_s <= 0:
         raise ValueError(f"time_limit_s: must be positive, got {time_limit_s}")
@@ -99,14 +138,15 @@ def solve_model(build: Callable[[bool], pulp.LpProblem], *, backend: str = "auto
     problem, note = build(False), ""
     try:
         with _stdout_to_stderr():
-            problem.solve(_solver(name, time_limit_s, gap_rel, gap_abs))
+            problem.solve(_solver(name, time_limit_s, gap_rel, gap_abs, max_nodes))
     except pulp.PulpSolverError as exc:
         if backend != "auto" or name != "highs":
             raise
         note, name = f"HiGHS failed ({exc}); solved with CBC", "cbc"
         problem = build(False)
-        problem.solve(_solver(name, time_limit_s, gap_rel, gap_abs))
+        problem.solve(_solver(name, time_limit_s, gap_rel, gap_abs, max_nodes))
     code = problem.sol_status
+    stopped_by = _stopped_by(problem, name, time.perf_counter() - start, time_limit_s)
     has_solution = code in SOLUTION_FOUND
     objective = pulp.value(problem.objective) if has_solution else math.inf
     objective = float(objective or 0.0) if has_solution else math.inf
@@ -119,7 +159,7 @@ def solve_model(build: Callable[[bool], pulp.LpProblem], *, backend: str = "auto
             gap = max(0.0, distance) / max(abs(objective), 1e-12) if math.isfinite(distance) else math.inf
     elif has_solution:
         relaxed = build(True)
-        relaxed.solve(_solver(name, time_limit_s, gap_rel, gap_abs))
+        relaxed.solve(_solver(name, time_limit_s, gap_rel, gap_abs, max_nodes))
         if relaxed.sol_status == pulp.LpSolutionOptimal:
             bound = float(pulp.value(relaxed.objective) or 0.0)
             gap = max(0.0, objective - bound) / max(abs(objective), 1e-12)
@@ -127,4 +167,4 @@ def solve_model(build: Callable[[bool], pulp.LpProblem], *, backend: str = "auto
         backend=name, status=pulp.LpSolution[code], has_solution=has_solution,
         proven_optimal=code == pulp.LpSolutionOptimal,
         infeasible=code == pulp.LpSolutionInfeasible, objective=objective, gap=gap,
-        solve_time_s=time.perf_counter() - start, note=note)
+        solve_time_s=time.perf_counter() - start, stopped_by=stopped_by, note=note)

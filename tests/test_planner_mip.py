@@ -204,3 +204,15 @@ def test_cpu_optimizer_is_exposed_when_it_cannot_overlap():
     assert overlapped == pytest.approx(max(0.0, 2 * 3.0 - backward))
     serial = evaluate_stage(replace(problem, cpu_optimizer_overlap=False), keep, 0, 2).optimizer_s
     assert serial == pytest.approx(2 * 3.0) and serial > overlapped
+
+
+@pytest.mark.skipif(not highs_available(), reason="highspy not importable")
+def test_highs_node_limit_is_deterministic_and_reported():
+    # the work limit, not the clock, ends the solve: the same answer twice, and it says so
+    runs = [solve_model(_market_split, backend="highs", time_limit_s=60, gap_rel=0.0, max_nodes=3)[1]
+            for _ in range(2)]
+    assert runs[0].stopped_by == runs[1].stopped_by == "node limit"
+    assert runs[0].has_solution and not runs[0].proven_optimal and runs[0].status == "Solution Found"
+    assert runs[0].objective == runs[1].objective and runs[0].gap == runs[1].gap
+    _, capped = solve_model(_market_split, backend="highs", time_limit_s=0.05, gap_rel=0.0)
+    assert capped.stopped_by == "time limit"

@@ -101,7 +101,10 @@ BAD = [
     ({"cluster": {"devices_per_node": 3}, "parallel": {"tp": 3}, "launch": {"launcher": "torchrun"}},
      "parallel.tp: model.num_heads (4) must be divisible by tp, got 3"),
     ({"cluster": {"devices_per_node": 2}, "parallel": {"tp": 2}, "launch": {"launcher": "torchrun"}},
-     "parallel.tp: model.vocab_size (259) must be divisible by tp, got 2"),
+     None),  # valid: the vocabulary (259) is padded to a multiple of tp
+    ({"cluster": {"devices_per_node": 2}, "parallel": {"tp": 2}, "model": {"ffn_hidden_size": 351},
+      "launch": {"launcher": "torchrun"}},
+     "parallel.tp: model.ffn_hidden_size (351) must be divisible by tp, got 2"),
     ({"cluster": {"devices_per_node": 4}, "parallel": {"dp": 1, "sp": 1, "pp": 1, "tp": 2},
       "model": {"vocab_size": 260}, "launch": {"launcher": "torchrun"}},
      "parallel: dp*sp*pp*tp = 2 must equal"),

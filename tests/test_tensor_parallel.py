@@ -18,12 +18,14 @@ from disttrain.spec import tensor_parallel_error
 from disttrain.tiling import apply_mlp_tiling
 from lm_batches import random_batch
 from planner.collectives import tp_step_bytes
-from planner.shapes import ModelShape
+from planner.grid import tp_problem
+from planner.shapes import MODEL_PRESETS, ModelShape
 
 SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    ffn_hidden_size=48, vocab_size=64, max_seq_len=64)
-TIED = ModelShape(**{**SHAPE.__dict__, "tie_embeddings": True})
-GPT = SHAPE.replace(mlp="gelu", positions="learned", ffn_hidden_size=128)
+TIED = ModelShape(**{**SHAPE.__dict__, "tie_embeddings": True, "vocab_size": 61})
+GPT = SHAPE.replace(mlp="gelu", positions="learned", ffn_hidden_size=128, vocab_size=63)
+"""Odd vocabulary (as GPT-2's 50,257): tp2 pads embedding and head to 64 rows."""
 
 
 def _loss_and_grads(model, tokens, targets, loss_chunk_tokens=0):
@@ -76,4 +78,19 @@ def test_tensor_parallel_divisibility_errors_name_the_field():
     assert tensor_parallel_error(SHAPE, 2) is None
     assert tensor_parallel_error(SHAPE, 4) == "model.num_kv_heads (2) must be divisible by tp, got 4"
     odd_vocab = ModelShape(**{**SHAPE.__dict__, "vocab_size": 63})
-    assert tensor_parallel_error(odd_vocab, 2).startswith("model.vocab_size (63)")
+    assert tensor_parallel_error(odd_vocab, 2) is None          # padded to 64 rows
+    odd_ffn = ModelShape(**{**SHAPE.__dict__, "ffn_hidden_size": 47})
+    assert tensor_parallel_error(odd_ffn, 2).startswith("model.ffn_hidden_size (47)")
+
+
+def test_planner_offers_exactly_the_tp_degrees_the_runtime_accepts():
+    # the planner must not pick a layout the runtime then refuses (nor refuse one it runs)
+    shapes = [SHAPE, GPT, *MODEL_PRESETS.values()]
+    shapes += [SHAPE.replace(**{name: value}) for name, value in (
+        ("vocab_size", 63), ("vocab_size", 50257), ("vocab_size", 66), ("ffn_hidden_size", 44),
+        ("num_kv_heads", 1), ("hidden_size", 40))]
+    shapes.append(SHAPE.replace(hidden_size=48, num_heads=3, num_kv_heads=1))
+    for shape in shapes:
+        for tp in range(1, 9):
+            planner_ok = tp_problem(shape, tp, devices_per_node=8) == ""
+            assert planner_ok == (tensor_parallel_error(shape, tp) is None), (shape, tp)

@@ -21,13 +21,17 @@ from planner.plan import LayerActivationPlan, Plan
 STEPS = 3
 MODEL = {"preset": "tiny", "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,
          "ffn_hidden_size": 96, "vocab_size": 260}
+ODD_VOCAB = {**MODEL, "vocab_size": 259}
+"""The tiny preset's odd vocabulary: tp2 pads the embedding and head to 260 rows, and the
+checkpoint must still hold 259 rows (it resumes at tp1). (Losses and gradients with odd
+vocabularies: tests/test_tensor_parallel.py.)"""
 SWAP = (LayerActivationPlan(swap_fraction=0.5, swap_input=True, swap_attention_output=True),
         LayerActivationPlan(swap_fraction=0.25))
 
 
-def _spec(tmp, name, world, steps=STEPS, **parallel):
+def _spec(tmp, name, world, steps=STEPS, model=MODEL, **parallel):
     return merge(TINY_JOB, {
-        "model": MODEL,
+        "model": model,
         "train": {"steps": steps, "seq_len": 32, "global_batch_size": 4, "micro_batch_size": 2,
                   "checkpoint_every": 0, "warmup_steps": 1},
         "cluster": {"devices_per_node": world},
@@ -116,15 +120,16 @@ def _checkpointing_worker(rank, world, spec, plan_dict):
 
 @pytest.mark.slow
 def test_tp2_checkpoint_resumes_at_tp1_and_loads_full_shaped(tmp_path):
-    spec = _spec(tmp_path, "ckpt", 2, steps=4, dp=1, sp=1, pp=1, tp=2, zero_stage=3)
+    spec = _spec(tmp_path, "ckpt", 2, steps=4, model=ODD_VOCAB, dp=1, sp=1, pp=1, tp=2, zero_stage=3)
     spec["train"]["checkpoint_every"] = 2
     losses = spawn_ranks(_checkpointing_worker, 2, spec, _plan(spec, 2).to_dict())[0]
     step_dir = tmp_path / "ckpt" / "checkpoints" / "step_0000002"
     full = load_full_model_state(step_dir)
-    ref = Trainer(job_from_dict(_spec(tmp_path, "shape", 1))).model
+    ref = Trainer(job_from_dict(_spec(tmp_path, "shape", 1, model=ODD_VOCAB))).model
     assert {n: tuple(v.shape) for n, v in full.items()} == \
         {n: tuple(p.shape) for n, p in ref.named_parameters()}
-    resumed_spec = _spec(tmp_path, "ckpt", 1, steps=4, dp=1, sp=1, pp=1, tp=1, zero_stage=3)
+    resumed_spec = _spec(tmp_path, "ckpt", 1, steps=4, model=ODD_VOCAB, dp=1, sp=1, pp=1, tp=1,
+                         zero_stage=3)
     resumed = Trainer(job_from_dict(resumed_spec), _plan(resumed_spec, 1))
     result = resumed.run(resume_from=step_dir)
     assert result.first_step == 3

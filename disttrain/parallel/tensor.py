@@ -33,6 +33,8 @@ collective overlaps block i-1's / i+1's GEMM and only the first (or last) block'
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -75,6 +77,9 @@ class TensorParallel(CommCounter):
         """Tensor-parallel degree."""
         self.rank = dist.get_rank(group)
         """This rank's index in the tp group: it holds shard `rank` of every parameter."""
+        self.vocab_size: int | None = None
+        """The model's true vocabulary (set by `apply_tensor_parallel`): the embedding and
+        head rows are padded to a multiple of tp, and rows from here on are padding."""
         CommCounter.__init__(self, COMM_KINDS)
 
     def _count_collective(self, kind: str, t: torch.Tensor) -> None:
@@ -239,23 +244,25 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """sum over tokens of cross_entropy(all_gather(h_Th) @ W_vH^T, target) with the logits
     split over the vocabulary (Megatron's loss parallel): per token chunk, the max and the
     sum of exponentials and the target logit are all-reduced; only `chunk` x v logits exist
-    at a time. Saves the hidden shard, W and the per-token log-sum-exp."""
+    at a time. Logits of padded vocabulary rows (`_real_rows`) are -inf: they take no
+    probability and get no gradient. Saves the hidden shard, W and the per-token log-sum-exp."""
 
     @staticmethod
     def forward(ctx, tp: TensorParallel, h_Th, weight_vH, targets_T, chunk: int):
         h_TH = tp.gather_hidden(h_Th)
-        vocab = weight_vH.shape[0]
+        vocab, real = weight_vH.shape[0], _real_rows(tp, weight_vH.shape[0])
         local_T = targets_T - tp.rank * vocab
         inside_T = (local_T >= 0) & (local_T < vocab)
         lse_T = torch.empty(h_TH.shape[0], dtype=torch.float32, device=h_TH.device)
         total = torch.zeros((), dtype=torch.float32, device=h_TH.device)
         for s in range(0, h_TH.shape[0], chunk):
             logits = F.linear(h_TH[s:s + chunk], weight_vH).float()
+            logits[:, real:] = -torch.inf
             peak = tp.all_reduce(logits.max(-1).values, dist.ReduceOp.MAX)
             rows = torch.arange(logits.shape[0], device=logits.device)
             picked = logits[rows, local_T[s:s + chunk].clamp(0, vocab - 1)]
             sums = tp.all_reduce(torch.stack([(logits - peak[:, None]).exp().sum(-1),
-                                              picked * inside_T[s:s + chunk]]))
+                                              torch.where(inside_T[s:s + chunk], picked, 0.0)]))
             lse_T[s:s + chunk] = peak + sums[0].log()
             total += (lse_T[s:s + chunk] - sums[1]).sum()
         ctx.tp, ctx.chunk = tp, chunk
@@ -266,11 +273,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         h_Th, weight_vH, local_T, inside_T, lse_T = ctx.saved_tensors
         h_TH = ctx.tp.gather_hidden(h_Th)
+        real = _real_rows(ctx.tp, weight_vH.shape[0])
         grad_h = torch.empty(h_TH.shape, dtype=torch.float32, device=h_TH.device)
         grad_w = torch.zeros(weight_vH.shape, dtype=torch.float32, device=weight_vH.device)
         for s in range(0, h_TH.shape[0], ctx.chunk):
             h = h_TH[s:s + ctx.chunk]
-            dlogits = (F.linear(h, weight_vH).float() - lse_T[s:s + ctx.chunk, None]).exp()
+            logits = F.linear(h, weight_vH).float()
+            logits[:, real:] = -torch.inf
+            dlogits = (logits - lse_T[s:s + ctx.chunk, None]).exp()
             rows = torch.nonzero(inside_T[s:s + ctx.chunk]).flatten()
             dlogits[rows, local_T[s:s + ctx.chunk][rows]] -= 1
             dlogits *= grad_total
@@ -290,6 +300,26 @@ def vocab_parallel_lm_loss(tp: TensorParallel, hidden_BSh: torch.Tensor, weight_
     chunk = chunk_tokens if chunk_tokens > 0 else max(1, hidden_Th.shape[0])
     total = _VocabParallelCrossEntropy.apply(tp, hidden_Th, weight_vH, targets_T, chunk)
     return total / targets_T.numel()
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """The vocabulary rounded up to a multiple of tp, as the embedding and head are held
+    under tensor parallelism (Megatron pads to a multiple of 128 x tp for GEMM efficiency,
+    `make_vocab_size_divisible_by`; a multiple of tp is what splitting needs)."""
+    return -(-vocab_size // tp) * tp
+
+
+def _real_rows(tp: TensorParallel, rows: int) -> int:
+    """How many of this rank's `rows` vocabulary rows are real (not padding)."""
+    if tp.vocab_size is None:
+        return rows
+    return max(0, min(rows, tp.vocab_size - tp.rank * rows))
+
+
+def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` with zero rows appended up to `rows` (padding of the vocabulary)."""
+    extra = rows - weight.shape[0]
+    return weight if extra == 0 else torch.cat([weight.detach(), weight.new_zeros(extra, *weight.shape[1:])])
 
 
 def _shard(weight: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
@@ -331,13 +361,16 @@ def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None,
             mlp.gate_proj = ColumnParallelLinear(tp, _shard(mlp.gate_proj.weight, 0, tp), gate_up)
         mlp.up_proj = ColumnParallelLinear(tp, _shard(mlp.up_proj.weight, 0, tp), gate_up)
         mlp.down_proj = RowParallelLinear(tp, _shard(mlp.down_proj.weight, 1, tp))
-    model.embed = VocabParallelEmbedding(tp, _shard(model.embed.weight, 0, tp))
+    tp.vocab_size = shape.vocab_size
+    vocab = padded_vocab_size(shape.vocab_size, tp.size)
+    model.embed = VocabParallelEmbedding(tp, _shard(_pad_rows(model.embed.weight, vocab), 0, tp))
     if model.pos_embed is not None:  # learned positions: this rank's h features of each row
         model.pos_embed = nn.Embedding.from_pretrained(_shard(model.pos_embed.weight, 1, tp),
                                                        freeze=False)
     model.norm = norm(model.norm)
     if model.head is not None:
-        model.head = ColumnParallelLinear(tp, _shard(model.head.weight, 0, tp), _Siblings())
+        model.head = ColumnParallelLinear(tp, _shard(_pad_rows(model.head.weight, vocab), 0, tp),
+                                          _Siblings())
     model.tensor_parallel = tp
     return tp
 
@@ -358,8 +391,20 @@ def tp_checkpoint_state(state: dict, tp: TensorParallel) -> dict:
         origin[dim] = tp.rank * value.shape[dim]
         full = list(value.shape)
         full[dim] *= tp.size
-        out[key] = FlatShard(value.shape, value.start, value.local, tuple(origin), tuple(full))
+        shape, local = value.shape, value.local
+        if _is_vocab_sharded(name):   # leave the padded rows out: the key has the true vocabulary
+            full[0] = tp.vocab_size
+            shape = (_real_rows(tp, value.shape[0]), *value.shape[1:])
+            keep = max(0, min(local.numel(), math.prod(shape) - value.start))
+            if keep == 0:
+                continue
+            local = local[:keep]
+        out[key] = FlatShard(tuple(shape), value.start, local, tuple(origin), tuple(full))
     return out
+
+
+def _is_vocab_sharded(name: str) -> bool:
+    return any(name == s or name.endswith("." + s) for s in ("embed.weight", "head.weight"))
 
 
 def gather_full_parameters(params: dict[str, torch.Tensor], tp: TensorParallel
@@ -370,4 +415,6 @@ def gather_full_parameters(params: dict[str, torch.Tensor], tp: TensorParallel
         parts = [torch.empty_like(shard) for _ in range(tp.size)]
         dist.all_gather(parts, shard.contiguous(), group=tp.group)
         out[name] = torch.cat(parts, dim=tp_shard_dim(name))
+        if _is_vocab_sharded(name) and tp.vocab_size is not None:
+            out[name] = out[name][:tp.vocab_size]          # without the padding rows
     return out

@@ -273,10 +273,12 @@ class StepTime:
                 + self.exposed_communication + self.bubble + self.optimizer + self.page_faults)
 
     def to_dict(self) -> dict[str, float]:
-        return dict(compute=self.compute, recompute=self.recompute,
-                    exposed_transfer=self.exposed_transfer,
-                    exposed_communication=self.exposed_communication, bubble=self.bubble,
-                    optimizer=self.optimizer, page_faults=self.page_faults)
+        """The parts by name; `page_faults` only where a CPU node prices it."""
+        parts = dict(compute=self.compute, recompute=self.recompute,
+                     exposed_transfer=self.exposed_transfer,
+                     exposed_communication=self.exposed_communication, bubble=self.bubble,
+                     optimizer=self.optimizer)
+        return {**parts, "page_faults": self.page_faults} if self.page_faults else parts
 
 
 def step_time(*, microbatch_compute_s: float, microbatch_recompute_s: float,

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from disttrain.model.llama import DecoderLayer, RMSNorm, rope_tables
 from disttrain.spec import Job
-from offload.host_memory import return_freed_host_memory
 from planner.profiler import TORCH_DTYPES, LayerProfile, profile_layer
 from planner.shapes import ModelShape
 
@@ -68,9 +67,11 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
     """Profile one decoder layer of the job's model on this machine's CPU/device.
 
     Timed the way the job's ranks run (`rank_conditions`: their torch threads, as many
-    processes side by side as ranks share the cores, and on a CPU node the host allocator
-    setting the runtime uses, `return_freed_host_memory`) unless `threads` / `concurrent` say
+    processes side by side as ranks share the cores) unless `threads` / `concurrent` say
     otherwise; with the head + loss and the clip + AdamW update over the job's chunk sizes.
+    Times are taken with glibc's default allocator, as a plan that keeps everything runs; a
+    memory-bound plan's fresh pages (`return_freed_host_memory`) are priced apart from the
+    profile's page-fault cost and allocation sizes (`planner.page_faults`).
     """
     shape = job.shape
     lens = seq_lens or tuple(s for s in DEFAULT_SEQ_LENS if s <= job.spec.train.seq_len) or (
@@ -79,8 +80,6 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
     rank_threads, rank_concurrent = rank_conditions(job)
     threads = threads or rank_threads
     concurrent = concurrent or rank_concurrent
-    if job.hardware.device_name.lower() == "cpu":  # as build_runtime does on a CPU rank: freed
-        return_freed_host_memory()                 # blocks go back, and fault in again
     torch.manual_seed(job.spec.train.seed)
     with torch.device("meta"):
         layer = DecoderLayer(shape)

@@ -21,6 +21,7 @@ from planner.grid import divisors, enumerate_candidates, tp_problem  # noqa: F40
 from planner.heuristic import quick_stage_bound
 from planner.mip import StageProblem, rebuilt_token_local_bytes, selective_rebuilt_bytes
 from planner.outer import build_outer_chunks
+from planner.page_faults import HEADROOM, microbatch_mapped_bytes
 from planner.request import PlanRequest
 from planner.shapes import DTYPE_BYTES
 
@@ -69,6 +70,10 @@ class ProfiledTiming:
     """Its backward."""
     optimizer_s_per_param: float
     """Clip + AdamW seconds per parameter of a rank's shard (0: not measured)."""
+    page_fault_s_per_byte: float = 0.0
+    """A freshly mapped block's extra seconds per byte (0: not measured)."""
+    allocation_fits: dict | None = None
+    """The profile's allocations ('layer', 'head') as [a, b] of a + b * tokens."""
 
 
 def profiled_timing(request: PlanRequest, cand: Candidate, profile) -> ProfiledTiming | None:
@@ -79,7 +84,9 @@ def profiled_timing(request: PlanRequest, cand: Candidate, profile) -> ProfiledT
     return ProfiledTiming(
         head_forward_s=profile.time_s("head_forward_s", tokens, request.seq_len),
         head_backward_s=profile.time_s("head_backward_s", tokens, request.seq_len),
-        optimizer_s_per_param=getattr(profile, "optimizer_s_per_param", 0.0) or 0.0)
+        optimizer_s_per_param=getattr(profile, "optimizer_s_per_param", 0.0) or 0.0,
+        page_fault_s_per_byte=getattr(profile, "page_fault_s_per_byte", 0.0) or 0.0,
+        allocation_fits=getattr(profile, "allocation_fits", None) or None)
 
 
 def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedBytesPerToken,
@@ -143,6 +150,12 @@ class StageSetup:
     min_device_bytes: float
     leanest_activation_bytes: float = 0.0
     """Activation bytes of the leanest policy (part of `min_device_bytes`)."""
+    page_fault_microbatch_s: float = 0.0
+    """CPU nodes: seconds of one microbatch's freshly mapped pages when the plan is
+    memory-bound (`planner.page_faults`; 0: not priced)."""
+    memory_bound_above_bytes: float = float("inf")
+    """Device bytes (as `StageEvaluation.device_bytes`) above which the runtime treats the
+    plan as memory-bound even when every layer is kept."""
 
 
 def choose_tiling(request: PlanRequest, lc: LayerCost, tp: int = 1) -> tuple[int, int]:
@@ -302,12 +315,18 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             cpu_optimizer_overlap=not request.grad_clip and overlaps_compute(hw))
         fixed_states_opt = opt_s((total_params - num_chunks * layer_params - outer_params)
                                  / (group if cand.zero_stage >= 1 else 1), False)
+        # one pool: a memory-bound plan maps its large blocks fresh (tp shards them: / tp)
+        faults = timing.allocation_fits if one_pool and timing is not None else None
+        fault_s = (timing.page_fault_s_per_byte * microbatch_mapped_bytes(
+            faults.get("layer", ()), faults.get("head", ()), tokens=tokens / tp, layers=count,
+            with_head=last, loss_chunk_tokens=loss_chunk) if faults else 0.0)
         setups.append(StageSetup(
             problem=problem, layer_range=(start, end), head_compute_s=head_fwd + head_bwd if last else 0.0,
             comm_microbatch_s=comm_mb, comm_step_s=comm_step, fixed_optimizer_s=fixed_states_opt,
             fixed_bytes=dict(fixed_states, buffers=buffers, working_set=working, loss=head),
             chunk_states=model_state_bytes(num_chunks * layer_params, dtype, cand.zero_stage, group),
-            min_device_bytes=0.0, leanest_activation_bytes=0.0))
+            min_device_bytes=0.0, leanest_activation_bytes=0.0, page_fault_microbatch_s=fault_s,
+            memory_bound_above_bytes=(HEADROOM - params.fragmentation) * hw.device_memory_bytes))
     rebuild = _choose_rebuild_tile(setups, tokens, usable, fixed_rebuild, by_time=one_pool)
     return [_with_rebuild(s, rebuild, tokens) for s in setups], (loss_chunk, mlp_chunk, rebuild)
 

@@ -276,32 +276,39 @@ class StepTime:
     """Pipeline fill and drain: (p - 1) microbatch slots."""
     optimizer: float
     """Optimizer step not overlapped with the backward (device step, CPU excess)."""
+    page_faults: float = 0.0
+    """CPU nodes, memory-bound plans: freshly mapped pages of the step's large blocks
+    (`planner.page_faults`)."""
 
     @property
     def total(self) -> float:
         return (self.compute + self.recompute + self.exposed_transfer
-                + self.exposed_communication + self.bubble + self.optimizer)
+                + self.exposed_communication + self.bubble + self.optimizer + self.page_faults)
 
     def to_dict(self) -> dict[str, float]:
-        return dict(compute=self.compute, recompute=self.recompute,
-                    exposed_transfer=self.exposed_transfer,
-                    exposed_communication=self.exposed_communication, bubble=self.bubble,
-                    optimizer=self.optimizer)
+        """The parts by name; `page_faults` only where a CPU node prices it."""
+        parts = dict(compute=self.compute, recompute=self.recompute,
+                     exposed_transfer=self.exposed_transfer,
+                     exposed_communication=self.exposed_communication, bubble=self.bubble,
+                     optimizer=self.optimizer)
+        return {**parts, "page_faults": self.page_faults} if self.page_faults else parts
 
 
 def step_time(*, microbatch_compute_s: float, microbatch_recompute_s: float,
               microbatch_exposed_transfer_s: float, microbatch_comm_s: float,
               step_comm_s: float, step_optimizer_s: float, pp: int,
-              num_microbatches: int, virtual: int = 1) -> StepTime:
+              num_microbatches: int, virtual: int = 1,
+              microbatch_page_fault_s: float = 0.0) -> StepTime:
     """Compose one stage's per-microbatch times into a 1F1B step with its bubble ((p - 1)
     microbatch slots; (p - 1)/v with v interleaved chunks per rank)."""
     per_mb = (microbatch_compute_s + microbatch_recompute_s + microbatch_exposed_transfer_s
-              + microbatch_comm_s)
+              + microbatch_comm_s + microbatch_page_fault_s)
     m = num_microbatches
     return StepTime(compute=m * microbatch_compute_s, recompute=m * microbatch_recompute_s,
                     exposed_transfer=m * microbatch_exposed_transfer_s,
                     exposed_communication=m * microbatch_comm_s + step_comm_s,
-                    bubble=(pp - 1) / virtual * per_mb, optimizer=step_optimizer_s)
+                    bubble=(pp - 1) / virtual * per_mb, optimizer=step_optimizer_s,
+                    page_faults=m * microbatch_page_fault_s)
 
 
 def device_optimizer_s(num_params_on_device: float, dtype: str, params: CostParams) -> float:

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 
 from planner.lockstep import Lockstep, Solo
+from planner.profile_memory import (fit_allocations, measure_page_fault_s_per_byte,
+                                    record_allocations)
 from planner.profile_optimizer import measure_optimizer_s_per_param
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,9 @@ class LayerMeasurement:
     tokens; 0: not measured."""
     head_backward_s: float = 0.0
     """Backward wall time of the head; 0: not measured."""
+    allocations: dict[str, list[int]] = field(default_factory=dict)
+    """Bytes of every storage allocated, in order: 'layer' (forward + backward), 'head'
+    (forward + backward, when timed); `planner.page_faults` prices the large ones."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +116,12 @@ class LayerProfile:
     load_average: float = -1.0
     """The machine's 1-minute load average just before measuring (-1: not recorded): a
     profile taken on a busy machine is not one taken on a quiet one."""
+    page_fault_s_per_byte: float = 0.0
+    """Seconds per byte a freshly mapped block costs over a recycled one (page faults and
+    kernel zeroing), under the same threads and concurrency; 0: not measured."""
+    allocation_fits: dict[str, list[list[float]]] = field(default_factory=dict)
+    """Per allocation of `LayerMeasurement.allocations` ('layer', 'head'): [a, b] of its
+    size a + b * tokens (`planner.profile_memory.fit_allocations`)."""
 
     def saved_bytes(self, tokens: int) -> dict[str, float]:
         return {name: slope * tokens for name, slope in self.bytes_per_token.items()}
@@ -229,10 +240,12 @@ def run_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tuple],
     x = torch.randn(batch, seq_len, hidden_size, generator=gen).to(torch_dtype).requires_grad_()
     cos, sin = rope_fn(torch.arange(seq_len), torch_dtype)
     saved, count, y = measure_saved(layer, x, cos, sin)
-    y.backward(torch.ones_like(y))                   # warm-up (and frees the hooked graph)
+    grad_y = torch.ones_like(y)
+    y.backward(grad_y)                               # warm-up (and frees the hooked graph)
     with _AllocatedBytes() as tracker:
         layer(x, cos, sin)
     allocated = tracker.total
+    allocations = {"layer": record_allocations(lambda: layer(x, cos, sin).backward(grad_y))}
     times: dict[str, list[float]] = {k: [] for k in ("qkv", "core", "post", "fwd", "bwd")}
     for _ in range(max(1, repeats)):
         with torch.no_grad():
@@ -249,6 +262,7 @@ def run_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tuple],
         times.update(head_fwd=[], head_bwd=[])
         h = x.detach().clone().requires_grad_()
         head(h).backward()                           # warm-up
+        allocations["head"] = record_allocations(lambda: head(h).backward())
         for _ in range(max(1, repeats)):
             forward_s, loss = _timed(lambda: head(h))
             backward_s, _ = _timed(loss.backward)
@@ -261,7 +275,8 @@ def run_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tuple],
         forward_s=best["fwd"], backward_s=best["bwd"],
         token_local_forward_s=best["qkv"] + best["post"], attention_forward_s=best["core"],
         transient_upper_bound_bytes=max(0, allocated - sum(saved.values())),
-        head_forward_s=best.get("head_fwd", 0.0), head_backward_s=best.get("head_bwd", 0.0))
+        head_forward_s=best.get("head_fwd", 0.0), head_backward_s=best.get("head_bwd", 0.0),
+        allocations=allocations)
 
 
 def _nonnegative_fit(design: np.ndarray, values: np.ndarray) -> list[float]:
@@ -305,8 +320,14 @@ def fit_profile(measurements: list[LayerMeasurement], *, key: str, device: str,
         if rows:
             values = np.array([getattr(measurements[i], name) for i in rows], dtype=float)
             coeffs[name] = _nonnegative_fit(design[rows, :2], values) + [0.0]
+    fits = {}
+    for name in sorted({n for m in measurements for n in m.allocations}):
+        runs = [m for m in measurements if name in m.allocations]
+        fits[name] = fit_allocations([m.seq_len * m.batch for m in runs],
+                                     [m.allocations[name] for m in runs])
     return LayerProfile(key=key, device=device, dtype=dtype, bytes_per_token=slopes,
-                        time_coeffs=coeffs, measurements=list(measurements), **extra)
+                        time_coeffs=coeffs, measurements=list(measurements),
+                        allocation_fits=fits, **extra)
 
 
 def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tuple],
@@ -348,7 +369,7 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
     key_source = dict(shape_dict or {"hidden_size": hidden_size}, seq_lens=list(seq_lens),
                       batch=batch)
     key = profile_key(key_source, dtype, device, threads=threads, concurrent=concurrent,
-                      head=head is not None, optimizer_numel=opt_sizes)
+                      head=head is not None, optimizer_numel=opt_sizes, page_faults=True)
     cache_path = Path(cache_dir) / f"profile-{key}.json" if cache_dir else None
     if cache_path is not None and cache_path.exists():
         cached = LayerProfile.from_dict(json.loads(cache_path.read_text()))
@@ -357,7 +378,7 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
     layer.to(TORCH_DTYPES[dtype])
     repeats = repeats or (2 if concurrent == 1 else 5)
 
-    def steps(barrier: Any) -> tuple[list[LayerMeasurement], float]:
+    def steps(barrier: Any) -> tuple[list[LayerMeasurement], float, float]:
         """The measurements; every process (this one and its twins) runs them in step."""
         torch.set_num_threads(threads)
         runs = []
@@ -369,7 +390,9 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
         opt = (measure_optimizer_s_per_param(opt_sizes, dtype=dtype, median=concurrent > 1)
                if opt_sizes else 0.0)
         barrier.wait()
-        return runs, opt
+        fault = measure_page_fault_s_per_byte(median=concurrent > 1) if device == "cpu" else 0.0
+        barrier.wait()
+        return runs, opt, fault
 
     cache = cache_path
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else -1.0
@@ -378,18 +401,19 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
     try:
         try:
             with Lockstep(concurrent - 1, steps, timeout_s=twin_timeout_s) as twins:
-                runs, opt = steps(Solo() if twins.barrier is None else twins.barrier)
+                runs, opt, fault = steps(Solo() if twins.barrier is None else twins.barrier)
                 measured_concurrent = 1 + twins.active
         except threading.BrokenBarrierError:        # a twin died or hung: measure alone
             log.warning("profile: a twin process died or hung; measured alone instead of "
                         "%d side by side (not cached)", concurrent)
-            runs, opt = steps(Solo())
+            runs, opt, fault = steps(Solo())
             measured_concurrent, cache = 1, None
     finally:
         torch.set_num_threads(before)
     profile = fit_profile(runs, key=key, device=device, dtype=dtype, threads=threads,
                           concurrent=measured_concurrent, optimizer_s_per_param=opt,
-                          measured_at=measured_at, load_average=load_average)
+                          measured_at=measured_at, load_average=load_average,
+                          page_fault_s_per_byte=fault)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(profile.to_dict(), indent=1))

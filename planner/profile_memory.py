@@ -1,0 +1,89 @@
+"""The host-allocator part of a CPU profile (`planner.page_faults` uses it): what a freshly
+mapped page costs, and every allocation a layer's forward + backward (and the head + loss)
+makes, so that the planner can tell which blocks a memory-bound plan maps fresh at the
+target's size.
+"""
+
+from __future__ import annotations
+
+import mmap
+import statistics
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+FAULT_SAMPLE_BYTES = 16 << 20
+"""Bytes of each timed mapping: far above the mmap threshold and the caches."""
+
+
+def measure_page_fault_s_per_byte(num_bytes: int = FAULT_SAMPLE_BYTES, *, repeats: int = 5,
+                                  median: bool = False) -> float:
+    """Seconds per byte a freshly mapped block costs on top of a recycled one: the same fill
+    of `num_bytes` into a new anonymous mapping (each page faults and is zeroed by the
+    kernel, as glibc's mmap-served blocks are) and into an already touched buffer. The
+    fastest of `repeats` differences, or the median (`median`: beside the profile's twins)."""
+    reused = torch.empty(num_bytes, dtype=torch.uint8)
+    reused.fill_(0)
+    fresh_s, reused_s = [], []
+    for _ in range(max(1, repeats)):
+        mapping = mmap.mmap(-1, num_bytes)
+        block = torch.frombuffer(mapping, dtype=torch.uint8)
+        start = time.perf_counter()
+        block.fill_(1)
+        fresh_s.append(time.perf_counter() - start)
+        del block
+        mapping.close()
+        start = time.perf_counter()
+        reused.fill_(1)
+        reused_s.append(time.perf_counter() - start)
+    pick = statistics.median if median else min
+    return max(0.0, pick(fresh_s) - pick(reused_s)) / num_bytes
+
+
+class AllocationRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """The byte size of every new storage an op returns, in call order: an output whose
+    storage is not one of the op's inputs' (views and in-place results share theirs).
+    Autograd's backward on the CPU runs on the calling thread under the same mode, so it is
+    recorded too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr()
+                  for t in torch.utils._pytree.tree_leaves((args, kwargs or {}))
+                  if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in inputs and storage.nbytes():
+                    inputs.add(storage.data_ptr())
+                    self.sizes.append(storage.nbytes())
+        return out
+
+
+def record_allocations(run: Callable[[], None]) -> list[int]:
+    """Sizes of the storages `run()` allocates, in order."""
+    with AllocationRecorder() as recorder:
+        run()
+    return recorder.sizes
+
+
+def fit_allocations(tokens: Sequence[int], sizes: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Per allocation [a, b] with size = a + b * tokens, from its size at each measured token
+    count (the same code runs the same allocations in the same order at every length); a
+    single length, or lengths whose allocation counts differ, scale the largest run's sizes
+    with the tokens (b = size / tokens)."""
+    if not sizes:
+        return []
+    counts = {len(s) for s in sizes}
+    if len(tokens) >= 2 and len(counts) == 1 and len(set(tokens)) >= 2:
+        design = np.stack([np.ones(len(tokens)), np.asarray(tokens, float)], axis=1)
+        coef, *_ = np.linalg.lstsq(design, np.asarray(sizes, float), rcond=None)
+        return [[float(a), float(b)] for a, b in zip(coef[0], coef[1])]
+    largest = int(np.argmax(tokens))
+    return [[0.0, size / tokens[largest]] for size in sizes[largest]]

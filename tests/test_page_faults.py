@@ -1,0 +1,120 @@
+"""Page faults of memory-bound CPU plans (planner/page_faults.py, planner/profile_memory.py):
+which blocks are mapped fresh, the profile's allocation record, and where the step pays."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from planner.page_faults import (HEADROOM, MMAP_THRESHOLD_BYTES, bytes_in_mapped_blocks,
+                                 memory_bound, microbatch_mapped_bytes)
+from planner.profile_memory import (fit_allocations, measure_page_fault_s_per_byte,
+                                    record_allocations)
+
+MiB = 1 << 20
+
+
+def test_only_blocks_at_or_above_the_threshold_are_mapped():
+    fit = [[0.0, 512.0], [4096.0, 0.0], [MiB, 0.0]]   # per token 512 B; a constant 4 KiB; 1 MiB
+    # 1024 tokens: 512 KiB + 4 KiB stay in the heap, the 1 MiB block (exactly the threshold) maps
+    assert bytes_in_mapped_blocks(fit, 1024) == MiB
+    assert bytes_in_mapped_blocks(fit, 2048) == 2 * MiB           # 1 MiB per-token block too
+    assert bytes_in_mapped_blocks(fit, 2048, threshold=2 * MiB) == 0
+
+
+def test_microbatch_counts_layers_and_each_loss_tile():
+    layer, head = [[0.0, 1024.0]], [[0.0, 2048.0]]     # 1 KiB and 2 KiB per token
+    whole = microbatch_mapped_bytes(layer, head, tokens=4096, layers=3, with_head=True)
+    assert whole == 3 * 4 * MiB + 8 * MiB
+    # 512-token loss tiles: 1 MiB each, 8 of them; 256-token tiles stay below the threshold
+    assert microbatch_mapped_bytes(layer, head, tokens=4096, layers=3, with_head=True,
+                                   loss_chunk_tokens=512) == 3 * 4 * MiB + 8 * MiB
+    assert microbatch_mapped_bytes(layer, head, tokens=4096, layers=3, with_head=True,
+                                   loss_chunk_tokens=256) == 3 * 4 * MiB
+    assert microbatch_mapped_bytes(layer, head, tokens=4096, layers=3, with_head=False) == 12 * MiB
+
+
+def test_rule_and_constants_match_the_runtime():
+    from offload.host_memory import DEFAULT_THRESHOLD_BYTES
+    from offload.host_memory import memory_bound as runtime_rule
+
+    assert MMAP_THRESHOLD_BYTES == DEFAULT_THRESHOLD_BYTES
+    assert inspect.signature(runtime_rule).parameters["headroom"].default == HEADROOM
+    args = dict(any_layer_not_kept=False, any_chunk_off_device=False, capacity_bytes=100.0)
+    assert not memory_bound(peak_bytes=90.0, **args)
+    assert memory_bound(peak_bytes=91.0, **args)
+    assert memory_bound(peak_bytes=10.0, **{**args, "any_layer_not_kept": True})
+
+
+def test_allocation_fit_predicts_a_longer_layer():
+    """The recorder sees a real layer's forward and backward allocations; fitted at two
+    lengths, they predict a third length's record exactly, block by block."""
+    from disttrain.model import build_model
+    from planner.shapes import ModelShape
+
+    shape = ModelShape(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                       ffn_hidden_size=160, vocab_size=64)
+    model = build_model(shape)
+    layer = model.layers[0]
+
+    def sizes(seq: int) -> list[int]:
+        x = torch.randn(1, seq, shape.hidden_size, requires_grad=True)
+        cos, sin = model.rope(torch.arange(seq), torch.float32)
+        return record_allocations(lambda: layer(x, cos, sin).backward(
+            torch.ones(1, seq, shape.hidden_size)))
+
+    short, mid, long = sizes(32), sizes(64), sizes(256)
+    assert len(short) == len(long) > 20            # forward and backward both recorded
+    fit = fit_allocations([32, 64], [short, mid])
+    assert [round(a + b * 256) for a, b in fit] == long
+    threshold = 256 * shape.hidden_size * 4       # the layer input's size at 256 tokens
+    assert bytes_in_mapped_blocks(fit, 256, threshold) == sum(s for s in long if s >= threshold)
+    # one length: sizes scale with the tokens
+    assert fit_allocations([32], [short]) == [[0.0, s / 32] for s in short]
+
+
+def test_fresh_pages_cost_something():
+    assert measure_page_fault_s_per_byte(4 * MiB, repeats=3) > 0
+
+
+def _one_pool_request():
+    from planner.hardware import CLUSTER_PRESETS
+    from planner.request import PlanRequest
+    from planner.shapes import MODEL_PRESETS
+
+    hw = CLUSTER_PRESETS["cpu-local"].replace(devices_per_node=2, device_memory_bytes=1 << 30)
+    return PlanRequest(model=MODEL_PRESETS["tiny"], hardware=hw, seq_len=512,
+                       micro_batch_size=1, global_batch_size=4)
+
+
+@pytest.mark.parametrize("one_pool", [True, False])
+def test_memory_bound_policies_pay_page_faults(one_pool):
+    """A stage that keeps every layer pays nothing; one layer recomputed makes the plan
+    memory-bound, and every microbatch pays rate x the blocks it maps (one pool only)."""
+    from planner.candidates import ProfiledTiming, build_stages, bytes_per_token
+    from planner.costmodel import Candidate, CostParams
+    from planner.mip import evaluate_stage
+    from planner.plan import LayerActivationPlan
+    from planner.search import compose_step
+
+    req = _one_pool_request()
+    cand = Candidate(dp=2, sp=1, sp_kind="ulysses", pp=1, num_microbatches=2, zero_stage=0)
+    fits = {"layer": [[0.0, 4096.0]], "head": [[0.0, 8192.0]]}   # 2 MiB + 4 MiB at 512 tokens
+    timing = ProfiledTiming(head_forward_s=0.01, head_backward_s=0.02, optimizer_s_per_param=0.0,
+                            page_fault_s_per_byte=1e-9, allocation_fits=fits)
+    params = CostParams(single_pool_on_cpu=one_pool)
+    (setup,), (loss_chunk, _, _) = build_stages(req, cand, params, bytes_per_token(req, cand, None),
+                                                timing=timing, tiling=(0, 0, 0))
+    layers = len(setup.problem.layers)
+    keep = (LayerActivationPlan(keep_all=True),) * layers
+    lean = (LayerActivationPlan(swap_fraction=0.0),) + keep[1:]
+    kept = compose_step(cand, (setup,), [evaluate_stage(setup.problem, keep, 0)])
+    bound = compose_step(cand, (setup,), [evaluate_stage(setup.problem, lean, 0)])
+    assert kept.page_faults == 0
+    expected = 2 * 1e-9 * (layers * 2 * MiB + 4 * MiB) if one_pool else 0.0
+    assert bound.page_faults == pytest.approx(expected)
+    assert bound.total - bound.page_faults == pytest.approx(
+        bound.compute + bound.recompute + bound.exposed_transfer + bound.exposed_communication
+        + bound.bubble + bound.optimizer)

@@ -135,7 +135,9 @@ def describe_plan(plan) -> str:
 
 
 def layer_profile(max_seq: int):
-    """A CPU profile of one decoder layer, taken with one thread like each rank runs with."""
+    """A CPU profile of one decoder layer, taken with one thread like each rank runs with; a
+    cached one is reused for 20 minutes only (a profile from another hour's load predicts
+    another machine: one left from a busy moment made predictions about 4x too large)."""
     from disttrain.profiling import profile_job_layer
 
     lens = tuple(s for s in (256, 512, 1024) if s <= max_seq) or (max_seq,)
@@ -143,7 +145,8 @@ def layer_profile(max_seq: int):
     torch.set_num_threads(1)
     try:
         return profile_job_layer(job_from_dict(job_spec(max_seq, 1024, 1)), lens,
-                                 cache_dir=Path("/tmp/disttrain-peers-profile-1thread"))
+                                 cache_dir=Path("/tmp/disttrain-peers-profile-1thread"),
+                                 max_cache_age_s=1200)
     finally:
         torch.set_num_threads(threads)
 

@@ -1,6 +1,7 @@
 """Tensor parallelism's linears as autograd Functions: column-parallel (all-gather -> GEMM)
 and row-parallel (GEMM -> reduce-scatter), with their collectives pipelined over
-`tp.overlap_chunks` token blocks (`disttrain.parallel.tensor` has the layout and the tp group).
+`tp.overlap_chunks` token blocks (`disttrain.parallel.tensor` has the layout, tp_comm.py the
+tp group).
 
 Collective matmul: a block's collective is issued asynchronously (`async_op=True`; on CUDA
 NCCL runs it on its own stream, on gloo a worker thread does), so that it overlaps the GEMMs
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from disttrain.parallel.tensor import TensorParallel
+    from disttrain.parallel.tp_comm import TensorParallel
 
 
 def _row_blocks(t: torch.Tensor, chunks: int) -> list[torch.Tensor]:

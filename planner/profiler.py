@@ -6,7 +6,7 @@ callable, so tests hand it a real `disttrain.model.DecoderLayer` while this modu
 imports `disttrain`.
 
 Saved tensors are seen through `torch.autograd.graph.saved_tensors_hooks` and counted once
-per *storage* (views share storage). They are split into
+per *storage* (views share storage; `planner.saved_bytes`). They are split into
   - `input`: the layer input's storage,
   - `attention_output`: storages first saved inside `attention_core` that are not its
     inputs (the output and the log-sum-exp),
@@ -47,10 +47,11 @@ from planner.lockstep import Lockstep, Solo
 from planner.profile_memory import (fit_allocations, measure_page_fault_s_per_byte,
                                     record_allocations)
 from planner.profile_optimizer import measure_optimizer_s_per_param
+from planner.saved_bytes import (  # noqa: F401  (measure_saved, CATEGORIES: re-exported)
+    CATEGORIES, _AllocatedBytes, measure_saved)
 
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CATEGORIES = ("input", "attention_output", "token_local")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,75 +147,6 @@ def profile_key(shape_dict: dict[str, Any], dtype: str, device: str, **condition
     text = json.dumps({"shape": shape_dict, "dtype": dtype, "device": device, **conditions},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _storage_id(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def _storage_bytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
-
-
-def measure_saved(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                  ) -> tuple[dict[str, int], int, torch.Tensor]:
-    """Run the layer forward under saved-tensor hooks; unique saved bytes per category."""
-    excluded = {_storage_id(p) for p in layer.parameters()} | {_storage_id(cos), _storage_id(sin)}
-    phase_saved: dict[str, list[torch.Tensor]] = {"qkv": [], "core": [], "post": []}
-    current = ["qkv"]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        phase_saved[current[0]].append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        q, k, v = layer.qkv(x, cos, sin)
-        current[0] = "core"
-        out = layer.attention_core(q, k, v)
-        current[0] = "post"
-        y = layer.post_attention(x, out)
-    core_inputs = {_storage_id(t) for t in (q, k, v)}
-    attention_ids = {_storage_id(t) for t in phase_saved["core"]} - core_inputs
-    sizes: dict[int, tuple[str, int]] = {}
-    count = 0
-    for tensors in phase_saved.values():
-        for t in tensors:
-            count += 1
-            sid = _storage_id(t)
-            if sid in excluded or sid in sizes:
-                continue
-            if sid == _storage_id(x):
-                kind = "input"
-            elif sid in attention_ids:
-                kind = "attention_output"
-            else:
-                kind = "token_local"
-            sizes[sid] = (kind, _storage_bytes(t))
-    totals = {name: 0 for name in CATEGORIES}
-    for kind, nbytes in sizes.values():
-        totals[kind] += nbytes
-    return totals, count, y
-
-
-class _AllocatedBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Sums the bytes of every new storage an op returns (allocations; frees not tracked)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                sid = _storage_id(t)
-                if sid not in self.live:
-                    self.live[sid] = _storage_bytes(t)
-        return out
-
-    @property
-    def total(self) -> int:
-        return sum(self.live.values())
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:

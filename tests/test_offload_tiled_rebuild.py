@@ -13,7 +13,9 @@ from offload.policy import ActivationRuntimeConfig, apply_activation_policy, num
 from planner.plan import LayerActivationPlan as Layer
 from test_offload_equivalence import (BATCH, FLASH_BWD, FLASH_FWD, POLICIES, SEQ, TINY,
                                       CountOps, assert_matches, cpp_engine, make_stores,  # noqa: F401
-                                      one_thread, reference, train)
+                                      reference, train)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TILED = {name: POLICIES[name] for name in ("recompute_all", "swap_0.3_cpu", "swap_1.0_cpu",
                                            "swap_0.3_nvme", "recompute_swap_input_cpu",

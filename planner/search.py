@@ -31,7 +31,7 @@ from planner.outer import device_categories
 from planner.plan import (LayerActivationPlan, ModelStatePlan, OUTER_NAMES, ParallelPlan, Plan,
                           Prediction, SolverInfo, TilingPlan)
 from planner.request import PlanRequest
-from planner.trial import layout_key
+from planner.trial import layout_key, part_factors
 from planner.shapes import DTYPE_BYTES
 from planner.search_steps import (  # noqa: F401  (compose_step, Outcome: re-exported)
     Outcome, _better, _corrected, _infeasible_reason, _lower_bound, _quick_upper_bound,
@@ -78,7 +78,7 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
         if why:
             rejected.append({"candidate": cand.to_dict(), "reason": why[0], "shortfall_bytes": why[1]})
             continue
-        factor = min(1.0, (corrections or {}).get(layout_key(cand), 1.0))
+        factor = min(1.0, *part_factors(corrections, layout_key(cand)).values())
         ranked.append((factor * _lower_bound(cand, setups), cand, tuple(setups), tiling))
     ranked.sort(key=lambda item: item[0])
     best: Outcome | None = None
@@ -86,7 +86,7 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
     bounds: dict[StageProblem, float] = {}
     summary = {"solves": 0, "relaxations": 0, "backend": "none", "statuses": [], "gaps": [],
                "notes": notes, "limits": []}
-    upper = _quick_upper_bound(ranked, corrections or {})
+    upper = _quick_upper_bound(ranked, corrections)
     start = time.perf_counter()
     # best-first: (bound, enumeration order, LP-tightened?) ; a cheap bound is tightened by
     # the stage LP relaxations before the layout's MIPs are solved
@@ -96,7 +96,8 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
     while heap:
         bound, order, tightened = heapq.heappop(heap)
         _, cand, setups, tiling = ranked[order]
-        factor = (corrections or {}).get(layout_key(cand), 1.0)
+        factors = part_factors(corrections, layout_key(cand))
+        factor = min(factors.values())  # the corrected step is at least this x the bound
         target = min(upper, best.step.total) if best is not None else upper
         kind = "LP-relaxation" if tightened else "step-time"
         if (best is not None and bound >= best.step.total) or bound > upper * (1 + 1e-9):
@@ -148,7 +149,7 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
             rejected.append({"candidate": cand.to_dict(), "reason": failure[0], "shortfall_bytes": failure[1]})
             continue
         evaluations = [s.evaluation for s in solutions]
-        step = _corrected(compose_step(cand, setups, evaluations), factor)
+        step = _corrected(compose_step(cand, setups, evaluations), factors)
         worst_mem = max(range(len(setups)), key=lambda i: evaluations[i].device_bytes)
         outcome = Outcome(cand=cand, setups=setups, solutions=tuple(solutions), tiling=tiling,
                           step=step, worst_memory_stage=worst_mem)

@@ -16,7 +16,7 @@ from planner.heuristic import quick_stage_bound
 from planner.mip import StageEvaluation, StageProblem, StageSolution, stage_lower_bound
 from planner.page_faults import memory_bound
 from planner.request import PlanRequest
-from planner.trial import layout_key
+from planner.trial import layout_key, part_factors
 
 
 def _unchunked_states_bytes(request: PlanRequest, cand: Candidate) -> float:
@@ -29,7 +29,7 @@ def _unchunked_states_bytes(request: PlanRequest, cand: Candidate) -> float:
     return sum(model_state_bytes(lightest, request.dtype, cand.zero_stage, cand.shard_group).values())
 
 
-def _quick_upper_bound(ranked: list, corrections: dict[str, float]) -> float:
+def _quick_upper_bound(ranked: list, corrections: dict[str, float] | None) -> float:
     """The best step time of simple policies over every ranked candidate (inf: none fits):
     a feasible plan's time, so layouts whose lower bound exceeds it need no MIP."""
     best = math.inf
@@ -38,8 +38,8 @@ def _quick_upper_bound(ranked: list, corrections: dict[str, float]) -> float:
             continue
         evaluations = [quick_stage_bound(s.problem) for s in setups]
         if all(ev is not None for ev in evaluations):
-            factor = corrections.get(layout_key(cand), 1.0)
-            best = min(best, factor * compose_step(cand, setups, evaluations).total)
+            factors = part_factors(corrections, layout_key(cand))
+            best = min(best, _corrected(compose_step(cand, setups, evaluations), factors).total)
     return best
 
 
@@ -166,8 +166,8 @@ def _infeasible_reason(problem: StageProblem, setup: StageSetup, index: int, sta
             f"(solver: {status})", max(1.0, 0.01 * setup.min_device_bytes))
 
 
-def _corrected(step: StepTime, factor: float) -> StepTime:
-    """A step time scaled by a measured correction (every part alike)."""
-    if factor == 1.0:
+def _corrected(step: StepTime, factors: dict[str, float]) -> StepTime:
+    """A step time with each part scaled by its measured correction (`planner.trial`)."""
+    if all(f == 1.0 for f in factors.values()):
         return step
-    return StepTime(**{k: v * factor for k, v in step.to_dict().items()})
+    return StepTime(**{k: v * factors.get(k, 1.0) for k, v in step.to_dict().items()})

@@ -2,15 +2,21 @@
 family first), measured step times turned into corrections, corrections applied to the next
 search.
 
-The runtime side (`disttrain/trial.py`) runs each plan for a few steps on the target. A
-correction is measured / predicted step time. It is kept per layout (`layout_key`) and per
-layout *family* (`layout_family`: which parallel mechanisms run - data parallel, Ulysses or
-ring sequence parallelism, tensor parallelism, pipelining): a family's correction is what
-its measured layouts say about the mechanisms the cost model prices for it on this machine,
-so a layout never measured starts from its family's correction. The search looks
-corrections up by layout key (`Corrections.get`: the layout's own, else its family's, else
-1). They are stored as JSON beside the profile (`corrections_path`) so the next plan of the
-same job starts from them.
+The runtime side (`disttrain/trial.py`) runs each plan for a few steps on the target. Its
+measured step times correct the cost model per *part* of the step (compute, recompute,
+exposed transfer, exposed communication, bubble, optimizer, page faults): a regularised
+non-negative least squares over every stored trial (`planner.trial_fit`) finds a factor per
+part, and per layout *family* (`layout_family`: which parallel mechanisms run - data
+parallel, Ulysses or ring sequence parallelism, tensor parallelism, pipelining) and part, so
+a layout never measured starts from its family's factors, else the global ones, and a part
+no trial exercised (recompute, when every trial kept its activations) keeps its prediction.
+The search scales each part of every candidate by its factor (`part_factors`).
+
+The file also keeps the older whole-step corrections, measured / predicted step time per
+layout and per family (`Corrections.get`): a file holding only those (written before the
+per-part fit) is still read and applied as before, one factor for every part. They are
+stored as JSON beside the profile (`corrections_path`) so the next plan of the same job
+starts from them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from types import SimpleNamespace
 
 from planner.plan import Plan
 from planner.request import PlanRequest
+from planner.trial_fit import PARTS, fit_part_factors
 
 _KEY = re.compile(r"dp(\d+)-tp(\d+)-sp(\d+)-(\w+)-pp(\d+)-")
 
@@ -48,13 +55,22 @@ def layout_family(key: str) -> str:
 
 
 class Corrections(dict):
-    """Measured / predicted step time by layout key, falling back on the layout's family
-    (`families`): what the search's `corrections.get(layout_key(cand), 1.0)` reads."""
+    """Corrections measured by trials. As a dict: measured / predicted step time by layout
+    key, falling back on the layout's family (`families`) in `get` - the whole-step factors
+    of the older format. `parts` (part -> factor) and `family_parts` (family -> part ->
+    factor): the per-part fit (`planner.trial_fit`), which `factors` prefers when present;
+    `observations`: the trials it was fitted on (layout, uncorrected parts, measured s)."""
 
     def __init__(self, layouts: dict[str, float] | None = None,
-                 families: dict[str, float] | None = None):
+                 families: dict[str, float] | None = None, *,
+                 parts: dict[str, float] | None = None,
+                 family_parts: dict[str, dict[str, float]] | None = None,
+                 observations: list[dict] | None = None):
         super().__init__(layouts or {})
         self.families = dict(families or {})
+        self.parts = dict(parts or {})
+        self.family_parts = {f: dict(v) for f, v in (family_parts or {}).items()}
+        self.observations = list(observations or [])
 
     def get(self, key, default=None):
         if key in self:
@@ -62,8 +78,33 @@ class Corrections(dict):
         family = self.families.get(layout_family(key)) if _KEY.match(str(key)) else None
         return family if family is not None else default
 
+    def factors(self, key: str) -> dict[str, float]:
+        """Factor per step part for layout `key`: its family's fitted factor, else the
+        global one, else 1; without a per-part fit, the whole-step factor (`get`) for every
+        part."""
+        if not (self.parts or self.family_parts):
+            whole = self.get(key, 1.0)
+            return dict.fromkeys(PARTS, whole)
+        own = self.family_parts.get(layout_family(key), {}) if _KEY.match(str(key)) else {}
+        return {p: own.get(p, self.parts.get(p, 1.0)) for p in PARTS}
+
     def __bool__(self) -> bool:
-        return bool(len(self) or self.families)
+        return bool(len(self) or self.families or self.parts or self.family_parts)
+
+
+def part_factors(corrections, key: str) -> dict[str, float]:
+    """Factor per step part for layout `key` from `corrections` (a `Corrections`, or a plain
+    layout -> whole-step factor dict, or None)."""
+    if corrections is None:
+        return dict.fromkeys(PARTS, 1.0)
+    if hasattr(corrections, "factors"):
+        return corrections.factors(key)
+    return dict.fromkeys(PARTS, corrections.get(key, 1.0))
+
+
+def corrected_parts(parts: dict[str, float], factors: dict[str, float]) -> dict[str, float]:
+    """Each predicted part times its factor."""
+    return {p: v * factors.get(p, 1.0) for p, v in parts.items()}
 
 
 def _fixed(request: PlanRequest, cand: dict) -> PlanRequest:
@@ -127,21 +168,33 @@ def top_plans(request: PlanRequest, k: int, plan_fn, *, first: Plan | None = Non
 
 def corrections_from(plans: list[Plan], measured_s: list[float],
                      applied: dict[str, float] | None = None) -> Corrections:
-    """measured / predicted step time per layout, and per family the geometric mean of its
-    layouts'; `applied`: the corrections the plans were made with (their predictions
-    already include them, so they are divided out)."""
-    applied = applied if applied is not None else {}
+    """The trials' corrections: measured / predicted step time per layout and per family
+    (the geometric mean of its layouts'), and the per-part fit over these trials
+    (`planner.trial_fit`). `applied`: the corrections the plans were made with (their
+    predictions already include them, so they are divided out, part by part)."""
     layouts: dict[str, float] = {}
+    observations = []
     for plan, measured in zip(plans, measured_s):
         key = layout_key(plan.parallel)
-        raw = plan.prediction.step_time_s / (applied.get(key, 1.0) or 1.0)
-        if raw > 0 and measured > 0:
+        factors = part_factors(applied, key)
+        breakdown = getattr(plan.prediction, "time_breakdown", None) or {}
+        raw_parts = {p: v / factors.get(p, 1.0) for p, v in breakdown.items()
+                     if v > 0 and factors.get(p, 1.0) > 0}
+        if raw_parts:
+            raw = sum(raw_parts.values())
+        else:  # a plan without a breakdown: its whole step under the whole-step factor
+            raw = plan.prediction.step_time_s / ((applied or {}).get(key, 1.0) or 1.0)
+        if raw > 0 and measured > 0 and math.isfinite(measured):
             layouts[key] = measured / raw
+            if raw_parts:
+                observations.append({"layout": key, "parts": raw_parts, "measured_s": measured})
     logs: dict[str, list[float]] = {}
     for key, factor in layouts.items():
         logs.setdefault(layout_family(key), []).append(math.log(factor))
     families = {f: math.exp(sum(v) / len(v)) for f, v in logs.items()}
-    return Corrections(layouts, families)
+    parts, family_parts = fit_part_factors(observations, layout_family)
+    return Corrections(layouts, families, parts=parts, family_parts=family_parts,
+                       observations=observations)
 
 
 def corrections_path(profile_path: str | Path | None, out_dir: str | Path) -> Path:
@@ -152,22 +205,47 @@ def corrections_path(profile_path: str | Path | None, out_dir: str | Path) -> Pa
     return Path(out_dir) / "trials.json"
 
 
+MAX_OBSERVATIONS = 64
+"""Trials a corrections file keeps for the fit (the newest)."""
+
+
 def load_corrections(path: str | Path) -> Corrections:
+    """The corrections at `path` (none if absent); files without the per-part keys (the
+    older format) give whole-step corrections."""
     path = Path(path)
     if not path.is_file():
         return Corrections()
     data = json.loads(path.read_text())
     return Corrections({str(k): float(v) for k, v in data.get("corrections", {}).items()},
-                       {str(k): float(v) for k, v in data.get("families", {}).items()})
+                       {str(k): float(v) for k, v in data.get("families", {}).items()},
+                       parts={str(k): float(v) for k, v in data.get("parts", {}).items()},
+                       family_parts={str(f): {str(k): float(v) for k, v in d.items()}
+                                     for f, d in data.get("family_parts", {}).items()},
+                       observations=list(data.get("observations", [])))
+
+
+def _same_trial(a: dict, b: dict) -> bool:
+    """One layout with the same predicted parts: a re-measurement of one plan."""
+    return a["layout"] == b["layout"] and a["parts"].keys() == b["parts"].keys() and all(
+        math.isclose(a["parts"][p], b["parts"][p], rel_tol=1e-6) for p in a["parts"])
 
 
 def save_corrections(path: str | Path, corrections: dict[str, float], rows: list[dict]) -> Path:
-    """Merge `corrections` (layouts, and families when a `Corrections`) into the file at
-    `path` (newest measurement wins)."""
+    """Merge `corrections` (layouts, and families and observations when a `Corrections`)
+    into the file at `path` (newest measurement wins) and refit the per-part factors over
+    every stored observation (at most `MAX_OBSERVATIONS`, the newest)."""
     path = Path(path)
     old = load_corrections(path)
     families = {**old.families, **getattr(corrections, "families", {})}
+    new_obs = list(getattr(corrections, "observations", []))
+    observations = [o for o in old.observations if not any(_same_trial(o, n) for n in new_obs)]
+    observations = (observations + new_obs)[-MAX_OBSERVATIONS:]
+    if observations:
+        parts, family_parts = fit_part_factors(observations, layout_family)
+    else:
+        parts, family_parts = old.parts, old.family_parts
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"corrections": {**old, **corrections}, "families": families,
-                                "last_trial": rows}, indent=2))
+                                "parts": parts, "family_parts": family_parts,
+                                "observations": observations, "last_trial": rows}, indent=2))
     return path

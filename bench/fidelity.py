@@ -7,8 +7,9 @@ resident per microbatch (sum over layers), model-state bytes per rank, median st
 bytes sent by collectives per step. Then the planner's free choice against the fastest
 measured layout of a small sweep, and `disttrain plan --trial K` on the same job: its K plans
 (one per layout family first) measured, the fastest kept (target: within 5% of the sweep's
-fastest), and the corrections those trials store applied to every row's prediction (target:
-step time within 15% for every row after trials).
+fastest), and the corrections those trials store (a factor per step part, per layout family)
+applied part by part to every row's prediction (target: step time within 15% for every row
+after trials): `bench/fidelity_trials.py`.
 
 The CPU profile is taken fresh at the start of every run (never from a cache): step times on
 this shared machine follow its load, and a profile from another hour predicts another
@@ -30,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from docs_sections import md_table, write_section  # noqa: E402
+from fidelity_trials import (CHOICE_TARGET, TRIAL_K, after_trials, next_plan,  # noqa: E402,F401
+                             trial_choice, trial_plans, trial_text)
 from peers import describe_plan, job_spec  # noqa: E402
 
 from disttrain.parallel.spawn import spawn_ranks  # noqa: E402
@@ -52,13 +55,8 @@ POLICIES = {  # name: (device budget MiB, memory section)
     "swap nvme": (40, {"activation_offload": "nvme", "recompute": "none"}),
     "recompute": (40, {"activation_offload": "none", "recompute": "token"}),
 }
-TRIAL_K = 5
-"""Plans `--trial` runs in the planner-choice check: one per layout family of 2 ranks (dp,
-Ulysses, ring, tp, pp), so that every row's layout family has a measured correction."""
 STEP_TARGET = 0.15
 """Largest |error| of any row's step time after trials."""
-CHOICE_TARGET = 0.05
-"""Largest gap of the trial choice to the fastest layout of the sweep."""
 SWEEP_ROUNDS = 2
 """Runs of each planner-choice configuration, alternating, pooled (step times are noisy)."""
 SWEEP = {"dp2 z0": {"dp": 2, "sp": 1, "pp": 1, "zero_stage": 0},
@@ -234,9 +232,9 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
         sweep_names.append(f"sweep {lname}")
     free_spec = config_spec(sweep_seq, 1024, {}, {}, steps)
     free_plan = _plan(free_spec, profile)[1]
-    trial_plans = _trial_plans(free_spec, free_plan, profile, trial_k)
+    trials = trial_plans(free_spec, free_plan, profile, trial_k)
     sweep_keys = {layout_key(plan.parallel) for name, _, plan in configs if name in sweep_names}
-    for plan in trial_plans:  # trial layouts the sweep lacks join it: measured in its rounds
+    for plan in trials:  # trial layouts the sweep lacks join it: measured in its rounds
         if layout_key(plan.parallel) not in sweep_keys:
             sweep_keys.add(layout_key(plan.parallel))
             configs.append((f"sweep trial {layout_key(plan.parallel)}", free_spec, plan))
@@ -262,46 +260,16 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
     choice["sweep_gap"] = (None if choice["same_layout_sweep_s"] is None
                            else choice["same_layout_sweep_s"] / choice["best_s"] - 1)
     by_key = {layout_key(plans_by_name[n].parallel): times[n] for n in sweep_names}
-    choice.update(trial_choice(trial_plans, by_key, times, trial_k))
+    choice.update(trial_choice(trials, by_key, times, trial_k))
     corrections = choice.pop("corrections")
     for row in rows:
         if row["quantity"] == "step time":
-            plan = meta[row["config"]][1]
-            row["after"] = row["predicted"] * corrections.get(layout_key(plan.parallel), 1.0)
+            row["after"] = after_trials(meta[row["config"]][1], corrections)
             row["error_after"] = (row["after"] - row["measured"]) / row["measured"]
+    choice.update(next_plan(free_spec, profile, corrections, by_key))
     loads.append(load_average())
     return {"rows": rows, "choice": choice, "skipped": skipped, "loads": loads,
             "profile_load": profile.load_average}
-
-
-def _trial_plans(free_spec: dict, free_plan, profile, trial_k: int) -> list:
-    """The plans `disttrain plan --trial K` runs (`top_plans`: the planner's choice, then one
-    per other layout family)."""
-    from planner.search import plan_job
-    from planner.trial import top_plans
-
-    return top_plans(job_from_dict(free_spec).plan_request(), trial_k,
-                     lambda r: plan_job(r, profile, with_layout=False), first=free_plan)
-
-
-def trial_choice(plans: list, by_key: dict, times: dict, trial_k: int = TRIAL_K) -> dict:
-    """`disttrain plan --trial K` on the sweep: its plans measured (in the sweep's rounds,
-    `by_key`: layout key -> measured median), the fastest kept; its gap to the fastest
-    layout of the sweep, and the corrections the trials store (`corrections_from`)."""
-    from planner.trial import corrections_from
-
-    measured = {layout_key(p.parallel): (p.prediction.step_time_s, by_key[layout_key(p.parallel)])
-                for p in plans}
-    chosen = min(measured, key=lambda k: measured[k][1])
-    corrections = corrections_from(plans, [measured[layout_key(p.parallel)][1] for p in plans])
-    return {"trial_k": trial_k, "trial_rows": measured, "trial": chosen,
-            "trial_s": measured[chosen][1], "trial_gap": measured[chosen][1] / choice_best(times) - 1,
-            "families": {k: round(v, 3) for k, v in corrections.families.items()},
-            "corrections": corrections}
-
-
-def choice_best(times: dict) -> float:
-    return min(times.values())
 
 
 def _fmt(qty: str, v: float) -> str:
@@ -350,9 +318,9 @@ def report(result: dict, steps: int) -> str:
             f"Activations: saved bytes resident per microbatch summed over layers (the "
             f"runtime's per-layer `bytes_kept`); model states: device-resident parameters + "
             f"gradients + optimizer; comm: bytes rank 0 sent in the last step. Error = "
-            f"(predicted - measured) / measured; after trials: the prediction times the "
-            f"correction the `--trial` runs below stored for its layout, else its layout "
-            f"family.{load_text}\n\n{table}\n\n"
+            f"(predicted - measured) / measured; after trials: each part of the predicted step "
+            f"times the factor the `--trial` runs below stored for it (their layout family's, "
+            f"else the global one, else 1).{load_text}\n\n{table}\n\n"
             f"Configurations the planner found infeasible (not run):\n\n{skipped}\n\n"
             f"Worst error per quantity:\n\n{worst_text}\n\nPlanner choice vs measured optimum "
             f"(seq {choice['seq_len']}, ample budget):\n\n{sweep}\n\n- planner picked "
@@ -362,23 +330,7 @@ def report(result: dict, steps: int) -> str:
                 "" if choice["same_layout_sweep_s"] is None else
                 f"; the same layout measured {choice['same_layout_sweep_s']:.3f} s in its sweep "
                 f"run, {choice['sweep_gap']:+.1%} vs the fastest (the difference between the two "
-                f"runs of one layout is run-to-run noise on this shared machine)") + _trial_text(choice) + "\n")
-
-
-def _trial_text(choice: dict) -> str:
-    if "trial" not in choice:
-        return ""
-    rows = md_table(["layout", "predicted s", "measured s", "error"],
-                    [[k, f"{p:.3f}", f"{m:.3f}", f"{p / m - 1:+.0%}"]
-                     for k, (p, m) in choice["trial_rows"].items()])
-    verdict = "MET" if choice["trial_gap"] <= CHOICE_TARGET else "NOT MET"
-    families = ", ".join(f"{k} x{v:.2f}" for k, v in choice.get("families", {}).items())
-    return (f"\n\nWith `disttrain plan --trial {choice['trial_k']}` (the planner's choice and "
-            f"the best plan of each other layout family, then the next best, measured; the "
-            f"fastest kept):\n\n{rows}\n\n- trial "
-            f"choice {choice['trial']}: {choice['trial_s']:.3f} s, {choice['trial_gap']:+.1%} vs the "
-            f"fastest of the sweep — {verdict} (target within 5%)\n- corrections stored per "
-            f"layout family (measured / predicted): {families or 'none'}")
+                f"runs of one layout is run-to-run noise on this shared machine)") + trial_text(choice) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 machine in freshly spawned ranks (as the job would run), and time its steps.
 
 The planner side (`planner/trial.py`) picks the plans and turns the measured times into
-corrections stored beside the profile.
+corrections per step part, stored beside the profile.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def trial_and_rerank(job: Job, plan: Plan, k: int, *, steps: int, plan_fn, corre
                      applied: dict[str, float] | None = None) -> tuple[Plan, list[dict]]:
     """Run the K best plans (the planner's choice first, then one per other layout family:
     `planner.trial.top_plans`) `steps` steps each, re-rank them by measured step time, store
-    measured/predicted per layout and per family in `corrections_file`; returns the fastest
+    the trials and the factors per step part fitted over them (and measured/predicted per
+    layout and per family) in `corrections_file`; returns the fastest
     measured plan and one row per trial (layout, family, predicted s, measured s, the
     measured parts of the step, and `failure`: why a plan the runtime could not run was left
     out, with measured s inf)."""

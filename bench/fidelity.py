@@ -265,6 +265,7 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
     for row in rows:
         if row["quantity"] == "step time":
             row["after"] = after_trials(meta[row["config"]][1], corrections)
+            row["predicted_parts"] = dict(meta[row["config"]][1].prediction.time_breakdown)
             row["error_after"] = (row["after"] - row["measured"]) / row["measured"]
     choice.update(next_plan(free_spec, profile, corrections, by_key))
     loads.append(load_average())
@@ -339,11 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--trial-k", type=int, default=TRIAL_K, help="plans --trial runs")
     parser.add_argument("--no-docs", action="store_true", help="print only")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the raw results here (rows with their predicted step "
+                             "parts, the sweep, the trials and their fitted factors)")
     args = parser.parse_args(argv)
     if args.trial_k < 1:
         parser.error(f"--trial-k: must be >= 1, got {args.trial_k}")
-    text = report(measure(args.seq, args.steps, trial_k=args.trial_k), args.steps)
+    result = measure(args.seq, args.steps, trial_k=args.trial_k)
+    text = report(result, args.steps)
     print(text)
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps(result, indent=1, default=str))
     if not args.no_docs:
         print(f"wrote {write_section('fidelity', text)}")
     return 0

@@ -41,6 +41,7 @@ def trial_choice(plans: list, by_key: dict, times: dict, trial_k: int = TRIAL_K)
     chosen = min(measured, key=lambda k: measured[k][1])
     corrections = corrections_from(plans, [measured[layout_key(p.parallel)][1] for p in plans])
     return {"trial_k": trial_k, "trial_rows": measured, "trial": chosen,
+            "trial_parts": {layout_key(p.parallel): dict(p.prediction.time_breakdown) for p in plans},
             "trial_s": measured[chosen][1], "trial_gap": measured[chosen][1] / min(times.values()) - 1,
             "parts": {k: round(v, 3) for k, v in corrections.parts.items()},
             "family_parts": {f: {k: round(v, 3) for k, v in d.items()}

@@ -15,7 +15,7 @@ The CPU profile is taken fresh at the start of every run (never from a cache): s
 this shared machine follow its load, and a profile from another hour predicts another
 machine. The load averages at the start and end are printed with the results.
 
-    .venv/bin/python bench/fidelity.py [--seq 512 1024] [--steps 3] [--trial-k 5]
+    .venv/bin/python bench/fidelity.py [--seq 512 1024] [--steps 3] [--trial-k 5] [--no-docs] [--json OUT]
 """
 
 from __future__ import annotations

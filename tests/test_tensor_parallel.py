@@ -94,3 +94,56 @@ def test_planner_offers_exactly_the_tp_degrees_the_runtime_accepts():
         for tp in range(1, 9):
             planner_ok = tp_problem(shape, tp, devices_per_node=8) == ""
             assert planner_ok == (tensor_parallel_error(shape, tp) is None), (shape, tp)
+
+
+class _OneRankTP:
+    """A tp group of one rank without a process group (gather / reduce-scatter return their
+    input), recording the collectives the linears issue: enough to run `_ColumnParallel`'s
+    paths in one process against plain autograd."""
+
+    size, rank = 1, 0
+
+    def __init__(self, overlap_chunks: int) -> None:
+        self.overlap_chunks, self.calls = overlap_chunks, []
+
+    def start_gather(self, x):
+        self.calls.append("all_gather")
+        return _Done(x.contiguous())
+
+    def start_reduce_scatter(self, y, out=None):
+        self.calls.append("reduce_scatter")
+        if out is None:
+            return _Done(y.clone())
+        out.copy_(y.reshape(out.shape))
+        return _Done(out)
+
+
+class _Done:
+    def __init__(self, t):
+        self.t = t
+
+    def wait(self):
+        return self.t
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_column_parallel_backward_overlaps_in_bulk_with_one_call_per_collective(chunks):
+    # K > 1: the backward gathers the saved shard once (beside the input-gradient GEMMs) and
+    # reduce-scatters once (beside the weight-gradient GEMMs); same gradients as autograd
+    from disttrain.parallel.tp_linear import _ColumnParallel
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 8, generator=gen, requires_grad=True)
+    weights = [torch.randn(n, 8, generator=gen, requires_grad=True) for n in (5, 3)]
+    tp = _OneRankTP(chunks)
+    outs = _ColumnParallel.apply(tp, x, *weights)
+    assert tp.calls == ["all_gather"] * chunks
+    seeds = [torch.randn(o.shape, generator=gen) for o in outs]
+    sum((o * s).sum() for o, s in zip(outs, seeds)).backward()
+    assert tp.calls[chunks:] == ["all_gather", "reduce_scatter"]   # not one pair per block
+    got = [x.grad.clone(), *(w.grad.clone() for w in weights)]
+    for t in (x, *weights):
+        t.grad = None
+    ref = sum((torch.nn.functional.linear(x, w) * s).sum() for w, s in zip(weights, seeds))
+    ref.backward()
+    for g, t in zip(got, (x, *weights)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-6, atol=1e-6)

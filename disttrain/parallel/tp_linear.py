@@ -6,8 +6,9 @@ tp group).
 Collective matmul: a block's collective is issued asynchronously (`async_op=True`; on CUDA
 NCCL runs it on its own stream, on gloo a worker thread does), so that it overlaps the GEMMs
 of the other blocks and only the first block's gather (or the last block's reduce-scatter) is
-waited for. One block (K = 1) is one blocking collective, as before. The bytes are the same
-for any K; each block is one call.
+waited for; a column-parallel backward instead runs its gather and its reduce-scatter each
+beside one whole GEMM (bulk overlap). One block (K = 1) is one blocking collective, as before.
+The bytes are the same for any K; each block is one call.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ class _ColumnParallel(torch.autograd.Function):
     With `tp.overlap_chunks` = K > 1 the tokens are split into K blocks and every block's
     all-gather is issued asynchronously up front: block i's GEMMs run while blocks > i are
     still in flight, so only the first block's gather waits (collective matmul). The
-    backward does the same with the gathers of the saved shard, and issues each block's
-    input-gradient reduce-scatter as soon as its GEMM is done, under the weight-gradient GEMMs
-    and the next blocks. Same bytes as K = 1; K = 1 is one blocking gather."""
+    backward overlaps in bulk (`_column_backward_bulk`): the shard's gather beside the whole
+    input-gradient GEMM, its reduce-scatter beside the whole weight-gradient GEMM. Same bytes
+    as K = 1; K = 1 gathers first and reduce-scatters under the weight gradient."""
 
     @staticmethod
     def forward(ctx, tp: TensorParallel, x_Th: torch.Tensor, *weights: torch.Tensor):
@@ -68,12 +69,16 @@ class _ColumnParallel(torch.autograd.Function):
     def backward(ctx, *grads):
         x_Th, *weights = ctx.saved_tensors
         tp = ctx.tp
-        gathers = [tp.start_gather(block) for block in _row_blocks(x_Th, tp.overlap_chunks)]
         live = [(i, g.reshape(-1, g.shape[-1]), w)
                 for i, (g, w) in enumerate(zip(grads, weights)) if g is not None]
         dtype = live[0][1].dtype if live else x_Th.dtype
         grad_x = torch.empty((x_Th.numel() // x_Th.shape[-1], x_Th.shape[-1]), dtype=dtype,
                              device=x_Th.device)
+        if tp.overlap_chunks > 1 and live:
+            grad_w = _column_backward_bulk(tp, x_Th, live, len(weights), grad_x)
+            grad_w = [None if gw is None else gw.to(w.dtype) for gw, w in zip(grad_w, weights)]
+            return None, grad_x.view(x_Th.shape).to(x_Th.dtype), *grad_w
+        gathers = [tp.start_gather(block) for block in _row_blocks(x_Th, tp.overlap_chunks)]
         grad_w: list[torch.Tensor | None] = [None] * len(weights)
         scatters, start = [], 0
         for pending in gathers:
@@ -93,6 +98,29 @@ class _ColumnParallel(torch.autograd.Function):
             pending.wait()
         grad_w = [None if gw is None else gw.to(w.dtype) for gw, w in zip(grad_w, weights)]
         return None, grad_x.view(x_Th.shape).to(x_Th.dtype), *grad_w
+
+
+def _column_backward_bulk(tp: TensorParallel, x_Th: torch.Tensor, live: list, count: int,
+                          grad_x: torch.Tensor) -> list[torch.Tensor | None]:
+    """A column-parallel backward with its two collectives each beside a whole GEMM (bulk
+    overlap, Transformer Engine's default for the qkv / fc1 backward under Megatron's
+    `--tp-comm-overlap`): the saved input shard is all-gathered while the input-gradient GEMMs
+    run (they do not read it), and that gradient is reduce-scattered into `grad_x` while the
+    weight-gradient GEMMs run (they read the gathered input, not the input gradient). Each
+    GEMM runs once over all tokens; same bytes as the blocked path. Returns the weight
+    gradients by sibling index."""
+    gather = tp.start_gather(x_Th)
+    part = None
+    for _, g, w in live:
+        term = g @ w.to(g.dtype)
+        part = term if part is None else part + term
+    scatter = tp.start_reduce_scatter(part, out=grad_x)
+    x_TH = gather.wait().reshape(grad_x.shape[0], -1)
+    grad_w: list[torch.Tensor | None] = [None] * count
+    for i, g, _ in live:
+        grad_w[i] = g.t() @ x_TH.to(g.dtype)
+    scatter.wait()
+    return grad_w
 
 
 class _RowParallel(torch.autograd.Function):

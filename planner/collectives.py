@@ -310,14 +310,11 @@ TP_COLLECTIVES = {direction: {kind: sum(kinds.get(kind, 0) for _, kinds, _ in pi
 forward 2 all-gathers + 2 reduce-scatters, backward 4 + 2."""
 
 TP_BULK = frozenset({("backward", "attention_in"), ("backward", "mlp_in")})
-"""`TP_PIPELINES` entries that, with K > 1, overlap in bulk instead of over token blocks: a
-column-parallel backward gathers the saved input shard (one call) beside its whole
-input-gradient GEMM, which does not read it, and reduce-scatters that gradient (one call)
-beside its whole weight-gradient GEMM, which does not read it either (the runtime's
-`_column_backward_bulk`; Transformer Engine's default "bulk" method for qkv/fc1 dgrad and
-wgrad under Megatron-LM's `--tp-comm-overlap`). NCCL runs the two in order on one stream and
-the weight-gradient GEMM waits for the gather, so with a seconds of gather, r of
-reduce-scatter and g per GEMM the pair exposes max(0, a - g) + max(0, r - g)."""
+"""`TP_PIPELINES` entries that overlap in bulk when K > 1 (the runtime's `_column_backward_bulk`,
+Transformer Engine's "bulk" qkv/fc1 dgrad + wgrad): the saved input's gather (one call) beside
+the whole input-gradient GEMM, that gradient's reduce-scatter (one call) beside the whole
+weight-gradient GEMM; in order on one stream, so a and r seconds of them beside GEMMs of g
+each expose max(0, a - g) + max(0, r - g)."""
 
 TP_OVERLAP_CHOICES = (1, 2, 4, 8)
 """Token blocks the planner considers for `parallel.tp_overlap_chunks` (1: blocking)."""

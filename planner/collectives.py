@@ -289,19 +289,19 @@ def zero_microbatch_seconds(hw: HardwareSpec, params: CostParams, cand: Candidat
 TP_PIPELINES = {
     "forward": (("attention_in", {"all_gather": 1}, 1), ("attention_out", {"reduce_scatter": 1}, 1),
                 ("mlp_in", {"all_gather": 1}, 1), ("mlp_out", {"reduce_scatter": 1}, 1)),
-    "backward": (("attention_out", {"all_gather": 1}, 2),
+    "backward": (("attention_out", {"all_gather": 1}, 1),
                  ("attention_in", {"all_gather": 1, "reduce_scatter": 1}, 2),
-                 ("mlp_out", {"all_gather": 1}, 2),
+                 ("mlp_out", {"all_gather": 1}, 1),
                  ("mlp_in", {"all_gather": 1, "reduce_scatter": 1}, 2))}
 """One decoder layer's hidden-wide tensor-parallel collectives as the runtime
 (disttrain/parallel/tensor.py) runs them, by direction: (GEMM group, collectives, GEMM
 multiple). Forward: the feature-sharded input all-gathered before the column-parallel GEMMs
 (q/k/v: `attention_in`; the MLP's input projections: `mlp_in`), the row-parallel outputs (o,
 the MLP's output projection) reduce-scattered after theirs. Backward: the output gradient
-gathered for the row-parallel input and weight gradients (2x the forward GEMMs); the saved
-input shard gathered again and the input gradient reduce-scattered around the
-column-parallel ones. With `tp_overlap_chunks` K > 1 each entry is one pipeline over K token
-blocks (`tp_pipeline_exposed`)."""
+gathered beside the row-parallel input-gradient GEMMs (the weight gradient follows whole);
+the saved input shard gathered again and the input gradient reduce-scattered around the
+column-parallel ones (2x the forward GEMMs). With `tp_overlap_chunks` K > 1 each entry is
+one pipeline over K token blocks (`tp_pipeline_exposed`) or a bulk pair (`TP_BULK`)."""
 
 TP_COLLECTIVES = {direction: {kind: sum(kinds.get(kind, 0) for _, kinds, _ in pipes)
                               for kind in ("all_gather", "reduce_scatter")}
@@ -310,11 +310,10 @@ TP_COLLECTIVES = {direction: {kind: sum(kinds.get(kind, 0) for _, kinds, _ in pi
 forward 2 all-gathers + 2 reduce-scatters, backward 4 + 2."""
 
 TP_BULK = frozenset({("backward", "attention_in"), ("backward", "mlp_in")})
-"""`TP_PIPELINES` entries that overlap in bulk when K > 1 (the runtime's `_column_backward_bulk`,
-Transformer Engine's "bulk" qkv/fc1 dgrad + wgrad): the saved input's gather (one call) beside
-the whole input-gradient GEMM, that gradient's reduce-scatter (one call) beside the whole
-weight-gradient GEMM; in order on one stream, so a and r seconds of them beside GEMMs of g
-each expose max(0, a - g) + max(0, r - g)."""
+"""`TP_PIPELINES` entries overlapped in bulk when K > 1 (`_column_backward_bulk`, Transformer
+Engine's "bulk" qkv/fc1 dgrad + wgrad): the input's gather (one call) beside the whole input-
+gradient GEMM, its reduce-scatter (one call) beside the whole weight-gradient GEMM, in order
+on one stream: a, r seconds beside g each expose max(0, a - g) + max(0, r - g)."""
 
 TP_OVERLAP_CHOICES = (1, 2, 4, 8)
 """Token blocks the planner considers for `parallel.tp_overlap_chunks` (1: blocking)."""
@@ -332,11 +331,12 @@ def tp_pipeline_exposed(comm_s: float, gemm_s: float, chunks: int) -> float:
 
 
 def tp_backward_gemms(split_s: list[float], whole_s: list[float]) -> list[float]:
-    """Forward-GEMM seconds of each projection that its backward runs twice (input and weight
-    gradient): the row-parallel ones (o, the MLP's output projection) per token block as in
-    the forward (`split_s`), the column-parallel ones whole (`whole_s`; `TP_BULK`)."""
+    """Backward (input + weight gradient) GEMM seconds of each projection from its forward's
+    per token block (`split_s`) and whole (`whole_s`): row-parallel (o, the MLP's output) input
+    gradient per block, weight gradient whole; column-parallel both whole (`TP_BULK`)."""
     last = len(split_s) - 1
-    return [split_s[i] if i in (3, last) else whole_s[i] for i in range(len(split_s))]
+    return [split_s[i] + whole_s[i] if i in (3, last) else 2 * whole_s[i]
+            for i in range(len(split_s))]
 
 
 def tp_gemm_groups(gemms_s: list[float]) -> dict[str, float]:

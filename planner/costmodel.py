@@ -62,7 +62,7 @@ def _family_layer_times(family: DeviceFamily, shape: ModelShape, dtype: str, hw:
     key_len = seq_len if cand.sp_kind == "ulysses" else seq_len / cand.sp
     attn_f = flops / (peak * attention_efficiency(family, key_len, shape.head_dim, False))
     attn_b = 2.5 * flops / (peak * attention_efficiency(family, key_len, shape.head_dim, True))
-    return (gemm + ew_fwd * tokens / bw, 2 * sum(tp_backward_gemms(gemms, whole))
+    return (gemm + ew_fwd * tokens / bw, sum(tp_backward_gemms(gemms, whole))
             + ew_bwd * tokens / bw, attn_f, attn_b, gemms, whole)
 
 

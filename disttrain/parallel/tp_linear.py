@@ -28,15 +28,6 @@ def _row_blocks(t: torch.Tensor, chunks: int) -> list[torch.Tensor]:
     return list(flat.tensor_split(max(1, min(chunks, flat.shape[0])), dim=0))
 
 
-def _add_weight_grad(acc: torch.Tensor | None, grad_cO: torch.Tensor, x_cI: torch.Tensor
-                     ) -> torch.Tensor:
-    """acc + grad_c^T @ x_c for one token block; from the second block on the sum is fp32."""
-    part = grad_cO.t() @ x_cI.to(grad_cO.dtype)
-    if acc is None:
-        return part
-    return (acc if acc.dtype == torch.float32 else acc.float()).add_(part)
-
-
 class _ColumnParallel(torch.autograd.Function):
     """outs_i = all_gather(x_Th) @ W_i^T for sibling weights sharing one input (q, k, v or
     gate, up): one all-gather forward; saves only the shard and gathers it again backward.
@@ -91,8 +82,8 @@ class _ColumnParallel(torch.autograd.Function):
             if part is None:
                 part = torch.zeros(x_cH.shape, dtype=dtype, device=x_cH.device)
             scatters.append(tp.start_reduce_scatter(part, out=grad_x[start:stop]))
-            for i, g, _ in live:   # under the reduce-scatter just issued
-                grad_w[i] = _add_weight_grad(grad_w[i], g[start:stop], x_cH)
+            for i, g, _ in live:   # under the reduce-scatter just issued (K = 1: one block)
+                grad_w[i] = g[start:stop].t() @ x_cH.to(g.dtype)
             start = stop
         for pending in scatters:
             pending.wait()
@@ -129,7 +120,8 @@ class _RowParallel(torch.autograd.Function):
     With `tp.overlap_chunks` = K > 1 each token block's reduce-scatter is issued as soon as
     its GEMM is done and runs under the next block's GEMM (only the last one waits); the
     backward all-gathers the output gradient's blocks up front and computes block i's input
-    and weight gradients while the later blocks are in flight."""
+    gradient while the later blocks are in flight, then the weight gradient as one GEMM over
+    all of them (as Transformer Engine's ring-exchange proj/fc2 dgrad does)."""
 
     @staticmethod
     def forward(ctx, tp: TensorParallel, x: torch.Tensor, weight: torch.Tensor):
@@ -154,11 +146,13 @@ class _RowParallel(torch.autograd.Function):
         gathers = [tp.start_gather(block) for block in _row_blocks(grad_Th, tp.overlap_chunks)]
         x_TI = x.reshape(-1, x.shape[-1])
         grad_x = torch.empty(x_TI.shape, dtype=x.dtype, device=x.device)
-        grad_w, start = None, 0
+        blocks, start = [], 0
         for pending in gathers:
             g_cH = pending.wait()
             stop = start + g_cH.shape[0]
             grad_x[start:stop] = g_cH @ weight.to(g_cH.dtype)
-            grad_w = _add_weight_grad(grad_w, g_cH, x_TI[start:stop])
+            blocks.append(g_cH)
             start = stop
+        g_TH = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        grad_w = g_TH.t() @ x_TI.to(g_TH.dtype)      # one GEMM: no per-block fp32 sums
         return None, grad_x.view(x.shape), grad_w.to(weight.dtype)

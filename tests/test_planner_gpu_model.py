@@ -118,13 +118,15 @@ def test_column_parallel_backward_priced_as_bulk_overlap_with_whole_gemms():
     kw = dict(seq_len=4096, micro_batch_size=1, params=params)
     blocked = layer_cost(shape, "bf16", hw, tp8, tp_overlap_chunks=4, **kw)
     family, peak = device_family(hw.device_name), hw.flops("bf16")
-    split = [4 * gemm_seconds(family, peak, m / 4, n, k, 2) for m, n, k in layer_gemms(shape, tokens, tp)]
-    unsplit = [gemm_seconds(family, peak, m, n, k, 2) for m, n, k in layer_gemms(shape, tokens, tp)]
+    gemms = layer_gemms(shape, tokens, tp)
+    split = [4 * gemm_seconds(family, peak, m / 4, n, k, 2) for m, n, k in gemms]
+    unsplit = [gemm_seconds(family, peak, m, n, k, 2) for m, n, k in gemms]
     # the layer's backward: 2 x (row-parallel GEMMs per block + column-parallel ones whole),
     # element-wise, attention and the exposed collectives against those GEMMs
     flops = layer_flops_per_token(shape, 4096).attention * tokens / tp
     attn_b = 2.5 * flops / (peak * attention_efficiency(family, 4096, shape.head_dim, True))
-    ew_b = elementwise_bytes_per_token(shape, "bf16", tp)[1] * tokens / (family.hbm_bw * MEMORY_EFFICIENCY)
+    ew_b = (elementwise_bytes_per_token(shape, "bf16", tp)[1] * tokens
+            / (family.hbm_bw * MEMORY_EFFICIENCY))
     comm_b = tp_comm_seconds(shape, "bf16", hw, tokens, tp, params, "backward", chunks=4,
                              gemm_s=tp_gemm_groups(split), whole_gemm_s=tp_gemm_groups(unsplit))
     gemm_b = sum(tp_backward_gemms(split, unsplit))

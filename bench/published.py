@@ -101,7 +101,7 @@ MISSING = {
     "backward, as Megatron-LM f2e5db4 overlaps it (last microbatch only; fp32: --bf16 sets "
     "accumulate_allreduce_grads_in_fp32). The README does not give the micro-batch size: at "
     "1 (the spec's) its reduce-scatter + gather need 0.46 s even at line rate, leaving 0.143 s "
-    "per microbatch, 72% of peak; with 2 per microbatch the fixed layout predicts 0.91x "
+    "per microbatch, 72% of peak; with 2 per microbatch the fixed layout predicts 0.90x "
     "(docs/design.md, GPU cost model)",
     "megatron-70b-768xh100": "ZeRO-1 communication as for megatron-32b; the free choice (ZeRO "
     "over 384 ranks) is not a layout anyone published at this scale",

@@ -8,7 +8,10 @@ GPU per step, and what op-level selective checkpointing (torchtitan's policy,
 published layout (bench/published.py fixes `recompute="selective"`), so their "recompute"
 column is that price; "selective layers" says how many layers of the plan run it.
 
-    .venv/bin/python bench/cost_breakdown.py [--only NAME ...]
+    .venv/bin/python bench/cost_breakdown.py [--only NAME ...] [--micro-batch-size N]
+
+`--micro-batch-size` replaces the specs' `train.micro_batch_size` (sequences per microbatch;
+the global batch stays), for rows whose source does not publish it (Megatron-LM's README).
 """
 
 from __future__ import annotations
@@ -64,7 +67,11 @@ def kernel_split(request, plan) -> dict[str, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", default=[])
+    parser.add_argument("--micro-batch-size", type=int, default=0,
+                        help="sequences per microbatch instead of the spec's")
     args = parser.parse_args(argv)
+    if args.micro_batch_size < 0:
+        parser.error("--micro-batch-size: must be >= 1 (0 or absent: the spec's)")
     cols = ("compute", "recompute", "exposed_communication", "exposed_transfer", "bubble", "optimizer")
     print("| spec | kind | layout | step s | " + " | ".join(cols)
           + " | gemm | attention | elementwise | gemm eff | op-SAC price | selective layers"
@@ -75,6 +82,8 @@ def main(argv=None) -> int:
             continue
         pub = published.PUBLISHED[path.stem]
         request = published.free_request(load_job(path))
+        if args.micro_batch_size:
+            request = dataclasses.replace(request, micro_batch_size=args.micro_batch_size)
         runs = [("free", request)]
         if pub["layout"] is not None:
             runs.append(("fixed", dataclasses.replace(request, **pub["layout"])))

@@ -94,12 +94,15 @@ MISSING = {
     "prices the fixed layout at 1.24x; bench/cost_breakdown.py). The published figure is read off "
     "a chart, and USP on the same GPU class (A800, 208K) sits at 1.04x with the same attention curve",
     "megatron-32b-384xh100": "TP collectives overlap the GEMMs (parallel.tp_overlap_chunks, K=4 "
-    "here) and the post-update parameter all-gather the next forward (parallel."
-    "overlap_param_gather, as the published run: 0.19 s of gathers, 0.12 s exposed); what "
-    "remains is ZeRO-1's fp32 gradient reduce-scatter over dp48, one GPU per node: 15.4 GB per "
-    "GPU over its 50 GB/s NIC x 0.8 = 0.39 s beside a 0.15 s last-microbatch backward. The "
-    "published run reduced in fp32 too (Megatron-LM f2e5db4: --bf16 sets "
-    "accumulate_allreduce_grads_in_fp32), so the gap is compute or network speed, not dtype",
+    "here; the column-parallel backward in bulk, as Transformer Engine does) and the "
+    "post-update parameter all-gather the next forward (parallel.overlap_param_gather, as the "
+    "published run); what remains is ZeRO-1's fp32 gradient reduce-scatter over dp48, one GPU "
+    "per node: 15.4 GB per GPU over its 50 GB/s NIC x 0.8 = 0.39 s beside one microbatch's "
+    "backward, as Megatron-LM f2e5db4 overlaps it (last microbatch only; fp32: --bf16 sets "
+    "accumulate_allreduce_grads_in_fp32). The README does not give the micro-batch size: at "
+    "1 (the spec's) its reduce-scatter + gather need 0.46 s even at line rate, leaving 0.143 s "
+    "per microbatch, 72% of peak; with 2 per microbatch the fixed layout predicts 0.90x "
+    "(docs/design.md, GPU cost model)",
     "megatron-70b-768xh100": "ZeRO-1 communication as for megatron-32b; the free choice (ZeRO "
     "over 384 ranks) is not a layout anyone published at this scale",
     "tt-llama2-70b-64xa100": "torchtitan runs FSDP64 with full activation checkpointing; the free "

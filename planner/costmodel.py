@@ -23,7 +23,8 @@ from planner.analytic import (FP32, SavedBytesPerToken, kv_heads_per_rank,
 from planner.collectives import (call_latency, collective_bw, comm_times,  # noqa: F401
                                  group_bandwidth, overlaps_compute, pipeline_group_span,
                                  ring_p2p_backward_bytes, ring_p2p_bytes, shard_group_span,
-                                 TP_OVERLAP_CHOICES, tp_comm_seconds, tp_gemm_groups, tp_step_bytes,
+                                 TP_OVERLAP_CHOICES, tp_backward_gemms, tp_comm_seconds,
+                                 tp_gemm_groups, tp_step_bytes,
                                  ulysses_alltoall_bytes, zero_collectives, zero_step_bytes)
 from planner.costtypes import Candidate, CostParams, LayerCost, local_tokens  # noqa: F401
 from planner.efficiency import (DeviceFamily, MEMORY_EFFICIENCY, attention_efficiency,
@@ -44,13 +45,15 @@ def qkv_bytes_per_token(shape: ModelShape, dtype: str, ulysses_sp: int = 1) -> f
 
 def _family_layer_times(family: DeviceFamily, shape: ModelShape, dtype: str, hw: HardwareSpec,
                         cand: Candidate, tokens: int, seq_len: int, chunks: int
-                        ) -> tuple[float, float, float, float, list[float]]:
+                        ) -> tuple[float, float, float, float, list[float], list[float]]:
     """(token-local forward, token-local backward, attention forward, attention backward,
-    forward seconds of each projection) of one layer on a GPU of `family` from its efficiency
-    curves; the projections run as `chunks` GEMMs of tokens / chunks rows each."""
+    forward seconds of each projection as `chunks` GEMMs of tokens / chunks rows, and as one
+    GEMM) of one layer on a GPU of `family` from its efficiency curves. The backward runs the
+    column-parallel projections' gradients whole (`tp_backward_gemms`)."""
     peak, b, tp = hw.flops(dtype), DTYPE_BYTES[dtype], cand.tp
-    gemms = [chunks * gemm_seconds(family, peak, m / chunks, n, k, b)
-             for m, n, k in layer_gemms(shape, tokens, tp)]
+    shapes = layer_gemms(shape, tokens, tp)
+    gemms = [chunks * gemm_seconds(family, peak, m / chunks, n, k, b) for m, n, k in shapes]
+    whole = [gemm_seconds(family, peak, m, n, k, b) for m, n, k in shapes]
     gemm = sum(gemms)
     ew_fwd, ew_bwd = elementwise_bytes_per_token(shape, dtype, tp)
     bw = family.hbm_bw * MEMORY_EFFICIENCY
@@ -59,7 +62,8 @@ def _family_layer_times(family: DeviceFamily, shape: ModelShape, dtype: str, hw:
     key_len = seq_len if cand.sp_kind == "ulysses" else seq_len / cand.sp
     attn_f = flops / (peak * attention_efficiency(family, key_len, shape.head_dim, False))
     attn_b = 2.5 * flops / (peak * attention_efficiency(family, key_len, shape.head_dim, True))
-    return gemm + ew_fwd * tokens / bw, 2 * gemm + ew_bwd * tokens / bw, attn_f, attn_b, gemms
+    return (gemm + ew_fwd * tokens / bw, sum(tp_backward_gemms(gemms, whole))
+            + ew_bwd * tokens / bw, attn_f, attn_b, gemms, whole)
 
 
 class _Same:
@@ -103,8 +107,9 @@ def _layer_times(shape: ModelShape, dtype: str, hw_ref: _Same, cand: Candidate, 
             attn_b = params.attention_backward_factor * attn_f
             gemms = [2.0 * m * n * k / (peak * params.matmul_efficiency)
                      for m, n, k in layer_gemms(shape, tokens, tp)]
+            whole = gemms
         else:
-            tl_f, tl_b, attn_f, attn_b, gemms = _family_layer_times(
+            tl_f, tl_b, attn_f, attn_b, gemms, whole = _family_layer_times(
                 family, shape, dtype, hw, cand, tokens, seq_len, chunks)
         # op-level selective checkpointing reruns the element-wise forward and every second
         # matmul (planner.selective); CPU / unknown devices: the matmuls at the flat efficiency
@@ -113,7 +118,8 @@ def _layer_times(shape: ModelShape, dtype: str, hw_ref: _Same, cand: Candidate, 
         sel = ew + sum(gemms[i] for i in recomputed_matmuls(shape))
         groups = tp_gemm_groups(gemms)
         comm_f, comm_b = (tp_comm_seconds(shape, dtype, hw, tokens, tp, params, direction,
-                                          chunks=chunks, gemm_s=groups)
+                                          chunks=chunks, gemm_s=groups,
+                                          whole_gemm_s=tp_gemm_groups(whole))
                           for direction in ("forward", "backward"))
         total = tl_f + tl_b + comm_f + comm_b
         if best is None or total < best[0]:

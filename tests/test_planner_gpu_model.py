@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from planner.collectives import (TP_COLLECTIVES, collective_seconds, tp_gemm_groups,
-                                 tp_pipeline_exposed)
+from planner.collectives import (TP_BULK, TP_COLLECTIVES, collective_seconds,
+                                 tp_backward_gemms, tp_gemm_groups, tp_pipeline_exposed)
 from planner.costmodel import (Candidate, CostParams, bubble_fraction, inflight_microbatches,
                                layer_cost, tp_comm_seconds)
-from planner.efficiency import (attention_efficiency, device_family, gemm_efficiency,
-                                gemm_seconds)
+from planner.analytic import layer_flops_per_token
+from planner.efficiency import (MEMORY_EFFICIENCY, attention_efficiency, device_family,
+                                elementwise_bytes_per_token, gemm_efficiency, gemm_seconds,
+                                layer_gemms)
 from planner.hardware import CLUSTER_PRESETS, GB
 from planner.shapes import MODEL_PRESETS
 
@@ -84,6 +86,52 @@ def test_tp_overlap_pipeline_exposes_the_first_block_or_what_the_gemms_cannot_hi
                               "backward": {"all_gather": 4, "reduce_scatter": 2}}
     assert tp_gemm_groups([1, 2, 3, 4, 5, 6, 7]) == {"attention_in": 6, "attention_out": 4,
                                                      "mlp_in": 11, "mlp_out": 7}
+
+
+def test_column_parallel_backward_priced_as_bulk_overlap_with_whole_gemms():
+    shape, hw, params = MODEL_PRESETS["llama3-8b"], CLUSTER_PRESETS["8xh100-80g"], CostParams()
+    tokens, tp = 4096, 8
+    sent = tokens * shape.hidden_size * 2 * (tp - 1) / tp
+    one = sent / (hw.intra_node_bw / 2 * params.comm_efficiency) + params.gpu_collective_latency_s
+    assert TP_BULK == {("backward", "attention_in"), ("backward", "mlp_in")}
+    # GEMMs longer than a collective: the bulk pairs hide all; the row-parallel pipelines
+    # (attention_out, mlp_out: one gather each over 4 blocks) expose their first block
+    big = dict.fromkeys(("attention_in", "attention_out", "mlp_in", "mlp_out"), 1.0)
+    first = (sent / (hw.intra_node_bw / 2 * params.comm_efficiency)
+             + 4 * params.gpu_collective_latency_s) / 4
+    assert tp_comm_seconds(shape, "bf16", hw, tokens, tp, params, "backward", chunks=4,
+                           gemm_s=big) == pytest.approx(2 * first)
+    # GEMMs shorter than a collective: each bulk collective exposes what its GEMM cannot
+    # hide, one call each (not one per block)
+    tiny = dict.fromkeys(big, 0.25 * one)
+    whole = dict(tiny, attention_in=0.5 * one, mlp_in=0.5 * one)
+    got = tp_comm_seconds(shape, "bf16", hw, tokens, tp, params, "backward", chunks=4,
+                          gemm_s=tiny, whole_gemm_s=whole)
+    # the row-parallel gathers hide beside the input-gradient blocks only (1 x the GEMMs)
+    row = tp_pipeline_exposed(one + 3 * params.gpu_collective_latency_s, 0.25 * one, 4)
+    assert got == pytest.approx(2 * row + 4 * 0.5 * one)
+    # the backward's GEMMs: row-parallel (o = index 3, down = last) input gradient per block
+    # and weight gradient whole, column-parallel both whole
+    assert tp_backward_gemms([10, 11, 12, 13, 14, 15, 16], [1, 2, 3, 4, 5, 6, 7]) == [
+        2, 4, 6, 17, 10, 12, 23]
+    tp8 = Candidate(dp=1, tp=8, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=1)
+    kw = dict(seq_len=4096, micro_batch_size=1, params=params)
+    blocked = layer_cost(shape, "bf16", hw, tp8, tp_overlap_chunks=4, **kw)
+    family, peak = device_family(hw.device_name), hw.flops("bf16")
+    gemms = layer_gemms(shape, tokens, tp)
+    split = [4 * gemm_seconds(family, peak, m / 4, n, k, 2) for m, n, k in gemms]
+    unsplit = [gemm_seconds(family, peak, m, n, k, 2) for m, n, k in gemms]
+    # the layer's backward: 2 x (row-parallel GEMMs per block + column-parallel ones whole),
+    # element-wise, attention and the exposed collectives against those GEMMs
+    flops = layer_flops_per_token(shape, 4096).attention * tokens / tp
+    attn_b = 2.5 * flops / (peak * attention_efficiency(family, 4096, shape.head_dim, True))
+    ew_b = (elementwise_bytes_per_token(shape, "bf16", tp)[1] * tokens
+            / (family.hbm_bw * MEMORY_EFFICIENCY))
+    comm_b = tp_comm_seconds(shape, "bf16", hw, tokens, tp, params, "backward", chunks=4,
+                             gemm_s=tp_gemm_groups(split), whole_gemm_s=tp_gemm_groups(unsplit))
+    gemm_b = sum(tp_backward_gemms(split, unsplit))
+    assert gemm_b < 2 * sum(split)
+    assert blocked.backward_s == pytest.approx(gemm_b + ew_b + attn_b + comm_b)
 
 
 def test_tp_overlap_chunks_priced_on_gpus_and_blocking_on_cpu_nodes():

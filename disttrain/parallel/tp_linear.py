@@ -6,8 +6,9 @@ tp group).
 Collective matmul: a block's collective is issued asynchronously (`async_op=True`; on CUDA
 NCCL runs it on its own stream, on gloo a worker thread does), so that it overlaps the GEMMs
 of the other blocks and only the first block's gather (or the last block's reduce-scatter) is
-waited for. One block (K = 1) is one blocking collective, as before. The bytes are the same
-for any K; each block is one call.
+waited for; a column-parallel backward instead runs its gather and its reduce-scatter each
+beside one whole GEMM (bulk overlap). One block (K = 1) is one blocking collective, as before.
+The bytes are the same for any K; each block is one call.
 """
 
 from __future__ import annotations
@@ -27,15 +28,6 @@ def _row_blocks(t: torch.Tensor, chunks: int) -> list[torch.Tensor]:
     return list(flat.tensor_split(max(1, min(chunks, flat.shape[0])), dim=0))
 
 
-def _add_weight_grad(acc: torch.Tensor | None, grad_cO: torch.Tensor, x_cI: torch.Tensor
-                     ) -> torch.Tensor:
-    """acc + grad_c^T @ x_c for one token block; from the second block on the sum is fp32."""
-    part = grad_cO.t() @ x_cI.to(grad_cO.dtype)
-    if acc is None:
-        return part
-    return (acc if acc.dtype == torch.float32 else acc.float()).add_(part)
-
-
 class _ColumnParallel(torch.autograd.Function):
     """outs_i = all_gather(x_Th) @ W_i^T for sibling weights sharing one input (q, k, v or
     gate, up): one all-gather forward; saves only the shard and gathers it again backward.
@@ -43,9 +35,9 @@ class _ColumnParallel(torch.autograd.Function):
     With `tp.overlap_chunks` = K > 1 the tokens are split into K blocks and every block's
     all-gather is issued asynchronously up front: block i's GEMMs run while blocks > i are
     still in flight, so only the first block's gather waits (collective matmul). The
-    backward does the same with the gathers of the saved shard, and issues each block's
-    input-gradient reduce-scatter as soon as its GEMM is done, under the weight-gradient GEMMs
-    and the next blocks. Same bytes as K = 1; K = 1 is one blocking gather."""
+    backward overlaps in bulk (`_column_backward_bulk`): the shard's gather beside the whole
+    input-gradient GEMM, its reduce-scatter beside the whole weight-gradient GEMM. Same bytes
+    as K = 1; K = 1 gathers first and reduce-scatters under the weight gradient."""
 
     @staticmethod
     def forward(ctx, tp: TensorParallel, x_Th: torch.Tensor, *weights: torch.Tensor):
@@ -68,12 +60,16 @@ class _ColumnParallel(torch.autograd.Function):
     def backward(ctx, *grads):
         x_Th, *weights = ctx.saved_tensors
         tp = ctx.tp
-        gathers = [tp.start_gather(block) for block in _row_blocks(x_Th, tp.overlap_chunks)]
         live = [(i, g.reshape(-1, g.shape[-1]), w)
                 for i, (g, w) in enumerate(zip(grads, weights)) if g is not None]
         dtype = live[0][1].dtype if live else x_Th.dtype
         grad_x = torch.empty((x_Th.numel() // x_Th.shape[-1], x_Th.shape[-1]), dtype=dtype,
                              device=x_Th.device)
+        if tp.overlap_chunks > 1 and live:
+            grad_w = _column_backward_bulk(tp, x_Th, live, len(weights), grad_x)
+            grad_w = [None if gw is None else gw.to(w.dtype) for gw, w in zip(grad_w, weights)]
+            return None, grad_x.view(x_Th.shape).to(x_Th.dtype), *grad_w
+        gathers = [tp.start_gather(block) for block in _row_blocks(x_Th, tp.overlap_chunks)]
         grad_w: list[torch.Tensor | None] = [None] * len(weights)
         scatters, start = [], 0
         for pending in gathers:
@@ -86,13 +82,36 @@ class _ColumnParallel(torch.autograd.Function):
             if part is None:
                 part = torch.zeros(x_cH.shape, dtype=dtype, device=x_cH.device)
             scatters.append(tp.start_reduce_scatter(part, out=grad_x[start:stop]))
-            for i, g, _ in live:   # under the reduce-scatter just issued
-                grad_w[i] = _add_weight_grad(grad_w[i], g[start:stop], x_cH)
+            for i, g, _ in live:   # under the reduce-scatter just issued (K = 1: one block)
+                grad_w[i] = g[start:stop].t() @ x_cH.to(g.dtype)
             start = stop
         for pending in scatters:
             pending.wait()
         grad_w = [None if gw is None else gw.to(w.dtype) for gw, w in zip(grad_w, weights)]
         return None, grad_x.view(x_Th.shape).to(x_Th.dtype), *grad_w
+
+
+def _column_backward_bulk(tp: TensorParallel, x_Th: torch.Tensor, live: list, count: int,
+                          grad_x: torch.Tensor) -> list[torch.Tensor | None]:
+    """A column-parallel backward with its two collectives each beside a whole GEMM (bulk
+    overlap, Transformer Engine's default for the qkv / fc1 backward under Megatron's
+    `--tp-comm-overlap`): the saved input shard is all-gathered while the input-gradient GEMMs
+    run (they do not read it), and that gradient is reduce-scattered into `grad_x` while the
+    weight-gradient GEMMs run (they read the gathered input, not the input gradient). Each
+    GEMM runs once over all tokens; same bytes as the blocked path. Returns the weight
+    gradients by sibling index."""
+    gather = tp.start_gather(x_Th)
+    part = None
+    for _, g, w in live:
+        term = g @ w.to(g.dtype)
+        part = term if part is None else part + term
+    scatter = tp.start_reduce_scatter(part, out=grad_x)
+    x_TH = gather.wait().reshape(grad_x.shape[0], -1)
+    grad_w: list[torch.Tensor | None] = [None] * count
+    for i, g, _ in live:
+        grad_w[i] = g.t() @ x_TH.to(g.dtype)
+    scatter.wait()
+    return grad_w
 
 
 class _RowParallel(torch.autograd.Function):
@@ -101,7 +120,8 @@ class _RowParallel(torch.autograd.Function):
     With `tp.overlap_chunks` = K > 1 each token block's reduce-scatter is issued as soon as
     its GEMM is done and runs under the next block's GEMM (only the last one waits); the
     backward all-gathers the output gradient's blocks up front and computes block i's input
-    and weight gradients while the later blocks are in flight."""
+    gradient while the later blocks are in flight, then the weight gradient as one GEMM over
+    all of them (as Transformer Engine's ring-exchange proj/fc2 dgrad does)."""
 
     @staticmethod
     def forward(ctx, tp: TensorParallel, x: torch.Tensor, weight: torch.Tensor):
@@ -126,11 +146,13 @@ class _RowParallel(torch.autograd.Function):
         gathers = [tp.start_gather(block) for block in _row_blocks(grad_Th, tp.overlap_chunks)]
         x_TI = x.reshape(-1, x.shape[-1])
         grad_x = torch.empty(x_TI.shape, dtype=x.dtype, device=x.device)
-        grad_w, start = None, 0
+        blocks, start = [], 0
         for pending in gathers:
             g_cH = pending.wait()
             stop = start + g_cH.shape[0]
             grad_x[start:stop] = g_cH @ weight.to(g_cH.dtype)
-            grad_w = _add_weight_grad(grad_w, g_cH, x_TI[start:stop])
+            blocks.append(g_cH)
             start = stop
+        g_TH = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        grad_w = g_TH.t() @ x_TI.to(g_TH.dtype)      # one GEMM: no per-block fp32 sums
         return None, grad_x.view(x.shape), grad_w.to(weight.dtype)

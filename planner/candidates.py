@@ -17,6 +17,7 @@ from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu
                                local_tokens, tiled_layer_cost, working_base_bytes, logits_working_bytes,
                                model_state_bytes, optimizer_bytes_per_param, overlaps_compute, stage_layer_ranges,
                                stage_params, tp_comm_seconds)
+from planner.contention import zero_contention_seconds
 from planner.grid import divisors, enumerate_candidates, tp_problem  # noqa: F401
 from planner.mip import StageProblem
 from planner.outer import build_outer_chunks
@@ -242,6 +243,13 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             stage_units=count + (1 if stage == 0 else 0) + (1 if last else 0),
             grad_reduce_dtype=request.grad_reduce_dtype, microbatch_backward_s=backward,
             overlap_param_gather=request.overlap_param_gather)
+        # the compute under the hidden ZeRO collectives runs on fewer SMs (planner.contention)
+        slow_mb, slow_step = zero_contention_seconds(
+            hw, params, cand, total_params, count + (1 if stage == 0 else 0) + (1 if last else 0),
+            microbatch_compute_s=compute, backward_s=backward, backward_resident_params=resident,
+            param_bytes=b, grad_bytes=DTYPE_BYTES[request.grad_reduce_dtype],
+            overlap_param_gather=request.overlap_param_gather)
+        comm_mb, comm_step = comm_mb + slow_mb, comm_step + slow_step
         chunk_device = per_param_states * layer_params / group
         problem = StageProblem(
             layers=(lc,) * count,

@@ -14,6 +14,8 @@ Mechanisms, not one constant per plan (docs/design.md, "Compute" gives the sourc
   loss's softmax) is memory-bound: its bytes over the HBM bandwidth.
 - A part run below the power its datasheet peak is quoted at sustains a lower tensor-core
   clock (`clock_factor`, scaling GEMM and attention, not HBM-bound work).
+- Gradient bookkeeping (fp32 accumulation or packing for the reduce-scatter) is HBM-bound
+  copy work per parameter and microbatch (`grad_bookkeeping_bytes_per_param`).
 - A collective's NCCL kernel holds `NCCL_CTAS` thread blocks, one SM each, for as long as it
   runs, so compute beside it runs on the other SMs (`collective_slowdown`).
 
@@ -169,3 +171,12 @@ def loss_bytes_per_token(shape: ModelShape, tp: int) -> float:
     gradient written and read by the head's backward."""
     return 5 * 4 * shape.vocab_size / tp
 
+
+def grad_bookkeeping_bytes_per_param(zero_stage: int, dtype: str, reduce_dtype: str) -> float:
+    """HBM bytes per parameter and microbatch the runtime (disttrain/parallel/zero.py,
+    `_reduce_chunk`) moves to hand a layer's gradients on, beside the layer's own kernels:
+    stages 0-1 add the compute-dtype gradient into the fp32 full gradient (read 4 + b, write
+    4); stages 2-3 pack it into a zeroed reduce-dtype buffer for the reduce-scatter (write r
+    zeros, read b, write r). The sharded remainder (1/group of it) is left out."""
+    b, r = DTYPE_BYTES[dtype], DTYPE_BYTES[reduce_dtype]
+    return float(8 + b if zero_stage <= 1 else 2 * r + b)

@@ -1,7 +1,10 @@
 """Costs of work that runs beside the layers' kernels on a GPU (planner/contention.py,
-planner/efficiency.py): compute slowed by the collectives hidden under it."""
+planner/efficiency.py): compute slowed by the collectives hidden under it, and the runtime's
+per-microbatch gradient bookkeeping."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
@@ -10,7 +13,7 @@ from planner.contention import tp_contention_seconds, zero_contention_seconds
 from planner.costmodel import Candidate, CostParams, layer_cost
 from planner.efficiency import (MEMORY_EFFICIENCY, NCCL_CTAS, device_family,
                                 elementwise_bytes_per_token, gemm_seconds,
-                                layer_gemms)
+                                grad_bookkeeping_bytes_per_param, layer_gemms)
 from planner.hardware import CLUSTER_PRESETS
 from planner.shapes import MODEL_PRESETS
 
@@ -68,3 +71,29 @@ def test_tp_collectives_pipelined_with_gemms_slow_them():
     elementwise = (elementwise_bytes_per_token(shape, "bf16", tp)[0] * tokens
                    / (family.hbm_bw * MEMORY_EFFICIENCY))
     assert lc.recompute_s == pytest.approx(sum(gemms) + elementwise + exposed + slow)
+
+
+@pytest.mark.parametrize("stage,dtype,reduce,want", [
+    (0, "bf16", "fp32", 10), (1, "bf16", "bf16", 10),   # fp32 accumulation: read 4 + 2, write 4
+    (2, "bf16", "fp32", 10), (3, "bf16", "bf16", 6),    # packing: zeros r, read b, write r
+    (3, "fp32", "fp32", 12)])
+def test_gradient_bookkeeping_bytes_follow_the_runtime(stage, dtype, reduce, want):
+    assert grad_bookkeeping_bytes_per_param(stage, dtype, reduce) == want
+
+
+def test_gradient_bookkeeping_enters_every_stage_once_per_microbatch():
+    from planner.candidates import build_stages, bytes_per_token
+    from planner.costmodel import stage_params
+    from planner.request import PlanRequest
+
+    shape = MODEL_PRESETS["llama3-8b"]
+    req = PlanRequest(model=shape, hardware=H100, dtype="bf16", seq_len=4096)
+    family = device_family(H100.device_name)
+    for stage_kind, reduce in ((1, "fp32"), (3, "bf16")):
+        cand = Candidate(dp=4, sp=1, sp_kind="ulysses", pp=2, num_microbatches=4, zero_stage=stage_kind)
+        req = dataclasses.replace(req, grad_reduce_dtype=reduce)
+        setups, _ = build_stages(req, cand, PARAMS, bytes_per_token(req, cand, None))
+        first = setups[0]   # not the last stage: no head, only the bookkeeping
+        want = (stage_params(shape, 2, 0) * grad_bookkeeping_bytes_per_param(stage_kind, "bf16", reduce)
+                / (family.hbm_bw * MEMORY_EFFICIENCY))
+        assert first.head_compute_s == pytest.approx(want)

@@ -17,6 +17,8 @@ from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu
                                local_tokens, tiled_layer_cost, working_base_bytes, logits_working_bytes,
                                model_state_bytes, optimizer_bytes_per_param, overlaps_compute, stage_layer_ranges,
                                stage_params, tp_comm_seconds)
+from planner.contention import zero_contention_seconds
+from planner.efficiency import MEMORY_EFFICIENCY, device_family, grad_bookkeeping_bytes_per_param
 from planner.grid import divisors, enumerate_candidates, tp_problem  # noqa: F401
 from planner.mip import StageProblem
 from planner.outer import build_outer_chunks
@@ -213,6 +215,7 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
     per_param_states = b + DTYPE_BYTES["fp32"] + optimizer_bytes_per_param(dtype)
     host = host_budget_per_rank(hw, params)
     setups = []
+    family = device_family(hw.device_name)
     for stage, (start, end) in enumerate(stage_layer_ranges(shape.num_layers, cand.pp)):
         count, last = end - start, stage == cand.pp - 1
         total_params = stage_params(shape, cand.pp, stage) / tp
@@ -231,6 +234,10 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
         head = ((logits_working_bytes(shape, tokens, loss_chunk) + 2 * b * shape.hidden_size * tokens) / tp
                 if last else 0.0)
         fixed = sum(fixed_states.values()) + buffers + head
+        # gradient bookkeeping of the stage's parameters, every microbatch (HBM-bound copies)
+        grad_s = (total_params * grad_bookkeeping_bytes_per_param(
+            cand.zero_stage, dtype, request.grad_reduce_dtype) / (family.hbm_bw * MEMORY_EFFICIENCY)
+            if family is not None else 0.0)
         compute = count * (lc.forward_s + lc.backward_s) + (head_fwd + head_bwd if last else 0.0)
         backward = count * lc.backward_s + (head_bwd if last else 0.0)
         resident = ((shape.input_embedding_params() if stage == 0 else 0) + (
@@ -242,6 +249,13 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             stage_units=count + (1 if stage == 0 else 0) + (1 if last else 0),
             grad_reduce_dtype=request.grad_reduce_dtype, microbatch_backward_s=backward,
             overlap_param_gather=request.overlap_param_gather)
+        # the compute under the hidden ZeRO collectives runs on fewer SMs (planner.contention)
+        slow_mb, slow_step = zero_contention_seconds(
+            hw, params, cand, total_params, count + (1 if stage == 0 else 0) + (1 if last else 0),
+            microbatch_compute_s=compute, backward_s=backward, backward_resident_params=resident,
+            param_bytes=b, grad_bytes=DTYPE_BYTES[request.grad_reduce_dtype],
+            overlap_param_gather=request.overlap_param_gather)
+        comm_mb, comm_step = comm_mb + slow_mb, comm_step + slow_step
         chunk_device = per_param_states * layer_params / group
         problem = StageProblem(
             layers=(lc,) * count,
@@ -280,7 +294,7 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             faults.get("layer", ()), faults.get("head", ()), tokens=tokens / tp, layers=count,
             with_head=last, loss_chunk_tokens=loss_chunk) if faults else 0.0)
         setups.append(StageSetup(
-            problem=problem, layer_range=(start, end), head_compute_s=head_fwd + head_bwd if last else 0.0,
+            problem=problem, layer_range=(start, end), head_compute_s=(head_fwd + head_bwd if last else 0.0) + grad_s,
             comm_microbatch_s=comm_mb, comm_step_s=comm_step, fixed_optimizer_s=fixed_states_opt,
             fixed_bytes=dict(fixed_states, buffers=buffers, working_set=working, loss=head),
             chunk_states=model_state_bytes(num_chunks * layer_params, dtype, cand.zero_stage, group),

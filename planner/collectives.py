@@ -35,7 +35,9 @@ def collective_seconds(hw: HardwareSpec, kind: str, sent_bytes: float, group: in
     """Seconds of `calls` collectives of `kind` whose bytes one rank sends sum to
     `sent_bytes` ((g-1)/g of the buffer; twice that for an all-reduce), over a group of
     `group` ranks `stride` apart. `intra_bw` / `inter_bw` are achieved bytes/s one rank
-    sends (NVLink: half its bidirectional datasheet figure)."""
+    sends (NVLink: half its bidirectional datasheet figure). Across nodes a rank sends
+    (m - 1)/m of the buffer over NVLink and 1/m of it (the share of the other nodes) over its
+    NIC, m members per node, both at once (one pipelined ring): the slower link's time."""
     if group <= 1:
         return 0.0
     span = group * stride
@@ -48,8 +50,11 @@ def collective_seconds(hw: HardwareSpec, kind: str, sent_bytes: float, group: in
         seconds = sent_bytes * local / intra_bw + sent_bytes * (1 - local) / inter_bw
     else:
         full = sent_bytes * group / (group - 1)
-        seconds = (full * (per_node - 1) / per_node / intra_bw
-                   + full / per_node * (nodes - 1) / nodes / inter_bw)
+        # a ring spanning nodes is one pipeline: its NVLink and NIC hops carry their shares
+        # at the same time, so the slower of the two sets the time (NCCL's tuning model
+        # prices a multi-node ring at its inter-node bandwidth alone, src/graph/tuning.cc)
+        seconds = max(full * (per_node - 1) / per_node / intra_bw,
+                      full / per_node * (nodes - 1) / nodes / inter_bw)
     return seconds + calls * (latency_s + inter_latency_s)
 
 

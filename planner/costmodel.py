@@ -26,6 +26,7 @@ from planner.collectives import (call_latency, collective_bw, comm_times,  # noq
                                  TP_OVERLAP_CHOICES, tp_backward_gemms, tp_comm_seconds,
                                  tp_gemm_groups, tp_step_bytes,
                                  ulysses_alltoall_bytes, zero_collectives, zero_step_bytes)
+from planner.contention import tp_contention_seconds
 from planner.costtypes import Candidate, CostParams, LayerCost, local_tokens  # noqa: F401
 from planner.efficiency import (DeviceFamily, MEMORY_EFFICIENCY, attention_efficiency,
                                 device_family, elementwise_bytes_per_token, gemm_seconds,
@@ -121,6 +122,10 @@ def _layer_times(shape: ModelShape, dtype: str, hw_ref: _Same, cand: Candidate, 
                                           chunks=chunks, gemm_s=groups,
                                           whole_gemm_s=tp_gemm_groups(whole))
                           for direction in ("forward", "backward"))
+        # the GEMMs under the hidden part run on fewer SMs (planner.contention)
+        comm_f, comm_b = (exposed + tp_contention_seconds(shape, dtype, hw, tokens, tp, params,
+                                                          direction, chunks=chunks, exposed_s=exposed)
+                          for exposed, direction in ((comm_f, "forward"), (comm_b, "backward")))
         total = tl_f + tl_b + comm_f + comm_b
         if best is None or total < best[0]:
             best = (total, chunks, tl_f, tl_b, attn_f, attn_b, comm_f, comm_b, sel)

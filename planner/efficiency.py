@@ -14,6 +14,10 @@ Mechanisms, not one constant per plan (docs/design.md, "Compute" gives the sourc
   loss's softmax) is memory-bound: its bytes over the HBM bandwidth.
 - A part run below the power its datasheet peak is quoted at sustains a lower tensor-core
   clock (`clock_factor`, scaling GEMM and attention, not HBM-bound work).
+- Gradient bookkeeping (fp32 accumulation or packing for the reduce-scatter) is HBM-bound
+  copy work per parameter and microbatch (`grad_bookkeeping_bytes_per_param`).
+- A collective's NCCL kernel holds `NCCL_CTAS` thread blocks, one SM each, for as long as it
+  runs, so compute beside it runs on the other SMs (`collective_slowdown`).
 
 A device is matched to a family by its name (case-insensitive substring); `cpu` and
 unknown devices keep the flat `CostParams` efficiencies (the CPU numbers are measured by
@@ -32,6 +36,9 @@ ATTN_SEQ_HALF = 512
 """Key length at which a flash kernel reaches half its long-sequence efficiency."""
 MEMORY_EFFICIENCY = 0.8
 """Achieved share of nominal HBM bandwidth by streaming element-wise kernels."""
+NCCL_CTAS = 24
+"""Thread blocks (SMs) one running NCCL collective occupies: 24 for an FSDP-style all-gather
+beside a GEMM on an H100 in Nsight Systems traces (docs/design.md, "Contention")."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +60,14 @@ class DeviceFamily:
     """Board power at which the datasheet's peak FLOP/s are quoted (0: not power-capped)."""
     power_limit_w: float = 0.0
     """The part's default power limit when below `rated_power_w` (0: runs at rated power)."""
+    sms: int = 132
+    """Streaming multiprocessors (datasheet)."""
+
+    @property
+    def collective_slowdown(self) -> float:
+        """Share of the compute rate lost while a collective runs beside it: the SMs its NCCL
+        kernel holds (`NCCL_CTAS`) out of the device's."""
+        return NCCL_CTAS / self.sms
 
     @property
     def clock_factor(self) -> float:
@@ -73,15 +88,15 @@ FAMILIES: tuple[tuple[str, DeviceFamily], ...] = (
     ("h200", DeviceFamily(name="H200", gemm_max=0.70, tile=128, attn_fwd_max=0.35,
                           attn_bwd_max=0.30, hbm_bw=4.8e12)),
     ("b200", DeviceFamily(name="B200", gemm_max=0.72, tile=512, attn_fwd_max=0.35,
-                          attn_bwd_max=0.30, hbm_bw=8.0e12)),
+                          attn_bwd_max=0.30, hbm_bw=8.0e12, sms=148)),
     ("a100-40", DeviceFamily(name="A100-40G", gemm_max=0.75, tile=128, attn_fwd_max=0.65,
-                             attn_bwd_max=0.55, hbm_bw=1.555e12)),
+                             attn_bwd_max=0.55, hbm_bw=1.555e12, sms=108)),
     ("a100", DeviceFamily(name="A100", gemm_max=0.75, tile=128, attn_fwd_max=0.65,
-                          attn_bwd_max=0.55, hbm_bw=2.0e12)),
+                          attn_bwd_max=0.55, hbm_bw=2.0e12, sms=108)),
     ("a800", DeviceFamily(name="A800", gemm_max=0.75, tile=128, attn_fwd_max=0.65,
-                          attn_bwd_max=0.55, hbm_bw=2.0e12)),
+                          attn_bwd_max=0.55, hbm_bw=2.0e12, sms=108)),
     ("4090", DeviceFamily(name="RTX 4090", gemm_max=0.75, tile=128, attn_fwd_max=0.60,
-                          attn_bwd_max=0.50, hbm_bw=1.0e12)),
+                          attn_bwd_max=0.50, hbm_bw=1.0e12, sms=128)),
 )
 
 
@@ -155,3 +170,13 @@ def loss_bytes_per_token(shape: ModelShape, tp: int) -> float:
     """HBM bytes per token of the loss's fp32 logits: written, softmax read + written, its
     gradient written and read by the head's backward."""
     return 5 * 4 * shape.vocab_size / tp
+
+
+def grad_bookkeeping_bytes_per_param(zero_stage: int, dtype: str, reduce_dtype: str) -> float:
+    """HBM bytes per parameter and microbatch the runtime (disttrain/parallel/zero.py,
+    `_reduce_chunk`) moves to hand a layer's gradients on, beside the layer's own kernels:
+    stages 0-1 add the compute-dtype gradient into the fp32 full gradient (read 4 + b, write
+    4); stages 2-3 pack it into a zeroed reduce-dtype buffer for the reduce-scatter (write r
+    zeros, read b, write r). The sharded remainder (1/group of it) is left out."""
+    b, r = DTYPE_BYTES[dtype], DTYPE_BYTES[reduce_dtype]
+    return float(8 + b if zero_stage <= 1 else 2 * r + b)

@@ -54,10 +54,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             rows = torch.arange(h.shape[0], device=h.device)
             dlogits[rows[valid], t[valid]] -= 1
             dlogits[~valid] = 0
+            # the GEMMs in the compute dtype, as autograd's untiled path runs them (the
+            # gradient of `.float()` casts back): on a GPU fp32 GEMMs would run at the fp32
+            # rate; the weight gradient still sums over tiles in fp32
+            dlogits = dlogits.to(h.dtype)
             if want_h:
-                grad_hidden[start:start + chunk] = (dlogits @ weight_VH.float()).to(h.dtype)
+                grad_hidden[start:start + chunk] = dlogits @ weight_VH
             if want_w:
-                grad_weight += dlogits.t() @ h.float()
+                grad_weight += dlogits.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight_VH.dtype
         return total

@@ -53,6 +53,37 @@ def test_chunked_loss_is_one_pass_and_scales_by_the_incoming_gradient():
         torch.testing.assert_close(chunked_lm_loss(hidden, weight, targets, 16) * 0.25, ref)
 
 
+def test_chunked_loss_runs_its_gemms_in_the_compute_dtype():
+    """bf16: every matmul of the tiled loss reads bf16 operands, as autograd's untiled path
+    does (an fp32 GEMM runs at the fp32 rate on a GPU), and the gradients match that path's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Matmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                self.dtypes.append(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(2)
+    hidden = torch.randn(1, 48, 32, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(300, 32, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 300, (1, 48))
+    ref = F.cross_entropy(F.linear(hidden, weight).float().flatten(0, 1), targets.flatten())
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    with Matmuls() as seen:
+        loss = chunked_lm_loss(hidden, weight, targets, 16)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+    assert len(seen.dtypes) == 3 * 3 and set(seen.dtypes) == {torch.bfloat16}  # logits, dh, dW
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == b.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
 def test_chunked_loss_keeps_no_full_logits():
     hidden = torch.randn(1, 256, 16, requires_grad=True)
     weight = torch.randn(300, 16, requires_grad=True)

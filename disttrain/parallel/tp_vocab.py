@@ -76,8 +76,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             rows = torch.nonzero(inside_T[s:s + ctx.chunk]).flatten()
             dlogits[rows, local_T[s:s + ctx.chunk][rows]] -= 1
             dlogits *= grad_total
-            grad_h[s:s + ctx.chunk] = dlogits @ weight_vH.float()
-            grad_w += dlogits.t() @ h.float()
+            dlogits = dlogits.to(h.dtype)  # GEMMs in the compute dtype (`tiling`); fp32 sums
+            grad_h[s:s + ctx.chunk] = dlogits @ weight_vH
+            grad_w += dlogits.t() @ h
         grad_h_Th = ctx.tp.reduce_scatter_hidden(grad_h).to(h_Th.dtype)
         return None, grad_h_Th, grad_w.to(weight_vH.dtype), None, None
 

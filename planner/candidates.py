@@ -151,7 +151,7 @@ def choose_tiling(request: PlanRequest, lc: LayerCost, tp: int = 1) -> tuple[int
     return loss_chunk, mlp_chunk
 
 
-SELECTIVE_IN_AUTO = False
+SELECTIVE_IN_AUTO = True
 """Offer op-level selective checkpointing per layer when `recompute` is 'auto' (the stage MIP
 handles it, tests/test_selective.py). Off: on 80-126 identical layers it makes the stage MIP
 2-3x slower to prove (405B: 9.4 s vs 2.9 s) and a solve cut short by the 5 s search budget

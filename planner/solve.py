@@ -69,7 +69,22 @@ def resolve_backend(backend: str) -> str:
 
 class _HiGHS(pulp.HiGHS):
     """pulp's HiGHS that also reads HiGHS' node-limit status (pulp has no entry for
-    kSolutionLimit and raises KeyError): a solution found before the limit is kept."""
+    kSolutionLimit and raises KeyError): a solution found before the limit is kept; and takes
+    a MIP start (`start`: variable name -> value), which HiGHS checks and uses as its first
+    incumbent when it is feasible."""
+
+    def __init__(self, *args, start: dict[str, float] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start = start
+
+    def buildSolverModel(self, lp):
+        super().buildSolverModel(lp)
+        if self.start and self.mip:
+            import highspy
+            solution = highspy.HighsSolution()
+            solution.col_value = [float(self.start.get(v.name, 0.0)) for v in lp.variables()]
+            solution.value_valid = True
+            lp.solverModel.setSolution(solution)
 
     def findSolutionValues(self, lp):
         try:
@@ -84,11 +99,11 @@ class _HiGHS(pulp.HiGHS):
 
 
 def _solver(backend: str, time_limit_s: float, gap_rel: float, gap_abs: float | None,
-            max_nodes: int | None = None):
+            max_nodes: int | None = None, start: dict[str, float] | None = None):
     if backend == "highs":
         limits = {} if max_nodes is None else {"mip_max_nodes": int(max_nodes)}
         return _HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap_rel, gapAbs=gap_abs,
-                      threads=1, random_seed=0, **limits)
+                      threads=1, random_seed=0, start=start, **limits)
     limits = {} if max_nodes is None else {"maxNodes": int(max_nodes)}
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, math.ceil(time_limit_s)),
                              gapRel=gap_rel, gapAbs=gap_abs, threads=1, **limits)
@@ -123,13 +138,17 @@ def _stdout_to_stderr():
 
 def solve_model(build: Callable[[bool], pulp.LpProblem], *, backend: str = "auto",
                 time_limit_s: float = 10.0, gap_rel: float = 1e-4, gap_abs: float | None = None,
-                max_nodes: int | None = None) -> tuple[pulp.LpProblem, SolveResult]:
+                max_nodes: int | None = None,
+                warm_start: Callable[[str], dict[str, float] | None] | None = None
+                ) -> tuple[pulp.LpProblem, SolveResult]:
     """Build the model (`build(relax=False)`), solve it and report status, objective, gap.
 
     pulp hands HiGHS the objective without its constant term, so HiGHS' own relative gap is
     relative to the variable part; the gap reported here is (objective - bound) over the
     whole objective, and `gap_abs` (seconds, say) lets the solve stop on that scale.
     `max_nodes` bounds the branch-and-bound work; `time_limit_s` is a wall-clock safety cap.
+    `warm_start(backend)` may return a feasible solution (variable name -> value) for HiGHS to
+    start from (CBC solves without one).
     """
     if time_limit_s <= 0:
         raise ValueError(f"time_limit_s: must be positive, got {time_limit_s}")
@@ -138,7 +157,8 @@ def solve_model(build: Callable[[bool], pulp.LpProblem], *, backend: str = "auto
     problem, note = build(False), ""
     try:
         with _stdout_to_stderr():
-            problem.solve(_solver(name, time_limit_s, gap_rel, gap_abs, max_nodes))
+            first = warm_start(name) if warm_start is not None and name == "highs" else None
+            problem.solve(_solver(name, time_limit_s, gap_rel, gap_abs, max_nodes, first))
     except pulp.PulpSolverError as exc:
         if backend != "auto" or name != "highs":
             raise

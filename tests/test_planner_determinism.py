@@ -13,7 +13,7 @@ from planner.request import PlanRequest
 from planner.search import plan_job
 from planner.shapes import MODEL_PRESETS
 
-REQUEST = PlanRequest(model=MODEL_PRESETS["llama2-7b"], hardware=CLUSTER_PRESETS["8xa800-80g"],
+REQUEST = PlanRequest(model=MODEL_PRESETS["llama2-7b"], hardware=CLUSTER_PRESETS["8xh100-80g"],
                       dtype="bf16", seq_len=1 << 14, global_batch_size=8)
 """Small enough to plan in about a second, with more than one layout worth a MIP."""
 

@@ -153,10 +153,8 @@ def choose_tiling(request: PlanRequest, lc: LayerCost, tp: int = 1) -> tuple[int
 
 SELECTIVE_IN_AUTO = True
 """Offer op-level selective checkpointing per layer when `recompute` is 'auto' (the stage MIP
-handles it, tests/test_selective.py). Off: on 80-126 identical layers it makes the stage MIP
-2-3x slower to prove (405B: 9.4 s vs 2.9 s) and a solve cut short by the 5 s search budget
-returns a poor incumbent (405B free 177 -> 162 tok/s/GPU), for predicted gains of 0.7-1.3%
-on the published rows. `recompute: selective` runs it on every layer."""
+chooses it beside keep / swap / recompute, tests/test_selective.py, tests/test_stage_mip_tight.py;
+`planner.mip` keeps the 126-layer stages fast with it). `recompute: selective` runs it on every layer."""
 
 def host_budget_per_rank(hw, params: CostParams) -> float:
     """Host bytes one rank may use for CPU chunks and swapped activations: the node's memory

@@ -33,7 +33,7 @@ import pulp
 from planner.outer import outer_terms, scaled
 from planner.plan import LayerActivationPlan
 from planner.mip_start import rounded_start
-from planner.solve import SolveResult, _solver, solve_model
+from planner.solve import SolveResult, solve_model
 from planner.stage import (  # noqa: F401  (re-exported: callers import them from here)
     StageEvaluation, StageProblem, StageSolution, _layer_traffic, evaluate_stage,
     rebuilt_token_local_bytes, selective_rebuilt_bytes, tile_scale)
@@ -298,10 +298,8 @@ def solve_stage(problem: StageProblem, *, backend: str = "auto", time_limit_s: f
             holder["variables"] = variables
         return model
 
-    def start(backend_name: str) -> dict[str, float] | None:
-        solver = lambda: _solver(backend_name, time_limit_s, gap_rel, None, max_nodes)  # noqa: E731
-        return rounded_start(lambda relax: build_stage_model(problem, relax), solver,
-                             len(problem.layers))
+    def start(model: pulp.LpProblem, solver) -> dict[str, float] | None:
+        return rounded_start(model, holder["variables"], solver)
 
     # The compute term is a constant: stop once the gap is gap_rel of it, in seconds.
     constant = problem.slots * sum(lc.forward_s + lc.backward_s for lc in problem.layers)

@@ -75,27 +75,33 @@ def round_layers(lp: dict, count: int) -> list[dict[str, int]]:
     return layers
 
 
-def rounded_start(build: Callable[[bool], tuple[pulp.LpProblem, dict]],
-                  solver: Callable[[], pulp.LpSolver], count: int) -> dict[str, float] | None:
-    """Values of every variable of `build(False)`'s model forming a feasible solution, or None.
-    `build(relax)` returns (model, variables) as `planner.mip.build_stage_model`; `solver()`
-    a fresh deterministic solver; `count` is the number of layers."""
-    relaxed, variables = build(True)
-    relaxed.solve(solver())
-    if relaxed.sol_status != pulp.LpSolutionOptimal:
+def rounded_start(model: pulp.LpProblem, variables: dict,
+                  solver: Callable[[bool], pulp.LpSolver]) -> dict[str, float] | None:
+    """Values of every variable of `model` (`planner.mip.build_stage_model`, with its
+    `variables`) forming a feasible solution, or None. `solver(mip)` is a fresh deterministic
+    solver (mip=False: the LP relaxation). The model's bounds are restored afterwards."""
+    binaries = [var for name in LAYER_BINARIES for var in variables[name]]
+    bounds = [(var.lowBound, var.upBound) for var in binaries]
+    try:
+        model.solve(solver(False))
+        if model.sol_status != pulp.LpSolutionOptimal:
+            return None
+        lp = {name: [_value(v) for v in variables[name]] for name in LAYER_BINARIES}
+        for free_swaps in (False, True):
+            for var, (low, up) in zip(binaries, bounds):
+                var.lowBound, var.upBound = low, up
+            for i, fixed in enumerate(round_layers(lp, len(variables["keep"]))):
+                for name, value in fixed.items():
+                    var = variables[name][i]
+                    value = min(value, var.upBound)   # never a forbidden choice
+                    if name in ("keep", "selective"):
+                        var.upBound = value           # a kept / selective layer may swap instead
+                    elif not (free_swaps and name.startswith(("input", "attn"))):
+                        var.lowBound = var.upBound = value
+            model.solve(solver(True))
+            if model.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+                return {v.name: _value(v) for v in model.variables()}
         return None
-    lp = {name: [_value(v) for v in variables[name]] for name in LAYER_BINARIES}
-    for free_swaps in (False, True):
-        model, fixed_vars = build(False)
-        for i, fixed in enumerate(round_layers(lp, count)):
-            for name, value in fixed.items():
-                var = fixed_vars[name][i]
-                value = min(value, var.upBound)   # never a forbidden choice
-                if name in ("keep", "selective"):
-                    var.upBound = value           # a kept / selective layer may swap instead
-                elif not (free_swaps and name.startswith(("input", "attn"))):
-                    var.lowBound = var.upBound = value
-        model.solve(solver())
-        if model.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-            return {v.name: _value(v) for v in model.variables()}
-    return None
+    finally:
+        for var, (low, up) in zip(binaries, bounds):
+            var.lowBound, var.upBound = low, up

@@ -99,10 +99,10 @@ class _HiGHS(pulp.HiGHS):
 
 
 def _solver(backend: str, time_limit_s: float, gap_rel: float, gap_abs: float | None,
-            max_nodes: int | None = None, start: dict[str, float] | None = None):
+            max_nodes: int | None = None, start: dict[str, float] | None = None, mip: bool = True):
     if backend == "highs":
         limits = {} if max_nodes is None else {"mip_max_nodes": int(max_nodes)}
-        return _HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap_rel, gapAbs=gap_abs,
+        return _HiGHS(mip=mip, msg=False, timeLimit=time_limit_s, gapRel=gap_rel, gapAbs=gap_abs,
                       threads=1, random_seed=0, start=start, **limits)
     limits = {} if max_nodes is None else {"maxNodes": int(max_nodes)}
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, math.ceil(time_limit_s)),
@@ -139,7 +139,8 @@ def _stdout_to_stderr():
 def solve_model(build: Callable[[bool], pulp.LpProblem], *, backend: str = "auto",
                 time_limit_s: float = 10.0, gap_rel: float = 1e-4, gap_abs: float | None = None,
                 max_nodes: int | None = None,
-                warm_start: Callable[[str], dict[str, float] | None] | None = None
+                warm_start: Callable[[pulp.LpProblem, Callable[[bool], pulp.LpSolver]],
+                                     dict[str, float] | None] | None = None
                 ) -> tuple[pulp.LpProblem, SolveResult]:
     """Build the model (`build(relax=False)`), solve it and report status, objective, gap.
 
@@ -147,8 +148,10 @@ def solve_model(build: Callable[[bool], pulp.LpProblem], *, backend: str = "auto
     relative to the variable part; the gap reported here is (objective - bound) over the
     whole objective, and `gap_abs` (seconds, say) lets the solve stop on that scale.
     `max_nodes` bounds the branch-and-bound work; `time_limit_s` is a wall-clock safety cap.
-    `warm_start(backend)` may return a feasible solution (variable name -> value) for HiGHS to
-    start from (CBC solves without one).
+    `warm_start(model, solver)` may return a feasible solution (variable name -> value) for
+    HiGHS to start from; it may solve `model` with `solver(mip)` (HiGHS on the same settings,
+    mip=False: the LP relaxation) as long as it leaves its bounds as they were. CBC solves
+    without one.
     """
     if time_limit_s <= 0:
         raise ValueError(f"time_limit_s: must be positive, got {time_limit_s}")
@@ -157,7 +160,10 @@ def solve_model(build: Callable[[bool], pulp.LpProblem], *, backend: str = "auto
     problem, note = build(False), ""
     try:
         with _stdout_to_stderr():
-            first = warm_start(name) if warm_start is not None and name == "highs" else None
+            first = None
+            if warm_start is not None and name == "highs":
+                first = warm_start(problem, lambda mip: _solver(name, time_limit_s, gap_rel, gap_abs,
+                                                                max_nodes, None, mip))
             problem.solve(_solver(name, time_limit_s, gap_rel, gap_abs, max_nodes, first))
     except pulp.PulpSolverError as exc:
         if backend != "auto" or name != "highs":

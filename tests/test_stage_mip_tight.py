@@ -122,16 +122,20 @@ def test_identical_layers_may_interleave_policies():
 
 
 def test_rounded_start_is_a_feasible_solution():
+    found = 0
     for seed in range(4):
         problem = _problem(seed, count=6)
-        start = rounded_start(lambda relax: build_stage_model(problem, relax),
-                              lambda: _solver("highs", 10.0, 0.0, None), len(problem.layers))
+        model, variables = build_stage_model(problem)
+        bounds = [(v.lowBound, v.upBound) for v in model.variables()]
+        start = rounded_start(model, variables, lambda mip: _solver("highs", 10.0, 0.0, None, mip=mip))
+        assert [(v.lowBound, v.upBound) for v in model.variables()] == bounds   # restored
         if start is None:
             continue
-        model, _ = build_stage_model(problem)
+        found += 1
         for var in model.variables():
             var.varValue = start[var.name]
         assert model.valid(eps=1e-6), seed
+    assert found
 
 
 def _captured_stage(request):

@@ -89,12 +89,14 @@ def head_comm_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: i
     return forward, backward
 
 
-def analytic_tile_s(shape: ModelShape, tp: int, params: CostParams, memory_bw: float | None = None) -> float:
-    """Fixed seconds of one more tile without a profile: its weight-gradient product written
-    and added into the accumulated gradient (V/tp x H fp32: written, read twice, written) at
-    the device's memory bandwidth. Kernel launches are not counted."""
+def analytic_tile_s(shape: ModelShape, dtype: str, tp: int, params: CostParams,
+                    memory_bw: float | None = None) -> float:
+    """Fixed seconds of one more tile without a profile: its weight-gradient product (V/tp x H
+    in the compute dtype, written and read once) added into the fp32 accumulated gradient
+    (read and written) at the device's memory bandwidth. Kernel launches are not counted."""
     rows = -(-shape.vocab_size // tp)
-    return 4 * FP32 * rows * shape.hidden_size / (memory_bw or params.device_memory_bw)
+    per_element = 2 * DTYPE_BYTES[dtype] + 2 * FP32
+    return per_element * rows * shape.hidden_size / (memory_bw or params.device_memory_bw)
 
 
 def loss_head_seconds(untiled_fwd: float, untiled_bwd: float, *, tokens: int, chunk: int, tp: int,
@@ -148,7 +150,7 @@ def stage_head_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, *, token
         tile_s = 0.0
     if not tile_s:
         family = device_family(hw.device_name)
-        tile_s = analytic_tile_s(shape, tp, params,
+        tile_s = analytic_tile_s(shape, dtype, tp, params,
                                  family.hbm_bw * MEMORY_EFFICIENCY if family else None)
     comm = head_comm_seconds(shape, dtype, hw, tokens, tp, num_tiles(tokens, chunk), params)
     return loss_head_seconds(fwd, bwd, tokens=tokens, chunk=chunk, tp=tp, tile_s=tile_s, comm=comm)

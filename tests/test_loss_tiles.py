@@ -144,3 +144,19 @@ def test_profile_measures_a_positive_tile_cost():
     head = _Head(SHAPE, seed=0)
     assert measure_loss_tile_s(head, H, torch.float32, repeats=3) > 0
     assert measure_loss_tile_s(lambda x: x.sum(), H, torch.float32) == 0.0
+
+
+def test_without_a_profile_each_tile_pays_its_weight_gradient_traffic():
+    from planner.efficiency import MEMORY_EFFICIENCY, device_family
+    from planner.loss_tiles import analytic_tile_s
+
+    hw, params = CLUSTER_PRESETS["8xh100-80g"], CostParams()
+    big = ModelShape(hidden_size=4096, num_layers=1, num_heads=32, num_kv_heads=8,
+                     ffn_hidden_size=14336, vocab_size=128256, max_seq_len=8192)
+    untiled = sum(stage_head_seconds(big, "bf16", hw, tokens=8192, tp=1, chunk=0, params=params))
+    tiled = sum(stage_head_seconds(big, "bf16", hw, tokens=8192, tp=1, chunk=1024, params=params))
+    tile_s = analytic_tile_s(big, "bf16", 1, params, device_family(hw.device_name).hbm_bw * MEMORY_EFFICIENCY)
+    # bf16 product written and read, fp32 gradient read and written: 12 bytes per element
+    assert tile_s == pytest.approx(12 * 128256 * 4096 / (device_family(hw.device_name).hbm_bw
+                                                          * MEMORY_EFFICIENCY))
+    assert tiled - untiled == pytest.approx(7 * tile_s)

@@ -69,12 +69,13 @@ class Trainer:
             raise SpecError("train.eval_every: validation is not supported with parallel.pp > 1")
         self.valid_batches = None
         if job.spec.data.kind == "documents":
-            self.batches, self.valid_batches = build_document_batches(job,
-                                                                      progress=self.rank == 0)
-        else:
+            self.batches, self.valid_batches = build_document_batches(
+                job, progress=self.rank == 0, micro_batch_size=self.plan.micro_batch_size)
+        else:  # the plan's micro-batch size (the planner's choice under auto)
             self.batches = build_batches(job.spec.data.kind, job.data_path,
                                          vocab_size=job.shape.vocab_size, seq_len=tr.seq_len,
-                                         micro_batch_size=tr.micro_batch_size, seed=tr.seed)
+                                         micro_batch_size=self.plan.micro_batch_size,
+                                         seed=tr.seed)
 
     @property
     def model(self):

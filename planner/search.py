@@ -172,7 +172,8 @@ def _rank(request: PlanRequest, candidates: list[Candidate], params: CostParams,
     early); a later candidate whose layers alone (`_layer_time_floor`, with the layer time
     of a candidate built with the same tp, sp and micro-batch size: layer times depend on
     nothing else) already exceed that time is pruned unbuilt. Its full lower bound could
-    only be larger, so the search would have pruned it anyway: the plan is the same."""
+    only be larger, so the search would have pruned it anyway: the plan is the same (its
+    reason says "layer-time lower bound", a looser one than the step-time bounds)."""
     hw = request.hardware
     layer_s: dict[tuple, float] = {}
     upper, built = math.inf, []
@@ -192,8 +193,8 @@ def _rank(request: PlanRequest, candidates: list[Candidate], params: CostParams,
             floor = factor * _layer_time_floor(request.model.num_layers, cand, layer_s[key])
             if floor > upper * (1 + 1e-9):
                 rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": None,
-                                 "reason": f"pruned: step-time lower bound {floor:.4g} s >= a "
-                                           f"feasible plan's {upper:.4g} s (its layers alone)"})
+                                 "reason": f"pruned: layer-time lower bound {floor:.4g} s >= "
+                                           f"a feasible plan's {upper:.4g} s"})
                 continue
         setups, tiling = profiled_stages(sized_request(request, cand), cand, params, profile,
                                          measured_bytes)

@@ -113,49 +113,6 @@ MISSING = {
     "sequences (no pipeline bubble; ZeRO-2 shards the fp32 gradients that Megatron-LM's "
     "distributed optimizer, ZeRO-1, keeps whole: with ZeRO-1 the same layout plans slower), "
     "is not a layout anyone published at this scale; the published layout plans inside the band",
-    "tt-llama2-70b-64xa100": _row(353, dict(tp=1, pp=1, dp=64, sp=1, zero_stage=3,
-                                            recompute="full"), "FSDP64, full AC"),
-    "tt-llama31-8b-128xh100": _row(5605, dict(tp=1, pp=1, dp=128, sp=1, zero_stage=3,
-                                              recompute="selective"),
-                                   "FSDP128 (eager), selective op AC"),
-    "tt-llama31-8b-256k-8xh100": _row(548, dict(tp=1, pp=1, dp=1, sp=8, zero_stage=3,
-                                                recompute="full"),
-                                      "FSDP1 CP8, Float8", bf16=False,
-                                      note="Float8: not banded (no FP8 in the planner)"),
-    "tt-llama31-405b-512xh100": _row(100, dict(tp=8, pp=8, dp=8, sp=1, zero_stage=3),
-                                     "FSDP8 TP8 PP8, Float8", bf16=False,
-                                     note="Float8: not banded"),
-    "usp-llama3-8b-208k-16xa800": _row(706, dict(tp=1, pp=1, dp=1, sp=16), "USP sp16",
-                                       note="from 86% non-causal MFU"),
-    "dsulysses-gpt7b-256k-32xa100-40g": _row(385, dict(tp=1, pp=1, dp=1, sp=32,
-                                                       sp_kind="ulysses", zero_stage=3),
-                                             "Ulysses sp32 ZeRO-3", note="174 TFLOP/s read off a chart"),
-    "fpdt-llama3-70b-4m-32xa100-40g": _row(None, None, "FPDT chunked Ulysses + offload",
-                                           note="MFU 54%, convention not stated: not banded"),
-    "sppo-llama2-7b-4m-128xa100": _row(None, None, "SPPO", note="published as trains"),
-    "alst-llama31-8b-15m-32xh100": _row(None, dict(tp=1, pp=1, dp=1, sp=32, sp_kind="ulysses",
-                                                   zero_stage=3), "Ulysses sp32 ZeRO-3",
-                                        note="published as trains"),
-}
-
-
-MISSING = {
-    "dsulysses-gpt7b-256k-32xa100-40g": "DeepSpeed-Ulysses checkpoints activations and so recomputes "
-    "the attention forward; disttrain never does (a whole-layer recompute, attention core included, "
-    "prices the fixed layout at 1.24x; bench/cost_breakdown.py). The published figure is read off "
-    "a chart, and USP on the same GPU class (A800, 208K) sits at 1.04x with the same attention curve",
-    "megatron-32b-384xh100": "TP collectives overlap the GEMMs (parallel.tp_overlap_chunks, K=4 "
-    "here; the column-parallel backward in bulk, as Transformer Engine does) and the "
-    "post-update parameter all-gather the next forward (parallel.overlap_param_gather, as the "
-    "published run); what remains is ZeRO-1's fp32 gradient reduce-scatter over dp48, one GPU "
-    "per node: 15.4 GB per GPU over its 50 GB/s NIC x 0.8 = 0.39 s beside one microbatch's "
-    "backward, as Megatron-LM f2e5db4 overlaps it (last microbatch only; fp32: --bf16 sets "
-    "accumulate_allreduce_grads_in_fp32). The README does not give the micro-batch size: at "
-    "1 (the spec's) its reduce-scatter + gather need 0.46 s even at line rate, leaving 0.143 s "
-    "per microbatch, 72% of peak; with 2 per microbatch the fixed layout predicts 0.90x "
-    "(docs/design.md, GPU cost model)",
-    "megatron-70b-768xh100": "ZeRO-1 communication as for megatron-32b; the free choice (ZeRO "
-    "over 384 ranks) is not a layout anyone published at this scale",
     "tt-llama2-70b-64xa100": "torchtitan runs FSDP64 with full activation checkpointing; the free "
     "plan avoids most recompute with tp2 x sp2, a layout not published for this job",
     "tt-llama3-8b-64xa100": "torchtitan ran selective op checkpointing; the published-layout row "

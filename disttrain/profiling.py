@@ -83,7 +83,7 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
     shape = job.shape
     lens = seq_lens or tuple(s for s in DEFAULT_SEQ_LENS if s <= job.spec.train.seq_len) or (
         job.spec.train.seq_len,)
-    batch = job.spec.train.micro_batch_size
+    batch = profile_batch(job)
     rank_threads, rank_concurrent = rank_conditions(job)
     threads = threads or rank_threads
     concurrent = concurrent or rank_concurrent
@@ -106,6 +106,14 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
                          concurrent=concurrent, head=head,
                          optimizer_numel=optimizer_chunk_sizes(shape) if with_optimizer else 0,
                          max_cache_age_s=max_cache_age_s)
+
+
+def profile_batch(job: Job) -> int:
+    """Sequences per profiled microbatch: the spec's micro-batch size, 1 under auto (the
+    profile's fits are per token and per token x sequence, so the planner prices any size
+    from them)."""
+    size = job.spec.train.micro_batch_size
+    return 1 if size == "auto" else size
 
 
 def describe(profile: LayerProfile, seq_len: int, micro_batch: int) -> str:

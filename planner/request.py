@@ -47,7 +47,7 @@ class PlanRequest:
     """ZeRO stage 0-3 (None: auto)."""
     tp_overlap_chunks: int | None = None
     """Token blocks the tensor-parallel collectives are pipelined with the GEMMs over (1:
-    blocking; None: auto, `planner.collectives.TP_OVERLAP_CHOICES`)."""
+    blocking; None: auto, `planner.tp_collectives.TP_OVERLAP_CHOICES`)."""
     activation_offload: str = "auto"
     """'auto', 'none' (never swap), 'cpu' or 'nvme' (only that tier)."""
     recompute: str = "auto"

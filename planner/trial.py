@@ -133,7 +133,7 @@ def _alternatives(plan: Plan) -> list[tuple[int, float, dict]]:
             out.append((1, float(reason.split()[4]), entry["candidate"]))
         elif reason.startswith("pruned: layer-time lower bound "):  # looser: ranked after
             out.append((2, float(reason.split()[4]), entry["candidate"]))
-        elif reason.startswith("not solved: search budget"):
+        elif reason.startswith("not solved: "):  # the search's work budget or safety cap
             out.append((1, float(re.search(r"lower bound ([0-9.e+-]+) s", reason).group(1)),
                         entry["candidate"]))
     return sorted(out, key=lambda t: t[:2])

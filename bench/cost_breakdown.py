@@ -43,7 +43,7 @@ def kernel_split(request, plan) -> dict[str, float]:
         return {}
     cand = Candidate(dp=par.dp, sp=par.sp, sp_kind=par.sp_kind, pp=par.pp, tp=par.tp,
                      num_microbatches=par.num_microbatches, zero_stage=par.zero_stage)
-    tokens = local_tokens(request.seq_len, request.micro_batch_size, par.sp)
+    tokens = local_tokens(request.seq_len, plan.micro_batch_size, par.sp)
     peak, b = hw.flops(request.dtype), DTYPE_BYTES[request.dtype]
     gemms = layer_gemms(shape, tokens, par.tp)
     gemm = 3 * sum(gemm_seconds(family, peak, m, n, k, b) for m, n, k in gemms)
@@ -58,7 +58,7 @@ def kernel_split(request, plan) -> dict[str, float]:
     # op-level selective checkpointing reruns the element-wise forward and every second
     # matmul (k, o, up): the planner's price of the policy on this layout
     lc = layer_cost(shape, request.dtype, hw, cand, seq_len=request.seq_len,
-                    micro_batch_size=request.micro_batch_size, params=CostParams(),
+                    micro_batch_size=plan.micro_batch_size, params=CostParams(),
                     tp_overlap_chunks=par.tp_overlap_chunks)
     return dict(gemm=gemm * layers, attention=attn * layers, elementwise=ew * layers,
                 gemm_eff=gemm_eff, tokens=tokens, op_sac=lc.selective_recompute_s * layers)

@@ -51,11 +51,17 @@ def _row(tok_s, layout, text, *, bf16=True, note=""):
 # op AC as `recompute="selective"`: its docs/performance.md names "selective op" for Llama 3 8B;
 # its Dec 2024 H100 benchmarks say "selective activation checkpointing", and its llama3_8b.toml
 # default selective_ac_option is 'op') in the request (None: not expressible beyond the spec).
+# Megatron-LM f2e5db4 publishes TP, PP, DP and the global batch, not the micro-batch size (its
+# specs say `micro_batch_size: auto`: the planner chooses it in both rows); its README's
+# --overlap-param-gather needs the distributed optimizer (megatron/training/arguments.py
+# asserts use_distributed_optimizer), which shards the fp32 main params and optimizer state
+# over DP with bf16 gradients not sharded (README "Distributed Optimizer"): ZeRO-1.
+_MEGATRON = dict(sp=1, zero_stage=1)
 PUBLISHED = {
-    "megatron-1p7b-48xh100": _row(36259, dict(tp=1, pp=1, dp=48, sp=1), "TP1 PP1 DP48"),
-    "megatron-16b-192xh100": _row(4820, dict(tp=4, pp=1, dp=48, sp=1), "TP4 PP1 DP48"),
-    "megatron-32b-384xh100": _row(2297, dict(tp=8, pp=1, dp=48, sp=1), "TP8 PP1 DP48"),
-    "megatron-70b-768xh100": _row(941, dict(tp=8, pp=2, dp=48, sp=1), "TP8 PP2 DP48"),
+    "megatron-1p7b-48xh100": _row(36259, dict(tp=1, pp=1, dp=48, **_MEGATRON), "TP1 PP1 DP48"),
+    "megatron-16b-192xh100": _row(4820, dict(tp=4, pp=1, dp=48, **_MEGATRON), "TP4 PP1 DP48"),
+    "megatron-32b-384xh100": _row(2297, dict(tp=8, pp=1, dp=48, **_MEGATRON), "TP8 PP1 DP48"),
+    "megatron-70b-768xh100": _row(941, dict(tp=8, pp=2, dp=48, **_MEGATRON), "TP8 PP2 DP48"),
     "tt-llama3-8b-64xa100": _row(2973, dict(tp=1, pp=1, dp=64, sp=1, zero_stage=3,
                                             recompute="selective"), "FSDP64, selective op AC"),
     "tt-llama3-8b-64xa100-fixed-dp": _row(2973, dict(tp=1, pp=1, dp=64, sp=1, zero_stage=3,
@@ -99,12 +105,14 @@ MISSING = {
     "published run); what remains is ZeRO-1's fp32 gradient reduce-scatter over dp48, one GPU "
     "per node: 15.4 GB per GPU over its 50 GB/s NIC x 0.8 = 0.39 s beside one microbatch's "
     "backward, as Megatron-LM f2e5db4 overlaps it (last microbatch only; fp32: --bf16 sets "
-    "accumulate_allreduce_grads_in_fp32). The README does not give the micro-batch size: at "
-    "1 (the spec's) its reduce-scatter + gather need 0.46 s even at line rate, leaving 0.143 s "
-    "per microbatch, 72% of peak; with 2 per microbatch the fixed layout predicts 0.90x "
+    "accumulate_allreduce_grads_in_fp32). The README does not give the micro-batch size (the "
+    "spec leaves it to the planner): at 1 sequence per microbatch the reduce-scatter + gather "
+    "need 0.46 s even at line rate, leaving 0.143 s per microbatch, 72% of peak "
     "(docs/design.md, GPU cost model)",
-    "megatron-70b-768xh100": "ZeRO-1 communication as for megatron-32b; the free choice (ZeRO "
-    "over 384 ranks) is not a layout anyone published at this scale",
+    "megatron-70b-768xh100": "the free choice, dp96 x tp8 with ZeRO-2 and one microbatch of 4 "
+    "sequences (no pipeline bubble; ZeRO-2 shards the fp32 gradients that Megatron-LM's "
+    "distributed optimizer, ZeRO-1, keeps whole: with ZeRO-1 the same layout plans slower), "
+    "is not a layout anyone published at this scale; the published layout plans inside the band",
     "tt-llama2-70b-64xa100": "torchtitan runs FSDP64 with full activation checkpointing; the free "
     "plan avoids most recompute with tp2 x sp2, a layout not published for this job",
     "tt-llama3-8b-64xa100": "torchtitan ran selective op checkpointing; the published-layout row "
@@ -126,7 +134,7 @@ def layout_text(plan) -> str:
     sched = " interleaved" if par.schedule == "interleaved-1f1b" else ""
     kind = f"({par.sp_kind})" if par.sp > 1 else ""
     return (f"dp{par.dp} tp{par.tp} sp{par.sp}{kind} pp{par.pp}{sched} z{par.zero_stage} "
-            f"m{par.num_microbatches}")
+            f"m{par.num_microbatches}x{plan.micro_batch_size}")
 
 
 def free_request(job):
@@ -226,7 +234,10 @@ def report(rows: list[dict]) -> str:
              "`bench/published.py` plans each spec of `bench/published_specs/` (the calibration "
              "set of shared/published, sources in its README) with the analytic cost model, "
              "free and with the published layout fixed. tok/s/GPU = predicted job tokens/s / "
-             "GPUs. MFU causal / non-causal: model FLOPs per token 6N + 6LhS (causal attention) "
+             "GPUs; mAxB: A microbatches of B sequences per rank (B is the planner's choice "
+             "where the spec says `micro_batch_size: auto`: the Megatron rows, whose source "
+             "does not publish it). MFU causal / non-causal: model FLOPs per token 6N + 6LhS "
+             "(causal attention) "
              "or 6N + 12LhS (non-causal, Megatron's and torchtitan's convention), N = layer "
              "parameters + output head.", "",
              md_table(["spec", "published tok/s/GPU", "published layout", "chosen layout",

@@ -163,7 +163,7 @@ def _cmd_profile(args: argparse.Namespace, console: Console) -> int:
     if not args.spec:
         raise SpecError("profile: give a job spec, or --hardware")
     job = load_job(args.spec)
-    from disttrain.profiling import describe, profile_job_layer, save_profile
+    from disttrain.profiling import describe, profile_batch, profile_job_layer, save_profile
 
     try:
         lens = tuple(int(x) for x in args.seq_lens.split(",")) if args.seq_lens else None
@@ -174,7 +174,7 @@ def _cmd_profile(args: argparse.Namespace, console: Console) -> int:
     profile = profile_job_layer(job, lens)
     out = Path(args.out) if args.out else job.output_dir / "profile.json"
     save_profile(profile, out)
-    print(describe(profile, job.spec.train.seq_len, job.spec.train.micro_batch_size))
+    print(describe(profile, job.spec.train.seq_len, profile_batch(job)))
     console.print(f"wrote {out}; plan with it: disttrain plan {args.spec} --profile {out}")
     return 0
 

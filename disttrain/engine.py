@@ -334,7 +334,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
                             overlap_param_gather=par.overlap_param_gather)
         states = ZeroModelStates(model, config, group=groups.dp_sp,  # norm spans pp and tp
                                  extra_norm_group=groups.pp_tp)
-    accum = tr.global_batch_size // (tr.micro_batch_size * par.dp)
+    # the plan's batch sizes (micro_batch_size: the planner's choice under auto)
+    accum = plan.global_batch_size // (plan.micro_batch_size * par.dp)
     if pipeline is not None and accum != par.num_microbatches:
         raise SpecError(f"parallel.num_microbatches: must be global_batch_size / "
                         f"(micro_batch_size x dp) = {accum} with a pipeline, got "

@@ -13,18 +13,20 @@ from planner.plan import LayerActivationPlan, ModelStatePlan, ParallelPlan, Plan
 def fixed_plan(job: Job, world_size: int) -> Plan:
     """The plan that keeps every activation and honours the spec's fixed values, resolving
     `auto` trivially (sequence and pipeline degree 1, data parallel over all ranks, ZeRO-3 when
-    there is more than one rank). Used with `--no-plan` and by tests."""
+    there is more than one rank, one sequence per microbatch when train.micro_batch_size is
+    auto). Used with `--no-plan` and by tests."""
     par, tr = job.spec.parallel, job.spec.train
+    micro_batch = 1 if tr.micro_batch_size == "auto" else tr.micro_batch_size
     sp = 1 if par.sp == "auto" else par.sp
     pp = 1 if par.pp == "auto" else par.pp
     tp = 1 if par.tp == "auto" else par.tp
     dp = world_size // (sp * pp * tp) if par.dp == "auto" else par.dp
     zero = (3 if world_size > 1 else 0) if par.zero_stage == "auto" else par.zero_stage
-    accum = tr.global_batch_size // (tr.micro_batch_size * dp)
+    accum = tr.global_batch_size // (micro_batch * dp)
     micro = accum if par.num_microbatches == "auto" else par.num_microbatches
     return Plan(
         model=job.shape.to_dict(), dtype=job.dtype, seq_len=tr.seq_len,
-        micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,
+        micro_batch_size=micro_batch, global_batch_size=tr.global_batch_size,
         parallel=ParallelPlan(dp=dp, sp=sp, sp_kind="ulysses" if par.sp_kind == "auto"
                               else par.sp_kind, pp=pp, tp=tp, num_microbatches=micro,
                               schedule="1f1b" if pp > 1 else "none", zero_stage=zero,
@@ -66,7 +68,24 @@ def check_plan(job: Job, plan: Plan, world_size: int, where: str = "plan") -> Pl
     if plan.seq_len != job.spec.train.seq_len:
         raise SpecError(f"{where}: planned for seq_len {plan.seq_len}, the spec trains "
                         f"{job.spec.train.seq_len}")
+    _check_batch(job, plan, where)
     return plan
+
+
+def _check_batch(job: Job, plan: Plan, where: str) -> None:
+    """The plan's batch sizes are the ones the run uses (data, gradient accumulation, loss
+    scaling, pipeline microbatches): they must be the spec's, the micro-batch size only when
+    the spec fixes it (auto: the plan's choice)."""
+    tr, par = job.spec.train, plan.parallel
+    if plan.global_batch_size != tr.global_batch_size:
+        raise SpecError(f"{where}: planned for global_batch_size {plan.global_batch_size}, the "
+                        f"spec trains {tr.global_batch_size}")
+    if tr.micro_batch_size not in ("auto", plan.micro_batch_size):
+        raise SpecError(f"{where}: planned for micro_batch_size {plan.micro_batch_size}, the "
+                        f"spec fixes train.micro_batch_size = {tr.micro_batch_size}")
+    if plan.micro_batch_size < 1 or plan.global_batch_size % (plan.micro_batch_size * par.dp):
+        raise SpecError(f"{where}: global_batch_size {plan.global_batch_size} is not a multiple "
+                        f"of micro_batch_size x dp ({plan.micro_batch_size} x {par.dp})")
 
 
 def resolve_plan(job: Job, world_size: int, plan_path: str | Path | None = None,

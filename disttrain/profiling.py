@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from disttrain.model.llama import DecoderLayer, RMSNorm, rope_tables
 from disttrain.spec import Job
+from disttrain.tiling import chunked_lm_loss
 from planner.profiler import TORCH_DTYPES, LayerProfile, profile_layer
 from planner.shapes import ModelShape
 
@@ -34,7 +35,11 @@ def rank_conditions(job: Job) -> tuple[int | None, int]:
 class _Head(torch.nn.Module):
     """Final norm + output projection + mean cross entropy in fp32, as the runtime's
     untiled `lm_loss`; fixed random targets per shape. Cast to the training dtype with the
-    layer (bf16: bf16 weights, no autocast, as the runtime computes)."""
+    layer (bf16: bf16 weights, no autocast, as the runtime computes). With `chunk_tokens` the
+    runtime's tiled loss (`chunked_lm_loss`) instead: `planner.profile_loss` times its tiles."""
+
+    tiles_loss = True
+    """Takes `chunk_tokens` (`planner.profile_loss.measure_loss_tile_s`)."""
 
     def __init__(self, shape: ModelShape, seed: int):
         super().__init__()
@@ -43,11 +48,13 @@ class _Head(torch.nn.Module):
         self.vocab, self.seed = shape.vocab_size, seed
         self._targets: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSH: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
         key = tuple(x_BSH.shape[:2])
         if key not in self._targets:
             gen = torch.Generator().manual_seed(self.seed)
             self._targets[key] = torch.randint(self.vocab, key, generator=gen)
+        if chunk_tokens:
+            return chunked_lm_loss(self.norm(x_BSH), self.weight, self._targets[key], chunk_tokens)
         logits = F.linear(self.norm(x_BSH), self.weight)
         return F.cross_entropy(logits.float().flatten(0, 1), self._targets[key].flatten())
 
@@ -76,7 +83,7 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
     shape = job.shape
     lens = seq_lens or tuple(s for s in DEFAULT_SEQ_LENS if s <= job.spec.train.seq_len) or (
         job.spec.train.seq_len,)
-    batch = job.spec.train.micro_batch_size
+    batch = profile_batch(job)
     rank_threads, rank_concurrent = rank_conditions(job)
     threads = threads or rank_threads
     concurrent = concurrent or rank_concurrent
@@ -99,6 +106,14 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
                          concurrent=concurrent, head=head,
                          optimizer_numel=optimizer_chunk_sizes(shape) if with_optimizer else 0,
                          max_cache_age_s=max_cache_age_s)
+
+
+def profile_batch(job: Job) -> int:
+    """Sequences per profiled microbatch: the spec's micro-batch size, 1 under auto (the
+    profile's fits are per token and per token x sequence, so the planner prices any size
+    from them)."""
+    size = job.spec.train.micro_batch_size
+    return 1 if size == "auto" else size
 
 
 def describe(profile: LayerProfile, seq_len: int, micro_batch: int) -> str:

@@ -57,7 +57,7 @@ class Job:
         fixed = lambda v: None if v == "auto" else v  # noqa: E731
         return PlanRequest(
             model=self.shape, hardware=self.hardware, dtype=self.dtype, seq_len=tr.seq_len,
-            micro_batch_size=tr.micro_batch_size, global_batch_size=tr.global_batch_size,
+            micro_batch_size=fixed(tr.micro_batch_size), global_batch_size=tr.global_batch_size,
             dp=fixed(par.dp), sp=fixed(par.sp), sp_kind=fixed(par.sp_kind), pp=fixed(par.pp),
             tp=fixed(par.tp), tp_overlap_chunks=fixed(par.tp_overlap_chunks),
             overlap_param_gather=fixed(par.overlap_param_gather),

@@ -57,7 +57,12 @@ def _cross_checks(spec: JobSpec, shape: ModelShape, hw: HardwareSpec,
         raise SpecError(f"parallel.pp: must be <= model.num_layers ({shape.num_layers}), "
                         f"got {par.pp}")
     dp = par.dp if par.dp != "auto" else 1
-    if tr.global_batch_size % (tr.micro_batch_size * dp):
+    if tr.micro_batch_size != "auto" and tr.micro_batch_size < 1:
+        raise SpecError(f"train.micro_batch_size: must be >= 1 or auto, got {tr.micro_batch_size}")
+    if tr.micro_batch_size == "auto" and tr.global_batch_size % dp:
+        raise SpecError(f"train.global_batch_size: must be a multiple of parallel.dp ({dp}), "
+                        f"got {tr.global_batch_size}")
+    if tr.micro_batch_size != "auto" and tr.global_batch_size % (tr.micro_batch_size * dp):
         raise SpecError(f"train.global_batch_size: must be a multiple of micro_batch_size x dp "
                         f"({tr.micro_batch_size} x {dp}), got {tr.global_batch_size}")
     if tr.seq_len > shape.max_seq_len and spec.model.hf is None:  # model.hf: checked there

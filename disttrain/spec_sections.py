@@ -50,8 +50,10 @@ class ModelSection(_Section):
 class TrainSection(_Section):
     seq_len: int = Field(gt=0)
     """Tokens per sequence."""
-    micro_batch_size: int = Field(1, gt=0)
-    """Sequences per forward/backward on one data-parallel rank."""
+    micro_batch_size: Union[int, Auto] = 1
+    """Sequences per forward/backward on one data-parallel rank; auto: the planner's choice
+    among the divisors (up to 8) of the per-rank batch global_batch_size / dp. Training uses
+    the plan's value (`Plan.micro_batch_size`), never this field."""
     global_batch_size: int = Field(1, gt=0)
     """Sequences per optimizer step (gradient accumulation is derived)."""
     steps: int = Field(gt=0)

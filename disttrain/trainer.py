@@ -69,12 +69,13 @@ class Trainer:
             raise SpecError("train.eval_every: validation is not supported with parallel.pp > 1")
         self.valid_batches = None
         if job.spec.data.kind == "documents":
-            self.batches, self.valid_batches = build_document_batches(job,
-                                                                      progress=self.rank == 0)
-        else:
+            self.batches, self.valid_batches = build_document_batches(
+                job, progress=self.rank == 0, micro_batch_size=self.plan.micro_batch_size)
+        else:  # the plan's micro-batch size (the planner's choice under auto)
             self.batches = build_batches(job.spec.data.kind, job.data_path,
                                          vocab_size=job.shape.vocab_size, seq_len=tr.seq_len,
-                                         micro_batch_size=tr.micro_batch_size, seed=tr.seed)
+                                         micro_batch_size=self.plan.micro_batch_size,
+                                         seed=tr.seed)
 
     @property
     def model(self):
@@ -110,11 +111,14 @@ class Trainer:
         expected = json.loads(json.dumps(self._checkpoint_meta()))  # as meta.json holds it
         if meta.get("model") != expected["model"]:
             raise SpecError(f"--resume: checkpoint {latest} was written for another model shape")
-        if meta.get("parallel") != expected["parallel"]:  # keys are full-shaped: reshard
+        size = meta.get("micro_batch_size", expected["micro_batch_size"])
+        if (meta.get("parallel") != expected["parallel"]  # keys are full-shaped: reshard
+                or size != expected["micro_batch_size"]):
             self.console.print(f"resuming on another layout: checkpoint "
-                               f"{_layout(meta.get('parallel') or {})} -> this run "
-                               f"{_layout(expected['parallel'])}; parameters and optimizer "
-                               f"state are resharded")
+                               f"{_layout(meta.get('parallel') or {})} micro_batch_size={size} "
+                               f"-> this run {_layout(expected['parallel'])} "
+                               f"micro_batch_size={expected['micro_batch_size']}; parameters "
+                               f"and optimizer state are resharded")
         t0 = time.perf_counter()
         state = self.runtime.checkpoint_state()
         step = load_checkpoint(latest, state, rank=self.rank)["step"]
@@ -241,6 +245,7 @@ class Trainer:
         hf = self.job.hf  # for `disttrain export`: the source's config and tokenizer files
         return {"model": self.job.shape.to_dict(), "name": self.job.spec.name,
                 "parallel": self.plan.to_dict()["parallel"],
+                "micro_batch_size": self.plan.micro_batch_size,
                 **({"hf": {"path": str(hf.path.resolve()), "config": hf.config}} if hf else {})}
 
     def save(self, step: int) -> Path:

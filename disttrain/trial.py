@@ -30,7 +30,8 @@ def _trial_worker(rank: int, world: int, raw_spec: dict, base_dir: str, plan_dic
     tr = job.spec.train
     runtime = build_runtime(job, plan, rank=rank)
     batches = build_batches(job.spec.data.kind, job.data_path, vocab_size=job.shape.vocab_size,
-                            seq_len=tr.seq_len, micro_batch_size=tr.micro_batch_size, seed=tr.seed)
+                            seq_len=tr.seq_len, micro_batch_size=plan.micro_batch_size,
+                            seed=tr.seed)
     times, parts = [], []
     try:
         for step in range(steps + 1):

@@ -20,6 +20,7 @@ from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu
 from planner.contention import zero_contention_seconds
 from planner.efficiency import MEMORY_EFFICIENCY, device_family, grad_bookkeeping_bytes_per_param
 from planner.grid import divisors, enumerate_candidates, tp_problem  # noqa: F401
+from planner.loss_tiles import head_mapped_bytes, loss_tile_options, stage_head_seconds
 from planner.mip import StageProblem
 from planner.outer import build_outer_chunks
 from planner.page_faults import HEADROOM, microbatch_mapped_bytes
@@ -73,6 +74,8 @@ class ProfiledTiming:
     """A freshly mapped block's extra seconds per byte (0: not measured)."""
     allocation_fits: dict | None = None
     """The profile's allocations ('layer', 'head') as [a, b] of a + b * tokens."""
+    loss_tile_s: float = 0.0
+    """Fixed seconds of one more tile of the tiled loss (0: not measured)."""
 
 
 def profiled_timing(request: PlanRequest, cand: Candidate, profile) -> ProfiledTiming | None:
@@ -85,7 +88,8 @@ def profiled_timing(request: PlanRequest, cand: Candidate, profile) -> ProfiledT
         head_backward_s=profile.time_s("head_backward_s", tokens, request.seq_len),
         optimizer_s_per_param=getattr(profile, "optimizer_s_per_param", 0.0) or 0.0,
         page_fault_s_per_byte=getattr(profile, "page_fault_s_per_byte", 0.0) or 0.0,
-        allocation_fits=getattr(profile, "allocation_fits", None) or None)
+        allocation_fits=getattr(profile, "allocation_fits", None) or None,
+        loss_tile_s=getattr(profile, "loss_tile_s", 0.0) or 0.0)
 
 
 def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedBytesPerToken,
@@ -189,14 +193,14 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
         (loss_chunk, mlp_chunk), fixed_rebuild = choose_tiling(request, lc, tp), None
         if one_pool and loss_chunk:
             return _fastest_loss_tile(
-                [(0, mlp_chunk, None), (loss_chunk, mlp_chunk, None)],
+                [(t, mlp_chunk, None) for t in loss_tile_options(tokens, loss_chunk)],
                 lambda t: build_stages(request, cand, params, per_token, layer_override, t, timing))
     working = working_base_bytes(lc, shape, dtype, mlp_chunk) / tp
     lc = tiled_layer_cost(lc, shape, dtype, mlp_chunk, tp)
-    head_fwd, head_bwd = head_seconds(shape, dtype, hw, tokens, tp, params)
-    if timing is not None:  # measured untiled; a tiled loss recomputes its logits in backward
-        head_fwd = timing.head_forward_s
-        head_bwd = timing.head_backward_s + (head_fwd if loss_chunk else 0.0)
+    head_fwd, head_bwd = stage_head_seconds(  # as the runtime tiles it (planner.loss_tiles)
+        shape, dtype, hw, tokens=tokens, tp=tp, chunk=loss_chunk, params=params,
+        measured=None if timing is None else (timing.head_forward_s, timing.head_backward_s,
+                                              timing.loss_tile_s))
     per_param_s = timing.optimizer_s_per_param if timing is not None else 0.0
 
     def opt_s(numel: float, on_cpu: bool) -> float:
@@ -288,9 +292,11 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
                                  / (group if cand.zero_stage >= 1 else 1), False)
         # one pool: a memory-bound plan maps its large blocks fresh (tp shards them: / tp)
         faults = timing.allocation_fits if one_pool and timing is not None else None
-        fault_s = (timing.page_fault_s_per_byte * microbatch_mapped_bytes(
+        tiled_head = head_mapped_bytes(shape, tokens=tokens, chunk=loss_chunk, tp=tp) if last else None
+        fault_s = (timing.page_fault_s_per_byte * (microbatch_mapped_bytes(
             faults.get("layer", ()), faults.get("head", ()), tokens=tokens / tp, layers=count,
-            with_head=last, loss_chunk_tokens=loss_chunk) if faults else 0.0)
+            with_head=last and tiled_head is None, loss_chunk_tokens=loss_chunk)
+            + (tiled_head or 0.0)) if faults else 0.0)
         setups.append(StageSetup(
             problem=problem, layer_range=(start, end), head_compute_s=(head_fwd + head_bwd if last else 0.0) + grad_s,
             comm_microbatch_s=comm_mb, comm_step_s=comm_step, fixed_optimizer_s=fixed_states_opt,

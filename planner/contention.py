@@ -13,12 +13,12 @@ already) and on a device family whose SM count is known.
 
 from __future__ import annotations
 
-from planner.collectives import (overlaps_compute, param_gather_overlap, tp_comm_seconds,
-                                 zero_microbatch_seconds)
+from planner.collectives import overlaps_compute, param_gather_overlap, zero_microbatch_seconds
 from planner.costtypes import Candidate, CostParams
 from planner.efficiency import device_family
 from planner.hardware import HardwareSpec
 from planner.shapes import ModelShape
+from planner.tp_collectives import tp_comm_seconds
 
 
 def zero_contention_seconds(hw: HardwareSpec, params: CostParams, cand: Candidate,

@@ -23,9 +23,9 @@ from planner.analytic import (FP32, SavedBytesPerToken, kv_heads_per_rank,
 from planner.collectives import (call_latency, collective_bw, comm_times,  # noqa: F401
                                  group_bandwidth, overlaps_compute, pipeline_group_span,
                                  ring_p2p_backward_bytes, ring_p2p_bytes, shard_group_span,
-                                 TP_OVERLAP_CHOICES, tp_backward_gemms, tp_comm_seconds,
-                                 tp_gemm_groups, tp_step_bytes,
                                  ulysses_alltoall_bytes, zero_collectives, zero_step_bytes)
+from planner.tp_collectives import (TP_OVERLAP_CHOICES, tp_backward_gemms,  # noqa: F401
+                                    tp_comm_seconds, tp_gemm_groups, tp_step_bytes)
 from planner.contention import tp_contention_seconds
 from planner.costtypes import Candidate, CostParams, LayerCost, local_tokens  # noqa: F401
 from planner.efficiency import (DeviceFamily, MEMORY_EFFICIENCY, attention_efficiency,

@@ -77,6 +77,9 @@ class Candidate:
     """Tensor-parallel degree (Megatron-style with sequence parallelism)."""
     virtual: int = 1
     """Model chunks per pipeline rank: 1 = 1F1B, 2 = interleaved 1F1B."""
+    micro_batch_size: int = 1
+    """Sequences per microbatch per data-parallel rank (the request's, or one of the sizes
+    `planner.grid.micro_batch_sizes` offers when it is auto)."""
 
     @property
     def shard_group(self) -> int:
@@ -90,7 +93,8 @@ class Candidate:
 
     def to_dict(self) -> dict:
         out = dict(dp=self.dp, tp=self.tp, sp=self.sp, sp_kind=self.sp_kind, pp=self.pp,
-                   num_microbatches=self.num_microbatches, zero_stage=self.zero_stage)
+                   num_microbatches=self.num_microbatches, zero_stage=self.zero_stage,
+                   micro_batch_size=self.micro_batch_size)
         if self.virtual > 1:
             out["schedule"] = self.schedule
         return out

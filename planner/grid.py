@@ -1,17 +1,48 @@
-"""The candidate parallel layouts: every (dp, tp, sp, sp_kind, pp, schedule, microbatches,
-ZeRO stage) that divides the world size, respects head counts and the values fixed in the
-request, with a reason (and numbers) for each one ruled out. Tensor parallelism stays inside
-a node; interleaved 1F1B is offered where Megatron's schedule allows it (microbatches a
-multiple of pp, layers a multiple of 2 pp)."""
+"""The candidate parallel layouts: every (dp, tp, sp, sp_kind, pp, schedule, micro-batch size,
+microbatches, ZeRO stage) that divides the world size, respects head counts and the values
+fixed in the request, with a reason (and numbers) for each one ruled out. Tensor parallelism
+stays inside a node; interleaved 1F1B is offered where Megatron's schedule allows it
+(microbatches a multiple of pp, layers a multiple of 2 pp)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from planner.costtypes import Candidate
 from planner.request import PlanRequest
 
+MAX_AUTO_MICRO_BATCH = 8
+"""Largest micro-batch size an auto request tries: past a few sequences per microbatch the
+GEMMs are large already and only activation memory grows (and each size multiplies the
+layouts the search prices)."""
+
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def micro_batch_sizes(request: PlanRequest, dp: int) -> list[int]:
+    """Sequences per microbatch to try at data-parallel degree `dp`: the request's size, or
+    with auto (None) every divisor <= MAX_AUTO_MICRO_BATCH of the per-rank batch
+    global_batch_size / dp, so that it splits into whole microbatches (only the one size
+    giving `num_microbatches` when that is fixed). Empty when dp does not divide the batch."""
+    if request.micro_batch_size is not None:
+        return [request.micro_batch_size]
+    if request.global_batch_size % dp:
+        return []
+    per_rank = request.global_batch_size // dp
+    if request.num_microbatches is not None:
+        fits = per_rank % request.num_microbatches == 0
+        return [per_rank // request.num_microbatches] if fits else []
+    return [m for m in divisors(per_rank) if m <= MAX_AUTO_MICRO_BATCH]
+
+
+def sized_request(request: PlanRequest, cand: Candidate) -> PlanRequest:
+    """`request` with the candidate's micro-batch size (itself when they agree): what every
+    per-layout cost (`planner.candidates`) reads the size from."""
+    if request.micro_batch_size == cand.micro_batch_size:
+        return request
+    return dataclasses.replace(request, micro_batch_size=cand.micro_batch_size)
 
 
 def _reason(cand: dict, reason: str, shortfall: float | None = None) -> dict:
@@ -80,31 +111,48 @@ def _add_layouts(request: PlanRequest, tp: int, dp: int, sp: int, pp: int, candi
         if problem:
             rejected.append(_reason(base, problem))
             continue
-        microbatches = request.global_batch_size // (dp * request.micro_batch_size)
-        if request.num_microbatches is not None and request.num_microbatches != microbatches:
+        sizes = micro_batch_sizes(request, dp)
+        if not sizes:
             rejected.append(_reason(dict(base, num_microbatches=request.num_microbatches),
-                                    f"num_microbatches={request.num_microbatches} (fixed) but global batch "
-                                    f"{request.global_batch_size} / (dp {dp} x micro batch "
-                                    f"{request.micro_batch_size}) = {microbatches}"))
+                                    f"num_microbatches={request.num_microbatches} (fixed) does "
+                                    f"not divide the per-rank batch {request.global_batch_size} "
+                                    f"/ dp {dp} = {request.global_batch_size // dp}"))
             continue
-        stages = ([request.zero_stage] if request.zero_stage is not None
-                  else ([0, 3] if dp * sp == 1 else [0, 1, 2, 3]))
-        virtuals = [1]
-        if (pp > 1 and request.schedule != "1f1b" and microbatches % pp == 0
-                and shape.num_layers % (2 * pp) == 0):
-            virtuals = [2] if request.schedule == "interleaved-1f1b" else [1, 2]
-        for zero in stages:
-            for virtual in virtuals:
-                cand = Candidate(dp=dp, tp=tp, sp=sp, sp_kind=kind, pp=pp, virtual=virtual,
-                                 num_microbatches=microbatches, zero_stage=zero)
-                candidates.append(cand)
-                heads = shape.num_kv_heads // tp if shape.num_kv_heads >= tp else 1
-                cand_notes = []
-                if kind == "ulysses" and sp > heads:
-                    cand_notes.append(f"Ulysses sp={sp} > KV heads per TP rank ({heads}): each rank "
-                                      f"holds one replicated KV head ({sp // heads}x copies)")
-                if cand_notes:
-                    notes[cand] = cand_notes
+        for size in sizes:
+            microbatches = request.global_batch_size // (dp * size)
+            if request.num_microbatches is not None and request.num_microbatches != microbatches:
+                rejected.append(_reason(dict(base, num_microbatches=request.num_microbatches),
+                                        f"num_microbatches={request.num_microbatches} (fixed) but global batch "
+                                        f"{request.global_batch_size} / (dp {dp} x micro batch "
+                                        f"{size}) = {microbatches}"))
+                continue
+            _add_schedules(request, base, size, microbatches, candidates, notes)
+
+
+def _add_schedules(request: PlanRequest, base: dict, size: int, microbatches: int,
+                   candidates: list, notes: dict) -> None:
+    """Every ZeRO stage and pipeline schedule of one layout at one micro-batch size."""
+    shape, dp, sp, pp, tp, kind = (request.model, base["dp"], base["sp"], base["pp"], base["tp"],
+                                   base["sp_kind"])
+    stages = ([request.zero_stage] if request.zero_stage is not None
+              else ([0, 3] if dp * sp == 1 else [0, 1, 2, 3]))
+    virtuals = [1]
+    if (pp > 1 and request.schedule != "1f1b" and microbatches % pp == 0
+            and shape.num_layers % (2 * pp) == 0):
+        virtuals = [2] if request.schedule == "interleaved-1f1b" else [1, 2]
+    for zero in stages:
+        for virtual in virtuals:
+            cand = Candidate(dp=dp, tp=tp, sp=sp, sp_kind=kind, pp=pp, virtual=virtual,
+                             num_microbatches=microbatches, zero_stage=zero,
+                             micro_batch_size=size)
+            candidates.append(cand)
+            heads = shape.num_kv_heads // tp if shape.num_kv_heads >= tp else 1
+            cand_notes = []
+            if kind == "ulysses" and sp > heads:
+                cand_notes.append(f"Ulysses sp={sp} > KV heads per TP rank ({heads}): each rank "
+                                  f"holds one replicated KV head ({sp // heads}x copies)")
+            if cand_notes:
+                notes[cand] = cand_notes
 
 
 def _layout_problem(request: PlanRequest, dp: int, sp: int, kind: str, pp: int, tp: int = 1) -> str:
@@ -114,9 +162,10 @@ def _layout_problem(request: PlanRequest, dp: int, sp: int, kind: str, pp: int, 
     if pp > 1 and shape.tie_embeddings:
         return (f"pp={pp} with tied embeddings: the runtime does not sum the tied gradient "
                 f"across pipeline stages")
-    if request.global_batch_size % (dp * request.micro_batch_size):
-        return (f"global batch {request.global_batch_size} is not a multiple of dp {dp} x "
-                f"micro batch {request.micro_batch_size}")
+    if request.global_batch_size % (dp * (request.micro_batch_size or 1)):
+        micro = (f" x micro batch {request.micro_batch_size}"
+                 if request.micro_batch_size is not None else "")
+        return f"global batch {request.global_batch_size} is not a multiple of dp {dp}{micro}"
     if request.seq_len % (sp * tp):
         return f"seq_len {request.seq_len} is not divisible by sp*tp={sp * tp}"
     if kind == "ulysses" and sp > 1:

@@ -46,6 +46,7 @@ import torch
 from planner.lockstep import Lockstep, Solo
 from planner.profile_memory import (fit_allocations, measure_page_fault_s_per_byte,
                                     record_allocations)
+from planner.profile_loss import measure_loss_tile_s
 from planner.profile_optimizer import measure_optimizer_s_per_param
 from planner.saved_bytes import (  # noqa: F401  (measure_saved, CATEGORIES: re-exported)
     CATEGORIES, _AllocatedBytes, measure_saved)
@@ -123,6 +124,9 @@ class LayerProfile:
     allocation_fits: dict[str, list[list[float]]] = field(default_factory=dict)
     """Per allocation of `LayerMeasurement.allocations` ('layer', 'head'): [a, b] of its
     size a + b * tokens (`planner.profile_memory.fit_allocations`)."""
+    loss_tile_s: float = 0.0
+    """Fixed seconds one more tile of the runtime's tiled loss costs (forward + backward,
+    `planner.profile_loss`); 0: not measured."""
 
     def saved_bytes(self, tokens: int) -> dict[str, float]:
         return {name: slope * tokens for name, slope in self.bytes_per_token.items()}
@@ -301,7 +305,8 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
     key_source = dict(shape_dict or {"hidden_size": hidden_size}, seq_lens=list(seq_lens),
                       batch=batch)
     key = profile_key(key_source, dtype, device, threads=threads, concurrent=concurrent,
-                      head=head is not None, optimizer_numel=opt_sizes, page_faults=True)
+                      head=head is not None, optimizer_numel=opt_sizes, page_faults=True,
+                      loss_tiles=bool(getattr(head, "tiles_loss", False)))
     cache_path = Path(cache_dir) / f"profile-{key}.json" if cache_dir else None
     if cache_path is not None and cache_path.exists():
         cached = LayerProfile.from_dict(json.loads(cache_path.read_text()))
@@ -324,7 +329,10 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
         barrier.wait()
         fault = measure_page_fault_s_per_byte(median=concurrent > 1) if device == "cpu" else 0.0
         barrier.wait()
-        return runs, opt, fault
+        tile = (measure_loss_tile_s(head, hidden_size, TORCH_DTYPES[dtype], median=concurrent > 1)
+                if head is not None else 0.0)
+        barrier.wait()
+        return runs, opt, fault, tile
 
     cache = cache_path
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else -1.0
@@ -333,19 +341,19 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
     try:
         try:
             with Lockstep(concurrent - 1, steps, timeout_s=twin_timeout_s) as twins:
-                runs, opt, fault = steps(Solo() if twins.barrier is None else twins.barrier)
+                runs, opt, fault, tile = steps(Solo() if twins.barrier is None else twins.barrier)
                 measured_concurrent = 1 + twins.active
         except threading.BrokenBarrierError:        # a twin died or hung: measure alone
             log.warning("profile: a twin process died or hung; measured alone instead of "
                         "%d side by side (not cached)", concurrent)
-            runs, opt, fault = steps(Solo())
+            runs, opt, fault, tile = steps(Solo())
             measured_concurrent, cache = 1, None
     finally:
         torch.set_num_threads(before)
     profile = fit_profile(runs, key=key, device=device, dtype=dtype, threads=threads,
                           concurrent=measured_concurrent, optimizer_s_per_param=opt,
                           measured_at=measured_at, load_average=load_average,
-                          page_fault_s_per_byte=fault)
+                          page_fault_s_per_byte=fault, loss_tile_s=tile)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(profile.to_dict(), indent=1))

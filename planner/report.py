@@ -51,7 +51,8 @@ def _request(plan: Plan) -> tuple[PlanRequest, Candidate]:
                           overlap_param_gather=par.overlap_param_gather)
     cand = Candidate(dp=par.dp, tp=par.tp, sp=par.sp, sp_kind=par.sp_kind, pp=par.pp,
                      virtual=2 if par.schedule == "interleaved-1f1b" else 1,
-                     num_microbatches=par.num_microbatches, zero_stage=par.zero_stage)
+                     num_microbatches=par.num_microbatches, zero_stage=par.zero_stage,
+                     micro_batch_size=plan.micro_batch_size)
     return request, cand
 
 
@@ -103,7 +104,8 @@ def render_summary(plan: Plan) -> Group:
     title.add_row("[bold]feasible[/]", "[green]yes[/]" if plan.feasible else "[red]no[/]")
     if plan.feasible:
         title.add_row("[bold]layout[/]", f"dp={par.dp} tp={par.tp}{_overlap(par)} sp={par.sp} ({par.sp_kind}) pp={par.pp} "
-                      f"microbatches={par.num_microbatches} ZeRO-{par.zero_stage} schedule={par.schedule}")
+                      f"microbatches={par.num_microbatches} x {plan.micro_batch_size} seq ZeRO-{par.zero_stage} "
+                      f"schedule={par.schedule}")
         title.add_row("[bold]step[/]", f"{pred.step_time_s:.3f} s, {pred.tokens_per_s:,.0f} tokens/s, "
                       f"MFU {pred.mfu:.1%} causal (6N+6LhS) / {pred.mfu_noncausal:.1%} non-causal (6N+12LhS)")
     if plan.feasible:
@@ -257,7 +259,7 @@ def report_markdown(plan: Plan) -> str:
         lines += [f"**No layout fits.** Closest miss: {smallest_shortfall(plan)}", ""]
     if plan.feasible:
         lines += [f"## Layout", "", f"dp={par.dp}, tp={par.tp}{_overlap(par)}, sp={par.sp} ({par.sp_kind}), pp={par.pp}, "
-                  f"microbatches={par.num_microbatches}, ZeRO-{par.zero_stage}, stages {list(par.stages)}; "
+                  f"microbatches={par.num_microbatches} of {plan.micro_batch_size} sequences, ZeRO-{par.zero_stage}, stages {list(par.stages)}; "
                   f"loss chunk {plan.tiling.loss_chunk_tokens} tokens, MLP tile {plan.tiling.mlp_chunk_tokens} tokens, "
                   f"rebuild tile {plan.tiling.rebuild_tile_tokens} tokens, schedule {par.schedule}", "",
                   f"Model states: {model_states_text(plan)}.", "",

@@ -26,8 +26,9 @@ class PlanRequest:
     """Training dtype of parameters and activations: 'fp32' or 'bf16'."""
     seq_len: int
     """Tokens per sequence."""
-    micro_batch_size: int = 1
-    """Sequences per microbatch per data-parallel rank."""
+    micro_batch_size: int | None = 1
+    """Sequences per microbatch per data-parallel rank (None: auto, the planner tries the
+    sizes `planner.grid.micro_batch_sizes` offers per layout and keeps the fastest)."""
     global_batch_size: int = 1
     """Sequences per optimizer step, whole job."""
     dp: int | None = None
@@ -46,7 +47,7 @@ class PlanRequest:
     """ZeRO stage 0-3 (None: auto)."""
     tp_overlap_chunks: int | None = None
     """Token blocks the tensor-parallel collectives are pipelined with the GEMMs over (1:
-    blocking; None: auto, `planner.collectives.TP_OVERLAP_CHOICES`)."""
+    blocking; None: auto, `planner.tp_collectives.TP_OVERLAP_CHOICES`)."""
     activation_offload: str = "auto"
     """'auto', 'none' (never swap), 'cpu' or 'nvme' (only that tier)."""
     recompute: str = "auto"
@@ -79,6 +80,9 @@ class PlanRequest:
             raise ValueError(f"dtype: must be one of {tuple(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.seq_len <= 0:
             raise ValueError(f"seq_len: must be positive, got {self.seq_len}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size: must be >= 1 or None (auto), got "
+                             f"{self.micro_batch_size}")
         if self.activation_offload not in OFFLOAD_CHOICES:
             raise ValueError(f"activation_offload: must be one of {OFFLOAD_CHOICES}")
         if self.recompute not in RECOMPUTE_CHOICES:

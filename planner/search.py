@@ -24,6 +24,7 @@ import time
 from planner.candidates import enumerate_candidates, gib, memory_rejection, profiled_stages
 from planner.analytic import noncausal_flops_ratio
 from planner.collectives import param_gather_overlap
+from planner.grid import micro_batch_sizes, sized_request
 from planner.costmodel import Candidate, CostParams, stage_layer_ranges, throughput
 from planner.layout import plan_memory_layout
 from planner.mip import NoSolution, StageProblem, StageSolution, solve_stage
@@ -51,12 +52,14 @@ SEARCH_SAFETY_S = 60.0
 
 
 def search(request: PlanRequest, *, profile=None, params: CostParams | None = None,
-           gap_rel: float = 5e-3, corrections: dict[str, float] | None = None
-           ) -> tuple[Outcome | None, list[dict], dict]:
+           gap_rel: float = 5e-3, corrections: dict[str, float] | None = None,
+           skip_by_layer_time: bool = True) -> tuple[Outcome | None, list[dict], dict]:
     """Run the outer search; (best outcome or None, rejected, summary of the solves).
 
     A `profile` supplies measured bytes per token, and layer times when it was taken on the
     target's device type; otherwise both come from the analytic model.
+    `skip_by_layer_time=False` builds every candidate's stages (the same plan, slower:
+    `_rank`).
     """
     measured_bytes = dict(profile.bytes_per_token) if profile is not None else None
     params = params or CostParams()
@@ -64,29 +67,13 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
     usable = hw.device_memory_bytes * (1 - params.fragmentation) - (
         0 if hw.device_name.lower() == "cpu" else params.reserved_bytes)
     candidates, rejected, notes = enumerate_candidates(request)
-    ranked = []
-    for cand in candidates:
-        states = _unchunked_states_bytes(request, cand)
-        if states > usable:      # ZeRO 0-2 states never leave the device: no stage fits
-            rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": states - usable,
-                             "reason": f"model states alone need {gib(states)} per rank > "
-                                       f"{gib(usable)} usable of {gib(hw.device_memory_bytes)} "
-                                       f"(lightest stage, ZeRO-{cand.zero_stage} keeps them on the device)"})
-            continue
-        setups, tiling = profiled_stages(request, cand, params, profile, measured_bytes)
-        why = memory_rejection(setups, hw.device_memory_bytes, usable)
-        if why:
-            rejected.append({"candidate": cand.to_dict(), "reason": why[0], "shortfall_bytes": why[1]})
-            continue
-        factor = min(1.0, *part_factors(corrections, layout_key(cand)).values())
-        ranked.append((factor * _lower_bound(cand, setups), cand, tuple(setups), tiling))
-    ranked.sort(key=lambda item: item[0])
+    ranked, upper = _rank(request, candidates, params, profile, measured_bytes, usable,
+                          corrections, rejected, skip_by_layer_time=skip_by_layer_time)
     best: Outcome | None = None
     cache: dict[StageProblem, StageSolution | NoSolution] = {}
     bounds: dict[StageProblem, float] = {}
     summary = {"solves": 0, "relaxations": 0, "backend": "none", "statuses": [], "gaps": [],
                "notes": notes, "limits": []}
-    upper = _quick_upper_bound(ranked, corrections)
     start = time.perf_counter()
     # best-first: (bound, enumeration order, LP-tightened?) ; a cheap bound is tightened by
     # the stage LP relaxations before the layout's MIPs are solved
@@ -174,6 +161,67 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
     return best, rejected, summary
 
 
+def _rank(request: PlanRequest, candidates: list[Candidate], params: CostParams, profile,
+          measured_bytes, usable: float, corrections, rejected: list, *,
+          skip_by_layer_time: bool = True) -> tuple[list, float]:
+    """(candidates with their stages, sorted by step-time lower bound then enumeration
+    order; the best quick feasible step time among them, inf when none).
+
+    Building a candidate's stages is most of a search's time, and most candidates are then
+    pruned. Shallow pipelines are built first (few stages, and they give a feasible time
+    early); a later candidate whose layers alone (`_layer_time_floor`, with the layer time
+    of a candidate built with the same tp, sp and micro-batch size: layer times depend on
+    nothing else) already exceed that time is pruned unbuilt. Its full lower bound could
+    only be larger, so the search would have pruned it anyway: the plan is the same (its
+    reason says "layer-time lower bound", a looser one than the step-time bounds)."""
+    hw = request.hardware
+    layer_s: dict[tuple, float] = {}
+    upper, built = math.inf, []
+    order = sorted(range(len(candidates)), key=lambda i: (candidates[i].pp * candidates[i].virtual, i))
+    for index in order:
+        cand = candidates[index]
+        states = _unchunked_states_bytes(request, cand)
+        if states > usable:      # ZeRO 0-2 states never leave the device: no stage fits
+            rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": states - usable,
+                             "reason": f"model states alone need {gib(states)} per rank > "
+                                       f"{gib(usable)} usable of {gib(hw.device_memory_bytes)} "
+                                       f"(lightest stage, ZeRO-{cand.zero_stage} keeps them on the device)"})
+            continue
+        factor = min(1.0, *part_factors(corrections, layout_key(cand)).values())
+        key = (cand.tp, cand.sp, cand.sp_kind, cand.micro_batch_size)
+        if skip_by_layer_time and key in layer_s:
+            floor = factor * _layer_time_floor(request.model.num_layers, cand, layer_s[key])
+            if floor > upper * (1 + 1e-9):
+                rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": None,
+                                 "reason": f"pruned: layer-time lower bound {floor:.4g} s >= "
+                                           f"a feasible plan's {upper:.4g} s"})
+                continue
+        setups, tiling = profiled_stages(sized_request(request, cand), cand, params, profile,
+                                         measured_bytes)
+        layers = [lc for s in setups for lc in s.problem.layers]
+        if layers:
+            layer_s[key] = min(layer_s.get(key, math.inf),
+                               min(lc.forward_s + lc.backward_s for lc in layers))
+        why = memory_rejection(setups, hw.device_memory_bytes, usable)
+        if why:
+            rejected.append({"candidate": cand.to_dict(), "reason": why[0], "shortfall_bytes": why[1]})
+            continue
+        entry = (factor * _lower_bound(cand, setups), cand, tuple(setups), tiling)
+        built.append((entry, index))
+        if entry[0] < upper:
+            upper = min(upper, _quick_upper_bound([entry], corrections))
+    built.sort(key=lambda item: (item[0][0], item[1]))
+    return [entry for entry, _ in built], upper
+
+
+def _layer_time_floor(num_layers: int, cand: Candidate, layer_s: float) -> float:
+    """A lower bound of `_lower_bound` from one layer's forward + backward seconds: the
+    busiest stage's layers over every microbatch slot (no head, no communication)."""
+    slots = cand.num_microbatches + (cand.pp - 1) / cand.virtual
+    busiest = max(end - start for start, end in stage_layer_ranges(num_layers, cand.pp))
+    return slots * busiest * layer_s
+
+
 def stage_ranges(num_layers: int, cand: Candidate) -> tuple[tuple[int, int], ...]:
     """Layer ranges of the plan's stages: one per rank (1F1B), or pp x v model chunks
     (interleaved: chunk c runs on rank c mod pp)."""
@@ -224,7 +272,9 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
     hw, shape = request.hardware, request.model
     ordered = sorted(rejected, key=lambda r: (r["shortfall_bytes"] is None, r["shortfall_bytes"] or 0.0))
     common = dict(model=shape.to_dict(), dtype=request.dtype, seq_len=request.seq_len,
-                  micro_batch_size=request.micro_batch_size, global_batch_size=request.global_batch_size,
+                  micro_batch_size=best.cand.micro_batch_size if best is not None
+                  else request.micro_batch_size or 1,
+                  global_batch_size=request.global_batch_size,
                   grad_clip=request.grad_clip,
                   rejected=tuple(ordered))
     profile_dict = profile.to_dict() if profile is not None else {"source": "analytic"}
@@ -295,7 +345,8 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
         solver=SolverInfo(backend=summary["backend"], status=_status_text(summary["statuses"]),
                           objective=best.step.total, solve_time_s=time.perf_counter() - start,
                           gap=max(gaps) if len(gaps) == len(summary["gaps"]) else 1.0),
-        notes=tuple(summary["notes"].get(cand, ())) + (_attention_note(request),
+        notes=tuple(summary["notes"].get(cand, ())) + _micro_batch_note(request, cand) + (
+            _attention_note(request),
             f"{summary['solves']} stage MIPs and {summary['relaxations']} LP relaxations solved; "
             f"worst device use {gib(worst.device_bytes)}",))
 
@@ -304,6 +355,16 @@ def _tp_overlap_chunks(best) -> int:
     """The token blocks the chosen layout's layer times assume for tensor parallelism."""
     layers = [lc for setup in best.setups for lc in setup.problem.layers]
     return layers[0].tp_overlap_chunks if layers else 1
+
+
+def _micro_batch_note(request: PlanRequest, cand: Candidate) -> tuple[str, ...]:
+    """Says the micro-batch size was the planner's choice (train.micro_batch_size: auto)."""
+    if request.micro_batch_size is not None:
+        return ()
+    return (f"micro-batch size {cand.micro_batch_size} chosen by the planner (auto; tried "
+            f"{', '.join(map(str, micro_batch_sizes(request, cand.dp)))} sequences per "
+            f"microbatch per rank at dp {cand.dp}): {cand.num_microbatches} microbatches per "
+            f"step",)
 
 
 def _attention_note(request: PlanRequest) -> str:

@@ -91,10 +91,12 @@ def compose_step(cand: Candidate, setups: tuple[StageSetup, ...], evaluations: l
 
 
 def _better(new: Outcome, old: Outcome, rel_tol: float = 1e-3) -> bool:
-    """Faster wins; within `rel_tol` (the MIP gap's scale) the simpler layout wins."""
+    """Faster wins; within `rel_tol` (the MIP gap's scale) the simpler layout wins, then the
+    smaller micro-batch size (less activation memory for the same time)."""
     if abs(new.step.total - old.step.total) > rel_tol * old.step.total:
         return new.step.total < old.step.total
-    simplicity = lambda o: (o.cand.zero_stage, o.cand.pp, o.cand.virtual, o.cand.tp, o.cand.sp)  # noqa: E731
+    simplicity = lambda o: (o.cand.zero_stage, o.cand.pp, o.cand.virtual, o.cand.tp, o.cand.sp,  # noqa: E731
+                            o.cand.micro_batch_size)
     return simplicity(new) < simplicity(old)
 
 

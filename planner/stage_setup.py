@@ -61,10 +61,11 @@ def rebuild_tiles(tokens: int) -> list[int]:
 
 
 def _fastest_loss_tile(tilings: list[tuple], build) -> tuple[list[StageSetup], tuple[int, int, int]]:
-    """`build(tiling)` for the untiled loss (`tilings[0]`) when its quick policies
-    (`planner.heuristic`) give a shorter step, head and loss included (a tiled loss recomputes
-    its logits in backward; the whole sequence's logits leave less room for kept
-    activations), else for the tiled one (`tilings[1]`)."""
+    """`build(tiling)` for the tiling (untiled loss first, then larger tiles before smaller)
+    whose quick policies (`planner.heuristic`) give the shortest step, head and loss included
+    (each tile pays a fixed cost and, under tensor parallelism, its all-reduces: fewer, larger
+    tiles are faster; larger tiles' logits leave less room for kept activations). A tie goes
+    to the earlier tiling; when none fits, the last (the leanest)."""
     def seconds(setups) -> float:
         bounds = [quick_stage_bound(s.problem) for s in setups]
         if any(b is None for b in bounds):
@@ -72,8 +73,13 @@ def _fastest_loss_tile(tilings: list[tuple], build) -> tuple[list[StageSetup], t
         return max(b.objective_s + s.problem.slots * s.head_compute_s
                    for b, s in zip(bounds, setups))
 
-    whole, tiled = build(tilings[0]), build(tilings[1])
-    return whole if seconds(whole[0]) < seconds(tiled[0]) * (1 - 1e-9) else tiled
+    best, best_s = None, float("inf")
+    for tiling in tilings:
+        built = build(tiling)
+        time_s = seconds(built[0])
+        if time_s < best_s * (1 - 1e-9):
+            best, best_s = built, time_s
+    return best if best is not None else built   # none fits: the leanest (smallest tile)
 
 
 def _with_rebuild(setup: "StageSetup", tile: int, tokens: int) -> "StageSetup":

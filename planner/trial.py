@@ -122,7 +122,8 @@ def _cand_key(cand: dict) -> str:
 
 def _alternatives(plan: Plan) -> list[tuple[int, float, dict]]:
     """The free search's other layouts: (0, time, candidate) for solved ones, (1, lower
-    bound, candidate) for pruned or unsolved ones; memory rejections are left out."""
+    bound, candidate) for pruned or unsolved ones, (2, looser bound, candidate) for those
+    pruned before their stages were built; memory rejections are left out."""
     out = []
     for entry in plan.rejected:
         reason = entry.get("reason", "")
@@ -130,7 +131,9 @@ def _alternatives(plan: Plan) -> list[tuple[int, float, dict]]:
             out.append((0, float(reason.split()[2]), entry["candidate"]))
         elif reason.startswith("pruned: step-time lower bound "):
             out.append((1, float(reason.split()[4]), entry["candidate"]))
-        elif reason.startswith("not solved: search budget"):
+        elif reason.startswith("pruned: layer-time lower bound "):  # looser: ranked after
+            out.append((2, float(reason.split()[4]), entry["candidate"]))
+        elif reason.startswith("not solved: "):  # the search's work budget or safety cap
             out.append((1, float(re.search(r"lower bound ([0-9.e+-]+) s", reason).group(1)),
                         entry["candidate"]))
     return sorted(out, key=lambda t: t[:2])

@@ -46,9 +46,9 @@ def _request(device_mib: float = 10, **fixed) -> PlanRequest:
 
 @pytest.fixture(scope="module")
 def offload_plan() -> Plan:
-    """Tiny model, 2 CPU ranks of 9.25 MiB: ZeRO-3, both layer chunks on the CPU and neither
+    """Tiny model, 2 CPU ranks of 9 MiB: ZeRO-3, both layer chunks on the CPU and neither
     layer keeping all its activations (swapped to the CPU or recomputed)."""
-    plan = plan_job(_request(9.25, dp=2, zero_stage=3), params=TWO_POOLS, with_layout=False)
+    plan = plan_job(_request(9.0, dp=2, zero_stage=3), params=TWO_POOLS, with_layout=False)
     assert plan.feasible and plan.parallel.zero_stage == 3 and plan.model_states.cpu_chunks == (0, 1)
     return plan
 

@@ -8,7 +8,8 @@ import dataclasses
 
 import pytest
 
-from planner.collectives import tp_comm_seconds, tp_gemm_groups, zero_microbatch_seconds
+from planner.collectives import zero_microbatch_seconds
+from planner.tp_collectives import tp_comm_seconds, tp_gemm_groups
 from planner.contention import tp_contention_seconds, zero_contention_seconds
 from planner.costmodel import Candidate, CostParams, layer_cost
 from planner.efficiency import (MEMORY_EFFICIENCY, NCCL_CTAS, device_family,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner.collectives import (TP_BULK, TP_COLLECTIVES, collective_seconds,
-                                 tp_backward_gemms, tp_gemm_groups, tp_pipeline_exposed)
+from planner.collectives import collective_seconds, tp_pipeline_exposed
+from planner.tp_collectives import TP_BULK, TP_COLLECTIVES, tp_backward_gemms, tp_gemm_groups
 from planner.costmodel import (Candidate, CostParams, bubble_fraction, inflight_microbatches,
                                layer_cost, tp_comm_seconds)
 from planner.analytic import layer_flops_per_token

@@ -158,3 +158,13 @@ def test_interleaved_schedule_is_planned_with_its_chunks():
     assert plan.parallel.schedule == "interleaved-1f1b" and len(plan.parallel.stages) == 4
     assert plan.prediction.time_breakdown["bubble"] < one_f_one_b.prediction.time_breakdown["bubble"]
     assert len(plan.activations) == 84
+
+
+def test_only_unpublished_micro_batch_sizes_are_left_to_the_planner():
+    """Megatron-LM's README table gives no micro-batch size: auto, in both rows; torchtitan's
+    configs give their local batch sizes: fixed as published."""
+    for path in sorted(published.SPECS.glob("*.yaml")):
+        size = load_job(path).plan_request().micro_batch_size
+        layout = published.PUBLISHED[path.stem]["layout"] or {}
+        assert "micro_batch_size" not in layout
+        assert (size is None) == path.stem.startswith("megatron-"), (path.stem, size)

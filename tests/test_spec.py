@@ -57,7 +57,9 @@ def test_plan_request_maps_auto_to_none():
                                          "memory": {"recompute": "token"}}))
     req = job.plan_request()
     assert req.dp == 1 and req.sp is None and req.pp is None and req.recompute == "token"
-    assert req.seq_len == 64 and req.global_batch_size == 4
+    assert req.seq_len == 64 and req.global_batch_size == 4 and req.micro_batch_size == 2
+    auto = job_from_dict(merge(TINY_JOB, {"train": {"micro_batch_size": "auto"}}))
+    assert auto.plan_request().micro_batch_size is None
 
 
 BAD = [
@@ -82,6 +84,12 @@ BAD = [
      "parallel.overlap_param_gather: Input should be a valid boolean, got 'yes'"),
     ({"train": {"global_batch_size": 5}},
      "train.global_batch_size: must be a multiple of micro_batch_size x dp (2 x 1), got 5"),
+    ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size: must be >= 1 or auto, got 0"),
+    ({"train": {"micro_batch_size": "big"}}, "train.micro_batch_size: Input should be"),
+    ({"train": {"micro_batch_size": "auto", "global_batch_size": 5}}, None),  # 5 x 1 per rank
+    ({"train": {"micro_batch_size": "auto", "global_batch_size": 5}, "parallel": {"dp": 2},
+      "cluster": {"devices_per_node": 2}, "launch": {"launcher": "torchrun"}},
+     "train.global_batch_size: must be a multiple of parallel.dp (2), got 5"),
     ({"train": {"seq_len": 4096}}, "train.seq_len: exceeds model.max_seq_len (1024)"),
     ({"train": {"min_lr": 1.0}}, "train.min_lr: must be <= train.lr"),
     ({"train": {"adam_betas": [0.9, 1.0]}}, "train.adam_betas: each must be in [0, 1)"),
@@ -153,6 +161,9 @@ def test_cli_check_exit_codes(write_spec):
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: train.seq_len:"), bad.stderr
     assert "Traceback" not in bad.stderr
+    bad = run_cli("check", write_spec({"train": {"micro_batch_size": -1}}))
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: train.micro_batch_size: must be >= 1 or auto, got -1"), bad.stderr
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)

@@ -17,7 +17,7 @@ from disttrain.parallel.tensor import apply_tensor_parallel, gather_full_paramet
 from disttrain.spec import tensor_parallel_error
 from disttrain.tiling import apply_mlp_tiling
 from lm_batches import random_batch
-from planner.collectives import tp_step_bytes
+from planner.tp_collectives import tp_step_bytes
 from planner.grid import tp_problem
 from planner.shapes import MODEL_PRESETS, ModelShape
 

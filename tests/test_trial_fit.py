@@ -186,3 +186,24 @@ def test_save_refits_over_every_stored_trial(tmp_path):
     assert stored.factors(ULYSSES)["exposed_communication"] == pytest.approx(
         only_first.factors(ULYSSES)["exposed_communication"], rel=0.1)
     assert stored.factors(PP)["bubble"] < 1.0
+
+
+def test_trial_alternatives_include_layouts_the_work_budget_left_unsolved(monkeypatch):
+    """`--trial` ranks every layout the search did not rule out by memory: one left unsolved
+    when the stage-MIP budget ran out comes back with its lower bound (the search's wording
+    is parsed, not assumed)."""
+    import planner.search as search
+    from planner.hardware import CLUSTER_PRESETS
+    from planner.request import PlanRequest
+    from planner.shapes import MODEL_PRESETS
+    from planner.trial import _alternatives
+
+    monkeypatch.setattr(search, "MAX_STAGE_MIPS", 1)
+    request = PlanRequest(model=MODEL_PRESETS["llama3-8b"], hardware=CLUSTER_PRESETS["8xh100-80g"],
+                          seq_len=8192, micro_batch_size=1, global_batch_size=64)
+    plan = search.plan_job(request, with_layout=False)
+    unsolved = [r for r in plan.rejected if r["reason"].startswith("not solved: ")]
+    assert unsolved
+    listed = [cand for _, _, cand in _alternatives(plan)]
+    for entry in unsolved:
+        assert entry["candidate"] in listed

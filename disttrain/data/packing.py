@@ -141,9 +141,11 @@ def split_documents(num_documents: int, valid_fraction: float, seed: int
     return np.sort(order[num_valid:]), np.sort(order[:num_valid])
 
 
-def build_document_batches(job, *, progress: bool = True
+def build_document_batches(job, *, progress: bool = True, micro_batch_size: int | None = None
                            ) -> tuple[DocumentBatches, DocumentBatches | None]:
-    """(training batches, validation batches or None) of a `data.kind: documents` job."""
+    """(training batches, validation batches or None) of a `data.kind: documents` job, in
+    microbatches of `micro_batch_size` rows (a run passes its plan's; None: the spec's, 1
+    under auto; rows never depend on it)."""
     from disttrain.data.documents import document_tokenizer_dir, tokenize_documents
     from disttrain.spec import _resolve
 
@@ -154,7 +156,9 @@ def build_document_batches(job, *, progress: bool = True
         cache_dir=_resolve(data.cache_dir, job.base_dir) if data.cache_dir else None,
         vocab_size=job.shape.vocab_size, progress=progress)
     train_ids, valid_ids = split_documents(docs.num_documents, data.valid_fraction, tr.seed)
-    common = dict(seq_len=tr.seq_len, micro_batch_size=tr.micro_batch_size,
+    if micro_batch_size is None:
+        micro_batch_size = 1 if tr.micro_batch_size == "auto" else tr.micro_batch_size
+    common = dict(seq_len=tr.seq_len, micro_batch_size=micro_batch_size,
                   global_batch_size=tr.global_batch_size, seed=tr.seed,
                   pad_to_multiple_of=data.pad_to_multiple_of)
     train = DocumentBatches(docs, doc_indices=train_ids, **common)

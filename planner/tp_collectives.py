@@ -1,0 +1,114 @@
+"""Tensor-parallel collectives of one decoder layer: which the runtime runs per direction
+(`TP_PIPELINES`), how many bytes they send in a step, and the seconds they leave exposed beside
+the GEMMs they are pipelined (or bulk-overlapped) with. The collective primitives (seconds,
+bandwidth, latency) are `planner.collectives`'."""
+
+from __future__ import annotations
+
+from planner.collectives import (call_latency, collective_bw, overlaps_compute,
+                                  tp_pipeline_exposed)
+from planner.costtypes import CostParams
+from planner.hardware import HardwareSpec
+from planner.shapes import DTYPE_BYTES, ModelShape
+
+
+TP_PIPELINES = {
+    "forward": (("attention_in", {"all_gather": 1}, 1), ("attention_out", {"reduce_scatter": 1}, 1),
+                ("mlp_in", {"all_gather": 1}, 1), ("mlp_out", {"reduce_scatter": 1}, 1)),
+    "backward": (("attention_out", {"all_gather": 1}, 1),
+                 ("attention_in", {"all_gather": 1, "reduce_scatter": 1}, 2),
+                 ("mlp_out", {"all_gather": 1}, 1),
+                 ("mlp_in", {"all_gather": 1, "reduce_scatter": 1}, 2))}
+"""One decoder layer's hidden-wide tensor-parallel collectives as the runtime
+(disttrain/parallel/tensor.py) runs them, by direction: (GEMM group, collectives, GEMM
+multiple). Forward: the feature-sharded input all-gathered before the column-parallel GEMMs
+(q/k/v: `attention_in`; the MLP's input projections: `mlp_in`), the row-parallel outputs (o,
+the MLP's output projection) reduce-scattered after theirs. Backward: the output gradient
+gathered beside the row-parallel input-gradient GEMMs (the weight gradient follows whole);
+the saved input shard gathered again and the input gradient reduce-scattered around the
+column-parallel ones (2x the forward GEMMs). With `tp_overlap_chunks` K > 1 each entry is
+one pipeline over K token blocks (`tp_pipeline_exposed`) or a bulk pair (`TP_BULK`)."""
+
+TP_COLLECTIVES = {direction: {kind: sum(kinds.get(kind, 0) for _, kinds, _ in pipes)
+                              for kind in ("all_gather", "reduce_scatter")}
+                  for direction, pipes in TP_PIPELINES.items()}
+"""Per layer and direction, how many hidden-wide collectives of each kind (`TP_PIPELINES`):
+forward 2 all-gathers + 2 reduce-scatters, backward 4 + 2."""
+
+TP_BULK = frozenset({("backward", "attention_in"), ("backward", "mlp_in")})
+"""`TP_PIPELINES` entries overlapped in bulk when K > 1 (`_column_backward_bulk`, Transformer
+Engine's "bulk" qkv/fc1 dgrad + wgrad): the input's gather (one call) beside the whole input-
+gradient GEMM, its reduce-scatter (one call) beside the whole weight-gradient GEMM, in order
+on one stream: a, r seconds beside g each expose max(0, a - g) + max(0, r - g)."""
+
+TP_OVERLAP_CHOICES = (1, 2, 4, 8)
+"""Token blocks the planner considers for `parallel.tp_overlap_chunks` (1: blocking)."""
+
+
+def tp_backward_gemms(split_s: list[float], whole_s: list[float]) -> list[float]:
+    """Backward (input + weight gradient) GEMM seconds of each projection from its forward's
+    per token block (`split_s`) and whole (`whole_s`): row-parallel (o, the MLP's output) input
+    gradient per block, weight gradient whole; column-parallel both whole (`TP_BULK`)."""
+    last = len(split_s) - 1
+    return [split_s[i] + whole_s[i] if i in (3, last) else 2 * whole_s[i]
+            for i in range(len(split_s))]
+
+
+def tp_gemm_groups(gemms_s: list[float]) -> dict[str, float]:
+    """Forward GEMM seconds of `planner.efficiency.layer_gemms`' projections (attention's q,
+    k, v, o first, then the MLP's, its output projection last) by `TP_PIPELINES` group."""
+    return {"attention_in": sum(gemms_s[:3]), "attention_out": gemms_s[3],
+            "mlp_in": sum(gemms_s[4:-1]), "mlp_out": gemms_s[-1]}
+
+
+def tp_comm_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int, tp: int,
+                    params: CostParams, direction: str = "forward", *, chunks: int = 1,
+                    gemm_s: dict[str, float] | None = None,
+                    whole_gemm_s: dict[str, float] | None = None) -> float:
+    """Exposed seconds of one layer's tensor-parallel collectives in one `direction`
+    ('forward' or 'backward'; `TP_PIPELINES`) over the intra-node TP group: tokens x hidden
+    in the training dtype each, one call per token block (`chunks`). Where collectives
+    overlap compute (GPUs: NCCL runs them on its own stream) and the runtime pipelines them
+    (`chunks` > 1), each pipeline exposes `tp_pipeline_exposed` of its collectives against its
+    GEMMs (`gemm_s`: forward GEMM seconds per group, `tp_gemm_groups`), and a `TP_BULK` entry
+    (one call per collective) what each collective needs beyond one whole GEMM of its group
+    (`whole_gemm_s`, default `gemm_s`); else all of them."""
+    if tp <= 1:
+        return 0.0
+    sent = tokens * shape.hidden_size * DTYPE_BYTES[dtype] * (tp - 1) / tp
+    latency = call_latency(hw, params.gpu_collective_latency_s)
+    overlap = chunks > 1 and gemm_s is not None and overlaps_compute(hw)
+    total = 0.0
+    for group, kinds, multiple in TP_PIPELINES[direction]:
+        bulk = chunks > 1 and (direction, group) in TP_BULK
+        calls = 1 if bulk else chunks
+        each = [count * (sent / collective_bw(hw, tp, params, kind) + calls * latency)
+                for kind, count in kinds.items()]
+        if not overlap:
+            total += sum(each)
+        elif bulk:
+            total += sum(max(0.0, c - (whole_gemm_s or gemm_s)[group]) for c in each)
+        else:
+            total += tp_pipeline_exposed(sum(each), multiple * gemm_s[group], chunks)
+    return total
+
+
+def tp_step_bytes(shape: ModelShape, dtype: str, tokens: int, tp: int, *,
+                  recomputed_mlp: bool = False, recomputed_layer_tokens: float = 0) -> int:
+    """Bytes one rank's tensor-parallel collectives send in one forward + backward of `tokens`
+    tokens (the runtime's count, docs/design.md "Tensor parallelism"): per layer the
+    `TP_COLLECTIVES` (+2 when a tiled MLP reruns its forward in the backward), the embedding 2
+    and the head 3 hidden-wide collectives in the training dtype; one fp32 all-reduce per token
+    for each RMSNorm forward and backward (2 per layer + the final norm) and 3 for the loss.
+    A token-wise recompute reruns a layer's forward collectives (4 hidden-wide, 2 norm
+    all-reduces) for the tokens it rebuilds: `recomputed_layer_tokens` is their sum over layers."""
+    if tp <= 1:
+        return 0
+    per_layer = sum(sum(kinds.values()) for kinds in TP_COLLECTIVES.values())
+    units = (per_layer + 2 * recomputed_mlp) * shape.num_layers + 5
+    unit = tokens * shape.hidden_size * DTYPE_BYTES[dtype] * (tp - 1) // tp
+    norms = 2 * (2 * shape.num_layers + 1)
+    forward_units = sum(TP_COLLECTIVES["forward"].values())
+    rerun = recomputed_layer_tokens * (forward_units * shape.hidden_size * DTYPE_BYTES[dtype]
+                                       + 2 * 2 * 4) * (tp - 1) / tp
+    return units * unit + (norms + 3) * 2 * tokens * 4 * (tp - 1) // tp + int(rerun)

@@ -19,7 +19,7 @@ ones lends them its window and keeps its prefetch out of their working set;
 tests/test_stage_mip_tight.py), so no ordering constraint is imposed. Instead the window
 constraints count a layer's window only where it may swap, one tier at a time, and the working
 set has one binary per kind of rebuild: all exact for integer solutions, and they bring the
-relaxation within ~0.1% of the MIP on the published specs (from 1-5% with selective layers).
+relaxation within 0.05-0.3% of the MIP on the published specs (it was 1-5% below with selective layers).
 The MIP starts from the relaxation rounded layer by layer (`planner.mip_start`).
 """
 

@@ -7,6 +7,11 @@ GPU per step, and what op-level selective checkpointing (torchtitan's policy,
 (`LayerCost.selective_recompute_s`). Rows whose published run used it plan it with the
 published layout (bench/published.py fixes `recompute="selective"`), so their "recompute"
 column is that price; "selective layers" says how many layers of the plan run it.
+"full-AC price" is what a whole-layer recompute would cost per step on that layout (every
+layer's forward rerun, attention core included: DeepSpeed's and torchtitan's "full"
+activation checkpointing, a policy disttrain never runs), and "pred/pub full AC" the ratio
+the plan would have if it paid that instead of its own recompute: the published systems'
+policy, priced, for the rows that ran it.
 
     .venv/bin/python bench/cost_breakdown.py [--only NAME ...] [--micro-batch-size N]
 
@@ -61,7 +66,8 @@ def kernel_split(request, plan) -> dict[str, float]:
                     micro_batch_size=plan.micro_batch_size, params=CostParams(),
                     tp_overlap_chunks=par.tp_overlap_chunks)
     return dict(gemm=gemm * layers, attention=attn * layers, elementwise=ew * layers,
-                gemm_eff=gemm_eff, tokens=tokens, op_sac=lc.selective_recompute_s * layers)
+                gemm_eff=gemm_eff, tokens=tokens, op_sac=lc.selective_recompute_s * layers,
+                full_ac=lc.forward_s * layers)
 
 
 def main(argv=None) -> int:
@@ -75,8 +81,8 @@ def main(argv=None) -> int:
     cols = ("compute", "recompute", "exposed_communication", "exposed_transfer", "bubble", "optimizer")
     print("| spec | kind | layout | step s | " + " | ".join(cols)
           + " | gemm | attention | elementwise | gemm eff | op-SAC price | selective layers"
-          " | pred/pub |")
-    print("|---" * (len(cols) + 11) + "|")
+          " | pred/pub | full-AC price | pred/pub full AC |")
+    print("|---" * (len(cols) + 13) + "|")
     for path in sorted(published.SPECS.glob("*.yaml")):
         if args.only and path.stem not in args.only:
             continue
@@ -96,12 +102,16 @@ def main(argv=None) -> int:
             tb = plan.prediction.time_breakdown
             split = kernel_split(req, plan)
             ratio = f"{row['tok'] / pub['tok_s']:.2f}" if pub["tok_s"] else ""
+            step = plan.prediction.step_time_s
+            full = step - tb.get("recompute", 0) + split.get("full_ac", 0)
+            ratio_full = f"{row['tok'] / pub['tok_s'] * step / full:.2f}" if pub["tok_s"] and split else ""
             print(f"| {path.stem} | {kind} | {row['layout']} | {plan.prediction.step_time_s:.3f} | "
                   + " | ".join(f"{tb.get(c, 0):.3f}" for c in cols)
                   + f" | {split.get('gemm', 0):.3f} | {split.get('attention', 0):.3f} | "
                   f"{split.get('elementwise', 0):.3f} | {split.get('gemm_eff', 0):.2f} | "
                   f"{split.get('op_sac', 0):.3f} | "
-                  f"{sum(a.selective for a in plan.activations)}/{len(plan.activations)} | {ratio} |",
+                  f"{sum(a.selective for a in plan.activations)}/{len(plan.activations)} | {ratio} | "
+                  f"{split.get('full_ac', 0):.3f} | {ratio_full} |",
                   flush=True)
     return 0
 

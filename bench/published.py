@@ -97,32 +97,8 @@ PUBLISHED = {
 MISSING = {
     "dsulysses-gpt7b-256k-32xa100-40g": "DeepSpeed-Ulysses checkpoints activations and so recomputes "
     "the attention forward; disttrain never does (a whole-layer recompute, attention core included, "
-    "prices the fixed layout at 1.24x; bench/cost_breakdown.py). The published figure is read off "
+    "prices the fixed layout at 1.24x: bench/cost_breakdown.py, "pred/pub full AC"). The published figure is read off "
     "a chart, and USP on the same GPU class (A800, 208K) sits at 1.04x with the same attention curve",
-    "megatron-32b-384xh100": "TP collectives overlap the GEMMs (parallel.tp_overlap_chunks, K=4 "
-    "here; the column-parallel backward in bulk, as Transformer Engine does) and the "
-    "post-update parameter all-gather the next forward (parallel.overlap_param_gather, as the "
-    "published run); what remains is ZeRO-1's fp32 gradient reduce-scatter over dp48, one GPU "
-    "per node: 15.4 GB per GPU over its 50 GB/s NIC x 0.8 = 0.39 s beside one microbatch's "
-    "backward, as Megatron-LM f2e5db4 overlaps it (last microbatch only; fp32: --bf16 sets "
-    "accumulate_allreduce_grads_in_fp32). The README does not give the micro-batch size (the "
-    "spec leaves it to the planner): at 1 sequence per microbatch the reduce-scatter + gather "
-    "need 0.46 s even at line rate, leaving 0.143 s per microbatch, 72% of peak "
-    "(docs/design.md, GPU cost model)",
-    "megatron-70b-768xh100": "the free choice, dp96 x tp8 with ZeRO-2 and one microbatch of 4 "
-    "sequences (no pipeline bubble; ZeRO-2 shards the fp32 gradients that Megatron-LM's "
-    "distributed optimizer, ZeRO-1, keeps whole: with ZeRO-1 the same layout plans slower), "
-    "is not a layout anyone published at this scale; the published layout plans inside the band",
-    "tt-llama2-70b-64xa100": "torchtitan runs FSDP64 with full activation checkpointing; the free "
-    "plan avoids most recompute with tp2 x sp2, a layout not published for this job",
-    "tt-llama3-8b-64xa100": "torchtitan ran selective op checkpointing; the published-layout row "
-    "fixes it (activations.selective, every layer); the free choice keeps every activation, "
-    "which fits, and is faster by the recompute torchtitan pays",
-    "tt-llama3-8b-64xa100-fixed-dp": "as tt-llama3-8b-64xa100",
-    "tt-llama31-8b-128xh100": "torchtitan ran selective op checkpointing (every element-wise op and "
-    "every second matmul recomputed); the published-layout row runs it (activations.selective), "
-    "the free choice keeps everything (it fits) and is faster by that recompute (12% of the "
-    "fixed step). The 500 W cap is modelled (tensor clock 0.894)",
 }
 """What we believe each row outside the band misses (printed under the targets)."""
 

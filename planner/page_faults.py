@@ -90,6 +90,14 @@ def _padded(numel: float, group: int) -> int:
     return -(-round(numel) // group) * group
 
 
+def _gloo_reduce_scatter(numel: int, group: int, elem_bytes: int) -> list[int]:
+    """Blocks gloo allocates inside a reduce-scatter of `numel` elements over `group` ranks.
+    Measured (fresh pages per call under the 1 MiB thresholds, 4 MiB fp32 input, 2 and 4
+    ranks): a reduce-scatter maps the input's size plus the output's, an all-gather its
+    output's (a flat buffer it then copies out), an all-reduce 1/group of its tensor."""
+    return [numel * elem_bytes, numel // group * elem_bytes]
+
+
 def zero_microbatch_mapped_bytes(chunks: dict[str, list[float]], *, zero_stage: int, group: int,
                                  compute_bytes: int, reduce_bytes: int,
                                  threshold: int = MMAP_THRESHOLD_BYTES) -> float:
@@ -98,7 +106,8 @@ def zero_microbatch_mapped_bytes(chunks: dict[str, list[float]], *, zero_stage: 
     chunk's gradient (`ZeroModelStates._reduce_chunk`: a zeroed flat buffer in the reduce
     dtype, its shard when the group has 2+ ranks, an fp32 copy of a 16-bit result); stage 3
     gathering each chunk's compute-dtype buffer (`_gather`): the decoder layers' in the
-    forward and again in the backward, the embedding's and the tail's once."""
+    forward and again in the backward, the embedding's and the tail's once. With 2+ ranks,
+    the collectives' own buffers too (gloo: `_gloo_reduce_scatter`)."""
     sizes = [n * compute_bytes for n in chunks["embedding"]]
     shard = 1 if zero_stage == 0 else group
     for name in ("embedding", "layers", "tail"):
@@ -107,11 +116,12 @@ def zero_microbatch_mapped_bytes(chunks: dict[str, list[float]], *, zero_stage: 
             if zero_stage >= 2:
                 sizes.append(n * reduce_bytes)
                 if group > 1:
-                    sizes.append(n // group * reduce_bytes)
+                    sizes += [n // group * reduce_bytes] + _gloo_reduce_scatter(n, group, reduce_bytes)
                 if reduce_bytes != 4:
                     sizes.append((n // group if group > 1 else n) * 4)
             if zero_stage == 3:
-                sizes += [n * compute_bytes] * (2 if name == "layers" else 1)
+                gather = [n * compute_bytes] * (2 if group > 1 else 1)   # + gloo's flat output
+                sizes += gather * (2 if name == "layers" else 1)
     return _blocks(sizes, threshold)
 
 
@@ -123,7 +133,7 @@ def step_mapped_bytes(chunks: dict[str, list[float]], *, zero_stage: int, group:
     shard); the gradient norm (`clip_grad_norm`: the shard cast to fp64 and squared, 8 B per
     element each); AdamW (`adamw_`: the second moment's square root and its division by the
     bias correction, 4 B each); stages 0-2 in a 16-bit compute dtype, the master cast for the
-    re-gather."""
+    re-gather; with 2+ ranks the collectives' own buffers (gloo: `_gloo_reduce_scatter`)."""
     shard = 1 if zero_stage == 0 else group
     sizes = []
     for numel in (n for name in ("embedding", "layers", "tail") for n in chunks[name]):
@@ -131,10 +141,13 @@ def step_mapped_bytes(chunks: dict[str, list[float]], *, zero_stage: int, group:
         local = n // shard
         if zero_stage <= 1 and group > 1:
             sizes += [n * reduce_bytes] if reduce_bytes != 4 else []
-            sizes += [local * reduce_bytes] if zero_stage == 1 else []
+            sizes += ([local * reduce_bytes] + _gloo_reduce_scatter(n, group, reduce_bytes)
+                      if zero_stage == 1 else [n // group * reduce_bytes])   # gloo's all-reduce
         sizes += [local * 8, local * 8, local * 4, local * 4]
         if zero_stage <= 2 and compute_bytes != 4:
             sizes.append(local * compute_bytes)
+        if zero_stage in (1, 2) and group > 1:
+            sizes.append(n * compute_bytes)          # the re-gather: gloo's flat output
     return _blocks(sizes, threshold)
 
 

@@ -23,7 +23,7 @@ from planner.grid import divisors, enumerate_candidates, tp_problem  # noqa: F40
 from planner.loss_tiles import head_mapped_bytes, loss_tile_options, stage_head_seconds
 from planner.mip import StageProblem
 from planner.outer import build_outer_chunks
-from planner.page_faults import HEADROOM, microbatch_mapped_bytes
+from planner.page_faults import HEADROOM, microbatch_mapped_bytes, state_mapped_bytes
 from planner.request import PlanRequest
 from planner.shapes import DTYPE_BYTES
 from planner.stage_setup import (  # noqa: F401  (re-exported: callers import them from here)
@@ -297,12 +297,19 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             faults.get("layer", ()), faults.get("head", ()), tokens=tokens / tp, layers=count,
             with_head=last and tiled_head is None, loss_chunk_tokens=loss_chunk)
             + (tiled_head or 0.0)) if faults else 0.0)
+        # ... and so do the model states: ZeRO's buffers per microbatch, the optimizer per step
+        states_mb, states_step = state_mapped_bytes(
+            shape, layers=count, first=stage == 0, last=last, tp=tp, zero_stage=cand.zero_stage,
+            group=group, compute_bytes=b, reduce_bytes=DTYPE_BYTES[request.grad_reduce_dtype]
+        ) if faults else (0.0, 0.0)
+        fault_s += timing.page_fault_s_per_byte * states_mb if faults else 0.0
         setups.append(StageSetup(
             problem=problem, layer_range=(start, end), head_compute_s=(head_fwd + head_bwd if last else 0.0) + grad_s,
             comm_microbatch_s=comm_mb, comm_step_s=comm_step, fixed_optimizer_s=fixed_states_opt,
             fixed_bytes=dict(fixed_states, buffers=buffers, working_set=working, loss=head),
             chunk_states=model_state_bytes(num_chunks * layer_params, dtype, cand.zero_stage, group),
             min_device_bytes=0.0, leanest_activation_bytes=0.0, page_fault_microbatch_s=fault_s,
+            page_fault_step_s=timing.page_fault_s_per_byte * states_step if faults else 0.0,
             memory_bound_above_bytes=(HEADROOM - params.fragmentation) * hw.device_memory_bytes))
     rebuild = _choose_rebuild_tile(setups, tokens, usable, fixed_rebuild, by_time=one_pool)
     return [_with_rebuild(s, rebuild, tokens) for s in setups], (loss_chunk, mlp_chunk, rebuild)

@@ -309,7 +309,7 @@ def step_time(*, microbatch_compute_s: float, microbatch_recompute_s: float,
               microbatch_exposed_transfer_s: float, microbatch_comm_s: float,
               step_comm_s: float, step_optimizer_s: float, pp: int,
               num_microbatches: int, virtual: int = 1,
-              microbatch_page_fault_s: float = 0.0) -> StepTime:
+              microbatch_page_fault_s: float = 0.0, step_page_fault_s: float = 0.0) -> StepTime:
     """Compose one stage's per-microbatch times into a 1F1B step with its bubble ((p - 1)
     microbatch slots; (p - 1)/v with v interleaved chunks per rank)."""
     per_mb = (microbatch_compute_s + microbatch_recompute_s + microbatch_exposed_transfer_s
@@ -319,7 +319,7 @@ def step_time(*, microbatch_compute_s: float, microbatch_recompute_s: float,
                     exposed_transfer=m * microbatch_exposed_transfer_s,
                     exposed_communication=m * microbatch_comm_s + step_comm_s,
                     bubble=(pp - 1) / virtual * per_mb, optimizer=step_optimizer_s,
-                    page_faults=m * microbatch_page_fault_s)
+                    page_faults=m * microbatch_page_fault_s + step_page_fault_s)
 
 
 def device_optimizer_s(num_params_on_device: float, dtype: str, params: CostParams) -> float:

@@ -62,3 +62,101 @@ def memory_bound(*, any_layer_not_kept: bool, any_chunk_off_device: bool, peak_b
     """The runtime's rule (`offload.host_memory.memory_bound`) from the planner's numbers."""
     return (any_layer_not_kept or any_chunk_off_device
             or (capacity_bytes > 0 and peak_bytes > headroom * capacity_bytes))
+
+
+def stage_state_chunks(shape, *, layers: int, first: bool, last: bool, tp: int = 1,
+                       zero_stage: int = 0) -> dict[str, list[float]]:
+    """Elements of a stage's model-state chunks as the runtime packs them
+    (`disttrain.parallel.chunks.pack_chunks`, a chunk per layer): the token embedding (and
+    learned positions) on the first stage, one per decoder layer, on the last stage the final
+    norm and the head (one chunk under stages 0-2, whose packing is by execution unit; two
+    under ZeRO-3's layer-sized chunks). tp splits the vocabulary and the layers."""
+    vocab = shape.vocab_size * shape.hidden_size / tp
+    positions = shape.input_embedding_params() - shape.vocab_size * shape.hidden_size
+    head = vocab if (not shape.tie_embeddings or not first) else 0.0
+    norm = shape.embedding_params() - shape.input_embedding_params() - (
+        0 if shape.tie_embeddings else shape.vocab_size * shape.hidden_size)
+    tail = ([norm, head] if zero_stage == 3 else [norm + head]) if last else []
+    return {"embedding": ([vocab] + ([positions] if positions else [])) if first else [],
+            "layers": [shape.layer_params() / tp] * layers,
+            "tail": [n for n in tail if n]}
+
+
+def _blocks(sizes, threshold: int) -> float:
+    return sum(s for s in (round(x) for x in sizes) if s >= threshold)
+
+
+def _padded(numel: float, group: int) -> int:
+    return -(-round(numel) // group) * group
+
+
+def _gloo_reduce_scatter(numel: int, group: int, elem_bytes: int) -> list[int]:
+    """Blocks gloo allocates inside a reduce-scatter of `numel` elements over `group` ranks.
+    Measured (fresh pages per call under the 1 MiB thresholds, 4 MiB fp32 input, 2 and 4
+    ranks): a reduce-scatter maps the input's size plus the output's, an all-gather its
+    output's (a flat buffer it then copies out), an all-reduce 1/group of its tensor."""
+    return [numel * elem_bytes, numel // group * elem_bytes]
+
+
+def zero_microbatch_mapped_bytes(chunks: dict[str, list[float]], *, zero_stage: int, group: int,
+                                 compute_bytes: int, reduce_bytes: int,
+                                 threshold: int = MMAP_THRESHOLD_BYTES) -> float:
+    """Bytes one microbatch maps fresh outside the profiled layers and head: the embeddings'
+    weight gradients (autograd, in the compute dtype); stages 2-3 reducing each
+    chunk's gradient (`ZeroModelStates._reduce_chunk`: a zeroed flat buffer in the reduce
+    dtype, its shard when the group has 2+ ranks, an fp32 copy of a 16-bit result); stage 3
+    gathering each chunk's compute-dtype buffer (`_gather`): the decoder layers' in the
+    forward and again in the backward, the embedding's and the tail's once. With 2+ ranks,
+    the collectives' own buffers too (gloo: `_gloo_reduce_scatter`)."""
+    sizes = [n * compute_bytes for n in chunks["embedding"]]
+    shard = 1 if zero_stage == 0 else group
+    for name in ("embedding", "layers", "tail"):
+        for numel in chunks[name]:
+            n = _padded(numel, shard)
+            if zero_stage >= 2:
+                sizes.append(n * reduce_bytes)
+                if group > 1:
+                    sizes += [n // group * reduce_bytes] + _gloo_reduce_scatter(n, group, reduce_bytes)
+                if reduce_bytes != 4:
+                    sizes.append((n // group if group > 1 else n) * 4)
+            if zero_stage == 3:
+                gather = [n * compute_bytes] * (2 if group > 1 else 1)   # + gloo's flat output
+                sizes += gather * (2 if name == "layers" else 1)
+    return _blocks(sizes, threshold)
+
+
+def step_mapped_bytes(chunks: dict[str, list[float]], *, zero_stage: int, group: int,
+                      compute_bytes: int, reduce_bytes: int,
+                      threshold: int = MMAP_THRESHOLD_BYTES) -> float:
+    """Bytes the step maps fresh once after its microbatches, per chunk shard: stages 0-1
+    reducing the full gradient (`grad_reduce.py`: a 16-bit copy to send, stage 1's received
+    shard); the gradient norm (`clip_grad_norm`: the shard cast to fp64 and squared, 8 B per
+    element each); AdamW (`adamw_`: the second moment's square root and its division by the
+    bias correction, 4 B each); stages 0-2 in a 16-bit compute dtype, the master cast for the
+    re-gather; with 2+ ranks the collectives' own buffers (gloo: `_gloo_reduce_scatter`)."""
+    shard = 1 if zero_stage == 0 else group
+    sizes = []
+    for numel in (n for name in ("embedding", "layers", "tail") for n in chunks[name]):
+        n = _padded(numel, shard)
+        local = n // shard
+        if zero_stage <= 1 and group > 1:
+            sizes += [n * reduce_bytes] if reduce_bytes != 4 else []
+            sizes += ([local * reduce_bytes] + _gloo_reduce_scatter(n, group, reduce_bytes)
+                      if zero_stage == 1 else [n // group * reduce_bytes])   # gloo's all-reduce
+        sizes += [local * 8, local * 8, local * 4, local * 4]
+        if zero_stage <= 2 and compute_bytes != 4:
+            sizes.append(local * compute_bytes)
+        if zero_stage in (1, 2) and group > 1:
+            sizes.append(n * compute_bytes)          # the re-gather: gloo's flat output
+    return _blocks(sizes, threshold)
+
+
+def state_mapped_bytes(shape, *, layers: int, first: bool, last: bool, tp: int, zero_stage: int,
+                       group: int, compute_bytes: int, reduce_bytes: int) -> tuple[float, float]:
+    """(per microbatch, per step) bytes a stage's model states map fresh under a memory-bound
+    plan (`zero_microbatch_mapped_bytes`, `step_mapped_bytes`)."""
+    chunks = stage_state_chunks(shape, layers=layers, first=first, last=last, tp=tp,
+                                zero_stage=zero_stage)
+    kw = dict(zero_stage=zero_stage, group=group, compute_bytes=compute_bytes,
+              reduce_bytes=reduce_bytes)
+    return zero_microbatch_mapped_bytes(chunks, **kw), step_mapped_bytes(chunks, **kw)

@@ -55,25 +55,26 @@ class Outcome:
     worst_memory_stage: int
 
 
-def _page_fault_s(setup: StageSetup, ev: StageEvaluation) -> float:
-    """One microbatch's freshly mapped pages when the stage's policy makes the plan
-    memory-bound on a CPU node (`planner.page_faults`: some layer not kept whole, some chunk
-    off the device, or the peak above the runtime's headroom), else 0."""
-    if not setup.page_fault_microbatch_s:
+def _page_fault_s(setup: StageSetup, ev: StageEvaluation, per_step: bool = False) -> float:
+    """One microbatch's (`per_step`: the step's once) freshly mapped pages when the stage's
+    policy makes the plan memory-bound on a CPU node (`planner.page_faults`: some layer not
+    kept whole, some chunk off the device, or the peak above the runtime's headroom), else 0."""
+    seconds = setup.page_fault_step_s if per_step else setup.page_fault_microbatch_s
+    if not seconds:
         return 0.0
     layers = setup.problem.layers
     not_kept = any(r < lc.plain_bytes * (1 - 1e-9) for r, lc in zip(ev.resident_bytes_per_layer, layers))
     bound = memory_bound(any_layer_not_kept=not_kept, any_chunk_off_device=ev.host_bytes > 0,
                          peak_bytes=ev.device_bytes, capacity_bytes=setup.memory_bound_above_bytes,
                          headroom=1.0)
-    return setup.page_fault_microbatch_s if bound else 0.0
+    return seconds if bound else 0.0
 
 
 def _stage_total(setup: StageSetup, ev: StageEvaluation) -> float:
     slots = setup.problem.slots
     return (ev.objective_s + slots * (setup.head_compute_s + setup.comm_microbatch_s
                                       + _page_fault_s(setup, ev))
-            + setup.comm_step_s + setup.fixed_optimizer_s)
+            + setup.comm_step_s + setup.fixed_optimizer_s + _page_fault_s(setup, ev, per_step=True))
 
 
 def compose_step(cand: Candidate, setups: tuple[StageSetup, ...], evaluations: list[StageEvaluation]) -> StepTime:
@@ -87,7 +88,8 @@ def compose_step(cand: Candidate, setups: tuple[StageSetup, ...], evaluations: l
                      microbatch_comm_s=setup.comm_microbatch_s, step_comm_s=setup.comm_step_s,
                      step_optimizer_s=ev.optimizer_s + setup.fixed_optimizer_s, pp=cand.pp,
                      num_microbatches=cand.num_microbatches, virtual=cand.virtual,
-                     microbatch_page_fault_s=_page_fault_s(setup, ev))
+                     microbatch_page_fault_s=_page_fault_s(setup, ev),
+                     step_page_fault_s=_page_fault_s(setup, ev, per_step=True))
 
 
 def _better(new: Outcome, old: Outcome, rel_tol: float = 1e-3) -> bool:

@@ -40,6 +40,8 @@ class StageSetup:
     page_fault_microbatch_s: float = 0.0
     """CPU nodes: seconds of one microbatch's freshly mapped pages when the plan is
     memory-bound (`planner.page_faults`; 0: not priced)."""
+    page_fault_step_s: float = 0.0
+    """The same, once per step (the optimizer's fresh blocks: `planner.page_faults`)."""
     memory_bound_above_bytes: float = float("inf")
     """Device bytes (as `StageEvaluation.device_bytes`) above which the runtime treats the
     plan as memory-bound even when every layer is kept."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from planner.page_faults import (HEADROOM, MMAP_THRESHOLD_BYTES, bytes_in_mapped_blocks,
-                                 memory_bound, microbatch_mapped_bytes)
+                                 memory_bound, microbatch_mapped_bytes, state_mapped_bytes)
 from planner.profile_memory import (fit_allocations, measure_page_fault_s_per_byte,
                                     record_allocations)
 
@@ -113,8 +113,71 @@ def test_memory_bound_policies_pay_page_faults(one_pool):
     kept = compose_step(cand, (setup,), [evaluate_stage(setup.problem, keep, 0)])
     bound = compose_step(cand, (setup,), [evaluate_stage(setup.problem, lean, 0)])
     assert kept.page_faults == 0
-    expected = 2 * 1e-9 * (layers * 2 * MiB + 4 * MiB) if one_pool else 0.0
+    mb_states, step_states = state_mapped_bytes(
+        req.model, layers=layers, first=True, last=True, tp=1, zero_stage=0, group=2,
+        compute_bytes=4, reduce_bytes=4)
+    assert step_states > 0        # the clip's fp64 copies of the embedding / head
+    expected = (1e-9 * (2 * (layers * 2 * MiB + 4 * MiB + mb_states) + step_states)
+                if one_pool else 0.0)
     assert bound.page_faults == pytest.approx(expected)
     assert bound.total - bound.page_faults == pytest.approx(
         bound.compute + bound.recompute + bound.exposed_transfer + bound.exposed_communication
         + bound.bubble + bound.optimizer)
+
+
+@pytest.mark.parametrize("stage,dtype", [(1, torch.bfloat16), (2, torch.float32),
+                                         (3, torch.bfloat16)])
+def test_model_state_blocks_match_the_runtime(stage, dtype, monkeypatch):
+    """The planner's count of the model states' fresh blocks equals what the runtime's ZeRO
+    code allocates (storages new from ops, and stage 3's gather buffers, a storage resize),
+    in one process: per microbatch beyond the model's own forward + backward, per step in
+    finish_backward + clip + update. At 7 tokens and a 128 KiB threshold the activations
+    (logits: 112 KiB) stay below it and the state blocks fall on both sides of it (a layer
+    chunk's AdamW temporaries: 168 KiB; its bf16 gather: 84 KiB)."""
+    from disttrain.model import build_model
+    from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
+    from planner.page_faults import stage_state_chunks, step_mapped_bytes, zero_microbatch_mapped_bytes
+    from planner.shapes import ModelShape
+
+    shape = ModelShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       ffn_hidden_size=160, vocab_size=4096)
+    threshold = 128 << 10
+    resized: list[int] = []
+    original = torch.UntypedStorage.resize_
+
+    def resize(storage, size):
+        if size > storage.nbytes():
+            resized.append(size)
+        return original(storage, size)
+
+    monkeypatch.setattr(torch.UntypedStorage, "resize_", resize)
+    ids = torch.randint(0, shape.vocab_size, (1, 7))
+
+    def microbatch(model):
+        logits = model(ids)
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten()).backward()
+
+    def big(sizes):
+        return sorted(s for s in sizes if s >= threshold)
+
+    plain = build_model(shape).to(dtype)
+    own = big(record_allocations(lambda: microbatch(plain)))   # the model's: its two weight grads
+    assert own == [shape.vocab_size * shape.hidden_size * dtype.itemsize] * 2
+    model = build_model(shape)
+    chunk_numel = shape.layer_params() if stage == 3 else 0      # as runtime_setup packs them
+    states = ZeroModelStates(model, ZeroConfig(stage=stage, chunk_numel=chunk_numel,
+                                               compute_dtype=dtype, reduce_dtype=dtype))
+    for _ in range(2):                                          # the second step is measured
+        states.begin_step(1e-3, num_microbatches=1, grad_clip=1.0)
+        resized.clear()
+        mb = big(record_allocations(lambda: microbatch(model)) + resized)
+        resized.clear()
+        step = big(record_allocations(states.finish_backward)
+                   + record_allocations(lambda: states.clip_grad_norm(1.0))
+                   + record_allocations(lambda: states.step(1e-3)) + resized)
+    chunks = stage_state_chunks(shape, layers=2, first=True, last=True, zero_stage=stage)
+    kw = dict(zero_stage=stage, group=1, compute_bytes=dtype.itemsize,
+              reduce_bytes=dtype.itemsize, threshold=threshold)
+    head_grad = own[-1]                                         # the profiled head's
+    assert sum(mb) - head_grad == zero_microbatch_mapped_bytes(chunks, **kw) > 0
+    assert sum(step) == step_mapped_bytes(chunks, **kw) > 0

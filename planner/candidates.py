@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from planner.analytic import SavedBytesPerToken, layer_saved_bytes_per_token, zero3_gather_bytes
 from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu_optimizer_s,
-                               device_optimizer_s, head_seconds, inflight_microbatches, layer_cost,
+                               device_optimizer_s, inflight_microbatches, layer_cost,
                                qkv_bytes_per_token,
                                local_tokens, tiled_layer_cost, working_base_bytes, logits_working_bytes,
                                model_state_bytes, optimizer_bytes_per_param, overlaps_compute, stage_layer_ranges,

@@ -89,15 +89,17 @@ def _tok_s(name: str, flops_per_s: float, flops_per_token, **kwargs) -> int:
 # the publishing system's own FLOP count (functions above): Megatron-LM's README table with
 # `megatron_lm_flops_per_token` (no recompute counted); DeepSpeed-Ulysses' chart with
 # Megatron-DeepSpeed's `throughput_calculator` of Aug 2023 (`megatron_deepspeed_flops_per_token`),
-# which counts the recomputed forward: the blog's runs checkpointed activations
-# (examples_deepspeed/sequence_parallel/ds_pretrain_gpt_*_seq_parallel_32k.sh at a2a476e1,
+# which counts the recomputed forward: the release's runs checkpoint activations (its
+# examples, not the 7B/256K script itself, which is not published:
+# examples_deepspeed/sequence_parallel/ds_pretrain_gpt_*_seq_parallel_32k.sh at a2a476e1,
 # "DeepSpeed Ulysses Release", 2023-08-23: activation_checkpoint="true" ->
 # --checkpoint-activations --deepspeed-activation-checkpointing; megatron/utils.py at
 # c08e2cc2, 2023-08-28: checkpoint_activations_factor = 4), so 174 TFLOP/s are 3/4 of that
 # in model FLOPs. USP: its 86% non-causal MFU (arXiv 2405.07719 v1 abstract; later versions
 # say 47%, which is the same throughput under the causal convention, 6N + 6LhS: 690 tok/s/GPU,
-# -2%, if that is the revision's convention; the paper body is not in our sources, so the row
-# keeps v1). None: the run is published as "trains" only, or its MFU convention is not
+# -2%, if that is the revision's convention; a Megatron-DeepSpeed factor-4 count, which its
+# patches/Megatron-DeepSpeed.patch's --recompute-activations would trigger, would make the
+# revision 36%, not 47%; the paper body is not in our sources, so the row keeps v1). None: the run is published as "trains" only, or its MFU convention is not
 # stated, so there is no throughput to band. `layout` fixes the published
 # parallel layout and activation recompute where published (full AC, or torchtitan's selective
 # op AC as `recompute="selective"`: its docs/performance.md names "selective op" for Llama 3 8B;

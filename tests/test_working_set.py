@@ -1,0 +1,81 @@
+"""The planner's backward working set (`planner.working_set`) against the runtime's: one
+decoder layer's backward, tensor parallel with sequence parallelism as the runtime runs it, on
+torch's fake process group (collectives are no-ops, every allocation is the runtime's), bytes
+live at any moment tracked per storage. The incoming gradient is made inside the measured
+region by autograd (as the next layer's backward hands it over); weight gradients are dropped
+once accumulated, as the model states do. Exact bytes: what the planner says is what the
+runtime's ops allocate (workspace private to a kernel is not visible to either)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from planner.shapes import ModelShape
+from planner.working_set import layer_backward_working_bytes
+from test_tp_linear_memory import _LiveBytes
+
+GQA = ModelShape(hidden_size=64, num_layers=1, num_heads=8, num_kv_heads=4, ffn_hidden_size=176,
+                 vocab_size=64, max_seq_len=512)
+GPT = GQA.replace(num_kv_heads=8, ffn_hidden_size=256, mlp="gelu", positions="learned")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def measured_peak(shape: ModelShape, tp: int, tokens: int, dtype: str, chunks: int = 1,
+                  mlp_chunk: int = 0) -> int:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from disttrain.model import build_model
+    from disttrain.parallel.tensor import apply_tensor_parallel
+    from disttrain.tiling import apply_mlp_tiling
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+    try:
+        model = build_model(shape, seed=0)
+        apply_tensor_parallel(model, dist.group.WORLD, overlap_chunks=chunks)
+        if mlp_chunk:
+            apply_mlp_tiling(model, mlp_chunk)
+        torch_dtype = DTYPES[dtype]
+        layer = model.layers[0].to(torch_dtype)
+        for p in layer.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        cos, sin = model.rope(torch.arange(tokens), torch_dtype)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, tokens, shape.hidden_size // tp, generator=gen).to(torch_dtype)
+        y = layer(x.requires_grad_(True), cos, sin)
+        loss = (y * torch.randn(y.shape, generator=gen).to(torch_dtype)).sum()
+        one = torch.ones((), dtype=loss.dtype)
+        with _LiveBytes() as live:
+            loss.backward(one)
+        return live.peak
+    finally:
+        dist.destroy_process_group()
+
+
+CASES = [(GQA, tp, dtype, chunks, 0) for tp in (1, 2, 4) for dtype in DTYPES
+         for chunks in ((1, 2) if tp > 1 else (1,))]
+CASES += [(GPT, tp, "bf16", 1, 0) for tp in (1, 2)]
+CASES += [(shape, tp, "fp32", 1, 32) for shape in (GQA, GPT) for tp in (1, 2)]   # tiled MLP
+
+
+@pytest.mark.parametrize("shape,tp,dtype,chunks,mlp_chunk", CASES)
+def test_planner_working_set_is_the_runtime_backward_peak(shape, tp, dtype, chunks, mlp_chunk):
+    tokens = 128
+    got = measured_peak(shape, tp, tokens, dtype, chunks, mlp_chunk)
+    want = layer_backward_working_bytes(shape, DTYPES[dtype].itemsize, tokens, tp, chunks,
+                                        mlp_chunk)
+    assert got == want, (got / tokens, want / tokens)
+
+
+def test_tensor_parallel_working_set_does_not_shrink_with_tp():
+    # the full-width (T, H) buffers of the TP linears' backward: at tp 8 a Llama-70B-shaped
+    # layer holds more per rank than 1/8 of its tp = 1 working set, and more than 4 T x H
+    from planner.shapes import MODEL_PRESETS
+
+    shape, tokens = MODEL_PRESETS["llama3-70b"], 4096
+    tp1 = layer_backward_working_bytes(shape, 2, tokens)
+    tp8 = layer_backward_working_bytes(shape, 2, tokens, tp=8)
+    assert tp8 > 4 * tokens * 2 * shape.hidden_size > tp1 / 8

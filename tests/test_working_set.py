@@ -82,3 +82,20 @@ def test_tensor_parallel_working_set_does_not_shrink_with_tp():
     tp1 = layer_backward_working_bytes(shape, 2, tokens)
     tp8 = layer_backward_working_bytes(shape, 2, tokens, tp=8)
     assert tp8 > 4 * tokens * 2 * shape.hidden_size > tp1 / 8
+
+
+@pytest.mark.parametrize("tp,chunks", [(2, 1), (4, 2), (8, None)])
+def test_planner_counts_the_tensor_parallel_working_set(tp, chunks):
+    # what the stage problems get (planner.candidates.build_stages): the runtime's phases for
+    # the candidate's local tokens and overlap chunks, not the tp = 1 estimate divided by tp
+    from planner.costmodel import Candidate, CostParams, layer_cost, working_base_bytes
+    from planner.hardware import CLUSTER_PRESETS
+    from planner.shapes import MODEL_PRESETS
+
+    shape, hw = MODEL_PRESETS["llama3-70b"], CLUSTER_PRESETS["8xh100-80g"]
+    cand = Candidate(dp=1, tp=tp, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=0)
+    lc = layer_cost(shape, "bf16", hw, cand, seq_len=8192, micro_batch_size=1,
+                    params=CostParams(), tp_overlap_chunks=chunks)
+    want = layer_backward_working_bytes(shape, 2, 8192, tp, lc.tp_overlap_chunks)
+    assert working_base_bytes(lc, shape, "bf16", 0, tp) == want
+    assert want > working_base_bytes(lc, shape, "bf16", 0) / tp

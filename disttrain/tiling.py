@@ -119,6 +119,7 @@ class _TiledFunction(torch.autograd.Function):
             grad_x[s:s + ctx.chunk] = parts[0]
             for acc, g in zip(grads, parts[1:]):
                 acc += g
+            del out, parts, g   # not held while the next tile is rebuilt (tests/test_working_set.py)
         return (grad_x, None, None, *grads)
 
 

@@ -195,7 +195,7 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             return _fastest_loss_tile(
                 [(t, mlp_chunk, None) for t in loss_tile_options(tokens, loss_chunk)],
                 lambda t: build_stages(request, cand, params, per_token, layer_override, t, timing))
-    working = working_base_bytes(lc, shape, dtype, mlp_chunk) / tp
+    working = working_base_bytes(lc, shape, dtype, mlp_chunk, tp)   # per rank: not all of it shrinks with tp
     lc = tiled_layer_cost(lc, shape, dtype, mlp_chunk, tp)
     head_fwd, head_bwd = stage_head_seconds(  # as the runtime tiles it (planner.loss_tiles)
         shape, dtype, hw, tokens=tokens, tp=tp, chunk=loss_chunk, params=params,

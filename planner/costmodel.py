@@ -34,6 +34,7 @@ from planner.efficiency import (DeviceFamily, MEMORY_EFFICIENCY, attention_effic
 from planner.hardware import HardwareSpec
 from planner.selective import recomputed_matmuls, selective_bytes_per_token
 from planner.shapes import DTYPE_BYTES, ModelShape
+from planner.working_set import layer_backward_working_bytes
 
 
 def qkv_bytes_per_token(shape: ModelShape, dtype: str, ulysses_sp: int = 1) -> float:
@@ -255,13 +256,22 @@ def tiled_layer_cost(lc: LayerCost, shape: ModelShape, dtype: str, mlp_chunk_tok
                    selective_bytes=0.0, selective_recompute_s=0.0)
 
 
-def working_base_bytes(lc: LayerCost, shape: ModelShape, dtype: str, mlp_chunk_tokens: int
-                       ) -> float:
-    """Transient bytes of any layer's backward whatever its policy: the activation gradients
-    (dx, dy, dq, dk, dv), the MLP's intermediate gradients and, when tiled, one tile's rebuilt
-    intermediates. What a non-kept layer rebuilds on top (its token-local tensors, swapped
-    input / attention output) and the next layer's prefetch depend on the policy: the stage
-    MIP adds them (`planner.mip`)."""
+def working_base_bytes(lc: LayerCost, shape: ModelShape, dtype: str, mlp_chunk_tokens: int,
+                       tp: int = 1) -> float:
+    """Transient bytes of any layer's backward on one rank whatever its policy. What a non-kept
+    layer rebuilds on top (its token-local tensors, swapped input / attention output) and the
+    next layer's prefetch depend on the policy: the stage MIP adds them (`planner.mip`).
+
+    tp > 1: as the runtime's plain backward holds them (`planner.working_set`, the largest of
+    the backward's phases): the TP linears' full-width gathers and input gradients do not
+    shrink with tp. tp = 1: the activation gradients (dx, dy, dq, dk, dv), the MLP's
+    intermediate gradients and, when tiled, one tile's rebuilt intermediates: below the plain
+    backward's peak in bf16 (its RMSNorm backward runs in fp32), while a layer under a
+    sequence-tiled rebuild runs those phases a tile at a time; one base for every policy
+    cannot be both (docs/design.md)."""
+    if tp > 1:
+        return layer_backward_working_bytes(shape, DTYPE_BYTES[dtype], lc.tokens, tp,
+                                            lc.tp_overlap_chunks, mlp_chunk_tokens)
     tiled = bool(mlp_chunk_tokens) and mlp_chunk_tokens < lc.tokens
     tile = mlp_chunk_tokens / lc.tokens if tiled else 1.0
     b = DTYPE_BYTES[dtype]

@@ -1,0 +1,72 @@
+"""The backward working set of one decoder layer as the runtime holds it, phase by phase.
+
+Bytes one rank allocates during a layer's backward on top of what the layer saved (the saved
+tensors are counted elsewhere and not credited when they are freed), the incoming gradient
+included: the largest over the backward's phases, each a number of bytes per token plus the
+weight gradients alive at that moment (in the compute dtype, before the model states
+accumulate them in fp32). Read off the runtime (`disttrain.model.llama`, and with tensor
+parallelism `disttrain.parallel.tp_linear` / `tp_comm` / `tensor`), in the order the backward
+runs; tests/test_working_set.py measures the runtime's peak on torch's fake process group
+and holds this to it.
+
+Legend (per token): H hidden, h = H/tp, A = heads x head_dim, a = A/tp, kv and k = kv/tp the
+key/value width, F the MLP width and f = F/tp, n its up projections (SwiGLU 2, GeLU 1); b the
+dtype's bytes, fp32 4.
+
+With tp > 1 the residual stream is sharded (h wide) but the linears' backward gathers to
+full width: a row-parallel backward (o, down) holds the all-gather's staging and the (T, H)
+gradient it fills (2H); a column-parallel backward (q/k/v, gate/up) holds the gathered input,
+the summed input gradient, the reduce-scatter's rank-major copy of it and, with sibling
+weights, the last sibling's term (3H + 1H), one more H while the bulk-overlap path
+(`tp_overlap_chunks` > 1) rearranges its gathered input. None of these divide by tp.
+"""
+
+from __future__ import annotations
+
+FP32 = 4
+
+
+def layer_backward_working_bytes(shape, b: int, tokens: int, tp: int = 1, overlap_chunks: int = 1,
+                                 mlp_chunk_tokens: int = 0) -> float:
+    """Peak transient bytes of one layer's backward on one rank (the module docstring), for
+    `tokens` local tokens in a dtype of `b` bytes. `mlp_chunk_tokens`: the MLP runs tiled
+    over tiles of that many tokens (`disttrain.tiling`), rebuilding a tile's intermediates."""
+    t = tokens
+    tiled = 0 < mlp_chunk_tokens < t
+    c = mlp_chunk_tokens if tiled else t
+    n = 2 if shape.mlp == "swiglu" else 1
+    H, A, kv, F = shape.hidden_size, shape.num_heads * shape.head_dim, shape.kv_dim, shape.ffn_hidden_size
+    h, a, k, f = H / tp, A / tp, kv / tp, F / tp
+    upcast = 1 if b != FP32 else 0          # the norms' .float() copy has a gradient of its own
+    saved = shape.mlp_saved_per_ffn         # a rebuilt tile's intermediates, F wide each
+    # MLP phases: (bytes per token / b, weight gradients / b, rebuilt tensors alive in a
+    # tiled MLP, whether the down projection's weight gradient is alive then in a tiled MLP)
+    if tp == 1:
+        mlp = [(H + (n + 1) * F, 0, saved - 1, 1), (2 * H + n * F, H * F, 0, 1)]
+        norm = b * H + (4 + upcast) * FP32 * H
+        attn = [(H + 3 * A + 2 * kv, 0), (4 * H + A, kv * H), (3 * H + A + kv, kv * H)]
+        if shape.rope:
+            attn += [(2 * H + A + 3 * kv, 0), (2 * H + 3 * A + kv, 0)]
+    else:
+        bulk = 1 if overlap_chunks > 1 else 0
+        sib = 1 if n > 1 else 0
+        mlp = [(h + 2 * H + f, 0, saved, 0), (h + H + f, H * f, saved, 0),
+               (h + (n + 1) * f, 0, saved - 1, 1),
+               (2 * h + n * f + (3 + sib) * H, n * H * f, 0, 1),
+               (2 * h + n * f + (3 + sib + bulk) * H, 0, 0, 1)]
+        norm = b * h + (3 + upcast) * FP32 * h + FP32
+        attn = [(h + 2 * H + a, 0), (h + H + a, H * a), (h + 3 * a + 2 * k, 0),
+                (2 * h + a + 2 * k + 4 * H, (a + 2 * k) * H),
+                (2 * h + a + 2 * k + (4 + bulk) * H, 0)]
+        if shape.rope:
+            attn.append((h + a + 4 * k, 0))
+    peaks = [b * (t * per + w) for per, w in attn] + [t * norm]
+    if not tiled:
+        return max(peaks + [b * (t * per + w) for per, w, _, _ in mlp])
+    # tiled MLP (`disttrain.tiling`): its incoming and input gradients (T, h) stay whole and
+    # its weight gradients are summed over the tiles; a tile rebuilds its intermediates and
+    # its output (c, h), then runs the phases above on c tokens, the down projection's weight
+    # gradient held (autograd.grad returns it) until the tile is done
+    whole = b * (t * 2 * h + (n + 1) * H * f)
+    return max(peaks + [whole + b * (c * (per - h + h + alive * f) + w + down * H * f)
+                        for per, w, alive, down in mlp])

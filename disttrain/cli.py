@@ -51,6 +51,10 @@ def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
         profile = profile_on_ray(job, args.address or job.spec.launch.ray_address)
     elif args.address is not None:
         raise SpecError("--address: only used with --launcher ray")
+    if args.trial < 0:
+        raise SpecError(f"--trial: must be >= 0 (plans to measure), got {args.trial}")
+    if args.trial_steps < 1:
+        raise SpecError(f"--trial-steps: must be >= 1, got {args.trial_steps}")
     out = Path(args.out) if args.out else job.output_dir / "plan"
     from planner.trial import corrections_path, layout_key, load_corrections
 
@@ -253,11 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ray: profile one layer on a Ray worker first, then plan with it")
     p.add_argument("--trial", type=int, default=0, metavar="K",
                    help="measure up to K plans a few steps each on this machine: the planner's "
-                        "choice and the best of each other layout family (K - max(1, K//3) at "
-                        "most), then, one at a time, the best layout by the corrections fitted "
-                        "so far until K or none is predicted faster than the best measured; the "
-                        "two fastest re-measured alternately when within the step-time spread; "
-                        "keep the fastest, store the corrections beside the profile")
+                        "choice and the best of each other layout family (K - K//3 at most); "
+                        "then, one at a time, the best layout by the corrections fitted so far, "
+                        "until K are measured or none is predicted faster than the best measured "
+                        "(within the trials' step-time spread); the two fastest re-measured "
+                        "alternately when within that spread; keep the fastest, store the "
+                        "corrections beside the profile")
     p.add_argument("--trial-steps", type=int, default=3, metavar="N",
                    help="timed steps per trial (after one warm-up step)")
     p.add_argument("--address", help="Ray cluster to profile on with --launcher ray (default: "

@@ -4,7 +4,9 @@ How the K trials are spent (`split_budget`, `run_trials`):
 
 1. **Family round**: the planner's choice, then the best layout of each other layout family
    (`planner.trial.top_plans`), measured. It gives every family measured factors. It takes
-   `K - max(1, K // 3)` trials at most (fewer when there are fewer families).
+   `K - K // 3` trials at most (fewer when there are fewer families): K = 1 measures the
+   planner's choice, K = 2 it and the best other family, K = 5 four families and keeps one
+   trial for the refinement.
 2. **Refinement**: the corrections fitted over the trials so far (`corrections_from`, merged
    with those stored by earlier runs as the next plan would load them) re-rank every candidate
    of the search; the best corrected candidate not yet measured is measured, the fit redone,
@@ -12,8 +14,8 @@ How the K trials are spent (`split_budget`, `run_trials`):
    predicted (corrected) faster than the best measured trial plus the trials' step-time
    spread (`step_spread`): the refinement stops early once the best layout is one already
    measured, beyond the noise. Layouts of one family differ by ZeRO stage or schedule, which
-   the family round's factors price but never checked: at least one refinement trial is
-   kept for them (`max(1, K // 3)`; K = 1 measures only the planner's choice).
+   the family round's factors price but never checked: a third of the budget (`K // 3`, and
+   whatever the families leave) is kept for them and for families ranked up by the fit.
 3. **Noise-aware choice**: when the two fastest measured trials are within the spread of the
    trials' own per-step times, they are measured again, alternately (A B B A: a linear drift
    of the machine's load weighs on both alike), `REMEASURE_ROUNDS` more runs each, and the
@@ -93,7 +95,7 @@ def split_budget(k: int, families: int) -> tuple[int, int]:
     families among the candidates."""
     if k <= 1:
         return max(k, 0), 0
-    family = max(1, min(families, k - max(1, k // 3)))
+    family = max(1, min(families, k - k // 3))
     return family, k - family
 
 
@@ -105,22 +107,23 @@ def families_of(first) -> int:
 
 
 def step_spread(trials: list[Trial]) -> float:
-    """Relative spread of two trials' medians from the trials' own per-step times: every
-    step's deviation from its trial's median, relative, pooled over the trials (`s`, a
-    standard deviation); the median of n steps varies by about s * sqrt(pi / 2n), the
-    difference of two medians by sqrt(2) times that; `SPREAD_Z` of those. 0 without repeated
-    steps."""
-    devs, sizes = [], []
+    """Relative spread of two trials' medians, from the trials' own per-step times: the
+    relative differences between two steps of one trial, pooled over the trials, give the
+    per-step noise (`s`: their median over sqrt(2) times the normal quartile, robust to a
+    stray slow step); the median of n steps varies by about s * sqrt(pi / 2n), the difference
+    of two medians by sqrt(2) times that; the spread is `SPREAD_Z` of those. 0 without two
+    steps in a trial."""
+    diffs, sizes = [], []
     for trial in trials:
         times = [t for t in trial.times if t > 0 and math.isfinite(t)]
         if len(times) < 2 or trial.failure:
             continue
         mid = statistics.median(times)
-        devs += [(t / mid - 1) ** 2 for t in times]
+        diffs += [abs(a - b) / mid for i, a in enumerate(times) for b in times[i + 1:]]
         sizes.append(len(times))
     if not sizes:
         return 0.0
-    s = math.sqrt(sum(devs) / (len(devs) - len(sizes)))  # one degree of freedom per median
+    s = statistics.median(diffs) / (math.sqrt(2) * statistics.NormalDist().inv_cdf(0.75))
     n = statistics.median(sizes)
     return SPREAD_Z * math.sqrt(2) * s * math.sqrt(math.pi / (2 * n))
 

@@ -103,7 +103,8 @@ def key(name: str) -> str:
 
 def test_budget_split_keeps_refinement_trials():
     assert split_budget(1, 5) == (1, 0)
-    assert split_budget(2, 5) == (1, 1)
+    assert split_budget(2, 5) == (2, 0)
+    assert split_budget(3, 5) == (2, 1)
     assert split_budget(5, 5) == (4, 1)
     assert split_budget(7, 5) == (5, 2)
     assert split_budget(9, 3) == (3, 6)              # fewer families: the rest refines
@@ -197,7 +198,7 @@ def test_noise_rule_remeasures_the_two_fastest_only_within_the_spread():
     truth = {n: sum(parts.values()) for n, (_, parts) in LAYOUTS.items()}
     truth["dp z3"] = truth["dp z0"] * 1.01           # within 10% jitter: re-measured
     machine = Machine(truth, jitter=0.10)
-    out = run_trials(Request(), 2, Planner(), machine)
+    out = run_trials(Request(), 3, Planner(), machine)   # dp z0, Ulysses, then dp z3
     a, b = (t.key for t in sorted(out.trials, key=lambda t: t.runs[0].step_s)[:2])
     assert set(out.remeasured) == {key("dp z0"), key("dp z3")}
     extra = machine.calls[len(out.trials):]
@@ -205,8 +206,8 @@ def test_noise_rule_remeasures_the_two_fastest_only_within_the_spread():
     assert all(len(t.runs) == 1 + REMEASURE_ROUNDS for t in out.trials if t.key in out.remeasured)
     assert out.chosen.step_s == min(t.step_s for t in out.trials)  # pooled medians decide
     truth["dp z3"] = truth["dp z0"] * 1.5             # far apart: not re-measured
-    machine = Machine(truth, jitter=0.10)
-    out = run_trials(Request(), 2, Planner(), machine)
+    machine = Machine(truth, jitter=0.01)
+    out = run_trials(Request(), 3, Planner(), machine)
     assert out.remeasured == [] and len(machine.calls) == len(out.trials)
 
 
@@ -238,3 +239,26 @@ def test_old_corrections_files_still_load_and_merge(tmp_path, data):
                            "last_trial"}
     again = load_corrections(path)
     assert dict(again) == dict(merged) and again.parts == pytest.approx(merged.parts)
+
+
+def test_spread_shrugs_off_a_stray_slow_step():
+    # a shared machine: one step of one trial stalls for 10x; the other trials' steps still
+    # say how noisy the machine is
+    rng = random.Random(1)
+    trials = [_trial("dp z0", [1 + rng.gauss(0, 0.03) for _ in range(3)]) for _ in range(5)]
+    calm = step_spread(trials)
+    trials[2].runs[0].times[1] *= 10
+    assert calm > 0 and step_spread(trials) < 1.5 * calm
+
+
+@pytest.mark.parametrize("argv, field", [(["--trial", "-1"], "--trial"),
+                                         (["--trial", "2", "--trial-steps", "0"], "--trial-steps")])
+def test_bad_trial_arguments_are_one_line_errors(argv, field, capsys, tmp_path):
+    from pathlib import Path
+
+    from disttrain.cli import EXIT_USER_ERROR, main
+
+    spec = Path(__file__).resolve().parents[1] / "examples" / "quickstart-2rank.yaml"
+    assert main(["plan", str(spec), "--out", str(tmp_path), *argv]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and field in err

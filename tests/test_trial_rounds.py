@@ -262,3 +262,30 @@ def test_bad_trial_arguments_are_one_line_errors(argv, field, capsys, tmp_path):
     assert main(["plan", str(spec), "--out", str(tmp_path), *argv]) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and field in err
+
+
+def test_the_bench_reads_the_sweep_and_joins_new_layouts_to_it():
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from fidelity_trials import SweepMeasure
+
+    runs = []
+
+    def run(plan, rounds):
+        runs.append((layout_key(plan.parallel), rounds))
+        return [2.0] * (2 * rounds)
+
+    dp = _plan(*LAYOUTS["dp z0"], None)
+    pooled = {key("dp z0"): [1.0, 1.2, 1.1, 0.9]}
+    measure = SweepMeasure(pooled, run, rounds=2)
+    first = measure(dp)                              # the sweep's measurement, nothing run
+    assert first.times == [1.0, 1.2, 1.1, 0.9] and runs == []
+    again = measure(dp)                              # a re-measurement: one fresh run, pooled
+    assert again.times == [2.0, 2.0] and runs == [(key("dp z0"), 1)]
+    assert pooled[key("dp z0")] == [1.0, 1.2, 1.1, 0.9, 2.0, 2.0] and first.times == pooled[key("dp z0")][:4]
+    new = measure(_plan(*LAYOUTS["pp"], None))       # a layout the sweep lacks: its rounds
+    assert runs[-1] == (key("pp"), 2) and len(new.times) == 4 and measure.added == [key("pp")]
+    assert key("pp") in pooled

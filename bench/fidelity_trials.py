@@ -147,7 +147,8 @@ def trial_text(choice: dict) -> str:
     noise = (f"\n- step-time spread of the trials (from their own per-step times, "
              f"`planner.trial_rounds.step_spread`): {choice.get('trial_spread', 0):.1%}; "
              + ("the two fastest within it, re-measured alternately (one more fresh run each "
-                "per round, pooled): " + "; ".join(
+                "per round, pooled; runs: the sweep's rounds pooled, then each re-measurement): "
+                + "; ".join(
                     f"{k} runs " + "/".join(f"{r:.3f}" for r in runs.get(k, []))
                     for k in choice["remeasured"])
                 if choice.get("remeasured") else "the two fastest apart by more, not re-measured")

@@ -5,9 +5,11 @@ ranks, the model of `bench/peers.py`) is planned with a CPU layer profile, then 
 few steps through `disttrain.engine`. Compared per configuration: saved activation bytes
 resident per microbatch (sum over layers), model-state bytes per rank, median step time,
 bytes sent by collectives per step. Then the planner's free choice against the fastest
-measured layout of a small sweep, and `disttrain plan --trial K` on the same job: its K plans
-(one per layout family first) measured, the fastest kept (target: within 5% of the sweep's
-fastest), and the corrections those trials store (a factor per step part, per layout family)
+measured layout of a small sweep, and `disttrain plan --trial K` on the same job as the
+command runs it (a family round, refinement on the corrected ranking, the two fastest
+re-measured when within the trials' step-time spread; the sweep's measurements stand in for
+the trial runs and the layouts it lacks join it), the fastest kept (target: within 5% of the
+sweep's fastest), and the corrections those trials store (a factor per step part, per layout family)
 applied part by part to every row's prediction (target: step time within 15% for every row
 after trials): `bench/fidelity_trials.py`.
 

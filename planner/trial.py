@@ -1,6 +1,7 @@
-"""`disttrain plan --trial K`, planner side: the K best layouts as plans (one per layout
-family first), measured step times turned into corrections, corrections applied to the next
-search.
+"""`disttrain plan --trial K`, planner side: layouts as plans (one per layout family first,
+`top_plans`), measured step times turned into corrections, corrections applied to the next
+search. How the K trials are spent (family round, refinement on the corrected ranking, the
+noise-aware choice): `planner/trial_rounds.py`.
 
 The runtime side (`disttrain/trial.py`) runs each plan for a few steps on the target. Its
 measured step times correct the cost model per *part* of the step (compute, recompute,

@@ -97,6 +97,7 @@ def trial_choice(outcome, times: dict, trial_k: int = TRIAL_K) -> dict:
             "trial_runs": {t.key: [r.step_s for r in t.runs] for t in trials},
             "trial_parts": {t.key: dict(t.plan.prediction.time_breakdown) for t in trials},
             "trial_spread": outcome.spread, "remeasured": outcome.remeasured,
+            "run_spread": outcome.run_spread,
             "refine_stopped": outcome.stopped,
             "trial_s": chosen.step_s, "trial_gap": chosen.step_s / min(times.values()) - 1,
             "parts": {k: round(v, 3) for k, v in corrections.parts.items()},
@@ -151,6 +152,8 @@ def trial_text(choice: dict) -> str:
                 + "; ".join(
                     f"{k} runs " + "/".join(f"{r:.3f}" for r in runs.get(k, []))
                     for k in choice["remeasured"])
+                + (f" (their run-to-run spread, relative sd of the runs: {choice['run_spread']:.1%})"
+                   if choice.get("run_spread") is not None else "")
                 if choice.get("remeasured") else "the two fastest apart by more, not re-measured")
              + f"\n- refinement: {choice.get('refine_stopped', '')}")
     return (f"\n\nWith `disttrain plan --trial {choice['trial_k']}` (family round: the planner's "

@@ -74,12 +74,15 @@ def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
                   f"{row['measured_s']:.3f} s ({row['error']:+.0%})", file=sys.stderr)
         done = outcome[0]
         refined = sum(t.round == "refine" for t in done.trials)
+        noise = ""
+        if done.remeasured:
+            noise = (f"; {' and '.join(done.remeasured)} within it, re-measured alternately: "
+                     + ", ".join(f"{t.key} runs " + "/".join(f"{r.step_s:.3f}" for r in t.runs)
+                                 for t in done.trials if t.key in done.remeasured))
+            if done.run_spread is not None:
+                noise += f" (run-to-run spread {done.run_spread:.1%})"
         print(f"trial: {len(done.trials) - refined} in the family round, {refined} refining "
-              f"({done.stopped}); step-time spread {done.spread:.1%}"
-              + (f"; {' and '.join(done.remeasured)} within it, re-measured alternately: "
-                 + ", ".join(f"{t.key} runs " + "/".join(f"{r.step_s:.3f}" for r in t.runs)
-                             for t in done.trials if t.key in done.remeasured)
-                 if done.remeasured else ""), file=sys.stderr)
+              f"({done.stopped}); step-time spread {done.spread:.1%}{noise}", file=sys.stderr)
         print(f"trial: chose {layout_key(plan.parallel)}; corrections in {corrections_file}",
               file=sys.stderr)
     paths = write_report(plan, out)

@@ -89,6 +89,19 @@ class TrialOutcome:
     remeasured: list[str]                    # the layouts re-measured by the noise rule
     stopped: str                             # why the refinement ended
 
+    @property
+    def run_spread(self) -> float | None:
+        """Run-to-run spread measured by the re-measurements: the relative standard deviation
+        of one layout's run medians, pooled over the re-measured layouts (None without)."""
+        devs, dof = 0.0, 0
+        for trial in self.trials:
+            runs = [r.step_s for r in trial.runs if math.isfinite(r.step_s) and r.step_s > 0]
+            if len(runs) >= 2:
+                mean = statistics.fmean(runs)
+                devs += sum((r / mean - 1) ** 2 for r in runs)
+                dof += len(runs) - 1
+        return math.sqrt(devs / dof) if dof else None
+
 
 def split_budget(k: int, families: int) -> tuple[int, int]:
     """(family-round trials, refinement trials) of a budget of `k` with `families` layout

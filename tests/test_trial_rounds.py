@@ -289,3 +289,12 @@ def test_the_bench_reads_the_sweep_and_joins_new_layouts_to_it():
     new = measure(_plan(*LAYOUTS["pp"], None))       # a layout the sweep lacks: its rounds
     assert runs[-1] == (key("pp"), 2) and len(new.times) == 4 and measure.added == [key("pp")]
     assert key("pp") in pooled
+
+
+def test_remeasured_runs_give_the_run_to_run_spread():
+    truth = {n: sum(parts.values()) for n, (_, parts) in LAYOUTS.items()}
+    truth["dp z3"] = truth["dp z0"] * 1.01
+    out = run_trials(Request(), 3, Planner(), Machine(truth, jitter=0.10))
+    assert out.remeasured and 0 < out.run_spread < 0.10
+    quiet = run_trials(Request(), 3, Planner(), Machine(truth, jitter=0.0))
+    assert quiet.remeasured == [] and quiet.run_spread is None   # exact ties: spread 0

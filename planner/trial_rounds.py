@@ -163,17 +163,17 @@ def next_candidate(request, plan_fn: Callable, ranking: Corrections, measured: d
         order += 1
         heap.append((time_s, kind, order, _cand_key(cand), cand))
     heapq.heapify(heap)
-    done = set(measured)
+    resolved: set[str] = set()
     while heap:
         time_s, kind, _, key, cand = heapq.heappop(heap)
         if time_s >= threshold:
             return None
-        if key in done:
+        if key in measured or (kind != 0 and key in resolved):
             continue
         if kind == 0:
             return cand
         plan = plan_fn(_fixed(request, cand), ranking)  # a bound: its corrected prediction
-        done.add(key)
+        resolved.add(key)
         if plan.feasible and layout_key(plan.parallel) not in measured:
             order += 1
             heapq.heappush(heap, (plan.prediction.step_time_s, 0, order, key, cand))

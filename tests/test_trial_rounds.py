@@ -298,3 +298,20 @@ def test_remeasured_runs_give_the_run_to_run_spread():
     assert out.remeasured and 0 < out.run_spread < 0.10
     quiet = run_trials(Request(), 3, Planner(), Machine(truth, jitter=0.0))
     assert quiet.remeasured == [] and quiet.run_spread is None   # exact ties: spread 0
+
+
+def test_a_layout_the_search_only_bounded_is_planned_and_can_win():
+    class Pruning(Planner):  # the free search lists pp only by a (loose) lower bound
+        def __call__(self, request, corrections=None):
+            plan = super().__call__(request, corrections)
+            if request.dp is None:
+                for entry in plan.rejected:
+                    if entry["candidate"]["pp"] > 1:
+                        entry["reason"] = "pruned: step-time lower bound 0.5 s >= a feasible plan's 1 s"
+            return plan
+
+    ranking = Corrections(parts={"bubble": 0.1})  # pp corrected: 1.035 s
+    cand = next_candidate(Request(), Pruning(), ranking, {key("dp z0"): 1.1}, 0.0)
+    assert cand is not None and cand["pp"] == 2
+    # planned, its corrected prediction loses to the measured best: nothing to measure
+    assert next_candidate(Request(), Pruning(), ranking, {key("dp z0"): 1.0}, 0.0) is None

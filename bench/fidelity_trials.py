@@ -152,7 +152,8 @@ def trial_text(choice: dict) -> str:
                 + "; ".join(
                     f"{k} runs " + "/".join(f"{r:.3f}" for r in runs.get(k, []))
                     for k in choice["remeasured"])
-                + (f" (their run-to-run spread, relative sd of the runs: {choice['run_spread']:.1%})"
+                + (f" (their run-to-run spread, relative sd of the runs: "
+                   f"{choice['run_spread']:.1%})"
                    if choice.get("run_spread") is not None else "")
                 if choice.get("remeasured") else "the two fastest apart by more, not re-measured")
              + f"\n- refinement: {choice.get('refine_stopped', '')}")

@@ -222,7 +222,8 @@ def run_trials(request, k: int, plan_fn: Callable, measure: Callable, *, first=N
         measured.update({key: math.inf for key in tried - set(measured)})
         cand = next_candidate(request, plan_fn, ranking, measured, step_spread(trials))
         if cand is None:
-            stopped = "no unmeasured layout is predicted faster than the best measured (within the spread)"
+            stopped = ("no unmeasured layout is predicted faster than the best measured (within "
+                       "the spread)")
             break
         plan = plan_fn(_fixed(request, cand), applied)
         tried.add(_cand_key(cand))

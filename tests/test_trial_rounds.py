@@ -169,7 +169,8 @@ def test_next_candidate_compares_with_the_best_measured_plus_the_spread():
 
 def _trial(name: str, times: list[float]) -> Trial:
     fields, parts = LAYOUTS[name]
-    return Trial(_plan(fields, parts, None), "family", [Measurement(statistics.median(times), times)])
+    return Trial(_plan(fields, parts, None), "family",
+                 [Measurement(statistics.median(times), times)])
 
 
 def test_spread_comes_from_the_trials_own_steps():
@@ -285,7 +286,8 @@ def test_the_bench_reads_the_sweep_and_joins_new_layouts_to_it():
     assert first.times == [1.0, 1.2, 1.1, 0.9] and runs == []
     again = measure(dp)                              # a re-measurement: one fresh run, pooled
     assert again.times == [2.0, 2.0] and runs == [(key("dp z0"), 1)]
-    assert pooled[key("dp z0")] == [1.0, 1.2, 1.1, 0.9, 2.0, 2.0] and first.times == pooled[key("dp z0")][:4]
+    assert pooled[key("dp z0")] == [1.0, 1.2, 1.1, 0.9, 2.0, 2.0]
+    assert first.times == pooled[key("dp z0")][:4]
     new = measure(_plan(*LAYOUTS["pp"], None))       # a layout the sweep lacks: its rounds
     assert runs[-1] == (key("pp"), 2) and len(new.times) == 4 and measure.added == [key("pp")]
     assert key("pp") in pooled
@@ -307,7 +309,8 @@ def test_a_layout_the_search_only_bounded_is_planned_and_can_win():
             if request.dp is None:
                 for entry in plan.rejected:
                     if entry["candidate"]["pp"] > 1:
-                        entry["reason"] = "pruned: step-time lower bound 0.5 s >= a feasible plan's 1 s"
+                        entry["reason"] = ("pruned: step-time lower bound 0.5 s >= a feasible "
+                                           "plan's 1 s")
             return plan
 
     ranking = Corrections(parts={"bubble": 0.1})  # pp corrected: 1.035 s

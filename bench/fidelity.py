@@ -150,24 +150,22 @@ def run_fresh(configs: list, repeated: list, rounds: int = SWEEP_ROUNDS) -> dict
     for config in configs:
         if config not in repeated:
             out[config[0]] = spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]
-    pooled: dict[str, list[float]] = {c[0]: [] for c in repeated}
+    pooled: dict[str, list[list[float]]] = {c[0]: [] for c in repeated}
     for _ in range(rounds):
         for config in repeated:
             result = spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]
-            pooled[config[0]] += result.pop("step times")
+            pooled[config[0]].append(result.pop("step times"))
             out[config[0]] = result
-    for name, times in pooled.items():
-        out[name]["step time"] = statistics.median(times)
-        out[name]["pooled step times"] = times
+    for name, per_round in pooled.items():
+        out[name]["step time"] = statistics.median(t for times in per_round for t in times)
+        out[name]["round step times"] = per_round
     return out
 
 
-def run_more(config: tuple, rounds: int) -> list[float]:
-    """Per-step seconds of `rounds` more fresh runs of one configuration."""
-    times: list[float] = []
-    for _ in range(rounds):
-        times += spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]["step times"]
-    return times
+def run_more(config: tuple, rounds: int) -> list[list[float]]:
+    """Per-step seconds of each of `rounds` more fresh runs of one configuration."""
+    return [spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]["step times"]
+            for _ in range(rounds)]
 
 
 def _plan(spec: dict, profile):
@@ -264,7 +262,7 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
     name_of = {layout_key(plans_by_name[n].parallel): n for n in sweep_names}
     # `--trial` as the command runs it, its measurements read from / joining the sweep
     sweep_measure = SweepMeasure(
-        {k: list(measured[n]["pooled step times"]) for k, n in name_of.items()},
+        {k: [list(r) for r in measured[n]["round step times"]] for k, n in name_of.items()},
         lambda plan, rounds: run_more((f"sweep trial {layout_key(plan.parallel)}", free_spec, plan),
                                       rounds), SWEEP_ROUNDS)
     outcome = bench_trials(free_spec, free_plan, profile, trial_k, sweep_measure)
@@ -272,7 +270,7 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
         name_of[key] = f"sweep trial {key}"
         sweep_names.append(name_of[key])
         plans_by_name[name_of[key]] = next(t.plan for t in outcome.trials if t.key == key)
-    times = {n: statistics.median(sweep_measure.pooled[k]) for k, n in name_of.items()}
+    times = {n: statistics.median(sweep_measure.times(k)) for k, n in name_of.items()}
     best = min(times, key=times.get)
     choice = {"planner": describe_plan(free_plan), "planner_s": measured["sweep planner"]["step time"],
               "best": best, "best_s": times[best], "times": times, "seq_len": sweep_seq}

@@ -52,28 +52,35 @@ def trial_plans(free_spec: dict, free_plan, profile, trial_k: int) -> list:
 
 
 class SweepMeasure:
-    """`measure` for `run_trials` on the bench. `pooled`: layout key -> the sweep's pooled
-    per-step seconds; `run(plan, rounds)`: per-step seconds of `rounds` fresh runs of `plan`.
-    The first measurement of a layout the sweep ran is its sweep measurement; a layout the
-    sweep lacks runs `rounds` times and joins the sweep (`added`); a re-measurement runs once
-    more and joins the layout's pooled steps."""
+    """`measure` for `run_trials` on the bench. `pooled`: layout key -> the sweep's per-step
+    seconds of each round; `run(plan, rounds)`: per-step seconds of each of `rounds` fresh
+    runs of `plan`. The first measurement of a layout the sweep ran is its sweep measurement
+    (its rounds pooled; their medians give the run-to-run spread); a layout the sweep lacks
+    runs `rounds` times and joins the sweep (`added`); a re-measurement runs once more and
+    joins the layout's rounds."""
 
-    def __init__(self, pooled: dict[str, list[float]], run: Callable, rounds: int):
+    def __init__(self, pooled: dict[str, list[list[float]]], run: Callable, rounds: int):
         self.pooled, self.run, self.rounds = pooled, run, rounds
         self.added: list[str] = []
         self.returned: set[str] = set()
 
+    def times(self, key: str) -> list[float]:
+        """Every step time of the layout, all rounds pooled."""
+        return [t for r in self.pooled[key] for t in r]
+
     def __call__(self, plan) -> Measurement:
         key = layout_key(plan.parallel)
         if key in self.pooled and key not in self.returned:
-            times = list(self.pooled[key])
+            runs = [list(r) for r in self.pooled[key]]
         else:
-            times = list(self.run(plan, 1 if key in self.pooled else self.rounds))
+            runs = [list(r) for r in self.run(plan, 1 if key in self.pooled else self.rounds)]
             if key not in self.pooled:
                 self.added.append(key)
-            self.pooled.setdefault(key, []).extend(times)
+            self.pooled.setdefault(key, []).extend(runs)
         self.returned.add(key)
-        return Measurement(statistics.median(times), times)
+        times = [t for r in runs for t in r]
+        return Measurement(statistics.median(times), times,
+                           rounds=[statistics.median(r) for r in runs] if len(runs) > 1 else [])
 
 
 def bench_trials(free_spec: dict, free_plan, profile, trial_k: int, measure: SweepMeasure):
@@ -94,7 +101,7 @@ def trial_choice(outcome, times: dict, trial_k: int = TRIAL_K) -> dict:
     chosen, corrections = outcome.chosen, outcome.corrections
     return {"trial_k": trial_k, "trial_rows": measured, "trial": chosen.key,
             "trial_rounds": {t.key: t.round for t in trials},
-            "trial_runs": {t.key: [r.step_s for r in t.runs] for t in trials},
+            "trial_runs": {t.key: t.run_medians for t in trials},
             "trial_parts": {t.key: dict(t.plan.prediction.time_breakdown) for t in trials},
             "trial_spread": outcome.spread, "remeasured": outcome.remeasured,
             "run_spread": outcome.run_spread,
@@ -145,16 +152,15 @@ def trial_text(choice: dict) -> str:
         + (f", measured {measured:.3f} s in the sweep, {measured / best - 1:+.1%} vs its fastest"
            if measured else " (a layout the sweep did not run)"))
     runs = choice.get("trial_runs", {})
-    noise = (f"\n- step-time spread of the trials (from their own per-step times, "
-             f"`planner.trial_rounds.step_spread`): {choice.get('trial_spread', 0):.1%}; "
+    run_sd = choice.get("run_spread")
+    noise = (f"\n- step-time spread of the trials (`planner.trial_rounds.noise_spread`: from "
+             f"their own per-step times or, when larger, from the run-to-run spread of the "
+             f"layouts' runs" + (f", relative sd {run_sd:.1%}" if run_sd is not None else "")
+             + f"): {choice.get('trial_spread', 0):.1%}; "
              + ("the two fastest within it, re-measured alternately (one more fresh run each "
-                "per round, pooled; runs: the sweep's rounds pooled, then each re-measurement): "
-                + "; ".join(
-                    f"{k} runs " + "/".join(f"{r:.3f}" for r in runs.get(k, []))
-                    for k in choice["remeasured"])
-                + (f" (their run-to-run spread, relative sd of the runs: "
-                   f"{choice['run_spread']:.1%})"
-                   if choice.get("run_spread") is not None else "")
+                "per round), run medians (the sweep's rounds, then the re-measurements): "
+                + "; ".join(f"{k} " + "/".join(f"{r:.3f}" for r in runs.get(k, []))
+                            for k in choice["remeasured"])
                 if choice.get("remeasured") else "the two fastest apart by more, not re-measured")
              + f"\n- refinement: {choice.get('refine_stopped', '')}")
     return (f"\n\nWith `disttrain plan --trial {choice['trial_k']}` (family round: the planner's "

@@ -12,12 +12,13 @@ How the K trials are spent (`split_budget`, `run_trials`):
    of the search; the best corrected candidate not yet measured is measured, the fit redone,
    and so on, one at a time, until the K trials are spent or no unmeasured candidate is
    predicted (corrected) faster than the best measured trial plus the trials' step-time
-   spread (`step_spread`): the refinement stops early once the best layout is one already
+   spread (`noise_spread`): the refinement stops early once the best layout is one already
    measured, beyond the noise. Layouts of one family differ by ZeRO stage or schedule, which
    the family round's factors price but never checked: a third of the budget (`K // 3`, and
    whatever the families leave) is kept for them and for families ranked up by the fit.
-3. **Noise-aware choice**: when the two fastest measured trials are within the spread of the
-   trials' own per-step times, they are measured again, alternately (A B B A: a linear drift
+3. **Noise-aware choice**: when the two fastest measured trials are within the spread
+   (`noise_spread`: from the trials' own per-step times, and from repeated runs where a
+   layout has them), they are measured again, alternately (A B B A: a linear drift
    of the machine's load weighs on both alike), `REMEASURE_ROUNDS` more runs each, and the
    pooled per-step medians decide.
 
@@ -47,11 +48,14 @@ medians (about 95% of pure noise falls inside)."""
 @dataclasses.dataclass
 class Measurement:
     """One trial run: its median step seconds, its per-step seconds (after warm-up), the
-    runtime's measured parts of the step, and why it failed ('' when it ran)."""
+    runtime's measured parts of the step, and why it failed ('' when it ran). `rounds`: the
+    median of each of several runs pooled into this measurement (the fidelity bench's sweep
+    rounds); empty for one run."""
     step_s: float
     times: list[float] = dataclasses.field(default_factory=list)
     parts: dict = dataclasses.field(default_factory=dict)
     failure: str = ""
+    rounds: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -74,6 +78,12 @@ class Trial:
         return [t for r in self.runs for t in r.times]
 
     @property
+    def run_medians(self) -> list[float]:
+        """The median of each run (of each sweep round, when a measurement pooled several)."""
+        return [m for r in self.runs for m in (r.rounds or [r.step_s])
+                if math.isfinite(m) and m > 0]
+
+    @property
     def step_s(self) -> float:
         if self.failure:
             return math.inf
@@ -85,22 +95,15 @@ class TrialOutcome:
     trials: list[Trial]
     chosen: Trial
     corrections: Corrections                 # fitted over the trials that ran (pooled medians)
-    spread: float                            # relative step-time spread (`step_spread`)
+    spread: float                            # relative step-time spread (`noise_spread`)
     remeasured: list[str]                    # the layouts re-measured by the noise rule
     stopped: str                             # why the refinement ended
 
     @property
     def run_spread(self) -> float | None:
-        """Run-to-run spread measured by the re-measurements: the relative standard deviation
-        of one layout's run medians, pooled over the re-measured layouts (None without)."""
-        devs, dof = 0.0, 0
-        for trial in self.trials:
-            runs = [r.step_s for r in trial.runs if math.isfinite(r.step_s) and r.step_s > 0]
-            if len(runs) >= 2:
-                mean = statistics.fmean(runs)
-                devs += sum((r / mean - 1) ** 2 for r in runs)
-                dof += len(runs) - 1
-        return math.sqrt(devs / dof) if dof else None
+        """Run-to-run relative standard deviation measured by the re-measurements (and the
+        bench's sweep rounds): `run_sd`."""
+        return run_sd(self.trials)
 
 
 def split_budget(k: int, families: int) -> tuple[int, int]:
@@ -121,15 +124,15 @@ def families_of(first) -> int:
 
 def step_spread(trials: list[Trial]) -> float:
     """Relative spread of two trials' medians, from the trials' own per-step times: the
-    relative differences between two steps of one trial, pooled over the trials, give the
+    relative differences between two steps of one run, pooled over the runs, give the
     per-step noise (`s`: their median over sqrt(2) times the normal quartile, robust to a
     stray slow step); the median of n steps varies by about s * sqrt(pi / 2n), the difference
     of two medians by sqrt(2) times that; the spread is `SPREAD_Z` of those. 0 without two
     steps in a trial."""
     diffs, sizes = [], []
-    for trial in trials:
-        times = [t for t in trial.times if t > 0 and math.isfinite(t)]
-        if len(times) < 2 or trial.failure:
+    for run in (r for trial in trials if not trial.failure for r in trial.runs):
+        times = [t for t in run.times if t > 0 and math.isfinite(t)]
+        if len(times) < 2:
             continue
         mid = statistics.median(times)
         diffs += [abs(a - b) / mid for i, a in enumerate(times) for b in times[i + 1:]]
@@ -139,6 +142,29 @@ def step_spread(trials: list[Trial]) -> float:
     s = statistics.median(diffs) / (math.sqrt(2) * statistics.NormalDist().inv_cdf(0.75))
     n = statistics.median(sizes)
     return SPREAD_Z * math.sqrt(2) * s * math.sqrt(math.pi / (2 * n))
+
+
+def run_sd(trials: list[Trial]) -> float | None:
+    """Relative standard deviation of one layout's run medians, pooled over the trials run
+    more than once (None when none was)."""
+    devs, dof = 0.0, 0
+    for trial in trials:
+        runs = [] if trial.failure else trial.run_medians
+        if len(runs) >= 2:
+            mean = statistics.fmean(runs)
+            devs += sum((r / mean - 1) ** 2 for r in runs)
+            dof += len(runs) - 1
+    return math.sqrt(devs / dof) if dof else None
+
+
+def noise_spread(trials: list[Trial]) -> float:
+    """The spread two trials' step times must be apart by to tell them apart: from the
+    trials' per-step times (`step_spread`) and, where some layout ran more than once, from its
+    runs (`SPREAD_Z` x sqrt(2) x `run_sd`: on a shared machine the load shifts between runs,
+    which steps within one run do not show), the larger."""
+    runs = run_sd(trials)
+    by_runs = SPREAD_Z * math.sqrt(2) * runs if runs is not None else 0.0
+    return max(step_spread(trials), by_runs)
 
 
 def next_candidate(request, plan_fn: Callable, ranking: Corrections, measured: dict[str, float],
@@ -220,7 +246,7 @@ def run_trials(request, k: int, plan_fn: Callable, measure: Callable, *, first=N
         ranking = merge_corrections(applied, _fit(trials, applied))
         measured = {t.key: t.step_s for t in trials}
         measured.update({key: math.inf for key in tried - set(measured)})
-        cand = next_candidate(request, plan_fn, ranking, measured, step_spread(trials))
+        cand = next_candidate(request, plan_fn, ranking, measured, noise_spread(trials))
         if cand is None:
             stopped = ("no unmeasured layout is predicted faster than the best measured (within "
                        "the spread)")
@@ -235,7 +261,7 @@ def run_trials(request, k: int, plan_fn: Callable, measure: Callable, *, first=N
         stopped = stopped or "budget spent"
     if all(t.failure for t in trials):
         raise RuntimeError(f"--trial: no plan ran; first failure: {trials[0].failure}")
-    spread = step_spread(trials)
+    spread = noise_spread(trials)
     remeasured = _remeasure(trials, measure, spread) if remeasure else []
     chosen = min((t for t in trials if not t.failure), key=lambda t: t.step_s)
     return TrialOutcome(trials, chosen, _fit(trials, applied), spread, remeasured, stopped)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import statistics
 from types import SimpleNamespace
@@ -277,17 +278,17 @@ def test_the_bench_reads_the_sweep_and_joins_new_layouts_to_it():
 
     def run(plan, rounds):
         runs.append((layout_key(plan.parallel), rounds))
-        return [2.0] * (2 * rounds)
+        return [[2.0, 2.0] for _ in range(rounds)]
 
     dp = _plan(*LAYOUTS["dp z0"], None)
-    pooled = {key("dp z0"): [1.0, 1.2, 1.1, 0.9]}
+    pooled = {key("dp z0"): [[1.0, 1.2], [1.1, 0.9]]}
     measure = SweepMeasure(pooled, run, rounds=2)
     first = measure(dp)                              # the sweep's measurement, nothing run
-    assert first.times == [1.0, 1.2, 1.1, 0.9] and runs == []
+    assert first.times == [1.0, 1.2, 1.1, 0.9] and first.rounds == [1.1, 1.0] and runs == []
     again = measure(dp)                              # a re-measurement: one fresh run, pooled
     assert again.times == [2.0, 2.0] and runs == [(key("dp z0"), 1)]
-    assert pooled[key("dp z0")] == [1.0, 1.2, 1.1, 0.9, 2.0, 2.0]
-    assert first.times == pooled[key("dp z0")][:4]
+    assert measure.times(key("dp z0")) == [1.0, 1.2, 1.1, 0.9, 2.0, 2.0]
+    assert first.times == [1.0, 1.2, 1.1, 0.9]       # not aliased to the growing sweep
     new = measure(_plan(*LAYOUTS["pp"], None))       # a layout the sweep lacks: its rounds
     assert runs[-1] == (key("pp"), 2) and len(new.times) == 4 and measure.added == [key("pp")]
     assert key("pp") in pooled
@@ -318,3 +319,16 @@ def test_a_layout_the_search_only_bounded_is_planned_and_can_win():
     assert cand is not None and cand["pp"] == 2
     # planned, its corrected prediction loses to the measured best: nothing to measure
     assert next_candidate(Request(), Pruning(), ranking, {key("dp z0"): 1.0}, 0.0) is None
+
+
+def test_runs_of_one_layout_widen_the_spread_when_the_load_shifts_between_them():
+    from planner.trial_rounds import SPREAD_Z, noise_spread, run_sd
+
+    steady = _trial("dp z0", [1.0, 1.01, 0.99])      # quiet steps within each run ...
+    shifted = Trial(steady.plan, "family", [Measurement(1.0, [1.0, 1.01, 0.99], rounds=[]),
+                                            Measurement(1.3, [1.3, 1.31, 1.29])])
+    assert noise_spread([steady]) == step_spread([steady])   # one run: the steps decide
+    # ... but a second run 30% slower: the runs' spread decides
+    assert run_sd([shifted]) == pytest.approx(0.3 / 1.15 / math.sqrt(2), rel=1e-6)
+    assert noise_spread([shifted]) == pytest.approx(SPREAD_Z * math.sqrt(2) * run_sd([shifted]))
+    assert noise_spread([shifted]) > 10 * step_spread([shifted])

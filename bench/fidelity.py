@@ -39,8 +39,8 @@ from peers import describe_plan, job_spec  # noqa: E402
 
 from disttrain.parallel.spawn import spawn_ranks  # noqa: E402
 from disttrain.spec import job_from_dict  # noqa: E402
-from planner import costmodel  # noqa: E402
 from planner.trial import layout_key  # noqa: E402
+from planner.tp_collectives import tp_step_bytes  # noqa: E402
 from planner.costmodel import ulysses_alltoall_bytes, zero_step_bytes, ring_p2p_backward_bytes, \
     ring_p2p_bytes  # noqa: E402
 
@@ -49,8 +49,6 @@ LAYOUTS = {  # name: parallel section
     "sp2 ulysses z2": {"dp": 1, "sp": 2, "sp_kind": "ulysses", "pp": 1, "zero_stage": 2},
     "tp2 z3": {"dp": 1, "sp": 1, "pp": 1, "tp": 2, "zero_stage": 3},
 }
-"""tp2 needs the planner's side of issue 15 (tp in the search, `tp_step_bytes`); without it the
-planned layout has no tp and the configuration is listed as not run, with that reason."""
 POLICIES = {  # name: (device budget MiB, memory section)
     "keep": (1024, {"activation_offload": "none", "recompute": "none"}),
     # a CPU node is one memory pool (planner default): its swap tier is NVMe, not "cpu"
@@ -87,11 +85,9 @@ def predicted_comm(job, plan) -> float:
     if par.pp > 1:
         total += micro * tokens * shape.hidden_size * 4
     tp = getattr(par, "tp", 1)
-    if tp > 1:  # the planner's TP volume per microbatch (issue 15); NaN until it exists
-        tp_bytes = getattr(costmodel, "tp_step_bytes", None)
+    if tp > 1:  # the planner's TP volume per microbatch
         rebuilt = sum(tokens * (1 - a.swap_fraction) for a in plan.activations if not a.keep_all)
-        total += (micro * tp_bytes(shape, "fp32", tokens, tp, recomputed_layer_tokens=rebuilt)
-                  if tp_bytes else float("nan"))
+        total += micro * tp_step_bytes(shape, "fp32", tokens, tp, recomputed_layer_tokens=rebuilt)
     group = par.dp * par.sp
     if group > 1 and par.pp == 1:
         per_mb, per_step = zero_step_bytes(shape.num_params() // tp, "fp32", par.zero_stage, group,

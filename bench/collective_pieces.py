@@ -188,6 +188,13 @@ def planner_parts(job, plan, profile) -> dict:
         calls = 4 * shape.num_layers * micro
         out["all_to_all_single"] = (calls, micro * shape.num_layers * _seconds(
             hw, params, "all_to_all", 3 * a2a, par.sp, 1, 4))
+    if par.tp > 1:   # priced inside the layers' times (blocking on a CPU node): shown apart
+        from planner.tp_collectives import tp_comm_seconds, tp_head_seconds
+        layer = sum(tp_comm_seconds(shape, req.dtype, hw, tokens, par.tp, params, d)
+                    for d in ("forward", "backward"))
+        tiles = -(-tokens // plan.tiling.loss_chunk_tokens) if plan.tiling.loss_chunk_tokens else 1
+        out["tp (all kinds)"] = (0, micro * (shape.num_layers * layer + tp_head_seconds(
+            shape, req.dtype, hw, tokens, par.tp, params, loss_tiles=tiles)))
     group = par.dp * par.sp
     units = shape.num_layers + 2
     names = {"all_to_all": "all_to_all_single", "reduce_scatter": "reduce_scatter_single",
@@ -231,6 +238,23 @@ def main() -> None:
               f"(ranks {', '.join(format(r['step_s'], '.3f') for r in ranks)}); predicted "
               f"{plan.prediction.step_time_s:.3f} s = " + ", ".join(
                   f"{k} {v:.3f}" for k, v in parts.items() if v))
+        from planner.collectives import step_collective_calls
+        from planner.costtypes import Candidate
+        par = plan.parallel
+        cand = Candidate(dp=par.dp, tp=par.tp, sp=par.sp, sp_kind=par.sp_kind, pp=par.pp,
+                         zero_stage=par.zero_stage, num_microbatches=par.num_microbatches)
+        tiles = (-(-plan.micro_batch_size * plan.seq_len // par.sp // plan.tiling.loss_chunk_tokens)
+                 if plan.tiling.loss_chunk_tokens else 1)
+        rebuilt = sum(1 for a in plan.activations if not a.keep_all) if par.tp > 1 else 0
+        counted = step_collective_calls(job.shape, cand, stage_layers=job.shape.num_layers,
+                                        num_microbatches=par.num_microbatches, loss_tiles=tiles,
+                                        rebuilt_layers=rebuilt)
+        names = {"all_to_all_single": "all_to_all", "reduce_scatter_single": "reduce_scatter",
+                 "all_gather_single": "all_gather", "all_reduce": "all_reduce"}
+        priced = {k: (counted.get(names.get(k, k), 0), v[1]) for k, v in priced.items()}
+        for k in names:
+            if k not in priced and names[k] in counted:
+                priced[k] = (counted[names[k]], 0.0)
         kinds = sorted({k for r in ranks for k in r["kinds"]} | set(priced))
         print(f"{'kind':24s} {'calls/step':>10s} {'planner':>8s} {'in step s (r0, r1)':>20s} "
               f"{'alone s':>8s} {'priced s':>8s} {'step/priced':>11s}")

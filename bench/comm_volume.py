@@ -7,10 +7,12 @@ layout. Prints a table; `tests/test_comm_volume.py` asserts the errors stay unde
 
 Tensor-parallel rows (tp2; the tiny model with a vocabulary of 260, divisible by tp): model
 states against `model_state_bytes` of the per-rank parameters (every parameter is split over
-tp), and the bytes the tp collectives sent against the planner's `tp_step_bytes` when the
-planner has it (issue 15's planner side); until then the row shows the measured bytes with no
-prediction ("n/a") and the test skips it. The `overlap4` row pipelines the tp collectives
+tp), and the bytes the tp collectives sent against the planner's `tp_step_bytes`
+(`planner/tp_collectives.py`). The `overlap4` row pipelines the tp collectives
 over 4 token blocks (`parallel.tp_overlap_chunks`): the same bytes in 4x the calls.
+Rows "calls: <kind>": the blocking collective calls of the step, counted by wrapping
+`torch.distributed`, against `planner.collectives.step_collective_calls` (the calls the cost
+model prices a latency for; not for pipelines or tp pipelined over token blocks).
 
     .venv/bin/python bench/comm_volume.py
 """
@@ -24,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from disttrain.parallel.spawn import spawn_ranks  # noqa: E402
 from disttrain.spec import job_from_dict  # noqa: E402
-from planner import costmodel  # noqa: E402
 from planner.collectives import step_collective_calls  # noqa: E402
 from planner.costmodel import (Candidate, model_state_bytes, ring_p2p_backward_bytes,  # noqa: E402
                                ring_p2p_bytes, ulysses_alltoall_bytes, zero_step_bytes)
 from planner.plan import ParallelPlan, Plan  # noqa: E402
+from planner.tp_collectives import tp_step_bytes  # noqa: E402
 
 SEQ, MICRO, GLOBAL = 64, 1, 4
 LAYOUTS = {  # name: (dp, sp, sp_kind, pp, zero_stage[, tp[, tp_overlap_chunks[, gather overlap]]])
@@ -49,10 +51,8 @@ TP_VOCAB = 260
 
 def planner_tp_bytes(shape, dtype: str, tokens: int, tp: int, num_microbatches: int
                      ) -> float | None:
-    """Bytes one rank sends in a step for tensor parallelism, by the planner's cost model;
-    None while the planner has no `tp_step_bytes` (its side of issue 15 not merged)."""
-    fn = getattr(costmodel, "tp_step_bytes", None)
-    return None if fn is None else num_microbatches * fn(shape, dtype, tokens, tp)
+    """Bytes one rank sends in a step for tensor parallelism, by the planner's cost model."""
+    return num_microbatches * tp_step_bytes(shape, dtype, tokens, tp)
 
 
 def job_spec(tp: int = 1) -> dict:
@@ -202,9 +202,6 @@ def measure(layouts: dict = LAYOUTS) -> list[dict]:
             rows.append({"layout": name, "quantity": f"state: {kind}", "predicted": value,
                          "measured": measured_states[kind]})
     for row in rows:
-        if row["predicted"] is None:
-            row["error"] = None  # no planner prediction yet
-            continue
         row["error"] = (row["measured"] - row["predicted"]) / row["predicted"] \
             if row["predicted"] else float(row["measured"] != 0)
     return rows
@@ -214,15 +211,9 @@ def main() -> None:
     rows = measure()
     print(f"{'layout':<20} {'quantity':<22} {'predicted':>12} {'measured':>12} {'error':>8}")
     for r in rows:
-        if r["predicted"] is None:
-            print(f"{r['layout']:<20} {r['quantity']:<22} {'n/a':>12} {r['measured']:>12,.0f} "
-                  f"{'n/a':>8}  (planner has no tp_step_bytes yet)")
-            continue
         print(f"{r['layout']:<20} {r['quantity']:<22} {r['predicted']:>12,.0f} "
               f"{r['measured']:>12,.0f} {r['error']:>+8.2%}")
-    compared = [r for r in rows if r["error"] is not None]
-    print(f"worst |error|: {max(abs(r['error']) for r in compared):.3%} over {len(compared)} "
-          f"rows ({len(rows) - len(compared)} without a planner prediction)")
+    print(f"worst |error|: {max(abs(r['error']) for r in rows):.3%} over {len(rows)} rows")
 
 
 if __name__ == "__main__":

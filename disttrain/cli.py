@@ -200,7 +200,7 @@ def _cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 
 BENCHES = ("peers", "fidelity", "estimators", "long_sequence", "overlap", "comm_volume",
-           "activation_bytes", "copy_engine", "cpu_optimizer_overlap")
+           "activation_bytes", "copy_engine", "cpu_optimizer_overlap", "published")
 """bench/run_all.py's names (bench/ is not part of the installed package)."""
 
 

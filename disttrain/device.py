@@ -199,7 +199,7 @@ CPU = Device("cpu")
 
 def wants_gpu(hardware: "HardwareSpec") -> bool:
     """Whether the job's cluster describes GPUs (any device but the CPU)."""
-    return hardware.device_name != "cpu"
+    return hardware.device_name.lower() != "cpu"  # as the planner reads it
 
 
 def cuda_device_count() -> int:

@@ -14,7 +14,7 @@ def fixed_plan(job: Job, world_size: int) -> Plan:
     """The plan that keeps every activation and honours the spec's fixed values, resolving
     `auto` trivially (sequence and pipeline degree 1, data parallel over all ranks, ZeRO-3 when
     there is more than one rank, one sequence per microbatch when train.micro_batch_size is
-    auto). Used with `--no-plan` and by tests."""
+    auto). Used with `--no-planner` and by tests."""
     par, tr = job.spec.parallel, job.spec.train
     micro_batch = 1 if tr.micro_batch_size == "auto" else tr.micro_batch_size
     sp = 1 if par.sp == "auto" else par.sp

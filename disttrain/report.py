@@ -97,8 +97,9 @@ def render_markdown(run_dir: Path, plan: Plan, rows: list[Row]) -> str:
     lines = [f"# Run report: {run_dir.name}", "",
              f"Plan: dp {par.dp} × tp {par.tp} × sp {par.sp} ({par.sp_kind}) × pp {par.pp}, "
              f"ZeRO-{par.zero_stage}, "
-             f"{sum(not a.keep_all for a in plan.activations)} of {len(plan.activations)} layers "
-             f"under a token-wise policy.", "",
+             f"{sum(not a.keep_all and not a.selective for a in plan.activations)} of "
+             f"{len(plan.activations)} layers under a token-wise policy, "
+             f"{sum(a.selective for a in plan.activations)} under selective checkpointing.", "",
              "| quantity | predicted | measured | error |", "|---|---|---|---|"]
     for row in rows:
         err = "—" if row.error is None else f"{row.error:+.1%}"

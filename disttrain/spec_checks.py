@@ -53,6 +53,10 @@ def _cross_checks(spec: JobSpec, shape: ModelShape, hw: HardwareSpec,
             raise SpecError(f"parallel.sp: Ulysses needs the heads left after tensor parallelism "
                             f"(num_heads / tp = {shape.num_heads // tp}) divisible by sp, got "
                             f"{par.sp}; use sp_kind: ring or a smaller tp or sp")
+    if spec.memory.recompute == "selective" and tp > 1:
+        raise SpecError(f"memory.recompute: 'selective' (op-level checkpointing) does not run "
+                        f"under tensor parallelism, got parallel.tp {tp}; use recompute: auto "
+                        f"or parallel.tp: 1")
     if par.pp != "auto" and par.pp > shape.num_layers:
         raise SpecError(f"parallel.pp: must be <= model.num_layers ({shape.num_layers}), "
                         f"got {par.pp}")

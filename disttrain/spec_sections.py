@@ -7,9 +7,10 @@ into planner objects `disttrain.spec_resolve`; the checks across sections `distt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 Auto = Literal["auto"]
 
@@ -18,8 +19,23 @@ class SpecError(ValueError):
     """A user error in a job spec: the message is one line starting with the YAML path."""
 
 
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field's type takes true/false (bool, StrictBool, `bool | None`, ...)."""
+    return annotation is bool or any(_admits_bool(a) for a in get_args(annotation))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_other_types(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads true/false as 1/0 for ints and literals (`zero_stage: no` would be
+        ZeRO-0, `seq_len: yes` 1): a boolean is only accepted where the field is one."""
+        if isinstance(value, bool) and not _admits_bool(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("bool_not_allowed", "not a boolean (YAML reads "
+                                      "true/false/yes/no/on/off as booleans)")
+        return value
 
 
 class ModelSection(_Section):

@@ -223,7 +223,7 @@ def run_ray(job: Job, args: argparse.Namespace) -> int:
     check_ray_resources(job, world, address)  # before planning or starting Ray
     plan = resolve_plan(job, world, args.plan, use_planner=not args.no_planner)
     if plan.parallel.world_size != world:
-        raise SpecError(f"parallel: the plan runs dp*sp*pp = {plan.parallel.world_size} ranks "
+        raise SpecError(f"parallel: the plan runs dp*sp*pp*tp = {plan.parallel.world_size} ranks "
                         f"but {world} were asked for (--nproc or the cluster's devices)")
     job = _absolute(job)
     _check_output_dir(job, args.resume)

@@ -129,8 +129,35 @@ def gemm_seconds(family: DeviceFamily, peak: float, m: float, n: float, k: float
     return max(compute, memory)
 
 
-def attention_efficiency(family: DeviceFamily, key_len: float, head_dim: int, backward: bool) -> float:
+ATTENTION_KERNEL_TFLOPS = {"flash-attn-2": 189.0, "flash-attn-1": 83.0}
+"""Forward + backward TFLOP/s of an attention kernel generation on an A100 80GB SXM4 (bf16/fp16,
+causal, head dim 128, sequence 16K, the FLOP count of flash-attention's
+benchmarks/benchmark_flash_attention.py: 3.5 x 4 s^2 d per head, halved when causal): the
+FlashAttention-2 paper (arXiv 2307.08691, Fig. 4(d); flash-attention's
+assets/flash2_a100_fwd_bwd_benchmark.png), bars "FlashAttention-2" and "FlashAttention" (v1,
+CUDA). The Ampere curves of `FAMILIES` are FlashAttention-2-class; the planner prices with
+them, and only `attention_efficiency(..., kernel=...)` (bench/published.py's "as published"
+check of systems that ran an older kernel) uses the other generations."""
+REFERENCE_KERNEL = "flash-attn-2"
+"""The kernel generation the `FAMILIES` curves describe on Ampere."""
+KERNEL_FAMILIES = ("A100-40G", "A100", "A800")
+"""Families the kernel table was measured on (SM80): the ratios are not carried to others."""
+
+
+def attention_efficiency(family: DeviceFamily, key_len: float, head_dim: int, backward: bool,
+                         kernel: str | None = None) -> float:
+    """Achieved fraction of peak of the flash-attention forward (or backward) at `key_len`.
+    `kernel` (None: the family's own curve, what the planner prices with) rescales an Ampere
+    family's curve by that kernel generation's measured forward + backward throughput over
+    the reference generation's (`ATTENTION_KERNEL_TFLOPS`), for pricing published runs that
+    ran an older kernel."""
     base = family.attn_bwd_max if backward else family.attn_fwd_max
+    if kernel is not None:
+        if kernel not in ATTENTION_KERNEL_TFLOPS:
+            raise ValueError(f"kernel: must be one of {sorted(ATTENTION_KERNEL_TFLOPS)}")
+        if family.name not in KERNEL_FAMILIES:
+            raise ValueError(f"kernel: no published kernel table for {family.name}")
+        base *= ATTENTION_KERNEL_TFLOPS[kernel] / ATTENTION_KERNEL_TFLOPS[REFERENCE_KERNEL]
     dim = _tile(head_dim, 32) / _tile(128, 32)
     return family.clock_factor * base * min(1.0, dim) * key_len / (key_len + ATTN_SEQ_HALF)
 

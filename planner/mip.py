@@ -26,7 +26,7 @@ The MIP starts from the relaxation rounded layer by layer (`planner.mip_start`).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import pulp
 
@@ -286,10 +286,15 @@ limit; the stage MIPs of the published specs finish at their root node."""
 
 def solve_stage(problem: StageProblem, *, backend: str = "auto", time_limit_s: float = 10.0,
                 gap_rel: float = 1e-4, max_nodes: int | None = STAGE_MAX_NODES,
-                warm_start: bool = True) -> StageSolution:
+                warm_start: bool = True, relaxation: StageRelaxation | None = None) -> StageSolution:
     """Solve the stage MIP; raises `NoSolution` (carrying the solver's status) when none.
     `max_nodes` bounds its work; `time_limit_s` is a wall-clock safety cap. `warm_start`
-    seeds HiGHS with the rounded relaxation (`planner.mip_start`)."""
+    seeds HiGHS with the rounded relaxation (`planner.mip_start`); `relaxation` (this
+    problem's `stage_relaxation`, already solved for the search's bound) saves solving the
+    relaxation again for it."""
+    if relaxation is not None and relaxation.problem is not problem and relaxation.problem != problem:
+        raise ValueError("relaxation: solved for another stage problem")
+    relaxed = relaxation.values if relaxation is not None and relaxation.result.backend == "highs" else None
     holder: dict = {}
 
     def build(relax: bool) -> pulp.LpProblem:
@@ -299,7 +304,7 @@ def solve_stage(problem: StageProblem, *, backend: str = "auto", time_limit_s: f
         return model
 
     def start(model: pulp.LpProblem, solver) -> dict[str, float] | None:
-        return rounded_start(model, holder["variables"], solver)
+        return rounded_start(model, holder["variables"], solver, relaxed)
 
     # The compute term is a constant: stop once the gap is gap_rel of it, in seconds.
     constant = problem.slots * sum(lc.forward_s + lc.backward_s for lc in problem.layers)
@@ -316,12 +321,36 @@ def solve_stage(problem: StageProblem, *, backend: str = "auto", time_limit_s: f
                                                    outer_on_cpu=outer))
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class StageRelaxation:
+    """A stage MIP's LP relaxation, solved once: its optimum is the search's lower bound
+    (`planner.search_steps`) and its solution what the MIP's start rounds
+    (`planner.mip_start`), so `solve_stage` does not solve it again."""
+
+    problem: StageProblem
+    bound: float
+    """The relaxation's optimum (inf when even the relaxation is infeasible, so the MIP is too)."""
+    result: SolveResult
+    values: dict[str, float] | None = field(default=None, repr=False)
+    """Variable name -> value at that optimum (None when there is none)."""
+
+
+def stage_relaxation(problem: StageProblem, *, backend: str = "auto", time_limit_s: float = 10.0
+                     ) -> StageRelaxation:
+    """The LP relaxation's optimum: a lower bound on the stage MIP's objective. Cheap next to
+    the MIP (no cuts, no branching) and within about 1% of it on the published specs, so the
+    outer search can skip layouts that cannot beat the best plan found; its solution seeds
+    the MIP's start when the layout is solved (`solve_stage(relaxation=...)`)."""
+    model, result = solve_model(lambda relax: build_stage_model(problem, True)[0], backend=backend,
+                                time_limit_s=time_limit_s, gap_rel=0.0)
+    if not result.has_solution:
+        return StageRelaxation(problem=problem, bound=math.inf, result=result)
+    return StageRelaxation(problem=problem, bound=result.objective, result=result,
+                           values={v.name: float(v.value() or 0.0) for v in model.variables()})
+
+
 def stage_lower_bound(problem: StageProblem, *, backend: str = "auto", time_limit_s: float = 10.0
                       ) -> tuple[float, SolveResult]:
-    """The LP relaxation's optimum: a lower bound on the stage MIP's objective (inf when even
-    the relaxation is infeasible, so the MIP is too). Cheap next to the MIP (no cuts, no
-    branching) and within about 1% of it on the published specs, so the outer search can
-    skip layouts that cannot beat the best plan found."""
-    _, result = solve_model(lambda relax: build_stage_model(problem, True)[0], backend=backend,
-                            time_limit_s=time_limit_s, gap_rel=0.0)
-    return (result.objective if result.has_solution else math.inf), result
+    """`stage_relaxation`'s (bound, solver result): inf when the relaxation is infeasible."""
+    relaxation = stage_relaxation(problem, backend=backend, time_limit_s=time_limit_s)
+    return relaxation.bound, relaxation.result

@@ -27,7 +27,7 @@ MIP are solved on one thread with a fixed seed, and the rounding is plain arithm
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import pulp
 
@@ -75,18 +75,22 @@ def round_layers(lp: dict, count: int) -> list[dict[str, int]]:
     return layers
 
 
-def rounded_start(model: pulp.LpProblem, variables: dict,
-                  solver: Callable[[bool], pulp.LpSolver]) -> dict[str, float] | None:
+def rounded_start(model: pulp.LpProblem, variables: dict, solver: Callable[[bool], pulp.LpSolver],
+                  relaxed: Mapping[str, float] | None = None) -> dict[str, float] | None:
     """Values of every variable of `model` (`planner.mip.build_stage_model`, with its
     `variables`) forming a feasible solution, or None. `solver(mip)` is a fresh deterministic
-    solver (mip=False: the LP relaxation). The model's bounds are restored afterwards."""
+    solver (mip=False: the LP relaxation). `relaxed` is the relaxation's solution (variable
+    name -> value) when it was already solved (`planner.mip.stage_relaxation`, the same LP on
+    the same solver): then it is not solved again. The model's bounds are restored afterwards."""
     binaries = [var for name in LAYER_BINARIES for var in variables[name]]
     bounds = [(var.lowBound, var.upBound) for var in binaries]
     try:
-        model.solve(solver(False))
-        if model.sol_status != pulp.LpSolutionOptimal:
-            return None
-        lp = {name: [_value(v) for v in variables[name]] for name in LAYER_BINARIES}
+        if relaxed is None:
+            model.solve(solver(False))
+            if model.sol_status != pulp.LpSolutionOptimal:
+                return None
+            relaxed = {v.name: _value(v) for v in binaries}
+        lp = {name: [float(relaxed[v.name]) for v in variables[name]] for name in LAYER_BINARIES}
         for free_swaps in (False, True):
             for var, (low, up) in zip(binaries, bounds):
                 var.lowBound, var.upBound = low, up

@@ -27,7 +27,7 @@ from planner.collectives import param_gather_overlap
 from planner.grid import micro_batch_sizes, sized_request
 from planner.costmodel import Candidate, CostParams, stage_layer_ranges, throughput
 from planner.layout import plan_memory_layout
-from planner.mip import NoSolution, StageProblem, StageSolution, solve_stage
+from planner.mip import NoSolution, StageProblem, StageRelaxation, StageSolution, solve_stage
 from planner.outer import device_categories
 from planner.plan import (LayerActivationPlan, ModelStatePlan, OUTER_NAMES, ParallelPlan, Plan,
                           Prediction, SolverInfo, TilingPlan)
@@ -71,7 +71,7 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
                           corrections, rejected, skip_by_layer_time=skip_by_layer_time)
     best: Outcome | None = None
     cache: dict[StageProblem, StageSolution | NoSolution] = {}
-    bounds: dict[StageProblem, float] = {}
+    bounds: dict[StageProblem, StageRelaxation] = {}   # a MIP's start reuses its relaxation
     summary = {"solves": 0, "relaxations": 0, "backend": "none", "statuses": [], "gaps": [],
                "notes": notes, "limits": []}
     start = time.perf_counter()
@@ -118,7 +118,8 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
                 try:
                     cache[setup.problem] = solve_stage(setup.problem, backend=request.solver,
                                                        time_limit_s=request.time_limit_s,
-                                                       gap_rel=gap_rel)
+                                                       gap_rel=gap_rel,
+                                                       relaxation=bounds.get(setup.problem))
                 except NoSolution as exc:
                     cache[setup.problem] = exc
                 summary["solves"] += 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from planner.candidates import StageSetup, gib
 from planner.costmodel import Candidate, StepTime, model_state_bytes, step_time
 from planner.heuristic import quick_stage_bound
-from planner.mip import StageEvaluation, StageProblem, StageSolution, stage_lower_bound
+from planner.mip import StageEvaluation, StageProblem, StageSolution, stage_relaxation
 from planner.page_faults import memory_bound
 from planner.request import PlanRequest
 from planner.trial import layout_key, part_factors
@@ -113,22 +113,24 @@ def _relaxed_bound(request: PlanRequest, cand: Candidate, setups: tuple[StageSet
                    bounds: dict, summary: dict) -> tuple[float, tuple[str, float] | None]:
     """(a lower bound on the layout's step time from its stages' LP relaxations, None) or
     (inf, the infeasibility reason) when a relaxation has no solution (nor has the MIP).
+    `bounds` keeps each stage problem's relaxation (`planner.mip.StageRelaxation`): the
+    stage MIP's start reuses its solution.
 
     The MIP weighs a microbatch by slots = m + p - 1; the step by m + (p - 1)/v
     (`compose_step`), at most as much, so the bound is scaled by their ratio."""
     totals = []
     for index, setup in enumerate(setups):
         if setup.problem not in bounds:
-            value, result = stage_lower_bound(setup.problem, backend=request.solver,
-                                              time_limit_s=request.time_limit_s)
+            relaxation = stage_relaxation(setup.problem, backend=request.solver,
+                                          time_limit_s=request.time_limit_s)
             summary["relaxations"] += 1
-            summary["backend"] = result.backend
-            if not math.isfinite(value):
+            summary["backend"] = relaxation.result.backend
+            if not math.isfinite(relaxation.bound):
                 return math.inf, _infeasible_reason(setup.problem, setup, index,
-                                                    f"LP relaxation: {result.status}")
-            bounds[setup.problem] = value
+                                                    f"LP relaxation: {relaxation.result.status}")
+            bounds[setup.problem] = relaxation
         problem = setup.problem
-        totals.append(bounds[problem] + problem.slots * (setup.head_compute_s + setup.comm_microbatch_s)
+        totals.append(bounds[problem].bound + problem.slots * (setup.head_compute_s + setup.comm_microbatch_s)
                       + setup.comm_step_s + setup.fixed_optimizer_s)
     slots = setups[0].problem.slots
     return (cand.num_microbatches + (cand.pp - 1) / cand.virtual) / slots * max(totals), None

@@ -4,6 +4,7 @@ are marked `gpu` and skipped without CUDA."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -41,6 +42,9 @@ def test_cpu_device_helpers_are_plain():
 def test_cpu_jobs_stay_on_the_cpu_and_gpu_jobs_want_cuda():
     assert job_device(CLUSTER_PRESETS["cpu-local"], local_rank=3) == CPU
     assert wants_gpu(CLUSTER_PRESETS["8xa800-80g"]) and not wants_gpu(CLUSTER_PRESETS["cpu-local"])
+    # a device written "CPU" is a CPU node to the planner (it lowercases): so to the runtime
+    upper = dataclasses.replace(CLUSTER_PRESETS["cpu-local"], device_name="CPU")
+    assert not wants_gpu(upper) and job_device(upper, local_rank=0) == CPU
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")

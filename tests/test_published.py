@@ -168,3 +168,62 @@ def test_only_unpublished_micro_batch_sizes_are_left_to_the_planner():
         layout = published.PUBLISHED[path.stem]["layout"] or {}
         assert "micro_batch_size" not in layout
         assert (size is None) == path.stem.startswith("megatron-"), (path.stem, size)
+
+
+def test_published_flop_counts_follow_their_sources():
+    """Megatron-DeepSpeed's 2023 count (Narayanan et al. eq. 3) is 4/3 of its no-recompute
+    count under --checkpoint-activations; for a GPT block (multi-head, 4h GeLU) its attention
+    and MLP terms equal Megatron-LM f2e5db4's general count, which differs only in the logit
+    term (V/(12Lh) against V/(16Lh)); the converted rows reproduce the calibration README."""
+    from planner.shapes import ModelShape
+
+    gpt = ModelShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                     ffn_hidden_size=16384, vocab_size=50257, mlp="gelu", positions="learned",
+                     max_seq_len=262144)
+    s, V = 262144, published.padded_vocab(50257)
+    assert V == 50304
+    with_ac = published.megatron_deepspeed_flops_per_token(gpt, s, checkpoint_activations=True)
+    without = published.megatron_deepspeed_flops_per_token(gpt, s, checkpoint_activations=False)
+    assert with_ac / without == pytest.approx(4 / 3)
+    L, h = gpt.num_layers, gpt.hidden_size
+    logit_ds, logit_lm = 72 * L * h * h * V / (16 * L * h), 72 * L * h * h * V / (12 * L * h)
+    assert without - logit_ds == pytest.approx(
+        published.megatron_lm_flops_per_token(gpt, s) - logit_lm, rel=1e-12)
+    # shared/published/README.md: TFLOP/s/GPU / 72 l h^2 (1 + s/6h + V/12hl)
+    for name, tok in (("megatron-1p7b-48xh100", 36259), ("megatron-16b-192xh100", 4820),
+                      ("megatron-32b-384xh100", 2297), ("megatron-70b-768xh100", 941)):
+        assert published.PUBLISHED[name]["tok_s"] == tok
+    assert published.PUBLISHED["dsulysses-gpt7b-256k-32xa100-40g"]["tok_s"] == round(174e12 / with_ac)
+
+
+def test_attention_kernel_generation_is_opt_in():
+    from planner.efficiency import (ATTENTION_KERNEL_TFLOPS, attention_efficiency,
+                                    device_family)
+
+    a100 = device_family("A100-40G")
+    for bwd in (False, True):
+        own = attention_efficiency(a100, 1 << 18, 128, bwd)
+        assert attention_efficiency(a100, 1 << 18, 128, bwd, "flash-attn-2") == own
+        assert attention_efficiency(a100, 1 << 18, 128, bwd, "flash-attn-1") == pytest.approx(
+            own * ATTENTION_KERNEL_TFLOPS["flash-attn-1"] / ATTENTION_KERNEL_TFLOPS["flash-attn-2"])
+    with pytest.raises(ValueError, match="kernel"):
+        attention_efficiency(device_family("H100"), 1 << 18, 128, False, "flash-attn-1")
+    with pytest.raises(ValueError, match="kernel"):
+        attention_efficiency(a100, 1 << 18, 128, False, "flash-attn-0")
+
+
+def test_as_published_price_adds_only_what_the_published_run_did():
+    """Without recompute or another kernel the price is the plan's; the attention-core
+    recompute and an older kernel each make it slower."""
+    name = "dsulysses-gpt7b-256k-32xa100-40g"
+    pub = published.PUBLISHED[name]
+    request = dataclasses.replace(published.free_request(load_job(published.SPECS / f"{name}.yaml")),
+                                  **pub["layout"])
+    plan = plan_job(request, with_layout=False)
+    step = plan.prediction.step_time_s
+    price = lambda **kw: published.as_published_step(request, plan, **kw)  # noqa: E731
+    assert price(recompute_attention=False, kernel=None) == pytest.approx(step)
+    recompute = price(recompute_attention=True, kernel=None)
+    assert recompute > step
+    assert price(recompute_attention=True, kernel="flash-attn-1") > recompute
+    assert price(recompute_attention=False, kernel="flash-attn-1") > step

@@ -85,6 +85,11 @@ BAD = [
     ({"train": {"global_batch_size": 5}},
      "train.global_batch_size: must be a multiple of micro_batch_size x dp (2 x 1), got 5"),
     ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size: must be >= 1 or auto, got 0"),
+    ({"parallel": {"zero_stage": False}}, "parallel.zero_stage: not a boolean"),  # was ZeRO-0
+    ({"parallel": {"sp": True}}, "parallel.sp: not a boolean"),                 # was sp 1
+    ({"train": {"seq_len": True}}, "train.seq_len: not a boolean (YAML reads"),
+    ({"memory": {"recompute": False}}, "memory.recompute: not a boolean"),      # `recompute: off`
+    ({"model": {"tie_embeddings": True}, "parallel": {"overlap_param_gather": False}}, None),
     ({"train": {"micro_batch_size": "big"}}, "train.micro_batch_size: Input should be"),
     ({"train": {"micro_batch_size": "auto", "global_batch_size": 5}}, None),  # 5 x 1 per rank
     ({"train": {"micro_batch_size": "auto", "global_batch_size": 5}, "parallel": {"dp": 2},
@@ -119,6 +124,9 @@ BAD = [
     ({"cluster": {"devices_per_node": 8}, "parallel": {"sp": 4, "tp": 2, "sp_kind": "ulysses"},
       "model": {"vocab_size": 260}, "launch": {"launcher": "torchrun"}},
      "parallel.sp: Ulysses needs the heads left after tensor parallelism (num_heads / tp = 2)"),
+    ({"cluster": {"devices_per_node": 2}, "parallel": {"tp": 2}, "memory": {"recompute": "selective"},
+      "launch": {"launcher": "torchrun"}},
+     "memory.recompute: 'selective' (op-level checkpointing) does not run under tensor parallelism"),
     ({"memory": {"activation_offload": "nvme"}, "cluster": {"preset": "1xrtx4090-24g"}},
      "memory.activation_offload: 'nvme' needs cluster.nvme"),
     ({"data": {"kind": "tokens"}}, "data.path: required for data.kind 'tokens'"),

@@ -15,7 +15,7 @@ import pytest
 import planner.search as search_module
 from planner.costmodel import LayerCost
 from planner.hardware import CLUSTER_PRESETS
-from planner.mip import build_stage_model, evaluate_stage, solve_stage, stage_lower_bound
+from planner.mip import build_stage_model, evaluate_stage, solve_stage, stage_lower_bound, stage_relaxation
 from planner.mip_start import rounded_start
 from planner.plan import LayerActivationPlan as Layer
 from planner.request import PlanRequest
@@ -138,15 +138,39 @@ def test_rounded_start_is_a_feasible_solution():
     assert found
 
 
+def test_start_reuses_the_bounds_relaxation():
+    # the search's bound and the MIP's start share one LP solve: the start from the bound's
+    # solution is the start from solving the relaxation again, and so is the MIP's answer
+    solver = lambda mip: _solver("highs", 10.0, 0.0, None, mip=mip)  # noqa: E731
+    starts = 0
+    for seed in range(4):
+        problem = _problem(seed, count=6)
+        relaxation = stage_relaxation(problem)
+        assert relaxation.bound == stage_lower_bound(problem)[0]
+        model, variables = build_stage_model(problem)
+        start = rounded_start(model, variables, solver, relaxation.values)
+        assert start == rounded_start(model, variables, solver)
+        starts += start is not None
+        reused = solve_stage(problem, gap_rel=0.0, relaxation=relaxation)
+        again = solve_stage(problem, gap_rel=0.0)
+        assert reused.activations == again.activations
+        assert reused.evaluation.objective_s == again.evaluation.objective_s
+    assert starts
+    with pytest.raises(ValueError, match="relaxation"):
+        solve_stage(_problem(5, count=6), relaxation=relaxation)
+
+
 def _captured_stage(request):
-    problems = []
+    calls = []
     solve = search_module.solve_stage
-    search_module.solve_stage = lambda p, **kw: (problems.append(p), solve(p, **kw))[1]
+    search_module.solve_stage = lambda p, **kw: (calls.append((p, kw)), solve(p, **kw))[1]
     try:
         plan = search_module.plan_job(request, with_layout=False)
     finally:
         search_module.solve_stage = solve
-    return plan, problems[0]
+    for problem, kw in calls:   # every stage MIP's start reuses the relaxation of the bound
+        assert kw["relaxation"].problem is problem and kw["relaxation"].values
+    return plan, calls[0][0]
 
 
 def test_auto_offers_selective_with_a_tight_relaxation():

@@ -41,15 +41,25 @@ class TensorParallel(CommCounter):
         nbytes = t.numel() * t.element_size() * (self.size - 1)
         self._count(kind, 2 * nbytes // self.size if kind == "all_reduce" else nbytes)
 
-    def start_gather(self, x_Th: torch.Tensor) -> "_InFlight":
+    def start_gather(self, x_Th: torch.Tensor, out: torch.Tensor | None = None) -> "_InFlight":
         """Issue the all-gather of `gather_hidden` without waiting (`async_op`: on CUDA it runs
-        on NCCL's stream, on gloo on its worker thread); `.wait()` returns the (..., H)."""
+        on NCCL's stream, on gloo on its worker thread); `.wait()` returns the (..., H), written
+        into `out` (a (..., H) tensor, e.g. a row block of a larger one) when given. The
+        collective receives the shards rank by rank into a staging buffer that `.wait()`
+        rearranges and releases."""
         x_Th = x_Th.contiguous()
-        out = torch.empty((self.size, *x_Th.shape), dtype=x_Th.dtype, device=x_Th.device)
-        work = dist.all_gather_single(out.view(-1), x_Th.view(-1), group=self.group,
+        staged = torch.empty((self.size, *x_Th.shape), dtype=x_Th.dtype, device=x_Th.device)
+        work = dist.all_gather_single(staged.view(-1), x_Th.view(-1), group=self.group,
                                       async_op=True)
         self._count_collective("all_gather", x_Th)
-        return _InFlight(work, lambda: out.movedim(0, -2).reshape(*x_Th.shape[:-1], -1), x_Th)
+
+        def result() -> torch.Tensor:
+            by_feature = staged.movedim(0, -2)          # (..., tp, h)
+            if out is None:
+                return by_feature.reshape(*x_Th.shape[:-1], -1)
+            out.view(by_feature.shape).copy_(by_feature)
+            return out
+        return _InFlight(work, result, x_Th)
 
     def start_reduce_scatter(self, y_TH: torch.Tensor, out: torch.Tensor | None = None
                              ) -> "_InFlight":
@@ -86,9 +96,11 @@ class _InFlight:
         self.work, self.result, self.source = work, result, source
 
     def wait(self) -> torch.Tensor:
+        """The result, once (the buffers the collective used are released here)."""
         self.work.wait()
         self.source = None
-        return self.result()
+        result, self.result = self.result, None
+        return result()
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -119,9 +119,11 @@ class _RowParallel(torch.autograd.Function):
 
     With `tp.overlap_chunks` = K > 1 each token block's reduce-scatter is issued as soon as
     its GEMM is done and runs under the next block's GEMM (only the last one waits); the
-    backward all-gathers the output gradient's blocks up front and computes block i's input
-    gradient while the later blocks are in flight, then the weight gradient as one GEMM over
-    all of them (as Transformer Engine's ring-exchange proj/fc2 dgrad does)."""
+    backward all-gathers the output gradient's blocks up front, each into its rows of one
+    (T, H) buffer, and computes block i's input gradient while the later blocks are in
+    flight, then the weight gradient as one GEMM over that buffer (as Transformer Engine's
+    ring-exchange proj/fc2 dgrad does): no concatenated copy of the blocks, so its peak
+    bytes are the same for any K."""
 
     @staticmethod
     def forward(ctx, tp: TensorParallel, x: torch.Tensor, weight: torch.Tensor):
@@ -143,16 +145,19 @@ class _RowParallel(torch.autograd.Function):
     def backward(ctx, grad_Th):
         x, weight = ctx.saved_tensors
         tp = ctx.tp
-        gathers = [tp.start_gather(block) for block in _row_blocks(grad_Th, tp.overlap_chunks)]
         x_TI = x.reshape(-1, x.shape[-1])
-        grad_x = torch.empty(x_TI.shape, dtype=x.dtype, device=x.device)
-        blocks, start = [], 0
-        for pending in gathers:
-            g_cH = pending.wait()
-            stop = start + g_cH.shape[0]
-            grad_x[start:stop] = g_cH @ weight.to(g_cH.dtype)
-            blocks.append(g_cH)
+        # the gathers fill one (T, H) gradient block by block: the weight gradient's single
+        # GEMM reads it without a concatenated copy of the blocks
+        g_TH = torch.empty((x_TI.shape[0], weight.shape[0]), dtype=grad_Th.dtype,
+                           device=grad_Th.device)
+        gathers, start = [], 0
+        for block in _row_blocks(grad_Th, tp.overlap_chunks):
+            stop = start + block.shape[0]
+            gathers.append((start, stop, tp.start_gather(block, out=g_TH[start:stop])))
             start = stop
-        g_TH = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        grad_x = torch.empty(x_TI.shape, dtype=g_TH.dtype, device=x.device)
+        for start, stop, pending in gathers:
+            g_cH = pending.wait()
+            torch.mm(g_cH, weight.to(g_cH.dtype), out=grad_x[start:stop])
         grad_w = g_TH.t() @ x_TI.to(g_TH.dtype)      # one GEMM: no per-block fp32 sums
-        return None, grad_x.view(x.shape), grad_w.to(weight.dtype)
+        return None, grad_x.view(x.shape).to(x.dtype), grad_w.to(weight.dtype)

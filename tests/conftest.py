@@ -149,3 +149,15 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
             raise subprocess.TimeoutExpired(["disttrain", *argv], 300)
         return subprocess.CompletedProcess(["disttrain", *argv], proc.exitcode,
                                            Path(out).read_text(), Path(err).read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tmp_path_factory) -> Path:
+    """The model examples/hf-finetune.yaml fine-tunes, made once per session by running
+    examples/make_tiny_hf_model.py as a user would (its own process, a bare environment); the
+    tests that use it only read it."""
+    out = tmp_path_factory.mktemp("tiny-hf") / "model"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_hf_model.py"), "--out",
+                    str(out)], check=True, capture_output=True,
+                   env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    return out

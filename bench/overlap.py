@@ -52,7 +52,8 @@ def measure(*, seq_len: int = SEQ_LEN, num_layers: int = NUM_LAYERS, steps: int 
     workdir = Path(tempfile.mkdtemp(prefix="disttrain-overlap-")) if own else workdir
     try:
         nvme_dir = workdir / "nvme"
-        disk = probe(nvme_path=str(nvme_dir), nvme_test_bytes=probe_bytes)
+        # the disk only: the gloo collectives the probe also times (2 processes) are not used
+        disk = probe(nvme_path=str(nvme_dir), nvme_test_bytes=probe_bytes, collectives=False)
         read_bw, write_bw = disk.nvme_read_bw, disk.nvme_write_bw
 
         def spec_of(name: str) -> dict:

@@ -12,7 +12,10 @@
 // makes Handle.wait() raise with the request's label (the file path for I/O): no caller can
 // read a buffer whose transfer failed. Workers never touch Python objects.
 
-#include <torch/extension.h>
+#include <ATen/WrapDimUtils.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <fcntl.h>
 #include <unistd.h>

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -123,29 +124,80 @@ def _cli_child(argv: list[str], cwd: str, env: dict, out_path: str, err_path: st
     os._exit(code)
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The CLI as its own process (`python -m disttrain.cli`, or a fork of the test fork
-    server when `pytest_configure` set one up, which skips re-importing torch)."""
-    import multiprocessing
+class CliProcess:
+    """`disttrain *argv` started in its own process, stdout and stderr going to files: a fork
+    of the test fork server when `pytest_configure` set one up (torch, the runtime and
+    transformers already imported), else `python -m disttrain.cli`. Popen's `poll`, `wait`,
+    `send_signal` and `returncode`, for a test that must watch or interrupt the run."""
+
+    def __init__(self, argv: list[str], out_path: str | Path, err_path: str | Path,
+                 cwd: Path | None = None, env: dict | None = None):
+        import multiprocessing
+
+        from disttrain.parallel import spawn
+
+        self.args = ["disttrain", *argv]
+        env = dict(os.environ, PYTHONPATH=str(ROOT)) if env is None else env
+        if spawn._START_METHOD != "forkserver":
+            with open(out_path, "w") as out, open(err_path, "w") as err:
+                self._popen = subprocess.Popen([sys.executable, "-m", "disttrain.cli", *argv],
+                                               cwd=cwd or ROOT, env=env, stdout=out, stderr=err)
+            self.pid = self._popen.pid
+            return
+        self._popen = None
+        self._proc = multiprocessing.get_context("forkserver").Process(
+            target=_cli_child, args=(argv, str(cwd or ROOT), env, str(out_path), str(err_path)))
+        self._proc.start()
+        self.pid = self._proc.pid
+
+    def poll(self) -> int | None:
+        return self._popen.poll() if self._popen else self._proc.exitcode
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self._popen:
+            return self._popen.wait(timeout)
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """The CLI as its own process (`CliProcess`), run to the end; killed after `timeout`."""
     import tempfile
 
-    from disttrain.parallel import spawn
-
-    argv = list(map(str, args))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if spawn._START_METHOD != "forkserver":
-        return subprocess.run([sys.executable, "-m", "disttrain.cli", *argv],
-                              capture_output=True, text=True, cwd=cwd or ROOT, env=env,
-                              timeout=300)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-        proc = multiprocessing.get_context("forkserver").Process(
-            target=_cli_child, args=(argv, str(cwd or ROOT), env, out, err))
-        proc.start()
-        proc.join(300)
-        if proc.is_alive():
+        proc = CliProcess(list(map(str, args)), out, err, cwd=cwd, env=env)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
             proc.kill()
-            proc.join()
-            raise subprocess.TimeoutExpired(["disttrain", *argv], 300)
-        return subprocess.CompletedProcess(["disttrain", *argv], proc.exitcode,
-                                           Path(out).read_text(), Path(err).read_text())
+            proc.wait()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, Path(out).read_text(),
+                                           Path(err).read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tmp_path_factory) -> Path:
+    """The model examples/hf-finetune.yaml fine-tunes, made once per session by running
+    examples/make_tiny_hf_model.py as a user would (its own process, a bare environment); the
+    tests that use it only read it."""
+    out = tmp_path_factory.mktemp("tiny-hf") / "model"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_hf_model.py"), "--out",
+                    str(out)], check=True, capture_output=True,
+                   env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    return out

@@ -13,7 +13,7 @@ import torch
 
 from conftest import TINY_JOB, merge, run_cli
 from disttrain.parallel.spawn import spawn_ranks
-from disttrain.planning import fixed_plan
+from disttrain.planning import fixed_plan, resolve_plan
 from disttrain.spec import job_from_dict
 from disttrain.trainer import Trainer
 from planner.plan import ModelStatePlan, Plan
@@ -115,18 +115,34 @@ def test_dp2_sp2_and_pp2_sp2_on_four_ranks_match_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_cli_trains_checkpoints_and_resumes_bit_identically(tmp_path, write_spec):
+def _uninterrupted_worker(rank, world, spec):
+    """What a `launch.torchrun` rank runs for `--no-planner`: the fixed plan, the trainer."""
+    job = job_from_dict(spec)
+    return Trainer(job, resolve_plan(job, world, use_planner=False)).run().losses
+
+
+def test_torchrun_cli_trains_checkpoints_and_resumes_bit_identically(tmp_path):
+    """3 steps through `disttrain train --launcher torchrun`, then `--resume` to step 4: the
+    losses equal an uninterrupted run of the same 2 ranks (one thread each, as torchrun's) bit
+    for bit, and the last checkpoint is one DCP checkpoint with both ranks' files."""
+    import yaml
+
     changes = {"train": {"steps": 4, "checkpoint_every": 2},
                "cluster": {"devices_per_node": 2},
                "parallel": {"dp": 2, "sp": 1, "pp": 1, "zero_stage": 2},
                "launch": {"launcher": "torchrun"}}
-    full = write_spec(merge(changes, {"output_dir": str(tmp_path / "full")}))
-    split = write_spec(merge(changes, {"output_dir": str(tmp_path / "split")}))
-    for args in ((full,), (split, "--max-steps", "3"), (split, "--resume")):
+    full = spawn_ranks(_uninterrupted_worker, 2,
+                       merge(TINY_JOB, {**changes, "output_dir": str(tmp_path / "full")}))
+    assert full[0] == full[1] and len(full[0]) == 4
+    split = tmp_path / "split.yaml"
+    split.write_text(yaml.safe_dump(merge(TINY_JOB, {**changes,
+                                                     "output_dir": str(tmp_path / "split")})))
+    for args in ((split, "--max-steps", "3"), (split, "--resume")):
         done = run_cli("train", *args, "--no-planner")
         assert done.returncode == 0, done.stderr[-3000:]
     read = lambda p: [json.loads(l)["loss"] for l in p.read_text().splitlines()]  # noqa: E731
     assert read(tmp_path / "split" / "metrics.jsonl") == read(tmp_path / "full" / "metrics.jsonl")
-    assert (tmp_path / "full" / "metrics.rank1.jsonl").exists()
-    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints" / "step_0000004").iterdir()) \
+    assert read(tmp_path / "split" / "metrics.jsonl") == full[0]
+    assert len(read(tmp_path / "split" / "metrics.rank1.jsonl")) == 4
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "step_0000004").iterdir()) \
         == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]  # one DCP checkpoint

@@ -337,22 +337,19 @@ def _example_worker(rank, world, raw, base_dir, plan_dict):
 
 
 @pytest.mark.slow
-def test_example_makes_a_model_that_fine_tunes_with_a_swapping_plan_and_exports(tmp_path):
-    """examples/: make the model, plan (not everything kept), train on 2 ranks (sp 2 ring, packed
-    documents), export, reload in transformers."""
-    import subprocess
-    import sys
-
+def test_example_makes_a_model_that_fine_tunes_with_a_swapping_plan_and_exports(tmp_path,
+                                                                              tiny_hf_model):
+    """examples/: make the model (the session's run of examples/make_tiny_hf_model.py), plan
+    (not everything kept), train on 2 ranks (sp 2 ring, packed documents), export, reload in
+    transformers."""
     import yaml
 
     from conftest import ROOT
     from disttrain.planning import resolve_plan
 
-    script, example = ROOT / "examples" / "make_tiny_hf_model.py", ROOT / "examples"
-    subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "model")], check=True,
-                   capture_output=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    example = ROOT / "examples"
     raw = yaml.safe_load((example / "hf-finetune.yaml").read_text())
-    raw["model"]["hf"] = str(tmp_path / "model")
+    raw["model"]["hf"] = str(tiny_hf_model)
     raw["train"].update(steps=2, checkpoint_every=0)
     raw["output_dir"] = str(tmp_path / "run")
     job = job_from_dict(raw, base_dir=example)

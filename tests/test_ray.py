@@ -15,14 +15,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_JOB, merge
+from conftest import ROOT, TINY_JOB, CliProcess, merge
 from disttrain.metrics import read_metrics
 
 pytestmark = [
@@ -90,21 +89,24 @@ def _write_spec(tmp_path: Path, name: str) -> tuple[Path, Path]:
 
 
 def _train_cmd(spec: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "disttrain.cli", "train", str(spec), "--launcher", "ray",
-            "--no-planner", *extra]
+    """`disttrain train` arguments; the launcher runs as its own process (`CliProcess`: a fork
+    of the test fork server, which has torch imported but not Ray)."""
+    return ["train", str(spec), "--launcher", "ray", "--no-planner", *extra]
 
 
-def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        _stop(proc)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+def _run(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "out", Path(tmp) / "err"
+        proc = CliProcess(argv, out, err)
+        try:
+            proc.wait(timeout)
+        finally:
+            _stop(proc)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(),
+                                           err.read_text())
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: CliProcess) -> None:
     """Interrupt a launcher still running: its `finally` shuts its embedded Ray down."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -184,9 +186,7 @@ def test_killed_worker_resumes_from_ray_checkpoint_bit_identically(tmp_path, ray
                                                                    reference):
     spec, out = _write_spec(tmp_path, "killed")
     log = tmp_path / "launcher.err"  # Ray's forwarded worker logs: large, kept for reading
-    with log.open("w") as err:
-        proc = subprocess.Popen(_train_cmd(spec), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=err, text=True)
+    proc = CliProcess(_train_cmd(spec), os.devnull, log)
     try:
         deadline = time.monotonic() + 240
         victim = killed_after = None

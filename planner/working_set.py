@@ -61,15 +61,11 @@ def layer_backward_working_bytes(shape, b: int, tokens: int, tp: int = 1, overla
         if shape.rope:
             attn += [(2 * H + A + 3 * kv, 0), (2 * H + 3 * A + kv, 0)]
     else:
-        bulk = 1 if overlap_chunks > 1 else 0
-        sib = 1 if n > 1 else 0
         mlp = [(h + 2 * H + f, 0, saved, 0), (h + H + f, H * f, saved, 0),
                (h + (n + 1) * f, 0, saved - 1, 1),
-               (2 * h + n * f + (3 + sib) * H, n * H * f, 0, 1),
-               (2 * h + n * f + (3 + sib + bulk) * H, 0, 0, 1)]
+               (2 * h + n * f + 2 * H, n * H * f, 0, 1)]
         attn = [(h + 2 * H + a, 0), (h + H + a, H * a), (h + 3 * a + 2 * k, 0),
-                (2 * h + a + 2 * k + 4 * H, (a + 2 * k) * H),
-                (2 * h + a + 2 * k + (4 + bulk) * H, 0)]
+                (2 * h + a + 2 * k + 2 * H, (a + 2 * k) * H)]
         if shape.rope:
             attn.append((h + a + 4 * k, 0))
     # an RMSNorm backward beside the incoming and the residual gradients (2 x h)

@@ -106,14 +106,16 @@ class _OneRankTP:
     def __init__(self, overlap_chunks: int) -> None:
         self.overlap_chunks, self.calls = overlap_chunks, []
 
-    def start_gather(self, x, out=None):
+    def start_gather(self, x, out=None, rank_major=False):
         self.calls.append("all_gather")
+        if rank_major:                      # (tp, ..., h): this one rank's shard
+            return _Done(x.contiguous().unsqueeze(0))
         if out is None:
             return _Done(x.contiguous())
         out.copy_(x.reshape(out.shape))
         return _Done(out)
 
-    def start_reduce_scatter(self, y, out=None):
+    def start_reduce_scatter(self, y, out=None, rank_major=False):
         self.calls.append("reduce_scatter")
         if out is None:
             return _Done(y.clone())

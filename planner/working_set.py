@@ -15,10 +15,11 @@ dtype's bytes, fp32 4.
 
 With tp > 1 the residual stream is sharded (h wide) but the linears' backward gathers to
 full width: a row-parallel backward (o, down) holds the all-gather's staging and the (T, H)
-gradient it fills (2H); a column-parallel backward (q/k/v, gate/up) holds the gathered input,
-the summed input gradient, the reduce-scatter's rank-major copy of it and, with sibling
-weights, the last sibling's term (3H + 1H), one more H while the bulk-overlap path
-(`tp_overlap_chunks` > 1) rearranges its gathered input. None of these divide by tp.
+gradient it fills (2H); a column-parallel backward (q/k/v, gate/up) holds the gathered input
+in the all-gather's rank-major staging and the input gradient summed over the siblings in the
+reduce-scatter's rank-major layout (2H), for any `tp_overlap_chunks`. None of these divide by
+tp. An RMSNorm backward (`disttrain.model.rmsnorm`) holds its input gradient and fp32 buffers
+for `NORM_CHUNK_TOKENS` tokens, not the whole sequence (`norm_backward_bytes`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def layer_backward_working_bytes(shape, b: int, tokens: int, tp: int = 1, overla
     """Peak transient bytes of one layer's backward on one rank (the module docstring), for
     `tokens` local tokens in a dtype of `b` bytes. `mlp_chunk_tokens`: the MLP runs tiled
     over tiles of that many tokens (`disttrain.tiling`), rebuilding a tile's intermediates;
-    `norm_chunk_tokens`: the tokens an RMSNorm backward works on at a time."""
+    `norm_chunk_tokens`: the tokens an RMSNorm backward works on at a time.
+    `overlap_chunks` does not change the bytes (kept for the callers)."""
     t = tokens
     tiled = 0 < mlp_chunk_tokens < t
     c = mlp_chunk_tokens if tiled else t

@@ -35,9 +35,13 @@ class _ColumnParallel(torch.autograd.Function):
     With `tp.overlap_chunks` = K > 1 the tokens are split into K blocks and every block's
     all-gather is issued asynchronously up front: block i's GEMMs run while blocks > i are
     still in flight, so only the first block's gather waits (collective matmul). The
-    backward overlaps in bulk (`_column_backward_bulk`): the shard's gather beside the whole
-    input-gradient GEMM, its reduce-scatter beside the whole weight-gradient GEMM. Same bytes
-    as K = 1; K = 1 gathers first and reduce-scatters under the weight gradient."""
+    backward overlaps in bulk (Transformer Engine's default for the qkv / fc1 backward under
+    Megatron's `--tp-comm-overlap`): the shard's gather beside the input-gradient GEMMs (they
+    do not read it), its reduce-scatter beside the weight-gradient GEMMs (they read the
+    gathered input, not the input gradient); K = 1 gathers first and reduce-scatters under the
+    weight gradient. Either way it holds two (T, H) buffers: the gather's rank-major staging,
+    which the weight gradients read column block by column block, and the input gradient,
+    summed over the siblings in place in the reduce-scatter's rank-major layout."""
 
     @staticmethod
     def forward(ctx, tp: TensorParallel, x_Th: torch.Tensor, *weights: torch.Tensor):

@@ -10,6 +10,9 @@ states against `model_state_bytes` of the per-rank parameters (every parameter i
 tp), and the bytes the tp collectives sent against the planner's `tp_step_bytes`
 (`planner/tp_collectives.py`). The `overlap4` row pipelines the tp collectives
 over 4 token blocks (`parallel.tp_overlap_chunks`): the same bytes in 4x the calls.
+Rows "calls: <kind>": the blocking collective calls of the step, counted by wrapping
+`torch.distributed`, against `planner.collectives.step_collective_calls` (the calls the cost
+model prices a latency for; not for pipelines or tp pipelined over token blocks).
 
     .venv/bin/python bench/comm_volume.py
 """
@@ -23,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from disttrain.parallel.spawn import spawn_ranks  # noqa: E402
 from disttrain.spec import job_from_dict  # noqa: E402
-from planner.costmodel import (model_state_bytes, ring_p2p_backward_bytes,  # noqa: E402
+from planner.collectives import step_collective_calls  # noqa: E402
+from planner.costmodel import (Candidate, model_state_bytes, ring_p2p_backward_bytes,  # noqa: E402
                                ring_p2p_bytes, ulysses_alltoall_bytes, zero_step_bytes)
 from planner.plan import ParallelPlan, Plan  # noqa: E402
 from planner.tp_collectives import tp_step_bytes  # noqa: E402
@@ -102,6 +106,38 @@ def predicted(job, dp, sp, sp_kind, pp, zero, tp=1, tp_chunks=1, gather_overlap=
     return comm, states
 
 
+CALL_KINDS = {"all_to_all_single": "all_to_all", "reduce_scatter_single": "reduce_scatter",
+              "all_gather_single": "all_gather", "all_gather": "all_gather",
+              "all_reduce": "all_reduce", "broadcast": "broadcast", "batch_isend_irecv": "p2p"}
+"""torch.distributed functions the runtime calls, by the collective kind they are counted as."""
+
+
+def predicted_calls(job, dp, sp, sp_kind, pp, zero, tp=1, tp_chunks=1, gather_overlap=False
+                    ) -> dict[str, int] | None:
+    """Blocking collective calls per step by kind the cost model prices
+    (`step_collective_calls`); None where it does not count them (pipelines, tp pipelined
+    over token blocks)."""
+    del gather_overlap
+    if pp > 1 or tp_chunks > 1:
+        return None
+    micro = GLOBAL // (MICRO * dp)
+    cand = Candidate(dp=dp, sp=sp, sp_kind=sp_kind, pp=pp, tp=tp, zero_stage=zero,
+                     num_microbatches=micro)
+    return step_collective_calls(job.shape, cand, stage_layers=job.shape.num_layers,
+                                 num_microbatches=micro)
+
+
+def _counted(dist, counts: dict) -> dict:
+    """Wrap `dist`'s collectives so that each call adds 1 to counts[kind]; the originals."""
+    originals = {name: getattr(dist, name) for name in CALL_KINDS}
+    for name, fn in originals.items():
+        def counted(*args, __fn=fn, __kind=CALL_KINDS[name], **kwargs):
+            counts[__kind] = counts.get(__kind, 0) + 1
+            return __fn(*args, **kwargs)
+        setattr(dist, name, counted)
+    return originals
+
+
 def _worker(rank, world, spec, layouts):
     import torch.distributed as dist
 
@@ -115,9 +151,15 @@ def _worker(rank, world, spec, layouts):
     for name, layout in layouts.items():
         runtime = build_runtime(job, plan_for(job, *layout), rank=rank)
         runtime.communication_bytes()  # discard what construction sent
-        runtime.forward_backward(0, batches)
-        runtime.states.clip_grad_norm(1.0)
-        runtime.states.step(1e-3)
+        calls: dict[str, int] = {}
+        originals = _counted(dist, calls)
+        try:
+            runtime.forward_backward(0, batches)
+            runtime.states.clip_grad_norm(1.0)
+            runtime.states.step(1e-3)
+        finally:
+            for fn_name, fn in originals.items():
+                setattr(dist, fn_name, fn)
         comm = runtime.communication_bytes()
         measured = {}
         for key, value in comm.items():
@@ -131,7 +173,7 @@ def _worker(rank, world, spec, layouts):
                 measured["tp"] = measured.get("tp", 0) + value
         states = {c: sum(p[c] for p in runtime.states.bytes_by_place().values())
                   for c in ("parameters", "gradients", "optimizer")}
-        out[name] = (measured, states)
+        out[name] = (measured, states, calls)
         dist.barrier()
     return out
 
@@ -146,7 +188,13 @@ def measure(layouts: dict = LAYOUTS) -> list[dict]:
     rows = []
     for name, layout in layouts.items():
         comm_pred, state_pred = predicted(jobs[name], *layout)
-        measured_comm, measured_states = results[name]
+        measured_comm, measured_states, measured_calls = results[name]
+        calls_pred = predicted_calls(jobs[name], *layout)
+        for kind in sorted(set(calls_pred or {}) | set(measured_calls) if calls_pred else ()):
+            if kind == "p2p":   # ring attention's exchanges: bytes above, not counted calls
+                continue
+            rows.append({"layout": name, "quantity": f"calls: {kind}",
+                         "predicted": calls_pred.get(kind, 0), "measured": measured_calls.get(kind, 0)})
         for kind, value in sorted(comm_pred.items()):
             rows.append({"layout": name, "quantity": f"sent: {kind}", "predicted": value,
                          "measured": measured_comm.get(kind, 0)})

@@ -5,9 +5,11 @@ ranks, the model of `bench/peers.py`) is planned with a CPU layer profile, then 
 few steps through `disttrain.engine`. Compared per configuration: saved activation bytes
 resident per microbatch (sum over layers), model-state bytes per rank, median step time,
 bytes sent by collectives per step. Then the planner's free choice against the fastest
-measured layout of a small sweep, and `disttrain plan --trial K` on the same job: its K plans
-(one per layout family first) measured, the fastest kept (target: within 5% of the sweep's
-fastest), and the corrections those trials store (a factor per step part, per layout family)
+measured layout of a small sweep, and `disttrain plan --trial K` on the same job as the
+command runs it (a family round, refinement on the corrected ranking, the two fastest
+re-measured when within the trials' step-time spread; the sweep's measurements stand in for
+the trial runs and the layouts it lacks join it), the fastest kept (target: within 5% of the
+sweep's fastest), and the corrections those trials store (a factor per step part, per layout family)
 applied part by part to every row's prediction (target: step time within 15% for every row
 after trials): `bench/fidelity_trials.py`.
 
@@ -15,7 +17,7 @@ The CPU profile is taken fresh at the start of every run (never from a cache): s
 this shared machine follow its load, and a profile from another hour predicts another
 machine. The load averages at the start and end are printed with the results.
 
-    .venv/bin/python bench/fidelity.py [--seq 512 1024] [--steps 3] [--trial-k 5] [--no-docs] [--json OUT]
+    .venv/bin/python bench/fidelity.py [--seq 512 1024] [--steps 3] [--trial-k 7] [--no-docs] [--json OUT]
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from docs_sections import md_table, write_section  # noqa: E402
-from fidelity_trials import (CHOICE_TARGET, TRIAL_K, after_trials, next_plan,  # noqa: E402,F401
-                             trial_choice, trial_plans, trial_text)
+from fidelity_trials import (CHOICE_TARGET, TRIAL_K, SweepMeasure, after_trials,  # noqa: E402,F401
+                             bench_trials, next_plan, trial_choice, trial_plans, trial_text)
 from peers import describe_plan, job_spec  # noqa: E402
 
 from disttrain.parallel.spawn import spawn_ranks  # noqa: E402
 from disttrain.spec import job_from_dict  # noqa: E402
-from planner import costmodel  # noqa: E402
 from planner.trial import layout_key  # noqa: E402
+from planner.tp_collectives import tp_step_bytes  # noqa: E402
 from planner.costmodel import ulysses_alltoall_bytes, zero_step_bytes, ring_p2p_backward_bytes, \
     ring_p2p_bytes  # noqa: E402
 
@@ -47,8 +49,6 @@ LAYOUTS = {  # name: parallel section
     "sp2 ulysses z2": {"dp": 1, "sp": 2, "sp_kind": "ulysses", "pp": 1, "zero_stage": 2},
     "tp2 z3": {"dp": 1, "sp": 1, "pp": 1, "tp": 2, "zero_stage": 3},
 }
-"""tp2 needs the planner's side of issue 15 (tp in the search, `tp_step_bytes`); without it the
-planned layout has no tp and the configuration is listed as not run, with that reason."""
 POLICIES = {  # name: (device budget MiB, memory section)
     "keep": (1024, {"activation_offload": "none", "recompute": "none"}),
     # a CPU node is one memory pool (planner default): its swap tier is NVMe, not "cpu"
@@ -85,11 +85,9 @@ def predicted_comm(job, plan) -> float:
     if par.pp > 1:
         total += micro * tokens * shape.hidden_size * 4
     tp = getattr(par, "tp", 1)
-    if tp > 1:  # the planner's TP volume per microbatch (issue 15); NaN until it exists
-        tp_bytes = getattr(costmodel, "tp_step_bytes", None)
+    if tp > 1:  # the planner's TP volume per microbatch
         rebuilt = sum(tokens * (1 - a.swap_fraction) for a in plan.activations if not a.keep_all)
-        total += (micro * tp_bytes(shape, "fp32", tokens, tp, recomputed_layer_tokens=rebuilt)
-                  if tp_bytes else float("nan"))
+        total += micro * tp_step_bytes(shape, "fp32", tokens, tp, recomputed_layer_tokens=rebuilt)
     group = par.dp * par.sp
     if group > 1 and par.pp == 1:
         per_mb, per_step = zero_step_bytes(shape.num_params() // tp, "fp32", par.zero_stage, group,
@@ -148,15 +146,22 @@ def run_fresh(configs: list, repeated: list, rounds: int = SWEEP_ROUNDS) -> dict
     for config in configs:
         if config not in repeated:
             out[config[0]] = spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]
-    pooled: dict[str, list[float]] = {c[0]: [] for c in repeated}
+    pooled: dict[str, list[list[float]]] = {c[0]: [] for c in repeated}
     for _ in range(rounds):
         for config in repeated:
             result = spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]
-            pooled[config[0]] += result.pop("step times")
+            pooled[config[0]].append(result.pop("step times"))
             out[config[0]] = result
-    for name, times in pooled.items():
-        out[name]["step time"] = statistics.median(times)
+    for name, per_round in pooled.items():
+        out[name]["step time"] = statistics.median(t for times in per_round for t in times)
+        out[name]["round step times"] = per_round
     return out
+
+
+def run_more(config: tuple, rounds: int) -> list[list[float]]:
+    """Per-step seconds of each of `rounds` more fresh runs of one configuration."""
+    return [spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]["step times"]
+            for _ in range(rounds)]
 
 
 def _plan(spec: dict, profile):
@@ -249,18 +254,29 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
             rows.append({"config": name, "plan": describe_plan(plan), "quantity": qty,
                          "predicted": value, "measured": got,
                          "error": (value - got) / got if got else float(value != 0)})
-    times = {n: measured[n]["step time"] for n in sweep_names}
+    plans_by_name = {name: plan for name, _, plan in configs}
+    name_of = {layout_key(plans_by_name[n].parallel): n for n in sweep_names}
+    # `--trial` as the command runs it, its measurements read from / joining the sweep
+    sweep_measure = SweepMeasure(
+        {k: [list(r) for r in measured[n]["round step times"]] for k, n in name_of.items()},
+        lambda plan, rounds: run_more((f"sweep trial {layout_key(plan.parallel)}", free_spec, plan),
+                                      rounds), SWEEP_ROUNDS)
+    outcome = bench_trials(free_spec, free_plan, profile, trial_k, sweep_measure)
+    for key in sweep_measure.added:
+        name_of[key] = f"sweep trial {key}"
+        sweep_names.append(name_of[key])
+        plans_by_name[name_of[key]] = next(t.plan for t in outcome.trials if t.key == key)
+    times = {n: statistics.median(sweep_measure.times(k)) for k, n in name_of.items()}
     best = min(times, key=times.get)
     choice = {"planner": describe_plan(free_plan), "planner_s": measured["sweep planner"]["step time"],
               "best": best, "best_s": times[best], "times": times, "seq_len": sweep_seq}
-    plans_by_name = {name: plan for name, _, plan in configs}
     same = [n for n in sweep_names if plans_by_name[n].parallel == free_plan.parallel]
     choice["same_layout_sweep_s"] = times[same[0]] if same else None
     choice["gap"] = choice["planner_s"] / choice["best_s"] - 1
     choice["sweep_gap"] = (None if choice["same_layout_sweep_s"] is None
                            else choice["same_layout_sweep_s"] / choice["best_s"] - 1)
-    by_key = {layout_key(plans_by_name[n].parallel): times[n] for n in sweep_names}
-    choice.update(trial_choice(trials, by_key, times, trial_k))
+    by_key = {k: times[n] for k, n in name_of.items()}
+    choice.update(trial_choice(outcome, times, trial_k))
     corrections = choice.pop("corrections")
     for row in rows:
         if row["quantity"] == "step time":
@@ -305,7 +321,9 @@ def report(result: dict, steps: int) -> str:
     sweep = md_table(["layout", "measured median step s"],
                      [[n.removeprefix("sweep "), f"{t:.3f}"] for n, t in choice["times"].items()])
     sweep += ("\n\n(`trial ...` rows: layouts of the `--trial` runs below that the fixed sweep "
-              f"lacks, measured in the same {SWEEP_ROUNDS} alternating rounds.)")
+              f"lacks: those of the family round measured in the same {SWEEP_ROUNDS} alternating "
+              f"rounds, those the refinement adds in {SWEEP_ROUNDS} fresh runs after them; the "
+              f"noise rule's re-measurements pooled into their layouts' times.)")
     gaps = [g for g in (choice["gap"], choice["sweep_gap"]) if g is not None]
     verdict = "MET" if max(gaps) <= CHOICE_TARGET else "NOT MET"  # both readings within 5%
     loads = result.get("loads", [])

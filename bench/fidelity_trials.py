@@ -1,48 +1,112 @@
 """Planner fidelity, the `disttrain plan --trial K` part (split from `bench/fidelity.py`).
 
-The trial plans of the sweep's job (`top_plans`: the planner's choice, then one per other
-layout family), measured in the sweep's rounds; the fastest kept (target: within 5% of the
-sweep's fastest); the corrections those trials store (`corrections_from`: a factor per step
-part, per layout family) applied part by part to every grid row's prediction (target: step
-time within 15% for every row); and the next plan of the sweep's job made with them.
+`disttrain plan --trial K` on the sweep's job, exactly as the command runs it
+(`planner.trial_rounds.run_trials`): the family round (the planner's choice, then the best
+layout of each other family) measured in the sweep's rounds; the refinement (the best
+corrected layout not yet measured, one at a time, until K or none is predicted faster than
+the best measured within the spread) reading the sweep's measurement of a layout the sweep
+has and running one it lacks in `SWEEP_ROUNDS` fresh runs, which then joins the sweep; the
+noise rule's re-measurements (one more fresh run each, alternately) join the sweep's pooled
+step times of their layouts. Then the fastest kept (target: within 5% of the sweep's fastest);
+the corrections those trials store (`corrections_from`: a factor per step part, per layout
+family) applied part by part to every grid row's prediction (target: step time within 15%
+for every row); and the next plan of the sweep's job made with them.
 """
 
 from __future__ import annotations
 
+import statistics
+from typing import Callable
+
 from disttrain.spec import job_from_dict
 from docs_sections import md_table
 from planner.trial import corrected_parts, layout_key
+from planner.trial_rounds import Measurement
 
-TRIAL_K = 5
-"""Plans `--trial` runs in the planner-choice check: one per layout family of 2 ranks (dp,
-Ulysses, ring, tp, pp), so that every row's layout family has measured factors."""
+TRIAL_K = 7
+"""Plans `--trial` runs in the planner-choice check: with 2 ranks the layouts fall in 5
+families (dp, Ulysses, ring, tp, pp), all measured in the family round (`split_budget(7, 5)
+== (5, 2)`, so that every grid row's family has measured factors), and up to 2 refinement
+trials (the ZeRO stage within the fastest family, which the family round never checks)."""
 CHOICE_TARGET = 0.05
 """Largest gap of the trial choice to the fastest layout of the sweep."""
 
 
-def trial_plans(free_spec: dict, free_plan, profile, trial_k: int) -> list:
-    """The plans `disttrain plan --trial K` runs (`top_plans`: the planner's choice, then one
-    per other layout family)."""
+def _plan_fn(profile):
     from planner.search import plan_job
-    from planner.trial import top_plans
 
-    return top_plans(job_from_dict(free_spec).plan_request(), trial_k,
-                     lambda r: plan_job(r, profile, with_layout=False), first=free_plan)
+    return lambda request, corrections: plan_job(request, profile, corrections=corrections,
+                                                 with_layout=False)
 
 
-def trial_choice(plans: list, by_key: dict, times: dict, trial_k: int = TRIAL_K) -> dict:
-    """`disttrain plan --trial K` on the sweep: its plans measured (in the sweep's rounds,
-    `by_key`: layout key -> measured median), the fastest kept; its gap to the fastest
-    layout of the sweep, and the corrections the trials store (`corrections_from`)."""
-    from planner.trial import corrections_from
+def trial_plans(free_spec: dict, free_plan, profile, trial_k: int) -> list:
+    """The family round of `disttrain plan --trial K` (planned before the sweep runs, so that
+    its layouts are measured in the sweep's rounds)."""
+    from planner.trial import Corrections, top_plans
+    from planner.trial_rounds import families_of, split_budget
 
-    measured = {layout_key(p.parallel): (p.prediction.step_time_s, by_key[layout_key(p.parallel)])
-                for p in plans}
-    chosen = min(measured, key=lambda k: measured[k][1])
-    corrections = corrections_from(plans, [measured[layout_key(p.parallel)][1] for p in plans])
-    return {"trial_k": trial_k, "trial_rows": measured, "trial": chosen,
-            "trial_parts": {layout_key(p.parallel): dict(p.prediction.time_breakdown) for p in plans},
-            "trial_s": measured[chosen][1], "trial_gap": measured[chosen][1] / min(times.values()) - 1,
+    n_family, _ = split_budget(trial_k, families_of(free_plan))
+    plan_fn = _plan_fn(profile)
+    return top_plans(job_from_dict(free_spec).plan_request(), n_family,
+                     lambda r: plan_fn(r, Corrections()), first=free_plan)
+
+
+class SweepMeasure:
+    """`measure` for `run_trials` on the bench. `pooled`: layout key -> the sweep's per-step
+    seconds of each round; `run(plan, rounds)`: per-step seconds of each of `rounds` fresh
+    runs of `plan`. The first measurement of a layout the sweep ran is its sweep measurement
+    (its rounds pooled; their medians give the run-to-run spread); a layout the sweep lacks
+    runs `rounds` times and joins the sweep (`added`); a re-measurement runs once more and
+    joins the layout's rounds."""
+
+    def __init__(self, pooled: dict[str, list[list[float]]], run: Callable, rounds: int):
+        self.pooled, self.run, self.rounds = pooled, run, rounds
+        self.added: list[str] = []
+        self.returned: set[str] = set()
+
+    def times(self, key: str) -> list[float]:
+        """Every step time of the layout, all rounds pooled."""
+        return [t for r in self.pooled[key] for t in r]
+
+    def __call__(self, plan) -> Measurement:
+        key = layout_key(plan.parallel)
+        if key in self.pooled and key not in self.returned:
+            runs = [list(r) for r in self.pooled[key]]
+        else:
+            runs = [list(r) for r in self.run(plan, 1 if key in self.pooled else self.rounds)]
+            if key not in self.pooled:
+                self.added.append(key)
+            self.pooled.setdefault(key, []).extend(runs)
+        self.returned.add(key)
+        times = [t for r in runs for t in r]
+        return Measurement(statistics.median(times), times,
+                           rounds=[statistics.median(r) for r in runs] if len(runs) > 1 else [])
+
+
+def bench_trials(free_spec: dict, free_plan, profile, trial_k: int, measure: SweepMeasure):
+    """`run_trials` as `disttrain plan --trial K` runs it (no stored corrections yet)."""
+    from planner.trial import Corrections
+    from planner.trial_rounds import run_trials
+
+    return run_trials(job_from_dict(free_spec).plan_request(), trial_k, _plan_fn(profile),
+                      measure, first=free_plan, applied=Corrections())
+
+
+def trial_choice(outcome, times: dict, trial_k: int = TRIAL_K) -> dict:
+    """`disttrain plan --trial K` on the sweep (`outcome` of `bench_trials`; `times`: the
+    sweep's medians, re-measurements and added layouts included): its trials, the one kept,
+    its gap to the fastest layout of the sweep, and the corrections the trials store."""
+    trials = [t for t in outcome.trials if not t.failure]
+    measured = {t.key: (t.plan.prediction.step_time_s, t.step_s) for t in trials}
+    chosen, corrections = outcome.chosen, outcome.corrections
+    return {"trial_k": trial_k, "trial_rows": measured, "trial": chosen.key,
+            "trial_rounds": {t.key: t.round for t in trials},
+            "trial_runs": {t.key: t.run_medians for t in trials},
+            "trial_parts": {t.key: dict(t.plan.prediction.time_breakdown) for t in trials},
+            "trial_spread": outcome.spread, "remeasured": outcome.remeasured,
+            "run_spread": outcome.run_spread,
+            "refine_stopped": outcome.stopped,
+            "trial_s": chosen.step_s, "trial_gap": chosen.step_s / min(times.values()) - 1,
             "parts": {k: round(v, 3) for k, v in corrections.parts.items()},
             "family_parts": {f: {k: round(v, 3) for k, v in d.items()}
                              for f, d in corrections.family_parts.items()},
@@ -72,8 +136,9 @@ def next_plan(free_spec: dict, profile, corrections, by_key: dict) -> dict:
 def trial_text(choice: dict) -> str:
     if "trial" not in choice:
         return ""
-    rows = md_table(["layout", "predicted s", "measured s", "error"],
-                    [[k, f"{p:.3f}", f"{m:.3f}", f"{p / m - 1:+.0%}"]
+    rounds = choice.get("trial_rounds", {})
+    rows = md_table(["layout", "round", "predicted s", "measured s", "error"],
+                    [[k, rounds.get(k, ""), f"{p:.3f}", f"{m:.3f}", f"{p / m - 1:+.0%}"]
                      for k, (p, m) in choice["trial_rows"].items()])
     verdict = "MET" if choice["trial_gap"] <= CHOICE_TARGET else "NOT MET"
     factors = ", ".join(f"{k} x{v:.2f}" for k, v in choice.get("parts", {}).items())
@@ -86,10 +151,23 @@ def trial_text(choice: dict) -> str:
         + (f", predicted {choice['next_predicted_s']:.3f} s" if choice["next_predicted_s"] else "")
         + (f", measured {measured:.3f} s in the sweep, {measured / best - 1:+.1%} vs its fastest"
            if measured else " (a layout the sweep did not run)"))
-    return (f"\n\nWith `disttrain plan --trial {choice['trial_k']}` (the planner's choice and "
-            f"the best plan of each other layout family, then the next best, measured; the "
-            f"fastest kept):\n\n{rows}\n\n- trial "
-            f"choice {choice['trial']}: {choice['trial_s']:.3f} s, {choice['trial_gap']:+.1%} vs the "
-            f"fastest of the sweep — {verdict} (target within 5%)\n- corrections stored per step "
-            f"part (fitted over these trials, `planner/trial_fit.py`; parts no trial exercised "
-            f"stay x1): {factors or 'none'}\n- per layout family: {families or 'none'}{nxt}")
+    runs = choice.get("trial_runs", {})
+    run_sd = choice.get("run_spread")
+    noise = (f"\n- step-time spread of the trials (`planner.trial_rounds.noise_spread`: from "
+             f"their own per-step times or, when larger, from the run-to-run spread of the "
+             f"layouts' runs" + (f", relative sd {run_sd:.1%}" if run_sd is not None else "")
+             + f"): {choice.get('trial_spread', 0):.1%}; "
+             + ("the two fastest within it, re-measured alternately (one more fresh run each "
+                "per round), run medians (the sweep's rounds, then the re-measurements): "
+                + "; ".join(f"{k} " + "/".join(f"{r:.3f}" for r in runs.get(k, []))
+                            for k in choice["remeasured"])
+                if choice.get("remeasured") else "the two fastest apart by more, not re-measured")
+             + f"\n- refinement: {choice.get('refine_stopped', '')}")
+    return (f"\n\nWith `disttrain plan --trial {choice['trial_k']}` (family round: the planner's "
+            f"choice and the best plan of each other layout family; refinement: the best layout "
+            f"by the corrections fitted so far, one at a time; the fastest kept):\n\n{rows}\n\n"
+            f"- trial choice {choice['trial']}: {choice['trial_s']:.3f} s, "
+            f"{choice['trial_gap']:+.1%} vs the fastest of the sweep — {verdict} (target within "
+            f"5%){noise}\n- corrections stored per step part (fitted over these trials, "
+            f"`planner/trial_fit.py`; parts no trial exercised stay x1): {factors or 'none'}\n"
+            f"- per layout family: {families or 'none'}{nxt}")

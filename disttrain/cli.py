@@ -51,8 +51,12 @@ def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
         profile = profile_on_ray(job, args.address or job.spec.launch.ray_address)
     elif args.address is not None:
         raise SpecError("--address: only used with --launcher ray")
+    if args.trial < 0:
+        raise SpecError(f"--trial: must be >= 0 (plans to measure), got {args.trial}")
+    if args.trial_steps < 1:
+        raise SpecError(f"--trial-steps: must be >= 1, got {args.trial_steps}")
     out = Path(args.out) if args.out else job.output_dir / "plan"
-    from planner.trial import corrections_path, load_corrections
+    from planner.trial import corrections_path, layout_key, load_corrections
 
     corrections_file = corrections_path(args.profile, out)
     corrections = load_corrections(corrections_file)  # measured by earlier --trial runs
@@ -60,15 +64,27 @@ def _cmd_plan(args: argparse.Namespace, console: Console) -> int:
     if args.trial and plan.feasible:
         from disttrain.trial import trial_and_rerank
 
+        outcome: list = []
         plan, rows = trial_and_rerank(
             job, plan, args.trial, steps=args.trial_steps, corrections_file=corrections_file,
-            applied=corrections,
-            plan_fn=lambda r: plan_job(r, profile, corrections=corrections, with_layout=False))
+            applied=corrections, outcome=outcome,
+            plan_fn=lambda r, c: plan_job(r, profile, corrections=c, with_layout=False))
         for row in rows:
             print(f"trial {row['layout']}: predicted {row['predicted_s']:.3f} s, measured "
                   f"{row['measured_s']:.3f} s ({row['error']:+.0%})", file=sys.stderr)
-        print(f"trial: chose {rows[min(range(len(rows)), key=lambda i: rows[i]['measured_s'])]['layout']}"
-              f"; corrections in {corrections_file}", file=sys.stderr)
+        done = outcome[0]
+        refined = sum(t.round == "refine" for t in done.trials)
+        noise = ""
+        if done.remeasured:
+            noise = (f"; {' and '.join(done.remeasured)} within it, re-measured alternately: "
+                     + ", ".join(f"{t.key} runs " + "/".join(f"{r.step_s:.3f}" for r in t.runs)
+                                 for t in done.trials if t.key in done.remeasured))
+            if done.run_spread is not None:
+                noise += f" (run-to-run spread {done.run_spread:.1%})"
+        print(f"trial: {len(done.trials) - refined} in the family round, {refined} refining "
+              f"({done.stopped}); step-time spread {done.spread:.1%}{noise}", file=sys.stderr)
+        print(f"trial: chose {layout_key(plan.parallel)}; corrections in {corrections_file}",
+              file=sys.stderr)
     paths = write_report(plan, out)
     if args.json:
         print(plan.to_json())
@@ -243,8 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=("local", "ray"), default="local",
                    help="ray: profile one layer on a Ray worker first, then plan with it")
     p.add_argument("--trial", type=int, default=0, metavar="K",
-                   help="run the K best plans a few steps on this machine, keep the fastest "
-                        "measured, store measured/predicted corrections beside the profile")
+                   help="measure up to K plans a few steps each on this machine: the planner's "
+                        "choice and the best of each other layout family (K - K//3 at most); "
+                        "then, one at a time, the best layout by the corrections fitted so far, "
+                        "until K are measured or none is predicted faster than the best measured "
+                        "(within the trials' step-time spread); the two fastest re-measured "
+                        "alternately when within that spread; keep the fastest, store the "
+                        "corrections beside the profile")
     p.add_argument("--trial-steps", type=int, default=3, metavar="N",
                    help="timed steps per trial (after one warm-up step)")
     p.add_argument("--address", help="Ray cluster to profile on with --launcher ray (default: "

@@ -69,7 +69,7 @@ def optimizer_chunk_sizes(shape: ModelShape) -> list[int]:
 def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
                       cache_dir: Path | None = None, *, threads: int | None = None,
                       concurrent: int | None = None, with_head: bool = True,
-                      with_optimizer: bool = True,
+                      with_optimizer: bool = True, with_collectives: bool = True,
                       max_cache_age_s: float | None = None) -> LayerProfile:
     """Profile one decoder layer of the job's model on this machine's CPU/device.
 
@@ -78,7 +78,9 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
     otherwise; with the head + loss and the clip + AdamW update over the job's chunk sizes.
     Times are taken with glibc's default allocator, as a plan that keeps everything runs; a
     memory-bound plan's fresh pages (`return_freed_host_memory`) are priced apart from the
-    profile's page-fault cost and allocation sizes (`planner.page_faults`).
+    profile's page-fault cost and allocation sizes (`planner.page_faults`). With ranks side by
+    side (`with_collectives`), blocking gloo collectives between them are timed too, as a step
+    meets them after compute (`LayerProfile.collective_fits`).
     """
     shape = job.shape
     lens = seq_lens or tuple(s for s in DEFAULT_SEQ_LENS if s <= job.spec.train.seq_len) or (
@@ -105,7 +107,8 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
                          cache_dir=cache_dir, device="cpu", threads=threads,
                          concurrent=concurrent, head=head,
                          optimizer_numel=optimizer_chunk_sizes(shape) if with_optimizer else 0,
-                         max_cache_age_s=max_cache_age_s)
+                         max_cache_age_s=max_cache_age_s,
+                         collectives=with_collectives and concurrent > 1)
 
 
 def profile_batch(job: Job) -> int:

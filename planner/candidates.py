@@ -8,7 +8,7 @@ of one layer's backward, the loss chunk), chunkable states, capacities and bandw
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.analytic import SavedBytesPerToken, layer_saved_bytes_per_token, zero3_gather_bytes
 from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu_optimizer_s,
@@ -127,12 +127,28 @@ def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedB
                      qkv_bytes=qkv_bytes_per_token(request.model, request.dtype, ulysses_sp) * tokens / tp)
 
 
+def profiled_collectives(request: PlanRequest, profile) -> PlanRequest:
+    """The request with its node's per-kind collective latency and bandwidth replaced by the
+    profile's (`LayerProfile.collective_fits`: blocking gloo calls between the ranks, reached
+    from compute on the cores they share, measured beside the layer), where that profile was
+    taken on the target's CPU; else unchanged."""
+    fits = getattr(profile, "collective_fits", None) or {}
+    hw = request.hardware
+    if not fits or hw.device_name.lower() != "cpu" or not _profile_applies(request, profile, ()):
+        return request
+    return replace(request, hardware=hw.replace(
+        intra_node_collective_latency_s={k: float(lat) for k, (lat, _) in fits.items()},
+        intra_node_collective_bw={**hw.intra_node_collective_bw,
+                                  **{k: float(bw) for k, (_, bw) in fits.items()}}))
+
+
 def profiled_stages(request: PlanRequest, cand: Candidate, params: CostParams, profile,
                     measured_bytes: dict[str, float] | None,
                     tiling: tuple[int, int] | None = None) -> tuple[list[StageSetup], tuple[int, int]]:
     """`build_stages` with what a profile gives: its bytes per token (`measured_bytes`), and
     its layer, head and optimizer times when it was taken on the target's device type."""
     per_token = bytes_per_token(request, cand, measured_bytes)
+    request = profiled_collectives(request, profile)
     return build_stages(request, cand, params, per_token,
                         profiled_layer_cost(request, cand, per_token, profile, params), tiling=tiling,
                         timing=profiled_timing(request, cand, profile))
@@ -250,7 +266,8 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
             params=params, backward_resident_params=resident,
             stage_units=count + (1 if stage == 0 else 0) + (1 if last else 0),
             grad_reduce_dtype=request.grad_reduce_dtype, microbatch_backward_s=backward,
-            overlap_param_gather=request.overlap_param_gather)
+            overlap_param_gather=request.overlap_param_gather, last_stage=last,
+            loss_tiles=-(-tokens // loss_chunk) if loss_chunk else 1)
         # the compute under the hidden ZeRO collectives runs on fewer SMs (planner.contention)
         slow_mb, slow_step = zero_contention_seconds(
             hw, params, cand, total_params, count + (1 if stage == 0 else 0) + (1 if last else 0),

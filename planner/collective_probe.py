@@ -9,6 +9,13 @@ COLLECTIVE_KINDS = ("all_to_all", "reduce_scatter", "all_gather", "all_reduce")
 """The collectives the runtime issues (Ulysses, ZeRO, data parallel), timed by `probe`."""
 COLLECTIVE_SIZES = (64 * 2**10, 512 * 2**10, 4 * 2**20, 16 * 2**20)
 """Input bytes per call of the timed collectives: from latency-bound to bandwidth-bound."""
+BUSY_SIZES = (16 * 2**10, 256 * 2**10, 2 * 2**20)
+"""Input bytes per call of the collectives timed between compute segments (`busy_collectives`):
+the sizes a small job's Ulysses all-to-alls and ZeRO chunks have."""
+BUSY_SEGMENT_N = 160
+"""Side of the square fp32 matmul each rank runs before every call of `busy_collectives`
+(~8 MFLOP: about a millisecond on one core, the compute between a Ulysses layer's
+all-to-alls at a few hundred tokens)."""
 
 
 def collective_sent_bytes(kind: str, num_bytes: int, world: int) -> float:
@@ -103,6 +110,74 @@ def _collective_worker(rank: int, world: int, port: int, threads: int, sizes: tu
     except Exception as exc:  # reported to the caller, which falls back
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
 
+
+
+def _busy_worker(rank: int, world: int, port: int, threads: int, sizes: tuple[int, ...],
+                 rounds: int, repeats: int, queue) -> None:
+    """One rank of `busy_collectives`: per (kind, input bytes) the median over `repeats` of
+    (rounds of [matmul segment; collective] - rounds of [matmul segment]) / rounds."""
+    import os
+    import statistics
+    import time
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=60))
+        a = torch.randn(BUSY_SEGMENT_N, BUSY_SEGMENT_N)
+
+        def rounds_s(op) -> float:
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(rounds):
+                torch.mm(a, a)
+                if op is not None:
+                    op()
+            dist.barrier()
+            return time.perf_counter() - start
+
+        out = {}
+        for size in sizes:
+            numel = size // 4 // world * world
+            full, other, part = torch.ones(numel), torch.empty(numel), torch.ones(numel // world)
+            ops = {"all_to_all": lambda: dist.all_to_all_single(other, full),
+                   "reduce_scatter": lambda: dist.reduce_scatter_single(part, full),
+                   "all_gather": lambda: dist.all_gather_single(other, part),
+                   "all_reduce": lambda: dist.all_reduce(full)}
+            for kind in COLLECTIVE_KINDS:
+                ops[kind]()                                       # warm-up
+                extra = [rounds_s(ops[kind]) - rounds_s(None) for _ in range(repeats)]
+                out[(kind, numel * 4)] = statistics.median(extra) / rounds
+        if rank == 0:
+            queue.put(("ok", out))
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception as exc:  # reported to the caller
+        queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+
+
+def busy_collectives(world: int = 2, *, threads: int = 1, sizes: tuple[int, ...] = BUSY_SIZES,
+                     rounds: int = 20, repeats: int = 3, timeout_s: float = 120.0) -> dict:
+    """Seconds a blocking gloo collective adds to the ranks' compute on this node, as a step
+    sees it: `world` local processes with `threads` torch threads each run `rounds` matmul
+    segments (`BUSY_SEGMENT_N`) with a collective after each, and the same segments without;
+    the difference per call, by kind and size. Unlike `timed_collectives` (calls back to back
+    after a barrier, on idle cores) this includes what a call costs when the ranks arrive from
+    compute on shared cores: waking gloo's threads on busy cores, and waiting for the rank
+    whose segment ran longer. Returns {"samples": {(kind, input bytes): s per call},
+    "by_kind": {kind: (latency_s, bandwidth)}} (`fit_collective_samples`; a call measured
+    below zero by noise counts as 1 us)."""
+    if world < 2:
+        raise ValueError(f"world: need at least 2 processes, got {world}")
+    payload = run_collective_workers(_busy_worker, world, (threads, tuple(sizes), rounds, repeats),
+                                     timeout_s, "busy collectives")
+    samples = {key: max(1e-6, t) for key, t in payload.items()}
+    _, _, by_kind = fit_collective_samples(samples, world)
+    return {"samples": samples, "by_kind": by_kind}
 
 
 def run_collective_workers(worker, world: int, args: tuple, timeout_s: float, what: str) -> dict:

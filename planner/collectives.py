@@ -21,9 +21,12 @@ from planner.hardware import HardwareSpec
 from planner.shapes import DTYPE_BYTES, ModelShape
 
 
-def call_latency(hw: HardwareSpec, default_s: float) -> float:
-    """Per-call latency inside a node: measured (`probe`) when known, else `default_s`
-    on GPUs and 0 elsewhere."""
+def call_latency(hw: HardwareSpec, default_s: float, kind: str | None = None) -> float:
+    """Per-call latency inside a node: measured for this collective `kind` when known (`probe`'s
+    per-kind fit, or a CPU profile's calls between compute segments), else measured over all
+    kinds, else `default_s` on GPUs and 0 elsewhere."""
+    if kind in hw.intra_node_collective_latency_s:
+        return hw.intra_node_collective_latency_s[kind]
     if hw.intra_node_latency_s:
         return hw.intra_node_latency_s
     return 0.0 if hw.device_name.lower() == "cpu" else default_s
@@ -156,18 +159,21 @@ def param_gather_overlap(hw: HardwareSpec, requested: bool | None = None) -> boo
 
 def zero_collectives(num_params: float, zero_stage: int, group: int, units: int, *,
                      backward_resident_params: float = 0, param_bytes: int = FP32,
-                     grad_bytes: int = FP32) -> list[tuple[str, float, float, int, int]]:
+                     grad_bytes: int = FP32, gathered_once: int = 0
+                     ) -> list[tuple[str, float, float, int, int]]:
     """(kind, bytes per microbatch, bytes per step, calls per microbatch, calls per step) of
     the runtime's ZeRO collectives for `num_params` packed into `units` chunks (one call per
     chunk and collective); `zero_step_bytes` sums their bytes. Gathers move `param_bytes`
-    per parameter, gradient reductions `grad_bytes`."""
+    per parameter, gradient reductions `grad_bytes`. Stage 3 gathers `gathered_once` of the
+    chunks (the backward-resident embedding, final norm and head) once per microbatch, the
+    others twice."""
     if group <= 1:
         return []
     share = (group - 1) / group
     gather, reduce = share * param_bytes, share * grad_bytes
     if zero_stage == 3:
         gathers = (2 * num_params - backward_resident_params) * gather
-        return [("all_gather", gathers, 0.0, 2 * units, 0),
+        return [("all_gather", gathers, 0.0, 2 * units - gathered_once, 0),
                 ("reduce_scatter", num_params * reduce, 0.0, units, 0)]
     if zero_stage == 2:
         return [("reduce_scatter", num_params * reduce, 0.0, units, 0),
@@ -188,7 +194,7 @@ def _seconds(hw: HardwareSpec, params: CostParams, kind: str, sent: float, group
         hw, kind, sent, group, stride, calls,
         intra_bw=collective_bw(hw, min(group * stride, hw.devices_per_node), params, kind),
         inter_bw=hw.inter_node_bw * params.comm_efficiency,
-        latency_s=call_latency(hw, params.gpu_collective_latency_s),
+        latency_s=call_latency(hw, params.gpu_collective_latency_s, kind),
         inter_latency_s=0.0 if hw.device_name.lower() == "cpu" else params.inter_node_latency_s)
 
 
@@ -197,7 +203,8 @@ def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
                microbatch_compute_s: float, attention_forward_s: float, params: CostParams,
                backward_resident_params: float = 0, stage_units: int | None = None,
                grad_reduce_dtype: str = "fp32", microbatch_backward_s: float | None = None,
-               overlap_param_gather: bool | None = None) -> tuple[float, float]:
+               overlap_param_gather: bool | None = None, last_stage: bool = True,
+               loss_tiles: int = 1) -> tuple[float, float]:
     """(exposed per microbatch, exposed per step) communication seconds for one stage.
 
     Each call costs a latency (measured on CPU nodes, NCCL's on GPUs) on top of its bytes
@@ -208,8 +215,11 @@ def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
     the backward and the last bucket is exposed (stages 0-2 reduce once per step, in the last
     microbatch's backward); the stage 1-2 parameter all-gather after the update under the next
     step's first forward when `overlap_param_gather` (None: `param_gather_overlap`). Ulysses
-    all-to-alls are on the critical path either way. `stage_num_params` is per TP rank;
-    `stage_units`: ZeRO units of the stage (default: its layers + embedding / head)."""
+    all-to-alls are on the critical path either way, and so are the step's tiny blocking
+    all-reduces (`step_sync_calls`) and, on the `last_stage`, tensor parallelism's
+    collectives outside the layers (`tp_head_seconds`, `loss_tiles` tiles of the loss).
+    `stage_num_params` is per TP rank; `stage_units`: ZeRO units of the stage (default: its
+    layers + embedding / head)."""
     b, tp = DTYPE_BYTES[dtype], cand.tp
     overlap = overlaps_compute(hw)
     latency = call_latency(hw, params.gpu_collective_latency_s)
@@ -231,20 +241,49 @@ def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
         span = pipeline_group_span(cand)
         per_mb += 2 * cand.virtual * (tokens * shape.hidden_size * b / tp
                                       / collective_bw(hw, span, params, "send") + latency)
+    if tp > 1 and last_stage:
+        from planner.tp_collectives import tp_head_seconds   # it imports this module
+        per_mb += tp_head_seconds(shape, dtype, hw, tokens, tp, params, loss_tiles=loss_tiles)
     units = stage_units if stage_units is not None else stage_layers + 2
+    once = 0
+    if cand.zero_stage == 3:
+        units += int(last_stage) * (zero3_tail_chunks(shape, cand.pp) - 1)
+        once = units - stage_layers
     mb, per_step = zero_microbatch_seconds(
         hw, params, cand, stage_num_params, units, microbatch_compute_s=microbatch_compute_s,
         backward_s=backward, backward_resident_params=backward_resident_params, param_bytes=b,
         grad_bytes=DTYPE_BYTES[grad_reduce_dtype], overlap=overlap,
-        gather_overlap=param_gather_overlap(hw, overlap_param_gather))
+        gather_overlap=param_gather_overlap(hw, overlap_param_gather), gathered_once=once)
+    shard_calls, pp_tp_calls = step_sync_calls(cand)
+    per_step += (_seconds(hw, params, "all_reduce", shard_calls * 8.0, cand.shard_group, tp, shard_calls)
+                 + (pp_tp_calls * call_latency(hw, params.gpu_collective_latency_s, "all_reduce")))
     return per_mb + mb, per_step
+
+
+def zero3_tail_chunks(shape: ModelShape, pp: int) -> int:
+    """Chunks ZeRO-3 packs the final norm and the head into (disttrain/parallel/chunks.py packs
+    parameters in order into chunks of one layer's size, never splitting one): two when the
+    head does not fit beside the norm, else one (a head tied to the embedding on one stage is
+    not the tail's)."""
+    head = 0 if shape.tie_embeddings and pp == 1 else shape.vocab_size * shape.hidden_size
+    return 2 if head and shape.hidden_size + head > shape.layer_params() else 1
+
+
+def step_sync_calls(cand: Candidate) -> tuple[int, int]:
+    """(over the dp x sp group, over the pp x tp group) blocking all-reduces of one scalar a
+    step runs besides its data's collectives: the loss summed over the dp x sp ranks
+    (disttrain/engine.py, when they are 2+) and the gradient norm's sum of squares over the
+    ZeRO group (stages 1-3: each rank holds a shard) and over the pp x tp ranks (each holds a
+    part of the model)."""
+    shard = 0 if cand.shard_group <= 1 else 1 + (cand.zero_stage > 0)
+    return shard, int(cand.pp * cand.tp > 1)
 
 
 def zero_microbatch_seconds(hw: HardwareSpec, params: CostParams, cand: Candidate,
                             num_params: float, units: int, *, microbatch_compute_s: float,
                             backward_s: float, backward_resident_params: float, param_bytes: int,
-                            grad_bytes: int, overlap: bool, gather_overlap: bool = False
-                            ) -> tuple[float, float]:
+                            grad_bytes: int, overlap: bool, gather_overlap: bool = False,
+                            gathered_once: int = 0) -> tuple[float, float]:
     """(exposed per microbatch, exposed per step) seconds of the ZeRO collectives of
     `num_params` parameters in `units` buckets. The runtime issues every ZeRO collective on
     one process group, whose NCCL calls run one after another on one stream and share the
@@ -263,7 +302,8 @@ def zero_microbatch_seconds(hw: HardwareSpec, params: CostParams, cand: Candidat
     False: gloo shares the cores, bench/gloo_overlap.py) every second is exposed."""
     parts = zero_collectives(num_params, cand.zero_stage, cand.shard_group, units,
                              backward_resident_params=backward_resident_params,
-                             param_bytes=param_bytes, grad_bytes=grad_bytes)
+                             param_bytes=param_bytes, grad_bytes=grad_bytes,
+                             gathered_once=gathered_once)
     mb = {k: (_seconds(hw, params, k, mb_b, cand.shard_group, cand.tp, mb_c), mb_c)
           for k, mb_b, _, mb_c, _ in parts}
     step = {k: _seconds(hw, params, k, st_b, cand.shard_group, cand.tp, st_c)
@@ -300,3 +340,41 @@ def tp_pipeline_exposed(comm_s: float, gemm_s: float, chunks: int) -> float:
     if chunks <= 1:
         return comm_s
     return max(comm_s / chunks, comm_s - gemm_s * (chunks - 1) / chunks)
+
+
+def step_collective_calls(shape: ModelShape, cand: Candidate, *, stage_layers: int,
+                          num_microbatches: int, first_stage: bool = True, last_stage: bool = True,
+                          loss_tiles: int = 1, rebuilt_layers: int = 0) -> dict[str, int]:
+    """Blocking collective calls one rank of a stage issues in a step, by kind, as `comm_times`
+    prices them (pp = 1, no ring: their point-to-point traffic is not counted here): Ulysses'
+    four all-to-alls per layer and microbatch, ZeRO's per chunk, the step's scalar all-reduces
+    (`step_sync_calls`) and tensor parallelism's (per layer `TP_COLLECTIVES` and the norms'
+    all-reduces, a token-wise rebuild of `rebuilt_layers` layers rerunning the forward ones;
+    on the last stage the embedding's and head's, the final norm's and the loss's per tile)."""
+    from planner.tp_collectives import (TP_COLLECTIVES, TP_HEAD_COLLECTIVES,
+                                        TP_LOSS_ALL_REDUCES, TP_NORM_ALL_REDUCES)
+    m, calls = num_microbatches, {}
+
+    def add(kind: str, n: int) -> None:
+        if n:
+            calls[kind] = calls.get(kind, 0) + n
+    if cand.sp > 1 and cand.sp_kind == "ulysses":
+        add("all_to_all", 4 * stage_layers * m)
+    units = stage_layers + int(first_stage) + int(last_stage)
+    once = 0
+    if cand.zero_stage == 3:
+        units += int(last_stage) * (zero3_tail_chunks(shape, cand.pp) - 1)
+        once = units - stage_layers
+    for kind, _, _, mb_calls, step_calls in zero_collectives(1.0, cand.zero_stage, cand.shard_group,
+                                                             units, gathered_once=once):
+        add(kind, m * mb_calls + step_calls)
+    shard, pp_tp = step_sync_calls(cand)
+    add("all_reduce", shard + pp_tp)
+    if cand.tp > 1:
+        for kind in ("all_gather", "reduce_scatter"):
+            per_layer = TP_COLLECTIVES["forward"][kind] + TP_COLLECTIVES["backward"][kind]
+            add(kind, m * (stage_layers * per_layer + rebuilt_layers * TP_COLLECTIVES["forward"][kind]
+                           + (TP_HEAD_COLLECTIVES[kind] if last_stage else 0)))
+        add("all_reduce", m * TP_NORM_ALL_REDUCES * (2 * stage_layers + rebuilt_layers)
+            + (m * (2 + TP_LOSS_ALL_REDUCES * loss_tiles) if last_stage else 0))
+    return calls

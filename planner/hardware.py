@@ -58,6 +58,10 @@ class HardwareSpec:
     """Achieved bandwidth (bytes one rank sends per second) by collective kind
     ('all_to_all', 'reduce_scatter', 'all_gather', 'all_reduce') between devices of one
     node, where measured; empty: `intra_node_bw` for every kind."""
+    intra_node_collective_latency_s: dict[str, float] = field(default_factory=dict)
+    """Fixed seconds of one call by collective kind between devices of one node, where
+    measured (the per-kind fit of `probe`, or a CPU profile's calls between compute segments:
+    `planner.collective_probe.busy_collectives`); empty: `intra_node_latency_s` for every kind."""
 
     def __post_init__(self) -> None:
         for name in ("nodes", "devices_per_node", "device_memory_bytes", "host_memory_bytes"):
@@ -71,6 +75,9 @@ class HardwareSpec:
         bad = {k: v for k, v in self.intra_node_collective_bw.items() if v <= 0}
         if bad:
             raise ValueError(f"intra_node_collective_bw: must be positive, got {bad}")
+        bad = {k: v for k, v in self.intra_node_collective_latency_s.items() if v < 0}
+        if bad:
+            raise ValueError(f"intra_node_collective_latency_s: must be >= 0, got {bad}")
         if self.nvme_capacity_bytes < 0:
             raise ValueError(f"nvme_capacity_bytes: must be >= 0, got {self.nvme_capacity_bytes}")
         if self.nvme_capacity_bytes and (self.nvme_read_bw <= 0 or self.nvme_write_bw <= 0):
@@ -266,7 +273,8 @@ def probe(nvme_path: str = "/tmp/disttrain-nvme", *, nvme_test_bytes: int = 128 
         else:
             comm = dict(intra_node_bw=fit["bandwidth"] / CostParams().comm_efficiency,
                         intra_node_latency_s=fit["latency_s"],
-                        intra_node_collective_bw={k: bw for k, (_, bw) in fit["by_kind"].items()})
+                        intra_node_collective_bw={k: bw for k, (_, bw) in fit["by_kind"].items()},
+                        intra_node_collective_latency_s={k: lat for k, (lat, _) in fit["by_kind"].items()})
     fields = dict(name="probe", devices_per_node=devices, device_name=name,
                   device_memory_bytes=int(memory), host_memory_bytes=int(host_total),
                   host_link_bw=host_link, nvme_capacity_bytes=int(free) if nvme_path else 0,

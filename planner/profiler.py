@@ -127,6 +127,11 @@ class LayerProfile:
     loss_tile_s: float = 0.0
     """Fixed seconds one more tile of the runtime's tiled loss costs (forward + backward,
     `planner.profile_loss`); 0: not measured."""
+    collective_fits: dict[str, list[float]] = field(default_factory=dict)
+    """Per collective kind, [latency s, bandwidth bytes/s] of a blocking gloo call between
+    `concurrent` ranks reached from compute on these cores, measured with the profile
+    (`planner.collective_probe.busy_collectives`); empty: not measured (the hardware's
+    figures stand)."""
 
     def saved_bytes(self, tokens: int) -> dict[str, float]:
         return {name: slope * tokens for name, slope in self.bytes_per_token.items()}
@@ -266,6 +271,18 @@ def fit_profile(measurements: list[LayerMeasurement], *, key: str, device: str,
                         allocation_fits=fits, **extra)
 
 
+def _collective_fits(ranks: int, threads: int) -> dict[str, list[float]]:
+    """{kind: [latency s, bandwidth]} of `busy_collectives` between `ranks` processes; {}
+    (logged) when they cannot run."""
+    from planner.collective_probe import busy_collectives
+    try:
+        fit = busy_collectives(ranks, threads=threads)
+    except (RuntimeError, OSError, ValueError) as exc:
+        log.warning("profile: collectives not timed (%s); the hardware's figures stand", exc)
+        return {}
+    return {kind: [float(lat), float(bw)] for kind, (lat, bw) in fit["by_kind"].items()}
+
+
 def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tuple],
                   hidden_size: int, seq_lens: list[int] | tuple[int, ...], dtype: str,
                   batch: int = 1, *, shape_dict: dict[str, Any] | None = None,
@@ -274,7 +291,8 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
                   head: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   optimizer_numel: int | Sequence[int] = 0, repeats: int | None = None,
                   twin_timeout_s: float = 300.0,
-                  max_cache_age_s: float | None = None) -> LayerProfile:
+                  max_cache_age_s: float | None = None,
+                  collectives: bool = False) -> LayerProfile:
     """Profile `layer` at each of `seq_lens`; read/write a JSON cache when `cache_dir` is set.
 
     `threads`: torch threads while measuring (None: this process's current count), as each
@@ -287,7 +305,9 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
     All of these are part of the cache key. A twin that dies, or a step that waits for the
     others longer than `twin_timeout_s`, makes it measure alone (recorded, not cached).
     `max_cache_age_s`: a cached profile older than this is measured again (the machine's
-    load may have changed since; None: any age).
+    load may have changed since; None: any age). `collectives` (CPU, `concurrent` > 1): also
+    time blocking gloo collectives between `concurrent` ranks as a step meets them, after
+    compute (`collective_fits`; a failure is logged and leaves them unmeasured).
     """
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype: must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
@@ -306,7 +326,8 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
                       batch=batch)
     key = profile_key(key_source, dtype, device, threads=threads, concurrent=concurrent,
                       head=head is not None, optimizer_numel=opt_sizes, page_faults=True,
-                      loss_tiles=bool(getattr(head, "tiles_loss", False)))
+                      loss_tiles=bool(getattr(head, "tiles_loss", False)),
+                      **({"collectives": True} if collectives else {}))
     cache_path = Path(cache_dir) / f"profile-{key}.json" if cache_dir else None
     if cache_path is not None and cache_path.exists():
         cached = LayerProfile.from_dict(json.loads(cache_path.read_text()))
@@ -350,10 +371,12 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
             measured_concurrent, cache = 1, None
     finally:
         torch.set_num_threads(before)
+    comm = (_collective_fits(concurrent, threads)
+            if collectives and device == "cpu" and concurrent > 1 else {})
     profile = fit_profile(runs, key=key, device=device, dtype=dtype, threads=threads,
                           concurrent=measured_concurrent, optimizer_s_per_param=opt,
                           measured_at=measured_at, load_average=load_average,
-                          page_fault_s_per_byte=fault, loss_tile_s=tile)
+                          page_fault_s_per_byte=fault, loss_tile_s=tile, collective_fits=comm)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(profile.to_dict(), indent=1))

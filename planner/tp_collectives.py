@@ -76,13 +76,16 @@ def tp_comm_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int
     if tp <= 1:
         return 0.0
     sent = tokens * shape.hidden_size * DTYPE_BYTES[dtype] * (tp - 1) / tp
-    latency = call_latency(hw, params.gpu_collective_latency_s)
+    # the layer's two RMSNorms each all-reduce their fp32 sums of squares (forward) and the
+    # gradient's dot product (backward) over the TP group: blocking, tiny, latency-bound
+    norms = TP_NORM_ALL_REDUCES * tp_all_reduce_seconds(hw, tokens, tp, params)
     overlap = chunks > 1 and gemm_s is not None and overlaps_compute(hw)
     total = 0.0
     for group, kinds, multiple in TP_PIPELINES[direction]:
         bulk = chunks > 1 and (direction, group) in TP_BULK
         calls = 1 if bulk else chunks
-        each = [count * (sent / collective_bw(hw, tp, params, kind) + calls * latency)
+        each = [count * (sent / collective_bw(hw, tp, params, kind)
+                         + calls * call_latency(hw, params.gpu_collective_latency_s, kind))
                 for kind, count in kinds.items()]
         if not overlap:
             total += sum(each)
@@ -90,7 +93,43 @@ def tp_comm_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int
             total += sum(max(0.0, c - (whole_gemm_s or gemm_s)[group]) for c in each)
         else:
             total += tp_pipeline_exposed(sum(each), multiple * gemm_s[group], chunks)
-    return total
+    return total + norms
+
+
+TP_NORM_ALL_REDUCES = 2
+"""All-reduces of one fp32 value per token a layer's RMSNorms run over the TP group in each
+direction (disttrain/parallel/tensor.py: the sum of squares of a feature-sharded input
+forward, the gradient's dot product backward; two norms per layer)."""
+TP_LOSS_ALL_REDUCES = 2
+"""Blocking all-reduces of the vocabulary-parallel loss per loss tile (tp_vocab.py: the
+logits' maximum, then the stacked sums)."""
+TP_HEAD_COLLECTIVES = {"all_gather": 3, "reduce_scatter": 2}
+"""Hidden-wide collectives of the embedding and the head per microbatch (forward + backward):
+the embedding's output reduce-scattered, its gradient gathered; the final hidden states
+gathered before the head, the head's input gradient gathered and reduce-scattered."""
+
+
+def tp_all_reduce_seconds(hw: HardwareSpec, tokens: float, tp: int, params: CostParams) -> float:
+    """One blocking all-reduce of one fp32 value per token over the TP group."""
+    sent = 2 * tokens * 4 * (tp - 1) / tp
+    return (sent / collective_bw(hw, tp, params, "all_reduce")
+            + call_latency(hw, params.gpu_collective_latency_s, "all_reduce"))
+
+
+def tp_head_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int, tp: int,
+                    params: CostParams, *, loss_tiles: int = 1) -> float:
+    """Seconds of one microbatch's tensor-parallel collectives outside the decoder layers,
+    blocking: the embedding's and head's hidden-wide ones (`TP_HEAD_COLLECTIVES`), the final
+    norm's all-reduces (forward, backward) and the loss's per tile (`TP_LOSS_ALL_REDUCES`)."""
+    if tp <= 1:
+        return 0.0
+    sent = tokens * shape.hidden_size * DTYPE_BYTES[dtype] * (tp - 1) / tp
+    wide = sum(count * (sent / collective_bw(hw, tp, params, kind)
+                        + call_latency(hw, params.gpu_collective_latency_s, kind))
+               for kind, count in TP_HEAD_COLLECTIVES.items())
+    tile = tokens / max(1, loss_tiles)
+    return (wide + 2 * tp_all_reduce_seconds(hw, tokens, tp, params)
+            + loss_tiles * TP_LOSS_ALL_REDUCES * tp_all_reduce_seconds(hw, tile, tp, params))
 
 
 def tp_step_bytes(shape: ModelShape, dtype: str, tokens: int, tp: int, *,

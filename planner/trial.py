@@ -1,6 +1,7 @@
-"""`disttrain plan --trial K`, planner side: the K best layouts as plans (one per layout
-family first), measured step times turned into corrections, corrections applied to the next
-search.
+"""`disttrain plan --trial K`, planner side: layouts as plans (one per layout family first,
+`top_plans`), measured step times turned into corrections, corrections applied to the next
+search. How the K trials are spent (family round, refinement on the corrected ranking, the
+noise-aware choice): `planner/trial_rounds.py`.
 
 The runtime side (`disttrain/trial.py`) runs each plan for a few steps on the target. Its
 measured step times correct the cost model per *part* of the step (compute, recompute,
@@ -233,22 +234,33 @@ def _same_trial(a: dict, b: dict) -> bool:
         math.isclose(a["parts"][p], b["parts"][p], rel_tol=1e-6) for p in a["parts"])
 
 
-def save_corrections(path: str | Path, corrections: dict[str, float], rows: list[dict]) -> Path:
-    """Merge `corrections` (layouts, and families and observations when a `Corrections`)
-    into the file at `path` (newest measurement wins) and refit the per-part factors over
-    every stored observation (at most `MAX_OBSERVATIONS`, the newest)."""
-    path = Path(path)
-    old = load_corrections(path)
-    families = {**old.families, **getattr(corrections, "families", {})}
-    new_obs = list(getattr(corrections, "observations", []))
+def merge_corrections(old, new) -> Corrections:
+    """`new` corrections (layouts, and families and observations when a `Corrections`)
+    merged over `old` (newest measurement wins), the per-part factors refitted over every
+    observation (at most `MAX_OBSERVATIONS`, the newest): what `save_corrections` stores and
+    the next plan loads."""
+    old = old if isinstance(old, Corrections) else Corrections(dict(old or {}))
+    families = {**old.families, **getattr(new, "families", {})}
+    new_obs = list(getattr(new, "observations", []))
     observations = [o for o in old.observations if not any(_same_trial(o, n) for n in new_obs)]
     observations = (observations + new_obs)[-MAX_OBSERVATIONS:]
     if observations:
         parts, family_parts = fit_part_factors(observations, layout_family)
-    else:
-        parts, family_parts = old.parts, old.family_parts
+    else:  # nothing to refit over: the newer factors, else the older
+        parts = getattr(new, "parts", None) or old.parts
+        family_parts = getattr(new, "family_parts", None) or old.family_parts
+    return Corrections({**old, **new}, families, parts=parts, family_parts=family_parts,
+                       observations=observations)
+
+
+def save_corrections(path: str | Path, corrections: dict[str, float], rows: list[dict]) -> Path:
+    """Merge `corrections` into the file at `path` (`merge_corrections`) and store them with
+    the last trial's `rows`."""
+    path = Path(path)
+    merged = merge_corrections(load_corrections(path), corrections)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"corrections": {**old, **corrections}, "families": families,
-                                "parts": parts, "family_parts": family_parts,
-                                "observations": observations, "last_trial": rows}, indent=2))
+    path.write_text(json.dumps({"corrections": dict(merged), "families": merged.families,
+                                "parts": merged.parts, "family_parts": merged.family_parts,
+                                "observations": merged.observations, "last_trial": rows},
+                               indent=2))
     return path

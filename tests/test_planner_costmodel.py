@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from planner.analytic import layer_flops_per_token, layer_saved_bytes_per_token, model_flops_per_token
+from planner.collectives import call_latency, step_collective_calls, zero3_tail_chunks
 from planner.costmodel import (Candidate, CostParams, bubble_fraction, comm_times, group_bandwidth,
                                inflight_microbatches, layer_cost, model_state_bytes,
                                ring_p2p_bytes, shard_group_span, stage_layer_ranges, stage_params,
@@ -208,14 +209,34 @@ def test_cpu_collectives_are_exposed_and_pay_latency_per_call():
     per_mb, per_step = comm_times(SHAPE, "fp32", hw, z3, stage_layers=4, stage_units=6, **common)
     bw = hw.intra_node_collective_bw
     vol = 10**6 * 4 / 2
-    assert per_step == 0.0
+    # the step's two scalar all-reduces (the loss, the gradient norm's sum of squares)
+    syncs = 2 * (8 / bw["all_reduce"] + hw.intra_node_latency_s)
+    assert per_step == pytest.approx(syncs)
+    # ZeRO-3: each layer chunk gathered twice, the embedding / norm / head chunks once
+    units = 6 + zero3_tail_chunks(SHAPE, 1) - 1
     assert per_mb == pytest.approx(2 * vol / bw["all_gather"] + vol / bw["reduce_scatter"]
-                                   + 18 * hw.intra_node_latency_s)
+                                   + (units + 4 + units) * hw.intra_node_latency_s)
     z1 = Candidate(dp=2, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=1)
     per_mb, per_step = comm_times(SHAPE, "fp32", hw, z1, stage_layers=4, stage_units=6, **common)
     assert per_mb == 0.0
     assert per_step == pytest.approx(vol / bw["all_gather"] + vol / bw["reduce_scatter"]
-                                     + 12 * hw.intra_node_latency_s)
+                                     + 12 * hw.intra_node_latency_s + syncs)
+
+
+def test_measured_latency_per_kind_prices_each_kind():
+    # a node whose calls were timed per kind (probe, or a CPU profile between compute segments)
+    # prices each kind's calls at its own latency; unmeasured kinds keep the all-kinds figure
+    hw = CLUSTER_PRESETS["cpu-local"].replace(devices_per_node=2)
+    timed = hw.replace(intra_node_collective_latency_s={"all_to_all": 3e-3})
+    assert call_latency(timed, 1e-5, "all_to_all") == 3e-3
+    assert call_latency(timed, 1e-5, "all_gather") == hw.intra_node_latency_s
+    uly = Candidate(dp=1, sp=2, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=0)
+    common = dict(stage_num_params=10**6, tokens=512, microbatch_compute_s=1.0,
+                  attention_forward_s=1.0, params=CostParams(), stage_layers=4)
+    base, _ = comm_times(SHAPE, "fp32", hw, uly, **common)
+    more, _ = comm_times(SHAPE, "fp32", timed, uly, **common)
+    calls = step_collective_calls(SHAPE, uly, stage_layers=4, num_microbatches=1)["all_to_all"]
+    assert more - base == pytest.approx(calls * (3e-3 - hw.intra_node_latency_s))
 
 
 @pytest.mark.parametrize("mlp", ["swiglu", "gelu"])

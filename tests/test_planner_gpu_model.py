@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from planner.collectives import collective_seconds, tp_pipeline_exposed
-from planner.tp_collectives import TP_BULK, TP_COLLECTIVES, tp_backward_gemms, tp_gemm_groups
+from planner.tp_collectives import (TP_BULK, TP_COLLECTIVES, TP_NORM_ALL_REDUCES, tp_all_reduce_seconds,
+                                    tp_backward_gemms, tp_gemm_groups)
 from planner.costmodel import (Candidate, CostParams, bubble_fraction, inflight_microbatches,
                                layer_cost, tp_comm_seconds)
 from planner.analytic import layer_flops_per_token
@@ -78,7 +79,9 @@ def test_tensor_parallel_divides_bytes_and_adds_collectives():
     comm = tp_comm_seconds(shape, "bf16", hw, 8192, 4, params)
     sent = 8192 * 4096 * 2 * 3 / 4
     rate = hw.intra_node_bw / 2 * params.comm_efficiency
-    assert comm == pytest.approx(4 * (sent / rate + params.gpu_collective_latency_s))
+    # + the two RMSNorms' all-reduces of one fp32 value per token
+    norms = 2 * (2 * 8192 * 4 * 3 / 4 / rate + params.gpu_collective_latency_s)
+    assert comm == pytest.approx(4 * (sent / rate + params.gpu_collective_latency_s) + norms)
     assert b.recompute_s > comm and b.forward_s < a.forward_s
 
 
@@ -104,8 +107,9 @@ def test_column_parallel_backward_priced_as_bulk_overlap_with_whole_gemms():
     big = dict.fromkeys(("attention_in", "attention_out", "mlp_in", "mlp_out"), 1.0)
     first = (sent / (hw.intra_node_bw / 2 * params.comm_efficiency)
              + 4 * params.gpu_collective_latency_s) / 4
+    norms = TP_NORM_ALL_REDUCES * tp_all_reduce_seconds(hw, tokens, tp, params)  # blocking
     assert tp_comm_seconds(shape, "bf16", hw, tokens, tp, params, "backward", chunks=4,
-                           gemm_s=big) == pytest.approx(2 * first)
+                           gemm_s=big) == pytest.approx(2 * first + norms)
     # GEMMs shorter than a collective: each bulk collective exposes what its GEMM cannot
     # hide, one call each (not one per block)
     tiny = dict.fromkeys(big, 0.25 * one)
@@ -114,7 +118,7 @@ def test_column_parallel_backward_priced_as_bulk_overlap_with_whole_gemms():
                           gemm_s=tiny, whole_gemm_s=whole)
     # the row-parallel gathers hide beside the input-gradient blocks only (1 x the GEMMs)
     row = tp_pipeline_exposed(one + 3 * params.gpu_collective_latency_s, 0.25 * one, 4)
-    assert got == pytest.approx(2 * row + 4 * 0.5 * one)
+    assert got == pytest.approx(2 * row + 4 * 0.5 * one + norms)
     # the backward's GEMMs: row-parallel (o = index 3, down = last) input gradient per block
     # and weight gradient whole, column-parallel both whole
     assert tp_backward_gemms([10, 11, 12, 13, 14, 15, 16], [1, 2, 3, 4, 5, 6, 7]) == [

@@ -262,23 +262,13 @@ def working_base_bytes(lc: LayerCost, shape: ModelShape, dtype: str, mlp_chunk_t
     layer rebuilds on top (its token-local tensors, swapped input / attention output) and the
     next layer's prefetch depend on the policy: the stage MIP adds them (`planner.mip`).
 
-    tp > 1: as the runtime's plain backward holds them (`planner.working_set`, the largest of
-    the backward's phases): the TP linears' full-width gathers and input gradients do not
-    shrink with tp. tp = 1: the activation gradients (dx, dy, dq, dk, dv), the MLP's
-    intermediate gradients and, when tiled, one tile's rebuilt intermediates: below the plain
-    backward's peak in bf16 (its RMSNorm backward runs in fp32), while a layer under a
-    sequence-tiled rebuild runs those phases a tile at a time; one base for every policy
-    cannot be both (docs/design.md)."""
-    if tp > 1:
-        return layer_backward_working_bytes(shape, DTYPE_BYTES[dtype], lc.tokens, tp,
-                                            lc.tp_overlap_chunks, mlp_chunk_tokens)
-    tiled = bool(mlp_chunk_tokens) and mlp_chunk_tokens < lc.tokens
-    tile = mlp_chunk_tokens / lc.tokens if tiled else 1.0
-    b = DTYPE_BYTES[dtype]
-    grads = lc.tokens * b * (3 * shape.hidden_size + 2 * shape.kv_dim)
-    mlp_grads = lc.tokens * b * 2 * shape.ffn_hidden_size * tile
-    rebuilt = mlp_intermediate_bytes(shape, dtype, lc.tokens) * tile if tiled else 0.0
-    return grads + mlp_grads + rebuilt
+    As the runtime's plain backward holds them (`planner.working_set`, the largest of the
+    backward's phases), any tp: the TP linears' full-width gathers and input gradients do not
+    shrink with tp. A layer under a sequence-tiled rebuild runs those phases a tile at a time,
+    so this over-counts it (one base for every policy); with the chunked RMSNorm backward the
+    plain phases no longer reject FPDT's tiled-rebuild plan (docs/design.md)."""
+    return layer_backward_working_bytes(shape, DTYPE_BYTES[dtype], lc.tokens, tp,
+                                        lc.tp_overlap_chunks, mlp_chunk_tokens)
 
 
 @dataclass(frozen=True, kw_only=True)

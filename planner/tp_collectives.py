@@ -36,7 +36,7 @@ TP_COLLECTIVES = {direction: {kind: sum(kinds.get(kind, 0) for _, kinds, _ in pi
 forward 2 all-gathers + 2 reduce-scatters, backward 4 + 2."""
 
 TP_BULK = frozenset({("backward", "attention_in"), ("backward", "mlp_in")})
-"""`TP_PIPELINES` entries overlapped in bulk when K > 1 (`_column_backward_bulk`, Transformer
+"""`TP_PIPELINES` entries overlapped in bulk when K > 1 (`_ColumnParallel.backward`, Transformer
 Engine's "bulk" qkv/fc1 dgrad + wgrad): the input's gather (one call) beside the whole input-
 gradient GEMM, its reduce-scatter (one call) beside the whole weight-gradient GEMM, in order
 on one stream: a, r seconds beside g each expose max(0, a - g) + max(0, r - g)."""

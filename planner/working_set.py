@@ -15,52 +15,64 @@ dtype's bytes, fp32 4.
 
 With tp > 1 the residual stream is sharded (h wide) but the linears' backward gathers to
 full width: a row-parallel backward (o, down) holds the all-gather's staging and the (T, H)
-gradient it fills (2H); a column-parallel backward (q/k/v, gate/up) holds the gathered input,
-the summed input gradient, the reduce-scatter's rank-major copy of it and, with sibling
-weights, the last sibling's term (3H + 1H), one more H while the bulk-overlap path
-(`tp_overlap_chunks` > 1) rearranges its gathered input. None of these divide by tp.
+gradient it fills (2H); a column-parallel backward (q/k/v, gate/up) holds the gathered input
+in the all-gather's rank-major staging and the input gradient summed over the siblings in the
+reduce-scatter's rank-major layout (2H), for any `tp_overlap_chunks`. None of these divide by
+tp. An RMSNorm backward (`disttrain.model.rmsnorm`) holds its input gradient and fp32 buffers
+for `NORM_CHUNK_TOKENS` tokens, not the whole sequence (`norm_backward_bytes`).
 """
 
 from __future__ import annotations
 
 FP32 = 4
+NORM_CHUNK_TOKENS = 2048
+"""Tokens the runtime's RMSNorm backward (`disttrain.model.rmsnorm`) works on at a time."""
+
+
+def norm_backward_bytes(width: float, b: int, tokens: int, tp: int = 1,
+                        chunk_tokens: int = NORM_CHUNK_TOKENS) -> float:
+    """Peak bytes an RMSNorm backward (`disttrain.model.rmsnorm`) allocates over `tokens` of
+    `width` features (this rank's): its input gradient, one chunk's fp32 (c, width) and
+    (c, 1) buffers, the weight gradient's fp32 sum and a chunk's term; sharded (tp > 1), the
+    per-token dots of all tokens instead of a chunk's, and their all-reduced copy."""
+    c = min(tokens, max(1, chunk_tokens))
+    dots = c if tp == 1 else 2 * tokens
+    return tokens * b * width + c * FP32 * width + FP32 * dots + 2 * FP32 * width
 
 
 def layer_backward_working_bytes(shape, b: int, tokens: int, tp: int = 1, overlap_chunks: int = 1,
-                                 mlp_chunk_tokens: int = 0) -> float:
+                                 mlp_chunk_tokens: int = 0,
+                                 norm_chunk_tokens: int = NORM_CHUNK_TOKENS) -> float:
     """Peak transient bytes of one layer's backward on one rank (the module docstring), for
     `tokens` local tokens in a dtype of `b` bytes. `mlp_chunk_tokens`: the MLP runs tiled
-    over tiles of that many tokens (`disttrain.tiling`), rebuilding a tile's intermediates."""
+    over tiles of that many tokens (`disttrain.tiling`), rebuilding a tile's intermediates;
+    `norm_chunk_tokens`: the tokens an RMSNorm backward works on at a time.
+    `overlap_chunks` does not change the bytes (kept for the callers)."""
     t = tokens
     tiled = 0 < mlp_chunk_tokens < t
     c = mlp_chunk_tokens if tiled else t
     n = 2 if shape.mlp == "swiglu" else 1
     H, A, kv, F = shape.hidden_size, shape.num_heads * shape.head_dim, shape.kv_dim, shape.ffn_hidden_size
     h, a, k, f = H / tp, A / tp, kv / tp, F / tp
-    upcast = 1 if b != FP32 else 0          # the norms' .float() copy has a gradient of its own
     saved = shape.mlp_saved_per_ffn         # a rebuilt tile's intermediates, F wide each
     # MLP phases: (bytes per token / b, weight gradients / b, rebuilt tensors alive in a
     # tiled MLP, whether the down projection's weight gradient is alive then in a tiled MLP)
     if tp == 1:
         mlp = [(H + (n + 1) * F, 0, saved - 1, 1), (2 * H + n * F, H * F, 0, 1)]
-        norm = b * H + (4 + upcast) * FP32 * H
         attn = [(H + 3 * A + 2 * kv, 0), (4 * H + A, kv * H), (3 * H + A + kv, kv * H)]
         if shape.rope:
             attn += [(2 * H + A + 3 * kv, 0), (2 * H + 3 * A + kv, 0)]
     else:
-        bulk = 1 if overlap_chunks > 1 else 0
-        sib = 1 if n > 1 else 0
         mlp = [(h + 2 * H + f, 0, saved, 0), (h + H + f, H * f, saved, 0),
                (h + (n + 1) * f, 0, saved - 1, 1),
-               (2 * h + n * f + (3 + sib) * H, n * H * f, 0, 1),
-               (2 * h + n * f + (3 + sib + bulk) * H, 0, 0, 1)]
-        norm = b * h + (3 + upcast) * FP32 * h + FP32
+               (2 * h + n * f + 2 * H, n * H * f, 0, 1)]
         attn = [(h + 2 * H + a, 0), (h + H + a, H * a), (h + 3 * a + 2 * k, 0),
-                (2 * h + a + 2 * k + 4 * H, (a + 2 * k) * H),
-                (2 * h + a + 2 * k + (4 + bulk) * H, 0)]
+                (2 * h + a + 2 * k + 2 * H, (a + 2 * k) * H)]
         if shape.rope:
             attn.append((h + a + 4 * k, 0))
-    peaks = [b * (t * per + w) for per, w in attn] + [t * norm]
+    # an RMSNorm backward beside the incoming and the residual gradients (2 x h)
+    norm = t * 2 * b * h + norm_backward_bytes(h, b, t, tp, norm_chunk_tokens)
+    peaks = [b * (t * per + w) for per, w in attn] + [norm]
     if not tiled:
         return max(peaks + [b * (t * per + w) for per, w, _, _ in mlp])
     # tiled MLP (`disttrain.tiling`): its incoming and input gradients (T, h) stay whole and

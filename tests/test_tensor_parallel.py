@@ -106,14 +106,16 @@ class _OneRankTP:
     def __init__(self, overlap_chunks: int) -> None:
         self.overlap_chunks, self.calls = overlap_chunks, []
 
-    def start_gather(self, x, out=None):
+    def start_gather(self, x, out=None, rank_major=False):
         self.calls.append("all_gather")
+        if rank_major:                      # (tp, ..., h): this one rank's shard
+            return _Done(x.contiguous().unsqueeze(0))
         if out is None:
             return _Done(x.contiguous())
         out.copy_(x.reshape(out.shape))
         return _Done(out)
 
-    def start_reduce_scatter(self, y, out=None):
+    def start_reduce_scatter(self, y, out=None, rank_major=False):
         self.calls.append("reduce_scatter")
         if out is None:
             return _Done(y.clone())
@@ -150,6 +152,68 @@ def test_column_parallel_backward_overlaps_in_bulk_with_one_call_per_collective(
     ref.backward()
     for g, t in zip(got, (x, *weights)):
         torch.testing.assert_close(g, t.grad, rtol=1e-6, atol=1e-6)
+
+
+class _RankOfTwo:
+    """Rank `rank` of a tp group of two in one process: the gather returns both ranks' shards
+    of a known full input (rank-major), the reduce-scatter keeps this rank's block of its own
+    partial and records every block (the test sums the two ranks' partials)."""
+
+    size = 2
+
+    def __init__(self, rank: int, full: torch.Tensor, chunks: int) -> None:
+        self.rank, self.full, self.overlap_chunks, self.partials = rank, full, chunks, None
+        self.row = 0
+
+    def start_gather(self, x, out=None, rank_major=False):
+        if rank_major:                      # the backward's: the whole shard at once
+            staged = torch.stack(self.full.chunk(2, dim=-1))
+            torch.testing.assert_close(x, staged[self.rank], rtol=0, atol=0)
+            return _Done(staged)
+        flat = self.full.reshape(-1, self.full.shape[-1])   # the forward's: token blocks in turn
+        rows = flat[self.row:self.row + x.shape[0]]
+        self.row += x.shape[0]
+        torch.testing.assert_close(x, rows.chunk(2, dim=-1)[self.rank], rtol=0, atol=0)
+        return _Done(rows.clone())
+
+    def start_reduce_scatter(self, y, out=None, rank_major=False):
+        parts = y if rank_major else torch.stack(y.chunk(2, dim=-1))
+        self.partials = parts.clone()
+        out.copy_(parts[self.rank].reshape(out.shape))
+        return _Done(out)
+
+
+@pytest.mark.parametrize("dtype,chunks", [(torch.float32, 1), (torch.float32, 2),
+                                          (torch.bfloat16, 2)])
+def test_column_parallel_backward_of_two_ranks_matches_autograd(dtype, chunks):
+    # the input gradient written per rank's column block (summed over q, k, v in place) and the
+    # weight gradients per column block of the rank-major gathered input, both ranks run in
+    # turn: the partials summed and the weight gradients stacked are autograd's
+    from disttrain.parallel.tp_linear import _ColumnParallel
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 8, generator=gen).to(dtype)
+    weights = [torch.randn(n, 8, generator=gen).to(dtype) for n in (6, 4, 4)]
+    seeds = [torch.randn(2, 6, n, generator=gen).to(dtype) for n in (6, 4, 4)]
+    partial_sum, grad_w = 0, [[], [], []]
+    for rank in range(2):
+        tp = _RankOfTwo(rank, x, chunks)
+        shard = x.chunk(2, dim=-1)[rank].contiguous().requires_grad_(True)
+        mine = [w.chunk(2, dim=0)[rank].clone().requires_grad_(True) for w in weights]
+        outs = _ColumnParallel.apply(tp, shard, *mine)
+        mine_seeds = [s.chunk(2, dim=-1)[rank] for s in seeds]
+        sum((o.float() * s.float()).sum() for o, s in zip(outs, mine_seeds)).backward()
+        partial_sum = partial_sum + tp.partials.float()
+        for i, w in enumerate(mine):
+            grad_w[i].append(w.grad)
+    xr = x.clone().requires_grad_(True)
+    wr = [w.clone().requires_grad_(True) for w in weights]
+    sum((torch.nn.functional.linear(xr, w).float() * s.float()).sum()
+        for w, s in zip(wr, seeds)).backward()
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
+    torch.testing.assert_close(torch.cat(list(partial_sum), dim=-1).view(x.shape),
+                               xr.grad.float(), **tol)
+    for got, w in zip(grad_w, wr):
+        torch.testing.assert_close(torch.cat(got), w.grad, **tol)
 
 
 def test_row_parallel_backward_gathers_per_block_and_matches_autograd():

@@ -75,13 +75,15 @@ def test_planner_working_set_is_the_runtime_backward_peak(shape, tp, dtype, chun
 
 def test_tensor_parallel_working_set_does_not_shrink_with_tp():
     # the full-width (T, H) buffers of the TP linears' backward: at tp 8 a Llama-70B-shaped
-    # layer holds more per rank than 1/8 of its tp = 1 working set, and more than 4 T x H
+    # layer holds more per rank than 1/8 of its tp = 1 working set, and more than 3 T x H
+    # (gate/up's backward: the gathered input and the summed input gradient, 2 T x H, beside
+    # the two (T, F/8) incoming gradients and the two h-wide residual gradients)
     from planner.shapes import MODEL_PRESETS
 
     shape, tokens = MODEL_PRESETS["llama3-70b"], 4096
     tp1 = layer_backward_working_bytes(shape, 2, tokens)
     tp8 = layer_backward_working_bytes(shape, 2, tokens, tp=8)
-    assert tp8 > 4 * tokens * 2 * shape.hidden_size > tp1 / 8
+    assert tp8 > 3 * tokens * 2 * shape.hidden_size > tp1 / 8
 
 
 @pytest.mark.parametrize("tp,chunks", [(2, 1), (4, 2), (8, None)])

@@ -21,20 +21,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from planner.shapes import ModelShape
+from planner.working_set import NORM_CHUNK_TOKENS
 
 from disttrain.model.attention import LOCAL_CORE, AttentionCore
+from disttrain.model.rmsnorm import rms_norm
 
 
 class RMSNorm(nn.Module):
+    """(x * rsqrt(mean(x^2) + eps)).to(x.dtype) * weight, x upcast to fp32; the backward runs
+    over `chunk_tokens` tokens at a time (`disttrain.model.rmsnorm`)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.chunk_tokens = NORM_CHUNK_TOKENS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps, chunk_tokens=self.chunk_tokens)
 
 
 def rope_cos_sin(positions_S: torch.Tensor, head_dim: int, theta: float,

@@ -43,6 +43,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from planner.working_set import NORM_CHUNK_TOKENS
+
+from disttrain.model.rmsnorm import rms_norm
 from disttrain.parallel.tp_comm import COMM_KINDS, TensorParallel, _AllReduceSum  # noqa: F401
 from disttrain.parallel.tp_linear import _ColumnParallel, _RowParallel
 from disttrain.parallel.tp_vocab import (VocabParallelEmbedding, _pad_rows,  # noqa: F401
@@ -72,12 +75,10 @@ class ShardedRMSNorm(nn.Module):
         super().__init__()
         self.tp, self.eps, self.hidden_size = tp, eps, hidden_size
         self.weight = nn.Parameter(weight)
+        self.chunk_tokens = NORM_CHUNK_TOKENS
 
     def forward(self, x_Th: torch.Tensor) -> torch.Tensor:
-        xf = x_Th.float()
-        sumsq = _AllReduceSum.apply(self.tp, xf.pow(2).sum(-1, keepdim=True))
-        normed = xf * torch.rsqrt(sumsq / self.hidden_size + self.eps)
-        return normed.to(x_Th.dtype) * self.weight
+        return rms_norm(x_Th, self.weight, self.eps, self.hidden_size, self.tp, self.chunk_tokens)
 
 
 class _Siblings:

@@ -41,12 +41,14 @@ class TensorParallel(CommCounter):
         nbytes = t.numel() * t.element_size() * (self.size - 1)
         self._count(kind, 2 * nbytes // self.size if kind == "all_reduce" else nbytes)
 
-    def start_gather(self, x_Th: torch.Tensor, out: torch.Tensor | None = None) -> "_InFlight":
+    def start_gather(self, x_Th: torch.Tensor, out: torch.Tensor | None = None,
+                     rank_major: bool = False) -> "_InFlight":
         """Issue the all-gather of `gather_hidden` without waiting (`async_op`: on CUDA it runs
         on NCCL's stream, on gloo on its worker thread); `.wait()` returns the (..., H), written
         into `out` (a (..., H) tensor, e.g. a row block of a larger one) when given. The
         collective receives the shards rank by rank into a staging buffer that `.wait()`
-        rearranges and releases."""
+        rearranges and releases; `rank_major`: `.wait()` returns that buffer as it is,
+        (tp, ..., h) with rank r's shard at r, no copy."""
         x_Th = x_Th.contiguous()
         staged = torch.empty((self.size, *x_Th.shape), dtype=x_Th.dtype, device=x_Th.device)
         work = dist.all_gather_single(staged.view(-1), x_Th.view(-1), group=self.group,
@@ -54,6 +56,8 @@ class TensorParallel(CommCounter):
         self._count_collective("all_gather", x_Th)
 
         def result() -> torch.Tensor:
+            if rank_major:
+                return staged
             by_feature = staged.movedim(0, -2)          # (..., tp, h)
             if out is None:
                 return by_feature.reshape(*x_Th.shape[:-1], -1)
@@ -61,11 +65,14 @@ class TensorParallel(CommCounter):
             return out
         return _InFlight(work, result, x_Th)
 
-    def start_reduce_scatter(self, y_TH: torch.Tensor, out: torch.Tensor | None = None
-                             ) -> "_InFlight":
+    def start_reduce_scatter(self, y_TH: torch.Tensor, out: torch.Tensor | None = None,
+                             rank_major: bool = False) -> "_InFlight":
         """Issue the reduce-scatter of `reduce_scatter_hidden` without waiting, into `out`
-        (a contiguous (..., h) tensor, e.g. a row block of a larger one) when given."""
-        parts = y_TH.unflatten(-1, (self.size, -1)).movedim(-2, 0).contiguous()
+        (a contiguous (..., h) tensor, e.g. a row block of a larger one) when given.
+        `rank_major`: `y_TH` is already the collective's layout, a contiguous (tp, ..., h) with
+        the features bound for rank r at r (no rank-major copy of it is made)."""
+        parts = (y_TH if rank_major
+                 else y_TH.unflatten(-1, (self.size, -1)).movedim(-2, 0).contiguous())
         if out is None:
             out = torch.empty(parts.shape[1:], dtype=y_TH.dtype, device=y_TH.device)
         work = dist.reduce_scatter_single(out.view(-1), parts.view(-1), group=self.group,

@@ -35,9 +35,13 @@ class _ColumnParallel(torch.autograd.Function):
     With `tp.overlap_chunks` = K > 1 the tokens are split into K blocks and every block's
     all-gather is issued asynchronously up front: block i's GEMMs run while blocks > i are
     still in flight, so only the first block's gather waits (collective matmul). The
-    backward overlaps in bulk (`_column_backward_bulk`): the shard's gather beside the whole
-    input-gradient GEMM, its reduce-scatter beside the whole weight-gradient GEMM. Same bytes
-    as K = 1; K = 1 gathers first and reduce-scatters under the weight gradient."""
+    backward overlaps in bulk (Transformer Engine's default for the qkv / fc1 backward under
+    Megatron's `--tp-comm-overlap`): the shard's gather beside the input-gradient GEMMs (they
+    do not read it), its reduce-scatter beside the weight-gradient GEMMs (they read the
+    gathered input, not the input gradient); K = 1 gathers first and reduce-scatters under the
+    weight gradient. Either way it holds two (T, H) buffers: the gather's rank-major staging,
+    which the weight gradients read column block by column block, and the input gradient,
+    summed over the siblings in place in the reduce-scatter's rank-major layout."""
 
     @staticmethod
     def forward(ctx, tp: TensorParallel, x_Th: torch.Tensor, *weights: torch.Tensor):
@@ -63,55 +67,38 @@ class _ColumnParallel(torch.autograd.Function):
         live = [(i, g.reshape(-1, g.shape[-1]), w)
                 for i, (g, w) in enumerate(zip(grads, weights)) if g is not None]
         dtype = live[0][1].dtype if live else x_Th.dtype
-        grad_x = torch.empty((x_Th.numel() // x_Th.shape[-1], x_Th.shape[-1]), dtype=dtype,
-                             device=x_Th.device)
-        if tp.overlap_chunks > 1 and live:
-            grad_w = _column_backward_bulk(tp, x_Th, live, len(weights), grad_x)
-            grad_w = [None if gw is None else gw.to(w.dtype) for gw, w in zip(grad_w, weights)]
-            return None, grad_x.view(x_Th.shape).to(x_Th.dtype), *grad_w
-        gathers = [tp.start_gather(block) for block in _row_blocks(x_Th, tp.overlap_chunks)]
+        tokens, h = x_Th.numel() // x_Th.shape[-1], x_Th.shape[-1]
+        cols = [slice(r * h, (r + 1) * h) for r in range(tp.size)]
+        bulk = tp.overlap_chunks > 1 and bool(live)
+        gather = tp.start_gather(x_Th, rank_major=True)
+        x_rTh = None if bulk else gather.wait().view(tp.size, tokens, h)   # K = 1: gather first
+        # the input gradient, summed over the siblings in place, written straight in the
+        # reduce-scatter's rank-major layout: rank r's features are columns r of the weights
+        parts = torch.empty((tp.size, tokens, h), dtype=dtype, device=x_Th.device)
+        if not live:
+            parts.zero_()
+        for j, (_, g, w) in enumerate(live):
+            w = w.to(g.dtype)
+            for r, c in enumerate(cols):
+                if j == 0:
+                    torch.mm(g, w[:, c], out=parts[r])
+                else:
+                    parts[r].addmm_(g, w[:, c])
+        grad_x = torch.empty((tokens, h), dtype=dtype, device=x_Th.device)
+        scatter = tp.start_reduce_scatter(parts, out=grad_x, rank_major=True)
+        del parts                       # the collective holds it until it is waited for
+        if x_rTh is None:               # bulk: the gather ran beside the input-gradient GEMMs
+            x_rTh = gather.wait().view(tp.size, tokens, h)
+        # the weight gradients under the reduce-scatter, column block r from rank r's rows
         grad_w: list[torch.Tensor | None] = [None] * len(weights)
-        scatters, start = [], 0
-        for pending in gathers:
-            x_cH = pending.wait()
-            stop = start + x_cH.shape[0]
-            part = None
-            for _, g, w in live:
-                term = g[start:stop] @ w.to(g.dtype)
-                part = term if part is None else part + term
-            if part is None:
-                part = torch.zeros(x_cH.shape, dtype=dtype, device=x_cH.device)
-            scatters.append(tp.start_reduce_scatter(part, out=grad_x[start:stop]))
-            for i, g, _ in live:   # under the reduce-scatter just issued (K = 1: one block)
-                grad_w[i] = g[start:stop].t() @ x_cH.to(g.dtype)
-            start = stop
-        for pending in scatters:
-            pending.wait()
-        grad_w = [None if gw is None else gw.to(w.dtype) for gw, w in zip(grad_w, weights)]
+        for i, g, w in live:
+            gw = torch.empty((w.shape[0], tp.size * h), dtype=g.dtype, device=g.device)
+            for r, c in enumerate(cols):
+                torch.mm(g.t(), x_rTh[r].to(g.dtype), out=gw[:, c])
+            grad_w[i] = gw.to(w.dtype)
+        del x_rTh
+        scatter.wait()
         return None, grad_x.view(x_Th.shape).to(x_Th.dtype), *grad_w
-
-
-def _column_backward_bulk(tp: TensorParallel, x_Th: torch.Tensor, live: list, count: int,
-                          grad_x: torch.Tensor) -> list[torch.Tensor | None]:
-    """A column-parallel backward with its two collectives each beside a whole GEMM (bulk
-    overlap, Transformer Engine's default for the qkv / fc1 backward under Megatron's
-    `--tp-comm-overlap`): the saved input shard is all-gathered while the input-gradient GEMMs
-    run (they do not read it), and that gradient is reduce-scattered into `grad_x` while the
-    weight-gradient GEMMs run (they read the gathered input, not the input gradient). Each
-    GEMM runs once over all tokens; same bytes as the blocked path. Returns the weight
-    gradients by sibling index."""
-    gather = tp.start_gather(x_Th)
-    part = None
-    for _, g, w in live:
-        term = g @ w.to(g.dtype)
-        part = term if part is None else part + term
-    scatter = tp.start_reduce_scatter(part, out=grad_x)
-    x_TH = gather.wait().reshape(grad_x.shape[0], -1)
-    grad_w: list[torch.Tensor | None] = [None] * count
-    for i, g, _ in live:
-        grad_w[i] = g.t() @ x_TH.to(g.dtype)
-    scatter.wait()
-    return grad_w
 
 
 class _RowParallel(torch.autograd.Function):

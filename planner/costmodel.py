@@ -51,11 +51,13 @@ def _family_layer_times(family: DeviceFamily, shape: ModelShape, dtype: str, hw:
     """(token-local forward, token-local backward, attention forward, attention backward,
     forward seconds of each projection as `chunks` GEMMs of tokens / chunks rows, and as one
     GEMM) of one layer on a GPU of `family` from its efficiency curves. The backward runs the
-    column-parallel projections' gradients whole (`tp_backward_gemms`)."""
+    column-parallel projections' gradients as tp GEMMs of H / tp features (`tp_backward_gemms`)."""
     peak, b, tp = hw.flops(dtype), DTYPE_BYTES[dtype], cand.tp
     shapes = layer_gemms(shape, tokens, tp)
     gemms = [chunks * gemm_seconds(family, peak, m / chunks, n, k, b) for m, n, k in shapes]
     whole = [gemm_seconds(family, peak, m, n, k, b) for m, n, k in shapes]
+    # the column-parallel backward's GEMMs, one per rank's block of the input features
+    column = [tp * gemm_seconds(family, peak, m, n, k / tp, b) for m, n, k in shapes]
     gemm = sum(gemms)
     ew_fwd, ew_bwd = elementwise_bytes_per_token(shape, dtype, tp)
     bw = family.hbm_bw * MEMORY_EFFICIENCY
@@ -64,7 +66,7 @@ def _family_layer_times(family: DeviceFamily, shape: ModelShape, dtype: str, hw:
     key_len = seq_len if cand.sp_kind == "ulysses" else seq_len / cand.sp
     attn_f = flops / (peak * attention_efficiency(family, key_len, shape.head_dim, False))
     attn_b = 2.5 * flops / (peak * attention_efficiency(family, key_len, shape.head_dim, True))
-    return (gemm + ew_fwd * tokens / bw, sum(tp_backward_gemms(gemms, whole))
+    return (gemm + ew_fwd * tokens / bw, sum(tp_backward_gemms(gemms, whole, column))
             + ew_bwd * tokens / bw, attn_f, attn_b, gemms, whole)
 
 

@@ -45,12 +45,17 @@ TP_OVERLAP_CHOICES = (1, 2, 4, 8)
 """Token blocks the planner considers for `parallel.tp_overlap_chunks` (1: blocking)."""
 
 
-def tp_backward_gemms(split_s: list[float], whole_s: list[float]) -> list[float]:
+def tp_backward_gemms(split_s: list[float], whole_s: list[float],
+                      column_s: list[float] | None = None) -> list[float]:
     """Backward (input + weight gradient) GEMM seconds of each projection from its forward's
     per token block (`split_s`) and whole (`whole_s`): row-parallel (o, the MLP's output) input
-    gradient per block, weight gradient whole; column-parallel both whole (`TP_BULK`)."""
+    gradient per block, weight gradient whole; column-parallel ones (`TP_BULK`) as
+    `column_s` gives them (the runtime's column-parallel backward runs each of its two GEMMs
+    as tp GEMMs of H / tp input features, one per rank's block of the gathered input, so that
+    it holds two (T, H) buffers: `disttrain/parallel/tp_linear.py`), else whole."""
     last = len(split_s) - 1
-    return [split_s[i] + whole_s[i] if i in (3, last) else 2 * whole_s[i]
+    column = whole_s if column_s is None else column_s
+    return [split_s[i] + whole_s[i] if i in (3, last) else 2 * column[i]
             for i in range(len(split_s))]
 
 

@@ -120,9 +120,12 @@ def test_column_parallel_backward_priced_as_bulk_overlap_with_whole_gemms():
     row = tp_pipeline_exposed(one + 3 * params.gpu_collective_latency_s, 0.25 * one, 4)
     assert got == pytest.approx(2 * row + 4 * 0.5 * one + norms)
     # the backward's GEMMs: row-parallel (o = index 3, down = last) input gradient per block
-    # and weight gradient whole, column-parallel both whole
+    # and weight gradient whole, column-parallel both whole or as given (one GEMM per rank's
+    # block of the input features, as the runtime runs them)
     assert tp_backward_gemms([10, 11, 12, 13, 14, 15, 16], [1, 2, 3, 4, 5, 6, 7]) == [
         2, 4, 6, 17, 10, 12, 23]
+    assert tp_backward_gemms([10, 11, 12, 13, 14, 15, 16], [1, 2, 3, 4, 5, 6, 7],
+                             [20, 30, 40, 50, 60, 70, 80]) == [40, 60, 80, 17, 120, 140, 23]
     tp8 = Candidate(dp=1, tp=8, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=1)
     kw = dict(seq_len=4096, micro_batch_size=1, params=params)
     blocked = layer_cost(shape, "bf16", hw, tp8, tp_overlap_chunks=4, **kw)
@@ -138,8 +141,9 @@ def test_column_parallel_backward_priced_as_bulk_overlap_with_whole_gemms():
             / (family.hbm_bw * MEMORY_EFFICIENCY))
     comm_b = tp_comm_seconds(shape, "bf16", hw, tokens, tp, params, "backward", chunks=4,
                              gemm_s=tp_gemm_groups(split), whole_gemm_s=tp_gemm_groups(unsplit))
-    gemm_b = sum(tp_backward_gemms(split, unsplit))
-    assert gemm_b < 2 * sum(split)
+    column = [tp * gemm_seconds(family, peak, m, n, k / tp, 2) for m, n, k in gemms]
+    assert all(c > u for c, u in zip(column, unsplit))  # narrower GEMMs run less efficiently
+    gemm_b = sum(tp_backward_gemms(split, unsplit, column))
     # plus the GEMMs slowed by the collectives hidden under them (planner.contention)
     slowed = tp_contention_seconds(shape, "bf16", hw, tokens, tp, params, "backward", chunks=4,
                                    exposed_s=comm_b)

@@ -14,7 +14,7 @@ from planner.search import plan_job
 from planner.shapes import MODEL_PRESETS
 
 REQUEST = PlanRequest(model=MODEL_PRESETS["qwen2.5-7b"], hardware=CLUSTER_PRESETS["8xa100-40g"],
-                      dtype="bf16", seq_len=1 << 13, global_batch_size=8)
+                      dtype="bf16", seq_len=1 << 12, global_batch_size=16)
 """Small enough to plan in about a second, with more than one layout worth a MIP."""
 
 

@@ -286,7 +286,8 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
             raise SpecError("parallel.tp: not yet supported for models with q/k/v bias "
                             "(model.hf Qwen2)")
     try:
-        tp = apply_tensor_parallel(model, groups.tp, par.tp_overlap_chunks)
+        tp = apply_tensor_parallel(model, groups.tp, par.tp_overlap_chunks,
+                                   par.tp_column_backward)
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     sp_core = apply_sequence_parallel(model, groups.sp, par.sp_kind) if par.sp > 1 else None

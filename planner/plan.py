@@ -17,6 +17,8 @@ PLAN_VERSION = 1
 SP_KINDS = ("ulysses", "ring")
 SCHEDULES = ("1f1b", "interleaved-1f1b", "none")
 TIERS = ("cpu", "nvme")
+TP_COLUMN_BACKWARDS = ("lean", "whole")
+"""How tensor parallelism's column-parallel backward runs its GEMMs (`ParallelPlan`)."""
 OUTER_NAMES = ("embedding", "head")
 """Outer model states a plan may hold as CPU chunks (planner.outer uses the same names)."""
 
@@ -50,6 +52,12 @@ class ParallelPlan:
     overlap_param_gather: bool = False
     """ZeRO 0-2: each chunk's post-update parameter all-gather runs beside the next step's
     forward, waited for before the chunk's first use (False: blocking in the step)."""
+    tp_column_backward: str = "lean"
+    """How the column-parallel linears' backward (q/k/v, the MLP's input projections) runs
+    its GEMMs (disttrain/parallel/tp_linear.py): 'lean', tp GEMMs of H / tp features each
+    (plans written before the choice existed), or 'whole', one GEMM per input / weight
+    gradient over all H features on transposed layouts (same peak bytes, two small (T, H/tp)
+    transposes more; faster where narrow GEMMs are slower, GPUs)."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "sp", "pp", "num_microbatches", "tp_overlap_chunks"):
@@ -61,6 +69,9 @@ class ParallelPlan:
             raise ValueError(f"parallel.schedule: must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage: must be 0-3, got {self.zero_stage}")
+        if self.tp_column_backward not in TP_COLUMN_BACKWARDS:
+            raise ValueError(f"parallel.tp_column_backward: must be one of {TP_COLUMN_BACKWARDS}, "
+                             f"got {self.tp_column_backward!r}")
         if not isinstance(self.overlap_param_gather, bool):
             raise ValueError(f"parallel.overlap_param_gather: must be true or false, got "
                              f"{self.overlap_param_gather!r}")

@@ -17,8 +17,12 @@ With tp > 1 the residual stream is sharded (h wide) but the linears' backward ga
 full width: a row-parallel backward (o, down) holds the all-gather's staging and the (T, H)
 gradient it fills (2H); a column-parallel backward (q/k/v, gate/up) holds the gathered input
 in the all-gather's rank-major staging and the input gradient summed over the siblings in the
-reduce-scatter's rank-major layout (2H), for any `tp_overlap_chunks`. None of these divide by
-tp. An RMSNorm backward (`disttrain.model.rmsnorm`) holds its input gradient and fp32 buffers
+reduce-scatter's rank-major layout (2H), for any `tp_overlap_chunks` and either
+`tp_column_backward`: 'lean' runs its GEMMs per rank's block of H / tp features, 'whole' runs
+them whole on the transposed layouts (the gathered X^T and the input gradient's D^T, (H, T)
+each), its transposed shard released before the reduced gradient's (T, h) is allocated, the
+transposed copy of that gradient made once the (H, T) buffers are gone. None of these divide
+by tp. An RMSNorm backward (`disttrain.model.rmsnorm`) holds its input gradient and fp32 buffers
 for `NORM_CHUNK_TOKENS` tokens, not the whole sequence (`norm_backward_bytes`).
 """
 
@@ -42,12 +46,16 @@ def norm_backward_bytes(width: float, b: int, tokens: int, tp: int = 1,
 
 def layer_backward_working_bytes(shape, b: int, tokens: int, tp: int = 1, overlap_chunks: int = 1,
                                  mlp_chunk_tokens: int = 0,
-                                 norm_chunk_tokens: int = NORM_CHUNK_TOKENS) -> float:
+                                 norm_chunk_tokens: int = NORM_CHUNK_TOKENS,
+                                 column_backward: str = "lean") -> float:
     """Peak transient bytes of one layer's backward on one rank (the module docstring), for
     `tokens` local tokens in a dtype of `b` bytes. `mlp_chunk_tokens`: the MLP runs tiled
     over tiles of that many tokens (`disttrain.tiling`), rebuilding a tile's intermediates;
     `norm_chunk_tokens`: the tokens an RMSNorm backward works on at a time.
-    `overlap_chunks` does not change the bytes (kept for the callers)."""
+    `overlap_chunks` and `column_backward` ('lean' or 'whole') do not change the bytes (the
+    module docstring; kept for the callers, tests/test_working_set.py measures each)."""
+    if column_backward not in ("lean", "whole"):
+        raise ValueError(f"column_backward: must be 'lean' or 'whole', got {column_backward!r}")
     t = tokens
     tiled = 0 < mlp_chunk_tokens < t
     c = mlp_chunk_tokens if tiled else t

@@ -37,20 +37,23 @@ def _loss_and_grads(model, tokens, targets, loss_chunk_tokens=0):
 OVERLAP_CHUNKS = (1, 2)
 """tp_overlap_chunks each spawn runs: blocking collectives, and two token blocks whose
 collectives are issued asynchronously and overlapped with the other block's GEMMs."""
+RUNS = [(chunks, column) for column in ("lean", "whole") for chunks in OVERLAP_CHUNKS]
+"""(tp_overlap_chunks, tp_column_backward) each spawn runs."""
 
 
 def _tp_worker(rank, world, shape, loss_chunk_tokens, mlp_chunk_tokens):
     groups = build_groups(ParallelDims(tp=world, world_size=world), rank)
     results = []
-    for chunks in OVERLAP_CHUNKS:
+    for chunks, column in RUNS:
         model = build_model(shape, seed=3)
-        tp = apply_tensor_parallel(model, groups.tp, overlap_chunks=chunks)
+        tp = apply_tensor_parallel(model, groups.tp, overlap_chunks=chunks,
+                                   column_backward=column)
         if mlp_chunk_tokens:
             apply_mlp_tiling(model, mlp_chunk_tokens)
         tokens, targets = random_batch(shape.vocab_size, seed=5, seq_len=16, batch=2)
         loss, grads = _loss_and_grads(model, tokens, targets, loss_chunk_tokens)
         params = {n: p.detach() for n, p in model.named_parameters()}
-        results.append((chunks, loss, gather_full_parameters(params, tp),
+        results.append(((chunks, column), loss, gather_full_parameters(params, tp),
                         gather_full_parameters(grads, tp), tp.reset_comm_bytes()))
     return results
 
@@ -63,13 +66,13 @@ def test_tp2_matches_single_process_loss_and_gradients(shape, loss_chunk, mlp_ch
     tokens, targets = random_batch(shape.vocab_size, seed=5, seq_len=16, batch=2)
     ref_loss, ref_grads = _loss_and_grads(ref, tokens, targets)
     results = [r for rank in spawn_ranks(_tp_worker, 2, shape, loss_chunk, mlp_chunk) for r in rank]
-    assert sorted({r[0] for r in results}) == list(OVERLAP_CHUNKS)
-    for chunks, loss, params, grads, comm in results:
+    assert sorted({r[0] for r in results}) == sorted(RUNS)
+    for (chunks, column), loss, params, grads, comm in results:
         assert loss == pytest.approx(ref_loss, rel=1e-6)
         for name, p in ref.named_parameters():
             torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=0, msg=name)
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6,
-                                       msg=f"{name} (tp_overlap_chunks {chunks})")
+                                       msg=f"{name} (tp_overlap_chunks {chunks}, {column})")
         assert sum(comm.values()) == tp_step_bytes(shape, "fp32", 2 * 16, 2,
                                                    recomputed_mlp=bool(mlp_chunk))
 
@@ -103,8 +106,9 @@ class _OneRankTP:
 
     size, rank = 1, 0
 
-    def __init__(self, overlap_chunks: int) -> None:
+    def __init__(self, overlap_chunks: int, column_backward: str = "lean") -> None:
         self.overlap_chunks, self.calls = overlap_chunks, []
+        self.column_backward = column_backward
 
     def start_gather(self, x, out=None, rank_major=False):
         self.calls.append("all_gather")
@@ -132,14 +136,15 @@ class _Done:
 
 
 @pytest.mark.parametrize("chunks", [1, 4])
-def test_column_parallel_backward_overlaps_in_bulk_with_one_call_per_collective(chunks):
+@pytest.mark.parametrize("mode", ["lean", "whole"])
+def test_column_parallel_backward_overlaps_in_bulk_with_one_call_per_collective(chunks, mode):
     # K > 1: the backward gathers the saved shard once (beside the input-gradient GEMMs) and
     # reduce-scatters once (beside the weight-gradient GEMMs); same gradients as autograd
     from disttrain.parallel.tp_linear import _ColumnParallel
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, 8, generator=gen, requires_grad=True)
     weights = [torch.randn(n, 8, generator=gen, requires_grad=True) for n in (5, 3)]
-    tp = _OneRankTP(chunks)
+    tp = _OneRankTP(chunks, mode)
     outs = _ColumnParallel.apply(tp, x, *weights)
     assert tp.calls == ["all_gather"] * chunks
     seeds = [torch.randn(o.shape, generator=gen) for o in outs]
@@ -161,14 +166,19 @@ class _RankOfTwo:
 
     size = 2
 
-    def __init__(self, rank: int, full: torch.Tensor, chunks: int) -> None:
+    def __init__(self, rank: int, full: torch.Tensor, chunks: int, column_backward: str) -> None:
         self.rank, self.full, self.overlap_chunks, self.partials = rank, full, chunks, None
-        self.row = 0
+        self.row, self.column_backward = 0, column_backward
+
+    def _whole(self) -> bool:
+        return self.column_backward == "whole"
 
     def start_gather(self, x, out=None, rank_major=False):
         if rank_major:                      # the backward's: the whole shard at once
-            staged = torch.stack(self.full.chunk(2, dim=-1))
-            torch.testing.assert_close(x, staged[self.rank], rtol=0, atol=0)
+            shards = [s.reshape(-1, s.shape[-1]) for s in self.full.chunk(2, dim=-1)]
+            # 'whole' gathers (h, T) shards transposed: the staging is X^T
+            staged = torch.stack([s.t() if self._whole() else s for s in shards])
+            torch.testing.assert_close(x, staged[self.rank].view(x.shape), rtol=0, atol=0)
             return _Done(staged)
         flat = self.full.reshape(-1, self.full.shape[-1])   # the forward's: token blocks in turn
         rows = flat[self.row:self.row + x.shape[0]]
@@ -178,14 +188,16 @@ class _RankOfTwo:
 
     def start_reduce_scatter(self, y, out=None, rank_major=False):
         parts = y if rank_major else torch.stack(y.chunk(2, dim=-1))
-        self.partials = parts.clone()
+        # recorded as (tp, T, h): 'whole' reduce-scatters D^T's (h, T) blocks
+        self.partials = (parts.transpose(1, 2) if self._whole() else parts).clone()
         out.copy_(parts[self.rank].reshape(out.shape))
         return _Done(out)
 
 
 @pytest.mark.parametrize("dtype,chunks", [(torch.float32, 1), (torch.float32, 2),
                                           (torch.bfloat16, 2)])
-def test_column_parallel_backward_of_two_ranks_matches_autograd(dtype, chunks):
+@pytest.mark.parametrize("mode", ["lean", "whole"])
+def test_column_parallel_backward_of_two_ranks_matches_autograd(dtype, chunks, mode):
     # the input gradient written per rank's column block (summed over q, k, v in place) and the
     # weight gradients per column block of the rank-major gathered input, both ranks run in
     # turn: the partials summed and the weight gradients stacked are autograd's
@@ -196,7 +208,7 @@ def test_column_parallel_backward_of_two_ranks_matches_autograd(dtype, chunks):
     seeds = [torch.randn(2, 6, n, generator=gen).to(dtype) for n in (6, 4, 4)]
     partial_sum, grad_w = 0, [[], [], []]
     for rank in range(2):
-        tp = _RankOfTwo(rank, x, chunks)
+        tp = _RankOfTwo(rank, x, chunks, mode)
         shard = x.chunk(2, dim=-1)[rank].contiguous().requires_grad_(True)
         mine = [w.chunk(2, dim=0)[rank].clone().requires_grad_(True) for w in weights]
         outs = _ColumnParallel.apply(tp, shard, *mine)

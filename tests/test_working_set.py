@@ -23,7 +23,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def measured_peak(shape: ModelShape, tp: int, tokens: int, dtype: str, chunks: int = 1,
-                  mlp_chunk: int = 0) -> int:
+                  mlp_chunk: int = 0, column: str = "lean") -> int:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from disttrain.model import build_model
@@ -35,7 +35,8 @@ def measured_peak(shape: ModelShape, tp: int, tokens: int, dtype: str, chunks: i
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
     try:
         model = build_model(shape, seed=0)
-        apply_tensor_parallel(model, dist.group.WORLD, overlap_chunks=chunks)
+        apply_tensor_parallel(model, dist.group.WORLD, overlap_chunks=chunks,
+                              column_backward=column)
         if mlp_chunk:
             apply_mlp_tiling(model, mlp_chunk)
         torch_dtype = DTYPES[dtype]
@@ -64,12 +65,19 @@ CASES += [(GQA, 1, "fp32", 1, 32), (GQA, 2, "fp32", 1, 32), (GPT, 2, "fp32", 2, 
 """Tiled MLP (`tiling.mlp_chunk_tokens`): a tile's rebuilt intermediates and its gradients."""
 
 
-@pytest.mark.parametrize("shape,tp,dtype,chunks,mlp_chunk", CASES)
-def test_planner_working_set_is_the_runtime_backward_peak(shape, tp, dtype, chunks, mlp_chunk):
+WHOLE_CASES = [(GQA, 2, "bf16", 1, 0), (GQA, 4, "fp32", 2, 0), (GPT, 2, "fp32", 2, 32)]
+"""The column-parallel backward with whole GEMMs (`parallel.tp_column_backward` 'whole'):
+blocking and bulk-overlapped, SwiGLU and GeLU, untiled and tiled MLP."""
+
+
+@pytest.mark.parametrize("shape,tp,dtype,chunks,mlp_chunk,column",
+                         [c + ("lean",) for c in CASES] + [c + ("whole",) for c in WHOLE_CASES])
+def test_planner_working_set_is_the_runtime_backward_peak(shape, tp, dtype, chunks, mlp_chunk,
+                                                          column):
     tokens = 128
-    got = measured_peak(shape, tp, tokens, dtype, chunks, mlp_chunk)
+    got = measured_peak(shape, tp, tokens, dtype, chunks, mlp_chunk, column)
     want = layer_backward_working_bytes(shape, DTYPES[dtype].itemsize, tokens, tp, chunks,
-                                        mlp_chunk)
+                                        mlp_chunk, column_backward=column)
     assert got == want, (got / tokens, want / tokens)
 
 

@@ -132,16 +132,18 @@ def _shard(weight: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
 
 
 def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None,
-                          overlap_chunks: int = 1) -> TensorParallel | None:
+                          overlap_chunks: int = 1,
+                          column_backward: str = "lean") -> TensorParallel | None:
     """Split every parameter of `model` (a freshly built, identical Llama on every rank) over
     the tp `group`: this rank keeps its shard, the modules become their parallel forms under
     the same names. Run before sequence parallelism and the activation policy (they see the
     local heads). Returns the TensorParallel (also `model.tensor_parallel`, which the loss
     uses), or None with no group / a group of one rank. `overlap_chunks`: token blocks the
-    linears overlap their collectives with their GEMMs over (`_ColumnParallel`)."""
+    linears overlap their collectives with their GEMMs over (`_ColumnParallel`);
+    `column_backward`: the column-parallel backward's GEMM layout, 'lean' or 'whole'."""
     if group is None or dist.get_world_size(group) == 1:
         return None
-    tp = TensorParallel(group, overlap_chunks)
+    tp = TensorParallel(group, overlap_chunks, column_backward)
     shape = model.shape
     error = tensor_parallel_error(shape, tp.size)
     if error:

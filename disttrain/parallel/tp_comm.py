@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from disttrain.parallel.comm_counter import CommCounter
+from planner.plan import TP_COLUMN_BACKWARDS as COLUMN_BACKWARDS
 
 COMM_KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 """Keys of `TensorParallel.comm_bytes`."""
@@ -19,13 +20,20 @@ COMM_KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 class TensorParallel(CommCounter):
     """The tp group, this rank's place in it, hidden-dim collectives and their byte counter."""
 
-    def __init__(self, group: dist.ProcessGroup, overlap_chunks: int = 1) -> None:
+    def __init__(self, group: dist.ProcessGroup, overlap_chunks: int = 1,
+                 column_backward: str = "lean") -> None:
         if overlap_chunks < 1:
             raise ValueError(f"parallel.tp_overlap_chunks: must be >= 1, got {overlap_chunks}")
+        if column_backward not in COLUMN_BACKWARDS:
+            raise ValueError(f"parallel.tp_column_backward: must be one of {COLUMN_BACKWARDS}, "
+                             f"got {column_backward!r}")
         self.group = group
         self.overlap_chunks = overlap_chunks
         """Token blocks the column- and row-parallel linears pipeline their collectives over
         (1: one blocking collective each)."""
+        self.column_backward = column_backward
+        """How the column-parallel backward runs its GEMMs (`tp_linear._ColumnParallel`):
+        'lean' (tp GEMMs of H / tp features each) or 'whole' (one GEMM each, transposed)."""
         self.size = dist.get_world_size(group)
         """Tensor-parallel degree."""
         self.rank = dist.get_rank(group)

@@ -39,9 +39,21 @@ class _ColumnParallel(torch.autograd.Function):
     Megatron's `--tp-comm-overlap`): the shard's gather beside the input-gradient GEMMs (they
     do not read it), its reduce-scatter beside the weight-gradient GEMMs (they read the
     gathered input, not the input gradient); K = 1 gathers first and reduce-scatters under the
-    weight gradient. Either way it holds two (T, H) buffers: the gather's rank-major staging,
-    which the weight gradients read column block by column block, and the input gradient,
-    summed over the siblings in place in the reduce-scatter's rank-major layout."""
+    weight gradient. Either way it holds two (T, H) buffers, in one of two layouts
+    (`tp.column_backward`, the plan's `parallel.tp_column_backward`):
+
+    - 'lean': the gather's rank-major staging, which the weight gradients read column block by
+      column block, and the input gradient, summed over the siblings in place in the
+      reduce-scatter's rank-major layout: each GEMM runs as tp GEMMs of H / tp features.
+    - 'whole': one GEMM per input gradient and per weight gradient over all H features, as
+      Megatron runs them, on the transposed layouts: the shard is gathered transposed, so the
+      staging is X^T (H, T) as it is, and the input gradient is computed transposed, D^T =
+      sum_i W_i^T g_i^T (H, T), whose rows r h .. (r + 1) h are rank r's features, the
+      reduce-scatter's rank-major layout as it is. Both GEMMs read / write transposed views of
+      contiguous matrices (a BLAS transpose flag, no copy); what it costs over 'lean' is two
+      (T, h) transposes: the shard before the gather, the reduced gradient after it.
+
+    The two hold the same bytes at their peak (tests/test_working_set.py measures both)."""
 
     @staticmethod
     def forward(ctx, tp: TensorParallel, x_Th: torch.Tensor, *weights: torch.Tensor):
@@ -66,6 +78,8 @@ class _ColumnParallel(torch.autograd.Function):
         tp = ctx.tp
         live = [(i, g.reshape(-1, g.shape[-1]), w)
                 for i, (g, w) in enumerate(zip(grads, weights)) if g is not None]
+        if live and tp.column_backward == "whole":
+            return None, *_column_backward_whole(tp, x_Th, weights, live)
         dtype = live[0][1].dtype if live else x_Th.dtype
         tokens, h = x_Th.numel() // x_Th.shape[-1], x_Th.shape[-1]
         cols = [slice(r * h, (r + 1) * h) for r in range(tp.size)]
@@ -99,6 +113,46 @@ class _ColumnParallel(torch.autograd.Function):
         del x_rTh
         scatter.wait()
         return None, grad_x.view(x_Th.shape).to(x_Th.dtype), *grad_w
+
+
+def _column_backward_whole(tp: TensorParallel, x_Th: torch.Tensor, weights, live):
+    """`_ColumnParallel`'s backward with whole GEMMs (its docstring, 'whole'): (input gradient,
+    *weight gradients). The gather is waited for before the reduce-scatter is issued (they
+    run in that order on the tp group anyway): with K > 1 the gather still runs beside the
+    input-gradient GEMMs and the reduce-scatter beside the weight-gradient ones, and the
+    transposed shard is released before the reduce-scatter's output is allocated."""
+    dtype = live[0][1].dtype
+    tokens, h = x_Th.numel() // x_Th.shape[-1], x_Th.shape[-1]
+    H = tp.size * h
+    # this rank's shard transposed, (h, T): the rank-major staging is then X^T, (H, T)
+    x_hT = torch.empty((h, tokens), dtype=x_Th.dtype, device=x_Th.device)
+    x_hT.copy_(x_Th.reshape(tokens, h).t())
+    gather = tp.start_gather(x_hT, rank_major=True)
+    del x_hT                          # the collective holds it until it is waited for
+    x_HT = None if tp.overlap_chunks > 1 else gather.wait().view(H, tokens)
+    # D^T = sum_i W_i^T g_i^T, one GEMM per sibling, summed in place
+    d_HT = torch.empty((H, tokens), dtype=dtype, device=x_Th.device)
+    for j, (_, g, w) in enumerate(live):
+        w = w.to(g.dtype)
+        if j == 0:
+            torch.mm(w.t(), g.t(), out=d_HT)
+        else:
+            d_HT.addmm_(w.t(), g.t())
+    if x_HT is None:                  # K > 1: the gather ran beside the input-gradient GEMMs
+        x_HT = gather.wait().view(H, tokens)
+    grad_hT = torch.empty((h, tokens), dtype=dtype, device=x_Th.device)
+    scatter = tp.start_reduce_scatter(d_HT.view(tp.size, h, tokens), out=grad_hT,
+                                      rank_major=True)
+    del d_HT
+    # the weight gradients under the reduce-scatter: g_i^T X, X = (X^T)^T a transposed view
+    grad_w: list[torch.Tensor | None] = [None] * len(weights)
+    for i, g, w in live:
+        grad_w[i] = torch.mm(g.t(), x_HT.t().to(g.dtype)).to(w.dtype)
+    del x_HT
+    scatter.wait()
+    grad_x = torch.empty(x_Th.shape, dtype=x_Th.dtype, device=x_Th.device)
+    grad_x.view(tokens, h).copy_(grad_hT.t())
+    return grad_x, *grad_w
 
 
 class _RowParallel(torch.autograd.Function):

@@ -67,7 +67,8 @@ def kernel_split(request, plan) -> dict[str, float]:
     # matmul (k, o, up): the planner's price of the policy on this layout
     lc = layer_cost(shape, request.dtype, hw, cand, seq_len=request.seq_len,
                     micro_batch_size=plan.micro_batch_size, params=CostParams(),
-                    tp_overlap_chunks=par.tp_overlap_chunks)
+                    tp_overlap_chunks=par.tp_overlap_chunks,
+                    tp_column_backward=par.tp_column_backward)
     return dict(gemm=gemm * layers, attention=attn * layers, elementwise=ew * layers,
                 gemm_eff=gemm_eff, tokens=tokens, op_sac=lc.selective_recompute_s * layers,
                 full_ac=lc.forward_s * layers)

@@ -230,7 +230,8 @@ def as_published_step(request, plan, *, recompute_attention: bool, kernel: str |
                      num_microbatches=par.num_microbatches, zero_stage=par.zero_stage)
     lc = layer_cost(shape, request.dtype, hw, cand, seq_len=request.seq_len,
                     micro_batch_size=plan.micro_batch_size, params=CostParams(),
-                    tp_overlap_chunks=par.tp_overlap_chunks)
+                    tp_overlap_chunks=par.tp_overlap_chunks,
+                    tp_column_backward=par.tp_column_backward)
     peak = hw.flops(request.dtype)
     flops = layer_flops_per_token(shape, request.seq_len).attention * lc.tokens / par.tp
     key_len = request.seq_len if par.sp_kind == "ulysses" else request.seq_len / par.sp

@@ -98,7 +98,8 @@ def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedB
     token-local parts scale with local tokens, the core with local tokens x full sequence.
     The profile times one rank without tensor parallelism: tp divides its times and adds the
     TP collectives, blocking (the GEMM times the overlap needs per group are not profiled;
-    the plan then says `tp_overlap_chunks` 1, as priced)."""
+    the plan then says `tp_overlap_chunks` 1, as priced; nor are narrow against whole GEMMs:
+    `tp_column_backward` is the request's, else 'lean')."""
     names = ("forward_s", "backward_s", "token_local_forward_s")
     if not _profile_applies(request, profile, names):
         return None
@@ -119,6 +120,7 @@ def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedB
         forward, backward, recompute = forward + comm_f, backward + comm_b, recompute + comm_f
     return LayerCost(tokens=tokens, input_bytes=per_token.layer_input * tokens / tp,
                      tp_overlap_chunks=request.tp_overlap_chunks or 1,
+                     tp_column_backward=request.tp_column_backward or "lean",
                      attention_output_bytes=per_token.attention_output * tokens / tp,
                      token_local_bytes=per_token.token_local * tokens / tp,
                      mlp_bytes=per_token.mlp * tokens / tp,
@@ -201,7 +203,8 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
                                       micro_batch_size=request.micro_batch_size, params=params,
                                       bytes_per_token=per_token,
                                       attention_fraction=request.attention_fraction or 1.0,
-                                      tp_overlap_chunks=request.tp_overlap_chunks)
+                                      tp_overlap_chunks=request.tp_overlap_chunks,
+                                      tp_column_backward=request.tp_column_backward)
     tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
     if tiling is not None:
         loss_chunk, mlp_chunk, fixed_rebuild = (tuple(tiling) + (0, 0, 0))[:3]

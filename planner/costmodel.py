@@ -24,8 +24,10 @@ from planner.collectives import (call_latency, collective_bw, comm_times,  # noq
                                  group_bandwidth, overlaps_compute, pipeline_group_span,
                                  ring_p2p_backward_bytes, ring_p2p_bytes, shard_group_span,
                                  ulysses_alltoall_bytes, zero_collectives, zero_step_bytes)
-from planner.tp_collectives import (TP_OVERLAP_CHOICES, tp_backward_gemms,  # noqa: F401
-                                    tp_comm_seconds, tp_gemm_groups, tp_step_bytes)
+from planner.plan import TP_COLUMN_BACKWARDS
+from planner.tp_collectives import (TP_OVERLAP_CHOICES, column_backward_copy_bytes,  # noqa: F401
+                                    tp_backward_gemms, tp_comm_seconds, tp_gemm_groups,
+                                    tp_step_bytes)
 from planner.contention import tp_contention_seconds
 from planner.costtypes import Candidate, CostParams, LayerCost, local_tokens  # noqa: F401
 from planner.efficiency import (DeviceFamily, MEMORY_EFFICIENCY, attention_efficiency,
@@ -46,20 +48,25 @@ def qkv_bytes_per_token(shape: ModelShape, dtype: str, ulysses_sp: int = 1) -> f
 
 
 def _family_layer_times(family: DeviceFamily, shape: ModelShape, dtype: str, hw: HardwareSpec,
-                        cand: Candidate, tokens: int, seq_len: int, chunks: int
+                        cand: Candidate, tokens: int, seq_len: int, chunks: int,
+                        column_backward: str = "lean"
                         ) -> tuple[float, float, float, float, list[float], list[float]]:
     """(token-local forward, token-local backward, attention forward, attention backward,
-    forward seconds of each projection as `chunks` GEMMs of tokens / chunks rows, and as one
-    GEMM) of one layer on a GPU of `family` from its efficiency curves. The backward runs the
-    column-parallel projections' gradients as tp GEMMs of H / tp features (`tp_backward_gemms`)."""
+    forward seconds of each projection as `chunks` GEMMs of tokens / chunks rows, and each
+    backward GEMM of a projection as the backward runs it) of one layer on a GPU of `family`
+    from its efficiency curves. The column-parallel projections' gradients run as tp GEMMs of
+    H / tp features ('lean') or whole on transposed layouts, with their (T, H/tp) transposes
+    ('whole'; `tp_backward_gemms`, `column_backward_copy_bytes`)."""
     peak, b, tp = hw.flops(dtype), DTYPE_BYTES[dtype], cand.tp
     shapes = layer_gemms(shape, tokens, tp)
     gemms = [chunks * gemm_seconds(family, peak, m / chunks, n, k, b) for m, n, k in shapes]
     whole = [gemm_seconds(family, peak, m, n, k, b) for m, n, k in shapes]
-    # the column-parallel backward's GEMMs, one per rank's block of the input features
-    column = [tp * gemm_seconds(family, peak, m, n, k / tp, b) for m, n, k in shapes]
+    # 'lean': the column-parallel backward's GEMMs, one per rank's block of the input features
+    column = (whole if column_backward == "whole" else
+              [tp * gemm_seconds(family, peak, m, n, k / tp, b) for m, n, k in shapes])
     gemm = sum(gemms)
     ew_fwd, ew_bwd = elementwise_bytes_per_token(shape, dtype, tp)
+    ew_bwd += column_backward_copy_bytes(shape, dtype, tp, column_backward)
     bw = family.hbm_bw * MEMORY_EFFICIENCY
     flops = layer_flops_per_token(shape, seq_len).attention * tokens / tp
     # Ulysses attends over the whole sequence; a ring rank attends block by block
@@ -67,7 +74,7 @@ def _family_layer_times(family: DeviceFamily, shape: ModelShape, dtype: str, hw:
     attn_f = flops / (peak * attention_efficiency(family, key_len, shape.head_dim, False))
     attn_b = 2.5 * flops / (peak * attention_efficiency(family, key_len, shape.head_dim, True))
     return (gemm + ew_fwd * tokens / bw, sum(tp_backward_gemms(gemms, whole, column))
-            + ew_bwd * tokens / bw, attn_f, attn_b, gemms, whole)
+            + ew_bwd * tokens / bw, attn_f, attn_b, gemms, column)
 
 
 class _Same:
@@ -86,23 +93,24 @@ class _Same:
 
 @functools.lru_cache(maxsize=4096)
 def _layer_times(shape: ModelShape, dtype: str, hw_ref: _Same, cand: Candidate, tokens: int,
-                 seq_len: int, params: CostParams, tp_overlap_chunks: int | None
-                 ) -> tuple[int, float, float, float, float, float, float, float]:
-    """(tp_overlap_chunks, token-local forward, token-local backward, attention forward,
-    attention backward, exposed TP forward, exposed TP backward, selective recompute without
-    its TP collectives) of `layer_cost`."""
+                 seq_len: int, params: CostParams, tp_overlap_chunks: int | None,
+                 tp_column_backward: str | None = "lean"
+                 ) -> tuple[tuple[int, str], float, float, float, float, float, float, float]:
+    """((tp_overlap_chunks, tp_column_backward), token-local forward, token-local backward,
+    attention forward, attention backward, exposed TP forward, exposed TP backward, selective
+    recompute without its TP collectives) of `layer_cost`."""
     hw = hw_ref.obj
     tp = cand.tp
     family = device_family(hw.device_name)
     peak = hw.flops(dtype)
     if tp <= 1:
-        choices = (1,)
-    elif tp_overlap_chunks:
-        choices = (tp_overlap_chunks,)
+        choices, modes = (1,), ("lean",)
     else:
-        choices = tuple(k for k in TP_OVERLAP_CHOICES if k <= max(1, tokens))
+        choices = ((tp_overlap_chunks,) if tp_overlap_chunks else
+                   tuple(k for k in TP_OVERLAP_CHOICES if k <= max(1, tokens)))
+        modes = (tp_column_backward,) if tp_column_backward else TP_COLUMN_BACKWARDS
     best = None
-    for chunks in choices:
+    for chunks, mode in ((k, m) for k in choices for m in modes):
         if family is None:
             flops = layer_flops_per_token(shape, seq_len)
             tl_f = flops.token_local * tokens / tp / (peak * params.matmul_efficiency)
@@ -111,10 +119,10 @@ def _layer_times(shape: ModelShape, dtype: str, hw_ref: _Same, cand: Candidate, 
             attn_b = params.attention_backward_factor * attn_f
             gemms = [2.0 * m * n * k / (peak * params.matmul_efficiency)
                      for m, n, k in layer_gemms(shape, tokens, tp)]
-            whole = gemms
+            column = gemms
         else:
-            tl_f, tl_b, attn_f, attn_b, gemms, whole = _family_layer_times(
-                family, shape, dtype, hw, cand, tokens, seq_len, chunks)
+            tl_f, tl_b, attn_f, attn_b, gemms, column = _family_layer_times(
+                family, shape, dtype, hw, cand, tokens, seq_len, chunks, mode)
         # op-level selective checkpointing reruns the element-wise forward and every second
         # matmul (planner.selective); CPU / unknown devices: the matmuls at the flat efficiency
         ew = (elementwise_bytes_per_token(shape, dtype, tp)[0] * tokens
@@ -123,22 +131,23 @@ def _layer_times(shape: ModelShape, dtype: str, hw_ref: _Same, cand: Candidate, 
         groups = tp_gemm_groups(gemms)
         comm_f, comm_b = (tp_comm_seconds(shape, dtype, hw, tokens, tp, params, direction,
                                           chunks=chunks, gemm_s=groups,
-                                          whole_gemm_s=tp_gemm_groups(whole))
+                                          whole_gemm_s=tp_gemm_groups(column))
                           for direction in ("forward", "backward"))
         # the GEMMs under the hidden part run on fewer SMs (planner.contention)
         comm_f, comm_b = (exposed + tp_contention_seconds(shape, dtype, hw, tokens, tp, params,
                                                           direction, chunks=chunks, exposed_s=exposed)
                           for exposed, direction in ((comm_f, "forward"), (comm_b, "backward")))
         total = tl_f + tl_b + comm_f + comm_b
-        if best is None or total < best[0]:
-            best = (total, chunks, tl_f, tl_b, attn_f, attn_b, comm_f, comm_b, sel)
+        if best is None or total < best[0]:   # a tie keeps 'lean' and the fewer blocks
+            best = (total, (chunks, mode), tl_f, tl_b, attn_f, attn_b, comm_f, comm_b, sel)
     return best[1:]
 
 
 def layer_cost(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate, *,
                seq_len: int, micro_batch_size: int, params: CostParams,
                bytes_per_token: SavedBytesPerToken | None = None,
-               attention_fraction: float = 1.0, tp_overlap_chunks: int | None = None) -> LayerCost:
+               attention_fraction: float = 1.0, tp_overlap_chunks: int | None = None,
+               tp_column_backward: str | None = None) -> LayerCost:
     """Bytes and times of one layer for one microbatch on one rank. GPUs of a known family:
     efficiency curves by GEMM shape and sequence length (`planner.efficiency`); CPU and
     unknown devices: analytic FLOPs at the flat `params` efficiencies. Tensor parallelism
@@ -146,7 +155,9 @@ def layer_cost(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
     recompute (which re-runs the forward's gathers): the exposed part when they are pipelined
     with the GEMMs over `tp_overlap_chunks` token blocks (None: the planner's choice among
     `TP_OVERLAP_CHOICES`, the fastest forward + backward, smaller GEMMs and more calls
-    against less exposed communication). Packed documents: the attention core's time is
+    against less exposed communication) and the column-parallel backward's GEMMs as
+    `tp_column_backward` runs them (None: the faster of 'lean' and 'whole'; they hold the same
+    bytes, `planner.working_set`, so time alone decides). Packed documents: the attention core's time is
     `attention_fraction` of the full causal core's (sum of squared document lengths over the
     squared sequence length)."""
     tokens = local_tokens(seq_len, micro_batch_size, cand.sp)
@@ -155,8 +166,9 @@ def layer_cost(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
     tp = cand.tp
     layout = Candidate(dp=1, tp=tp, sp=cand.sp, sp_kind=cand.sp_kind, pp=1, num_microbatches=1,
                        zero_stage=0)   # what the times depend on: the search asks again and again
-    chunks, tl_f, tl_b, attn_f, attn_b, comm_f, comm_b, sel_s = _layer_times(
-        shape, dtype, _Same(hw), layout, tokens, seq_len, params, tp_overlap_chunks)
+    (chunks, column), tl_f, tl_b, attn_f, attn_b, comm_f, comm_b, sel_s = _layer_times(
+        shape, dtype, _Same(hw), layout, tokens, seq_len, params, tp_overlap_chunks,
+        tp_column_backward)
     attn_f, attn_b = attn_f * attention_fraction, attn_b * attention_fraction
     return LayerCost(
         tokens=tokens, input_bytes=per_token.layer_input * tokens / tp,
@@ -165,7 +177,7 @@ def layer_cost(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
         plain_bytes=per_token.plain_total * tokens / tp, forward_s=tl_f + attn_f + comm_f,
         qkv_bytes=qkv_bytes_per_token(shape, dtype, ulysses_sp) * tokens / tp,
         backward_s=tl_b + attn_b + comm_b, recompute_s=tl_f + comm_f,
-        tp_overlap_chunks=chunks,
+        tp_overlap_chunks=chunks, tp_column_backward=column,
         # op-level selective checkpointing: not offered with tensor parallelism (its sharded
         # linears are autograd functions with collectives inside: not run by the runtime)
         selective_bytes=selective_bytes_per_token(shape, dtype) * tokens if tp == 1 else 0.0,
@@ -270,7 +282,8 @@ def working_base_bytes(lc: LayerCost, shape: ModelShape, dtype: str, mlp_chunk_t
     so this over-counts it (one base for every policy); with the chunked RMSNorm backward the
     plain phases no longer reject FPDT's tiled-rebuild plan (docs/design.md)."""
     return layer_backward_working_bytes(shape, DTYPE_BYTES[dtype], lc.tokens, tp,
-                                        lc.tp_overlap_chunks, mlp_chunk_tokens)
+                                        lc.tp_overlap_chunks, mlp_chunk_tokens,
+                                        column_backward=lc.tp_column_backward)
 
 
 @dataclass(frozen=True, kw_only=True)

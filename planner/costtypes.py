@@ -128,6 +128,9 @@ class LayerCost:
     tp_overlap_chunks: int = 1
     """Token blocks the tensor-parallel collectives are pipelined with the GEMMs over, as
     these times assume (`parallel.tp_overlap_chunks`)."""
+    tp_column_backward: str = "lean"
+    """How the column-parallel backward runs its GEMMs, as these times assume
+    (`parallel.tp_column_backward`: 'lean' or 'whole')."""
     selective_bytes: float = 0.0
     """Saved bytes of an op-level selective layer (`planner.selective`; 0: not priced, the
     policy is not offered)."""

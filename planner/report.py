@@ -36,9 +36,16 @@ def _gib(num_bytes: float) -> str:
 
 
 def _overlap(par) -> str:
-    """' (collectives overlapped over K token blocks)' when tensor parallelism pipelines them."""
+    """' (collectives overlapped over K token blocks; column-parallel backward: whole GEMMs)':
+    how tensor parallelism runs (nothing without it)."""
+    if par.tp <= 1:
+        return ""
     chunks = getattr(par, "tp_overlap_chunks", 1)
-    return f" (collectives overlapped over {chunks} token blocks)" if par.tp > 1 and chunks > 1 else ""
+    column = getattr(par, "tp_column_backward", "lean")
+    parts = [f"collectives overlapped over {chunks} token blocks"] if chunks > 1 else []
+    parts.append("column-parallel backward: " + ("whole GEMMs" if column == "whole" else
+                                                 "lean, GEMMs per rank's feature block"))
+    return f" ({'; '.join(parts)})"
 
 
 def _request(plan: Plan) -> tuple[PlanRequest, Candidate]:
@@ -48,6 +55,7 @@ def _request(plan: Plan) -> tuple[PlanRequest, Candidate]:
                           dtype=plan.dtype, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
                           global_batch_size=plan.global_batch_size, grad_clip=plan.grad_clip,
                           tp_overlap_chunks=par.tp_overlap_chunks,
+                          tp_column_backward=getattr(par, "tp_column_backward", "lean"),
                           overlap_param_gather=par.overlap_param_gather)
     cand = Candidate(dp=par.dp, tp=par.tp, sp=par.sp, sp_kind=par.sp_kind, pp=par.pp,
                      virtual=2 if par.schedule == "interleaved-1f1b" else 1,

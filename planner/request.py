@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.hardware import HardwareSpec
+from planner.plan import TP_COLUMN_BACKWARDS
 from planner.shapes import DTYPE_BYTES, ModelShape
 
 OFFLOAD_CHOICES = ("auto", "none", "cpu", "nvme")
@@ -48,6 +49,9 @@ class PlanRequest:
     tp_overlap_chunks: int | None = None
     """Token blocks the tensor-parallel collectives are pipelined with the GEMMs over (1:
     blocking; None: auto, `planner.tp_collectives.TP_OVERLAP_CHOICES`)."""
+    tp_column_backward: str | None = None
+    """How the column-parallel backward runs its GEMMs: 'lean' or 'whole' (None: auto, the
+    faster on the target; `planner.plan.ParallelPlan.tp_column_backward`)."""
     activation_offload: str = "auto"
     """'auto', 'none' (never swap), 'cpu' or 'nvme' (only that tier)."""
     recompute: str = "auto"
@@ -97,6 +101,9 @@ class PlanRequest:
             raise ValueError(f"schedule: must be '1f1b' or 'interleaved-1f1b', got {self.schedule!r}")
         if self.tp_overlap_chunks is not None and self.tp_overlap_chunks < 1:
             raise ValueError(f"tp_overlap_chunks: must be >= 1, got {self.tp_overlap_chunks}")
+        if self.tp_column_backward not in (None, *TP_COLUMN_BACKWARDS):
+            raise ValueError(f"tp_column_backward: must be one of {TP_COLUMN_BACKWARDS} or auto, "
+                             f"got {self.tp_column_backward!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver: must be one of {SOLVERS}, got {self.solver!r}")
         if self.time_limit_s <= 0:

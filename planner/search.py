@@ -328,6 +328,7 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
                               num_microbatches=cand.num_microbatches,
                               schedule=cand.schedule, zero_stage=cand.zero_stage,
                               stages=ranges, tp_overlap_chunks=_tp_overlap_chunks(best),
+                              tp_column_backward=_tp_column_backward(best),
                               overlap_param_gather=param_gather_overlap(
                                   hw, request.overlap_param_gather)),
         model_states=states, activations=tuple(activations),
@@ -356,6 +357,12 @@ def _tp_overlap_chunks(best) -> int:
     """The token blocks the chosen layout's layer times assume for tensor parallelism."""
     layers = [lc for setup in best.setups for lc in setup.problem.layers]
     return layers[0].tp_overlap_chunks if layers else 1
+
+
+def _tp_column_backward(best) -> str:
+    """How the chosen layout's layer times run the column-parallel backward's GEMMs."""
+    layers = [lc for setup in best.setups for lc in setup.problem.layers]
+    return layers[0].tp_column_backward if layers else "lean"
 
 
 def _micro_batch_note(request: PlanRequest, cand: Candidate) -> tuple[str, ...]:

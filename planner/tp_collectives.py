@@ -50,13 +50,29 @@ def tp_backward_gemms(split_s: list[float], whole_s: list[float],
     """Backward (input + weight gradient) GEMM seconds of each projection from its forward's
     per token block (`split_s`) and whole (`whole_s`): row-parallel (o, the MLP's output) input
     gradient per block, weight gradient whole; column-parallel ones (`TP_BULK`) as
-    `column_s` gives them (the runtime's column-parallel backward runs each of its two GEMMs
-    as tp GEMMs of H / tp input features, one per rank's block of the gathered input, so that
-    it holds two (T, H) buffers: `disttrain/parallel/tp_linear.py`), else whole."""
+    `column_s` gives them (`parallel.tp_column_backward` 'lean': each of its two GEMMs as tp
+    GEMMs of H / tp input features, one per rank's block of the gathered input;
+    `disttrain/parallel/tp_linear.py`), else whole ('whole')."""
     last = len(split_s) - 1
     column = whole_s if column_s is None else column_s
     return [split_s[i] + whole_s[i] if i in (3, last) else 2 * column[i]
             for i in range(len(split_s))]
+
+
+COLUMN_WHOLE_TRANSPOSES = 2
+"""(T, H/tp) transposes a column-parallel backward with whole GEMMs makes (`_ColumnParallel`,
+'whole'): the saved shard before its gather, the reduced input gradient after its
+reduce-scatter; each reads and writes T x H/tp elements of the training dtype."""
+
+
+def column_backward_copy_bytes(shape: ModelShape, dtype: str, tp: int, mode: str) -> float:
+    """HBM bytes per token one layer's column-parallel backwards (q/k/v and the MLP's input
+    projections: two per layer) copy beyond the GEMMs: 'whole' transposes
+    (`COLUMN_WHOLE_TRANSPOSES`, read + write each), 'lean' none (its GEMMs read and write the
+    collectives' rank-major buffers in place)."""
+    if tp <= 1 or mode == "lean":
+        return 0.0
+    return 2 * COLUMN_WHOLE_TRANSPOSES * 2 * DTYPE_BYTES[dtype] * shape.hidden_size / tp
 
 
 def tp_gemm_groups(gemms_s: list[float]) -> dict[str, float]:
@@ -77,7 +93,8 @@ def tp_comm_seconds(shape: ModelShape, dtype: str, hw: HardwareSpec, tokens: int
     (`chunks` > 1), each pipeline exposes `tp_pipeline_exposed` of its collectives against its
     GEMMs (`gemm_s`: forward GEMM seconds per group, `tp_gemm_groups`), and a `TP_BULK` entry
     (one call per collective) what each collective needs beyond one whole GEMM of its group
-    (`whole_gemm_s`, default `gemm_s`); else all of them."""
+    (`whole_gemm_s`: its input- or weight-gradient GEMMs as the backward runs them, whole or
+    per rank's feature block, `parallel.tp_column_backward`; default `gemm_s`); else all of them."""
     if tp <= 1:
         return 0.0
     sent = tokens * shape.hidden_size * DTYPE_BYTES[dtype] * (tp - 1) / tp

@@ -96,7 +96,8 @@ def test_tp_overlap_pipeline_exposes_the_first_block_or_what_the_gemms_cannot_hi
                                                      "mlp_in": 11, "mlp_out": 7}
 
 
-def test_column_parallel_backward_priced_as_bulk_overlap_with_whole_gemms():
+@pytest.mark.parametrize("mode", ["lean", "whole"])
+def test_column_parallel_backward_priced_as_bulk_overlap_with_whole_gemms(mode):
     shape, hw, params = MODEL_PRESETS["llama3-8b"], CLUSTER_PRESETS["8xh100-80g"], CostParams()
     tokens, tp = 4096, 8
     sent = tokens * shape.hidden_size * 2 * (tp - 1) / tp
@@ -128,7 +129,9 @@ def test_column_parallel_backward_priced_as_bulk_overlap_with_whole_gemms():
                              [20, 30, 40, 50, 60, 70, 80]) == [40, 60, 80, 17, 120, 140, 23]
     tp8 = Candidate(dp=1, tp=8, sp=1, sp_kind="ulysses", pp=1, num_microbatches=1, zero_stage=1)
     kw = dict(seq_len=4096, micro_batch_size=1, params=params)
-    blocked = layer_cost(shape, "bf16", hw, tp8, tp_overlap_chunks=4, **kw)
+    blocked = layer_cost(shape, "bf16", hw, tp8, tp_overlap_chunks=4, tp_column_backward=mode,
+                         **kw)
+    assert blocked.tp_column_backward == mode
     family, peak = device_family(hw.device_name), hw.flops("bf16")
     gemms = layer_gemms(shape, tokens, tp)
     split = [4 * gemm_seconds(family, peak, m / 4, n, k, 2) for m, n, k in gemms]
@@ -137,12 +140,18 @@ def test_column_parallel_backward_priced_as_bulk_overlap_with_whole_gemms():
     # element-wise, attention and the exposed collectives against those GEMMs
     flops = layer_flops_per_token(shape, 4096).attention * tokens / tp
     attn_b = 2.5 * flops / (peak * attention_efficiency(family, 4096, shape.head_dim, True))
-    ew_b = (elementwise_bytes_per_token(shape, "bf16", tp)[1] * tokens
+    # 'whole' transposes the shard and the reduced gradient of q/k/v's and gate/up's backward:
+    # 2 x 2 x (read + write) of T x H/tp
+    copies = 8 * 2 * shape.hidden_size / tp if mode == "whole" else 0
+    ew_b = ((elementwise_bytes_per_token(shape, "bf16", tp)[1] + copies) * tokens
             / (family.hbm_bw * MEMORY_EFFICIENCY))
-    comm_b = tp_comm_seconds(shape, "bf16", hw, tokens, tp, params, "backward", chunks=4,
-                             gemm_s=tp_gemm_groups(split), whole_gemm_s=tp_gemm_groups(unsplit))
+    # 'lean': the column-parallel GEMMs per rank's block of the input features
     column = [tp * gemm_seconds(family, peak, m, n, k / tp, 2) for m, n, k in gemms]
     assert all(c > u for c, u in zip(column, unsplit))  # narrower GEMMs run less efficiently
+    column = column if mode == "lean" else unsplit
+    # the bulk-overlapped collectives beside those GEMMs as they run
+    comm_b = tp_comm_seconds(shape, "bf16", hw, tokens, tp, params, "backward", chunks=4,
+                             gemm_s=tp_gemm_groups(split), whole_gemm_s=tp_gemm_groups(column))
     gemm_b = sum(tp_backward_gemms(split, unsplit, column))
     # plus the GEMMs slowed by the collectives hidden under them (planner.contention)
     slowed = tp_contention_seconds(shape, "bf16", hw, tokens, tp, params, "backward", chunks=4,

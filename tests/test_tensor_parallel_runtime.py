@@ -1,7 +1,8 @@
 """Tensor parallelism through the trainer on gloo ranks vs the single-process trainer (fp32,
 same seed): same losses and parameters; composed with Ulysses, ZeRO-3 over dp and the
 token-wise swap/recompute runtime (the first two with the collectives overlapped over 2
-token blocks, `parallel.tp_overlap_chunks`); a tp2 checkpoint resumed at tp1.
+token blocks, `parallel.tp_overlap_chunks`, and the plan's whole-GEMM column-parallel
+backward, `parallel.tp_column_backward`); a tp2 checkpoint resumed at tp1.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ def _spec(tmp, name, world, steps=STEPS, model=MODEL, **parallel):
         "output_dir": str(tmp / name)})
 
 
-def _plan(spec, world, activations=()):
-    plan = fixed_plan(job_from_dict(spec), world)
+def _plan(spec, world, activations=(), column="lean"):
+    plan = fixed_plan(job_from_dict(spec), world).to_dict()
+    plan["parallel"]["tp_column_backward"] = column
     if activations:
-        plan = Plan.from_dict({**plan.to_dict(),
-                               "activations": [a.__dict__ for a in activations]})
-    return plan
+        plan["activations"] = [a.__dict__ for a in activations]
+    return Plan.from_dict(plan)
 
 
 def _full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -60,6 +61,8 @@ def _train(spec, plan):
     """(losses, full parameters, the first step's activation metrics or None)."""
     records = []
     trainer = Trainer(job_from_dict(spec), plan, on_step=records.append)
+    tp = trainer.runtime.tensor_parallel
+    assert tp is None or tp.column_backward == plan.parallel.tp_column_backward  # as planned
     losses = trainer.run().losses
     return losses, _full_params(trainer), records[0].get("activations")
 
@@ -90,7 +93,7 @@ def _saved_bytes(stats) -> int:
 def test_tp2_with_token_wise_swap_matches_single_process_and_halves_saved_bytes(tmp_path):
     ref = _reference(tmp_path, SWAP)
     spec = _spec(tmp_path, "tp2", 2, dp=1, sp=1, pp=1, tp=2, tp_overlap_chunks=2)
-    results = spawn_ranks(_worker, 2, spec, _plan(spec, 2, SWAP).to_dict())
+    results = spawn_ranks(_worker, 2, spec, _plan(spec, 2, SWAP, column="whole").to_dict())
     for result in results:
         _compare(result, ref)
         ratio = _saved_bytes(ref[2]) / _saved_bytes(result[2])
@@ -99,15 +102,15 @@ def test_tp2_with_token_wise_swap_matches_single_process_and_halves_saved_bytes(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", [dict(dp=1, sp=2, sp_kind="ulysses", pp=1, tp=2,
-                                           tp_overlap_chunks=2),
-                                      dict(dp=2, sp=1, pp=1, zero_stage=3, tp=2),
-                                      dict(dp=1, sp=1, pp=2, zero_stage=1, tp=2)],
-                         ids=["tp2xsp2-ulysses", "tp2xdp2-zero3", "tp2xpp2-1f1b"])
-def test_tp2_on_four_ranks_matches_single_process(tmp_path, parallel):
+@pytest.mark.parametrize("parallel,column", [
+    (dict(dp=1, sp=2, sp_kind="ulysses", pp=1, tp=2, tp_overlap_chunks=2), "whole"),
+    (dict(dp=2, sp=1, pp=1, zero_stage=3, tp=2), "lean"),
+    (dict(dp=1, sp=1, pp=2, zero_stage=1, tp=2), "lean")],
+    ids=["tp2xsp2-ulysses-whole", "tp2xdp2-zero3", "tp2xpp2-1f1b"])
+def test_tp2_on_four_ranks_matches_single_process(tmp_path, parallel, column):
     ref = _reference(tmp_path)
     spec = _spec(tmp_path, "tp2x2", 4, **parallel)
-    results = spawn_ranks(_worker, 4, spec, _plan(spec, 4).to_dict())
+    results = spawn_ranks(_worker, 4, spec, _plan(spec, 4, column=column).to_dict())
     for result in results:
         _compare(result, ref)
     assert set().union(*(r[1] for r in results)) == set(ref[1])  # pp stages cover the model

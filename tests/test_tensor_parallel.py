@@ -198,14 +198,26 @@ class _RankOfTwo:
                                           (torch.bfloat16, 2)])
 @pytest.mark.parametrize("mode", ["lean", "whole"])
 def test_column_parallel_backward_of_two_ranks_matches_autograd(dtype, chunks, mode):
-    # the input gradient written per rank's column block (summed over q, k, v in place) and the
-    # weight gradients per column block of the rank-major gathered input, both ranks run in
-    # turn: the partials summed and the weight gradients stacked are autograd's
+    # lean: the input gradient written per rank's column block (summed over q, k, v in place)
+    # and the weight gradients per column block of the rank-major gathered input; whole: both
+    # as one GEMM each on the transposed layouts. Both ranks run in turn: the partials summed
+    # and the weight gradients stacked are autograd's
+    _two_ranks_against_autograd(dtype, chunks, mode, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["lean", "whole"])
+def test_column_parallel_backward_of_two_ranks_on_cuda(mode):
+    # the same torch ops on cuBLAS (transposed operands and outputs: no copies, flags only)
+    _two_ranks_against_autograd(torch.float32, 2, mode, "cuda")
+
+
+def _two_ranks_against_autograd(dtype, chunks, mode, device):
     from disttrain.parallel.tp_linear import _ColumnParallel
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 6, 8, generator=gen).to(dtype)
-    weights = [torch.randn(n, 8, generator=gen).to(dtype) for n in (6, 4, 4)]
-    seeds = [torch.randn(2, 6, n, generator=gen).to(dtype) for n in (6, 4, 4)]
+    x = torch.randn(2, 6, 8, generator=gen).to(device, dtype)
+    weights = [torch.randn(n, 8, generator=gen).to(device, dtype) for n in (6, 4, 4)]
+    seeds = [torch.randn(2, 6, n, generator=gen).to(device, dtype) for n in (6, 4, 4)]
     partial_sum, grad_w = 0, [[], [], []]
     for rank in range(2):
         tp = _RankOfTwo(rank, x, chunks, mode)

@@ -153,6 +153,47 @@ KERNELS = {name: "flash-attn-2" for name in ROWS} | {
 """The attention kernel each published run used (for `cluster.device.attention_kernel` once the
 spec has it; the specs say it in a comment)."""
 
+EXPECT_FEASIBLE = {name: True for name in ROWS} | {
+    "long-fpdt-llama3-8b-2m-4xa100-40g": False,
+}
+"""Whether disttrain's own mechanisms should fit the run. False: the published system trained it
+with a mechanism disttrain does not have, so an infeasible plan is expected, not a miss."""
+
+_EZC_NOTE = (
+    "the published series is not FLOP-consistent: achieved causal model TFLOP/s 89 (64K), 76 "
+    "(128K), 121 (512K), 118 (700K) - attention's share grows with length, so 128K below 64K is "
+    "noise of the 'first 5 training steps'. As published (whole-layer recompute) the planner is "
+    "1.03-1.05x at 512K/700K and 1.12x for the 64K dp8 row, 1.39-1.66x for ring sp8 at 64K/128K "
+    "(8K-16K local tokens): HF eager + ZeRO-3 CPU parameter offload per-token overheads that "
+    "disttrain's runtime does not have; the USP A800 row at 13K local ring tokens is 1.02x, so "
+    "it is not a ring-block-size mechanism")
+NOTES = {
+    **{name: _EZC_NOTE for name in ROWS if name.startswith("long-easycontext")},
+    **{name: "Float8 linears, not banded. All four torchtitan Table 2 rows (with the calibration "
+             "256K one) hold 32K tokens per GPU: linear work per GPU is constant, so the published "
+             "series isolates attention + CP. CP1 -> CP2 implies a constant 189 TFLOP/s (causal "
+             "model FLOPs) for the added attention; at that rate CP4/128K would run 1,499 and "
+             "CP8/256K 824 tok/s/GPU against 1,071 / 548 published: 8.7 s and 20.0 s per step "
+             "beyond attention FLOPs, growing with CP degree. The planner (as published) is "
+             "0.92-0.94x at CP1/CP2 and 1.35x / 1.46x at CP4 / CP8: it prices the attention rate, "
+             "not this CP-degree cost (torch 2.6 experimental context_parallel; mechanism not "
+             "identified in a source, so not modelled)"
+       for name in ROWS if name.startswith("long-tt-")},
+    "long-fpdt-llama3-8b-2m-4xa100-40g": (
+        "infeasible as expected: Ulysses sp4 ZeRO-3 with all chunks on the CPU needs 46.1 GiB > "
+        "37.0 usable (attention/rebuild working set 21.0 GiB over the whole 2M keys for 8 heads, "
+        "final hidden states + loss 9.0, activations 14.1). FPDT runs attention over host-"
+        "offloaded q/k/v sequence chunks (double-buffered), a mechanism disttrain lacks; the "
+        "calibration FPDT row (70B, 4M, 32 GPUs: 2 heads per rank) fits without it"),
+    "long-dsulysses-gpt30b-256k-64xa100-40g": (
+        "2.5-2.6x plain, 1.02x as published (whole-layer recompute + FlashAttention v1 Triton "
+        "kernel): the held-out confirmation of the calibration 7B row's explanation (0.82x there)"),
+    "long-alst-llama31-8b-500k-1xh100": (
+        "feasible, as published; second-hand cross-check (not banded): als244/ml_dataflow's README "
+        "quotes the ALST paper at ~500 tok/s/GPU for 8B at 512K on one H100, the planner says 622"),
+}
+"""What each row shows about the cost model (printed under its comparison)."""
+
 
 def measure(name: str) -> dict:
     job = load_job(SPECS / f"{name}.yaml")
@@ -184,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", default=[], help="spec names (file stems)")
     args = parser.parse_args(argv)
-    inside = outside = infeasible = 0
+    inside = outside = infeasible = as_inside = as_outside = 0
     for name in ROWS:
         if args.only and name not in args.only:
             continue
@@ -197,15 +238,23 @@ def main(argv: list[str] | None = None) -> int:
             if pred is None:
                 continue
             if not pred["plan"].feasible:
-                infeasible += 1
+                infeasible += EXPECT_FEASIBLE[name]
             elif pub["tok_s"] and pub["bf16"]:
                 if abs(pred["tok"] / pub["tok_s"] - 1) <= BAND:
                     inside += 1
                 else:
                     outside += 1
-    print(f"\nfeasible where published trained: {'NOT MET' if infeasible else 'MET'} "
-          f"({infeasible} infeasible plans); bf16 throughput within +-{BAND:.0%}: "
-          f"{inside} inside, {outside} outside")
+                if "as_published_tok" in pred:
+                    if abs(pred["as_published_tok"] / pub["tok_s"] - 1) <= BAND:
+                        as_inside += 1
+                    else:
+                        as_outside += 1
+        if name in NOTES:
+            print(f"  note : {NOTES[name]}")
+    print(f"\nfeasible where disttrain's mechanisms should fit: {'NOT MET' if infeasible else 'MET'} "
+          f"({infeasible} unexpected infeasible plans); bf16 throughput within +-{BAND:.0%}: "
+          f"{inside} inside, {outside} outside; as published (what the published system ran, "
+          f"not a target): {as_inside} inside, {as_outside} outside")
     return 0
 
 

@@ -96,6 +96,13 @@ ROWS = {
     "long-fpdt-llama3-8b-2m-4xa100-40g": _row(
         None, dict(tp=1, pp=1, dp=1, sp=4, sp_kind="ulysses"), "FPDT chunked Ulysses sp4 + offload",
         note="trains; MFU ~58% on the chart, convention not stated: not banded"),
+    # NeMo long-sequence page: FP8, TFLOP/s convention not stated -> trains only (+ notes).
+    "long-nemo-llama2-7b-128k-128xh100": _row(
+        None, dict(tp=4, pp=1, dp=8, sp=4, sp_kind="ring"), "TP4 DP8 CP4, FP8", bf16=False,
+        note="555 TFLOPS/GPU (FP8, convention not stated): trains"),
+    "long-nemo-llama2-7b-1m-1024xh100": _row(
+        None, dict(tp=8, pp=1, dp=4, sp=32, sp_kind="ring"), "TP8 DP4 CP32, FP8", bf16=False,
+        note="536 TFLOPS/GPU (FP8, convention not stated): trains"),
     # DeepSpeed-Ulysses blog Figure 4: ~134 TFLOP/s/GPU read off the chart, counted by
     # Megatron-DeepSpeed's throughput_calculator of 2023 (factor 4: the recomputed forward
     # counted, as bench/published.py does for the calibration 7B row); sp degree not published.
@@ -135,6 +142,12 @@ SOURCES = {
             "max_length 10_000_000 'ok NV 53.83 GB', sequence_parallel_size 64"),
            ("long-alst-llama31-8b-1p2m-1xh200", "run-h200-sp1-llama-8b-liger-offload-tiled-mlp.yml",
             "max_length 1_200_000 'ok 136.15 GB', flash_attention_3, offload_param cpu"))},
+    **{name: "NVIDIA/NeMo docs/source/performance/performance_long_sequence.md (table since b39e679b "
+             f"2024-10-21, at 8cfedd72) 'LLAMA2-7B (FP8) - H100', NeMo24.03.01, DGX-H100: {what}"
+       for name, what in (("long-nemo-llama2-7b-128k-128xh100",
+                           "128K | 128 GPUs | batch 32 | TP4 PP1 DP8 CP4 | 555 TFLOPS/GPU"),
+                          ("long-nemo-llama2-7b-1m-1024xh100",
+                           "1024K | 1024 GPUs | batch 4 | TP8 PP1 DP4 CP32 | 536 TFLOPS/GPU"))},
     "long-fpdt-llama3-8b-2m-4xa100-40g": "deepspeedai/DeepSpeed blogs/ulysses-offload/README.md (at edaa7221) "
         "Figure 4(c) '8B LLaMA 3, Num. of GPU=4' (media/image4.png: FPDT up to 2M) and text 'train 8B parameter "
         "models with sequence lengths of 2 million tokens using only 4 GPUs', A100-40GB; arXiv 2408.16978",
@@ -179,6 +192,15 @@ NOTES = {
              "not this CP-degree cost (torch 2.6 experimental context_parallel; mechanism not "
              "identified in a source, so not modelled)"
        for name in ROWS if name.startswith("long-tt-")},
+    **{name: (f"not banded (FP8; NeMo 24.03's TFLOP/s convention not stated). Read with Megatron's "
+              f"non-causal count (megatron_lm_flops_per_token, NeMo 2's flops_formulas too): {nc} "
+              f"tok/s/GPU, the planner's published-layout plan {ratio_nc}; with a causal count {c} "
+              f"tok/s/GPU ({ratio_c}), which would need ~54% of H100 peak in attention. Under the "
+              f"non-causal reading Megatron-Core's CP (TE ring attention) keeps its rate from CP4 to "
+              f"CP32 and the planner follows it, unlike torchtitan's CP4/CP8 rows")
+       for name, nc, ratio_nc, c, ratio_c in (
+           ("long-nemo-llama2-7b-128k-128xh100", "2,258", "0.91x", "3,889", "0.53x"),
+           ("long-nemo-llama2-7b-1m-1024xh100", "317", "0.96x", "620", "0.49x"))},
     "long-fpdt-llama3-8b-2m-4xa100-40g": (
         "infeasible as expected: Ulysses sp4 ZeRO-3 with all chunks on the CPU needs 46.1 GiB > "
         "37.0 usable (attention/rebuild working set 21.0 GiB over the whole 2M keys for 8 heads, "

@@ -47,4 +47,5 @@ def test_spec_parses_and_row_is_sourced(path):
         degrees = [layout.get(k) for k in ("dp", "sp", "pp", "tp")]
         if None not in degrees:
             assert degrees[0] * degrees[1] * degrees[2] * degrees[3] == job.hardware.world_size
-            assert job.spec.train.global_batch_size % (degrees[0] * job.spec.train.micro_batch_size) == 0
+            mbs = job.spec.train.micro_batch_size
+            assert job.spec.train.global_batch_size % (degrees[0] * (1 if mbs == "auto" else mbs)) == 0

@@ -53,6 +53,17 @@ def bytes_per_token(request: PlanRequest, cand: Candidate, measured: dict[str, f
         token_local=measured["token_local"] + replication, mlp=analytic.mlp)
 
 
+LAYER_TIME_NAMES = ("forward_s", "backward_s", "token_local_forward_s")
+"""A profile's fitted layer times that replace the cost model's layer prices (attention included)."""
+
+
+def profile_prices_layers(request: PlanRequest, profile) -> bool:
+    """Whether `profile`'s measured layer times replace the efficiency curves for `request`
+    (taken on the target's device type and dtype): then `HardwareSpec.attention_kernel` has
+    no effect, the measurement being of the kernel the runtime runs."""
+    return _profile_applies(request, profile, LAYER_TIME_NAMES)
+
+
 def _profile_applies(request: PlanRequest, profile, names: tuple[str, ...]) -> bool:
     """The profile was taken on the target's device type and dtype and has these timings."""
     coeffs = getattr(profile, "time_coeffs", None) or {}
@@ -99,8 +110,8 @@ def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedB
     The profile times one rank without tensor parallelism: tp divides its times and adds the
     TP collectives, blocking (the GEMM times the overlap needs per group are not profiled;
     the plan then says `tp_overlap_chunks` 1, as priced)."""
-    names = ("forward_s", "backward_s", "token_local_forward_s")
-    if not _profile_applies(request, profile, names):
+    names = LAYER_TIME_NAMES
+    if not profile_prices_layers(request, profile):
         return None
     tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
     forward, backward, recompute = (profile.time_s(n, tokens, request.seq_len) / cand.tp

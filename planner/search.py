@@ -27,6 +27,7 @@ from planner.analytic import noncausal_flops_ratio
 from planner.collectives import param_gather_overlap
 from planner.grid import micro_batch_sizes, sized_request
 from planner.costmodel import Candidate, CostParams, stage_layer_ranges, throughput
+from planner.efficiency import REFERENCE_KERNEL
 from planner.layout import plan_memory_layout
 from planner.mip import NoSolution, StageProblem, StageRelaxation, StageSolution, solve_stage
 from planner.outer import device_categories
@@ -382,9 +383,12 @@ def _kernel_note(request: PlanRequest, profile) -> tuple[str, ...]:
     if profile_prices_layers(request, profile):
         return (f"{KERNEL_NOTE} {kernel} (cluster.attention_kernel) not used: the profile's "
                 f"measured layer times price the attention core",)
+    if kernel == REFERENCE_KERNEL:
+        return (f"{KERNEL_NOTE} {kernel} (cluster.attention_kernel): the device's own curve, "
+                f"the kernel class disttrain's runtime runs (torch SDPA)",)
     return (f"{KERNEL_NOTE} {kernel} (cluster.attention_kernel): the attention core priced at "
-            f"{kernel}'s published throughput, not the device's FlashAttention-2-class curve; "
-            f"pricing only, disttrain's runtime runs torch SDPA",)
+            f"{kernel}'s published throughput over {REFERENCE_KERNEL}'s, the device curve's "
+            f"class; pricing only, disttrain's runtime runs torch SDPA",)
 
 
 def _attention_note(request: PlanRequest) -> str:

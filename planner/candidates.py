@@ -18,7 +18,8 @@ from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu
                                model_state_bytes, optimizer_bytes_per_param, overlaps_compute, stage_layer_ranges,
                                stage_params, tp_comm_seconds)
 from planner.contention import zero_contention_seconds
-from planner.efficiency import MEMORY_EFFICIENCY, device_family, grad_bookkeeping_bytes_per_param
+from planner.efficiency import (MEMORY_EFFICIENCY, REFERENCE_KERNEL, device_family,
+                                grad_bookkeeping_bytes_per_param)
 from planner.grid import divisors, enumerate_candidates, tp_problem  # noqa: F401
 from planner.loss_tiles import head_mapped_bytes, loss_tile_options, stage_head_seconds
 from planner.mip import StageProblem
@@ -62,6 +63,27 @@ def profile_prices_layers(request: PlanRequest, profile) -> bool:
     (taken on the target's device type and dtype): then `HardwareSpec.attention_kernel` has
     no effect, the measurement being of the kernel the runtime runs."""
     return _profile_applies(request, profile, LAYER_TIME_NAMES)
+
+
+KERNEL_NOTE = "attention kernel"
+"""How the note on `HardwareSpec.attention_kernel` starts (the report shows it beside the cluster)."""
+
+
+def kernel_note(request: PlanRequest, profile) -> tuple[str, ...]:
+    """Says which attention kernel generation priced the attention core, when the cluster
+    names one (`cluster.attention_kernel`), and that a profile's measured layer times win."""
+    kernel = request.hardware.attention_kernel
+    if kernel is None:
+        return ()
+    if profile_prices_layers(request, profile):
+        return (f"{KERNEL_NOTE} {kernel} (cluster.attention_kernel) not used: the profile's "
+                f"measured layer times price the attention core",)
+    if kernel == REFERENCE_KERNEL:
+        return (f"{KERNEL_NOTE} {kernel} (cluster.attention_kernel): the device's own curve, "
+                f"the kernel class disttrain's runtime runs (torch SDPA)",)
+    return (f"{KERNEL_NOTE} {kernel} (cluster.attention_kernel): the attention core priced at "
+            f"{kernel}'s published throughput over {REFERENCE_KERNEL}'s, the device curve's "
+            f"class; pricing only, disttrain's runtime runs torch SDPA",)
 
 
 def _profile_applies(request: PlanRequest, profile, names: tuple[str, ...]) -> bool:

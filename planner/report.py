@@ -12,14 +12,14 @@ from pathlib import Path
 from rich.console import Group
 from rich.table import Table
 
-from planner.candidates import profiled_stages
+from planner.candidates import KERNEL_NOTE, profiled_stages
 from planner.costmodel import Candidate, CostParams
 from planner.hardware import HardwareSpec
 from planner.mip import evaluate_stage
 from planner.outer import outer_flags
 from planner.plan import LayerActivationPlan, Plan
 from planner.request import PlanRequest
-from planner.search import KERNEL_NOTE, compose_step
+from planner.search import compose_step
 from planner.shapes import ModelShape
 
 GiB = 2**30
@@ -43,7 +43,7 @@ def _overlap(par) -> str:
 
 def kernel_note(plan: Plan) -> str:
     """The plan's note on the attention kernel generation its cluster names
-    (`HardwareSpec.attention_kernel`, `planner.search.KERNEL_NOTE`), else ''."""
+    (`HardwareSpec.attention_kernel`, `planner.candidates.KERNEL_NOTE`), else ''."""
     return next((n for n in plan.notes if n.startswith(KERNEL_NOTE)), "")
 
 

@@ -21,13 +21,12 @@ import heapq
 import math
 import time
 
-from planner.candidates import (enumerate_candidates, gib, memory_rejection,
-                                profile_prices_layers, profiled_stages)
+from planner.candidates import (enumerate_candidates, gib, kernel_note, memory_rejection,
+                                profiled_stages)
 from planner.analytic import noncausal_flops_ratio
 from planner.collectives import param_gather_overlap
 from planner.grid import micro_batch_sizes, sized_request
 from planner.costmodel import Candidate, CostParams, stage_layer_ranges, throughput
-from planner.efficiency import REFERENCE_KERNEL
 from planner.layout import plan_memory_layout
 from planner.mip import NoSolution, StageProblem, StageRelaxation, StageSolution, solve_stage
 from planner.outer import device_categories
@@ -349,7 +348,7 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
                           objective=best.step.total, solve_time_s=time.perf_counter() - start,
                           gap=max(gaps) if len(gaps) == len(summary["gaps"]) else 1.0),
         notes=tuple(summary["notes"].get(cand, ())) + _micro_batch_note(request, cand) + (
-            _attention_note(request), *_kernel_note(request, profile),
+            _attention_note(request), *kernel_note(request, profile),
             f"{summary['solves']} stage MIPs and {summary['relaxations']} LP relaxations solved; "
             f"worst device use {gib(worst.device_bytes)}",))
 
@@ -368,27 +367,6 @@ def _micro_batch_note(request: PlanRequest, cand: Candidate) -> tuple[str, ...]:
             f"{', '.join(map(str, micro_batch_sizes(request, cand.dp)))} sequences per "
             f"microbatch per rank at dp {cand.dp}): {cand.num_microbatches} microbatches per "
             f"step",)
-
-
-KERNEL_NOTE = "attention kernel"
-"""How the note on `HardwareSpec.attention_kernel` starts (the report shows it beside the cluster)."""
-
-
-def _kernel_note(request: PlanRequest, profile) -> tuple[str, ...]:
-    """Says which attention kernel generation priced the attention core, when the cluster
-    names one (`cluster.attention_kernel`), and that a profile's measured layer times win."""
-    kernel = request.hardware.attention_kernel
-    if kernel is None:
-        return ()
-    if profile_prices_layers(request, profile):
-        return (f"{KERNEL_NOTE} {kernel} (cluster.attention_kernel) not used: the profile's "
-                f"measured layer times price the attention core",)
-    if kernel == REFERENCE_KERNEL:
-        return (f"{KERNEL_NOTE} {kernel} (cluster.attention_kernel): the device's own curve, "
-                f"the kernel class disttrain's runtime runs (torch SDPA)",)
-    return (f"{KERNEL_NOTE} {kernel} (cluster.attention_kernel): the attention core priced at "
-            f"{kernel}'s published throughput over {REFERENCE_KERNEL}'s, the device curve's "
-            f"class; pricing only, disttrain's runtime runs torch SDPA",)
 
 
 def _attention_note(request: PlanRequest) -> str:

@@ -21,7 +21,8 @@ import heapq
 import math
 import time
 
-from planner.candidates import enumerate_candidates, gib, memory_rejection, profiled_stages
+from planner.candidates import (enumerate_candidates, gib, kernel_note, memory_rejection,
+                                profiled_stages)
 from planner.analytic import noncausal_flops_ratio
 from planner.collectives import param_gather_overlap
 from planner.grid import micro_batch_sizes, sized_request
@@ -352,7 +353,7 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
                           objective=best.step.total, solve_time_s=time.perf_counter() - start,
                           gap=max(gaps) if len(gaps) == len(summary["gaps"]) else 1.0),
         notes=tuple(summary["notes"].get(cand, ())) + _micro_batch_note(request, cand) + (
-            _attention_note(request),
+            _attention_note(request), *kernel_note(request, profile),
             f"{summary['solves']} stage MIPs and {summary['relaxations']} LP relaxations solved; "
             f"worst device use {gib(worst.device_bytes)}",))
 

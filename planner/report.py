@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Group
 from rich.table import Table
 
-from planner.candidates import profiled_stages
+from planner.candidates import KERNEL_NOTE, profiled_stages
 from planner.costmodel import Candidate, CostParams
 from planner.hardware import HardwareSpec
 from planner.mip import evaluate_stage
@@ -46,6 +46,12 @@ def _overlap(par) -> str:
     parts.append("column-parallel backward: " + ("whole GEMMs" if column == "whole" else
                                                  "lean, GEMMs per rank's feature block"))
     return f" ({'; '.join(parts)})"
+
+
+def kernel_note(plan: Plan) -> str:
+    """The plan's note on the attention kernel generation its cluster names
+    (`HardwareSpec.attention_kernel`, `planner.candidates.KERNEL_NOTE`), else ''."""
+    return next((n for n in plan.notes if n.startswith(KERNEL_NOTE)), "")
 
 
 def _request(plan: Plan) -> tuple[PlanRequest, Candidate]:
@@ -118,6 +124,8 @@ def render_summary(plan: Plan) -> Group:
                       f"MFU {pred.mfu:.1%} causal (6N+6LhS) / {pred.mfu_noncausal:.1%} non-causal (6N+12LhS)")
     if plan.feasible:
         title.add_row("[bold]model states[/]", model_states_text(plan))
+    if kernel_note(plan):
+        title.add_row("[bold]attention[/]", kernel_note(plan).removeprefix("attention "))
     title.add_row("[bold]solver[/]", f"{plan.solver.backend}: {plan.solver.status}, gap "
                   f"{plan.solver.gap:.2%}, {plan.solver.solve_time_s:.2f} s")
     shortfall = smallest_shortfall(plan)
@@ -260,7 +268,8 @@ def report_markdown(plan: Plan) -> str:
              f"- model: {plan.model.get('num_layers')} layers, hidden {plan.model.get('hidden_size')}, "
              f"{plan.dtype}, sequence {plan.seq_len:,}, global batch {plan.global_batch_size}",
              f"- cluster: {pred.hardware.get('name')} ({pred.hardware.get('nodes')} x "
-             f"{pred.hardware.get('devices_per_node')} {pred.hardware.get('device_name')})",
+             f"{pred.hardware.get('devices_per_node')} {pred.hardware.get('device_name')})"
+             + (f"; {kernel_note(plan).split(':')[0]}" if kernel_note(plan) else ""),
              f"- solver: {plan.solver.backend}, {plan.solver.status}, gap {plan.solver.gap:.3%}, "
              f"{plan.solver.solve_time_s:.2f} s", ""]
     if not plan.feasible:

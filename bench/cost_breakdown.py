@@ -12,9 +12,9 @@ layer's forward rerun, attention core included: DeepSpeed's and torchtitan's "fu
 activation checkpointing, a policy disttrain never runs), and "pred/pub full AC" the ratio
 the plan would have if it paid that instead of its own recompute: the published systems'
 policy, priced, for the rows that ran it. "as-published step" / "pred/pub as published" (rows
-with `as_published` in bench/published.py): that full-AC price plus the attention kernel
-generation the published system ran (`published.as_published_step`; DeepSpeed-Ulysses: a
-FlashAttention-1-class kernel): a check of the cost model's mechanisms, not the banded target.
+with `as_published` in bench/published.py): that full-AC price (`published.as_published_step`),
+a check of the cost model's mechanisms, not the banded target. Attention is priced with the
+spec's `cluster.attention_kernel` everywhere (DeepSpeed-Ulysses: FlashAttention v1).
 
     .venv/bin/python bench/cost_breakdown.py [--only NAME ...] [--micro-batch-size N]
 
@@ -57,8 +57,9 @@ def kernel_split(request, plan) -> dict[str, float]:
     gemm = 3 * sum(gemm_seconds(family, peak, m, n, k, b) for m, n, k in gemms)
     flops = layer_flops_per_token(shape, request.seq_len).attention * tokens / par.tp
     key_len = request.seq_len if par.sp_kind == "ulysses" else request.seq_len / par.sp
-    attn = (flops / (peak * attention_efficiency(family, key_len, shape.head_dim, False))
-            + 2.5 * flops / (peak * attention_efficiency(family, key_len, shape.head_dim, True)))
+    kernel = hw.attention_kernel
+    attn = (flops / (peak * attention_efficiency(family, key_len, shape.head_dim, False, kernel))
+            + 2.5 * flops / (peak * attention_efficiency(family, key_len, shape.head_dim, True, kernel)))
     fwd, bwd = elementwise_bytes_per_token(shape, request.dtype, par.tp)
     ew = (fwd + bwd) * tokens / (family.hbm_bw * MEMORY_EFFICIENCY)
     layers = -(-shape.num_layers // par.pp) * par.num_microbatches

@@ -28,8 +28,8 @@ from docs_sections import md_table, write_section  # noqa: E402
 
 from disttrain.spec import load_job  # noqa: E402
 from planner.analytic import layer_flops_per_token, model_flops_per_token  # noqa: E402
-from planner.costmodel import (Candidate, CostParams, attention_efficiency,  # noqa: E402
-                               bubble_fraction, device_family, layer_cost)
+from planner.costmodel import (Candidate, CostParams, bubble_fraction,  # noqa: E402
+                               layer_cost)
 from planner.search import plan_job  # noqa: E402
 from planner.shapes import ModelShape  # noqa: E402
 
@@ -111,8 +111,9 @@ def _tok_s(name: str, flops_per_s: float, flops_per_token, **kwargs) -> int:
 # asserts use_distributed_optimizer), which shards the fp32 main params and optimizer state
 # over DP with bf16 gradients not sharded (README "Distributed Optimizer"): ZeRO-1.
 # `as_published`: what the published system ran that the planner never prices (whole-layer
-# checkpointing recomputes the attention core; an older attention kernel generation of
-# planner.efficiency.ATTENTION_KERNEL_TFLOPS), for the informational "as published" price.
+# checkpointing recomputes the attention core), for the informational "as published" price.
+# The attention kernel a published run ran is a fact of its spec (`cluster.attention_kernel`:
+# the dsulysses row), priced in every row of it like any other spec field.
 _MEGATRON = dict(sp=1, zero_stage=1)
 _MLM = megatron_lm_flops_per_token
 PUBLISHED = {
@@ -133,7 +134,7 @@ PUBLISHED = {
     "tt-llama2-13b-64xa100": _row(2162, dict(tp=1, pp=1, dp=64, sp=1, zero_stage=3), "FSDP64"),
     "tt-llama2-70b-64xa100": _row(353, dict(tp=1, pp=1, dp=64, sp=1, zero_stage=3,
                                             recompute="full"), "FSDP64, full AC",
-                                  as_published=dict(recompute_attention=True, kernel=None)),
+                                  as_published=dict(recompute_attention=True)),
     "tt-llama31-8b-128xh100": _row(5605, dict(tp=1, pp=1, dp=128, sp=1, zero_stage=3,
                                               recompute="selective"),
                                    "FSDP128 (eager), selective op AC"),
@@ -141,7 +142,7 @@ PUBLISHED = {
                                                 zero_stage=3, recompute="full"),
                                       "FSDP1 CP8, Float8", bf16=False,
                                       note="Float8: not banded (no FP8 in the planner)",
-                                      as_published=dict(recompute_attention=True, kernel=None)),
+                                      as_published=dict(recompute_attention=True)),
     "tt-llama31-405b-512xh100": _row(100, dict(tp=8, pp=8, dp=8, sp=1, zero_stage=3),
                                      "FSDP8 TP8 PP8, Float8", bf16=False,
                                      note="Float8: not banded"),
@@ -152,10 +153,9 @@ PUBLISHED = {
                checkpoint_activations=True),
         dict(tp=1, pp=1, dp=1, sp=32, sp_kind="ulysses", zero_stage=3, recompute="full"),
         "Ulysses sp32 ZeRO-3, full AC, FlashAttention Triton (v1.0.4)",
-        note="174 TFLOP/s read off a chart, counting the recompute (x4/3)",
-        # flash_attn_triton of FlashAttention v1.0.4 (its docstring: forward + backward
-        # "slightly slower" than v1's CUDA kernel), so v1's figure bounds it from above
-        as_published=dict(recompute_attention=True, kernel="flash-attn-1")),
+        note="174 TFLOP/s read off a chart, counting the recompute (x4/3); attention priced "
+             "as FlashAttention v1 (the spec's cluster.attention_kernel)",
+        as_published=dict(recompute_attention=True)),
     "fpdt-llama3-70b-4m-32xa100-40g": _row(None, None, "FPDT chunked Ulysses + offload",
                                            note="MFU 54%, convention not stated: not banded"),
     "sppo-llama2-7b-4m-128xa100": _row(None, None, "SPPO", note="published as trains"),
@@ -169,13 +169,11 @@ MISSING = {
     "dsulysses-gpt7b-256k-32xa100-40g": "the published run (Megatron-DeepSpeed examples_deepspeed/"
     "sequence_parallel at a2a476e1) checkpointed whole layers, attention core included "
     "(--checkpoint-activations --deepspeed-activation-checkpointing; disttrain never recomputes "
-    "the attention core), and ran FlashAttention v1.0.4's Triton kernel (--use-flash-attn-triton; "
-    "its README's tested versions), whose forward + backward is at most FlashAttention v1's "
-    "83 TFLOP/s on an A100 against FlashAttention-2's 189 (arXiv 2307.08691 Fig. 4(d), causal, "
-    "head dim 128), the class of the planner's A100 curve. The published 174 TFLOP/s already "
-    "count the recompute (Megatron-DeepSpeed's factor 4): the tok/s/GPU above are model FLOPs. "
-    "The planner's own plans priced with that recompute and kernel: the 'As published' line "
-    "below (not a target)",
+    "the attention core, so neither does the planner's price). Its attention kernel, FlashAttention "
+    "v1.0.4's Triton kernel (--use-flash-attn-triton), is in the spec (cluster.attention_kernel: "
+    "flash-attn-1) and priced. The published 174 TFLOP/s already count the recompute "
+    "(Megatron-DeepSpeed's factor 4): the tok/s/GPU above are model FLOPs. The planner's own "
+    "plans priced with that recompute: the 'As published' line below (not a target)",
 }
 """What we believe each row outside the band misses (printed under the targets)."""
 
@@ -213,41 +211,29 @@ def plan_one(request) -> dict:
                 reason="" if plan.feasible else (plan.rejected[0]["reason"] if plan.rejected else ""))
 
 
-def as_published_step(request, plan, *, recompute_attention: bool, kernel: str | None) -> float:
+def as_published_step(request, plan, *, recompute_attention: bool) -> float:
     """Step seconds of a feasible `plan` as the published system ran it, from the planner's own
-    prices: its step with (a) the attention core at `kernel`'s efficiency instead of the
-    family's curve (`planner.efficiency.attention_efficiency(..., kernel=)`; None: unchanged)
-    and (b), with `recompute_attention`, the planner's recompute replaced by a whole-layer
-    rerun of every layer's forward, attention core included (`LayerCost.forward_s`:
-    DeepSpeed's / torchtitan's full activation checkpointing, which disttrain never runs).
+    prices: with `recompute_attention`, the planner's recompute replaced by a whole-layer rerun
+    of every layer's forward, attention core included (`LayerCost.forward_s`: DeepSpeed's /
+    torchtitan's full activation checkpointing, which disttrain never runs). The attention core
+    is priced as everywhere else, with the spec's `cluster.attention_kernel` (the published
+    run's kernel where the spec names one), so the rerun costs what the plan's forward does.
     Per-microbatch changes are scaled by the schedule's slots (bubble included); exposed
     communication is left as planned. A check of the cost model's mechanisms, not a target."""
     par, shape, hw = plan.parallel, request.model, request.hardware
-    family = device_family(hw.device_name)
-    if family is None:
-        raise ValueError(f"as published: no efficiency curves for device {hw.device_name!r}")
+    step = plan.prediction.step_time_s
+    if not recompute_attention:
+        return step
     cand = Candidate(dp=par.dp, sp=par.sp, sp_kind=par.sp_kind, pp=par.pp, tp=par.tp,
                      num_microbatches=par.num_microbatches, zero_stage=par.zero_stage)
     lc = layer_cost(shape, request.dtype, hw, cand, seq_len=request.seq_len,
                     micro_batch_size=plan.micro_batch_size, params=CostParams(),
                     tp_overlap_chunks=par.tp_overlap_chunks)
-    peak = hw.flops(request.dtype)
-    flops = layer_flops_per_token(shape, request.seq_len).attention * lc.tokens / par.tp
-    key_len = request.seq_len if par.sp_kind == "ulysses" else request.seq_len / par.sp
-
-    def core(k):   # attention forward, backward seconds of one layer
-        return tuple(w * flops / (peak * attention_efficiency(family, key_len, shape.head_dim, bwd, k))
-                     for w, bwd in ((1.0, False), (2.5, True)))
-
-    (f0, b0), (f1, b1) = core(None), core(kernel)
     virtual = 2 if par.schedule == "interleaved-1f1b" else 1
     slots = par.num_microbatches / (1 - bubble_fraction(par.pp, par.num_microbatches, virtual))
     per_slot = -(-shape.num_layers // par.pp)   # layers of one microbatch on the slowest stage
-    step = plan.prediction.step_time_s + slots * per_slot * (f1 - f0 + b1 - b0)
-    if recompute_attention:
-        planned = plan.prediction.time_breakdown.get("recompute", 0.0)
-        step += slots * per_slot * (lc.forward_s - f0 + f1) - planned
-    return step
+    planned = plan.prediction.time_breakdown.get("recompute", 0.0)
+    return step + slots * per_slot * lc.forward_s - planned
 
 
 def measure(names: list[str], specs: list[Path] | None = None,
@@ -375,15 +361,15 @@ def as_published_lines(rows: list[dict]) -> list[str]:
         lines += ["", "As published: a check of the cost model's mechanisms, not the banded "
                   "target. The same plans priced by the planner's own cost model with what the "
                   "published system ran and disttrain does not (`as_published_step`): "
-                  "whole-layer activation checkpointing, which recomputes the attention core, "
-                  "and the attention kernel generation it ran "
-                  "(`planner.efficiency.ATTENTION_KERNEL_TFLOPS`, FlashAttention-2 paper Fig. 4).",
-                  ""]
+                  "whole-layer activation checkpointing, which recomputes the attention core. "
+                  "The attention kernel is the spec's (`cluster.attention_kernel` where the "
+                  "published run ran another generation than the device curve's, "
+                  "`planner.efficiency.ATTENTION_KERNEL_TFLOPS`), as in the rows above.", ""]
         for r in checked:
             spec = r["pub"]["as_published"]
             what = ("attention core recomputed" if spec["recompute_attention"] else "no recompute")
-            kernel = spec["kernel"] or "FlashAttention-2-class (the planner's curve)"
-            what += f", {kernel} kernel"
+            kernel = r["free"]["request"].hardware.attention_kernel
+            what += f", {kernel or 'the device curve (FlashAttention-2-class)'} kernel"
             parts = [f"{kind} {p['as_published_tok']:,.0f} tok/s/GPU"
                      + (f" ({_fmt_ratio(p['as_published_tok'] / r['pub']['tok_s'])})"
                         if r["pub"]["tok_s"] else "")

@@ -3,6 +3,7 @@ against the job so a plan written for another model or cluster is refused up fro
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from disttrain.spec import Job, SpecError
@@ -90,6 +91,12 @@ def _check_batch(job: Job, plan: Plan, where: str) -> None:
 
 def resolve_plan(job: Job, world_size: int, plan_path: str | Path | None = None,
                  use_planner: bool = True) -> Plan:
+    kernel = job.hardware.attention_kernel
+    if kernel is not None:   # pricing only: the run is correct, its steps faster than planned
+        logging.getLogger(__name__).warning(
+            "cluster.attention_kernel: %s prices the attention core of another software stack; "
+            "this run calls torch SDPA (FlashAttention-2-class on Ampere), so its steps will be "
+            "faster than the plan predicts", kernel)
     if plan_path is not None:
         path = Path(plan_path)
         if not path.is_file():

@@ -81,6 +81,8 @@ def _hardware(section: ClusterSection, base_dir: Path) -> HardwareSpec:
                    ("inter_node_gbps", "inter_node_bw")):
         if getattr(section, f) is not None:
             over[key] = getattr(section, f) * GB
+    if section.attention_kernel is not None:
+        over["attention_kernel"] = section.attention_kernel
     if section.nvme is not None:
         nvme = section.nvme
         read = nvme.read_gbps * GB if nvme.read_gbps else \

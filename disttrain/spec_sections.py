@@ -153,6 +153,10 @@ class ClusterSection(_Section):
     nvme: NvmeSection | None = None
     intra_node_gbps: float | None = Field(None, gt=0)
     inter_node_gbps: float | None = Field(None, gt=0)
+    attention_kernel: str | None = None
+    """The attention kernel generation the job's software stack runs ('flash-attn-2',
+    'flash-attn-1'; `planner.efficiency.ATTENTION_KERNEL_TFLOPS`), for pricing a stack other
+    than disttrain's; default: the device family's own curve. Pricing only (docs/spec.md)."""
 
 
 class ParallelSection(_Section):

@@ -18,7 +18,8 @@ from planner.costmodel import (Candidate, CostParams, LayerCost, comm_times, cpu
                                model_state_bytes, optimizer_bytes_per_param, overlaps_compute, stage_layer_ranges,
                                stage_params, tp_comm_seconds)
 from planner.contention import zero_contention_seconds
-from planner.efficiency import MEMORY_EFFICIENCY, device_family, grad_bookkeeping_bytes_per_param
+from planner.efficiency import (MEMORY_EFFICIENCY, REFERENCE_KERNEL, device_family,
+                                grad_bookkeeping_bytes_per_param)
 from planner.grid import divisors, enumerate_candidates, tp_problem  # noqa: F401
 from planner.loss_tiles import head_mapped_bytes, loss_tile_options, stage_head_seconds
 from planner.mip import StageProblem
@@ -51,6 +52,38 @@ def bytes_per_token(request: PlanRequest, cand: Candidate, measured: dict[str, f
         input_saved=measured["input"], layer_input=analytic.layer_input,
         attention_output=measured["attention_output"],
         token_local=measured["token_local"] + replication, mlp=analytic.mlp)
+
+
+LAYER_TIME_NAMES = ("forward_s", "backward_s", "token_local_forward_s")
+"""A profile's fitted layer times that replace the cost model's layer prices (attention included)."""
+
+
+def profile_prices_layers(request: PlanRequest, profile) -> bool:
+    """Whether `profile`'s measured layer times replace the efficiency curves for `request`
+    (taken on the target's device type and dtype): then `HardwareSpec.attention_kernel` has
+    no effect, the measurement being of the kernel the runtime runs."""
+    return _profile_applies(request, profile, LAYER_TIME_NAMES)
+
+
+KERNEL_NOTE = "attention kernel"
+"""How the note on `HardwareSpec.attention_kernel` starts (the report shows it beside the cluster)."""
+
+
+def kernel_note(request: PlanRequest, profile) -> tuple[str, ...]:
+    """Says which attention kernel generation priced the attention core, when the cluster
+    names one (`cluster.attention_kernel`), and that a profile's measured layer times win."""
+    kernel = request.hardware.attention_kernel
+    if kernel is None:
+        return ()
+    if profile_prices_layers(request, profile):
+        return (f"{KERNEL_NOTE} {kernel} (cluster.attention_kernel) not used: the profile's "
+                f"measured layer times price the attention core",)
+    if kernel == REFERENCE_KERNEL:
+        return (f"{KERNEL_NOTE} {kernel} (cluster.attention_kernel): the device's own curve, "
+                f"the kernel class disttrain's runtime runs (torch SDPA)",)
+    return (f"{KERNEL_NOTE} {kernel} (cluster.attention_kernel): the attention core priced at "
+            f"{kernel}'s published throughput over {REFERENCE_KERNEL}'s, the device curve's "
+            f"class; pricing only, disttrain's runtime runs torch SDPA",)
 
 
 def _profile_applies(request: PlanRequest, profile, names: tuple[str, ...]) -> bool:
@@ -99,8 +132,8 @@ def profiled_layer_cost(request: PlanRequest, cand: Candidate, per_token: SavedB
     The profile times one rank without tensor parallelism: tp divides its times and adds the
     TP collectives, blocking (the GEMM times the overlap needs per group are not profiled;
     the plan then says `tp_overlap_chunks` 1, as priced)."""
-    names = ("forward_s", "backward_s", "token_local_forward_s")
-    if not _profile_applies(request, profile, names):
+    names = LAYER_TIME_NAMES
+    if not profile_prices_layers(request, profile):
         return None
     tokens = local_tokens(request.seq_len, request.micro_batch_size, cand.sp)
     forward, backward, recompute = (profile.time_s(n, tokens, request.seq_len) / cand.tp

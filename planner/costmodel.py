@@ -64,8 +64,9 @@ def _family_layer_times(family: DeviceFamily, shape: ModelShape, dtype: str, hw:
     flops = layer_flops_per_token(shape, seq_len).attention * tokens / tp
     # Ulysses attends over the whole sequence; a ring rank attends block by block
     key_len = seq_len if cand.sp_kind == "ulysses" else seq_len / cand.sp
-    attn_f = flops / (peak * attention_efficiency(family, key_len, shape.head_dim, False))
-    attn_b = 2.5 * flops / (peak * attention_efficiency(family, key_len, shape.head_dim, True))
+    kernel = hw.attention_kernel   # the stack's kernel generation (None: the family's curve)
+    attn_f = flops / (peak * attention_efficiency(family, key_len, shape.head_dim, False, kernel))
+    attn_b = 2.5 * flops / (peak * attention_efficiency(family, key_len, shape.head_dim, True, kernel))
     return (gemm + ew_fwd * tokens / bw, sum(tp_backward_gemms(gemms, whole, column))
             + ew_bwd * tokens / bw, attn_f, attn_b, gemms, whole)
 

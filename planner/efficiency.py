@@ -135,28 +135,39 @@ causal, head dim 128, sequence 16K, the FLOP count of flash-attention's
 benchmarks/benchmark_flash_attention.py: 3.5 x 4 s^2 d per head, halved when causal): the
 FlashAttention-2 paper (arXiv 2307.08691, Fig. 4(d); flash-attention's
 assets/flash2_a100_fwd_bwd_benchmark.png), bars "FlashAttention-2" and "FlashAttention" (v1,
-CUDA). The Ampere curves of `FAMILIES` are FlashAttention-2-class; the planner prices with
-them, and only `attention_efficiency(..., kernel=...)` (bench/published.py's "as published"
-check of systems that ran an older kernel) uses the other generations."""
+CUDA). The Ampere curves of `FAMILIES` are FlashAttention-2-class, the kernel class of
+disttrain's own runtime (torch SDPA's flash backend); a job whose software stack runs another
+generation says so in `HardwareSpec.attention_kernel` (the spec's `cluster.attention_kernel`)."""
 REFERENCE_KERNEL = "flash-attn-2"
 """The kernel generation the `FAMILIES` curves describe on Ampere."""
 KERNEL_FAMILIES = ("A100-40G", "A100", "A800")
 """Families the kernel table was measured on (SM80): the ratios are not carried to others."""
 
 
+def check_attention_kernel(kernel: str | None, device_name: str) -> None:
+    """Raise ValueError ('attention_kernel: ...') unless `kernel` is None or a generation of
+    `ATTENTION_KERNEL_TFLOPS` measured on `device_name`'s family (`KERNEL_FAMILIES`)."""
+    if kernel is None:
+        return
+    if kernel not in ATTENTION_KERNEL_TFLOPS:
+        raise ValueError(f"attention_kernel: unknown kernel {kernel!r}; known: "
+                         f"{', '.join(sorted(ATTENTION_KERNEL_TFLOPS))}")
+    family = device_family(device_name)
+    if family is None or family.name not in KERNEL_FAMILIES:
+        raise ValueError(f"attention_kernel: no published {kernel} table for device "
+                         f"{device_name!r} (measured on {', '.join(KERNEL_FAMILIES)} only); "
+                         f"leave it unset for the device's own curve")
+
+
 def attention_efficiency(family: DeviceFamily, key_len: float, head_dim: int, backward: bool,
                          kernel: str | None = None) -> float:
     """Achieved fraction of peak of the flash-attention forward (or backward) at `key_len`.
-    `kernel` (None: the family's own curve, what the planner prices with) rescales an Ampere
-    family's curve by that kernel generation's measured forward + backward throughput over
-    the reference generation's (`ATTENTION_KERNEL_TFLOPS`), for pricing published runs that
-    ran an older kernel."""
+    `kernel` (None: the family's own curve) rescales an Ampere family's curve by that kernel
+    generation's measured forward + backward throughput over the reference generation's
+    (`ATTENTION_KERNEL_TFLOPS`): the cost model passes `HardwareSpec.attention_kernel`."""
     base = family.attn_bwd_max if backward else family.attn_fwd_max
     if kernel is not None:
-        if kernel not in ATTENTION_KERNEL_TFLOPS:
-            raise ValueError(f"kernel: must be one of {sorted(ATTENTION_KERNEL_TFLOPS)}")
-        if family.name not in KERNEL_FAMILIES:
-            raise ValueError(f"kernel: no published kernel table for {family.name}")
+        check_attention_kernel(kernel, family.name)
         base *= ATTENTION_KERNEL_TFLOPS[kernel] / ATTENTION_KERNEL_TFLOPS[REFERENCE_KERNEL]
     dim = _tile(head_dim, 32) / _tile(128, 32)
     return family.clock_factor * base * min(1.0, dim) * key_len / (key_len + ATTN_SEQ_HALF)

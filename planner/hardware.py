@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from planner.collective_probe import (  # noqa: F401  (re-exported: callers import them from here)
     COLLECTIVE_KINDS, COLLECTIVE_SIZES, collective_sent_bytes, fit_collective_samples,
     fit_latency_bandwidth, median_collective_seconds, run_collective_workers, timed_collectives)
+from planner.efficiency import check_attention_kernel
 
 GiB = 1024**3
 GB = 10**9
@@ -62,6 +63,11 @@ class HardwareSpec:
     """Fixed seconds of one call by collective kind between devices of one node, where
     measured (the per-kind fit of `probe`, or a CPU profile's calls between compute segments:
     `planner.collective_probe.busy_collectives`); empty: `intra_node_latency_s` for every kind."""
+    attention_kernel: str | None = None
+    """The attention kernel generation the job's software stack runs on these devices, a key of
+    `planner.efficiency.ATTENTION_KERNEL_TFLOPS` (e.g. 'flash-attn-1' to price a published run
+    that ran FlashAttention v1); None: the device family's own curve (FlashAttention-2-class,
+    what disttrain's runtime runs). Pricing only: a profile's measured layer times replace it."""
 
     def __post_init__(self) -> None:
         for name in ("nodes", "devices_per_node", "device_memory_bytes", "host_memory_bytes"):
@@ -84,6 +90,7 @@ class HardwareSpec:
             raise ValueError("nvme: read and write bandwidth must be positive when capacity > 0")
         if not self.peak_flops or any(v <= 0 for v in self.peak_flops.values()):
             raise ValueError(f"peak_flops: need a positive value per dtype, got {self.peak_flops}")
+        check_attention_kernel(self.attention_kernel, self.device_name)
 
     @property
     def world_size(self) -> int:
@@ -101,7 +108,12 @@ class HardwareSpec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a dict; `attention_kernel` only when set, so that a plan of a job
+        that does not set it is the same as before the field existed."""
+        data = dataclasses.asdict(self)
+        if data["attention_kernel"] is None:
+            del data["attention_kernel"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "HardwareSpec":

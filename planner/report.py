@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Group
 from rich.table import Table
 
-from planner.candidates import profiled_stages
+from planner.candidates import KERNEL_NOTE, profiled_stages
 from planner.costmodel import Candidate, CostParams
 from planner.hardware import HardwareSpec
 from planner.mip import evaluate_stage
@@ -39,6 +39,12 @@ def _overlap(par) -> str:
     """' (collectives overlapped over K token blocks)' when tensor parallelism pipelines them."""
     chunks = getattr(par, "tp_overlap_chunks", 1)
     return f" (collectives overlapped over {chunks} token blocks)" if par.tp > 1 and chunks > 1 else ""
+
+
+def kernel_note(plan: Plan) -> str:
+    """The plan's note on the attention kernel generation its cluster names
+    (`HardwareSpec.attention_kernel`, `planner.candidates.KERNEL_NOTE`), else ''."""
+    return next((n for n in plan.notes if n.startswith(KERNEL_NOTE)), "")
 
 
 def _request(plan: Plan) -> tuple[PlanRequest, Candidate]:
@@ -110,6 +116,8 @@ def render_summary(plan: Plan) -> Group:
                       f"MFU {pred.mfu:.1%} causal (6N+6LhS) / {pred.mfu_noncausal:.1%} non-causal (6N+12LhS)")
     if plan.feasible:
         title.add_row("[bold]model states[/]", model_states_text(plan))
+    if kernel_note(plan):
+        title.add_row("[bold]attention[/]", kernel_note(plan).removeprefix("attention "))
     title.add_row("[bold]solver[/]", f"{plan.solver.backend}: {plan.solver.status}, gap "
                   f"{plan.solver.gap:.2%}, {plan.solver.solve_time_s:.2f} s")
     shortfall = smallest_shortfall(plan)
@@ -252,7 +260,8 @@ def report_markdown(plan: Plan) -> str:
              f"- model: {plan.model.get('num_layers')} layers, hidden {plan.model.get('hidden_size')}, "
              f"{plan.dtype}, sequence {plan.seq_len:,}, global batch {plan.global_batch_size}",
              f"- cluster: {pred.hardware.get('name')} ({pred.hardware.get('nodes')} x "
-             f"{pred.hardware.get('devices_per_node')} {pred.hardware.get('device_name')})",
+             f"{pred.hardware.get('devices_per_node')} {pred.hardware.get('device_name')})"
+             + (f"; {kernel_note(plan).split(':')[0]}" if kernel_note(plan) else ""),
              f"- solver: {plan.solver.backend}, {plan.solver.status}, gap {plan.solver.gap:.3%}, "
              f"{plan.solver.solve_time_s:.2f} s", ""]
     if not plan.feasible:

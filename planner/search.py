@@ -21,12 +21,14 @@ import heapq
 import math
 import time
 
-from planner.candidates import enumerate_candidates, gib, memory_rejection, profiled_stages
+from planner.candidates import (enumerate_candidates, gib, kernel_note, memory_rejection,
+                                profiled_stages)
 from planner.analytic import noncausal_flops_ratio
 from planner.collectives import param_gather_overlap
 from planner.grid import micro_batch_sizes, sized_request
 from planner.costmodel import Candidate, CostParams, stage_layer_ranges, throughput
 from planner.layout import plan_memory_layout
+from planner.misses import refine_misses
 from planner.mip import NoSolution, StageProblem, StageRelaxation, StageSolution, solve_stage
 from planner.outer import device_categories
 from planner.plan import (LayerActivationPlan, ModelStatePlan, OUTER_NAMES, ParallelPlan, Plan,
@@ -67,8 +69,9 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
     usable = hw.device_memory_bytes * (1 - params.fragmentation) - (
         0 if hw.device_name.lower() == "cpu" else params.reserved_bytes)
     candidates, rejected, notes = enumerate_candidates(request)
+    loose: list[tuple[int, Candidate]] = []   # rejections whose shortfall is a lower bound
     ranked, upper = _rank(request, candidates, params, profile, measured_bytes, usable,
-                          corrections, rejected, skip_by_layer_time=skip_by_layer_time)
+                          corrections, rejected, loose, skip_by_layer_time=skip_by_layer_time)
     best: Outcome | None = None
     cache: dict[StageProblem, StageSolution | NoSolution] = {}
     bounds: dict[StageProblem, StageRelaxation] = {}   # a MIP's start reuses its relaxation
@@ -153,6 +156,8 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
     if safety_hit:
         summary["limits"].append(f"search stopped at its wall-clock safety cap ({SEARCH_SAFETY_S:.0f} s): "
                                  f"the layouts left unsolved are listed as 'not solved'")
+    if best is None:
+        refine_misses(request, rejected, loose, params, profile, measured_bytes, usable)
     if best is not None:
         summary["notes"] = {**notes, best.cand: notes.get(best.cand, []) + sorted(
             {s.solve.note for s in best.solutions if s.solve.note})}
@@ -163,7 +168,7 @@ def search(request: PlanRequest, *, profile=None, params: CostParams | None = No
 
 
 def _rank(request: PlanRequest, candidates: list[Candidate], params: CostParams, profile,
-          measured_bytes, usable: float, corrections, rejected: list, *,
+          measured_bytes, usable: float, corrections, rejected: list, loose: list, *,
           skip_by_layer_time: bool = True) -> tuple[list, float]:
     """(candidates with their stages, sorted by step-time lower bound then enumeration
     order; the best quick feasible step time among them, inf when none).
@@ -183,6 +188,7 @@ def _rank(request: PlanRequest, candidates: list[Candidate], params: CostParams,
         cand = candidates[index]
         states = _unchunked_states_bytes(request, cand)
         if states > usable:      # ZeRO 0-2 states never leave the device: no stage fits
+            loose.append((len(rejected), cand))
             rejected.append({"candidate": cand.to_dict(), "shortfall_bytes": states - usable,
                              "reason": f"model states alone need {gib(states)} per rank > "
                                        f"{gib(usable)} usable of {gib(hw.device_memory_bytes)} "
@@ -347,7 +353,7 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
                           objective=best.step.total, solve_time_s=time.perf_counter() - start,
                           gap=max(gaps) if len(gaps) == len(summary["gaps"]) else 1.0),
         notes=tuple(summary["notes"].get(cand, ())) + _micro_batch_note(request, cand) + (
-            _attention_note(request),
+            _attention_note(request), *kernel_note(request, profile),
             f"{summary['solves']} stage MIPs and {summary['relaxations']} LP relaxations solved; "
             f"worst device use {gib(worst.device_bytes)}",))
 

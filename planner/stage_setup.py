@@ -188,9 +188,10 @@ def memory_rejection(setups: list[StageSetup], capacity: float, usable: float) -
         chunked = sum(setup.chunk_states.values()) if setup.problem.num_chunks else 0.0
         chunked += sum(c.host_bytes for c in setup.problem.outer_chunks)
         where = f" (stage {index})" if len(setups) > 1 else ""
-        if states > usable:
+        if states > usable:     # the shortfall is the leanest policy's, activations included
             return (f"model states alone need {gib(states)} per rank{where} > {gib(usable)} usable "
-                    f"of {gib(capacity)}", states - usable)
+                    f"of {gib(capacity)} (with the leanest activations: "
+                    f"{gib(setup.min_device_bytes)})", setup.min_device_bytes - usable)
         items = dict(setup.fixed_bytes, activations=setup.leanest_activation_bytes,
                      prefetch_buffer=_prefetch_buffer(setup.problem),
                      outer_shards=_outer_shards(setup.problem),

@@ -190,3 +190,20 @@ def test_zero3_chunk_is_one_layer_as_a_tensor_parallel_rank_holds_it():
     assert plan.feasible and plan.parallel.tp == 2
     assert plan.model_states.chunk_size_bytes == shape.layer_params() // 2 * 4
     assert plan.model_states.num_chunks == shape.num_layers
+
+
+def test_closest_miss_is_exact_not_a_model_states_lower_bound():
+    """Llama-3-8B at 2M tokens on 4 A100-40G (FPDT trains it with host-offloaded attention
+    chunks, which disttrain does not have): ZeRO-2 layouts are rejected unbuilt with "model
+    states alone" 0.4 GiB over, a lower bound; the closest miss must be the exact one, the
+    ZeRO-3 layout whose attention working set binds (planner/misses.py)."""
+    shape = MODEL_PRESETS["llama3-8b"]
+    hw = CLUSTER_PRESETS["8xa100-40g"].replace(devices_per_node=4)
+    plan = plan_job(PlanRequest(model=shape, hardware=hw, dtype="bf16", seq_len=1 << 21))
+    assert not plan.feasible
+    first = plan.rejected[0]
+    assert first["candidate"]["zero_stage"] == 3 and "working_set" in first["reason"], first
+    assert first["shortfall_bytes"] > 4 * GiB
+    for r in plan.rejected:
+        if r["reason"].startswith("model states alone") and "leanest activations" not in r["reason"]:
+            assert r["shortfall_bytes"] >= first["shortfall_bytes"]     # left as a bound: farther

@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import published  # noqa: E402
 
 from disttrain.spec import load_job  # noqa: E402
-from planner.costmodel import CostParams  # noqa: E402
+from planner.costmodel import Candidate, CostParams, layer_cost  # noqa: E402
+from planner.efficiency import ATTENTION_KERNEL_TFLOPS  # noqa: E402
 from planner.hardware import CLUSTER_PRESETS  # noqa: E402
 from planner.request import PlanRequest  # noqa: E402
 from planner.search import plan_job  # noqa: E402
@@ -29,7 +30,8 @@ FAST = (("megatron-1p7b-48xh100", ("free", "fixed")),        # H100 SXM, Megatro
         ("tt-llama2-13b-64xa100", ("fixed",)),               # A100, FSDP64, no recompute
         ("tt-llama2-70b-64xa100", ("fixed",)),               # A100, FSDP64, full recompute
         ("usp-llama3-8b-208k-16xa800", ("fixed",)),          # long sequence, ring attention
-        ("tt-llama31-8b-128xh100", ("fixed",)))              # H100, FSDP128, selective op AC
+        ("tt-llama31-8b-128xh100", ("fixed",)),              # H100, FSDP128, selective op AC
+        ("dsulysses-gpt7b-256k-32xa100-40g", ("free", "fixed")))  # 256K, cluster.attention_kernel
 """Rows inside the band whose plans take well under a second alone (`bench/published.py`
 prints every row; the slow free searches of the big jobs stay out of the test)."""
 
@@ -212,18 +214,32 @@ def test_attention_kernel_generation_is_opt_in():
         attention_efficiency(a100, 1 << 18, 128, False, "flash-attn-0")
 
 
-def test_as_published_price_adds_only_what_the_published_run_did():
-    """Without recompute or another kernel the price is the plan's; the attention-core
-    recompute and an older kernel each make it slower."""
+def test_as_published_price_adds_only_the_attention_core_recompute():
+    """Without recompute the price is the plan's; with it, every layer's forward rerun as
+    planned, attention core included, at the spec's kernel: flash-attn-1's attention forward
+    counted once (the table ratio over the device curve's), not a second time on top."""
     name = "dsulysses-gpt7b-256k-32xa100-40g"
     pub = published.PUBLISHED[name]
     request = dataclasses.replace(published.free_request(load_job(published.SPECS / f"{name}.yaml")),
                                   **pub["layout"])
+    assert request.hardware.attention_kernel == "flash-attn-1"    # the spec says so
+    own = dataclasses.replace(request, hardware=request.hardware.replace(attention_kernel=None))
     plan = plan_job(request, with_layout=False)
+    par = plan.parallel
+    assert (par.pp, par.num_microbatches) == (1, 1)               # one slot per step
     step = plan.prediction.step_time_s
-    price = lambda **kw: published.as_published_step(request, plan, **kw)  # noqa: E731
-    assert price(recompute_attention=False, kernel=None) == pytest.approx(step)
-    recompute = price(recompute_attention=True, kernel=None)
+    price = published.as_published_step
+    assert price(request, plan, recompute_attention=False) == pytest.approx(step)
+    recompute = price(request, plan, recompute_attention=True)
     assert recompute > step
-    assert price(recompute_attention=True, kernel="flash-attn-1") > recompute
-    assert price(recompute_attention=False, kernel="flash-attn-1") > step
+    # priced the same plan with the device curve's kernel, the rerun differs only by the
+    # attention forward's kernel ratio over all layers
+    cand = Candidate(dp=par.dp, sp=par.sp, sp_kind=par.sp_kind, pp=1, tp=par.tp,
+                     num_microbatches=1, zero_stage=par.zero_stage)
+    kw = dict(seq_len=request.seq_len, micro_batch_size=plan.micro_batch_size, params=CostParams())
+    attn = lambda hw: (lambda lc: lc.forward_s - lc.recompute_s)(  # noqa: E731
+        layer_cost(request.model, request.dtype, hw, cand, **kw))
+    ratio = ATTENTION_KERNEL_TFLOPS["flash-attn-2"] / ATTENTION_KERNEL_TFLOPS["flash-attn-1"]
+    assert attn(request.hardware) == pytest.approx(ratio * attn(own.hardware))
+    assert recompute - price(own, plan, recompute_attention=True) == pytest.approx(
+        request.model.num_layers * (attn(request.hardware) - attn(own.hardware)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 from published import _row  # noqa: F401  (bench/ is on sys.path when run from bench/heldout.py)
 
 _FSDP_NOTE = "llm-foundry T/s/GPU"
-_WHOLE_LAYER = dict(recompute_attention=True, kernel=None)
+_WHOLE_LAYER = dict(recompute_attention=True)
 """Whole-block activation checkpointing: the published run recomputed the attention core too."""
 TRITON_KERNEL = "flash-attn-1"
 """The attention kernel of the llm-foundry tables: its harness sets every model's
@@ -28,8 +28,9 @@ it): llmfoundry/models/layers/flash_attn_triton.py, "Copied from" FlashAttention
 flash_attn_triton.py at eff9fe6 (v1 era), whose docstring says its forward + backward is
 "slightly slower than CUDA" (FlashAttention v1) and that it "has only been tested on A100". The
 nearest published figure is FlashAttention v1's on an A100 (planner.efficiency.
-ATTENTION_KERNEL_TFLOPS), used for the 'as published' price of the Ampere rows; there is none
-for H100 (those rows keep the planner's FlashAttention-2-class curve there)."""
+ATTENTION_KERNEL_TFLOPS): the A100 specs say `cluster.attention_kernel: flash-attn-1`, so
+every plan of those rows is priced with it. There is none for H100 (refused off SM80): those
+rows are priced with the planner's FlashAttention-2-class H100 curve."""
 
 
 def _mpt(tok_s: int, gpus: int, *, zero_stage: int = 3, ac: bool, ampere: bool,
@@ -37,11 +38,11 @@ def _mpt(tok_s: int, gpus: int, *, zero_stage: int = 3, ac: bool, ampere: bool,
     strategy = "FULL_SHARD" if zero_stage == 3 else "SHARD_GRAD_OP"
     layout = dict(tp=1, pp=1, dp=gpus, sp=1, zero_stage=zero_stage,
                   recompute="full" if ac else "none")
-    as_published = dict(recompute_attention=ac, kernel=TRITON_KERNEL if ampere else None)
-    if as_published == dict(recompute_attention=False, kernel=None):
-        as_published = None
     return _row(tok_s, layout, f"FSDP{gpus} {strategy}" + (", full AC" if ac else "")
-                + ", Triton FlashAttention (v1 era)", note=note, as_published=as_published)
+                + ", Triton FlashAttention (v1 era)",
+                note=note + ("; attention priced as FlashAttention v1 (the spec's "
+                             "cluster.attention_kernel)" if ampere else ""),
+                as_published=_WHOLE_LAYER if ac else None)
 
 
 _VANILLA_TP = dict(tp_overlap_chunks=1)
@@ -132,18 +133,22 @@ MISSING = {
         "from 4K to 16K, i.e. ~170 TFLOP/s of causal attention forward + backward (7 h L FLOPs "
         "per token per key); the planner's own 8K and 16K predictions give 1.10 ns (~310 "
         "TFLOP/s). The intercepts (everything else) agree: 17.7 us/token published, 19.1 "
-        "predicted. Across the same tables (8 GPUs, published layout fixed) the ratio grows "
-        "with the sequence length on A100 and H100 alike: 4K 1.02-1.17x, 8K 1.09-1.23x (30B "
-        "aside), 16K 1.25-1.37x (1B, 7B, 30B). No published H100 figure exists for that "
-        "kernel, so there is no 'as published' price",
+        "predicted. The same tables, 8 GPUs, published layout fixed: on H100 the ratio grows "
+        "with the sequence length (1B 1.10 / 1.22 / 1.37x at 4K / 8K / 16K; 7B 1.10 / 1.23x "
+        "at 4K / 8K). On A100, priced with FlashAttention v1 (the specs' attention_kernel), it "
+        "stays flat (1B 0.85 / 0.86 / 0.84x; 7B 0.92 / 0.92 / 0.95x at 4K / 8K / 16K). So the "
+        "trend is the kernel, not the planner's attention curve. There is no published H100 "
+        "figure for that kernel (attention_kernel is refused off SM80), so this row keeps the "
+        "planner's H100 curve",
     "short-llmfoundry-mpt30b-8xh100-8k":
-        "attention kernel as for the 1B 16K row. It does not explain all of it: this row's "
-        "own 4K -> 8K step loses 23% of tok/s/GPU on H100 (29% on A100, 814 -> 574) where "
-        "the planner loses 1% (30B at 8K: attention ~10% of the FLOPs). FULL_SHARD 30B on 8 "
-        "GPUs holds ~60 GB of fp32 master weights, gradients and Adam state per GPU, so memory "
-        "pressure is one candidate. Not explained; no source",
+        "not the kernel alone, and not explained. This row's own 4K -> 8K step (micro batch 1 "
+        "at both) loses 23% of tok/s/GPU on H100, and 29% on A100 (814 -> 574). The planner "
+        "loses 1% on H100 and 5% on A100 (30B at 8K: attention ~10% of the FLOPs); the A100 "
+        "8K row is 1.30x even with FlashAttention v1 priced, while 2K and 4K are 0.92 / 0.96x. "
+        "FULL_SHARD 30B on 8 GPUs holds ~60 GB of fp32 master weights, gradients and Adam "
+        "state per GPU, so memory pressure is one candidate (no source)",
     "short-llmfoundry-mpt1b-128xa100-40g":
-        "fixed layout only (free: 0.97x, with recompute). The row ran without AC at micro "
+        "fixed layout only (free: 0.87x, with recompute). The row ran without AC at micro "
         "batch 10 (20,480 tokens) on 40 GB. The planner prices disttrain's block, which saves "
         "40 h bytes per token per layer in bf16 (planner.analytic.layer_saved_bytes_per_token: "
         "each RMSNorm keeps an fp32 copy of its input, its rsqrt, the normed tensor and its "

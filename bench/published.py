@@ -340,9 +340,12 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def target_lines(rows: list[dict], missing: dict[str, str]) -> list[str]:
-    """The targets MET / NOT MET, then each row outside the band with `missing[name]`."""
-    lines = [f"- {'MET' if ok else 'NOT MET'}: {what} ({detail})" for what, ok, detail in targets(rows)]
+def target_lines(rows: list[dict], missing: dict[str, str],
+                 results: list[tuple[str, bool, str]] | None = None) -> list[str]:
+    """The targets MET / NOT MET (`results`, default `targets(rows)`), then each row outside the
+    band with `missing[name]`."""
+    results = targets(rows) if results is None else results
+    lines = [f"- {'MET' if ok else 'NOT MET'}: {what} ({detail})" for what, ok, detail in results]
     outside = {r["name"] for r in rows for k in ("free", "fixed") if r[k] is not None
                and r["pub"]["tok_s"] and r["pub"]["bf16"]
                and (_ratio(r[k], r["pub"]["tok_s"]) is None or abs(_ratio(r[k], r["pub"]["tok_s"]) - 1) > BAND)}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 BENCHMARKS_MD = DOCS / "benchmarks.md"
-SECTION_ORDER = ("peers", "fidelity", "estimators", "published")
+SECTION_ORDER = ("peers", "fidelity", "estimators", "published", "heldout")
 HEADER = ("# Benchmarks\n\nEvery number on this page is printed by a script under `bench/` "
           "(`disttrain bench` runs them all and rewrites this page section by section). "
           "Machine: shared 2-core CPU, no GPU, 2 gloo ranks with one thread each.\n")

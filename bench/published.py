@@ -237,15 +237,19 @@ def as_published_step(request, plan, *, recompute_attention: bool) -> float:
     return step + slots * per_slot * lc.forward_s - planned
 
 
-def measure(names: list[str]) -> list[dict]:
+def measure(names: list[str], specs: list[Path] | None = None,
+            published: dict | None = None) -> list[dict]:
+    """Plan each spec (default: every spec of `SPECS`) free and with its published layout
+    (`published[name]`, default `PUBLISHED`) fixed."""
+    published = PUBLISHED if published is None else published
     rows = []
-    for path in sorted(SPECS.glob("*.yaml")):
+    for path in (sorted(SPECS.glob("*.yaml")) if specs is None else specs):
         name = path.stem
         if names and name not in names:
             continue
         job = load_job(path)
         request = free_request(job)
-        pub = PUBLISHED[name]
+        pub = published[name]
         free = plan_one(request)
         fixed = None
         if pub["layout"] is not None:
@@ -298,7 +302,8 @@ def _fmt_ratio(q: float | None) -> str:
     return "" if q is None else f"{q:.2f}x"
 
 
-def report(rows: list[dict]) -> str:
+def result_table(rows: list[dict]) -> str:
+    """The Markdown table of `report`: published vs predicted, free and published layout."""
     table = []
     for r in rows:
         pub, free, fixed = r["pub"], r["free"], r["fixed"]
@@ -311,6 +316,12 @@ def report(rows: list[dict]) -> str:
             "" if fixed is None else f"{fixed['tok']:,.0f}",
             "" if fixed is None else _fmt_ratio(_ratio(fixed, pub["tok_s"])),
             "" if fixed is None else f"{fixed['wall']:.1f}", pub["note"]])
+    return md_table(["spec", "published tok/s/GPU", "published layout", "chosen layout",
+                     "pred tok/s/GPU", "ratio", "MFU c / nc", "plan s", "published layout fixed",
+                     "pred", "ratio", "plan s", "note"], table)
+
+
+def report(rows: list[dict]) -> str:
     lines = ["## Published GPU runs", "",
              "`bench/published.py` plans each spec of `bench/published_specs/` (the calibration "
              "set of shared/published, sources in its README) with the analytic cost model, "
@@ -324,16 +335,30 @@ def report(rows: list[dict]) -> str:
              "publishing system's own FLOP count (`megatron_lm_flops_per_token`; "
              "`megatron_deepspeed_flops_per_token`, whose 2023 count includes the recomputed "
              "forward under --checkpoint-activations).", "",
-             md_table(["spec", "published tok/s/GPU", "published layout", "chosen layout",
-                       "pred tok/s/GPU", "ratio", "MFU c / nc", "plan s", "published layout fixed",
-                       "pred", "ratio", "plan s", "note"], table), "", "Targets:", ""]
-    lines += [f"- {'MET' if ok else 'NOT MET'}: {what} ({detail})" for what, ok, detail in targets(rows)]
+             result_table(rows), "", "Targets:", ""]
+    lines += target_lines(rows, MISSING)
+    lines += as_published_lines(rows)
+    return "\n".join(lines)
+
+
+def target_lines(rows: list[dict], missing: dict[str, str],
+                 results: list[tuple[str, bool, str]] | None = None) -> list[str]:
+    """The targets MET / NOT MET (`results`, default `targets(rows)`), then each row outside the
+    band with `missing[name]`."""
+    results = targets(rows) if results is None else results
+    lines = [f"- {'MET' if ok else 'NOT MET'}: {what} ({detail})" for what, ok, detail in results]
     outside = {r["name"] for r in rows for k in ("free", "fixed") if r[k] is not None
                and r["pub"]["tok_s"] and r["pub"]["bf16"]
                and (_ratio(r[k], r["pub"]["tok_s"]) is None or abs(_ratio(r[k], r["pub"]["tok_s"]) - 1) > BAND)}
     if outside:
         lines += ["", "Rows outside the band, and the mechanism we believe is missing:", ""]
-        lines += [f"- {n}: {MISSING.get(n, 'not analysed')}" for n in sorted(outside)]
+        lines += [f"- {n}: {missing.get(n, 'not analysed')}" for n in sorted(outside)]
+    return lines
+
+
+def as_published_lines(rows: list[dict]) -> list[str]:
+    """The informational 'as published' prices (`as_published_step`) of rows that have them."""
+    lines = []
     checked = [r for r in rows if any(p is not None and "as_published_tok" in p
                                       for p in (r["free"], r["fixed"]))]
     if checked:
@@ -355,7 +380,7 @@ def report(rows: list[dict]) -> str:
                      for kind, p in (("free", r["free"]), ("fixed", r["fixed"]))
                      if p is not None and "as_published_tok" in p]
             lines.append(f"- {r['name']} ({what}): " + "; ".join(parts))
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,6 +168,10 @@ def _layout_problem(request: PlanRequest, dp: int, sp: int, kind: str, pp: int, 
         return f"global batch {request.global_batch_size} is not a multiple of dp {dp}{micro}"
     if request.seq_len % (sp * tp):
         return f"seq_len {request.seq_len} is not divisible by sp*tp={sp * tp}"
+    if request.recompute == "selective" and tp > 1:
+        # the stage solver would only find no selective layer to price and blame memory
+        return (f"recompute 'selective' with tp={tp}: op-level checkpointing runs at tp 1 only "
+                f"(tensor-parallel linears carry their collectives inside; use 'full' or 'auto')")
     if kind == "ulysses" and sp > 1:
         heads, kv = shape.num_heads // tp, max(1, shape.num_kv_heads // tp)
         per = "" if tp == 1 else f" / tp={tp}"

@@ -169,5 +169,55 @@ def trial_text(choice: dict) -> str:
             f"- trial choice {choice['trial']}: {choice['trial_s']:.3f} s, "
             f"{choice['trial_gap']:+.1%} vs the fastest of the sweep — {verdict} (target within "
             f"5%){noise}\n- corrections stored per step part (fitted over these trials, "
-            f"`planner/trial_fit.py`; parts no trial exercised stay x1): {factors or 'none'}\n"
+            f"`planner/trial_fit.py`; a part no trial exercised stays x1, recompute takes "
+            f"compute's): {factors or 'none'}\n"
             f"- per layout family: {families or 'none'}{nxt}")
+
+
+MEMORY_TRIAL = {"seq": 512, "budget_mib": 40, "k": 3}
+"""The second `disttrain plan --trial K` run: the grid's smaller length under its tight
+budget, a job whose memory binds, so its plans recompute or swap and run memory-bound
+(`offload.host_memory.memory_bound`: the fixed allocator thresholds and their fresh pages).
+The sweep's job has room for everything: its trials keep every activation and never pay
+the recompute, swap or page-fault parts, which would then keep x1 while the compute factor
+lifts the rest. Its corrections are merged with the sweep's as the stored file holds them
+after both runs (`merge_corrections`: the per-part factors refitted over every trial)."""
+
+
+def memory_trials(spec_for, profile, run_once: Callable):
+    """`disttrain plan --trial K` on the memory-bound job (`MEMORY_TRIAL`; `spec_for(seq,
+    budget_mib) -> spec`): the family round and refinement as the command runs them, each
+    trial one fresh run (`run_once(spec, plan) -> per-step seconds`), no re-measurements (the
+    bench checks this job's corrections, not its choice). (spec, outcome)."""
+    from planner.search import plan_job
+    from planner.trial import Corrections
+    from planner.trial_rounds import run_trials
+
+    spec = spec_for(MEMORY_TRIAL["seq"], MEMORY_TRIAL["budget_mib"])
+    request = job_from_dict(spec).plan_request()
+    first = plan_job(request, profile, with_layout=False)
+
+    def measure(plan) -> Measurement:
+        times = run_once(spec, plan)
+        return Measurement(statistics.median(times), list(times))
+
+    return spec, run_trials(request, MEMORY_TRIAL["k"], _plan_fn(profile), measure, first=first,
+                            applied=Corrections(), remeasure=False)
+
+
+def memory_trial_text(choice: dict) -> str:
+    rows = choice.get("memory_trial_rows")
+    if not rows:
+        return ""
+    table = md_table(["layout", "plan", "predicted s", "measured s", "error"],
+                     [[k, plan, f"{p:.3f}", f"{m:.3f}", f"{p / m - 1:+.0%}"]
+                      for k, (plan, p, m) in rows.items()])
+    return (f"\n\nWith `disttrain plan --trial {MEMORY_TRIAL['k']}` on a job whose memory binds "
+            f"(seq {MEMORY_TRIAL['seq']}, {MEMORY_TRIAL['budget_mib']} MiB per rank: its plans "
+            f"recompute or swap and run memory-bound, so the recompute, swap and page-fault "
+            f"parts are exercised; one fresh run per trial):\n\n{table}\n\n- corrections "
+            f"stored after both `--trial` runs (refitted over all their trials), per step "
+            f"part: " + ", ".join(f"{k} x{v:.2f}" for k, v in choice["merged_parts"].items())
+            + "\n- per layout family: " + "; ".join(
+                f"{f}: " + ", ".join(f"{k} x{v:.2f}" for k, v in d.items())
+                for f, d in choice["merged_family_parts"].items()))

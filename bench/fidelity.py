@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from docs_sections import md_table, write_section  # noqa: E402
 from fidelity_trials import (CHOICE_TARGET, TRIAL_K, SweepMeasure, after_trials,  # noqa: E402,F401
-                             bench_trials, memory_trial_text, memory_trials, next_plan,
+                             bench_trials, memory_trial_plans, memory_trial_text,
+                             memory_trials, next_plan,
                              trial_choice, trial_plans, trial_text)
 from peers import describe_plan, job_spec  # noqa: E402
 
@@ -246,7 +247,11 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
             configs.append((f"sweep trial {layout_key(plan.parallel)}", free_spec, plan))
             sweep_names.append(configs[-1][0])
     configs.append(("sweep planner", free_spec, free_plan))
-    measured = run_fresh(configs, [c for c in configs if c[0].startswith("sweep ")])
+    mb_spec, mb_first, mb_plans = memory_trial_plans(
+        lambda seq, budget: config_spec(seq, budget, {}, {}, steps), profile) if memory_trial \
+        else (None, None, [])
+    configs += [(f"memory trial {layout_key(p.parallel)}", mb_spec, p) for p in mb_plans]
+    measured = run_fresh(configs, [c for c in configs if c[0].startswith(("sweep ", "memory "))])
     rows = []
     for name, (job, plan) in meta.items():
         pred = predicted(job, plan)
@@ -279,13 +284,11 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
     by_key = {k: times[n] for k, n in name_of.items()}
     choice.update(trial_choice(outcome, times, trial_k))
     corrections = choice.pop("corrections")
-    if memory_trial:  # the memory-bound job's `--trial`, merged as the stored file holds it
+    if mb_plans:  # the memory-bound job's `--trial`, merged as the stored file holds it
         from planner.trial import merge_corrections
 
-        mb_spec, mb = memory_trials(
-            lambda seq, budget: config_spec(seq, budget, {}, {}, steps), profile,
-            lambda spec, plan: run_more((f"memory trial {layout_key(plan.parallel)}", spec, plan),
-                                        1)[0])
+        mb = memory_trials(mb_spec, mb_first, mb_plans, profile, measured, lambda name, plan, n:
+                           run_more((name, mb_spec, plan), n), SWEEP_ROUNDS)
         choice["memory_trial_rows"] = {
             t.key: (describe_plan(t.plan), t.plan.prediction.step_time_s, t.step_s)
             for t in mb.trials if not t.failure}

@@ -46,7 +46,10 @@ this CPU: Ulysses' all-to-all ~2x its prediction, ZeRO's collectives ~1x). The g
 a never-measured family starts from are then the measured families' shrunk toward 1 (by 1/4
 with three families agreeing)."""
 NOISE_SD = 0.03
-"""Relative noise of one trial's median step time (a few steps on a busy machine)."""
+"""Relative noise of one trial's median step time (a few steps on a quiet machine): the
+floor; an observation carrying a larger measured `noise_sd` (the run-to-run spread of the
+trials' repeated runs, `trial_rounds.trial_noise`) is weighted by that instead, so that on
+a busy machine the priors hold the factors rather than one noisy run."""
 INHERITS = {"recompute": "compute"}
 """Part -> the part whose kernels it runs again: its factor's prior is the parent's, and the
 parent's factor stands in for it when no trial exercised it. Recompute is the forward of
@@ -94,7 +97,8 @@ def fit_part_factors(observations: Iterable[dict], family_of: Callable[[str], st
                      prior_sd: float = PRIOR_SD, family_sd: float = FAMILY_SD,
                      noise_sd: float = NOISE_SD) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """(global factor per part, {family: factor per part}) from `observations`, each
-    {"layout": layout key, "parts": {part: predicted s, uncorrected}, "measured_s": s}.
+    {"layout": layout key, "parts": {part: predicted s, uncorrected}, "measured_s": s} and
+    optionally "noise_sd" (its relative noise, if measured above `noise_sd`).
     Only parts some observation predicts get a factor (others: 1, by the caller); a family
     gets factors for the parts its own observations predict."""
     obs = [o for o in observations
@@ -109,11 +113,12 @@ def fit_part_factors(observations: Iterable[dict], family_of: Callable[[str], st
     for o in obs:  # sum_p f[F, p] x_p = y, relative to y / noise
         row = np.zeros(len(column))
         family = family_of(o["layout"])
+        sd = max(noise_sd, float(o.get("noise_sd") or 0.0))
         for p in seen:
             if o["parts"].get(p, 0) > 0:
-                row[column[(family, p)]] = o["parts"][p] / (o["measured_s"] * noise_sd)
+                row[column[(family, p)]] = o["parts"][p] / (o["measured_s"] * sd)
         rows.append(row)
-        rhs.append(1.0 / noise_sd)
+        rhs.append(1.0 / sd)
     for p in seen:  # g[p] ~ 1, or ~ g[parent] for a part re-running the parent's kernels
         row = np.zeros(len(column))
         row[column[("*", p)]] = 1.0 / prior_sd

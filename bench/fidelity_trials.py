@@ -169,8 +169,7 @@ def trial_text(choice: dict) -> str:
             f"- trial choice {choice['trial']}: {choice['trial_s']:.3f} s, "
             f"{choice['trial_gap']:+.1%} vs the fastest of the sweep — {verdict} (target within "
             f"5%){noise}\n- corrections stored per step part (fitted over these trials, "
-            f"`planner/trial_fit.py`; a part no trial exercised stays x1, recompute takes "
-            f"compute's): {factors or 'none'}\n"
+            f"`planner/trial_fit.py`; parts no trial exercised stay x1): {factors or 'none'}\n"
             f"- per layout family: {families or 'none'}{nxt}")
 
 

@@ -9,9 +9,8 @@ exposed transfer, exposed communication, bubble, optimizer, page faults): a regu
 non-negative least squares over every stored trial (`planner.trial_fit`) finds a factor per
 part, and per layout *family* (`layout_family`: which parallel mechanisms run - data
 parallel, Ulysses or ring sequence parallelism, tensor parallelism, pipelining) and part, so
-a layout never measured starts from its family's factors, else the global ones; a part no
-trial exercised takes its parent's factor when it re-runs the parent's kernels (recompute:
-compute's, `trial_fit.INHERITS`) and otherwise keeps its prediction.
+a layout never measured starts from its family's factors, else the global ones, and a part
+no trial exercised (recompute, when every trial kept its activations) keeps its prediction.
 The search scales each part of every candidate by its factor (`part_factors`).
 
 The file also keeps the older whole-step corrections, measured / predicted step time per
@@ -32,7 +31,7 @@ from types import SimpleNamespace
 
 from planner.plan import Plan
 from planner.request import PlanRequest
-from planner.trial_fit import PARTS, fit_part_factors, inherited_factor
+from planner.trial_fit import PARTS, fit_part_factors
 
 _KEY = re.compile(r"dp(\d+)-tp(\d+)-sp(\d+)-(\w+)-pp(\d+)-")
 
@@ -82,17 +81,13 @@ class Corrections(dict):
 
     def factors(self, key: str) -> dict[str, float]:
         """Factor per step part for layout `key`: its family's fitted factor, else the
-        global one, else (a part no trial exercised) its parent's (`trial_fit.INHERITS`),
-        else 1; without a per-part fit, the whole-step factor (`get`) for every part."""
+        global one, else 1; without a per-part fit, the whole-step factor (`get`) for every
+        part."""
         if not (self.parts or self.family_parts):
             whole = self.get(key, 1.0)
             return dict.fromkeys(PARTS, whole)
         own = self.family_parts.get(layout_family(key), {}) if _KEY.match(str(key)) else {}
-        fitted = {p: own.get(p, self.parts.get(p)) for p in PARTS}
-        fitted = {p: v for p, v in fitted.items() if v is not None}
-        inherited = {p: inherited_factor(p, fitted) for p in PARTS if p not in fitted}
-        return {p: fitted[p] if p in fitted else (1.0 if inherited[p] is None else inherited[p])
-                for p in PARTS}
+        return {p: own.get(p, self.parts.get(p, 1.0)) for p in PARTS}
 
     def __bool__(self) -> bool:
         return bool(len(self) or self.families or self.parts or self.family_parts)

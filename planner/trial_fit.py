@@ -15,13 +15,14 @@ part (`f[F, p]`: the family's mechanisms - e.g. Ulysses' all-to-all against ZeRO
 reduce-scatter - err differently). Few trials cannot pin that many factors, so the least
 squares is regularised: each global factor toward 1 (`PRIOR_SD`: how far a part's factor is
 expected from 1 before any trial), each family factor toward its global one (`FAMILY_SD`),
-each trial weighted by its relative noise (`NOISE_SD`). A part that re-runs another's
-kernels (`INHERITS`: recompute is the forward again, priced from the same profile fits as
-compute) is expected at its parent's factor instead of 1, and one no trial exercised (every
-trial kept all activations) takes its parent's factor (`inherited_factor`); any other
-unexercised part (page faults, swap transfers: other mechanisms) stays at 1; a part small
-in every trial moves little. All factors are non-negative (Lawson-Hanson NNLS on the
-stacked system).
+each trial weighted by its relative noise (`NOISE_SD`, or the run-to-run spread measured).
+A part no trial exercised (e.g. recompute, when every trial kept all activations) stays at
+1; a part small in every trial moves little. (Tried: recompute tied to compute's factor, the
+forward again from the same profile fits. With the fidelity bench's memory-bound trials
+exercising recompute it changed the worst row of 5 runs by +2.9, +3.6, -2.4, -1.9, -3.9
+points, worse in the three quiet ones: 1024-token tp2 recompute, whose 0.14 s recompute part
+took tp's compute factor x1.4-1.6, learned from a keep-all trial whose ranks wait at their
+all-reduces ~half the step, and went +16% -> +20%. Not kept.) All factors are non-negative (Lawson-Hanson NNLS on the stacked system).
 
 Pure numpy: the planner runs without the runtime.
 """
@@ -50,19 +51,6 @@ NOISE_SD = 0.03
 floor; an observation carrying a larger measured `noise_sd` (the run-to-run spread of the
 trials' repeated runs, `trial_rounds.trial_noise`) is weighted by that instead, so that on
 a busy machine the priors hold the factors rather than one noisy run."""
-INHERITS = {"recompute": "compute"}
-"""Part -> the part whose kernels it runs again: its factor's prior is the parent's, and the
-parent's factor stands in for it when no trial exercised it. Recompute is the forward of
-the non-kept layers again, on the same cores, priced from the same profile fits as the
-compute part, so whatever made compute slower or faster than the profile (the run's
-contention, its cache) applies to it alike."""
-
-
-def inherited_factor(part: str, factors: dict[str, float]) -> float | None:
-    """The factor an unfitted `part` takes from `factors` (its parent's, `INHERITS`; None:
-    no parent, or the parent unfitted too)."""
-    parent = INHERITS.get(part)
-    return factors.get(parent) if parent is not None else None
 
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -119,14 +107,11 @@ def fit_part_factors(observations: Iterable[dict], family_of: Callable[[str], st
                 row[column[(family, p)]] = o["parts"][p] / (o["measured_s"] * sd)
         rows.append(row)
         rhs.append(1.0 / sd)
-    for p in seen:  # g[p] ~ 1, or ~ g[parent] for a part re-running the parent's kernels
+    for p in seen:  # g[p] ~ 1
         row = np.zeros(len(column))
         row[column[("*", p)]] = 1.0 / prior_sd
-        parent = INHERITS.get(p)
-        if parent in seen:
-            row[column[("*", parent)]] = -1.0 / prior_sd
         rows.append(row)
-        rhs.append(0.0 if parent in seen else 1.0 / prior_sd)
+        rhs.append(1.0 / prior_sd)
     for family, p in pairs:  # f[F, p] ~ g[p]
         row = np.zeros(len(column))
         row[column[(family, p)]], row[column[("*", p)]] = 1.0 / family_sd, -1.0 / family_sd

@@ -34,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from docs_sections import md_table, write_section  # noqa: E402
 from fidelity_trials import (CHOICE_TARGET, TRIAL_K, SweepMeasure, after_trials,  # noqa: E402,F401
-                             bench_trials, next_plan, trial_choice, trial_plans, trial_text)
+                             bench_trials, memory_trial_plans, memory_trial_text,
+                             memory_trials, next_plan,
+                             trial_choice, trial_plans, trial_text)
 from peers import describe_plan, job_spec  # noqa: E402
 
 from disttrain.parallel.spawn import spawn_ranks  # noqa: E402
@@ -199,7 +201,7 @@ def load_average() -> float:
 
 def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
             policies: dict = POLICIES, sweep: dict = SWEEP, sweep_seq: int | None = None,
-            trial_k: int = TRIAL_K) -> dict:
+            trial_k: int = TRIAL_K, memory_trial: bool = True) -> dict:
     """Grid rows (predicted, measured, error per quantity; step time also after trials),
     the planner-choice check and the trial choice."""
     loads = [load_average()]
@@ -245,7 +247,11 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
             configs.append((f"sweep trial {layout_key(plan.parallel)}", free_spec, plan))
             sweep_names.append(configs[-1][0])
     configs.append(("sweep planner", free_spec, free_plan))
-    measured = run_fresh(configs, [c for c in configs if c[0].startswith("sweep ")])
+    mb_spec, mb_first, mb_plans = memory_trial_plans(
+        lambda seq, budget: config_spec(seq, budget, {}, {}, steps), profile) if memory_trial \
+        else (None, None, [])
+    configs += [(f"memory trial {layout_key(p.parallel)}", mb_spec, p) for p in mb_plans]
+    measured = run_fresh(configs, [c for c in configs if c[0].startswith(("sweep ", "memory "))])
     rows = []
     for name, (job, plan) in meta.items():
         pred = predicted(job, plan)
@@ -278,6 +284,19 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
     by_key = {k: times[n] for k, n in name_of.items()}
     choice.update(trial_choice(outcome, times, trial_k))
     corrections = choice.pop("corrections")
+    if mb_plans:  # the memory-bound job's `--trial`, merged as the stored file holds it
+        from planner.trial import merge_corrections
+
+        mb = memory_trials(mb_spec, mb_first, mb_plans, profile, measured, lambda name, plan, n:
+                           run_more((name, mb_spec, plan), n), SWEEP_ROUNDS)
+        choice["memory_trial_rows"] = {
+            t.key: (describe_plan(t.plan), t.plan.prediction.step_time_s, t.step_s)
+            for t in mb.trials if not t.failure}
+        corrections = merge_corrections(corrections, mb.corrections)
+        choice["merged_parts"] = {k: round(v, 3) for k, v in corrections.parts.items()}
+        choice["merged_family_parts"] = {f: {k: round(v, 3) for k, v in d.items()}
+                                         for f, d in corrections.family_parts.items()}
+    choice["observations"] = corrections.observations
     for row in rows:
         if row["quantity"] == "step time":
             row["after"] = after_trials(meta[row["config"]][1], corrections)

@@ -171,3 +171,66 @@ def trial_text(choice: dict) -> str:
             f"5%){noise}\n- corrections stored per step part (fitted over these trials, "
             f"`planner/trial_fit.py`; parts no trial exercised stay x1): {factors or 'none'}\n"
             f"- per layout family: {families or 'none'}{nxt}")
+
+
+MEMORY_TRIAL = {"seq": 512, "budget_mib": 40, "k": 2}
+"""The second `disttrain plan --trial K` run: the grid's smaller length under its tight
+budget, a job whose memory binds, so its plans recompute or swap and run memory-bound
+(`offload.host_memory.memory_bound`: the fixed allocator thresholds and their fresh pages).
+The sweep's job has room for everything: its trials keep every activation and never pay
+the recompute, swap or page-fault parts, which would then keep x1 while the compute factor
+lifts the rest. Its corrections are merged with the sweep's as the stored file holds them
+after both runs (`merge_corrections`: the per-part factors refitted over every trial).
+K = 2 is its family round alone (`split_budget(2, n) == (2, 0)`: the planner's choice and
+the best other family), planned before the grid runs so that its trials are measured in
+the sweep's alternating rounds, in the same stretch of the machine's load as the rows."""
+
+
+def memory_trial_plans(spec_for, profile):
+    """(spec, free plan, family-round plans) of the memory-bound job (`MEMORY_TRIAL`;
+    `spec_for(seq, budget_mib) -> spec`); no plans when it is infeasible."""
+    from planner.search import plan_job
+
+    spec = spec_for(MEMORY_TRIAL["seq"], MEMORY_TRIAL["budget_mib"])
+    first = plan_job(job_from_dict(spec).plan_request(), profile, with_layout=False)
+    if not first.feasible:
+        return spec, first, []
+    return spec, first, trial_plans(spec, first, profile, MEMORY_TRIAL["k"])
+
+
+def memory_trials(spec: dict, first, plans: list, profile, measured: dict, run: Callable,
+                  rounds: int):
+    """`disttrain plan --trial K` on the memory-bound job as the command runs it: its
+    family round (`plans`) read from the sweep rounds (`measured`: name -> the bench's
+    result, "memory trial <layout>" holding their per-round step times); a layout it did not
+    plan ahead runs `rounds` fresh times (`run(name, plan, rounds)`); no re-measurements
+    (the bench checks this job's corrections, not its choice)."""
+    from planner.trial import Corrections
+    from planner.trial_rounds import run_trials
+
+    def name(plan) -> str:
+        return f"memory trial {layout_key(plan.parallel)}"
+
+    pooled = {layout_key(p.parallel): [list(r) for r in measured[name(p)]["round step times"]]
+              for p in plans}
+    measure = SweepMeasure(pooled, lambda plan, n: run(name(plan), plan, n), rounds)
+    return run_trials(job_from_dict(spec).plan_request(), MEMORY_TRIAL["k"], _plan_fn(profile),
+                      measure, first=first, applied=Corrections(), remeasure=False)
+
+
+def memory_trial_text(choice: dict) -> str:
+    rows = choice.get("memory_trial_rows")
+    if not rows:
+        return ""
+    table = md_table(["layout", "plan", "predicted s", "measured s", "error"],
+                     [[k, plan, f"{p:.3f}", f"{m:.3f}", f"{p / m - 1:+.0%}"]
+                      for k, (plan, p, m) in rows.items()])
+    return (f"\n\nWith `disttrain plan --trial {MEMORY_TRIAL['k']}` on a job whose memory binds "
+            f"(seq {MEMORY_TRIAL['seq']}, {MEMORY_TRIAL['budget_mib']} MiB per rank: its plans "
+            f"recompute or swap and run memory-bound, so the recompute, swap and page-fault "
+            f"parts are exercised; measured in the sweep's alternating rounds):\n\n{table}\n\n- corrections "
+            f"stored after both `--trial` runs (refitted over all their trials), per step "
+            f"part: " + ", ".join(f"{k} x{v:.2f}" for k, v in choice["merged_parts"].items())
+            + "\n- per layout family: " + "; ".join(
+                f"{f}: " + ", ".join(f"{k} x{v:.2f}" for k, v in d.items())
+                for f, d in choice["merged_family_parts"].items()))

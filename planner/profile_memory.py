@@ -6,7 +6,11 @@ target's size.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import mmap
+import os
 import statistics
 import time
 from typing import Callable, Sequence
@@ -18,6 +22,36 @@ FAULT_SAMPLE_BYTES = 16 << 20
 """Bytes of each timed mapping: far above the mmap threshold and the caches."""
 
 
+def _current_cpu() -> int | None:
+    """The CPU this thread runs on now (glibc's `sched_getcpu`), None where unknown."""
+    try:
+        cpu = ctypes.CDLL(ctypes.util.find_library("c") or None).sched_getcpu()
+    except (OSError, AttributeError):
+        return None
+    return cpu if cpu >= 0 else None
+
+
+@contextlib.contextmanager
+def pinned_to_current_cpu():
+    """This thread held on the CPU it runs on now, as a busy rank stays on its core (its
+    affinity restored after). Where the platform cannot pin, nothing changes."""
+    cpu = _current_cpu()
+    getter = getattr(os, "sched_getaffinity", None)
+    before = getter(0) if getter is not None and cpu is not None else None
+    if before is None or cpu not in before:
+        yield
+        return
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def measure_page_fault_s_per_byte(num_bytes: int = FAULT_SAMPLE_BYTES, *, repeats: int = 5,
                                   median: bool = False) -> float:
     """Seconds per byte a freshly mapped block costs on top of a recycled one: the same fill
@@ -25,21 +59,36 @@ def measure_page_fault_s_per_byte(num_bytes: int = FAULT_SAMPLE_BYTES, *, repeat
     kernel, as glibc's mmap-served blocks are), unmapped again as glibc returns a freed block
     (the kernel frees its pages: ~0.08 ns/B here, ~15% of the fault), and into an already
     touched buffer. The fastest of `repeats` differences, or the median (`median`: beside
-    the profile's twins)."""
+    the profile's twins).
+
+    Timed in this thread's CPU time (user + kernel: the fault is kernel time on the faulting
+    thread) with the thread held on one CPU (`pinned_to_current_cpu`), as a busy rank runs.
+    The wall clock of an unpinned process that sleeps at the profile's barriers beside its
+    twin varied 6e-10 to 2.6e-9 s/B from one sample to the next on this 2-core VM; pinned CPU
+    time, 4.5e-10 to 7e-10 (the in-step price of memory-bound plans, from their step time
+    with and without the fixed thresholds over their counted minor faults: 4.9e-10 dp2,
+    5.7e-10 sp2). One torch thread while it runs (the price of a byte to the thread that
+    touches it; the ranks of a CPU node run one thread each, `rank_conditions`)."""
     reused = torch.empty(num_bytes, dtype=torch.uint8)
     reused.fill_(0)
     fresh_s, reused_s = [], []
-    for _ in range(max(1, repeats)):
-        mapping = mmap.mmap(-1, num_bytes)
-        block = torch.frombuffer(mapping, dtype=torch.uint8)
-        start = time.perf_counter()
-        block.fill_(1)
-        del block
-        mapping.close()
-        fresh_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        reused.fill_(1)
-        reused_s.append(time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)      # every page touched by this thread, whose CPU time is read
+    try:
+        with pinned_to_current_cpu():
+            for _ in range(max(1, repeats)):
+                mapping = mmap.mmap(-1, num_bytes)
+                block = torch.frombuffer(mapping, dtype=torch.uint8)
+                start = time.thread_time()
+                block.fill_(1)
+                del block
+                mapping.close()
+                fresh_s.append(time.thread_time() - start)
+                start = time.thread_time()
+                reused.fill_(1)
+                reused_s.append(time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
     pick = statistics.median if median else min
     return max(0.0, pick(fresh_s) - pick(reused_s)) / num_bytes
 

@@ -171,14 +171,17 @@ def top_plans(request: PlanRequest, k: int, plan_fn, *, first: Plan | None = Non
 
 
 def corrections_from(plans: list[Plan], measured_s: list[float],
-                     applied: dict[str, float] | None = None) -> Corrections:
+                     applied: dict[str, float] | None = None,
+                     noise_sd: list[float | None] | None = None) -> Corrections:
     """The trials' corrections: measured / predicted step time per layout and per family
     (the geometric mean of its layouts'), and the per-part fit over these trials
     (`planner.trial_fit`). `applied`: the corrections the plans were made with (their
-    predictions already include them, so they are divided out, part by part)."""
+    predictions already include them, so they are divided out, part by part). `noise_sd`:
+    each measurement's relative noise where measured (None: the fit's floor)."""
     layouts: dict[str, float] = {}
     observations = []
-    for plan, measured in zip(plans, measured_s):
+    noises = list(noise_sd) if noise_sd is not None else [None] * len(plans)
+    for plan, measured, noise in zip(plans, measured_s, noises):
         key = layout_key(plan.parallel)
         factors = part_factors(applied, key)
         breakdown = getattr(plan.prediction, "time_breakdown", None) or {}
@@ -191,7 +194,8 @@ def corrections_from(plans: list[Plan], measured_s: list[float],
         if raw > 0 and measured > 0 and math.isfinite(measured):
             layouts[key] = measured / raw
             if raw_parts:
-                observations.append({"layout": key, "parts": raw_parts, "measured_s": measured})
+                observations.append({"layout": key, "parts": raw_parts, "measured_s": measured,
+                                     **({"noise_sd": noise} if noise else {})})
     logs: dict[str, list[float]] = {}
     for key, factor in layouts.items():
         logs.setdefault(layout_family(key), []).append(math.log(factor))

@@ -15,9 +15,14 @@ part (`f[F, p]`: the family's mechanisms - e.g. Ulysses' all-to-all against ZeRO
 reduce-scatter - err differently). Few trials cannot pin that many factors, so the least
 squares is regularised: each global factor toward 1 (`PRIOR_SD`: how far a part's factor is
 expected from 1 before any trial), each family factor toward its global one (`FAMILY_SD`),
-each trial weighted by its relative noise (`NOISE_SD`). A part no trial exercised (e.g.
-recompute, when every trial kept all activations) stays at 1; a part small in every trial
-moves little. All factors are non-negative (Lawson-Hanson NNLS on the stacked system).
+each trial weighted by its relative noise (`NOISE_SD`, or the run-to-run spread measured).
+A part no trial exercised (e.g. recompute, when every trial kept all activations) stays at
+1; a part small in every trial moves little. (Tried: recompute tied to compute's factor, the
+forward again from the same profile fits. With the fidelity bench's memory-bound trials
+exercising recompute it changed the worst row of 5 runs by +2.9, +3.6, -2.4, -1.9, -3.9
+points, worse in the three quiet ones: 1024-token tp2 recompute, whose 0.14 s recompute part
+took tp's compute factor x1.4-1.6, learned from a keep-all trial whose ranks wait at their
+all-reduces ~half the step, and went +16% -> +20%. Not kept.) All factors are non-negative (Lawson-Hanson NNLS on the stacked system).
 
 Pure numpy: the planner runs without the runtime.
 """
@@ -42,7 +47,10 @@ this CPU: Ulysses' all-to-all ~2x its prediction, ZeRO's collectives ~1x). The g
 a never-measured family starts from are then the measured families' shrunk toward 1 (by 1/4
 with three families agreeing)."""
 NOISE_SD = 0.03
-"""Relative noise of one trial's median step time (a few steps on a busy machine)."""
+"""Relative noise of one trial's median step time (a few steps on a quiet machine): the
+floor; an observation carrying a larger measured `noise_sd` (the run-to-run spread of the
+trials' repeated runs, `trial_rounds.trial_noise`) is weighted by that instead, so that on
+a busy machine the priors hold the factors rather than one noisy run."""
 
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -77,7 +85,8 @@ def fit_part_factors(observations: Iterable[dict], family_of: Callable[[str], st
                      prior_sd: float = PRIOR_SD, family_sd: float = FAMILY_SD,
                      noise_sd: float = NOISE_SD) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """(global factor per part, {family: factor per part}) from `observations`, each
-    {"layout": layout key, "parts": {part: predicted s, uncorrected}, "measured_s": s}.
+    {"layout": layout key, "parts": {part: predicted s, uncorrected}, "measured_s": s} and
+    optionally "noise_sd" (its relative noise, if measured above `noise_sd`).
     Only parts some observation predicts get a factor (others: 1, by the caller); a family
     gets factors for the parts its own observations predict."""
     obs = [o for o in observations
@@ -92,11 +101,12 @@ def fit_part_factors(observations: Iterable[dict], family_of: Callable[[str], st
     for o in obs:  # sum_p f[F, p] x_p = y, relative to y / noise
         row = np.zeros(len(column))
         family = family_of(o["layout"])
+        sd = max(noise_sd, float(o.get("noise_sd") or 0.0))
         for p in seen:
             if o["parts"].get(p, 0) > 0:
-                row[column[(family, p)]] = o["parts"][p] / (o["measured_s"] * noise_sd)
+                row[column[(family, p)]] = o["parts"][p] / (o["measured_s"] * sd)
         rows.append(row)
-        rhs.append(1.0 / noise_sd)
+        rhs.append(1.0 / sd)
     for p in seen:  # g[p] ~ 1
         row = np.zeros(len(column))
         row[column[("*", p)]] = 1.0 / prior_sd

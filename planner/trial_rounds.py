@@ -206,9 +206,18 @@ def next_candidate(request, plan_fn: Callable, ranking: Corrections, measured: d
     return None
 
 
+def trial_noise(trials: list[Trial]) -> list[float | None]:
+    """Relative noise of each trial's step time, where the trials measured it: the
+    run-to-run spread (`run_sd`, from the layouts run more than once) over the square root
+    of the trial's runs (its step time pools them); None without a repeated run."""
+    sd = run_sd(trials)
+    return [None if sd is None else sd / math.sqrt(max(1, len(t.run_medians))) for t in trials]
+
+
 def _fit(trials: list[Trial], applied) -> Corrections:
     ran = [t for t in trials if not t.failure]
-    return corrections_from([t.plan for t in ran], [t.step_s for t in ran], applied)
+    return corrections_from([t.plan for t in ran], [t.step_s for t in ran], applied,
+                            noise_sd=trial_noise(ran))
 
 
 def _remeasure(trials: list[Trial], measure: Callable, spread: float) -> list[str]:

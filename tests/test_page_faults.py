@@ -11,7 +11,8 @@ import torch
 from planner.page_faults import (HEADROOM, MMAP_THRESHOLD_BYTES, bytes_in_mapped_blocks,
                                  memory_bound, microbatch_mapped_bytes, state_mapped_bytes)
 from planner.profile_memory import (fit_allocations, measure_page_fault_s_per_byte,
-                                    record_allocations)
+                                    pinned_to_current_cpu, record_allocations)
+from planner.profile_memory import _current_cpu
 
 MiB = 1 << 20
 
@@ -76,7 +77,23 @@ def test_allocation_fit_predicts_a_longer_layer():
 
 
 def test_fresh_pages_cost_something():
+    threads = torch.get_num_threads()
     assert measure_page_fault_s_per_byte(4 * MiB, repeats=3) > 0
+    assert torch.get_num_threads() == threads          # one thread while timing, then restored
+
+
+def test_the_fault_timing_holds_the_thread_on_one_cpu_and_restores_its_affinity():
+    import os
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    before = os.sched_getaffinity(0)
+    with pinned_to_current_cpu():
+        inside = os.sched_getaffinity(0)
+    assert os.sched_getaffinity(0) == before
+    assert inside <= before
+    if len(before) > 1 and _current_cpu() is not None:   # it can pin: it did
+        assert len(inside) == 1
 
 
 def _one_pool_request():

@@ -208,3 +208,15 @@ def test_trial_alternatives_include_layouts_the_work_budget_left_unsolved(monkey
     listed = [cand for _, _, cand in _alternatives(plan)]
     for entry in unsolved:
         assert entry["candidate"] in listed
+
+
+def test_a_noisy_trial_moves_the_factors_less_than_a_quiet_one():
+    # one trial measured 1.5x its prediction: quiet (3%), it sets the factor; on a busy
+    # machine whose repeated runs spread by 40%, the prior (1) keeps most of its weight
+    obs = {"layout": DP, "parts": {"compute": 1.0}, "measured_s": 1.5}
+    quiet = fit_part_factors([obs], layout_family)[1]["dp"]["compute"]
+    noisy = fit_part_factors([{**obs, "noise_sd": 0.4}], layout_family)[1]["dp"]["compute"]
+    assert quiet == pytest.approx(1.5, abs=0.02)
+    assert 1.0 < noisy and noisy - 1 < 0.6 * (quiet - 1)   # the prior spread: 0.5 + 0.5
+    # a noise below the floor (`NOISE_SD`) does not weigh a trial more
+    assert fit_part_factors([{**obs, "noise_sd": 1e-6}], layout_family)[1]["dp"]["compute"] == quiet

@@ -332,3 +332,17 @@ def test_runs_of_one_layout_widen_the_spread_when_the_load_shifts_between_them()
     assert run_sd([shifted]) == pytest.approx(0.3 / 1.15 / math.sqrt(2), rel=1e-6)
     assert noise_spread([shifted]) == pytest.approx(SPREAD_Z * math.sqrt(2) * run_sd([shifted]))
     assert noise_spread([shifted]) > 10 * step_spread([shifted])
+
+
+def test_each_trial_is_weighted_by_the_run_to_run_noise_the_trials_measured():
+    from planner.trial_rounds import run_sd, trial_noise
+
+    once = _trial("dp z0", [1.0, 1.01, 0.99])
+    assert trial_noise([once]) == [None]                      # no repeated run: the fit's floor
+    twice = Trial(once.plan, "family", [Measurement(1.0, [1.0]), Measurement(1.2, [1.2])])
+    noise = trial_noise([once, twice])
+    sd = run_sd([twice])
+    assert noise == pytest.approx([sd, sd / math.sqrt(2)])    # pooled runs: sd / sqrt(runs)
+    # the observations carry it, and the fit reads it
+    c = corrections_from([once.plan, twice.plan], [1.0, 1.1], noise_sd=noise)
+    assert [o["noise_sd"] for o in c.observations] == pytest.approx(noise)

@@ -46,19 +46,32 @@ class Var:
         e[self] = 1
         return e
 
+    # Each operator builds pulp's intermediate expression directly (the same terms, constant
+    # and float operations, one temporary fewer): e.g. pulp's `x - y` copies `Expr(x)` first.
     def __add__(self, other):
-        return self._expr() + other
+        return self._expr().add(other)
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        return self._expr() - other
+        return self._expr().add(other, -1)
 
-    def __rsub__(self, other):
-        return other - self._expr()
+    def __rsub__(self, other):   # other is a number here: -Expr(x) + other
+        e = Expr()
+        e.constant = 0
+        e[self] = -1
+        return e.add(other)
 
     def __mul__(self, other):
-        return self._expr() * other
+        if isinstance(other, (Expr, Var)):
+            raise TypeError("only constant multiples of a variable are linear here")
+        if not math.isfinite(other):
+            raise ValueError("cannot multiply a variable by NaN/inf")
+        e = Expr()
+        if other != 0:
+            e.constant = 0 * other
+            e[self] = other * 1
+        return e
 
     __rmul__ = __mul__
 
@@ -66,10 +79,12 @@ class Var:
         return -self._expr()
 
     def __le__(self, other):
-        return self._expr() <= other
+        expr = self._expr()
+        return Con(expr, _LE, other) if isinstance(other, (int, float)) else Con(expr.add(other, -1), _LE)
 
     def __ge__(self, other):
-        return self._expr() >= other
+        expr = self._expr()
+        return Con(expr, _GE, other) if isinstance(other, (int, float)) else Con(expr.add(other, -1), _GE)
 
     __hash__ = object.__hash__
 
@@ -91,13 +106,13 @@ class Expr(dict):
 
     def add(self, other, sign=1) -> "Expr":
         """In place, as pulp's `addInPlace` (terms in order, new ones appended)."""
-        if isinstance(other, int) and other == 0 or other is None:
-            return self
         if isinstance(other, Var):
             if other in self:
                 self[other] += sign
             else:
                 self[other] = sign
+        elif isinstance(other, int) and other == 0 or other is None:
+            return self
         elif isinstance(other, Expr):
             self.constant += other.constant * sign
             for v, x in other.items():

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import pulp
 
+from planner import lp_fast
 from planner.outer import outer_terms, scaled
 from planner.plan import LayerActivationPlan
 from planner.mip_start import rounded_start
@@ -57,15 +58,17 @@ def _in_gib(problem: StageProblem) -> StageProblem:
                    **{f: getattr(problem, f) / BYTE_UNIT for f in _BYTE_FIELDS})
 
 
-def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.LpProblem, dict]:
-    """The pulp model of `problem`; `relax` drops integrality (for a bound)."""
+def build_stage_model(problem: StageProblem, relax: bool = False, lp=lp_fast) -> tuple[pulp.LpProblem, dict]:
+    """The model of `problem`; `relax` drops integrality (for a bound). `lp` is the modelling
+    module: `planner.lp_fast` (the same model as pulp's, built and handed to HiGHS faster) or
+    `pulp` itself."""
     problem = _in_gib(problem)
-    binary = pulp.LpContinuous if relax else pulp.LpBinary
-    integer = pulp.LpContinuous if relax else pulp.LpInteger
-    model = pulp.LpProblem("stage_activation_policy", pulp.LpMinimize)
+    binary = lp.LpContinuous if relax else lp.LpBinary
+    integer = lp.LpContinuous if relax else lp.LpInteger
+    model = lp.LpProblem("stage_activation_policy", lp.LpMinimize)
     count = len(problem.layers)
     steps = problem.token_chunks or 1
-    frac_cat = integer if problem.token_chunks else pulp.LpContinuous
+    frac_cat = integer if problem.token_chunks else lp.LpContinuous
 
     def flag(name: str, allowed: bool) -> pulp.LpVariable:
         # pulp resets a binary's bounds to [0, 1]: a forbidden choice is fixed after creation.
@@ -189,14 +192,14 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
     model += second_buffer >= double_buffered + any_cpu_chunk - 1, "second_buffer_allocated"
     model += (problem.fixed_device_bytes + problem.chunk_device_bytes * persistent
               + problem.chunk_buffer_bytes * (any_cpu_chunk + second_buffer)
-              + problem.inflight * pulp.lpSum(resident) + working + outer.device
+              + problem.inflight * lp.lpSum(resident) + working + outer.device
               <= problem.device_capacity_bytes), "device_memory"
-    model += (problem.inflight * pulp.lpSum(cpu_swapped) + problem.chunk_host_bytes * cpu_chunks
+    model += (problem.inflight * lp.lpSum(cpu_swapped) + problem.chunk_host_bytes * cpu_chunks
               + outer.host <= problem.host_capacity_bytes), "host_memory"
-    model += problem.inflight * pulp.lpSum(nvme_swapped) <= problem.nvme_capacity_bytes, "nvme_capacity"
+    model += problem.inflight * lp.lpSum(nvme_swapped) <= problem.nvme_capacity_bytes, "nvme_capacity"
     compute = sum(lc.forward_s + lc.backward_s for lc in problem.layers)
     backward = sum(lc.backward_s for lc in problem.layers)
-    chunk_traffic = ((cpu_chunks * problem.chunk_link_bytes + outer.link + pulp.lpSum(swapped))
+    chunk_traffic = ((cpu_chunks * problem.chunk_link_bytes + outer.link + lp.lpSum(swapped))
                      * (1.0 / problem.host_link_bw))
     if problem.num_chunks:
         model += (exposed_chunk >= chunk_traffic - compute * double_buffered
@@ -207,10 +210,10 @@ def build_stage_model(problem: StageProblem, relax: bool = False) -> tuple[pulp.
         opt_window = backward if problem.cpu_optimizer_overlap else 0.0
         model += (exposed_opt >= cpu_chunks * problem.chunk_cpu_optimizer_s + outer.cpu_optimizer_s
                   - opt_window), "cpu_optimizer_window"
-    per_microbatch = (compute + pulp.lpSum(lc.recompute_s * recompute_frac[i]
+    per_microbatch = (compute + lp.lpSum(lc.recompute_s * recompute_frac[i]
                                            + lc.selective_recompute_s * selective[i]
                                            for i, lc in enumerate(problem.layers))
-                      + pulp.lpSum(exposed_fwd) + pulp.lpSum(exposed_bwd))
+                      + lp.lpSum(exposed_fwd) + lp.lpSum(exposed_bwd))
     model += (problem.slots * (per_microbatch + exposed_chunk) + exposed_opt
               + problem.chunk_device_optimizer_s * persistent + outer.device_optimizer_s), "predicted_step_time"
     variables = dict(keep=keep, selective=selective, on_nvme=on_nvme, steps_cpu=steps_cpu, steps_nvme=steps_nvme,

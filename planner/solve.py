@@ -78,7 +78,10 @@ class _HiGHS(pulp.HiGHS):
         self.start = start
 
     def buildSolverModel(self, lp):
-        super().buildSolverModel(lp)
+        if hasattr(lp, "pass_to_highs"):   # planner.lp_fast: the same model in one call
+            lp.pass_to_highs(lp.solverModel, self.mip)
+        else:
+            super().buildSolverModel(lp)
         if self.start and self.mip:
             import highspy
             solution = highspy.HighsSolution()

@@ -199,6 +199,12 @@ class Con:
     def getUb(self):
         return -self.constant if self.sense in (_LE, _EQ) else None
 
+    def valid(self, eps: float = 0.0) -> bool:
+        """Whether the variables' current values satisfy the row within `eps` (pulp's test)."""
+        value = sum(v.varValue * x for v, x in self.items()) + self.constant
+        return (value <= eps if self.sense == _LE else value >= -eps if self.sense == _GE
+                else abs(value) <= eps)
+
 
 def lpSum(vector) -> Expr:
     return Expr().add(vector)
@@ -244,6 +250,10 @@ class LpProblem:
                 seen.update(dict.fromkeys(con.expr))
             self._variables = sorted(seen, key=lambda v: v.name)
         return self._variables
+
+    def valid(self, eps: float = 0.0) -> bool:
+        """Whether every row holds at the variables' current values (`pulp.LpProblem.valid`)."""
+        return all(con.valid(eps) for con in self._constraints.values())
 
     def isMIP(self) -> int:
         return int(any(v.cat == LpInteger for v in self.variables()))

@@ -368,7 +368,7 @@ def report(result: dict, steps: int) -> str:
                 "" if choice["same_layout_sweep_s"] is None else
                 f"; the same layout measured {choice['same_layout_sweep_s']:.3f} s in its sweep "
                 f"run, {choice['sweep_gap']:+.1%} vs the fastest (the difference between the two "
-                f"runs of one layout is run-to-run noise on this shared machine)") + trial_text(choice) + "\n")
+                f"runs of one layout is run-to-run noise on this shared machine)") + trial_text(choice) + memory_trial_text(choice) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,7 +205,7 @@ def test_column_parallel_backward_of_two_ranks_matches_autograd(dtype, chunks, m
     _two_ranks_against_autograd(dtype, chunks, mode, "cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["lean", "whole"])
 def test_column_parallel_backward_of_two_ranks_on_cuda(mode):
     # the same torch ops on cuBLAS (transposed operands and outputs: no copies, flags only)

@@ -142,8 +142,8 @@ def fidelity_worker(rank: int, world: int, configs: list[tuple[str, dict, object
 
 def run_fresh(configs: list, repeated: list, rounds: int = SWEEP_ROUNDS) -> dict:
     """Each configuration in freshly spawned ranks (no run-order effects: a process that ran
-    one configuration runs the next slower on these 2 cores); the `repeated` ones (the
-    planner-choice sweep) `rounds` times, round-robin, their step times pooled."""
+    one configuration runs the next slower on these 2 cores); the `repeated` ones (`measure`:
+    all of them) `rounds` times, round-robin, their step times pooled."""
     out = {}
     for config in configs:
         if config not in repeated:
@@ -251,7 +251,9 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
         lambda seq, budget: config_spec(seq, budget, {}, {}, steps), profile) if memory_trial \
         else (None, None, [])
     configs += [(f"memory trial {layout_key(p.parallel)}", mb_spec, p) for p in mb_plans]
-    measured = run_fresh(configs, [c for c in configs if c[0].startswith(("sweep ", "memory "))])
+    # every configuration in the same alternating rounds: the grid rows are then measured in
+    # the same stretch of the machine's load as the trials whose corrections they are held to
+    measured = run_fresh(configs, configs)
     rows = []
     for name, (job, plan) in meta.items():
         pred = predicted(job, plan)
@@ -351,7 +353,8 @@ def report(result: dict, steps: int) -> str:
                  f"{loads[-1]:.2f} (2 cores; shared machine: step times follow the load)."
                  if len(loads) >= 2 else "")
     return (f"## Planner fidelity\n\n`bench/fidelity.py`: the model of the peers section, 2 gloo "
-            f"ranks, {steps} steps per configuration (median of steps 2..{steps}); predictions "
+            f"ranks, {steps} steps per run, {SWEEP_ROUNDS} fresh runs of every configuration in "
+            f"alternating rounds (median of steps 2..{steps} of both, pooled); predictions "
             f"from `plan_job` with a CPU layer profile taken at the start of the run. "
             f"Activations: saved bytes resident per microbatch summed over layers (the "
             f"runtime's per-layer `bytes_kept`); model states: device-resident parameters + "

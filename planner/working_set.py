@@ -60,7 +60,7 @@ def layer_backward_working_bytes(shape, b: int, tokens: int, tp: int = 1, overla
     tiled = 0 < mlp_chunk_tokens < t
     c = mlp_chunk_tokens if tiled else t
     n = 2 if shape.mlp == "swiglu" else 1
-    H, A, kv, F = shape.hidden_size, shape.num_heads * shape.head_dim, shape.kv_dim, shape.ffn_hidden_size
+    H, A, kv, F = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.ffn_hidden_size
     h, a, k, f = H / tp, A / tp, kv / tp, F / tp
     saved = shape.mlp_saved_per_ffn         # a rebuilt tile's intermediates, F wide each
     # MLP phases: (bytes per token / b, weight gradients / b, rebuilt tensors alive in a

@@ -240,4 +240,19 @@ MODEL_PRESETS: dict[str, ModelShape] = {
     "mistral-7b": _shape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                          ffn_hidden_size=14336, vocab_size=32768, max_seq_len=32768,
                          rope_theta=1000000.0),
+    # Qwen3 dense (Qwen/Qwen3-8B and Qwen/Qwen3-32B config.json, huggingface.co): per-head
+    # RMSNorm on q and k (qk_norm), head_dim 128 (32B: 64 heads x 128 = 8192 > hidden 5120),
+    # max_position_embeddings 40960, no biases, untied
+    "qwen3-8b": _shape(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8,
+                       ffn_hidden_size=12288, vocab_size=151936, max_seq_len=40960,
+                       rope_theta=1000000.0, norm_eps=1e-6, head_dim=128, qk_norm=True),
+    "qwen3-32b": _shape(hidden_size=5120, num_layers=64, num_heads=64, num_kv_heads=8,
+                        ffn_hidden_size=25600, vocab_size=151936, max_seq_len=40960,
+                        rope_theta=1000000.0, norm_eps=1e-6, head_dim=128, qk_norm=True),
+    # Mistral NeMo 12B (mistralai/Mistral-Nemo-Base-2407 config.json: head_dim 128 with
+    # 32 heads, so q is 4096 wide against hidden 5120; no sliding window; the model card's
+    # 128K context, Mistral-Nemo-Instruct-2407's max_position_embeddings 131072)
+    "mistral-nemo-12b": _shape(hidden_size=5120, num_layers=40, num_heads=32, num_kv_heads=8,
+                               ffn_hidden_size=14336, vocab_size=131072, max_seq_len=131072,
+                               rope_theta=1000000.0, head_dim=128),
 }

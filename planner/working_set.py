@@ -23,7 +23,9 @@ them whole on the transposed layouts (the gathered X^T and the input gradient's 
 each), its transposed shard released before the reduced gradient's (T, h) is allocated, the
 transposed copy of that gradient made once the (H, T) buffers are gone. None of these divide
 by tp. An RMSNorm backward (`disttrain.model.rmsnorm`) holds its input gradient and fp32 buffers
-for `NORM_CHUNK_TOKENS` tokens, not the whole sequence (`norm_backward_bytes`).
+for `NORM_CHUNK_TOKENS` tokens, not the whole sequence (`norm_backward_bytes`); Qwen3's q norm
+is one over T x N rows of head_dim, beside the two H-wide gradients, its incoming (T, A) and
+one (T, kv) gradient of k or v.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ def layer_backward_working_bytes(shape, b: int, tokens: int, tp: int = 1, overla
     # an RMSNorm backward beside the incoming and the residual gradients (2 x h)
     norm = t * 2 * b * h + norm_backward_bytes(h, b, t, tp, norm_chunk_tokens)
     peaks = [b * (t * per + w) for per, w in attn] + [norm]
+    if shape.qk_norm:   # Qwen3's q norm backward (tp 1 only): N rows of head_dim per token
+        peaks.append(t * b * (2 * H + A + kv) + norm_backward_bytes(
+            shape.head_dim, b, t * shape.num_heads, 1, norm_chunk_tokens))
     if not tiled:
         return max(peaks + [b * (t * per + w) for per, w, _, _ in mlp])
     # tiled MLP (`disttrain.tiling`): its incoming and input gradients (T, h) stay whole and

@@ -274,7 +274,7 @@ def expected_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
                  "up_proj.weight": (f, h), "down_proj.weight": (h, f)}
     out = {}
     for name in hf_names(shape).values():
-        suffix = next(s for s in by_suffix if name.endswith(s))
+        suffix = max((s for s in by_suffix if name.endswith(s)), key=len)  # q_norm, not norm
         out[name] = by_suffix[suffix]
     return out
 

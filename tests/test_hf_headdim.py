@@ -137,3 +137,23 @@ def test_explicit_shape_fields_and_cli_exit_2(tmp_path, write_spec):
     done = run_cli("check", write_spec(raw=raw))
     assert done.returncode == 2
     assert done.stderr.strip() == "error: model.head_dim: must be even for RoPE, got 7"
+
+
+def test_plan_counts_the_heads_and_norms_it_runs(tmp_path):
+    """The planner plans the imported shape (no tensor parallelism with q/k norms), its
+    parameter count is transformers', and its attention FLOPs and Ulysses volume use the
+    q width num_heads x head_dim (Qwen3-32B: 8192, not hidden 5120)."""
+    from planner.analytic import layer_flops_per_token
+    from planner.collectives import ulysses_alltoall_bytes
+    from planner.search import plan_job
+
+    hf_dir = make_hf_dir(tmp_path / "hf", "qwen3")
+    job = job_from_dict(spec(hf_dir, tmp_path / "run"))
+    plan = plan_job(job.plan_request())
+    assert plan.feasible and plan.model == job.shape.to_dict() and plan.parallel.tp == 1
+    hf_params = AutoModelForCausalLM.from_pretrained(hf_dir).num_parameters()
+    assert job.shape.num_params() == hf_params == sum(
+        p.numel() for p in build_model(job.shape).parameters())
+    big = MODEL_PRESETS["qwen3-32b"]
+    assert layer_flops_per_token(big, 4096).attention == 2.0 * 4096 * 64 * 128
+    assert ulysses_alltoall_bytes(big, "bf16", 1000, 2) == (2 * 8192 + 2 * 1024) * 1000 * 2 / 2

@@ -17,7 +17,7 @@ from planner.shapes import MODEL_PRESETS, ModelShape
 
 _SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
                  "vocab_size", "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings", "mlp",
-                 "positions")
+                 "positions", "head_dim", "qk_norm")
 
 
 def _model_shape(section: ModelSection) -> ModelShape:

@@ -61,6 +61,10 @@ class ModelSection(_Section):
     """MLP block: 'swiglu' (Llama, default) or 'gelu' (GPT: 2 matrices, ffn usually 4 x hidden)."""
     positions: str | None = None
     """Position encoding: 'rope' (default) or 'learned' (GPT: a max_seq_len x hidden table)."""
+    head_dim: int | None = Field(None, gt=0)
+    """Width of one attention head (default hidden_size / num_heads; Qwen3, Mistral-Nemo)."""
+    qk_norm: bool | None = None
+    """Qwen3's per-head RMSNorm on q and k before RoPE (default false)."""
 
 
 class TrainSection(_Section):

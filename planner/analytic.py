@@ -9,7 +9,8 @@ statistics and log-sum-exp (no autocast: no bf16 weight copies are saved).
 The model-state bytes (`model_state_bytes`, `zero3_gather_bytes`) are what the runtime's
 states hold; tests/test_precision_bytes.py measures both.
 
-Symbols: H hidden, KV kv width (kv heads x head dim), N query heads, F ffn hidden,
+Symbols: H hidden, Q q width (query heads x head dim: H unless the shape sets head_dim), KV
+kv width (kv heads x head dim), N query heads, D head dim, F ffn hidden,
 V vocab, b bytes per element of the training dtype, S sequence length.
 """
 
@@ -49,21 +50,44 @@ def kv_heads_per_rank(shape: ModelShape, sp: int) -> int:
     return max(1, shape.num_kv_heads // sp) if sp > 1 else shape.num_kv_heads
 
 
+def norm_saved_bytes(width: float, dtype: str) -> float:
+    """Bytes one RMSNorm (`disttrain.model.rmsnorm`) saves per row of `width` features
+    beyond its input: [the fp32 copy of the input, when the dtype is not fp32], the fp32
+    rsqrt, the normed tensor. In fp32 the "copy" is the input itself, counted by whoever
+    owns the input. Used for the layer norms and for Qwen3's per-head q/k norms alike."""
+    b = DTYPE_BYTES[dtype]
+    upcast = 0 if b == FP32 else FP32 * width    # RMSNorm's fp32 copy of its input
+    return upcast + FP32 + b * width             # [fp32 copy], rsqrt, normed
+
+
+def qk_norm_saved_bytes_per_token(shape: ModelShape, dtype: str) -> float:
+    """Saved bytes per token of Qwen3's q and k norms (0 without them): one RMSNorm row per
+    query head and per kv head, over head_dim (before Ulysses' all-to-all: no replicas); in
+    fp32 each also saves its input, the q / k projection's output, which nothing else keeps
+    (RoPE saves only its tables)."""
+    if not shape.qk_norm:
+        return 0.0
+    b, d = DTYPE_BYTES[dtype], shape.head_dim
+    rows = shape.num_heads + shape.num_kv_heads
+    own_input = b * d if b == FP32 else 0
+    return rows * (norm_saved_bytes(d, dtype) + own_input)
+
+
 def layer_saved_bytes_per_token(shape: ModelShape, dtype: str, sp: int = 1) -> SavedBytesPerToken:
     """Saved bytes per (local) token; with Ulysses sp, replicated KV heads cost extra."""
     b = DTYPE_BYTES[dtype]
-    h, f = shape.hidden_size, shape.ffn_hidden_size
+    h, f, q = shape.hidden_size, shape.ffn_hidden_size, shape.q_dim
     kv = kv_heads_per_rank(shape, sp) * sp * shape.head_dim if sp > 1 else shape.kv_dim
     kv = max(kv, shape.kv_dim)
-    upcast = 0 if b == FP32 else FP32 * h        # RMSNorm's fp32 copy of its input
-    norm = upcast + FP32 + b * h                 # [fp32 copy], rsqrt, normed
+    norm = norm_saved_bytes(h, dtype)            # [fp32 copy], rsqrt, normed
     residual = b * h if b == FP32 else 0         # mlp_norm saves its fp32 input (h itself)
     # norm, normed*w, [h], then SwiGLU's gate, silu, up, product or GeLU's up, gelu
     mlp = norm + b * h + residual + shape.mlp_saved_per_ffn * b * f
-    qkv = norm + b * h + b * h + 2 * b * kv      # norm, normed*w, q, k, v
+    # norm, normed*w, q, k, v (+ the q/k norms' own saves)
+    qkv = norm + b * h + b * q + 2 * b * kv + qk_norm_saved_bytes_per_token(shape, dtype)
     return SavedBytesPerToken(
         input_saved=b * h if b == FP32 else 0.0, layer_input=float(b * h),
-        attention_output=float(b * h + FP32 * shape.num_heads),
+        attention_output=float(b * q + FP32 * shape.num_heads),
         token_local=float(qkv + mlp), mlp=float(mlp))
 
 
@@ -137,12 +161,13 @@ class FlopsPerToken:
     token_local: float
     """Projections and MLP: 2 x layer parameters (what recompute re-runs)."""
     attention: float
-    """Causal attention core: 2*S*H (QK^T and AV, half the square)."""
+    """Causal attention core: 2*S*N*D (QK^T and AV, half the square; N*D = H unless the
+    shape sets head_dim)."""
 
 
 def layer_flops_per_token(shape: ModelShape, seq_len: int) -> FlopsPerToken:
     return FlopsPerToken(token_local=2.0 * shape.layer_params(),
-                         attention=2.0 * seq_len * shape.hidden_size)
+                         attention=2.0 * seq_len * shape.q_dim)
 
 
 def model_flops_per_token(shape: ModelShape, seq_len: int) -> float:
@@ -181,21 +206,24 @@ def layer_tensor_lifetimes(shape: ModelShape, dtype: str, tokens: int) -> list[T
     transients die after their last consumer. The layout planner packs them into one arena.
     """
     b, h, f = DTYPE_BYTES[dtype], shape.hidden_size, shape.ffn_hidden_size
-    kv = shape.kv_dim
+    kv, q = shape.kv_dim, shape.q_dim
     end = 14
     rows = [  # name, bytes per token, start, end, kind
         ("input", b * h, 0, end, "input"),
         ("norm1_rsqrt", FP32, 0, end, "token_local"),
         ("norm1_normed", b * h, 1, end, "token_local"),
         ("norm1_out", b * h, 2, end, "token_local"),
-        *((("q_proj", b * h, 3, 4, "transient"),
-           ("q_rope", b * h, 4, end, "token_local"),
+        *((("q_proj", b * q, 3, 4, "transient"),
+           ("q_rope", b * q, 4, end, "token_local"),
            ("k_proj", b * kv, 4, 5, "transient"),
            ("k_rope", b * kv, 5, end, "token_local")) if shape.rope else
-          (("q_proj", b * h, 3, end, "token_local"),  # no RoPE: the core saves q, k as made
+          (("q_proj", b * q, 3, end, "token_local"),  # no RoPE: the core saves q, k as made
            ("k_proj", b * kv, 4, end, "token_local"))),
+        # Qwen3's q/k norms' saves (in fp32 their inputs, the projections, among them)
+        *((("qk_norms", qk_norm_saved_bytes_per_token(shape, dtype), 4, end, "token_local"),)
+          if shape.qk_norm else ()),
         ("v_proj", b * kv, 5, end, "token_local"),
-        ("attn_out", b * h, 6, end, "attention_output"),
+        ("attn_out", b * q, 6, end, "attention_output"),
         ("attn_lse", FP32 * shape.num_heads, 6, end, "attention_output"),
         ("o_proj", b * h, 7, 8, "transient"),
         ("residual1", b * h, 8, end, "token_local"),

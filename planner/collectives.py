@@ -89,7 +89,7 @@ def ulysses_alltoall_bytes(shape: ModelShape, dtype: str, tokens: int, sp: int) 
     if sp <= 1:
         return 0.0
     kv = max(shape.kv_dim, kv_heads_per_rank(shape, sp) * sp * shape.head_dim)
-    return (2 * shape.hidden_size + 2 * kv) * tokens * DTYPE_BYTES[dtype] * (sp - 1) / sp
+    return (2 * shape.q_dim + 2 * kv) * tokens * DTYPE_BYTES[dtype] * (sp - 1) / sp
 
 
 def ring_p2p_bytes(shape: ModelShape, dtype: str, tokens: int, sp: int) -> float:

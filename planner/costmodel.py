@@ -44,7 +44,7 @@ def qkv_bytes_per_token(shape: ModelShape, dtype: str, ulysses_sp: int = 1) -> f
     kv = shape.kv_dim
     if ulysses_sp > 1:
         kv = max(kv, kv_heads_per_rank(shape, ulysses_sp) * ulysses_sp * shape.head_dim)
-    return DTYPE_BYTES[dtype] * (shape.hidden_size + 2 * kv)
+    return DTYPE_BYTES[dtype] * (shape.q_dim + 2 * kv)
 
 
 def _family_layer_times(family: DeviceFamily, shape: ModelShape, dtype: str, hw: HardwareSpec,

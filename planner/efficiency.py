@@ -177,10 +177,10 @@ def layer_gemms(shape: ModelShape, tokens: int, tp: int) -> list[tuple[float, fl
     """(m, n, k) of a decoder layer's projections on one rank: q, k, v, o, [gate,] up, down
     (GeLU has no gate), with tensor parallelism splitting the heads / the MLP width (ceil for
     uneven shards)."""
-    h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim
+    h, f, kv, q = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim, shape.q_dim
     split = lambda x: -(-x // tp)  # noqa: E731
-    return [(tokens, split(h), h), (tokens, split(kv), h), (tokens, split(kv), h),
-            (tokens, h, split(h))] + [(tokens, split(f), h)] * (shape.mlp_matrices - 1) + [
+    return [(tokens, split(q), h), (tokens, split(kv), h), (tokens, split(kv), h),
+            (tokens, h, split(q))] + [(tokens, split(f), h)] * (shape.mlp_matrices - 1) + [
             (tokens, h, split(f))]
 
 
@@ -190,14 +190,17 @@ def elementwise_bytes_per_token(shape: ModelShape, dtype: str, tp: int) -> tuple
     and writing its output: two RMSNorms (upcast b+4, square 8, mean 4, scale 8, downcast
     4+b, weight 2b bytes per element; no casts in fp32), RoPE on q and k (four products and
     two sums over halves, then the concatenation: 9b per element; none with learned positions),
-    SiLU x up (GeLU: read 1, write 1), two residual adds; the backward reads and writes about
+    SiLU x up (GeLU: read 1, write 1), two residual adds, Qwen3's q/k norms (the norm's
+    kernels over q and k); the backward reads and writes about
     twice what the forward does. Token-parallel parts (norms, residuals) shard by tp under
     sequence parallelism, head-parallel ones by the head split."""
     b = DTYPE_BYTES[dtype]
-    h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim
+    h, f, kv, q = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim, shape.q_dim
     casts = 2 * (b + 4) if b != 4 else 0
     norms = 2 * (casts + 8 + 4 + 8 + 2 * b) * h
-    rope = 9 * b * (h + kv) if shape.rope else 0
+    if shape.qk_norm:   # Qwen3's per-head q/k norms: the same kernels over q + kv features
+        norms += (casts + 8 + 4 + 8 + 2 * b) * (q + kv)
+    rope = 9 * b * (q + kv) if shape.rope else 0
     mlp = (5 if shape.mlp == "swiglu" else 2) * b * f
     residual = 2 * 3 * b * h
     forward = (norms + rope + mlp + residual) / tp

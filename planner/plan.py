@@ -189,8 +189,9 @@ class Prediction:
     """Tokens trained per second, whole job."""
     mfu: float = 0.0
     """Model FLOPs utilisation (model FLOPs / (time * peak * world)), causal convention: model
-    FLOPs per token 6N + 6LhS (N = layer parameters + output head; attention counts the
-    causal half of the score matrix)."""
+    FLOPs per token 6N + 6LhS (N = layer parameters + output head; h the attention width,
+    heads x head_dim, which is the hidden size unless the shape sets head_dim; attention counts
+    the causal half of the score matrix)."""
     mfu_noncausal: float = 0.0
     """The same with Megatron's / torchtitan's non-causal convention (6N + 12LhS per token)."""
     hardware: dict[str, Any] = field(default_factory=dict)

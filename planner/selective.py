@@ -24,7 +24,7 @@ def matmul_widths(shape: ModelShape) -> list[int]:
     """Output width per token of each of a layer's matmuls, in execution order: q, k, v, o,
     [gate,] up, down (the order of `planner.efficiency.layer_gemms`)."""
     h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_dim
-    q = shape.num_heads * shape.head_dim
+    q = shape.q_dim
     return [q, kv, kv, h] + [f] * (shape.mlp_matrices - 1) + [h]
 
 
@@ -46,14 +46,14 @@ def selective_bytes_per_token(shape: ModelShape, dtype: str) -> float:
     b = DTYPE_BYTES[dtype]
     widths = matmul_widths(shape)
     kept = sum(widths[i] for i in saved_matmuls(shape))
-    attention = shape.num_heads * shape.head_dim * b + FP32 * shape.num_heads
+    attention = shape.q_dim * b + FP32 * shape.num_heads
     return float(b * shape.hidden_size + b * kept + attention)
 
 
 def recomputed_gemm_share(shape: ModelShape) -> float:
     """Share of the layer's matmul FLOPs the selective backward reruns."""
     widths = matmul_widths(shape)
-    k_dims = [shape.hidden_size] * 3 + [shape.num_heads * shape.head_dim] + (
+    k_dims = [shape.hidden_size] * 3 + [shape.q_dim] + (
         [shape.hidden_size] * (shape.mlp_matrices - 1)) + [shape.ffn_hidden_size]
     flops = [w * k for w, k in zip(widths, k_dims)]
     return sum(flops[i] for i in recomputed_matmuls(shape)) / sum(flops)

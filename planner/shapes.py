@@ -63,21 +63,34 @@ class ModelShape:
     positions: str = "rope"
     """Position encoding: 'rope' (rotary, in every layer's q and k) or 'learned' (GPT: an
     absolute position embedding added to the token embedding; no RoPE)."""
+    head_dim: int | None = None
+    """Width of one attention head; None: hidden_size / num_heads (filled in, so the field
+    always holds a number). Qwen3 and Mistral-Nemo set it: their q width num_heads x head_dim
+    differs from hidden_size."""
+    qk_norm: bool = False
+    """Qwen3's per-head RMSNorm (weights of head_dim) on q and on k before RoPE."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "ffn_hidden_size", "vocab_size", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size: must be divisible by num_heads ({self.num_heads}), "
-                             f"got {self.hidden_size}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size: must be divisible by num_heads "
+                                 f"({self.num_heads}) when head_dim is not given, "
+                                 f"got {self.hidden_size}")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        elif self.head_dim <= 0:
+            raise ValueError(f"head_dim: must be positive, got {self.head_dim}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads: must be divisible by num_kv_heads ({self.num_kv_heads}), "
                              f"got {self.num_heads}")
         if self.positions == "rope" and self.head_dim % 2:
-            raise ValueError(f"hidden_size: head dim hidden_size/num_heads must be even for RoPE, "
-                             f"got {self.head_dim}")
+            if self.default_head_dim:
+                raise ValueError(f"hidden_size: head dim hidden_size/num_heads must be even "
+                                 f"for RoPE, got {self.head_dim}")
+            raise ValueError(f"head_dim: must be even for RoPE, got {self.head_dim}")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"mlp: must be one of {', '.join(MLP_KINDS)}, got {self.mlp!r}")
         if self.positions not in POSITION_KINDS:
@@ -94,8 +107,15 @@ class ModelShape:
                                  f"({self.rope_low_freq_factor}), got {self.rope_high_freq_factor}")
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def default_head_dim(self) -> bool:
+        """Whether head_dim is hidden_size / num_heads (every pre-Qwen3 shape)."""
+        return self.head_dim * self.num_heads == self.hidden_size
+
+    @property
+    def q_dim(self) -> int:
+        """Width of q and of the attention output: num_heads x head_dim (hidden_size unless
+        head_dim was given)."""
+        return self.num_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -118,11 +138,14 @@ class ModelShape:
         return self.positions == "rope"
 
     def layer_params(self) -> int:
-        """Parameters of one decoder layer (two RMSNorm weights, QKVO, the MLP's matrices)."""
-        h = self.hidden_size
-        attn = h * h + 2 * h * self.kv_dim + h * h
+        """Parameters of one decoder layer (two RMSNorm weights, QKVO, the MLP's matrices,
+        with qk_norm the q and k norms' head_dim weights)."""
+        h, q = self.hidden_size, self.q_dim
+        attn = h * q + 2 * h * self.kv_dim + q * h
         if self.qkv_bias:
-            attn += h + 2 * self.kv_dim
+            attn += q + 2 * self.kv_dim
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         mlp = self.mlp_matrices * h * self.ffn_hidden_size
         return attn + mlp + 2 * h
 
@@ -141,6 +164,10 @@ class ModelShape:
         return self.num_layers * self.layer_params() + self.embedding_params()
 
     def replace(self, **changes) -> "ModelShape":
+        """A copy with `changes`; a derived head_dim (hidden_size / num_heads) is derived
+        again from the new sizes unless `changes` sets it."""
+        if self.default_head_dim and "head_dim" not in changes:
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -151,11 +178,14 @@ class ModelShape:
         for f in dataclasses.fields(self):
             if f.name in _OPTIONAL_FIELDS and out[f.name] == f.default:
                 del out[f.name]
+        if self.default_head_dim:
+            del out["head_dim"]
         return out
 
 
 _OPTIONAL_FIELDS = ("qkv_bias", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
-                    "rope_high_freq_factor", "rope_original_max_seq_len", "mlp", "positions")
+                    "rope_high_freq_factor", "rope_original_max_seq_len", "mlp", "positions", "qk_norm")
+"""Fields left out of `to_dict` at their defaults (head_dim too, when hidden / heads)."""
 
 
 def _shape(**kw) -> ModelShape:
@@ -210,4 +240,19 @@ MODEL_PRESETS: dict[str, ModelShape] = {
     "mistral-7b": _shape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                          ffn_hidden_size=14336, vocab_size=32768, max_seq_len=32768,
                          rope_theta=1000000.0),
+    # Qwen3 dense (Qwen/Qwen3-8B and Qwen/Qwen3-32B config.json, huggingface.co): per-head
+    # RMSNorm on q and k (qk_norm), head_dim 128 (32B: 64 heads x 128 = 8192 > hidden 5120),
+    # max_position_embeddings 40960, no biases, untied
+    "qwen3-8b": _shape(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8,
+                       ffn_hidden_size=12288, vocab_size=151936, max_seq_len=40960,
+                       rope_theta=1000000.0, norm_eps=1e-6, head_dim=128, qk_norm=True),
+    "qwen3-32b": _shape(hidden_size=5120, num_layers=64, num_heads=64, num_kv_heads=8,
+                        ffn_hidden_size=25600, vocab_size=151936, max_seq_len=40960,
+                        rope_theta=1000000.0, norm_eps=1e-6, head_dim=128, qk_norm=True),
+    # Mistral NeMo 12B (mistralai/Mistral-Nemo-Base-2407 config.json: head_dim 128 with
+    # 32 heads, so q is 4096 wide against hidden 5120; no sliding window; the model card's
+    # 128K context, Mistral-Nemo-Instruct-2407's max_position_embeddings 131072)
+    "mistral-nemo-12b": _shape(hidden_size=5120, num_layers=40, num_heads=32, num_kv_heads=8,
+                               ffn_hidden_size=14336, vocab_size=131072, max_seq_len=131072,
+                               rope_theta=1000000.0, head_dim=128),
 }

@@ -23,7 +23,9 @@ them whole on the transposed layouts (the gathered X^T and the input gradient's 
 each), its transposed shard released before the reduced gradient's (T, h) is allocated, the
 transposed copy of that gradient made once the (H, T) buffers are gone. None of these divide
 by tp. An RMSNorm backward (`disttrain.model.rmsnorm`) holds its input gradient and fp32 buffers
-for `NORM_CHUNK_TOKENS` tokens, not the whole sequence (`norm_backward_bytes`).
+for `NORM_CHUNK_TOKENS` tokens, not the whole sequence (`norm_backward_bytes`); Qwen3's q norm
+is one over T x N rows of head_dim, beside the two H-wide gradients, its incoming (T, A) and
+one (T, kv) gradient of k or v.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def layer_backward_working_bytes(shape, b: int, tokens: int, tp: int = 1, overla
     tiled = 0 < mlp_chunk_tokens < t
     c = mlp_chunk_tokens if tiled else t
     n = 2 if shape.mlp == "swiglu" else 1
-    H, A, kv, F = shape.hidden_size, shape.num_heads * shape.head_dim, shape.kv_dim, shape.ffn_hidden_size
+    H, A, kv, F = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.ffn_hidden_size
     h, a, k, f = H / tp, A / tp, kv / tp, F / tp
     saved = shape.mlp_saved_per_ffn         # a rebuilt tile's intermediates, F wide each
     # MLP phases: (bytes per token / b, weight gradients / b, rebuilt tensors alive in a
@@ -81,6 +83,9 @@ def layer_backward_working_bytes(shape, b: int, tokens: int, tp: int = 1, overla
     # an RMSNorm backward beside the incoming and the residual gradients (2 x h)
     norm = t * 2 * b * h + norm_backward_bytes(h, b, t, tp, norm_chunk_tokens)
     peaks = [b * (t * per + w) for per, w in attn] + [norm]
+    if shape.qk_norm:   # Qwen3's q norm backward (tp 1 only): N rows of head_dim per token
+        peaks.append(t * b * (2 * H + A + kv) + norm_backward_bytes(
+            shape.head_dim, b, t * shape.num_heads, 1, norm_chunk_tokens))
     if not tiled:
         return max(peaks + [b * (t * per + w) for per, w, _, _ in mlp])
     # tiled MLP (`disttrain.tiling`): its incoming and input gradients (T, h) stay whole and

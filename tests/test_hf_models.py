@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM)
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from conftest import run_cli
 from disttrain.hf_export import export_hf
@@ -40,7 +40,11 @@ FAMILIES = {
                                                    rope_scaling=LLAMA3)),
     "llama-tied": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, rope_theta=1e6)),
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=SEQ)),
+    # head_dim 24 != 64 / 4 (Mistral-NeMo's kind: q 96 wide against hidden 64)
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=SEQ,
+                                                        head_dim=24)),
+    # Qwen3: per-head q/k RMSNorm, head_dim 24
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=24, rope_theta=1e6)),
 }
 
 

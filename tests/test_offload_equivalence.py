@@ -161,6 +161,30 @@ def test_gpt_block_policy_matches_plain_pytorch(policy, tile, cpp_engine, tmp_pa
     assert_matches(history, train(build_model(GPT, seed=0), GPT))
 
 
+QWEN3 = TINY.replace(head_dim=48, qk_norm=True)
+"""Qwen3's block: q 4 x 48 = 192 wide against hidden 128, per-head q/k RMSNorm."""
+
+
+@pytest.mark.parametrize("policy,tile", [("recompute_all", 48), ("mixed", 0)])
+def test_qwen3_block_policy_matches_plain_pytorch_and_swaps_the_planned_bytes(
+        policy, tile, cpp_engine, tmp_path):
+    """Token-wise recompute (in tiles) and swap of a layer with q/k norms and a q wider than
+    hidden train exactly like the plain model; a fully swapped layer moves the planner's
+    token-local bytes (the q/k norms' saves included)."""
+    plans = POLICIES[policy]
+    model = build_model(QWEN3, seed=0)
+    with apply_activation_policy(model, plans, stores=make_stores(cpp_engine, tmp_path),
+                                 config=ActivationRuntimeConfig(rebuild_tile_tokens=tile)
+                                 ) as runtime:
+        history = train(model, QWEN3, runtime=runtime)
+    assert_matches(history, train(build_model(QWEN3, seed=0), QWEN3))
+    if policy == "mixed":   # layer 0: every token swapped to the CPU store, attention output too
+        per_token = layer_saved_bytes_per_token(QWEN3, "fp32")
+        first = history[0][3]["layers"][0]
+        assert first["bytes_swapped_cpu"] == (per_token.token_local
+                                              + per_token.attention_output) * BATCH * SEQ
+
+
 def test_python_backend_matches(tmp_path):
     engine = create_engine(CopyEngineConfig(backend="python"))
     assert engine.backend == "python"

@@ -22,6 +22,12 @@ SHAPES = {
                       vocab_size=64),
     "gpt": ModelShape(hidden_size=96, num_layers=1, num_heads=3, num_kv_heads=3, ffn_hidden_size=384,
                       vocab_size=64, mlp="gelu", positions="learned"),
+    # head_dim given (q 4 x 40 = 160 wide against hidden 128) with Qwen3's q/k norms, and
+    # without them (Mistral-NeMo's kind: q narrower than hidden)
+    "qwen3": ModelShape(hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2,
+                        ffn_hidden_size=352, vocab_size=64, head_dim=40, qk_norm=True),
+    "nemo": ModelShape(hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2,
+                       ffn_hidden_size=352, vocab_size=64, head_dim=24),
 }
 TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

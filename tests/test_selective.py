@@ -84,11 +84,13 @@ def _planned_resident(shape, dtype: str, act: Layer) -> float:
 
 
 @pytest.mark.parametrize("dtype,variant", [("fp32", "llama"), ("bf16", "llama"),
-                                           ("fp32", "gpt"), ("fp32", "qkv_bias")])
+                                           ("fp32", "gpt"), ("fp32", "qkv_bias"),
+                                           ("bf16", "qwen3")])
 def test_selective_bytes_equal_the_planners(dtype, variant):
     """The runtime's measured bytes per selective layer (input, kept matmul outputs found by
     the policy itself, attention output + lse) equal the planner's LayerCost exactly."""
-    shape = {"llama": TINY, "gpt": GPT, "qkv_bias": TINY.replace(qkv_bias=True)}[variant]
+    shape = {"llama": TINY, "gpt": GPT, "qkv_bias": TINY.replace(qkv_bias=True),
+             "qwen3": TINY.replace(head_dim=48, qk_norm=True)}[variant]
     torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     model = build_model(shape, seed=0, dtype=torch_dtype)
     plans = [SEL] * shape.num_layers

@@ -23,6 +23,10 @@ from lm_batches import lm_loss, random_batch
 
 SHAPE = MODEL_PRESETS["tiny"]
 GPT = SHAPE.replace(mlp="gelu", positions="learned", ffn_hidden_size=4 * SHAPE.hidden_size)
+QWEN3 = SHAPE.replace(head_dim=48, qk_norm=True)
+"""Qwen3's block: 4 heads x 48 = 192 wide q against hidden 128, per-head q/k norms."""
+MODEL_KINDS = {"ulysses": SHAPE, "ring": SHAPE, "gpt-ring": GPT, "qwen3-ulysses": QWEN3}
+"""Model-level runs: {name: shape}; the name ends in the core kind."""
 KINDS = ("ulysses", "ring")
 # core-level cases: (kind, num_heads, num_kv_heads); Ulysses with K=1 < sp replicates kv
 CORE_CASES = (("ring", 4, 2), ("ulysses", 4, 1))
@@ -59,15 +63,15 @@ def _batch(seq_len: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _model_worker(rank: int, world: int) -> dict:
     results = {}
-    for kind in (*KINDS, "gpt-ring"):  # GPT's learned positions at the zigzag positions
-        model = build_model(GPT if kind == "gpt-ring" else SHAPE, seed=3)
-        kind = kind.removeprefix("gpt-")
+    for name, shape in MODEL_KINDS.items():  # GPT's learned positions at the zigzag positions
+        model = build_model(shape, seed=3)
+        kind = name.split("-")[-1]
         core = apply_sequence_parallel(model, dist.group.WORLD, kind)
         tokens, targets, positions = shard_sequence(*_batch(), rank, world, kind)
         loss = lm_loss(model, tokens, targets, positions)
         loss.backward()
         loss = sp_loss_and_grad_reduce(model, loss, dist.group.WORLD)
-        results[("gpt-" if model.shape is GPT else "") + kind] = dict(loss=loss, grads={n: p.grad for n, p in model.named_parameters()},
+        results[name] = dict(loss=loss, grads={n: p.grad for n, p in model.named_parameters()},
                              comm=core.reset_comm_bytes())
     return results
 
@@ -120,9 +124,9 @@ def test_cores_match_full_attention_sp4(sp4_cores):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", (*KINDS, "gpt-ring"))
+@pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_model_loss_and_grads_match_single_process(sp2, kind):
-    model = build_model(GPT if kind.startswith("gpt") else SHAPE, seed=3)
+    model = build_model(MODEL_KINDS[kind], seed=3)
     loss = lm_loss(model, *_batch())
     loss.backward()
     for rank, res in enumerate(sp2):
@@ -159,6 +163,12 @@ def test_comm_bytes_counted(sp2, sp4_cores):
             assert ring["total_bytes"]["p2p"] == (2 * (world - 1) + world) * kv
     per_layer = sp2[0]["model"]["ring"]["comm"]["p2p"] / SHAPE.num_layers
     assert per_layer == (2 * 1 + 2) * 2 * 2 * 32 * SHAPE.kv_dim * 4  # sp=2, B=2, 32 tokens
+    # Ulysses moves q and the attention output num_heads x head_dim wide (192 here, not the
+    # hidden 128): the planner's volume, forward once and backward twice, for B=2 x 32 tokens
+    from planner.collectives import ulysses_alltoall_bytes
+    per_layer = sp2[0]["model"]["qwen3-ulysses"]["comm"]["all_to_all"] / QWEN3.num_layers
+    assert per_layer == 3 * ulysses_alltoall_bytes(QWEN3, "fp32", 2 * 32, 2)
+    assert per_layer == 3 * (2 * 192 + 2 * QWEN3.kv_dim) * 2 * 32 * 4 // 2
 
 
 @pytest.mark.parametrize("sp", [1, 2, 3, 5])

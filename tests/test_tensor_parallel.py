@@ -26,6 +26,9 @@ SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
 TIED = ModelShape(**{**SHAPE.__dict__, "tie_embeddings": True, "vocab_size": 61})
 GPT = SHAPE.replace(mlp="gelu", positions="learned", ffn_hidden_size=128, vocab_size=63)
 """Odd vocabulary (as GPT-2's 50,257): tp2 pads embedding and head to 64 rows."""
+WIDE_HEADS = SHAPE.replace(head_dim=12)
+"""head_dim given (as Qwen3-32B's, Mistral-NeMo's): q and the attention output are
+4 x 12 = 48 wide against hidden 32, so q/o shard 24 columns per rank, not 16."""
 
 
 def _loss_and_grads(model, tokens, targets, loss_chunk_tokens=0):
@@ -59,8 +62,9 @@ def _tp_worker(rank, world, shape, loss_chunk_tokens, mlp_chunk_tokens):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape,loss_chunk,mlp_chunk", [(SHAPE, 0, 0), (TIED, 8, 8), (GPT, 0, 8)],
-                         ids=["plain", "tied-chunked-loss-tiled-mlp", "gpt-tiled-mlp"])
+@pytest.mark.parametrize("shape,loss_chunk,mlp_chunk", [(SHAPE, 0, 0), (TIED, 8, 8), (GPT, 0, 8),
+                                                      (WIDE_HEADS, 0, 0)],
+                         ids=["plain", "tied-chunked-loss-tiled-mlp", "gpt-tiled-mlp", "head-dim"])
 def test_tp2_matches_single_process_loss_and_gradients(shape, loss_chunk, mlp_chunk):
     ref = build_model(shape, seed=3)
     tokens, targets = random_batch(shape.vocab_size, seed=5, seq_len=16, batch=2)
@@ -84,6 +88,9 @@ def test_tensor_parallel_divisibility_errors_name_the_field():
     assert tensor_parallel_error(odd_vocab, 2) is None          # padded to 64 rows
     odd_ffn = ModelShape(**{**SHAPE.__dict__, "ffn_hidden_size": 47})
     assert tensor_parallel_error(odd_ffn, 2).startswith("model.ffn_hidden_size (47)")
+    assert tensor_parallel_error(WIDE_HEADS, 2) is None      # 4 heads x 12: 2 heads a rank
+    assert tensor_parallel_error(SHAPE.replace(qk_norm=True), 1) is None
+    assert tensor_parallel_error(SHAPE.replace(qk_norm=True), 2).startswith("model.qk_norm")
 
 
 def test_planner_offers_exactly_the_tp_degrees_the_runtime_accepts():
@@ -93,6 +100,7 @@ def test_planner_offers_exactly_the_tp_degrees_the_runtime_accepts():
         ("vocab_size", 63), ("vocab_size", 50257), ("vocab_size", 66), ("ffn_hidden_size", 44),
         ("num_kv_heads", 1), ("hidden_size", 40))]
     shapes.append(SHAPE.replace(hidden_size=48, num_heads=3, num_kv_heads=1))
+    shapes += [WIDE_HEADS, WIDE_HEADS.replace(num_heads=6, num_kv_heads=3), SHAPE.replace(qk_norm=True)]
     for shape in shapes:
         for tp in range(1, 9):
             planner_ok = tp_problem(shape, tp, devices_per_node=8) == ""

@@ -19,6 +19,11 @@ from test_tp_linear_memory import _LiveBytes
 GQA = ModelShape(hidden_size=64, num_layers=1, num_heads=8, num_kv_heads=4, ffn_hidden_size=176,
                  vocab_size=64, max_seq_len=512)
 GPT = GQA.replace(num_kv_heads=8, ffn_hidden_size=256, mlp="gelu", positions="learned")
+WIDE = GQA.replace(ffn_hidden_size=16, head_dim=16)
+"""head_dim given: q and the attention output 8 x 16 = 128 wide against hidden 64 (a narrow
+MLP, so an attention phase binds)."""
+QWEN3 = WIDE.replace(qk_norm=True)
+"""With Qwen3's per-head q/k norms: the q norm's backward binds."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -61,6 +66,7 @@ CASES = [(GQA, 1, "fp32", 1, 0), (GQA, 1, "bf16", 1, 0), (GQA, 2, "bf16", 1, 0),
          (GPT, 1, "bf16", 1, 0), (GPT, 2, "bf16", 2, 0)]
 """tp 1, 2, 4; fp32 and bf16; tp_overlap_chunks 1 and 2 (bulk-overlap column backward);
 SwiGLU with grouped KV heads and GeLU with learned positions (each binds a different phase)."""
+CASES += [(WIDE, 2, "bf16", 1, 0), (QWEN3, 1, "bf16", 1, 0), (QWEN3, 1, "fp32", 1, 0)]
 CASES += [(GQA, 1, "fp32", 1, 32), (GQA, 2, "fp32", 1, 32), (GPT, 2, "fp32", 2, 32)]
 """Tiled MLP (`tiling.mlp_chunk_tokens`): a tile's rebuilt intermediates and its gradients."""
 

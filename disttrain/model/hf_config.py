@@ -23,7 +23,7 @@ from planner.shapes import ModelShape
 FIELD = "model.hf"
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "mistral": "MistralForCausalLM"}
+            "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
 """Supported model_type -> architecture."""
 
 _DEFAULTS = {  # the HF config classes' defaults (transformers 4.57) for optional fields
@@ -32,6 +32,9 @@ _DEFAULTS = {  # the HF config classes' defaults (transformers 4.57) for optiona
     "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
               "tie_word_embeddings": False, "use_sliding_window": False,
               "sliding_window": 4096, "max_window_layers": 28},
+    "qwen3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "use_sliding_window": False,
+              "sliding_window": 4096, "max_window_layers": 28, "head_dim": 128},
     "mistral": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6,
                 "rope_theta": 10000.0, "tie_word_embeddings": False, "sliding_window": 4096},
 }
@@ -98,13 +101,16 @@ def shape_from_config(config: dict, *, seq_len: int) -> ModelShape:
         cfg["sliding_window"] = None
     _check_unsupported(family, cfg, seq_len)
     heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim")   # null or absent: hidden_size / num_attention_heads
     fields = dict(
         hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         ffn_hidden_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
         max_seq_len=cfg["max_position_embeddings"], rope_theta=float(cfg["rope_theta"]),
         norm_eps=float(cfg["rms_norm_eps"]), tie_embeddings=bool(cfg["tie_word_embeddings"]),
-        qkv_bias=family == "qwen2", **_rope_scaling_fields(cfg.get("rope_scaling")))
+        qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+        head_dim=None if head_dim is None else _positive_int(cfg, "head_dim"),
+        **_rope_scaling_fields(cfg.get("rope_scaling")))
     try:
         shape = ModelShape(**fields)
     except (TypeError, ValueError) as exc:
@@ -131,9 +137,6 @@ def _check_unsupported(family: str, cfg: dict, seq_len: int) -> None:
     if "quantization_config" in cfg:
         raise _err("config.json quantization_config: quantized checkpoints are not supported; "
                    "supported: unquantized fp32/bf16/fp16 weights")
-    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    if cfg.get("head_dim") not in (None, head_dim):
-        raise refuse("head_dim", f"hidden_size / num_attention_heads = {head_dim}")
     window = _sliding_window(family, cfg)
     if window is not None and window < seq_len:
         raise _err(f"config.json sliding_window = {window} is shorter than train.seq_len "
@@ -142,11 +145,20 @@ def _check_unsupported(family: str, cfg: dict, seq_len: int) -> None:
                    f"{window})")
 
 
+def _positive_int(cfg: dict, key: str) -> int:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _err(f"config.json {key} = {value!r} is not supported; supported: a positive "
+                   f"integer")
+    return value
+
+
 def _sliding_window(family: str, cfg: dict) -> int | None:
     """The attention window the HF model applies to some layer, or None."""
     if family == "mistral":
         return cfg.get("sliding_window")
-    if family == "qwen2" and cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+    if (family in ("qwen2", "qwen3") and cfg.get("use_sliding_window")
+            and cfg.get("sliding_window")):
         types = cfg.get("layer_types") or [
             "sliding_attention" if i >= cfg["max_window_layers"] else "full_attention"
             for i in range(cfg["num_hidden_layers"])]
@@ -192,10 +204,14 @@ def _check_seq_len(shape: ModelShape, seq_len: int) -> None:
 
 def config_from_shape(shape: ModelShape, base: dict | None = None) -> dict:
     """An HF config.json for `shape`: `base` (the source config) when the run came from one,
-    else a Llama config (Qwen2 when the shape has q/k/v biases)."""
+    else a Llama config (Qwen2 when the shape has q/k/v biases, Qwen3 with q/k norms; a
+    ValueError for both, which no supported family has)."""
     if base is not None:
         return dict(base)
-    family = "qwen2" if shape.qkv_bias else "llama"
+    if shape.qkv_bias and shape.qk_norm:
+        raise ValueError("model: q/k/v biases with q/k norms have no Hugging Face family "
+                         "(Qwen2 has the biases, Qwen3 the norms)")
+    family = "qwen3" if shape.qk_norm else "qwen2" if shape.qkv_bias else "llama"
     config = {
         "architectures": [FAMILIES[family]], "model_type": family,
         "hidden_size": shape.hidden_size, "intermediate_size": shape.ffn_hidden_size,
@@ -209,6 +225,8 @@ def config_from_shape(shape: ModelShape, base: dict | None = None) -> dict:
         config.update(attention_bias=False, mlp_bias=False)
     else:
         config.update(use_sliding_window=False, sliding_window=None)
+    if family == "qwen3":
+        config.update(attention_bias=False)
     if shape.rope_scaling == "llama3":
         config["rope_scaling"] = {
             "rope_type": "llama3", "factor": shape.rope_scaling_factor,
@@ -223,7 +241,8 @@ def config_from_shape(shape: ModelShape, base: dict | None = None) -> dict:
 def hf_names(shape: ModelShape) -> dict[str, str]:
     """{disttrain parameter name: HF tensor name} for every parameter of `build_model(shape)`.
     HF Llama-family checkpoints already hold q/k in the rotate-half layout disttrain's RoPE
-    uses, so no tensor is permuted; a tied model has no lm_head.weight."""
+    uses, so no tensor is permuted; a tied model has no lm_head.weight; Qwen3's q/k norms
+    are self_attn.{q,k}_norm.weight."""
     names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     if not shape.tie_embeddings:
         names["head.weight"] = "lm_head.weight"
@@ -235,6 +254,9 @@ def hf_names(shape: ModelShape) -> dict[str, str]:
             names[f"{ours}attn.{proj}_proj.weight"] = f"{theirs}self_attn.{proj}_proj.weight"
             if shape.qkv_bias and proj != "o":
                 names[f"{ours}attn.{proj}_proj.bias"] = f"{theirs}self_attn.{proj}_proj.bias"
+        if shape.qk_norm:
+            for proj in ("q", "k"):
+                names[f"{ours}attn.{proj}_norm.weight"] = f"{theirs}self_attn.{proj}_norm.weight"
         for proj in ("gate", "up", "down"):
             names[f"{ours}mlp.{proj}_proj.weight"] = f"{theirs}mlp.{proj}_proj.weight"
     return names
@@ -243,15 +265,16 @@ def hf_names(shape: ModelShape) -> dict[str, str]:
 def expected_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
     """{HF tensor name: its shape} for `shape`."""
     h, f, v, q, kv = (shape.hidden_size, shape.ffn_hidden_size, shape.vocab_size,
-                      shape.num_heads * shape.head_dim, shape.kv_dim)
+                      shape.q_dim, shape.kv_dim)
     by_suffix = {"embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "norm.weight": (h,),
                  "layernorm.weight": (h,), "q_proj.weight": (q, h), "k_proj.weight": (kv, h),
                  "v_proj.weight": (kv, h), "o_proj.weight": (h, q), "q_proj.bias": (q,),
-                 "k_proj.bias": (kv,), "v_proj.bias": (kv,), "gate_proj.weight": (f, h),
+                 "k_proj.bias": (kv,), "v_proj.bias": (kv,), "q_norm.weight": (shape.head_dim,),
+                 "k_norm.weight": (shape.head_dim,), "gate_proj.weight": (f, h),
                  "up_proj.weight": (f, h), "down_proj.weight": (h, f)}
     out = {}
     for name in hf_names(shape).values():
-        suffix = next(s for s in by_suffix if name.endswith(s))
+        suffix = max((s for s in by_suffix if name.endswith(s)), key=len)  # q_norm, not norm
         out[name] = by_suffix[suffix]
     return out
 

@@ -2,11 +2,11 @@
 `ModelShape.mlp` / `.positions` say). The model and nothing else.
 
 Shape legend: B batch, S sequence (local shard when sequence-parallel), H hidden,
-N query heads, K kv heads, D head dim, F ffn hidden, V vocab.
+N query heads, K kv heads, D head dim (H / N unless the shape sets it), F ffn hidden, V vocab.
 
 Each decoder layer is three addressable parts so memory policies can treat the three kinds
 of activation differently without touching this file:
-  `qkv(x)`            token-local: norm, projections, RoPE        (recomputable per token)
+  `qkv(x)`            token-local: norm, projections, [q/k norms,] RoPE (recomputable per token)
   `attention_core()`  the quadratic core; saves out + lse          (never recomputed)
   `post_attention()`  token-local: output projection, residuals, norm, MLP (SwiGLU or GeLU)
 `forward(x)` is exactly their composition.
@@ -92,6 +92,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, shape.num_kv_heads * d, bias=shape.qkv_bias)
         self.v_proj = nn.Linear(h, shape.num_kv_heads * d, bias=shape.qkv_bias)
         self.o_proj = nn.Linear(shape.num_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, shape.norm_eps) if shape.qk_norm else None
+        """Qwen3's RMSNorm over each head's d features of q (k_norm: of k), before RoPE."""
+        self.k_norm = RMSNorm(d, shape.norm_eps) if shape.qk_norm else None
 
 
 class MLP(nn.Module):
@@ -130,12 +133,15 @@ class DecoderLayer(nn.Module):
         """The attention core; sequence parallelism replaces it, the maths stays here."""
 
     def qkv(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Token-local: returns q_BNSD, k_BKSD, v_BKSD (RoPE applied when the shape has it)."""
+        """Token-local: returns q_BNSD, k_BKSD, v_BKSD (per-head q/k norms, then RoPE, when
+        the shape has them)."""
         a = self.attn
         b, s, _ = x_BSH.shape
         hn = self.attn_norm(x_BSH)
         q = a.q_proj(hn).view(b, s, a.num_heads, a.head_dim)
         k = a.k_proj(hn).view(b, s, a.num_kv_heads, a.head_dim)
+        if a.q_norm is not None:
+            q, k = a.q_norm(q), a.k_norm(k)
         if self.rotary:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = a.v_proj(hn).view(b, s, a.num_kv_heads, a.head_dim)

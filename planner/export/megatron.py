@@ -51,7 +51,7 @@ def _extra_qkv_bytes(shape: ModelShape, dtype: str) -> LayerAdjust:
     """Megatron's selective recompute keeps q, k, v (saved by the attention core; offloaded with
     it when `core_attn` is in offload_modules), which the plan's token-local recompute rebuilds
     from the layer input: count them with the attention output, which is kept or swapped alike."""
-    per_token = (shape.hidden_size + 2 * shape.kv_dim) * DTYPE_BYTES[dtype]
+    per_token = (shape.q_dim + 2 * shape.kv_dim) * DTYPE_BYTES[dtype]
 
     def adjust(index: int, lc: LayerCost) -> LayerCost:
         return dataclasses.replace(lc, attention_output_bytes=lc.attention_output_bytes + per_token * lc.tokens)
@@ -190,6 +190,8 @@ def build_sections(plan: Plan, alt: Alternative) -> dict[str, dict[str, Any]]:
         "gated_linear_unit": shape.mlp == "swiglu", "normalization": "RMSNorm",
         "layernorm_epsilon": shape.norm_eps,
         "add_bias_linear": False, "hidden_dropout": 0.0, "attention_dropout": 0.0}
+    if shape.qk_norm:   # Qwen3's per-head q/k norms (Megatron-Core's TransformerConfig field)
+        transformer["qk_layernorm"] = True
     if par.sp > 1:
         transformer["cp_comm_type"] = "a2a" if par.sp_kind == "ulysses" else "p2p"
     counts = _stage_counts(plan)

@@ -46,7 +46,7 @@ from disttrain.runtime_setup import (_apply_activations, _chunk_numel,  # noqa: 
 from disttrain.spec import Job, SpecError
 from disttrain.tiling import apply_mlp_tiling, chunked_lm_loss
 from offload import ActivationRuntime
-from offload.host_memory import memory_bound, return_freed_host_memory
+from offload.host_memory import keep_freed_host_memory, memory_bound, return_freed_host_memory
 from planner.plan import Plan
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -269,8 +269,11 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
     dims = ParallelDims(dp=par.dp, sp=par.sp, pp=par.pp, tp=par.tp, world_size=world)
     groups = build_groups(dims, rank)
     tr = job.spec.train
-    if not torch.cuda.is_available() and memory_bound(plan):  # host memory is the device
-        return_freed_host_memory()                                 # memory: give freed blocks back
+    if not torch.cuda.is_available():  # host memory is the device memory: give freed blocks
+        if memory_bound(plan):         # back when memory binds, else keep them for the next step
+            return_freed_host_memory()
+        else:
+            keep_freed_host_memory()
     torch.manual_seed(tr.seed)
     # fp32 on the rank's device: the model states make the bf16 compute copies
     model = build_model(job.shape, seed=tr.seed, device=device.torch_device)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from disttrain.model.llama import DecoderLayer, RMSNorm, rope_tables
 from disttrain.spec import Job
 from disttrain.tiling import chunked_lm_loss
+from offload.host_memory import keep_freed_host_memory
 from planner.profiler import TORCH_DTYPES, LayerProfile, profile_layer
 from planner.shapes import ModelShape
 
@@ -76,8 +77,9 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
     Timed the way the job's ranks run (`rank_conditions`: their torch threads, as many
     processes side by side as ranks share the cores) unless `threads` / `concurrent` say
     otherwise; with the head + loss and the clip + AdamW update over the job's chunk sizes.
-    Times are taken with glibc's default allocator, as a plan that keeps everything runs; a
-    memory-bound plan's fresh pages (`return_freed_host_memory`) are priced apart from the
+    Times are taken with the host allocator a plan that keeps everything runs with
+    (`keep_freed_host_memory`: freed blocks reused, none faulted afresh; this process and its
+    forked twins keep that setting); a memory-bound plan's fresh pages (`return_freed_host_memory`) are priced apart from the
     profile's page-fault cost and allocation sizes (`planner.page_faults`). With ranks side by
     side (`with_collectives`), blocking gloo collectives between them are timed too, as a step
     meets them after compute (`LayerProfile.collective_fits`).
@@ -102,6 +104,7 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
     head = None
     if with_head and 3 * 4 * shape.vocab_size * batch * max(lens) <= HEAD_PROFILE_MAX_BYTES:
         head = _Head(shape, job.spec.train.seed).to(TORCH_DTYPES[job.dtype])
+    keep_freed_host_memory()
     return profile_layer(layer, rope, shape.hidden_size, list(lens), job.dtype,
                          batch=batch, shape_dict=shape.to_dict(),
                          cache_dir=cache_dir, device="cpu", threads=threads,

@@ -12,8 +12,14 @@ the lowest peak with the most CPU time. 1 MiB keeps the large per-token tensors 
 logits tiles) out of the heap while small ones are still recycled: between a 64 KiB
 threshold (lower peak, more CPU per step) and no mmap at all (higher peak, less CPU).
 
-That price is only worth paying when memory binds (`memory_bound`): a plan that keeps every
-activation with room to spare runs with glibc's defaults.
+That price is only worth paying when memory binds (`memory_bound`). A plan that keeps every
+activation with room to spare does the opposite (`keep_freed_host_memory`): no block is
+mapped, none is trimmed, so every freed block stays in the heap for the next step, as the
+CUDA caching allocator keeps a GPU's. glibc's defaults would not: they map every block above
+32 MiB afresh (the dynamic threshold's ceiling on 64-bit; e.g. the fp32 logits of 1K tokens
+over a 8K vocabulary) and trim the heap's top whenever twice the threshold is free there,
+so a keep-all step faulted 25-130 MiB of pages (0.04-0.06 s of kernel time per step at 512
+tokens on bench/fidelity.py's model, unpriced and varying from run to run).
 """
 
 from __future__ import annotations
@@ -23,22 +29,45 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 DEFAULT_THRESHOLD_BYTES = 1 << 20
+DEFAULT_MMAP_MAX = 65536
+"""glibc's default cap on the number of mmap-served blocks (restored when blocks are mapped
+again after `keep_freed_host_memory` set it to 0)."""
+NEVER_TRIM_BYTES = 2**31 - 1
+"""The largest trim threshold `mallopt` takes (an int): the heap's top is never given back."""
 
 
-def return_freed_host_memory(threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> bool:
-    """Set glibc's mmap and trim thresholds to `threshold_bytes`; False where the C library
-    has no `mallopt` (not glibc), True when both were set."""
-    if threshold_bytes <= 0:
-        raise ValueError(f"threshold_bytes: must be positive, got {threshold_bytes}")
+def _mallopt():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        return False
+        return None
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes)) and bool(
-        mallopt(M_TRIM_THRESHOLD, threshold_bytes))
+    return mallopt
+
+
+def return_freed_host_memory(threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> bool:
+    """Set glibc's mmap and trim thresholds to `threshold_bytes` (and allow mapped blocks);
+    False where the C library has no `mallopt` (not glibc), True when all were set."""
+    if threshold_bytes <= 0:
+        raise ValueError(f"threshold_bytes: must be positive, got {threshold_bytes}")
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    return (bool(mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX))
+            and bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+            and bool(mallopt(M_TRIM_THRESHOLD, threshold_bytes)))
+
+
+def keep_freed_host_memory() -> bool:
+    """No block mapped, the heap never trimmed: freed blocks are reused by the next step
+    without faulting. False where the C library has no `mallopt`, True when both were set."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM_BYTES))
 
 
 def memory_bound(plan, headroom: float = 0.9) -> bool:

@@ -6,7 +6,8 @@ memory) runs with glibc's mmap and trim thresholds fixed at `MMAP_THRESHOLD_BYTE
 (offload/host_memory.py: `memory_bound`, `return_freed_host_memory`): every block of that
 size or more is mapped fresh and unmapped when freed, so each of its pages faults and is
 zeroed by the kernel at its first touch. A plan that keeps everything with room to spare
-runs with glibc's defaults, whose heap recycles the same blocks step after step.
+runs with no block mapped and the heap never trimmed (`keep_freed_host_memory`), so its heap
+recycles the same blocks step after step and faults none after the first.
 
 Measured on this 2-core machine (4K tokens, bench/peers.py's model, 2 ranks): the kernel
 time of a step went from 0.05-0.08 s (keep-all sp2) to 0.47-0.50 s (any memory-bound plan),

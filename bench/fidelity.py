@@ -59,8 +59,10 @@ POLICIES = {  # name: (device budget MiB, memory section)
 }
 STEP_TARGET = 0.15
 """Largest |error| of any row's step time after trials."""
-SWEEP_ROUNDS = 2
-"""Runs of each planner-choice configuration, alternating, pooled (step times are noisy)."""
+SWEEP_ROUNDS = 3
+"""Fresh runs of every configuration (grid rows, sweep, trials), in alternating rounds, their
+step times pooled: one run of a few steps varied 7-18% (sd) from the next on this shared
+machine, and a row is held to corrections from other runs."""
 SWEEP = {"dp2 z0": {"dp": 2, "sp": 1, "pp": 1, "zero_stage": 0},
          "dp2 z3": LAYOUTS["dp2 z3"],
          "sp2 ulysses z0": {"dp": 1, "sp": 2, "sp_kind": "ulysses", "pp": 1, "zero_stage": 0},
@@ -199,9 +201,9 @@ def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
+def measure(seq_lens: list[int], steps: int = 4, layouts: dict = LAYOUTS,
             policies: dict = POLICIES, sweep: dict = SWEEP, sweep_seq: int | None = None,
-            trial_k: int = TRIAL_K, memory_trial: bool = True) -> dict:
+            trial_k: int = TRIAL_K, memory_trial: bool = True, rounds: int = SWEEP_ROUNDS) -> dict:
     """Grid rows (predicted, measured, error per quantity; step time also after trials),
     the planner-choice check and the trial choice."""
     loads = [load_average()]
@@ -253,7 +255,7 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
     configs += [(f"memory trial {layout_key(p.parallel)}", mb_spec, p) for p in mb_plans]
     # every configuration in the same alternating rounds: the grid rows are then measured in
     # the same stretch of the machine's load as the trials whose corrections they are held to
-    measured = run_fresh(configs, configs)
+    measured = run_fresh(configs, configs, rounds)
     rows = []
     for name, (job, plan) in meta.items():
         pred = predicted(job, plan)
@@ -268,7 +270,7 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
     sweep_measure = SweepMeasure(
         {k: [list(r) for r in measured[n]["round step times"]] for k, n in name_of.items()},
         lambda plan, rounds: run_more((f"sweep trial {layout_key(plan.parallel)}", free_spec, plan),
-                                      rounds), SWEEP_ROUNDS)
+                                      rounds), rounds)
     outcome = bench_trials(free_spec, free_plan, profile, trial_k, sweep_measure)
     for key in sweep_measure.added:
         name_of[key] = f"sweep trial {key}"
@@ -290,7 +292,7 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
         from planner.trial import merge_corrections
 
         mb = memory_trials(mb_spec, mb_first, mb_plans, profile, measured, lambda name, plan, n:
-                           run_more((name, mb_spec, plan), n), SWEEP_ROUNDS)
+                           run_more((name, mb_spec, plan), n), rounds)
         choice["memory_trial_rows"] = {
             t.key: (describe_plan(t.plan), t.plan.prediction.step_time_s, t.step_s)
             for t in mb.trials if not t.failure}
@@ -306,7 +308,7 @@ def measure(seq_lens: list[int], steps: int = 3, layouts: dict = LAYOUTS,
             row["error_after"] = (row["after"] - row["measured"]) / row["measured"]
     choice.update(next_plan(free_spec, profile, corrections, by_key))
     loads.append(load_average())
-    return {"rows": rows, "choice": choice, "skipped": skipped, "loads": loads,
+    return {"rows": rows, "choice": choice, "skipped": skipped, "loads": loads, "rounds": rounds,
             "profile_load": profile.load_average}
 
 
@@ -322,6 +324,7 @@ def _after(r: dict) -> tuple[str, str]:
 
 def report(result: dict, steps: int) -> str:
     rows, choice = result["rows"], result["choice"]
+    rounds = result.get("rounds", SWEEP_ROUNDS)
     table = md_table(["config", "plan", "quantity", "predicted", "measured", "error",
                       "after trials", "error after trials"],
                      [[r["config"], r["plan"], r["quantity"], _fmt(r["quantity"], r["predicted"]),
@@ -342,8 +345,8 @@ def report(result: dict, steps: int) -> str:
     sweep = md_table(["layout", "measured median step s"],
                      [[n.removeprefix("sweep "), f"{t:.3f}"] for n, t in choice["times"].items()])
     sweep += ("\n\n(`trial ...` rows: layouts of the `--trial` runs below that the fixed sweep "
-              f"lacks: those of the family round measured in the same {SWEEP_ROUNDS} alternating "
-              f"rounds, those the refinement adds in {SWEEP_ROUNDS} fresh runs after them; the "
+              f"lacks: those of the family round measured in the same {rounds} alternating "
+              f"rounds, those the refinement adds in {rounds} fresh runs after them; the "
               f"noise rule's re-measurements pooled into their layouts' times.)")
     gaps = [g for g in (choice["gap"], choice["sweep_gap"]) if g is not None]
     verdict = "MET" if max(gaps) <= CHOICE_TARGET else "NOT MET"  # both readings within 5%
@@ -353,7 +356,7 @@ def report(result: dict, steps: int) -> str:
                  f"{loads[-1]:.2f} (2 cores; shared machine: step times follow the load)."
                  if len(loads) >= 2 else "")
     return (f"## Planner fidelity\n\n`bench/fidelity.py`: the model of the peers section, 2 gloo "
-            f"ranks, {steps} steps per run, {SWEEP_ROUNDS} fresh runs of every configuration in "
+            f"ranks, {steps} steps per run, {rounds} fresh runs of every configuration in "
             f"alternating rounds (median of steps 2..{steps} of both, pooled); predictions "
             f"from `plan_job` with a CPU layer profile taken at the start of the run. "
             f"Activations: saved bytes resident per microbatch summed over layers (the "
@@ -377,7 +380,7 @@ def report(result: dict, steps: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--trial-k", type=int, default=TRIAL_K, help="plans --trial runs")
     parser.add_argument("--no-docs", action="store_true", help="print only")
     parser.add_argument("--json", type=Path, default=None,

@@ -152,13 +152,18 @@ def test_gpt_block_policy_matches_plain_pytorch(policy, tile, cpp_engine, tmp_pa
     """GPT's block (GeLU MLP, learned positions: the layers ignore the RoPE tables) under
     token-wise recompute (rebuilt in tiles of `tile` tokens) and swap trains exactly like the
     plain GPT model."""
-    plans = POLICIES[policy]
-    model = build_model(GPT, seed=0)
-    with apply_activation_policy(model, plans, stores=make_stores(cpp_engine, tmp_path),
+    history = train_under_policy(GPT, policy, tile, cpp_engine, tmp_path)
+    assert_matches(history, train(build_model(GPT, seed=0), GPT))
+
+
+def train_under_policy(shape, policy, tile, cpp_engine, tmp_path):
+    """`train`'s history of `shape`'s model under POLICIES[policy], rebuilt in `tile`-token
+    tiles."""
+    model = build_model(shape, seed=0)
+    with apply_activation_policy(model, POLICIES[policy], stores=make_stores(cpp_engine, tmp_path),
                                  config=ActivationRuntimeConfig(rebuild_tile_tokens=tile)
                                  ) as runtime:
-        history = train(model, GPT, runtime=runtime)
-    assert_matches(history, train(build_model(GPT, seed=0), GPT))
+        return train(model, shape, runtime=runtime)
 
 
 QWEN3 = TINY.replace(head_dim=48, qk_norm=True)
@@ -171,12 +176,7 @@ def test_qwen3_block_policy_matches_plain_pytorch_and_swaps_the_planned_bytes(
     """Token-wise recompute (in tiles) and swap of a layer with q/k norms and a q wider than
     hidden train exactly like the plain model; a fully swapped layer moves the planner's
     token-local bytes (the q/k norms' saves included)."""
-    plans = POLICIES[policy]
-    model = build_model(QWEN3, seed=0)
-    with apply_activation_policy(model, plans, stores=make_stores(cpp_engine, tmp_path),
-                                 config=ActivationRuntimeConfig(rebuild_tile_tokens=tile)
-                                 ) as runtime:
-        history = train(model, QWEN3, runtime=runtime)
+    history = train_under_policy(QWEN3, policy, tile, cpp_engine, tmp_path)
     assert_matches(history, train(build_model(QWEN3, seed=0), QWEN3))
     if policy == "mixed":   # layer 0: every token swapped to the CPU store, attention output too
         per_token = layer_saved_bytes_per_token(QWEN3, "fp32")

@@ -109,9 +109,6 @@ BAD = {  # name: (family, config edit, spec changes, message)
                          r"^model.hf: config.json head_dim = 24.5 is not supported"),
     "qwen3-bias": ("qwen3", dict(attention_bias=True), {},
                    r"^model.hf: config.json attention_bias = True is not supported"),
-    "qwen3-tp": ("qwen3", {}, {"parallel": {"tp": 2}, "cluster": {"devices_per_node": 2}},
-                 r"^parallel.tp: model.qk_norm \(Qwen3's per-head q/k norms\) does not run "
-                 r"under tensor parallelism, got tp 2"),
     "heads-for-tp": ("mistral", {}, {"parallel": {"tp": 8}, "cluster": {"devices_per_node": 8}},
                      r"^parallel.tp: model.num_heads \(4\) must be divisible by tp, got 8$"),
 }

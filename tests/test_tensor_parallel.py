@@ -13,11 +13,13 @@ from disttrain.engine import lm_loss
 from disttrain.model import build_model
 from disttrain.parallel.dims import ParallelDims, build_groups
 from disttrain.parallel.spawn import spawn_ranks
-from disttrain.parallel.tensor import apply_tensor_parallel, gather_full_parameters
+from disttrain.parallel.tensor import (apply_tensor_parallel, gather_full_parameters,
+                                       tp_replicated_names)
+from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import tensor_parallel_error
 from disttrain.tiling import apply_mlp_tiling
 from lm_batches import random_batch
-from planner.tp_collectives import tp_step_bytes
+from planner.tp_collectives import tp_replicated_grad_bytes, tp_step_bytes
 from planner.grid import tp_problem
 from planner.shapes import MODEL_PRESETS, ModelShape
 
@@ -29,6 +31,8 @@ GPT = SHAPE.replace(mlp="gelu", positions="learned", ffn_hidden_size=128, vocab_
 WIDE_HEADS = SHAPE.replace(head_dim=12)
 """head_dim given (as Qwen3-32B's, Mistral-NeMo's): q and the attention output are
 4 x 12 = 48 wide against hidden 32, so q/o shard 24 columns per rank, not 16."""
+QWEN3 = WIDE_HEADS.replace(qk_norm=True)
+"""Qwen3's block: per-head q/k RMSNorm weights of head_dim (12), replicated over tp."""
 
 
 def _loss_and_grads(model, tokens, targets, loss_chunk_tokens=0):
@@ -81,6 +85,59 @@ def test_tp2_matches_single_process_loss_and_gradients(shape, loss_chunk, mlp_ch
                                                    recomputed_mlp=bool(mlp_chunk))
 
 
+def _qwen3_zero_worker(rank, world):
+    """Per ZeRO stage: two microbatches' backward into the states, the step's gradients (the
+    shard is the whole chunk: no dp group), the norm over tp, the tp bytes sent."""
+    groups = build_groups(ParallelDims(tp=world, world_size=world), rank)
+    tokens, targets = random_batch(QWEN3.vocab_size, seed=5, seq_len=16, batch=2)
+    results = []
+    for stage, cpu_chunks in ((1, ()), (3, (1,))):
+        model = build_model(QWEN3, seed=3)
+        tp = apply_tensor_parallel(model, groups.tp)
+        shared = tp_replicated_names(model)
+        assert len(shared) == 2 * QWEN3.num_layers
+        states = ZeroModelStates(model, ZeroConfig(stage=stage, cpu_chunks=cpu_chunks),
+                                 extra_norm_group=groups.tp, tp_replicated=(tp, [
+                                     p for n, p in model.named_parameters() if n in shared]))
+        states.begin_step(1e-3, num_microbatches=2)   # stage 3: final shards reduced early
+        loss = 0.0
+        for i in range(2):
+            part = lm_loss(model, tokens[i:i + 1], targets[i:i + 1]) / 2
+            part.backward()
+            loss += part.item()
+        states.finish_backward()
+        norm = states.clip_grad_norm(0.0)
+        grads = {s.name: c.grad[s.offset:s.offset + s.numel].view(s.param.shape).clone()
+                 for c in states.chunks for s in c.layout.slots}
+        results.append((stage, loss, gather_full_parameters(grads, tp), norm,
+                        tp.reset_comm_bytes()))
+        states.step(1e-3)
+    return results
+
+
+@pytest.mark.slow
+def test_tp2_qwen3_sums_the_replicated_qk_norm_gradients_once_per_step():
+    # Qwen3's q/k norm weights are whole on each tp rank, each rank's backward gives their
+    # gradient from its own heads: ZeRO sums them over tp once per step (stage 1: the full
+    # gradient, stage 3: the shard, reduced during the last microbatch's backward, a CPU
+    # chunk among them); loss, every gradient and the norm are plain PyTorch's, the tp bytes
+    # the planner's (two microbatches of the tp collectives + the per-step all-reduce)
+    ref = build_model(QWEN3, seed=3)
+    tokens, targets = random_batch(QWEN3.vocab_size, seed=5, seq_len=16, batch=2)
+    ref_loss, ref_grads = _loss_and_grads(ref, tokens, targets)
+    ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()
+    planned = (2 * tp_step_bytes(QWEN3, "fp32", 16, 2)
+               + tp_replicated_grad_bytes(QWEN3, 2, QWEN3.num_layers))
+    for stage, loss, grads, norm, comm in [r for rank in spawn_ranks(_qwen3_zero_worker, 2)
+                                           for r in rank]:
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6,
+                                       msg=f"{name} (ZeRO-{stage})")
+        assert norm == pytest.approx(ref_norm, rel=1e-6)
+        assert sum(comm.values()) == planned
+
+
 def test_tensor_parallel_divisibility_errors_name_the_field():
     assert tensor_parallel_error(SHAPE, 2) is None
     assert tensor_parallel_error(SHAPE, 4) == "model.num_kv_heads (2) must be divisible by tp, got 4"
@@ -89,8 +146,7 @@ def test_tensor_parallel_divisibility_errors_name_the_field():
     odd_ffn = ModelShape(**{**SHAPE.__dict__, "ffn_hidden_size": 47})
     assert tensor_parallel_error(odd_ffn, 2).startswith("model.ffn_hidden_size (47)")
     assert tensor_parallel_error(WIDE_HEADS, 2) is None      # 4 heads x 12: 2 heads a rank
-    assert tensor_parallel_error(SHAPE.replace(qk_norm=True), 1) is None
-    assert tensor_parallel_error(SHAPE.replace(qk_norm=True), 2).startswith("model.qk_norm")
+    assert tensor_parallel_error(QWEN3, 2) is None           # q/k norms replicated over tp
 
 
 def test_planner_offers_exactly_the_tp_degrees_the_runtime_accepts():

@@ -14,7 +14,7 @@ from disttrain.model import build_model
 from disttrain.parallel.dims import ParallelDims, build_groups
 from disttrain.parallel.spawn import spawn_ranks
 from disttrain.parallel.tensor import (apply_tensor_parallel, gather_full_parameters,
-                                       tp_replicated_names)
+                                       tp_replicated_names, tp_shard_dim)
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import tensor_parallel_error
 from disttrain.tiling import apply_mlp_tiling
@@ -147,6 +147,30 @@ def test_tensor_parallel_divisibility_errors_name_the_field():
     assert tensor_parallel_error(odd_ffn, 2).startswith("model.ffn_hidden_size (47)")
     assert tensor_parallel_error(WIDE_HEADS, 2) is None      # 4 heads x 12: 2 heads a rank
     assert tensor_parallel_error(QWEN3, 2) is None           # q/k norms replicated over tp
+
+
+def test_planner_layer_per_tp_rank_is_the_layer_a_runtime_tp_rank_holds():
+    # the planner's per-rank layer (its ZeRO-3 chunk, its states) is what apply_tensor_parallel
+    # leaves on a rank: every weight split over tp but Qwen3's q/k norm weights, held whole
+    for shape in (SHAPE, GPT, WIDE_HEADS, QWEN3):
+        layer = build_model(shape, seed=0).layers[0]
+        for tp in (1, 2):
+            held = sum(p.numel() // (1 if tp_shard_dim(name) is None else tp)
+                       for name, p in layer.named_parameters())
+            assert shape.layer_params_per_tp_rank(tp) == held, (shape, tp)
+
+
+def test_qwen3_32b_plans_with_tp_in_a_node_its_chunk_the_layer_a_rank_holds():
+    # Megatron's / torchtitan's layout for Qwen3-32B on one node: tp 8; each rank's ZeRO-3
+    # chunk is its 1/8 of the layer plus the whole q/k norm weights (2 x 128)
+    from planner.hardware import CLUSTER_PRESETS
+    from planner.request import PlanRequest
+    from planner.search import plan_job
+    big = MODEL_PRESETS["qwen3-32b"]
+    plan = plan_job(PlanRequest(model=big, hardware=CLUSTER_PRESETS["8xh100-80g"], dtype="bf16",
+                                seq_len=8192, global_batch_size=64, tp=8))
+    assert plan.feasible and plan.parallel.tp == 8 and plan.parallel.zero_stage == 3
+    assert plan.model_states.chunk_size_bytes == 2 * ((big.layer_params() - 256) // 8 + 256)
 
 
 def test_planner_offers_exactly_the_tp_degrees_the_runtime_accepts():

@@ -106,8 +106,9 @@ class TpReplicatedGrads:
     on this rank's gradient shard, when the chunk's shard is final (after its dp x sp
     reduction: the sums commute) and before its update and the norm: one fp32 all-reduce per
     chunk that holds such elements. Megatron-core does the same for its sequence-parallel and
-    qk-layernorm weights (one all-reduce over tp of their gradients per step, in
-    `finalize_model_grads`); the norm counts them once (tp rank 0), as Megatron's does."""
+    qk-layernorm weights (one all-reduce over tp of their gradients per step, after the
+    data-parallel reduction, in `finalize_model_grads`); the norm counts them once (tp rank
+    0), as Megatron's does (docs/design.md, "Replicated q/k norm weights")."""
 
     def __init__(self, tp, params, chunks: list[ChunkShards], shard_rank: int):
         self.tp = tp

@@ -86,10 +86,11 @@ def test_tp2_matches_single_process_loss_and_gradients(shape, loss_chunk, mlp_ch
 
 
 def _qwen3_zero_worker(rank, world):
-    """Per ZeRO stage: two microbatches' backward into the states, the step's gradients (the
-    shard is the whole chunk: no dp group), the norm over tp, the tp bytes sent."""
-    groups = build_groups(ParallelDims(tp=world, world_size=world), rank)
-    tokens, targets = random_batch(QWEN3.vocab_size, seed=5, seq_len=16, batch=2)
+    """tp2 x dp2, per ZeRO stage: this dp rank's two microbatches (sequences 2d, 2d + 1)
+    backward into the states; the step's gradients gathered over dp and tp, the norm, the
+    mean loss of this rank's sequences, the tp bytes sent."""
+    groups = build_groups(ParallelDims(tp=2, dp=2, world_size=world), rank)
+    tokens, targets = random_batch(QWEN3.vocab_size, seed=5, seq_len=16, batch=4)
     results = []
     for stage, cpu_chunks in ((1, ()), (3, (1,))):
         model = build_model(QWEN3, seed=3)
@@ -97,18 +98,23 @@ def _qwen3_zero_worker(rank, world):
         shared = tp_replicated_names(model)
         assert len(shared) == 2 * QWEN3.num_layers
         states = ZeroModelStates(model, ZeroConfig(stage=stage, cpu_chunks=cpu_chunks),
-                                 extra_norm_group=groups.tp, tp_replicated=(tp, [
-                                     p for n, p in model.named_parameters() if n in shared]))
+                                 group=groups.dp_sp, extra_norm_group=groups.pp_tp,
+                                 tp_replicated=(tp, [p for n, p in model.named_parameters()
+                                                     if n in shared]))
         states.begin_step(1e-3, num_microbatches=2)   # stage 3: final shards reduced early
         loss = 0.0
-        for i in range(2):
+        for i in (2 * groups.dp_rank, 2 * groups.dp_rank + 1):
             part = lm_loss(model, tokens[i:i + 1], targets[i:i + 1]) / 2
             part.backward()
             loss += part.item()
         states.finish_backward()
         norm = states.clip_grad_norm(0.0)
-        grads = {s.name: c.grad[s.offset:s.offset + s.numel].view(s.param.shape).clone()
-                 for c in states.chunks for s in c.layout.slots}
+        grads = {}
+        for chunk in states.chunks:
+            flat = torch.empty(chunk.grad.numel() * 2)
+            torch.distributed.all_gather_single(flat, chunk.grad.contiguous(), group=groups.dp_sp)
+            grads.update({s.name: flat[s.offset:s.offset + s.numel].view(s.param.shape)
+                          for s in chunk.layout.slots})
         results.append((stage, loss, gather_full_parameters(grads, tp), norm,
                         tp.reset_comm_bytes()))
         states.step(1e-3)
@@ -116,37 +122,30 @@ def _qwen3_zero_worker(rank, world):
 
 
 @pytest.mark.slow
-def test_tp2_qwen3_sums_the_replicated_qk_norm_gradients_once_per_step():
+def test_tp2_dp2_qwen3_sums_the_replicated_qk_norm_gradients_once_per_step():
     # Qwen3's q/k norm weights are whole on each tp rank, each rank's backward gives their
-    # gradient from its own heads: ZeRO sums them over tp once per step (stage 1: the full
-    # gradient, stage 3: the shard, reduced during the last microbatch's backward, a CPU
-    # chunk among them); loss, every gradient and the norm are plain PyTorch's, the tp bytes
-    # the planner's (two microbatches of the tp collectives + the per-step all-reduce)
+    # gradient from its own heads: ZeRO sums them over tp once per step on the dp-reduced
+    # gradient shard (stage 1: reduced at the step's end; stage 3: during the last
+    # microbatch's backward, a CPU chunk among them); loss, every gradient and the norm are
+    # plain PyTorch's, the tp bytes the planner's (two microbatches of the tp collectives on
+    # each rank + the per-step all-reduce, whose shares of the dp shards add up to its mean)
     ref = build_model(QWEN3, seed=3)
-    tokens, targets = random_batch(QWEN3.vocab_size, seed=5, seq_len=16, batch=2)
+    tokens, targets = random_batch(QWEN3.vocab_size, seed=5, seq_len=16, batch=4)
     ref_loss, ref_grads = _loss_and_grads(ref, tokens, targets)
     ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()
-    planned = (2 * tp_step_bytes(QWEN3, "fp32", 16, 2)
-               + tp_replicated_grad_bytes(QWEN3, 2, QWEN3.num_layers))
-    for stage, loss, grads, norm, comm in [r for rank in spawn_ranks(_qwen3_zero_worker, 2)
-                                           for r in rank]:
-        assert loss == pytest.approx(ref_loss, rel=1e-6)
-        for name, g in ref_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6,
-                                       msg=f"{name} (ZeRO-{stage})")
-        assert norm == pytest.approx(ref_norm, rel=1e-6)
-        assert sum(comm.values()) == planned
-
-
-def test_tensor_parallel_divisibility_errors_name_the_field():
-    assert tensor_parallel_error(SHAPE, 2) is None
-    assert tensor_parallel_error(SHAPE, 4) == "model.num_kv_heads (2) must be divisible by tp, got 4"
-    odd_vocab = ModelShape(**{**SHAPE.__dict__, "vocab_size": 63})
-    assert tensor_parallel_error(odd_vocab, 2) is None          # padded to 64 rows
-    odd_ffn = ModelShape(**{**SHAPE.__dict__, "ffn_hidden_size": 47})
-    assert tensor_parallel_error(odd_ffn, 2).startswith("model.ffn_hidden_size (47)")
-    assert tensor_parallel_error(WIDE_HEADS, 2) is None      # 4 heads x 12: 2 heads a rank
-    assert tensor_parallel_error(QWEN3, 2) is None           # q/k norms replicated over tp
+    per_rank = 2 * tp_step_bytes(QWEN3, "fp32", 16, 2)
+    ranks = spawn_ranks(_qwen3_zero_worker, 4)
+    for index, stage in enumerate((1, 3)):
+        runs = [rank[index] for rank in ranks]
+        assert sum(r[1] for r in runs) / 4 == pytest.approx(ref_loss, rel=1e-6)  # mean over dp
+        for _, _, grads, norm, _ in runs:
+            for name, g in ref_grads.items():
+                torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6,
+                                           msg=f"{name} (ZeRO-{stage})")
+            assert norm == pytest.approx(ref_norm, rel=1e-6)
+        assert all(sum(r[4].values()) >= per_rank for r in runs)
+        assert sum(sum(r[4].values()) - per_rank for r in runs) == 4 * tp_replicated_grad_bytes(
+            QWEN3, 2, QWEN3.num_layers, zero_stage=stage, shard_group=2)
 
 
 def test_planner_layer_per_tp_rank_is_the_layer_a_runtime_tp_rank_holds():

@@ -24,9 +24,9 @@ all-reduce of one fp32 per token (forward and backward).
 Every parameter is a true shard (norm weights included) except Qwen3's per-head q/k norm
 weights (`ModelShape.qk_norm`): one head_dim weight that every head, so every tp rank, uses.
 Those are replicated over tp (`TP_REPLICATED`); each rank's backward gives the gradient from
-its own heads, and ZeRO sums them over the tp group once per step (zero.py, `TpReplicated`),
-as Megatron-core all-reduces its sequence-parallel and qk-layernorm weights' gradients over
-tp once per step. ZeRO shards each rank's local parameters over dp x sp unchanged. The
+its own heads, and ZeRO sums them over the tp group once per step (grad_reduce.py,
+`TpReplicatedGrads`), as Megatron-core all-reduces its sequence-parallel and qk-layernorm
+weights' gradients over tp once per step. ZeRO shards each rank's local parameters over dp x sp unchanged. The
 parameters keep their names; `TP_SHARD_DIM` says along which dim each is split (checkpoints
 store full shapes; a replicated one once, the same on every tp rank).
 Collectives run on the tp process group (NCCL on GPUs, gloo on CPU): nothing here is device

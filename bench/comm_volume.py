@@ -30,7 +30,7 @@ from planner.collectives import step_collective_calls  # noqa: E402
 from planner.costmodel import (Candidate, model_state_bytes, ring_p2p_backward_bytes,  # noqa: E402
                                ring_p2p_bytes, ulysses_alltoall_bytes, zero_step_bytes)
 from planner.plan import ParallelPlan, Plan  # noqa: E402
-from planner.tp_collectives import tp_step_bytes  # noqa: E402
+from planner.tp_collectives import tp_replicated_grad_bytes, tp_step_bytes  # noqa: E402
 
 SEQ, MICRO, GLOBAL = 64, 1, 4
 LAYOUTS = {  # name: (dp, sp, sp_kind, pp, zero_stage[, tp[, tp_overlap_chunks[, gather overlap]]])
@@ -84,8 +84,9 @@ def predicted(job, dp, sp, sp_kind, pp, zero, tp=1, tp_chunks=1, gather_overlap=
     shape, micro = job.shape, GLOBAL // (MICRO * dp)
     tokens = MICRO * SEQ // sp
     comm: dict[str, float | None] = {}
-    if tp > 1:
-        comm["tp"] = planner_tp_bytes(shape, "fp32", tokens, tp, micro)
+    if tp > 1:   # + Qwen3's q/k norm gradients summed over tp once a step (0 without them)
+        comm["tp"] = planner_tp_bytes(shape, "fp32", tokens, tp, micro) + tp_replicated_grad_bytes(
+            shape, tp, shape.num_layers, zero_stage=zero, shard_group=dp * sp)
     if sp > 1 and sp_kind == "ulysses":
         comm["sp_all_to_all"] = micro * shape.num_layers * 3 * ulysses_alltoall_bytes(
             shape, "fp32", tokens, sp)
@@ -96,7 +97,8 @@ def predicted(job, dp, sp, sp_kind, pp, zero, tp=1, tp_chunks=1, gather_overlap=
     if pp > 1:  # stage 0 sends activations, stage 1 their gradients: the same bytes
         comm["pp_sent"] = micro * tokens * shape.hidden_size * 4
     group = dp * sp
-    params = shape.num_params() // tp if pp == 1 else None  # tp splits every parameter
+    params = (shape.num_params() - shape.num_layers * shape.tp_replicated_layer_params) // tp \
+        + shape.num_layers * shape.tp_replicated_layer_params if pp == 1 else None  # per tp rank
     if group > 1 and params is not None:
         resident = shape.embedding_params()  # embedding + final norm + head
         per_mb, per_step = zero_step_bytes(params, "fp32", zero, group, micro,

@@ -39,7 +39,8 @@ from disttrain.parallel.pipeline import PipelineConfig, PipelineRunner
 from disttrain.parallel.sequence import apply_sequence_parallel, sequence_positions, shard_sequence
 from disttrain.parallel.sp_core import SequenceParallelCore
 from disttrain.parallel.tensor import (TensorParallel, apply_tensor_parallel,
-                                       tp_checkpoint_state, vocab_parallel_lm_loss)
+                                       tp_checkpoint_state, tp_replicated_names,
+                                       vocab_parallel_lm_loss)
 from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.runtime_setup import (_apply_activations, _chunk_numel,  # noqa: F401
                                      _first_chunk_ids, _local_cpu_chunks, store_budgets)
@@ -336,8 +337,10 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
                             if compute_dtype != torch.float32 else torch.float32,
                             prefetch=0 if plan.model_states.num_prefetch_buffers == 1 else 1,
                             overlap_param_gather=par.overlap_param_gather)
+        replicated = ((tp, [p for n, p in model.named_parameters()
+                            if n in tp_replicated_names(model)]) if tp is not None else None)
         states = ZeroModelStates(model, config, group=groups.dp_sp,  # norm spans pp and tp
-                                 extra_norm_group=groups.pp_tp)
+                                 extra_norm_group=groups.pp_tp, tp_replicated=replicated)
     # the plan's batch sizes (micro_batch_size: the planner's choice under auto)
     accum = plan.global_batch_size // (plan.micro_batch_size * par.dp)
     if pipeline is not None and accum != par.num_microbatches:

@@ -14,11 +14,8 @@ def tensor_parallel_error(shape: ModelShape, tp: int) -> str | None:
     """Why `shape` cannot be split over `tp` tensor-parallel ranks (None when it can): heads,
     kv heads, ffn and hidden features are each divided among the tp ranks; the vocabulary is
     padded to a multiple of tp (`disttrain.parallel.tensor.padded_vocab_size`). Qwen3's q/k
-    norms (one head_dim weight shared by all heads, so by every tp rank) do not run under
-    tensor parallelism: every parameter there is a true shard."""
-    if tp > 1 and shape.qk_norm:
-        return (f"model.qk_norm (Qwen3's per-head q/k norms) does not run under tensor "
-                f"parallelism, got tp {tp}; use tp 1 (dp, sp, pp and ZeRO all apply)")
+    norm weights (one head_dim weight every head uses) are replicated over tp, their
+    gradients summed over it (`disttrain.parallel.grad_reduce.TpReplicatedGrads`)."""
     for name in ("num_heads", "num_kv_heads", "ffn_hidden_size", "hidden_size"):
         if getattr(shape, name) % tp:
             return f"model.{name} ({getattr(shape, name)}) must be divisible by tp, got {tp}"

@@ -264,7 +264,7 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
     usable = hw.device_memory_bytes * (1 - params.fragmentation) - reserved
     usable -= max(4096.0, 1e-6 * usable)  # the solver's feasibility tolerance (~1e-7 GiB)
     per_rank = hw.devices_per_node
-    layer_params = shape.layer_params() / tp
+    layer_params = shape.layer_params_per_tp_rank(tp)
     # as the runtime holds them: compute parameters in the dtype, fp32 gradients, the optimizer
     per_param_states = b + DTYPE_BYTES["fp32"] + optimizer_bytes_per_param(dtype)
     host = host_budget_per_rank(hw, params)
@@ -272,7 +272,8 @@ def build_stages(request: PlanRequest, cand: Candidate, params: CostParams, per_
     family = device_family(hw.device_name)
     for stage, (start, end) in enumerate(stage_layer_ranges(shape.num_layers, cand.pp)):
         count, last = end - start, stage == cand.pp - 1
-        total_params = stage_params(shape, cand.pp, stage) / tp
+        total_params = (stage_params(shape, cand.pp, stage) / tp    # q/k norms: whole on each
+                        + count * (layer_params - shape.layer_params() / tp))
         chunked = cand.zero_stage == 3
         num_chunks = count if chunked else 0
         # ZeRO-3: the embedding / final norm + head states are chunks too (planner.outer)

@@ -254,6 +254,11 @@ def comm_times(shape: ModelShape, dtype: str, hw: HardwareSpec, cand: Candidate,
         backward_s=backward, backward_resident_params=backward_resident_params, param_bytes=b,
         grad_bytes=DTYPE_BYTES[grad_reduce_dtype], overlap=overlap,
         gather_overlap=param_gather_overlap(hw, overlap_param_gather), gathered_once=once)
+    if tp > 1 and shape.qk_norm:     # q/k norm gradients summed over tp, once a step
+        from planner.tp_collectives import tp_replicated_grad_bytes, tp_replicated_grad_calls
+        per_step += _seconds(hw, params, "all_reduce", tp_replicated_grad_bytes(
+            shape, tp, stage_layers, zero_stage=cand.zero_stage, shard_group=cand.shard_group),
+            tp, 1, tp_replicated_grad_calls(shape, tp, stage_layers))
     shard_calls, pp_tp_calls = step_sync_calls(cand)
     per_step += (_seconds(hw, params, "all_reduce", shard_calls * 8.0, cand.shard_group, tp, shard_calls)
                  + (pp_tp_calls * call_latency(hw, params.gpu_collective_latency_s, "all_reduce")))
@@ -352,7 +357,8 @@ def step_collective_calls(shape: ModelShape, cand: Candidate, *, stage_layers: i
     all-reduces, a token-wise rebuild of `rebuilt_layers` layers rerunning the forward ones;
     on the last stage the embedding's and head's, the final norm's and the loss's per tile)."""
     from planner.tp_collectives import (TP_COLLECTIVES, TP_HEAD_COLLECTIVES,
-                                        TP_LOSS_ALL_REDUCES, TP_NORM_ALL_REDUCES)
+                                        TP_LOSS_ALL_REDUCES, TP_NORM_ALL_REDUCES,
+                                        tp_replicated_grad_calls)
     m, calls = num_microbatches, {}
 
     def add(kind: str, n: int) -> None:
@@ -376,5 +382,6 @@ def step_collective_calls(shape: ModelShape, cand: Candidate, *, stage_layers: i
             add(kind, m * (stage_layers * per_layer + rebuilt_layers * TP_COLLECTIVES["forward"][kind]
                            + (TP_HEAD_COLLECTIVES[kind] if last_stage else 0)))
         add("all_reduce", m * TP_NORM_ALL_REDUCES * (2 * stage_layers + rebuilt_layers)
-            + (m * (2 + TP_LOSS_ALL_REDUCES * loss_tiles) if last_stage else 0))
+            + (m * (2 + TP_LOSS_ALL_REDUCES * loss_tiles) if last_stage else 0)
+            + tp_replicated_grad_calls(shape, cand.tp, stage_layers))
     return calls

@@ -62,9 +62,6 @@ def tp_problem(shape, tp: int, devices_per_node: int) -> str:
     what the runtime refuses otherwise."""
     if tp > devices_per_node:
         return f"tp={tp} > {devices_per_node} devices per node (a TP group stays in a node)"
-    if tp > 1 and shape.qk_norm:
-        return (f"tp={tp}: Qwen3's per-head q/k norms (qk_norm) do not run under tensor "
-                f"parallelism (`disttrain.spec.tensor_parallel_error`)")
     for name in TP_DIVIDED:
         if getattr(shape, name) % tp:
             return (f"tp={tp} does not divide {name} ({getattr(shape, name)}): the runtime "

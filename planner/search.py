@@ -307,8 +307,9 @@ def plan_job(request: PlanRequest, profile=None, *, params: CostParams | None = 
     b = DTYPE_BYTES[request.dtype]
     chunked = cand.zero_stage == 3
     states = ModelStatePlan(
-        # one decoder layer as this rank holds it (its 1/tp shard under tensor parallelism)
-        chunk_size_bytes=shape.layer_params() // cand.tp * b if chunked else 0,
+        # one decoder layer as this rank holds it (its 1/tp shard under tensor parallelism,
+        # the q/k norm weights whole)
+        chunk_size_bytes=int(shape.layer_params_per_tp_rank(cand.tp)) * b if chunked else 0,
         num_chunks=shape.num_layers if chunked else 0,
         num_persistent_chunks=(shape.num_layers - len(cpu_chunks)) if chunked else 0,
         num_prefetch_buffers=max(s.num_prefetch_buffers for s in best.solutions),

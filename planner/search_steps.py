@@ -25,7 +25,7 @@ def _unchunked_states_bytes(request: PlanRequest, cand: Candidate) -> float:
     if cand.zero_stage == 3:
         return 0.0
     shape = request.model
-    lightest = (shape.num_layers // cand.pp) * shape.layer_params() / cand.tp
+    lightest = (shape.num_layers // cand.pp) * shape.layer_params_per_tp_rank(cand.tp)
     return sum(model_state_bytes(lightest, request.dtype, cand.zero_stage, cand.shard_group).values())
 
 

@@ -149,6 +149,17 @@ class ModelShape:
         mlp = self.mlp_matrices * h * self.ffn_hidden_size
         return attn + mlp + 2 * h
 
+    @property
+    def tp_replicated_layer_params(self) -> int:
+        """Parameters of one decoder layer every tensor-parallel rank holds whole: Qwen3's q and
+        k norm weights (head_dim each); the others are split over tp."""
+        return 2 * self.head_dim if self.qk_norm else 0
+
+    def layer_params_per_tp_rank(self, tp: int) -> float:
+        """One decoder layer's parameters one of `tp` tensor-parallel ranks holds."""
+        shared = self.tp_replicated_layer_params
+        return (self.layer_params() - shared) / tp + shared
+
     def input_embedding_params(self) -> int:
         """Token embedding plus, with learned positions, the max_seq_len x hidden table: what
         the first pipeline stage holds before its layers."""

@@ -173,3 +173,21 @@ def tp_step_bytes(shape: ModelShape, dtype: str, tokens: int, tp: int, *,
     rerun = recomputed_layer_tokens * (forward_units * shape.hidden_size * DTYPE_BYTES[dtype]
                                        + 2 * 2 * 4) * (tp - 1) / tp
     return units * unit + (norms + 3) * 2 * tokens * 4 * (tp - 1) // tp + int(rerun)
+
+
+def tp_replicated_grad_bytes(shape: ModelShape, tp: int, layers: int, *, zero_stage: int = 0,
+                             shard_group: int = 1) -> float:
+    """Bytes one rank sends per step summing the gradients of the parameters every tp rank
+    holds whole (Qwen3's q/k norm weights, `ModelShape.tp_replicated_layer_params`) over the
+    tp group: one fp32 all-reduce per layer chunk of its gradient shard's share of them, once
+    per step (`disttrain.parallel.grad_reduce.TpReplicatedGrads`). ZeRO 1-3 shard them over
+    the `shard_group`: the group's mean (exact per rank when the group is 1)."""
+    if tp <= 1:
+        return 0.0
+    share = shape.tp_replicated_layer_params * layers / (shard_group if zero_stage else 1)
+    return 2 * share * 4 * (tp - 1) / tp
+
+
+def tp_replicated_grad_calls(shape: ModelShape, tp: int, layers: int) -> int:
+    """All-reduces per step of `tp_replicated_grad_bytes`: one per layer chunk holding them."""
+    return layers if tp > 1 and shape.tp_replicated_layer_params else 0

@@ -83,9 +83,13 @@ def layer_backward_working_bytes(shape, b: int, tokens: int, tp: int = 1, overla
     # an RMSNorm backward beside the incoming and the residual gradients (2 x h)
     norm = t * 2 * b * h + norm_backward_bytes(h, b, t, tp, norm_chunk_tokens)
     peaks = [b * (t * per + w) for per, w in attn] + [norm]
-    if shape.qk_norm:   # Qwen3's q norm backward (tp 1 only): N rows of head_dim per token
-        peaks.append(t * b * (2 * H + A + kv) + norm_backward_bytes(
-            shape.head_dim, b, t * shape.num_heads, 1, norm_chunk_tokens))
+    if shape.qk_norm:   # Qwen3's q norm backward: this rank's N / tp rows of head_dim a token,
+        # beside 2H + A + kv (tp 1) or h + a + 2k (tp > 1: the residual gradient, and the q, k
+        # and v gradients the column-parallel backward takes together) elements a token of
+        # other tensors: the runtime's peak, measured in tests/test_working_set.py
+        alive = 2 * H + A + kv if tp == 1 else h + a + 2 * k
+        peaks.append(t * b * alive + norm_backward_bytes(
+            shape.head_dim, b, t * shape.num_heads // tp, 1, norm_chunk_tokens))
     if not tiled:
         return max(peaks + [b * (t * per + w) for per, w, _, _ in mlp])
     # tiled MLP (`disttrain.tiling`): its incoming and input gradients (T, h) stay whole and

@@ -109,9 +109,6 @@ BAD = {  # name: (family, config edit, spec changes, message)
                          r"^model.hf: config.json head_dim = 24.5 is not supported"),
     "qwen3-bias": ("qwen3", dict(attention_bias=True), {},
                    r"^model.hf: config.json attention_bias = True is not supported"),
-    "qwen3-tp": ("qwen3", {}, {"parallel": {"tp": 2}, "cluster": {"devices_per_node": 2}},
-                 r"^parallel.tp: model.qk_norm \(Qwen3's per-head q/k norms\) does not run "
-                 r"under tensor parallelism, got tp 2"),
     "heads-for-tp": ("mistral", {}, {"parallel": {"tp": 8}, "cluster": {"devices_per_node": 8}},
                      r"^parallel.tp: model.num_heads \(4\) must be divisible by tp, got 8$"),
 }
@@ -140,7 +137,7 @@ def test_explicit_shape_fields_and_cli_exit_2(tmp_path, write_spec):
 
 
 def test_plan_counts_the_heads_and_norms_it_runs(tmp_path):
-    """The planner plans the imported shape (no tensor parallelism with q/k norms), its
+    """The planner plans the imported shape, its
     parameter count is transformers', and its attention FLOPs and Ulysses volume use the
     q width num_heads x head_dim (Qwen3-32B: 8192, not hidden 5120)."""
     from planner.analytic import layer_flops_per_token
@@ -150,7 +147,7 @@ def test_plan_counts_the_heads_and_norms_it_runs(tmp_path):
     hf_dir = make_hf_dir(tmp_path / "hf", "qwen3")
     job = job_from_dict(spec(hf_dir, tmp_path / "run"))
     plan = plan_job(job.plan_request())
-    assert plan.feasible and plan.model == job.shape.to_dict() and plan.parallel.tp == 1
+    assert plan.feasible and plan.model == job.shape.to_dict()
     hf_params = AutoModelForCausalLM.from_pretrained(hf_dir).num_parameters()
     assert job.shape.num_params() == hf_params == sum(
         p.numel() for p in build_model(job.shape).parameters())

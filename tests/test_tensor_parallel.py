@@ -13,11 +13,13 @@ from disttrain.engine import lm_loss
 from disttrain.model import build_model
 from disttrain.parallel.dims import ParallelDims, build_groups
 from disttrain.parallel.spawn import spawn_ranks
-from disttrain.parallel.tensor import apply_tensor_parallel, gather_full_parameters
+from disttrain.parallel.tensor import (apply_tensor_parallel, gather_full_parameters,
+                                       tp_replicated_names, tp_shard_dim)
+from disttrain.parallel.zero import ZeroConfig, ZeroModelStates
 from disttrain.spec import tensor_parallel_error
 from disttrain.tiling import apply_mlp_tiling
 from lm_batches import random_batch
-from planner.tp_collectives import tp_step_bytes
+from planner.tp_collectives import tp_replicated_grad_bytes, tp_step_bytes
 from planner.grid import tp_problem
 from planner.shapes import MODEL_PRESETS, ModelShape
 
@@ -29,6 +31,8 @@ GPT = SHAPE.replace(mlp="gelu", positions="learned", ffn_hidden_size=128, vocab_
 WIDE_HEADS = SHAPE.replace(head_dim=12)
 """head_dim given (as Qwen3-32B's, Mistral-NeMo's): q and the attention output are
 4 x 12 = 48 wide against hidden 32, so q/o shard 24 columns per rank, not 16."""
+QWEN3 = WIDE_HEADS.replace(qk_norm=True)
+"""Qwen3's block: per-head q/k RMSNorm weights of head_dim (12), replicated over tp."""
 
 
 def _loss_and_grads(model, tokens, targets, loss_chunk_tokens=0):
@@ -81,16 +85,91 @@ def test_tp2_matches_single_process_loss_and_gradients(shape, loss_chunk, mlp_ch
                                                    recomputed_mlp=bool(mlp_chunk))
 
 
-def test_tensor_parallel_divisibility_errors_name_the_field():
-    assert tensor_parallel_error(SHAPE, 2) is None
-    assert tensor_parallel_error(SHAPE, 4) == "model.num_kv_heads (2) must be divisible by tp, got 4"
-    odd_vocab = ModelShape(**{**SHAPE.__dict__, "vocab_size": 63})
-    assert tensor_parallel_error(odd_vocab, 2) is None          # padded to 64 rows
-    odd_ffn = ModelShape(**{**SHAPE.__dict__, "ffn_hidden_size": 47})
-    assert tensor_parallel_error(odd_ffn, 2).startswith("model.ffn_hidden_size (47)")
-    assert tensor_parallel_error(WIDE_HEADS, 2) is None      # 4 heads x 12: 2 heads a rank
-    assert tensor_parallel_error(SHAPE.replace(qk_norm=True), 1) is None
-    assert tensor_parallel_error(SHAPE.replace(qk_norm=True), 2).startswith("model.qk_norm")
+def _qwen3_zero_worker(rank, world):
+    """tp2 x dp2, per ZeRO stage: this dp rank's two microbatches (sequences 2d, 2d + 1)
+    backward into the states; the step's gradients gathered over dp and tp, the norm, the
+    mean loss of this rank's sequences, the tp bytes sent."""
+    groups = build_groups(ParallelDims(tp=2, dp=2, world_size=world), rank)
+    tokens, targets = random_batch(QWEN3.vocab_size, seed=5, seq_len=16, batch=4)
+    results = []
+    for stage, cpu_chunks in ((1, ()), (3, (1,))):
+        model = build_model(QWEN3, seed=3)
+        tp = apply_tensor_parallel(model, groups.tp)
+        shared = tp_replicated_names(model)
+        assert len(shared) == 2 * QWEN3.num_layers
+        states = ZeroModelStates(model, ZeroConfig(stage=stage, cpu_chunks=cpu_chunks),
+                                 group=groups.dp_sp, extra_norm_group=groups.pp_tp,
+                                 tp_replicated=(tp, [p for n, p in model.named_parameters()
+                                                     if n in shared]))
+        states.begin_step(1e-3, num_microbatches=2)   # stage 3: final shards reduced early
+        loss = 0.0
+        for i in (2 * groups.dp_rank, 2 * groups.dp_rank + 1):
+            part = lm_loss(model, tokens[i:i + 1], targets[i:i + 1]) / 2
+            part.backward()
+            loss += part.item()
+        states.finish_backward()
+        norm = states.clip_grad_norm(0.0)
+        grads = {}
+        for chunk in states.chunks:
+            flat = torch.empty(chunk.grad.numel() * 2)
+            torch.distributed.all_gather_single(flat, chunk.grad.contiguous(), group=groups.dp_sp)
+            grads.update({s.name: flat[s.offset:s.offset + s.numel].view(s.param.shape)
+                          for s in chunk.layout.slots})
+        results.append((stage, loss, gather_full_parameters(grads, tp), norm,
+                        tp.reset_comm_bytes()))
+        states.step(1e-3)
+    return results
+
+
+@pytest.mark.slow
+def test_tp2_dp2_qwen3_sums_the_replicated_qk_norm_gradients_once_per_step():
+    # Qwen3's q/k norm weights are whole on each tp rank, each rank's backward gives their
+    # gradient from its own heads: ZeRO sums them over tp once per step on the dp-reduced
+    # gradient shard (stage 1: reduced at the step's end; stage 3: during the last
+    # microbatch's backward, a CPU chunk among them); loss, every gradient and the norm are
+    # plain PyTorch's, the tp bytes the planner's (two microbatches of the tp collectives on
+    # each rank + the per-step all-reduce, whose shares of the dp shards add up to its mean)
+    ref = build_model(QWEN3, seed=3)
+    tokens, targets = random_batch(QWEN3.vocab_size, seed=5, seq_len=16, batch=4)
+    ref_loss, ref_grads = _loss_and_grads(ref, tokens, targets)
+    ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()
+    per_rank = 2 * tp_step_bytes(QWEN3, "fp32", 16, 2)
+    ranks = spawn_ranks(_qwen3_zero_worker, 4)
+    for index, stage in enumerate((1, 3)):
+        runs = [rank[index] for rank in ranks]
+        assert sum(r[1] for r in runs) / 4 == pytest.approx(ref_loss, rel=1e-6)  # mean over dp
+        for _, _, grads, norm, _ in runs:
+            for name, g in ref_grads.items():
+                torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6,
+                                           msg=f"{name} (ZeRO-{stage})")
+            assert norm == pytest.approx(ref_norm, rel=1e-6)
+        assert all(sum(r[4].values()) >= per_rank for r in runs)
+        assert sum(sum(r[4].values()) - per_rank for r in runs) == 4 * tp_replicated_grad_bytes(
+            QWEN3, 2, QWEN3.num_layers, zero_stage=stage, shard_group=2)
+
+
+def test_planner_layer_per_tp_rank_is_the_layer_a_runtime_tp_rank_holds():
+    # the planner's per-rank layer (its ZeRO-3 chunk, its states) is what apply_tensor_parallel
+    # leaves on a rank: every weight split over tp but Qwen3's q/k norm weights, held whole
+    for shape in (SHAPE, GPT, WIDE_HEADS, QWEN3):
+        layer = build_model(shape, seed=0).layers[0]
+        for tp in (1, 2):
+            held = sum(p.numel() // (1 if tp_shard_dim(name) is None else tp)
+                       for name, p in layer.named_parameters())
+            assert shape.layer_params_per_tp_rank(tp) == held, (shape, tp)
+
+
+def test_qwen3_32b_plans_with_tp_in_a_node_its_chunk_the_layer_a_rank_holds():
+    # Megatron's / torchtitan's layout for Qwen3-32B on one node: tp 8; each rank's ZeRO-3
+    # chunk is its 1/8 of the layer plus the whole q/k norm weights (2 x 128)
+    from planner.hardware import CLUSTER_PRESETS
+    from planner.request import PlanRequest
+    from planner.search import plan_job
+    big = MODEL_PRESETS["qwen3-32b"]
+    plan = plan_job(PlanRequest(model=big, hardware=CLUSTER_PRESETS["8xh100-80g"], dtype="bf16",
+                                seq_len=8192, global_batch_size=64, tp=8))
+    assert plan.feasible and plan.parallel.tp == 8 and plan.parallel.zero_stage == 3
+    assert plan.model_states.chunk_size_bytes == 2 * ((big.layer_params() - 256) // 8 + 256)
 
 
 def test_planner_offers_exactly_the_tp_degrees_the_runtime_accepts():

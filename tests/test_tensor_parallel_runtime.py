@@ -2,7 +2,9 @@
 same seed): same losses and parameters; composed with Ulysses, ZeRO-3 over dp and the
 token-wise swap/recompute runtime (the first two with the collectives overlapped over 2
 token blocks, `parallel.tp_overlap_chunks`, and the plan's whole-GEMM column-parallel
-backward, `parallel.tp_column_backward`); a tp2 checkpoint resumed at tp1.
+backward, `parallel.tp_column_backward`); a tp2 checkpoint resumed at tp1; Qwen3 (q/k norm
+weights replicated over tp) with ZeRO-3, recompute in tiles and clipping, its checkpoint
+resumed at tp2 and exported to Hugging Face.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ def _spec(tmp, name, world, steps=STEPS, model=MODEL, **parallel):
         "output_dir": str(tmp / name)})
 
 
-def _plan(spec, world, activations=(), column="lean"):
+def _plan(spec, world, activations=(), column="lean", rebuild_tile=0):
     plan = fixed_plan(job_from_dict(spec), world).to_dict()
     plan["parallel"]["tp_column_backward"] = column
+    plan["tiling"]["rebuild_tile_tokens"] = rebuild_tile
     if activations:
         plan["activations"] = [a.__dict__ for a in activations]
     return Plan.from_dict(plan)
@@ -137,3 +140,61 @@ def test_tp2_checkpoint_resumes_at_tp1_and_loads_full_shaped(tmp_path):
     result = resumed.run(resume_from=step_dir)
     assert result.first_step == 3
     assert result.losses == pytest.approx(losses[2:], rel=1e-5)
+
+
+QWEN3 = {**MODEL, "head_dim": 24, "qk_norm": True}
+"""Qwen3's block: q 4 x 24 = 96 wide against hidden 64, per-head q/k norm weights of 24."""
+RECOMPUTE = (LayerActivationPlan(), LayerActivationPlan(swap_fraction=0.5))
+"""Layer 0 recomputes its token-local tensors, layer 1 swaps half the tokens, recomputes the
+rest (in tiles of `rebuild_tile_tokens`)."""
+
+
+def _qwen3_spec(tmp, name, world, **parallel):
+    spec = _spec(tmp, name, world, steps=4, model=QWEN3, **parallel)
+    spec["train"].update(checkpoint_every=2, grad_clip=0.5)   # the norm decides the update
+    return spec
+
+
+def _qwen3_worker(rank, world, spec, plan_dict):
+    """(losses, gradient norms, full parameters) of the run, then of a second run resumed at
+    tp2 from its step-2 checkpoint."""
+    out = []
+    for resume in (None, "step_0000002"):
+        records = []
+        trainer = Trainer(job_from_dict(spec), Plan.from_dict(plan_dict), on_step=records.append)
+        step_dir = None if resume is None else trainer.ckpt_dir / resume
+        losses = trainer.run(resume_from=step_dir).losses
+        out.append((losses, [r["grad_norm"] for r in records], _full_params(trainer)))
+    return out
+
+
+@pytest.mark.slow
+def test_tp2_qwen3_matches_single_process_and_its_checkpoint_resumes_and_exports(tmp_path):
+    # the replicated q/k norm gradients summed over tp (ZeRO-3, recompute in tiles, clipping):
+    # losses, norms and parameters are the single process's; the tp2 checkpoint resumed at tp2
+    # continues identically, and its Hugging Face export is the single process's
+    from safetensors.torch import load_file
+    from disttrain.hf_export import export_hf
+
+    ref_spec = _qwen3_spec(tmp_path, "ref", 1)
+    records = []
+    trainer = Trainer(job_from_dict(ref_spec), _plan(ref_spec, 1, RECOMPUTE, rebuild_tile=8),
+                      on_step=records.append)
+    ref = (trainer.run().losses, [r["grad_norm"] for r in records], _full_params(trainer))
+    assert min(ref[1]) > 0.5                                  # every step clipped
+    spec = _qwen3_spec(tmp_path, "tp2", 2, dp=1, sp=1, pp=1, tp=2, zero_stage=3)
+    plan = _plan(spec, 2, RECOMPUTE, rebuild_tile=8).to_dict()
+    for (losses, norms, params), resumed in spawn_ranks(_qwen3_worker, 2, spec, plan):
+        _compare((losses, params, None), (ref[0], ref[2]))
+        assert norms == pytest.approx(ref[1], rel=1e-5)
+        assert resumed[0] == losses[2:] and resumed[1] == norms[2:]       # bit-identical
+        for name, value in resumed[2].items():
+            torch.testing.assert_close(value, params[name], rtol=0, atol=0, msg=name)
+    exports = [export_hf(tmp_path / run, tmp_path / f"hf-{run}") for run in ("ref", "tp2")]
+    tensors = [load_file(str(e.out / "model.safetensors")) for e in exports]
+    assert tensors[0].keys() == tensors[1].keys()
+    assert any(k.endswith("self_attn.q_norm.weight") for k in tensors[0])
+    for key, value in tensors[0].items():
+        torch.testing.assert_close(tensors[1][key], value, rtol=1e-5, atol=2e-5, msg=key)
+    assert ((exports[0].out / "config.json").read_text()
+            == (exports[1].out / "config.json").read_text())

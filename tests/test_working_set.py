@@ -24,6 +24,9 @@ WIDE = GQA.replace(ffn_hidden_size=16, head_dim=16)
 MLP, so an attention phase binds)."""
 QWEN3 = WIDE.replace(qk_norm=True)
 """With Qwen3's per-head q/k norms: the q norm's backward binds."""
+QWEN3_TP = QWEN3.replace(head_dim=32)
+"""Heads of 32 (q 256 wide against hidden 64): at tp 2 the q norm's backward over this rank's
+4 heads binds."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -66,7 +69,8 @@ CASES = [(GQA, 1, "fp32", 1, 0), (GQA, 1, "bf16", 1, 0), (GQA, 2, "bf16", 1, 0),
          (GPT, 1, "bf16", 1, 0), (GPT, 2, "bf16", 2, 0)]
 """tp 1, 2, 4; fp32 and bf16; tp_overlap_chunks 1 and 2 (bulk-overlap column backward);
 SwiGLU with grouped KV heads and GeLU with learned positions (each binds a different phase)."""
-CASES += [(WIDE, 2, "bf16", 1, 0), (QWEN3, 1, "bf16", 1, 0), (QWEN3, 1, "fp32", 1, 0)]
+CASES += [(WIDE, 2, "bf16", 1, 0), (QWEN3, 1, "bf16", 1, 0), (QWEN3, 1, "fp32", 1, 0),
+          (QWEN3_TP, 2, "bf16", 1, 0), (QWEN3_TP.replace(num_kv_heads=2), 2, "fp32", 2, 0)]
 CASES += [(GQA, 1, "fp32", 1, 32), (GQA, 2, "fp32", 1, 32), (GPT, 2, "fp32", 2, 32)]
 """Tiled MLP (`tiling.mlp_chunk_tokens`): a tile's rebuilt intermediates and its gradients."""
 

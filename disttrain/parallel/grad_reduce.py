@@ -97,3 +97,64 @@ class StepReductions:
         self._launched.clear()
         self._count.clear()
         self.microbatches = None
+
+
+class TpReplicatedGrads:
+    """Gradients of parameters every tensor-parallel rank holds whole (Qwen3's q/k norm
+    weights, `disttrain.parallel.tensor.TP_REPLICATED`): each tp rank's backward gives the
+    part from its own heads, the gradient is their sum over the tp group. Summed once per step
+    on this rank's gradient shard, when the chunk's shard is final (after its dp x sp
+    reduction: the sums commute) and before its update and the norm: one fp32 all-reduce per
+    chunk that holds such elements. Megatron-core does the same for its sequence-parallel and
+    qk-layernorm weights (one all-reduce over tp of their gradients per step, after the
+    data-parallel reduction, in `finalize_model_grads`); the norm counts them once (tp rank
+    0), as Megatron's does (docs/design.md, "Replicated q/k norm weights")."""
+
+    def __init__(self, tp, params, chunks: list[ChunkShards], shard_rank: int):
+        self.tp = tp
+        ids = {id(p) for p in params}
+        self.spans: dict[int, list[tuple[int, int]]] = {}
+        """Chunk index -> [start, stop) ranges of replicated elements in its gradient shard."""
+        for chunk in chunks:
+            n = chunk.grad.numel()
+            first = shard_rank * n
+            spans = []
+            for slot in chunk.layout.slots:
+                if id(slot.param) in ids:
+                    lo, hi = max(slot.offset, first), min(slot.offset + slot.numel, first + n)
+                    if lo < hi:
+                        spans.append((lo - first, hi - first))
+            if spans:
+                self.spans[chunk.layout.index] = spans
+        self._done: set[int] = set()
+
+    def reduce(self, chunk: ChunkShards, side: SideStream) -> None:
+        """Sum `chunk`'s replicated gradient elements of this rank's shard over tp (at most
+        once a step: `step_done` re-arms it)."""
+        spans = self.spans.get(chunk.layout.index)
+        if not spans or chunk.layout.index in self._done:
+            return
+        self._done.add(chunk.layout.index)
+        with side.after_compute():
+            flat = torch.cat([chunk.grad[a:b] for a, b in spans]).to(chunk.full.device)
+            dist.all_reduce(flat, group=self.tp.group)
+            self.tp._count_collective("all_reduce", flat)
+            flat = flat.to(chunk.grad.device)
+            pos = 0
+            for a, b in spans:
+                chunk.grad[a:b].copy_(flat[pos:pos + b - a])
+                pos += b - a
+
+    def step_done(self) -> None:
+        missed = set(self.spans) - self._done
+        assert not missed, f"chunks {sorted(missed)}: replicated gradients not summed over tp"
+        self._done.clear()
+
+    def duplicate_sumsq(self, chunk: ChunkShards) -> torch.Tensor:
+        """What the gradient norm leaves out of `chunk`'s shard on this rank (fp64): its
+        replicated elements' squares on tp ranks other than 0 (each holds the same sum)."""
+        out = torch.zeros((), dtype=torch.float64, device=chunk.grad.device)
+        if self.tp.rank != 0:
+            for a, b in self.spans.get(chunk.layout.index, ()):
+                out += chunk.grad[a:b].double().pow(2).sum()
+        return out

@@ -21,9 +21,14 @@ the h-wide shard is saved, as Megatron saves its token shard), its gradient redu
 and the row-parallel output gradient all-gathered. RMSNorm over sharded features adds one
 all-reduce of one fp32 per token (forward and backward).
 
-Every parameter is a true shard (norm weights included), so no gradient is reduced over tp and
-ZeRO shards each rank's local parameters over dp x sp unchanged. The parameters keep their
-names; `TP_SHARD_DIM` says along which dim each is split (checkpoints store full shapes).
+Every parameter is a true shard (norm weights included) except Qwen3's per-head q/k norm
+weights (`ModelShape.qk_norm`): one head_dim weight that every head, so every tp rank, uses.
+Those are replicated over tp (`TP_REPLICATED`); each rank's backward gives the gradient from
+its own heads, and ZeRO sums them over the tp group once per step (grad_reduce.py,
+`TpReplicatedGrads`), as Megatron-core all-reduces its sequence-parallel and qk-layernorm
+weights' gradients over tp once per step. ZeRO shards each rank's local parameters over dp x sp unchanged. The
+parameters keep their names; `TP_SHARD_DIM` says along which dim each is split (checkpoints
+store full shapes; a replicated one once, the same on every tp rank).
 Collectives run on the tp process group (NCCL on GPUs, gloo on CPU): nothing here is device
 specific. With `parallel.tp_overlap_chunks` = K > 1 every all-gather -> GEMM and GEMM ->
 reduce-scatter pair runs over K token blocks with asynchronous collectives, so that block i's
@@ -56,12 +61,16 @@ TP_SHARD_DIM = {"embed.weight": 0, "pos_embed.weight": 1, "head.weight": 0, "nor
                 "attn_norm.weight": 0, "mlp_norm.weight": 0,
                 "q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0,
                 "gate_proj.weight": 0, "up_proj.weight": 0,
-                "o_proj.weight": 1, "down_proj.weight": 1}
-"""Parameter-name suffix -> dim along which tensor parallelism splits it."""
+                "o_proj.weight": 1, "down_proj.weight": 1,
+                "q_norm.weight": None, "k_norm.weight": None}
+"""Parameter-name suffix -> dim along which tensor parallelism splits it (None: replicated)."""
+TP_REPLICATED = tuple(suffix for suffix, dim in TP_SHARD_DIM.items() if dim is None)
+"""Suffixes of the parameters every tp rank holds whole (Qwen3's q/k norm weights)."""
 
 
-def tp_shard_dim(name: str) -> int:
-    """Dim along which parameter `name` (of the unmodified model) is split over tp."""
+def tp_shard_dim(name: str) -> int | None:
+    """Dim along which parameter `name` (of the unmodified model) is split over tp; None when
+    every tp rank holds it whole (`TP_REPLICATED`)."""
     for suffix, dim in TP_SHARD_DIM.items():
         if name == suffix or name.endswith("." + suffix):
             return dim
@@ -194,6 +203,9 @@ def tp_checkpoint_state(state: dict, tp: TensorParallel) -> dict:
             continue
         name = key.split(".", 1)[1].removesuffix(".exp_avg_sq").removesuffix(".exp_avg")
         dim = tp_shard_dim(name)
+        if dim is None:   # replicated: the same key and values on every tp rank, saved once
+            out[key] = value
+            continue
         origin = [0] * len(value.shape)
         origin[dim] = tp.rank * value.shape[dim]
         full = list(value.shape)
@@ -210,15 +222,25 @@ def tp_checkpoint_state(state: dict, tp: TensorParallel) -> dict:
     return out
 
 
+def tp_replicated_names(model: nn.Module) -> tuple[str, ...]:
+    """Names of `model`'s parameters every tp rank holds whole (`TP_REPLICATED`)."""
+    return tuple(name for name, _ in model.named_parameters()
+                 if any(name == s or name.endswith("." + s) for s in TP_REPLICATED))
+
+
 def _is_vocab_sharded(name: str) -> bool:
     return any(name == s or name.endswith("." + s) for s in ("embed.weight", "head.weight"))
 
 
 def gather_full_parameters(params: dict[str, torch.Tensor], tp: TensorParallel
                            ) -> dict[str, torch.Tensor]:
-    """{name: this rank's shard} -> {name: the whole parameter} (a collective over tp)."""
+    """{name: this rank's shard} -> {name: the whole parameter} (a collective over tp; a
+    replicated parameter is this rank's copy)."""
     out = {}
     for name, shard in params.items():
+        if tp_shard_dim(name) is None:
+            out[name] = shard.detach().clone()
+            continue
         parts = [torch.empty_like(shard) for _ in range(tp.size)]
         dist.all_gather(parts, shard.contiguous(), group=tp.group)
         out[name] = torch.cat(parts, dim=tp_shard_dim(name))

@@ -36,7 +36,7 @@ from torch import nn
 
 from disttrain.parallel.chunks import execution_units, pack_chunks
 from disttrain.parallel.cpu_optim import EarlyCpuUpdates, adamw_
-from disttrain.parallel.grad_reduce import StepReductions
+from disttrain.parallel.grad_reduce import StepReductions, TpReplicatedGrads
 from disttrain.parallel.shards import FP32, ChunkShards as _Chunk, SideStream as _SideStream
 from disttrain.parallel.shards import ZeroConfig
 from disttrain.parallel.zero_state import ZeroStateMixin
@@ -48,7 +48,10 @@ class ZeroModelStates(ZeroStateMixin):
     """Owns the model's parameters, gradients and optimizer state for one rank."""
 
     def __init__(self, model: nn.Module, config: ZeroConfig, *,
-                 group: dist.ProcessGroup | None = None, extra_norm_group=None):
+                 group: dist.ProcessGroup | None = None, extra_norm_group=None,
+                 tp_replicated: tuple | None = None):
+        """`tp_replicated`: (the TensorParallel, the parameters every tp rank holds whole):
+        their gradients are summed over tp once per step (`TpReplicatedGrads`)."""
         self.model, self.config, self.group = model, config, group
         self.extra_norm_group = extra_norm_group  # e.g. the pp group: grad norm spans stages
         self.world = dist.get_world_size(group) if group is not None else 1
@@ -63,6 +66,8 @@ class ZeroModelStates(ZeroStateMixin):
         self.chunks = [_Chunk(layout, shard_size, shard_rank, layout.index in config.cpu_chunks,
                               config.stage, config.compute_dtype) for layout in layouts]
         self._side = _SideStream(self.chunks[0].full.device)
+        self._tp = (TpReplicatedGrads(*tp_replicated, self.chunks, shard_rank)
+                    if tp_replicated is not None and tp_replicated[1] else None)
         self._chunk_of = {id(s.param): c for c in self.chunks for s in c.layout.slots}
         self.units = execution_units(model)
         self.unit_chunks = [[c for c in self.chunks if u in c.layout.units]
@@ -240,11 +245,16 @@ class ZeroModelStates(ZeroStateMixin):
         else:
             for chunk in self.chunks:
                 self._grad_final(chunk)
+        if self._tp is not None:
+            self._tp.step_done()
         self._side.join()  # the gradient shards are read next (norm, update)
 
     def _grad_final(self, chunk: _Chunk) -> None:
-        """`chunk`'s gradient shard will not change before the step: a CPU chunk of an
-        announced step starts its update on the worker thread (once)."""
+        """`chunk`'s gradient shard will not change before the step (but for its tp-replicated
+        elements, summed over tp now, once): a CPU chunk of an announced step starts its
+        update on the worker thread (once)."""
+        if self._tp is not None:
+            self._tp.reduce(chunk, self._side)
         if chunk.on_cpu:
             step = self.step_count + 1
             self._early.start(chunk.layout.index, lambda lr: self._update(chunk, lr, step))
@@ -269,6 +279,8 @@ class ZeroModelStates(ZeroStateMixin):
         sumsq = torch.zeros(1, dtype=torch.float64, device=self.chunks[0].full.device)
         for chunk in self.chunks:  # a CPU chunk's shard may live off the compute device
             sumsq += chunk.grad.double().pow(2).sum().to(sumsq.device)
+            if self._tp is not None:   # replicated over tp: counted on tp rank 0 only
+                sumsq -= self._tp.duplicate_sumsq(chunk).to(sumsq.device)
         if self.group is not None and self.config.stage > 0:
             dist.all_reduce(sumsq, group=self.group)
         if self.extra_norm_group is not None:

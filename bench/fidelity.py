@@ -59,7 +59,7 @@ POLICIES = {  # name: (device budget MiB, memory section)
 }
 STEP_TARGET = 0.15
 """Largest |error| of any row's step time after trials."""
-SWEEP_ROUNDS = 3
+SWEEP_ROUNDS = 4
 """Fresh runs of every configuration (grid rows, sweep, trials), in alternating rounds, their
 step times pooled: one run of a few steps varied 7-18% (sd) from the next on this shared
 machine, and a row is held to corrections from other runs."""
@@ -145,14 +145,15 @@ def fidelity_worker(rank: int, world: int, configs: list[tuple[str, dict, object
 def run_fresh(configs: list, repeated: list, rounds: int = SWEEP_ROUNDS) -> dict:
     """Each configuration in freshly spawned ranks (no run-order effects: a process that ran
     one configuration runs the next slower on these 2 cores); the `repeated` ones (`measure`:
-    all of them) `rounds` times, round-robin, their step times pooled."""
+    all of them) `rounds` times, round-robin from a rotated start, their step times pooled."""
     out = {}
     for config in configs:
         if config not in repeated:
             out[config[0]] = spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]
     pooled: dict[str, list[list[float]]] = {c[0]: [] for c in repeated}
-    for _ in range(rounds):
-        for config in repeated:
+    for r in range(rounds):  # each round starts further along the list: no configuration
+        start = r * len(repeated) // rounds   # always runs right after the same neighbour
+        for config in repeated[start:] + repeated[:start]:
             result = spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]
             pooled[config[0]].append(result.pop("step times"))
             out[config[0]] = result

@@ -79,7 +79,7 @@ def stage_state_chunks(shape, *, layers: int, first: bool, last: bool, tp: int =
         0 if shape.tie_embeddings else shape.vocab_size * shape.hidden_size)
     tail = ([norm, head] if zero_stage == 3 else [norm + head]) if last else []
     return {"embedding": ([vocab] + ([positions] if positions else [])) if first else [],
-            "layers": [shape.layer_params() / tp] * layers,
+            "layers": [shape.layer_params_per_tp_rank(tp)] * layers,
             "tail": [n for n in tail if n]}
 
 

@@ -173,7 +173,7 @@ def trial_text(choice: dict) -> str:
             f"- per layout family: {families or 'none'}{nxt}")
 
 
-MEMORY_TRIAL = {"seq": 512, "budget_mib": 40, "k": 2}
+MEMORY_TRIAL = {"seq": 512, "budget_mib": 40, "k": 4}
 """The second `disttrain plan --trial K` run: the grid's smaller length under its tight
 budget, a job whose memory binds, so its plans recompute or swap and run memory-bound
 (`offload.host_memory.memory_bound`: the fixed allocator thresholds and their fresh pages).
@@ -181,9 +181,13 @@ The sweep's job has room for everything: its trials keep every activation and ne
 the recompute, swap or page-fault parts, which would then keep x1 while the compute factor
 lifts the rest. Its corrections are merged with the sweep's as the stored file holds them
 after both runs (`merge_corrections`: the per-part factors refitted over every trial).
-K = 2 is its family round alone (`split_budget(2, n) == (2, 0)`: the planner's choice and
-the best other family), planned before the grid runs so that its trials are measured in
-the sweep's alternating rounds, in the same stretch of the machine's load as the rows."""
+K = 4: a family round of three (`split_budget(4, n) == (3, 1)`: the planner's choice and the
+best plan of the next two families - dp, ring and Ulysses sequence parallelism on this
+job - so each of them gets memory-bound observations; with K = 2 Ulysses had none and its
+memory-bound rows took the keep-all trials' compute factor alone) and one refinement. The
+family round is planned before the grid runs so that its trials are measured in the sweep's
+alternating rounds, in the same stretch of the machine's load as the rows; the refinement
+runs after them."""
 
 
 def memory_trial_plans(spec_for, profile):
@@ -228,7 +232,8 @@ def memory_trial_text(choice: dict) -> str:
     return (f"\n\nWith `disttrain plan --trial {MEMORY_TRIAL['k']}` on a job whose memory binds "
             f"(seq {MEMORY_TRIAL['seq']}, {MEMORY_TRIAL['budget_mib']} MiB per rank: its plans "
             f"recompute or swap and run memory-bound, so the recompute, swap and page-fault "
-            f"parts are exercised; measured in the sweep's alternating rounds):\n\n{table}\n\n- corrections "
+            f"parts are exercised; its family round measured in the sweep's alternating rounds, "
+            f"a refinement in fresh runs after them):\n\n{table}\n\n- corrections "
             f"stored after both `--trial` runs (refitted over all their trials), per step "
             f"part: " + ", ".join(f"{k} x{v:.2f}" for k, v in choice["merged_parts"].items())
             + "\n- per layout family: " + "; ".join(

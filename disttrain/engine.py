@@ -286,9 +286,6 @@ def build_runtime(job: Job, plan: Plan, *, rank: int = 0, overlap_cpu_optimizer:
         if job.spec.data.kind == "documents":
             raise SpecError("parallel.tp: not yet supported with data.kind documents (the "
                             "vocabulary-parallel loss has no ignored targets yet)")
-        if job.shape.qkv_bias:
-            raise SpecError("parallel.tp: not yet supported for models with q/k/v bias "
-                            "(model.hf Qwen2)")
     try:
         tp = apply_tensor_parallel(model, groups.tp, par.tp_overlap_chunks,
                                    par.tp_column_backward)

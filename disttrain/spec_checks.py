@@ -19,6 +19,9 @@ def tensor_parallel_error(shape: ModelShape, tp: int) -> str | None:
     for name in ("num_heads", "num_kv_heads", "ffn_hidden_size", "hidden_size"):
         if getattr(shape, name) % tp:
             return f"model.{name} ({getattr(shape, name)}) must be divisible by tp, got {tp}"
+    if tp > 1 and shape.qkv_bias:
+        return (f"model.qkv_bias: tensor parallelism does not split q/k/v biases yet (Qwen2 / "
+                f"Qwen2.5), got tp {tp}")
     return None
 
 

@@ -66,6 +66,9 @@ def tp_problem(shape, tp: int, devices_per_node: int) -> str:
         if getattr(shape, name) % tp:
             return (f"tp={tp} does not divide {name} ({getattr(shape, name)}): the runtime "
                     f"splits it evenly over the tp ranks")
+    if tp > 1 and getattr(shape, "qkv_bias", False):
+        return (f"tp={tp}: the runtime's tensor parallelism does not split q/k/v biases yet "
+                f"(Qwen2 / Qwen2.5)")
     return ""
 
 

@@ -344,3 +344,22 @@ def test_row_parallel_backward_gathers_per_block_and_matches_autograd():
     (torch.nn.functional.linear(x, w) * seed).sum().backward()
     torch.testing.assert_close(got[0], x.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got[1], w.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_q_k_v_biases_keep_qwen2_off_tensor_parallelism_in_planner_and_runtime_alike():
+    """The runtime does not split q/k/v biases yet: the planner never offers tp > 1 for
+    Qwen2.5, and the runtime's check names the field."""
+    from planner.hardware import CLUSTER_PRESETS
+    from planner.request import PlanRequest
+    from planner.search import plan_job
+
+    qwen = MODEL_PRESETS["qwen2.5-7b"]
+    assert "model.qkv_bias" in tensor_parallel_error(qwen, 2)
+    assert "q/k/v biases" in tp_problem(qwen, 2, devices_per_node=8)
+    assert tensor_parallel_error(qwen, 1) is None and tp_problem(qwen, 1, 8) == ""
+    hw = CLUSTER_PRESETS["h100-80g-x8"] if "h100-80g-x8" in CLUSTER_PRESETS else next(
+        h for h in CLUSTER_PRESETS.values() if h.devices_per_node == 8)
+    plan = plan_job(PlanRequest(model=qwen, hardware=hw, seq_len=4096, micro_batch_size=1,
+                                global_batch_size=16, tp=2), with_layout=False)
+    assert not plan.feasible
+    assert any("q/k/v biases" in r["reason"] for r in plan.rejected)

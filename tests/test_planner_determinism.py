@@ -13,7 +13,7 @@ from planner.request import PlanRequest
 from planner.search import plan_job
 from planner.shapes import MODEL_PRESETS
 
-REQUEST = PlanRequest(model=MODEL_PRESETS["qwen2.5-7b"], hardware=CLUSTER_PRESETS["8xa100-40g"],
+REQUEST = PlanRequest(model=MODEL_PRESETS["llama3-8b"], hardware=CLUSTER_PRESETS["8xa100-40g"],
                       dtype="bf16", seq_len=1 << 12, global_batch_size=16)
 """Small enough to plan in about a second, with more than one layout worth a MIP."""
 

@@ -200,7 +200,7 @@ def test_trial_alternatives_include_layouts_the_work_budget_left_unsolved(monkey
 
     monkeypatch.setattr(search, "MAX_STAGE_MIPS", 1)
     # a request with two layouts worth a MIP (the LP-relaxation bounds prune the rest)
-    request = PlanRequest(model=MODEL_PRESETS["qwen2.5-7b"], hardware=CLUSTER_PRESETS["8xa100-40g"],
+    request = PlanRequest(model=MODEL_PRESETS["llama3-8b"], hardware=CLUSTER_PRESETS["8xa100-40g"],
                           dtype="bf16", seq_len=4096, micro_batch_size=1, global_batch_size=16)
     plan = search.plan_job(request, with_layout=False)
     unsolved = [r for r in plan.rejected if r["reason"].startswith("not solved: ")]

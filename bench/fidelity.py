@@ -142,18 +142,15 @@ def fidelity_worker(rank: int, world: int, configs: list[tuple[str, dict, object
     return out
 
 
-def run_fresh(configs: list, repeated: list, rounds: int = SWEEP_ROUNDS) -> dict:
-    """Each configuration in freshly spawned ranks (no run-order effects: a process that ran
-    one configuration runs the next slower on these 2 cores); the `repeated` ones (`measure`:
-    all of them) `rounds` times, round-robin from a rotated start, their step times pooled."""
-    out = {}
-    for config in configs:
-        if config not in repeated:
-            out[config[0]] = spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]
-    pooled: dict[str, list[list[float]]] = {c[0]: [] for c in repeated}
+def run_fresh(configs: list, rounds: int = SWEEP_ROUNDS) -> dict:
+    """Each configuration `rounds` times in freshly spawned ranks (no run-order effects: a
+    process that ran one configuration runs the next slower on these 2 cores), round-robin
+    from a rotated start, their step times pooled."""
+    out: dict = {}
+    pooled: dict[str, list[list[float]]] = {c[0]: [] for c in configs}
     for r in range(rounds):  # each round starts further along the list: no configuration
-        start = r * len(repeated) // rounds   # always runs right after the same neighbour
-        for config in repeated[start:] + repeated[:start]:
+        start = r * len(configs) // rounds   # always runs right after the same neighbour
+        for config in configs[start:] + configs[:start]:
             result = spawn_ranks(fidelity_worker, 2, [config])[0][config[0]]
             pooled[config[0]].append(result.pop("step times"))
             out[config[0]] = result
@@ -256,7 +253,7 @@ def measure(seq_lens: list[int], steps: int = 4, layouts: dict = LAYOUTS,
     configs += [(f"memory trial {layout_key(p.parallel)}", mb_spec, p) for p in mb_plans]
     # every configuration in the same alternating rounds: the grid rows are then measured in
     # the same stretch of the machine's load as the trials whose corrections they are held to
-    measured = run_fresh(configs, configs, rounds)
+    measured = run_fresh(configs, rounds)
     rows = []
     for name, (job, plan) in meta.items():
         pred = predicted(job, plan)

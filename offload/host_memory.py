@@ -18,8 +18,8 @@ mapped, none is trimmed, so every freed block stays in the heap for the next ste
 CUDA caching allocator keeps a GPU's. glibc's defaults would not: they map every block above
 32 MiB afresh (the dynamic threshold's ceiling on 64-bit; e.g. the fp32 logits of 1K tokens
 over a 8K vocabulary) and trim the heap's top whenever twice the threshold is free there,
-so a keep-all step faulted 25-130 MiB of pages (0.04-0.06 s of kernel time per step at 512
-tokens on bench/fidelity.py's model, unpriced and varying from run to run).
+so a keep-all step faulted pages the planner never priced, varying from run to run
+(tests/test_host_memory.py counts them for a 40 MiB block).
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
                       cache_dir: Path | None = None, *, threads: int | None = None,
                       concurrent: int | None = None, with_head: bool = True,
                       with_optimizer: bool = True, with_collectives: bool = True,
-                      max_cache_age_s: float | None = None) -> LayerProfile:
+                      max_cache_age_s: float | None = None,
+                      rounds: int | None = None) -> LayerProfile:
     """Profile one decoder layer of the job's model on this machine's CPU/device.
 
     Timed the way the job's ranks run (`rank_conditions`: their torch threads, as many
@@ -82,7 +83,8 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
     forked twins keep that setting); a memory-bound plan's fresh pages (`return_freed_host_memory`) are priced apart from the
     profile's page-fault cost and allocation sizes (`planner.page_faults`). With ranks side by
     side (`with_collectives`), blocking gloo collectives between them are timed too, as a step
-    meets them after compute (`LayerProfile.collective_fits`).
+    meets them after compute (`LayerProfile.collective_fits`). `rounds`: interleaved rounds
+    of the timings (None: the profiler's default, `planner.profiler.TWIN_ROUNDS` beside twins).
     """
     shape = job.shape
     lens = seq_lens or tuple(s for s in DEFAULT_SEQ_LENS if s <= job.spec.train.seq_len) or (
@@ -110,7 +112,7 @@ def profile_job_layer(job: Job, seq_lens: tuple[int, ...] | None = None,
                          cache_dir=cache_dir, device="cpu", threads=threads,
                          concurrent=concurrent, head=head,
                          optimizer_numel=optimizer_chunk_sizes(shape) if with_optimizer else 0,
-                         max_cache_age_s=max_cache_age_s,
+                         max_cache_age_s=max_cache_age_s, rounds=rounds,
                          collectives=with_collectives and concurrent > 1)
 
 

@@ -36,6 +36,7 @@ import os
 import statistics
 import threading
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -283,6 +284,33 @@ def _collective_fits(ranks: int, threads: int) -> dict[str, list[float]]:
     return {kind: [float(lat), float(bw)] for kind, (lat, bw) in fit["by_kind"].items()}
 
 
+TWIN_ROUNDS = 4
+"""Interleaved rounds of a profile taken beside twins (CPU ranks sharing cores). This 2-core
+VM's speed drifts with no load of its own (one process timing the same layer: 39 ms, then
+63 ms a few seconds later, no steal time counted), so pieces timed one after the other in one
+pass (each length's layer, the head, the update, the page-fault price) each caught another
+moment, and rows of the fidelity grid that lean on different pieces moved apart from one
+profile to the next. `bench/profile_spread.py`, 5 profiles of each kind alternately: each
+row's prediction over the profile's mean over rows varied 5.8% (relative sd, mean over rows)
+in one pass, 3.3% in 4 rounds (the profile taking 11.6 s instead of 7.0 s)."""
+
+
+def pool_rounds(rounds: list[tuple[list[LayerMeasurement], float, float, float]]
+                ) -> tuple[list[LayerMeasurement], float, float, float]:
+    """One (runs, optimizer s/param, page-fault s/byte, loss-tile s) from interleaved rounds:
+    every time the median of its rounds (bytes and allocations from the first round: they
+    do not depend on the moment)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    times = ("forward_s", "backward_s", "token_local_forward_s", "attention_forward_s",
+             "head_forward_s", "head_backward_s")
+    runs = [dataclasses.replace(first, **{name: statistics.median(getattr(r[0][i], name)
+                                                                  for r in rounds)
+                                          for name in times})
+            for i, first in enumerate(rounds[0][0])]
+    return (runs, *(statistics.median(r[k] for r in rounds) for k in (1, 2, 3)))
+
+
 def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tuple],
                   hidden_size: int, seq_lens: list[int] | tuple[int, ...], dtype: str,
                   batch: int = 1, *, shape_dict: dict[str, Any] | None = None,
@@ -290,7 +318,7 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
                   threads: int | None = None, concurrent: int = 1,
                   head: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   optimizer_numel: int | Sequence[int] = 0, repeats: int | None = None,
-                  twin_timeout_s: float = 300.0,
+                  rounds: int | None = None, twin_timeout_s: float = 300.0,
                   max_cache_age_s: float | None = None,
                   collectives: bool = False) -> LayerProfile:
     """Profile `layer` at each of `seq_lens`; read/write a JSON cache when `cache_dir` is set.
@@ -298,8 +326,11 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
     `threads`: torch threads while measuring (None: this process's current count), as each
     rank will run. `concurrent`: ranks that will share this machine's cores; `concurrent - 1`
     forked twins run the same measurements in step with this process (`Lockstep`); each
-    time is the fastest of `repeats` alone (default 2), their median side by side (default 5:
-    the ranks of a step compete all along). `head`: (B, S, H) -> scalar loss, timed too.
+    time is the fastest of `repeats` alone (default 2), their median side by side (default 3
+    per round: the ranks of a step compete all along). Side by side, every piece (each
+    length's layer and head, the update, the page-fault and loss-tile prices) is timed in
+    `rounds` interleaved rounds (default `TWIN_ROUNDS`) and each keeps the median of its
+    rounds (`pool_rounds`). `head`: (B, S, H) -> scalar loss, timed too.
     `optimizer_numel`: time the clip + AdamW update on chunks of that many parameters (one
     size, or the job's chunk sizes in update order; 0: not timed).
     All of these are part of the cache key. A twin that dies, or a step that waits for the
@@ -324,36 +355,43 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
     opt_sizes = [n for n in opt_sizes if n > 0]
     key_source = dict(shape_dict or {"hidden_size": hidden_size}, seq_lens=list(seq_lens),
                       batch=batch)
+    repeats = repeats or (2 if concurrent == 1 else 3)
+    rounds = rounds or (1 if concurrent == 1 else TWIN_ROUNDS)
     key = profile_key(key_source, dtype, device, threads=threads, concurrent=concurrent,
                       head=head is not None, optimizer_numel=opt_sizes, page_faults=True,
                       loss_tiles=bool(getattr(head, "tiles_loss", False)),
-                      **({"collectives": True} if collectives else {}))
+                      **({"collectives": True} if collectives else {}),
+                      **({"rounds": rounds} if rounds > 1 else {}))
     cache_path = Path(cache_dir) / f"profile-{key}.json" if cache_dir else None
     if cache_path is not None and cache_path.exists():
         cached = LayerProfile.from_dict(json.loads(cache_path.read_text()))
         if max_cache_age_s is None or time.time() - cached.measured_at <= max_cache_age_s:
             return cached
     layer.to(TORCH_DTYPES[dtype])
-    repeats = repeats or (2 if concurrent == 1 else 5)
+    median = concurrent > 1
 
-    def steps(barrier: Any) -> tuple[list[LayerMeasurement], float, float]:
-        """The measurements; every process (this one and its twins) runs them in step."""
-        torch.set_num_threads(threads)
+    def one_round(barrier: Any) -> tuple[list[LayerMeasurement], float, float, float]:
         runs = []
         for s in seq_lens:
             barrier.wait()
             runs.append(run_layer(layer, rope_fn, hidden_size, s, dtype, batch,
-                                  repeats=repeats, head=head, median=concurrent > 1))
+                                  repeats=repeats, head=head, median=median))
         barrier.wait()
-        opt = (measure_optimizer_s_per_param(opt_sizes, dtype=dtype, median=concurrent > 1)
-               if opt_sizes else 0.0)
+        opt = (measure_optimizer_s_per_param(opt_sizes, dtype=dtype, repeats=repeats,
+                                             median=median) if opt_sizes else 0.0)
         barrier.wait()
-        fault = measure_page_fault_s_per_byte(median=concurrent > 1) if device == "cpu" else 0.0
+        fault = (measure_page_fault_s_per_byte(repeats=repeats, median=median)
+                 if device == "cpu" else 0.0)
         barrier.wait()
-        tile = (measure_loss_tile_s(head, hidden_size, TORCH_DTYPES[dtype], median=concurrent > 1)
-                if head is not None else 0.0)
+        tile = (measure_loss_tile_s(head, hidden_size, TORCH_DTYPES[dtype], repeats=repeats,
+                                    median=median) if head is not None else 0.0)
         barrier.wait()
         return runs, opt, fault, tile
+
+    def steps(barrier: Any) -> tuple[list[LayerMeasurement], float, float, float]:
+        """The measurements; every process (this one and its twins) runs them in step."""
+        torch.set_num_threads(threads)
+        return pool_rounds([one_round(barrier) for _ in range(max(1, rounds))])
 
     cache = cache_path
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else -1.0

@@ -204,3 +204,40 @@ def test_profiled_tensor_parallel_layer_pays_its_collectives():
     assert costs[2].forward_s == pytest.approx(costs[1].forward_s / 2 + comm_f)
     assert costs[2].backward_s == pytest.approx(costs[1].backward_s / 2 + comm_b)
     assert costs[2].recompute_s == pytest.approx(costs[1].recompute_s / 2 + comm_f)
+
+
+def _run(seq: int, forward_s: float, head_s: float = 0.0) -> LayerMeasurement:
+    return LayerMeasurement(seq_len=seq, batch=1, saved_bytes={"input": seq}, num_saved_tensors=1,
+                            forward_s=forward_s, backward_s=2 * forward_s,
+                            token_local_forward_s=forward_s / 2, attention_forward_s=forward_s / 4,
+                            transient_upper_bound_bytes=0, head_forward_s=head_s,
+                            head_backward_s=2 * head_s)
+
+
+def test_rounds_pool_every_piece_to_its_median_over_rounds():
+    from planner.profiler import pool_rounds
+
+    rounds = [([_run(32, f), _run(64, 2 * f, head_s=h)], opt, fault, tile)
+              for f, h, opt, fault, tile in ((1.0, 5.0, 1e-9, 4e-10, 1e-3),
+                                             (3.0, 1.0, 9e-9, 9e-10, 3e-3),   # a slow moment
+                                             (2.0, 2.0, 2e-9, 5e-10, 2e-3))]
+    runs, opt, fault, tile = pool_rounds(rounds)
+    assert [r.forward_s for r in runs] == [2.0, 4.0] and [r.backward_s for r in runs] == [4.0, 8.0]
+    assert runs[1].head_forward_s == 2.0 and runs[1].head_backward_s == 4.0
+    assert runs[0].token_local_forward_s == 1.0 and runs[0].attention_forward_s == 0.5
+    assert runs[0].saved_bytes == {"input": 32}      # bytes do not depend on the moment
+    assert (opt, fault, tile) == (2e-9, 5e-10, 2e-3)
+    assert pool_rounds(rounds[:1]) == rounds[0]
+
+
+@needs_fork
+def test_twins_time_in_rounds_by_default_and_the_rounds_are_in_the_cache_key(tmp_path):
+    from planner.profiler import TWIN_ROUNDS
+
+    model, args = _layer()
+    one = profile_layer(*args, threads=1, concurrent=2, cache_dir=tmp_path, repeats=1, rounds=1)
+    default = profile_layer(*args, threads=1, concurrent=2, cache_dir=tmp_path, repeats=1)
+    assert TWIN_ROUNDS > 1 and one.key != default.key
+    assert profile_layer(*args, threads=1, concurrent=2, cache_dir=tmp_path, repeats=1,
+                         rounds=TWIN_ROUNDS).key == default.key
+    assert all(m.forward_s > 0 for m in default.measurements)

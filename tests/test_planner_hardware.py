@@ -20,6 +20,32 @@ def test_probe_measures_and_removes_its_file(tmp_path):
     assert spec.host_memory_bytes > 2**30
 
 
+@pytest.mark.parametrize("direct_refused", [False, True])
+def test_disk_is_written_as_the_swap_store_writes_it(tmp_path, monkeypatch, direct_refused):
+    """O_DIRECT writes (the store's: no page cache) where the filesystem takes them; where it
+    refuses them, buffered writes, timed all the same; the file is removed either way."""
+    import os
+
+    direct = getattr(os, "O_DIRECT", 0)
+    flags, real_open = [], os.open
+
+    def spy(path, flag, *args):
+        if os.fspath(path).startswith(str(tmp_path)):
+            flags.append(flag)
+            if direct_refused and direct and flag & direct:
+                raise OSError(22, "Invalid argument")
+        return real_open(path, flag, *args)
+
+    monkeypatch.setattr(os, "open", spy)
+    write_bw, read_bw, free = hardware._timed_nvme(str(tmp_path), 8 * 2**20)
+    assert write_bw > 1e6 and read_bw > 1e6 and free > 0
+    writes = [f for f in flags if f & os.O_WRONLY]
+    assert writes and (not direct or bool(writes[0] & direct))
+    if direct_refused and direct:
+        assert not writes[-1] & direct
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_nvml_error_falls_back(monkeypatch):
     fake = types.ModuleType("pynvml")
 

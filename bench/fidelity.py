@@ -17,7 +17,8 @@ The CPU profile is taken fresh at the start of every run (never from a cache): s
 this shared machine follow its load, and a profile from another hour predicts another
 machine. The load averages at the start and end are printed with the results.
 
-    .venv/bin/python bench/fidelity.py [--seq 512 1024] [--steps 3] [--trial-k 7] [--no-docs] [--json OUT]
+    .venv/bin/python bench/fidelity.py [--seq 512 1024] [--steps 4] [--trial-k 7] [--rounds 6]
+                                       [--no-docs] [--json OUT]
 """
 
 from __future__ import annotations
@@ -57,12 +58,24 @@ POLICIES = {  # name: (device budget MiB, memory section)
     "swap nvme": (40, {"activation_offload": "nvme", "recompute": "none"}),
     "recompute": (40, {"activation_offload": "none", "recompute": "token"}),
 }
+DISK_PROBE_BYTES = 128 * 2**20
+"""Bytes of each timed write and read of the swap directory's disk (`measured_disk`). The
+cpu-local preset's NVMe figures (0.8 GB/s write, 0.6 read) are a guess; this machine's disk
+does ~2.2 and ~1.5 (`bench/copy_engine.py`), so with the preset's the swap rows' exposed
+transfer was priced ~2.5x its cost. The grid describes this machine as a user would, with
+`disttrain profile --hardware`'s disk figures in `cluster.nvme`."""
 STEP_TARGET = 0.15
 """Largest |error| of any row's step time after trials."""
-SWEEP_ROUNDS = 4
+SWEEP_ROUNDS = 6
 """Fresh runs of every configuration (grid rows, sweep, trials), in alternating rounds, their
 step times pooled: one run of a few steps varied 7-18% (sd) from the next on this shared
-machine, and a row is held to corrections from other runs."""
+machine, and a row is held to corrections from other runs. 6 rounds (4 until the ranks
+forked from a server, `FORK_PRELOAD`) in about the time 4 took."""
+FORK_PRELOAD = ["torch", "disttrain.engine", "offload", "peers", "peers_baselines", "fidelity"]
+"""Modules the fork server imports once (`disttrain.parallel.spawn.use_forkserver`): every
+run's ranks are still fresh processes (no run-order effects), forked from a server that
+only imported these, not interpreters importing torch again (2.0 s per 4-step run of two
+ranks instead of 3.75 s, measured here)."""
 SWEEP = {"dp2 z0": {"dp": 2, "sp": 1, "pp": 1, "zero_stage": 0},
          "dp2 z3": LAYOUTS["dp2 z3"],
          "sp2 ulysses z0": {"dp": 1, "sp": 2, "sp_kind": "ulysses", "pp": 1, "zero_stage": 0},
@@ -70,9 +83,27 @@ SWEEP = {"dp2 z0": {"dp": 2, "sp": 1, "pp": 1, "zero_stage": 0},
          "pp2 z0": {"dp": 1, "sp": 1, "pp": 2, "zero_stage": 0}}
 
 
-def config_spec(seq_len: int, budget_mib: float, parallel: dict, memory: dict, steps: int) -> dict:
+def config_spec(seq_len: int, budget_mib: float, parallel: dict, memory: dict, steps: int,
+                nvme: dict | None = None) -> dict:
+    """A grid row's job; `nvme`: the spec's `cluster.nvme` (the disk as measured here,
+    `measured_disk`), else the preset's figures."""
     spec = job_spec(seq_len, budget_mib, steps)
+    if nvme is not None:
+        spec = {**spec, "cluster": {**spec["cluster"], "nvme": nvme}}
     return {**spec, "parallel": parallel, "memory": memory}
+
+
+def measured_disk(num_bytes: int = DISK_PROBE_BYTES) -> dict:
+    """`cluster.nvme` for the runs' swap directory (the preset's path) with its write and read
+    bandwidth measured now (`planner.hardware._timed_nvme`, the probe of `disttrain profile
+    --hardware`: an fsync'd write, the page cache dropped, a read; the median of 3)."""
+    from planner.hardware import CLUSTER_PRESETS, GB, GiB, _timed_nvme
+
+    preset = CLUSTER_PRESETS["cpu-local"]
+    runs = [_timed_nvme(preset.nvme_path, num_bytes) for _ in range(3)]
+    return {"path": preset.nvme_path, "capacity_gib": preset.nvme_capacity_bytes / GiB,
+            "write_gbps": round(statistics.median(r[0] for r in runs) / GB, 3),
+            "read_gbps": round(statistics.median(r[1] for r in runs) / GB, 3)}
 
 
 def predicted_comm(job, plan) -> float:
@@ -205,13 +236,14 @@ def measure(seq_lens: list[int], steps: int = 4, layouts: dict = LAYOUTS,
     """Grid rows (predicted, measured, error per quantity; step time also after trials),
     the planner-choice check and the trial choice."""
     loads = [load_average()]
+    disk = measured_disk()
     profile = fresh_profile(max(seq_lens + [sweep_seq or 0]))
     configs, meta, skipped = [], {}, []
     for seq in seq_lens:
         for lname, parallel in layouts.items():
             for pname, (budget, memory) in policies.items():
                 name = f"{seq} {lname} {pname}"
-                spec = config_spec(seq, budget, parallel, memory, steps)
+                spec = config_spec(seq, budget, parallel, memory, steps, disk)
                 if parallel.get("tp", 1) > 1 and not _planner_has_tp():
                     skipped.append(f"{name}: not run, the planner has no tensor parallelism on "
                                    f"this branch (issue 15's planner side: PlanRequest.tp)")
@@ -230,14 +262,14 @@ def measure(seq_lens: list[int], steps: int = 4, layouts: dict = LAYOUTS,
     sweep_seq = sweep_seq or max(seq_lens)
     sweep_names = []
     for lname, parallel in sweep.items():
-        spec = config_spec(sweep_seq, 1024, parallel, {}, steps)
+        spec = config_spec(sweep_seq, 1024, parallel, {}, steps, disk)
         plan = _plan(spec, profile)[1]
         if not plan.feasible:
             skipped.append(f"sweep {lname}: infeasible, {_reason(plan)}")
             continue
         configs.append((f"sweep {lname}", spec, plan))
         sweep_names.append(f"sweep {lname}")
-    free_spec = config_spec(sweep_seq, 1024, {}, {}, steps)
+    free_spec = config_spec(sweep_seq, 1024, {}, {}, steps, disk)
     free_plan = _plan(free_spec, profile)[1]
     trials = trial_plans(free_spec, free_plan, profile, trial_k)
     sweep_keys = {layout_key(plan.parallel) for name, _, plan in configs if name in sweep_names}
@@ -248,7 +280,7 @@ def measure(seq_lens: list[int], steps: int = 4, layouts: dict = LAYOUTS,
             sweep_names.append(configs[-1][0])
     configs.append(("sweep planner", free_spec, free_plan))
     mb_spec, mb_first, mb_plans = memory_trial_plans(
-        lambda seq, budget: config_spec(seq, budget, {}, {}, steps), profile) if memory_trial \
+        lambda seq, budget: config_spec(seq, budget, {}, {}, steps, disk), profile) if memory_trial \
         else (None, None, [])
     configs += [(f"memory trial {layout_key(p.parallel)}", mb_spec, p) for p in mb_plans]
     # every configuration in the same alternating rounds: the grid rows are then measured in
@@ -307,7 +339,7 @@ def measure(seq_lens: list[int], steps: int = 4, layouts: dict = LAYOUTS,
     choice.update(next_plan(free_spec, profile, corrections, by_key))
     loads.append(load_average())
     return {"rows": rows, "choice": choice, "skipped": skipped, "loads": loads, "rounds": rounds,
-            "profile_load": profile.load_average}
+            "profile_load": profile.load_average, "disk": disk}
 
 
 def _fmt(qty: str, v: float) -> str:
@@ -353,6 +385,10 @@ def report(result: dict, steps: int) -> str:
                  f"taken {result.get('profile_load', float('nan')):.2f}, at the end "
                  f"{loads[-1]:.2f} (2 cores; shared machine: step times follow the load)."
                  if len(loads) >= 2 else "")
+    disk = result.get("disk")
+    disk_text = (f" The swap directory's disk, measured at the start (`measured_disk`, in the "
+                 f"specs' `cluster.nvme`): write {disk['write_gbps']:.2f} GB/s, read "
+                 f"{disk['read_gbps']:.2f} GB/s." if disk else "")
     return (f"## Planner fidelity\n\n`bench/fidelity.py`: the model of the peers section, 2 gloo "
             f"ranks, {steps} steps per run, {rounds} fresh runs of every configuration in "
             f"alternating rounds (median of steps 2..{steps} of both, pooled); predictions "
@@ -362,7 +398,7 @@ def report(result: dict, steps: int) -> str:
             f"gradients + optimizer; comm: bytes rank 0 sent in the last step. Error = "
             f"(predicted - measured) / measured; after trials: each part of the predicted step "
             f"times the factor the `--trial` runs below stored for it (their layout family's, "
-            f"else the global one, else 1).{load_text}\n\n{table}\n\n"
+            f"else the global one, else 1).{load_text}{disk_text}\n\n{table}\n\n"
             f"Configurations the planner found infeasible (not run):\n\n{skipped}\n\n"
             f"Worst error per quantity:\n\n{worst_text}\n\nPlanner choice vs measured optimum "
             f"(seq {choice['seq_len']}, ample budget):\n\n{sweep}\n\n- planner picked "
@@ -380,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--trial-k", type=int, default=TRIAL_K, help="plans --trial runs")
+    parser.add_argument("--rounds", type=int, default=SWEEP_ROUNDS,
+                        help="fresh runs of every configuration, in alternating rounds")
     parser.add_argument("--no-docs", action="store_true", help="print only")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the raw results here (rows with their predicted step "
@@ -387,7 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.trial_k < 1:
         parser.error(f"--trial-k: must be >= 1, got {args.trial_k}")
-    result = measure(args.seq, args.steps, trial_k=args.trial_k)
+    if args.rounds < 1:
+        parser.error(f"--rounds: must be >= 1, got {args.rounds}")
+    from disttrain.parallel.spawn import use_forkserver
+
+    use_forkserver(FORK_PRELOAD)
+    result = measure(args.seq, args.steps, trial_k=args.trial_k, rounds=args.rounds)
     text = report(result, args.steps)
     print(text)
     if args.json:

@@ -173,7 +173,7 @@ def trial_text(choice: dict) -> str:
             f"- per layout family: {families or 'none'}{nxt}")
 
 
-MEMORY_TRIAL = {"seq": 512, "budget_mib": 40, "k": 4}
+MEMORY_TRIAL = {"seq": 512, "budget_mib": 40, "k": 7}
 """The second `disttrain plan --trial K` run: the grid's smaller length under its tight
 budget, a job whose memory binds, so its plans recompute or swap and run memory-bound
 (`offload.host_memory.memory_bound`: the fixed allocator thresholds and their fresh pages).
@@ -181,13 +181,16 @@ The sweep's job has room for everything: its trials keep every activation and ne
 the recompute, swap or page-fault parts, which would then keep x1 while the compute factor
 lifts the rest. Its corrections are merged with the sweep's as the stored file holds them
 after both runs (`merge_corrections`: the per-part factors refitted over every trial).
-K = 4: a family round of three (`split_budget(4, n) == (3, 1)`: the planner's choice and the
-best plan of the next two families - dp, ring and Ulysses sequence parallelism on this
-job - so each of them gets memory-bound observations; with K = 2 Ulysses had none and its
-memory-bound rows took the keep-all trials' compute factor alone) and one refinement. The
-family round is planned before the grid runs so that its trials are measured in the sweep's
-alternating rounds, in the same stretch of the machine's load as the rows; the refinement
-runs after them."""
+K = 7: a family round of all five families (`split_budget(7, 5) == (5, 2)`: the planner's
+choice and the best plan of dp, Ulysses, ring, pp and tp on this job) and two refinements,
+so that every family's memory-bound rows are corrected by memory-bound observations of
+their own. With K = 2 Ulysses had none and its memory-bound rows took the keep-all trials'
+compute factor alone; with K = 4 (dp, Ulysses, ring) tp had none, and its memory-bound rows
+took the page-fault factor dp's and Ulysses' trials set, though a tp rank's faults partly
+fill its waits at the blocking all-reduces (docs/design.md): +15% to +33% after trials in
+the runs of 2026-12-06. The family round is planned before the grid runs so that its trials
+are measured in the sweep's alternating rounds, in the same stretch of the machine's load
+as the rows; the refinement runs after them."""
 
 
 def memory_trial_plans(spec_for, profile):

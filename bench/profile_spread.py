@@ -10,7 +10,16 @@ too fast or too slow as a whole is what a trial's factor corrects; one piece off
 another is not): the relative sd, over the profiles, of each row's prediction divided by
 the profile's mean over rows.
 
-    .venv/bin/python bench/profile_spread.py [--profiles 3]
+`--drift N`: instead, two processes side by side (as the profile's twins) each time one
+decoder layer's forward + backward at 512 tokens for N blocks of 25 runs and print each
+block's median: how far this machine's speed moves within a minute with nothing else
+running.
+
+`--faults N`: instead, N fresh processes one after the other each take the profile's
+page-fault price 5 times (`measure_page_fault_s_per_byte`) and print their median: how much
+the price depends on the process that measures it.
+
+    .venv/bin/python bench/profile_spread.py [--profiles 3] [--drift N] [--faults N]
 """
 
 from __future__ import annotations
@@ -59,10 +68,71 @@ def relative_spread(preds: list[dict[str, float]]) -> float:
                            / statistics.mean(n[r] for n in normed) for r in rows)
 
 
+def drift_blocks(blocks: int, seq: int = 512, runs: int = 25) -> list[float]:
+    """Median seconds of each of `blocks` blocks of `runs` forward + backward passes of one
+    decoder layer of the fidelity model (one torch thread)."""
+    import torch
+
+    from disttrain.model.llama import build_model
+
+    torch.set_num_threads(1)
+    job = job_from_dict(job_spec(seq, 1024, 1))
+    model = build_model(job.shape, seed=0)
+    layer = model.layers[0]
+    x = torch.randn(1, seq, job.shape.hidden_size, requires_grad=True)
+    cos, sin = model.rope(torch.arange(seq), torch.float32)
+    out = []
+    for _ in range(blocks):
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            layer(x, cos, sin).sum().backward()
+            times.append(time.perf_counter() - start)
+        out.append(statistics.median(times))
+    return out
+
+
+def drift(blocks: int) -> None:
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        results = pool.map(drift_blocks, [blocks, blocks])
+    for i, medians in enumerate(results):
+        print(f"process {i}: block medians ms " + " ".join(f"{m * 1e3:.1f}" for m in medians)
+              + f" (max/min {max(medians) / min(medians):.2f})")
+
+
+def fault_prices(_: int) -> list[float]:
+    from planner.profile_memory import measure_page_fault_s_per_byte
+
+    return [measure_page_fault_s_per_byte(median=True) for _ in range(5)]
+
+
+def faults(processes: int) -> None:
+    import multiprocessing as mp
+
+    medians = []
+    for i in range(processes):
+        with mp.get_context("spawn").Pool(1) as pool:
+            prices = pool.map(fault_prices, [0])[0]
+        medians.append(statistics.median(prices))
+        print(f"process {i}: page-fault price {medians[-1]:.2e} s/B (its 5: "
+              + " ".join(f"{p:.2e}" for p in prices) + ")")
+    print(f"over processes: {min(medians):.2e} to {max(medians):.2e} s/B")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profiles", type=int, default=3)
+    ap.add_argument("--drift", type=int, default=0, help="blocks of the drift check instead")
+    ap.add_argument("--faults", type=int, default=0, help="processes of the fault-price check")
     args = ap.parse_args()
+    if args.faults > 0:
+        faults(args.faults)
+        return 0
+    if args.drift > 0:
+        drift(args.drift)
+        return 0
     kinds = {"one pass": 1, "rounds": None}
     preds: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     seconds: dict[str, list[float]] = {k: [] for k in kinds}

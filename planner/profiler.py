@@ -286,8 +286,8 @@ def _collective_fits(ranks: int, threads: int) -> dict[str, list[float]]:
 
 TWIN_ROUNDS = 4
 """Interleaved rounds of a profile taken beside twins (CPU ranks sharing cores). This 2-core
-VM's speed drifts with no load of its own (one process timing the same layer: 39 ms, then
-63 ms a few seconds later, no steal time counted), so pieces timed one after the other in one
+VM's speed drifts with no load of its own (`bench/profile_spread.py --drift`: one process
+timing the same layer moved 1.5-1.6x within seconds), so pieces timed one after the other in one
 pass (each length's layer, the head, the update, the page-fault price) each caught another
 moment, and rows of the fidelity grid that lean on different pieces moved apart from one
 profile to the next. `bench/profile_spread.py`, 5 profiles of each kind alternately: each

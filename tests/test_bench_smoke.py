@@ -59,7 +59,10 @@ def test_fidelity_smallest_grid():
     errors = {r["quantity"]: r["error"] for r in result["rows"]}
     assert set(errors) == {"activations", "model states", "step time", "comm"}
     assert all(math.isfinite(e) for e in errors.values())
-    assert "Planner choice" in fidelity.report(result, 2)
+    text = fidelity.report(result, 2)
+    assert "Planner choice" in text
+    disk = result["disk"]     # the swap rows are planned with this machine's disk, as measured
+    assert disk["read_gbps"] > 0 and disk["write_gbps"] > 0 and "swap directory's disk" in text
 
 
 @pytest.mark.slow

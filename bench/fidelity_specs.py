@@ -17,9 +17,9 @@ from planner.tp_collectives import tp_step_bytes
 DISK_PROBE_BYTES = 128 * 2**20
 """Bytes of each timed write and read of the swap directory's disk (`measured_disk`). The
 cpu-local preset's NVMe figures (0.8 GB/s write, 0.6 read) are a guess; this machine's disk
-does ~2.2 and ~1.5 with the copy engine's writers (`bench/copy_engine.py`), ~1.3-1.5 both
-ways with the probe's one writer, so with the preset's the swap rows' exposed transfer was
-priced ~2-2.5x its cost. The grid describes this machine as a user would, with
+does ~2.2 and ~1.5 with the copy engine's writers (`bench/copy_engine.py`), ~1.5-1.7 both
+ways with the probe's one writer (printed with the results), so with the preset's the swap
+rows' exposed transfer was priced ~2-2.5x its cost. The grid describes this machine as a user would, with
 `disttrain profile --hardware`'s disk figures in `cluster.nvme`."""
 
 

@@ -216,8 +216,8 @@ def _timed_nvme(path: str, num_bytes: int = 128 * 2**20) -> tuple[float, float, 
     Written as the swap store writes (`offload.stores`: O_DIRECT from page-aligned buffers,
     so the bytes reach the disk and no page cache; buffered + fsync where the filesystem
     refuses O_DIRECT), read back buffered after dropping its pages from the page cache, as
-    the store reads. A buffered write + fsync timed ~1.0-1.2 GB/s on this VM's disk where
-    the store's O_DIRECT writes reach ~2.2 (`bench/copy_engine.py`)."""
+    the store reads (`bench/copy_engine.py` on this VM's disk: Python's buffered writes +
+    fsync ~1.2 GB/s, the copy engine's O_DIRECT writes ~2.2)."""
     import mmap
     import os
     import shutil

@@ -342,6 +342,7 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
             return cached
     layer.to(TORCH_DTYPES[dtype])
     median = concurrent > 1
+    piece_repeats = repeats if rounds > 1 else 5     # in one pass: the update, fault, tile x5
 
     def one_round(barrier: Any) -> tuple[list[LayerMeasurement], float, float, float]:
         runs = []
@@ -350,13 +351,13 @@ def profile_layer(layer: Any, rope_fn: Callable[[torch.Tensor, torch.dtype], tup
             runs.append(run_layer(layer, rope_fn, hidden_size, s, dtype, batch,
                                   repeats=repeats, head=head, median=median))
         barrier.wait()
-        opt = (measure_optimizer_s_per_param(opt_sizes, dtype=dtype, repeats=repeats,
+        opt = (measure_optimizer_s_per_param(opt_sizes, dtype=dtype, repeats=piece_repeats,
                                              median=median) if opt_sizes else 0.0)
         barrier.wait()
-        fault = (measure_page_fault_s_per_byte(repeats=repeats, median=median)
+        fault = (measure_page_fault_s_per_byte(repeats=piece_repeats, median=median)
                  if device == "cpu" else 0.0)
         barrier.wait()
-        tile = (measure_loss_tile_s(head, hidden_size, TORCH_DTYPES[dtype], repeats=repeats,
+        tile = (measure_loss_tile_s(head, hidden_size, TORCH_DTYPES[dtype], repeats=piece_repeats,
                                     median=median) if head is not None else 0.0)
         barrier.wait()
         return runs, opt, fault, tile
